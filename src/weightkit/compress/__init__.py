@@ -1,0 +1,1 @@
+"""Compression: quantization (``weightkit.compress.quant``) and, later, low rank, sharing and pruning."""

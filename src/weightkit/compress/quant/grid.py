@@ -1,0 +1,117 @@
+"""Integer grids for weight-only quantization: scales, zero points, rounding and dequantization.
+
+Conventions (the same as compressed-tensors, so an export dequantizes bit-identically there):
+
+- values live on the signed grid ``[-2^(b-1), 2^(b-1) - 1]`` stored as ``int8``;
+- symmetric: ``scale = max|w| / ((2^b - 1) / 2)`` and no zero point;
+- asymmetric: ``scale = (max - min) / (2^b - 1)`` over a range that always contains 0, and an
+  integer zero point ``zp = q_min - round(min / scale)``;
+- ``q = clamp(round(w / scale) + zp, q_min, q_max)`` and ``w_hat = (q - zp) * scale``;
+- scales and zero points have shape ``[out, in // group_size]`` (per-channel: ``[out, 1]``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightkit.errors import WeightkitError
+
+__all__ = ["QuantScheme", "QuantizedWeight", "compute_qparams", "quantize_to_grid", "dequantize", "rtn_quantize"]
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one weight matrix is quantized.
+
+    Attributes:
+        bits: bits per weight, 2 to 8.
+        group_size: columns sharing one scale (32, 64, 128 ...); ``None`` means one scale per output
+            channel (per row).
+        symmetric: a grid centred on zero (no zero point) if True; otherwise an affine grid with an
+            integer zero point, which fits skewed rows better at the same bits.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise WeightkitError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise WeightkitError(f"group_size must be a positive integer or None, got {self.group_size}")
+
+    @property
+    def q_min(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def q_max(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Refuse a weight this scheme cannot quantize, naming the tensor."""
+        if len(shape) != 2:
+            raise WeightkitError(f"{name}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+        if self.group_size is not None and shape[1] % self.group_size:
+            raise WeightkitError(
+                f"{name}: group size {self.group_size} does not divide its {shape[1]} input columns "
+                f"(shape {tuple(shape)}); choose a group size that divides {shape[1]}"
+            )
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``[out, in]`` weight: grid values, per-group scales and optional zero points."""
+
+    qweight: Tensor  # int8 [out, in], values on the signed grid
+    scale: Tensor  # [out, groups], dtype of the dequantized weight
+    zero_point: Tensor | None  # int8 [out, groups]; None for symmetric grids
+    scheme: QuantScheme
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self.qweight, self.scale, self.zero_point)
+
+
+def _grouped(w: Tensor, group_size: int | None) -> Tensor:
+    """``[out, in] -> [out, groups, group]`` view (per-channel: one group of all columns)."""
+    return w.reshape(w.shape[0], -1, group_size or w.shape[1])
+
+
+def compute_qparams(w: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
+    """Min/max scales (and zero points) for each group of ``w`` (``[out, in]``), in ``w``'s dtype."""
+    groups = _grouped(w.float(), scheme.group_size)
+    levels = 2**scheme.bits - 1
+    tiny = torch.finfo(w.dtype).tiny
+    if scheme.symmetric:
+        scale = groups.abs().amax(dim=-1) / (levels / 2)
+        return scale.clamp_min(tiny).to(w.dtype), None
+    lo = groups.amin(dim=-1).clamp(max=0)
+    hi = groups.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / levels).clamp_min(tiny)
+    zero_point = (scheme.q_min - torch.round(lo / scale)).clamp(scheme.q_min, scheme.q_max)
+    return scale.to(w.dtype), zero_point.to(torch.int8)
+
+
+def quantize_to_grid(w: Tensor, scale: Tensor, zero_point: Tensor | None, scheme: QuantScheme) -> Tensor:
+    """Grid values (``int8``, same shape as ``w``) of ``w`` under the given scales/zero points."""
+    groups = _grouped(w, w.shape[1] // scale.shape[1])
+    q = torch.round(groups / scale.unsqueeze(-1))
+    if zero_point is not None:
+        q = q + zero_point.unsqueeze(-1).to(q.dtype)
+    return q.clamp(scheme.q_min, scheme.q_max).to(torch.int8).reshape(w.shape)
+
+
+def dequantize(qweight: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    """``(q - zp) * scale`` per group, in ``scale``'s dtype."""
+    groups = _grouped(qweight, qweight.shape[1] // scale.shape[1]).to(scale.dtype)
+    if zero_point is not None:
+        groups = groups - zero_point.unsqueeze(-1).to(scale.dtype)
+    return (groups * scale.unsqueeze(-1)).reshape(qweight.shape)
+
+
+def rtn_quantize(w: Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest: min/max grid per group, every weight rounded independently."""
+    scale, zero_point = compute_qparams(w, scheme)
+    return QuantizedWeight(quantize_to_grid(w, scale, zero_point, scheme), scale, zero_point, scheme)
