@@ -81,9 +81,8 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(entry.config_cls)]
     for key in data:
         if key not in fields:
-            raise WeightkitError(
-                f"{entry.name}: unknown option {key!r}.{_did_you_mean(key, fields)} Options: {', '.join(fields)}"
-            )
+            hint = _did_you_mean(key, fields)
+            raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} Options: {', '.join(fields)}")
     try:
         return entry.config_cls(**data)
     except (TypeError, ValueError) as err:

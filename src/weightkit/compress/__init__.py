@@ -1,1 +1,23 @@
-"""Compression: quantization (``weightkit.compress.quant``) and, later, low rank, sharing and pruning."""
+"""``compress(model, config, data=None)``: make a model smaller. The config's type picks the method."""
+
+from torch import nn
+
+from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
+from weightkit.registry import entry_for_config
+
+__all__ = ["compress", "RTNConfig", "GPTQConfig", "AWQConfig"]
+
+
+def compress(model: nn.Module, config, data=None, *, tokenizer=None, progress: bool = True) -> nn.Module:
+    """Compress ``model`` in place with the method ``config`` names, and return it.
+
+    Args:
+        model: a Hugging Face ``transformers`` model (Llama-architecture decoders, BERT-style encoders).
+        config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``.
+        data: calibration data for GPTQ/AWQ: ``None`` (docstrings of Python's standard library), a
+            text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.
+        tokenizer: the model's tokenizer, needed when ``data`` is text.
+        progress: show a progress bar.
+    """
+    entry = entry_for_config(config)
+    return entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress)

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["QuantScheme", "QuantizedWeight", "compute_qparams", "quantize_to_grid", "dequantize", "rtn_quantize"]
+__all__ = [
+    "QuantScheme",
+    "QuantizedWeight",
+    "compute_qparams",
+    "quantize_to_grid",
+    "dequantize",
+    "rtn_quantize",
+]
 
 
 @dataclass(frozen=True)
@@ -79,16 +86,53 @@ def _grouped(w: Tensor, group_size: int | None) -> Tensor:
     return w.reshape(w.shape[0], -1, group_size or w.shape[1])
 
 
-def compute_qparams(w: Tensor, scheme: QuantScheme) -> tuple[Tensor, Tensor | None]:
-    """Min/max scales (and zero points) for each group of ``w`` (``[out, in]``), in ``w``'s dtype."""
-    groups = _grouped(w.float(), scheme.group_size)
+def compute_qparams(
+    w: Tensor, scheme: QuantScheme, *, clip_ratio: Tensor | float | None = None, name: str = "weight"
+) -> tuple[Tensor, Tensor | None]:
+    """Min/max scales (and zero points) for each group of ``w`` (``[out, in]``), in ``w``'s dtype.
+
+    Args:
+        w: the weight, ``[out, in]``.
+        scheme: bits, group size and grid symmetry.
+        clip_ratio: optional range shrink per group, ``[out, groups]`` (or one float for all), each in
+            ``(0, 1]``: a symmetric grid covers ``ratio * max|w|``, an asymmetric one
+            ``[ratio * min, ratio * max]``. Weights outside the shrunk range clamp to the grid's ends;
+            giving up a few outliers buys a finer step for everything else (AWQ's clipping search,
+            :func:`weightkit.compress.quant.awq.awq_search_clip`, picks the ratios).
+        name: the tensor's name, used in error messages.
+
+    Returns:
+        ``(scale, zero_point)``: scale ``[out, groups]`` in ``w``'s dtype; zero point ``int8``
+        ``[out, groups]``, or ``None`` for a symmetric grid.
+
+    Raises:
+        WeightkitError: ``w`` is not 2-D, the group size does not divide its columns, or a clip ratio
+            is out of range or of the wrong shape.
+    """
+    scheme.check_shape(tuple(w.shape), name)
+    # Never compute in less than float32, but keep float64 inputs in float64.
+    groups = _grouped(w.to(torch.promote_types(w.dtype, torch.float32)), scheme.group_size)
+    if clip_ratio is not None:
+        ratio = torch.as_tensor(clip_ratio, dtype=groups.dtype, device=w.device)
+        if ratio.dim() and tuple(ratio.shape) != tuple(groups.shape[:2]):
+            raise WeightkitError(
+                f"{name}: clip ratio has shape {tuple(ratio.shape)}, expected {tuple(groups.shape[:2])} "
+                f"(one ratio per output row and group)"
+            )
+        if not bool(((ratio > 0) & (ratio <= 1)).all()):
+            raise WeightkitError(f"{name}: clip ratios must lie in (0, 1]")
     levels = 2**scheme.bits - 1
     tiny = torch.finfo(w.dtype).tiny
     if scheme.symmetric:
-        scale = groups.abs().amax(dim=-1) / (levels / 2)
+        absmax = groups.abs().amax(dim=-1)
+        if clip_ratio is not None:
+            absmax = absmax * ratio
+        scale = absmax / (levels / 2)
         return scale.clamp_min(tiny).to(w.dtype), None
     lo = groups.amin(dim=-1).clamp(max=0)
     hi = groups.amax(dim=-1).clamp(min=0)
+    if clip_ratio is not None:
+        lo, hi = lo * ratio, hi * ratio
     scale = ((hi - lo) / levels).clamp_min(tiny)
     zero_point = (scheme.q_min - torch.round(lo / scale)).clamp(scheme.q_min, scheme.q_max)
     return scale.to(w.dtype), zero_point.to(torch.int8)
@@ -111,7 +155,9 @@ def dequantize(qweight: Tensor, scale: Tensor, zero_point: Tensor | None) -> Ten
     return (groups * scale.unsqueeze(-1)).reshape(qweight.shape)
 
 
-def rtn_quantize(w: Tensor, scheme: QuantScheme) -> QuantizedWeight:
-    """Round-to-nearest: min/max grid per group, every weight rounded independently."""
-    scale, zero_point = compute_qparams(w, scheme)
+def rtn_quantize(
+    w: Tensor, scheme: QuantScheme, *, clip_ratio: Tensor | float | None = None, name: str = "weight"
+) -> QuantizedWeight:
+    """Round-to-nearest: min/max grid per group (optionally clipped), every weight rounded independently."""
+    scale, zero_point = compute_qparams(w, scheme, clip_ratio=clip_ratio, name=name)
     return QuantizedWeight(quantize_to_grid(w, scale, zero_point, scheme), scale, zero_point, scheme)

@@ -3,9 +3,12 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from weightkit.compress.quant.config import WeightQuantFields
 from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme, dequantize
+from weightkit.errors import WeightkitError, require_finite
+from weightkit.select import select_modules
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["QuantizedLinear", "selected_linears", "quantize_linear"]
 
 
 class QuantizedLinear(nn.Module):
@@ -45,3 +48,25 @@ class QuantizedLinear(nn.Module):
         group = f"g{s.group_size}" if s.group_size else "per-channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, int{s.bits} {grid} {group}"
 
+
+def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, nn.Linear]:
+    """The linear layers ``config`` selects, checked up front so bad input fails before any work.
+
+    Raises:
+        WeightkitError: nothing selected, a weight whose shape the grid cannot take (naming it), or a
+            weight holding NaN/Inf.
+    """
+    linears = select_modules(model, targets=config.targets, ignore=config.ignore)
+    if not linears:
+        raise WeightkitError("no linear layer selected for quantization (check targets and ignore)")
+    for name, linear in linears.items():
+        config.scheme_for(name).check_shape(tuple(linear.weight.shape), f"{name}.weight")
+        require_finite(linear.weight, f"{name}.weight")
+    return linears
+
+
+def quantize_linear(model: nn.Module, name: str, quantized: QuantizedWeight) -> QuantizedLinear:
+    """Swap the ``nn.Linear`` called ``name`` for a ``QuantizedLinear`` holding ``quantized``."""
+    layer = QuantizedLinear(quantized, model.get_submodule(name).bias)
+    model.set_submodule(name, layer)
+    return layer

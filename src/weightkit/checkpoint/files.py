@@ -1,0 +1,189 @@
+"""Which files of a Hugging Face model directory hold the weights.
+
+Only file names and index JSON are read here; tensor headers are the reader's business. The order of
+preference follows ``transformers``: a safetensors index, then ``model.safetensors``, then any other
+safetensors files, and only then the pickle formats (``pytorch_model.bin`` and friends).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from weightkit.errors import WeightkitError
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "WeightLayout",
+    "is_weight_file",
+    "locate_weights",
+    "read_index",
+    "weights_size",
+]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+# Files a model directory may hold that describe or contain weights in some format. Copying them next to
+# rewritten weights would leave stale, contradictory copies (an ONNX export of the unquantized model).
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    *PICKLE_SUFFIXES,
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".onnx_data",
+    ".ot",
+    ".tflite",
+)
+WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+
+# Trainer checkpoints keep optimizer state and RNG state as pickles beside the model; they are not weights.
+_TRAINER_PICKLES = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt"}
+
+
+def is_weight_file(name: str) -> bool:
+    """True for weight files and weight indexes (by file name)."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEX_SUFFIXES)
+
+
+def _is_model_pickle(path: Path) -> bool:
+    name = path.name
+    return (
+        path.is_file()
+        and name.endswith(PICKLE_SUFFIXES)
+        and name not in _TRAINER_PICKLES
+        and not name.startswith("rng_state")
+    )
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """The weight files of a checkpoint.
+
+    Attributes:
+        kind: ``"safetensors"`` or ``"pickle"``.
+        files: the weight files, in reading order.
+        directory: the model directory, or None when a bare file was given.
+        index: the index JSON for a sharded checkpoint, else None.
+        weight_map: tensor name -> file, from the index (None without an index).
+    """
+
+    kind: Literal["safetensors", "pickle"]
+    files: list[Path]
+    directory: Path | None
+    index: Path | None = None
+    weight_map: dict[str, Path] | None = None
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """Parse a sharded-checkpoint index: tensor name -> shard path (in index order).
+
+    Raises:
+        WeightkitError: if the index is not valid JSON, has no ``weight_map``, names a shard outside its
+            directory, or names a shard that does not exist (naming the index and the shard).
+    """
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightkitError(f"{index} is corrupt: cannot parse it as JSON ({e})") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightkitError(f"{index} is corrupt: it has no weight_map of tensor name -> shard file")
+    shards: dict[str, Path] = {}
+    result: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if shard not in shards:
+            rel = PurePosixPath(shard)
+            # An index is data from the internet: never let it point the reader outside the model dir.
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                raise WeightkitError(f"{index} names shard {shard!r}, which is outside its directory")
+            path = index.parent / rel
+            if not path.is_file():
+                raise WeightkitError(f"{index} names shard {shard}, which does not exist ({path} is missing)")
+            shards[shard] = path
+        result[name] = shards[shard]
+    return result
+
+
+def _from_index(index: Path, directory: Path | None) -> WeightLayout:
+    weight_map = read_index(index)
+    files = sorted(set(weight_map.values()))
+    kind = "safetensors" if all(f.name.endswith(".safetensors") for f in files) else "pickle"
+    return WeightLayout(kind, files, directory, index, weight_map)
+
+
+def locate_weights(path: str | Path) -> WeightLayout:
+    """Find the weight files of a model directory or a single checkpoint file.
+
+    Args:
+        path: a Hugging Face model directory, a ``.safetensors``/``.bin``/``.pt``/``.pth`` file, or a
+            ``*.index.json`` of a sharded checkpoint.
+
+    Returns:
+        The layout; pickle files are listed, not loaded (refusing them is up to the caller).
+
+    Raises:
+        WeightkitError: if the path does not exist, is not a checkpoint file, or is a directory with no
+            weights (listing what was looked for), or if an index is broken.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightkitError(f"{path} does not exist")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _from_index(path, None)
+        if path.suffix == ".safetensors":
+            return WeightLayout("safetensors", [path], None)
+        if path.suffix in PICKLE_SUFFIXES:
+            return WeightLayout("pickle", [path], None)
+        raise WeightkitError(
+            f"{path} is not a checkpoint file: expected .safetensors, .bin, .pt, .pth or a *.index.json"
+        )
+
+    if (path / SAFETENSORS_INDEX).is_file():
+        return _from_index(path / SAFETENSORS_INDEX, path)
+    if (path / SAFETENSORS_SINGLE).is_file():
+        return WeightLayout("safetensors", [path / SAFETENSORS_SINGLE], path)
+    other_indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(other_indexes) == 1:
+        return _from_index(other_indexes[0], path)
+    safetensors = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if safetensors:
+        return WeightLayout("safetensors", safetensors, path)
+
+    if (path / PICKLE_INDEX).is_file():
+        return _from_index(path / PICKLE_INDEX, path)
+    if (path / PICKLE_SINGLE).is_file():
+        return WeightLayout("pickle", [path / PICKLE_SINGLE], path)
+    pickles = sorted(p for p in path.iterdir() if _is_model_pickle(p))
+    if pickles:
+        return WeightLayout("pickle", pickles, path)
+
+    raise WeightkitError(
+        f"{path} is not a model directory: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {PICKLE_SINGLE} "
+        f"(nor any other *.safetensors, *.bin, *.pt or *.pth file)"
+    )
+
+
+def weights_size(path: str | Path) -> int:
+    """Bytes on disk of the weight files of a model directory or checkpoint file.
+
+    Counts the files a :class:`~weightkit.checkpoint.CheckpointReader` would read (headers included), so
+    a directory holding both ``model.safetensors`` and ``pytorch_model.bin`` is not counted twice.
+
+    Args:
+        path: a model directory or a single checkpoint file.
+
+    Returns:
+        The total size in bytes.
+
+    Raises:
+        WeightkitError: if the path holds no weights.
+    """
+    return sum(f.stat().st_size for f in locate_weights(path).files)

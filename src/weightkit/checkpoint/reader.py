@@ -1,0 +1,253 @@
+"""Lazy, one-tensor-at-a-time reading of Hugging Face checkpoints (single file, sharded, or directory).
+
+Opening a checkpoint reads only headers and index JSON, so names, shapes, dtypes and sizes are known
+at once and a corrupt file is reported before any work starts; tensor data is read by :meth:`get`,
+one tensor per call, which is what lets merge/quantize/inspect stream a model bigger than memory.
+"""
+
+import difflib
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from weightkit.checkpoint.files import WeightLayout, locate_weights
+from weightkit.checkpoint.header import read_safetensors_header
+from weightkit.errors import WeightkitError
+
+__all__ = ["CheckpointReader"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _open_safetensors(path: Path) -> tuple[Any, bool]:
+    # The pread backend (safetensors >= 0.8) returns a tensor that owns its memory. The default mmap
+    # backend returns a view of the mapping, so an in-place edit by the caller (w.mul_(s)) would change
+    # what the next get() of that name returns.
+    try:
+        return safe_open(path, framework="pt", device="cpu", backend="pread"), False
+    except TypeError:
+        return safe_open(path, framework="pt", device="cpu"), True
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            # Files written with the legacy (pre-zipfile) torch.save format cannot be memory-mapped.
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightkitError(
+            f"cannot load {path} with torch.load(weights_only=True): {first_line}. Only plain state dicts "
+            f"of tensors are accepted from pickle files"
+        ) from e
+    if not isinstance(obj, dict):
+        raise WeightkitError(f"{path} holds a {type(obj).__name__}, not a state dict (tensor name -> tensor)")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise WeightkitError(
+                f"{path} is not a plain state dict: entry {key!r} is a {type(value).__name__}, not a tensor"
+            )
+    return obj
+
+
+class CheckpointReader:
+    """Read the tensors of a checkpoint lazily, by name.
+
+    Accepts a Hugging Face model directory or a single ``.safetensors`` file. In a directory the weights
+    are taken from ``model.safetensors.index.json`` (sharded), else ``model.safetensors``, else the other
+    ``*.safetensors`` files. Pickle checkpoints (``pytorch_model.bin``, ``*.bin``, ``*.pt``, ``*.pth``)
+    can run arbitrary code when unpickled and are refused unless ``allow_pickle=True``; even then they
+    are loaded with ``torch.load(weights_only=True)``, which only accepts tensors and plain containers.
+
+    Every safetensors file is validated from its header and size when the reader is created, so a
+    corrupt or truncated file fails here, with its name, not halfway through a job.
+
+    Example::
+
+        with CheckpointReader("path/to/model") as ckpt:
+            for name in ckpt.names():
+                w = ckpt.get(name)   # one tensor in memory at a time
+
+    Attributes:
+        directory: the model directory, or None when a bare file was given.
+        config: the parsed ``config.json`` of the directory, or None.
+        metadata: the ``__metadata__`` of the first safetensors file (e.g. ``{"format": "pt"}``).
+    """
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        layout = locate_weights(self.path)
+        self.directory: Path | None = layout.directory
+        self.config: dict | None = self._read_config()
+        self.metadata: dict[str, str] = {}
+        self._layout = layout
+        self._entries: dict[str, _Entry] = {}
+        self._handles: dict[Path, Any] = {}
+        self._handle_is_view: dict[Path, bool] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        if layout.kind == "pickle":
+            if not allow_pickle:
+                refused = layout.index or layout.files[0]
+                raise WeightkitError(
+                    f"{refused} is a pickle checkpoint; unpickling can run arbitrary code, so it is "
+                    f"not loaded by default. If you trust the file, pass --allow-pickle "
+                    f"(API: allow_pickle=True), or convert it to safetensors"
+                )
+            self._index_pickles(layout)
+        else:
+            self._index_safetensors(layout)
+
+    # -- opening ---------------------------------------------------------------------------------------
+
+    def _read_config(self) -> dict | None:
+        if self.directory is None or not (self.directory / "config.json").is_file():
+            return None
+        path = self.directory / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightkitError(f"{path} is corrupt: cannot parse it as JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise WeightkitError(f"{path} is corrupt: it is not a JSON object")
+        return config
+
+    def _add(self, name: str, entry: _Entry) -> None:
+        if name in self._entries:
+            raise WeightkitError(f"tensor {name} is in both {self._entries[name].file} and {entry.file}")
+        self._entries[name] = entry
+
+    def _index_safetensors(self, layout: WeightLayout) -> None:
+        headers = {}
+        for file in layout.files:
+            tensors, metadata = read_safetensors_header(file)
+            headers[file] = tensors
+            if not self.metadata:
+                self.metadata = metadata
+        if layout.weight_map is None:
+            for file in layout.files:
+                for name, info in headers[file].items():
+                    self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes))
+            return
+        for name, file in layout.weight_map.items():
+            info = headers[file].get(name)
+            if info is None:
+                raise WeightkitError(f"{layout.index} maps tensor {name} to {file}, which has no such tensor")
+            self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes))
+
+    def _index_pickles(self, layout: WeightLayout) -> None:
+        # mmap=True: the state dict's storages are file-backed, so "loading" costs address space, not RAM.
+        loaded = {file: _load_pickle(file) for file in layout.files}
+        if layout.weight_map is None:
+            pairs = [(name, file) for file in layout.files for name in loaded[file]]
+        else:
+            pairs = list(layout.weight_map.items())
+        for name, file in pairs:
+            tensor = loaded[file].get(name)
+            if tensor is None:
+                raise WeightkitError(f"{layout.index} maps tensor {name} to {file}, which has no such tensor")
+            nbytes = tensor.numel() * tensor.element_size()
+            self._add(name, _Entry(file, tensor.dtype, tuple(tensor.shape), nbytes))
+            self._pickled[name] = tensor
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise WeightkitError(f"tensor {name} is not in {self.path}.{hint}") from None
+
+    def names(self) -> list[str]:
+        """Tensor names: index order for a sharded checkpoint, else storage order within each file."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name``, from the header (no data is read)."""
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype of tensor ``name``, from the header (no data is read)."""
+        return self._entry(name).dtype
+
+    def file_of(self, name: str) -> Path:
+        """The weight file that holds tensor ``name``."""
+        return self._entry(name).file
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` from disk into a new CPU tensor that the caller owns.
+
+        Raises:
+            WeightkitError: if there is no such tensor (with a "did you mean" hint).
+        """
+        entry = self._entry(name)
+        if name in self._pickled:
+            # The loaded tensor is memory-mapped and possibly shares storage with a tied weight; a copy
+            # keeps callers' in-place edits from leaking into later reads.
+            return self._pickled[name].clone()
+        if self._handles is None:
+            raise RuntimeError("CheckpointReader is closed")
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            handle, is_view = _open_safetensors(entry.file)
+            self._handles[entry.file] = handle
+            self._handle_is_view[entry.file] = is_view
+        tensor = handle.get_tensor(name)
+        return tensor.clone() if self._handle_is_view[entry.file] else tensor
+
+    def nbytes(self) -> int:
+        """Total bytes of tensor data (headers excluded)."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def weight_files(self) -> list[Path]:
+        """The files the tensors are read from (shards in order, or the single file)."""
+        return list(self._layout.files)
+
+    # -- lifetime --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release open file handles and memory maps; the reader cannot be used afterwards."""
+        for handle in (self._handles or {}).values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                exit_(None, None, None)
+        self._handles = None  # type: ignore[assignment]
+        self._pickled.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors, {len(self._layout.files)} files)"

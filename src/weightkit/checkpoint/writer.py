@@ -1,0 +1,357 @@
+"""Atomic, streamed writing of Hugging Face model directories in safetensors shards.
+
+Everything is written into a hidden temporary directory beside the target (same filesystem, so the
+final step is a rename). Only a successful :meth:`CheckpointWriter.close` moves it into place; any
+exception, Ctrl-C included, removes it. So a directory at the target path is always complete: a crash
+never leaves something that looks like a finished model but loads garbage.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from weightkit.checkpoint.files import is_weight_file, locate_weights
+from weightkit.errors import WeightkitError
+
+__all__ = ["CheckpointWriter"]
+
+# Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
+# beside rewritten weights they would describe the old model.
+_EXPORT_DIRS = {"onnx", "openvino", "coreml"}
+
+
+def _fsync(path: Path) -> None:
+    # Data must be on disk before the rename publishes it, or a power cut could leave a complete-looking
+    # directory of empty files. Directories are fsynced too so the renames themselves are durable.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safe_relpath(relpath: str) -> PurePosixPath:
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise WeightkitError(f"{relpath!r} is not a relative path inside the output directory")
+    return rel
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether an existing directory looks like something we may delete when asked to overwrite."""
+    if not any(path.iterdir()):
+        return True
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return True
+    try:
+        locate_weights(path)
+    except WeightkitError:
+        return False
+    return True
+
+
+class CheckpointWriter:
+    """Write tensors into a Hugging Face model directory, shard by shard, and publish it atomically.
+
+    Tensors are buffered until the next one would push the current shard past ``max_shard_bytes``; then
+    the shard is written to disk and the buffer dropped, so peak memory is about one shard, not the
+    model. A tensor larger than ``max_shard_bytes`` gets a shard of its own. Names follow
+    ``transformers``: one shard is ``model.safetensors``; several are
+    ``model-00001-of-00003.safetensors`` ... plus ``model.safetensors.index.json``.
+
+    The writer keeps a reference to each added tensor until its shard is written; do not modify a
+    tensor in place after adding it.
+
+    Example::
+
+        with CheckpointWriter("out", max_shard_bytes=2 * 2**30) as w:
+            for name in reader.names():
+                w.add(name, transform(reader.get(name)))
+            w.copy_files(reader.directory)
+        # "out" appears only here, complete; on an exception nothing at "out" changes.
+
+    Args:
+        out_dir: the directory to create.
+        max_shard_bytes: soft size limit of one shard's tensor data.
+        overwrite: replace an existing ``out_dir`` (only at the very end, after everything is written).
+            A non-empty directory that does not look like a model (no config.json, adapter_config.json
+            or weights) is never replaced, so a mistyped path cannot delete unrelated files.
+        metadata: the safetensors ``__metadata__`` of every shard (default ``{"format": "pt"}``, which
+            ``transformers`` expects).
+        weights_name: the single-file name; shards and index names derive from it
+            (``"adapter_model.safetensors"`` for PEFT adapters).
+
+    Raises:
+        WeightkitError: if ``out_dir`` exists and ``overwrite`` is False, or cannot be created.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        max_shard_bytes: int = 5 * 2**30,
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+        weights_name: str = "model.safetensors",
+    ):
+        self.out_dir = Path(out_dir)
+        # Normalised ("out/.", "../x") so the temp name and the renames use the real directory name.
+        self._target = Path(os.path.abspath(self.out_dir))
+        if max_shard_bytes <= 0:
+            raise WeightkitError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        if metadata is None:
+            metadata = {"format": "pt"}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise WeightkitError("safetensors metadata must map strings to strings")
+        if not weights_name.endswith(".safetensors") or "/" in weights_name:
+            raise WeightkitError(f"weights_name must be a file name ending in .safetensors: {weights_name!r}")
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        self.metadata = dict(metadata)
+        self.weights_name = weights_name
+        self._check_target()
+
+        parent = self._target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=parent))
+        except OSError as e:
+            raise WeightkitError(f"cannot create a directory beside {self.out_dir}: {e.strerror or e}") from e
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_ptrs: set[int] = set()  # storages referenced by the buffer
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # temporary shard file, names in it
+        self._names: set[str] = set()
+        self._total_bytes = 0
+        self._state = "open"  # -> "closed" | "aborted"
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def _check_target(self) -> None:
+        out = self._target
+        if not (out.exists() or out.is_symlink()):
+            return
+        if not self.overwrite:
+            raise WeightkitError(f"{self.out_dir} exists; pass --force to overwrite")
+        if not out.is_dir():
+            raise WeightkitError(f"{self.out_dir} exists and is not a directory; refusing to replace it")
+        if not _replaceable(out):
+            raise WeightkitError(
+                f"{self.out_dir} exists and does not look like a model directory (no config.json or "
+                f"weights); refusing to replace it even with --force"
+            )
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"CheckpointWriter for {self.out_dir} is already {self._state}")
+
+    @property
+    def path(self) -> Path:
+        """The temporary directory being written (becomes ``out_dir`` on close)."""
+        return self._tmp
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``name``; writes a shard to disk when the current one is full.
+
+        Args:
+            name: the tensor name (unique within the checkpoint).
+            tensor: any dense tensor; it is moved to CPU, and copied when it is non-contiguous or shares
+                storage with a tensor of the same shard (safetensors stores each tensor on its own).
+
+        Raises:
+            WeightkitError: for a duplicate or empty name, or a tensor that is not dense data.
+        """
+        self._require_open()
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise WeightkitError(f"invalid tensor name {name!r}")
+        if name in self._names:
+            raise WeightkitError(f"tensor {name} was already added to {self.out_dir}")
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightkitError(f"tensor {name} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.layout != torch.strided or tensor.is_meta:
+            raise WeightkitError(f"tensor {name} has no dense data ({tensor.layout}, device {tensor.device})")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = self._own_storage(tensor.detach().cpu())
+        self._buffer_bytes += nbytes
+        self._names.add(name)
+        self._total_bytes += nbytes
+
+    def _own_storage(self, tensor: torch.Tensor) -> torch.Tensor:
+        # safetensors refuses a shard in which two tensors share memory (tied embeddings, slices of one
+        # fused weight) and any non-contiguous tensor; a contiguous copy satisfies both.
+        if not tensor.is_contiguous():
+            return tensor.contiguous()
+        storage = tensor.untyped_storage()
+        whole = tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
+        shared = storage.data_ptr() in self._buffer_ptrs
+        if (not whole or shared) and tensor.numel() > 0:
+            tensor = tensor.clone()
+        self._buffer_ptrs.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        stem = self.weights_name.removesuffix(".safetensors")
+        path = self._tmp / f"{stem}-part{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, path, metadata=self.metadata)
+        _fsync(path)
+        self._shards.append((path, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_ptrs = set()
+        self._buffer_bytes = 0
+
+    def copy_files(self, src_dir: str | Path) -> list[str]:
+        """Copy every non-weight file of a model directory into the output.
+
+        Copies configs, tokenizer files, README, sentence-transformers modules and subfolders
+        (``1_Pooling/`` ...). Skips weight files and weight indexes of any format, export subfolders
+        (``onnx/``, ``openvino/``, ``coreml/``), hidden folders (``.git``, ``.cache``) and files the
+        output already has (so a ``write_json`` made earlier wins).
+
+        Args:
+            src_dir: the source model directory.
+
+        Returns:
+            The copied paths, relative to the output, sorted.
+        """
+        self._require_open()
+        src_dir = Path(src_dir)
+        if not src_dir.is_dir():
+            raise WeightkitError(f"{src_dir} is not a directory")
+        copied = []
+        for root, dirs, files in os.walk(src_dir):
+            root_path = Path(root)
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and d not in _EXPORT_DIRS
+                # An earlier output written inside the source must not be copied into the new one.
+                and Path(os.path.abspath(root_path / d)) != self._target
+            )
+            for file in sorted(files):
+                if is_weight_file(file):
+                    continue
+                rel = (root_path / file).relative_to(src_dir)
+                dest = self._tmp / rel
+                if dest.exists():
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                # copyfile, not copy2: model files in a read-only install (site-packages, the HF cache)
+                # would otherwise come out read-only and a later write_json could not replace them.
+                shutil.copyfile(root_path / file, dest)
+                copied.append(rel.as_posix())
+        return sorted(copied)
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON at ``relpath`` in the output (replacing a copied file)."""
+        self.write_text(relpath, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def write_text(self, relpath: str, text: str) -> None:
+        """Write ``text`` (UTF-8) at ``relpath`` in the output, e.g. a README model card."""
+        self._require_open()
+        dest = self._tmp / _safe_relpath(relpath)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text, encoding="utf-8")
+
+    # -- finishing -------------------------------------------------------------------------------------
+
+    def _finalize_shards(self) -> None:
+        n = len(self._shards)
+        if n == 0:
+            return
+        if n == 1:
+            self._shards[0][0].rename(self._tmp / self.weights_name)
+            return
+        stem = self.weights_name.removesuffix(".safetensors")
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self._tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        index_path = self._tmp / f"{self.weights_name}.index.json"
+        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _fsync(index_path)
+
+    def _publish(self) -> None:
+        out = self._target
+        if out.exists() or out.is_symlink():
+            # Re-check: the target may have appeared while we were writing.
+            self._check_target()
+            old = self._tmp.with_name(self._tmp.name + ".old")  # unique: the temp name is unique
+            os.rename(out, old)
+            try:
+                os.rename(self._tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self._tmp, out)
+        _fsync(out.parent)
+
+    def close(self) -> Path:
+        """Write the last shard and the index, and move the directory into place.
+
+        A writer that was given no tensors publishes a directory without weight files (only what
+        ``copy_files``/``write_json`` put there).
+
+        Returns:
+            ``out_dir``. Calling close again returns it again.
+
+        Raises:
+            WeightkitError: if ``out_dir`` appeared meanwhile and ``overwrite`` is False (the temporary
+                directory is removed).
+        """
+        if self._state == "closed":
+            return self.out_dir
+        self._require_open()
+        try:
+            self._flush()
+            self._finalize_shards()
+            _fsync(self._tmp)
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Discard everything written so far; nothing at ``out_dir`` changes."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buffer = {}
+        self._buffer_ptrs = set()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without close() (an exception outside a `with`) must not leave its temporary
+        # directory behind.
+        if getattr(self, "_state", None) == "open":
+            warnings.warn(f"CheckpointWriter for {self.out_dir} was never closed; discarded", stacklevel=1)
+            self.abort()

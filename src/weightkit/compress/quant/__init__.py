@@ -1,0 +1,18 @@
+"""Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, exported as compressed-tensors."""
+
+from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
+from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme
+from weightkit.compress.quant.module import QuantizedLinear
+from weightkit.compress.quant.rtn import RTNConfig, quantize_rtn
+
+__all__ = [
+    "AWQConfig",
+    "GPTQConfig",
+    "QuantScheme",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "RTNConfig",
+    "quantize_awq",
+    "quantize_gptq",
+    "quantize_rtn",
+]

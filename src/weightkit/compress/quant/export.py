@@ -1,0 +1,227 @@
+"""Export a model with ``QuantizedLinear`` layers as a compressed-tensors "pack-quantized" HF directory.
+
+The directory is an ordinary Hugging Face model directory that ``transformers`` (through its
+compressed-tensors integration) and vLLM load unchanged. For every quantized linear layer ``NAME``
+the checkpoint holds, instead of ``NAME.weight``:
+
+- ``NAME.weight_packed``: ``int32 [out, ceil(in * bits / 32)]``, the grid values densely bit-packed
+  row by row (:func:`weightkit.compress.quant.pack.pack_int32`);
+- ``NAME.weight_scale``: ``[out, groups]`` in the model's float dtype (per-channel: ``[out, 1]``);
+- ``NAME.weight_shape``: ``int64 [2]``, the unpacked ``[out, in]``;
+- ``NAME.weight_zero_point`` (asymmetric grids only): ``int32 [ceil(out * bits / 32), groups]``, the
+  integer zero points packed along the *output* dimension, as compressed-tensors stores them;
+- ``NAME.bias`` when the layer has one.
+
+``config.json`` gains a ``quantization_config`` block that says which modules use which scheme; the
+schema is the one compressed-tensors' own ``ModelCompressor.update_config`` writes.
+"""
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from weightkit.compress.quant.grid import QuantScheme
+from weightkit.compress.quant.module import QuantizedLinear
+from weightkit.compress.quant.pack import pack_int32
+from weightkit.errors import WeightkitError
+
+__all__ = ["quantization_config", "scheme_from_weights_args", "save_quantized"]
+
+
+def _weights_args(scheme: QuantScheme) -> dict:
+    """compressed-tensors ``QuantizationArgs`` of a weightkit scheme, as it appears in config.json."""
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "group_size": scheme.group_size,
+        "strategy": "group" if scheme.group_size else "channel",
+        "dynamic": False,
+        # Our act-order uses static groups (columns stay in place), so no g_idx is stored.
+        "actorder": None,
+    }
+
+
+def scheme_from_weights_args(args: dict, where: str) -> QuantScheme:
+    """The weightkit scheme of a compressed-tensors ``weights`` block, refusing what weightkit cannot hold.
+
+    Args:
+        args: the ``weights`` dict of one config group.
+        where: what to name in an error (e.g. ``"config.json quantization_config group_0"``).
+
+    Raises:
+        WeightkitError: not a static integer grid with group or channel strategy (e.g. float8, dynamic,
+            block or tensor strategy), or activation reordering with ``g_idx``.
+    """
+    kind = args.get("type", "int")
+    strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+    if kind != "int" or args.get("dynamic") or strategy not in ("group", "channel"):
+        raise WeightkitError(
+            f"{where}: weightkit reads static integer weights with strategy 'group' or 'channel', "
+            f"got type {kind!r}, strategy {strategy!r}, dynamic {args.get('dynamic')!r}"
+        )
+    if args.get("actorder") == "group":
+        raise WeightkitError(f"{where}: activation ordering 'group' (weights with g_idx) is not supported")
+    group_size = args.get("group_size") if strategy == "group" else None
+    return QuantScheme(bits=int(args["num_bits"]), group_size=group_size, symmetric=bool(args["symmetric"]))
+
+
+def quantization_config(modules: dict[str, QuantScheme], ignore: list[str]) -> dict:
+    """The ``quantization_config`` block of ``config.json`` for a pack-quantized checkpoint.
+
+    Modules are grouped by scheme, one config group per distinct scheme (``group_0``, ``group_1`` ...
+    in order of first appearance). When every quantized module shares one scheme the group targets the
+    class ``"Linear"`` and relies on ``ignore`` to leave the other linear layers alone (the usual
+    layout, e.g. ``ignore=["lm_head"]``); with several schemes each group lists its modules by exact name.
+
+    Args:
+        modules: quantized module name -> its scheme.
+        ignore: names of the linear layers that stay unquantized; with a single scheme this must list
+            every such layer, since ``"Linear"`` matches them all.
+
+    Returns:
+        A JSON-ready dict, as compressed-tensors writes it (``quant_method`` "compressed-tensors",
+        ``format`` "pack-quantized", ``quantization_status`` "compressed").
+
+    Raises:
+        WeightkitError: ``modules`` is empty, or a name is both quantized and ignored.
+    """
+    if not modules:
+        raise WeightkitError("no quantized modules: nothing to describe in a quantization_config")
+    both = sorted(set(modules) & set(ignore))
+    if both:
+        raise WeightkitError(f"modules both quantized and ignored: {', '.join(both)}")
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, scheme in modules.items():
+        by_scheme.setdefault(scheme, []).append(name)
+    single = len(by_scheme) == 1
+    groups = {}
+    for i, (scheme, names) in enumerate(by_scheme.items()):
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else list(names),
+            "weights": _weights_args(scheme),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    try:
+        ct_version = version("compressed-tensors")
+    except PackageNotFoundError:  # the format does not need the package; the field is informational
+        ct_version = None
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+    if ct_version is not None:
+        config["version"] = ct_version
+    return config
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in the model (what transformers calls its dtype)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _model_config(model: nn.Module) -> dict:
+    """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    dtype = _float_dtype(model)
+    if dtype is not None:
+        data["dtype"] = str(dtype).removeprefix("torch.")
+    return data
+
+
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write a model holding ``QuantizedLinear`` layers as a compressed-tensors pack-quantized directory.
+
+    Non-quantized tensors of the state dict are written as they are; each ``QuantizedLinear`` is written
+    in the packed layout (module docstring). Tensors that share storage (tied embeddings) are written
+    once, under the first name, as ``save_pretrained`` does. Config, tokenizer and other non-weight files
+    are copied from ``source_dir``; ``config.json`` is written from ``model.config`` (when the model has
+    one) plus the ``quantization_config`` block. The write is atomic.
+
+    Args:
+        model: the quantized model (a transformers model, or any module with ``QuantizedLinear`` layers).
+        out_dir: the directory to create.
+        source_dir: the original model directory whose tokenizer and other files to copy.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_bytes: largest safetensors shard.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        WeightkitError: the model has no ``QuantizedLinear``, or ``out_dir`` exists and not ``overwrite``.
+    """
+    from weightkit.checkpoint import CheckpointWriter
+
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise WeightkitError("the model has no QuantizedLinear layers: quantize it before save_quantized")
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    config = _model_config(model)
+    config["quantization_config"] = quantization_config({n: m.scheme for n, m in quantized.items()}, ignore)
+
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        if source_dir is not None:
+            writer.copy_files(source_dir)
+        seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
+        skip_prefixes = tuple(f"{name}." for name in quantized)
+        for name, tensor in model.state_dict().items():
+            if name.startswith(skip_prefixes):
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
+            if tensor.numel() and key in seen:
+                continue  # a tied weight: the loader re-ties it from the config
+            seen.add(key)
+            writer.add(name, tensor.detach())
+        for name, module in quantized.items():
+            for suffix, tensor in _packed_tensors(module).items():
+                writer.add(f"{name}.{suffix}", tensor)
+        generation_config = getattr(model, "generation_config", None)
+        copied_generation = source_dir is not None and (Path(source_dir) / "generation_config.json").is_file()
+        if generation_config is not None and not copied_generation:
+            writer.write_json("generation_config.json", generation_config.to_diff_dict())
+        writer.write_json("config.json", config)
+    return Path(out_dir)
+
+
+def _packed_tensors(module: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """One ``QuantizedLinear``'s tensors in compressed-tensors' pack-quantized layout."""
+    bits = module.scheme.bits
+    out = {
+        "weight_packed": pack_int32(module.qweight.detach().cpu(), bits),
+        "weight_scale": module.weight_scale.detach().cpu(),
+        "weight_shape": torch.tensor([module.out_features, module.in_features], dtype=torch.int64),
+    }
+    if module.weight_zero_point is not None:
+        # compressed-tensors packs zero points along the output dimension (dim 0).
+        zp = module.weight_zero_point.detach().cpu()
+        out["weight_zero_point"] = pack_int32(zp.T.contiguous(), bits).T.contiguous()
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().cpu()
+    return out
