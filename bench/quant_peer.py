@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -257,10 +258,8 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for name in ("llmcompressor", "compressed-tensors", "transformers", "torch", "datasets", "accelerate"):
-        try:
+        with contextlib.suppress(Exception):  # a missing optional package is just left out
             out[name] = version(name)
-        except Exception:  # a missing optional package is just left out
-            pass
     return out
 
 

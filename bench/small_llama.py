@@ -327,7 +327,8 @@ def train(recipe: Recipe, out_dir: Path, *, threads: int = 1, log=print) -> dict
     stream = _token_stream(tokenizer, train_plays)
     eval_texts = [p for k in sorted(held_out) for p in passages(held_out[k])]
     log(
-        f"corpus: {len(train_plays)} training plays, {len(stream):,} tokens; {len(eval_texts)} held-out passages"
+        f"corpus: {len(train_plays)} training plays, {len(stream):,} tokens; "
+        f"{len(eval_texts)} held-out passages"
     )
 
     model = build_model(recipe, tokenizer)

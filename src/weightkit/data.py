@@ -287,7 +287,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def tokenize_batches(
-    tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int
+    tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int, by_length: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenize ``texts`` into right-padded batches ``{"input_ids", "attention_mask"}``.
 
@@ -303,6 +303,8 @@ def tokenize_batches(
         texts: The passages.
         max_length: Most tokens per text.
         batch_size: Texts per batch (the last batch may be smaller).
+        by_length: batch texts of similar length together (shortest first), which wastes less
+            compute on padding; for statistics that do not depend on order, such as calibration.
 
     Returns:
         One dict of ``torch.long`` tensors of shape ``[batch, longest_in_batch]`` per batch.
@@ -312,10 +314,13 @@ def tokenize_batches(
             f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}"
         )
     pad_id = _pad_id(tokenizer)
+    all_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
+    order = list(range(len(all_ids)))
+    if by_length:
+        order.sort(key=lambda i: len(all_ids[i]))
     batches = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start : start + batch_size])
-        ids = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+    for start in range(0, len(order), batch_size):
+        ids = [all_ids[i] for i in order[start : start + batch_size]]
         width = max((len(row) for row in ids), default=0)
         input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -122,26 +122,31 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
 
 @torch.no_grad()
 def stream_inputs(
-    block: nn.Module, module: nn.Module, inputs: BlockInputs, fn: Callable[[Tensor], None]
+    block: nn.Module, modules: list[nn.Module], inputs: BlockInputs, fn: Callable[[int, Tensor], None]
 ) -> None:
-    """Call ``fn`` with ``module``'s input for each batch, as ``[tokens, features]`` without padding.
+    """Call ``fn(i, x)`` with the input ``x`` of ``modules[i]`` for each batch, as ``[tokens, features]``
+    without padding tokens.
 
-    The block's forward pass stops as soon as ``module`` has been reached.
+    Each forward pass of the block stops as soon as every module in ``modules`` has been reached.
     """
-    mask: list[Tensor] = []
+    state: dict = {}
 
-    def hook(_module, args):
+    def hook(module, args):
         x = args[0]
-        fn(x[mask[0]].reshape(-1, x.shape[-1]))
-        raise _Stop
+        fn(state["index"][id(module)], x[state["mask"]].reshape(-1, x.shape[-1]))
+        state["left"] -= 1
+        if state["left"] == 0:
+            raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    state["index"] = {id(m): i for i, m in enumerate(modules)}
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         for h, a, kw, token_mask in zip(
             inputs.hidden, inputs.args, inputs.kwargs, inputs.token_masks, strict=True
         ):
-            mask[:] = [token_mask]
+            state.update(mask=token_mask, left=len(modules))
             with contextlib.suppress(_Stop):
                 block(h, *a, **kw)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

@@ -13,7 +13,7 @@ from weightkit.compress.quant.awq import awq_search_clip, awq_search_scales
 from weightkit.compress.quant.blockwise import capture_block_inputs, input_groups, run_block, stream_inputs
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.gptq import add_to_hessian, gptq_quantize
-from weightkit.compress.quant.grid import rtn_quantize
+from weightkit.compress.quant.grid import QuantizedWeight, rtn_quantize
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
@@ -88,7 +88,11 @@ def calibration_batches(config: CalibrationFields, data, tokenizer) -> list[dict
     else:
         texts = calibration_texts(data, config.calib_samples, seed=config.seed)
     return tokenize_batches(
-        tokenizer, texts, max_length=config.calib_max_length, batch_size=config.calib_batch_size
+        tokenizer,
+        texts,
+        max_length=config.calib_max_length,
+        batch_size=config.calib_batch_size,
+        by_length=True,
     )
 
 
@@ -113,46 +117,67 @@ def _blocks_with_linears(
     return out
 
 
-def _walk_groups(model, config, data, tokenizer, progress, label, quantize_group) -> nn.Module:
-    """Shared block walk: for each block and each input group, call ``quantize_group``."""
+def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block) -> nn.Module:
+    """Shared block walk: quantize each block's layers, then compute the block's output for the next.
+
+    ``quantize_block(prefix, block, groups, inputs)`` gets the block's selected layers as a list of
+    input groups (``{relative name: linear}``, in call order), returns each layer's quantized weight,
+    and leaves the layers holding their rounded weights so that the block's output is the quantized one.
+    """
     linears = selected_linears(model, config)
     plan = _blocks_with_linears(model, linears)
     batches = calibration_batches(config, data, tokenizer)
     inputs = capture_block_inputs(model, plan[0][1], batches)
     for prefix, block, inner in track(plan, label, enabled=progress):
-        for group in input_groups(block, inner, inputs) if inner else []:
-            quantize_group(prefix, block, {n: inner[n] for n in group}, inputs)
+        done = {}
+        if inner:
+            groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)]
+            done = quantize_block(prefix, block, groups, inputs)
         inputs.hidden = run_block(block, inputs)
+        for rel, quantized in done.items():
+            quantize_linear(block, rel, quantized)
     return model
+
+
+def _round_in_place(linear: nn.Module, quantized: QuantizedWeight) -> None:
+    """Give a still-plain ``nn.Linear`` its rounded weight (fast to run; swapped when the block is done)."""
+    linear.weight.data.copy_(quantized.dequantize())
 
 
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, config: GPTQConfig, *, data=None, tokenizer=None, progress: bool = True):
-    """Quantize ``model`` in place with GPTQ on calibration ``data`` (see :func:`calibration_batches`)."""
+    """Quantize ``model`` in place with GPTQ on calibration ``data`` (see :func:`calibration_batches`).
 
-    def quantize_group(prefix, block, group, inputs):
-        state = [None, 0]
+    Groups are quantized in call order, each calibrated on the inputs the already-rounded groups
+    before it produce, so later layers compensate earlier layers' error.
+    """
 
-        def accumulate(x):
-            state[0], state[1] = add_to_hessian(state[0], state[1], x)
+    def quantize_block(prefix, block, groups, inputs):
+        done = {}
+        for group in groups:
+            state = [None, 0]
 
-        stream_inputs(block, next(iter(group.values())), inputs, accumulate)
-        if state[0] is None:
-            raise WeightkitError("calibration data has no tokens (all padding?)")
-        for rel, linear in group.items():
-            name = f"{prefix}.{rel}"
-            qw = gptq_quantize(
-                linear.weight.detach(),
-                state[0],
-                config.scheme_for(name),
-                damp=config.damp,
-                block_size=config.block_size,
-                act_order=config.act_order,
-                name=f"{name}.weight",
-            )
-            quantize_linear(block, rel, qw)
+            def accumulate(_i, x, state=state):
+                state[0], state[1] = add_to_hessian(state[0], state[1], x)
 
-    return _walk_groups(model, config, data, tokenizer, progress, "GPTQ", quantize_group)
+            stream_inputs(block, [next(iter(group.values()))], inputs, accumulate)
+            if state[0] is None:
+                raise WeightkitError("calibration data has no tokens (all padding?)")
+            for rel, linear in group.items():
+                name = f"{prefix}.{rel}"
+                done[rel] = gptq_quantize(
+                    linear.weight.detach(),
+                    state[0],
+                    config.scheme_for(name),
+                    damp=config.damp,
+                    block_size=config.block_size,
+                    act_order=config.act_order,
+                    name=f"{name}.weight",
+                )
+                _round_in_place(linear, done[rel])
+        return done
+
+    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block)
 
 
 # The op whose output is exactly a group's input, with every layer reading it. AWQ's scale folds into
@@ -189,33 +214,46 @@ def _divide_output(op: nn.Module, s: Tensor) -> None:
 
 @torch.no_grad()
 def quantize_awq(model: nn.Module, config: AWQConfig, *, data=None, tokenizer=None, progress: bool = True):
-    """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`)."""
+    """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`).
 
-    def quantize_group(prefix, block, group, inputs):
-        chunks: list[Tensor] = []
-        stream_inputs(block, next(iter(group.values())), inputs, lambda x: chunks.append(x.float()))
-        x = torch.cat(chunks)
-        if x.shape[0] == 0:
+    As in the paper's reference code, each block's inputs are captured once in full precision, the
+    scales of every group are searched and folded first (a fold may reach into an earlier group's
+    layer, e.g. v_proj for o_proj, so nothing may be rounded yet), then every layer is clipped and
+    rounded.
+    """
+
+    def quantize_block(prefix, block, groups, inputs):
+        chunks: list[list[Tensor]] = [[] for _ in groups]
+        firsts = [next(iter(group.values())) for group in groups]
+        stream_inputs(block, firsts, inputs, lambda i, x: chunks[i].append(x.float()))
+        xs = [torch.cat(c) for c in chunks]
+        if xs[0].shape[0] == 0:
             raise WeightkitError("calibration data has no tokens (all padding?)")
-        scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
-        op = _fold_target(block, group)
-        if op is not None:
+        for i, group in enumerate(groups):
+            op = _fold_target(block, group)
+            if op is None:
+                continue
+            scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
             weights = [m.weight.detach().float() for m in group.values()]
-            s, _alpha = awq_search_scales(x, weights, scheme, n_grid=config.n_grid)
+            s, _alpha = awq_search_scales(xs[i], weights, scheme, n_grid=config.n_grid)
             _divide_output(op, s)
             for m in group.values():
                 m.weight.data.mul_(s.to(m.weight.dtype))
-            x = x / s
-        for rel, linear in group.items():
-            name = f"{prefix}.{rel}"
-            scheme = config.scheme_for(name)
-            w = linear.weight.detach()
-            ratio = None
-            if config.clip:
-                ratio = awq_search_clip(w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink)
-            quantize_linear(block, rel, rtn_quantize(w, scheme, clip_ratio=ratio))
+            xs[i] = xs[i] / s
+        done = {}
+        for x, group in zip(xs, groups, strict=True):
+            for rel, linear in group.items():
+                name = f"{prefix}.{rel}"
+                scheme = config.scheme_for(name)
+                w = linear.weight.detach()
+                ratio = None
+                if config.clip:
+                    ratio = awq_search_clip(w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink)
+                done[rel] = rtn_quantize(w, scheme, clip_ratio=ratio, name=f"{name}.weight")
+                _round_in_place(linear, done[rel])
+        return done
 
-    return _walk_groups(model, config, data, tokenizer, progress, "AWQ", quantize_group)
+    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block)
 
 
 register("compress", "gptq", GPTQConfig, quantize_gptq)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny Llama and BERT model directories (seeded, with tokenizers) and text files."""
+
+import pytest
+from sample_texts import TEXTS
+
+from weightkit.models import default_model_path, load_model, save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A saved 2-layer Llama (hidden 32, vocabulary 128) with a BPE tokenizer."""
+    return save_tiny(tiny_llama(seed=0), tmp_path_factory.mktemp("llama") / "model", tiny_tokenizer(128))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A saved 2-layer BERT encoder (hidden 32, vocabulary 128) with a BPE tokenizer."""
+    tokenizer = tiny_tokenizer(128, kind="encoder")
+    return save_tiny(tiny_bert(seed=0), tmp_path_factory.mktemp("bert") / "model", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A .txt file of passages separated by blank lines."""
+    path = tmp_path_factory.mktemp("text") / "passages.txt"
+    path.write_text("\n\n".join(TEXTS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The bundled all-MiniLM-L6-v2 (model, tokenizer); tests must not modify the model in place."""
+    model, tokenizer, _ = load_model(default_model_path())
+    return model, tokenizer
