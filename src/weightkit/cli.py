@@ -263,10 +263,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import transformers
+
+    # Our own progress bars say what is happening; transformers' per-load bar is noise here.
+    transformers.utils.logging.disable_progress_bar()
     try:
         result = args.run(args)
     except WeightkitError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
         return 1
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/bold red]")

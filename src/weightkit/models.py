@@ -117,7 +117,7 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_model(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, allow_pickle: bool = False
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None, str]:
     """Load a local Hugging Face model directory, offline.
 
@@ -130,6 +130,7 @@ def load_model(
     Args:
         path: a directory with ``config.json`` and safetensors weights.
         dtype: dtype of the floating-point weights; ``None`` keeps the checkpoint's own dtype.
+        allow_pickle: accept ``.bin``/``.pt`` pickle weights (only for files you trust).
 
     Returns:
         ``(model, tokenizer, kind)``: the model in eval mode, the directory's tokenizer (``None`` if it
@@ -144,7 +145,7 @@ def load_model(
     from weightkit.loading import is_quantized_checkpoint, load_quantized
 
     path = Path(path)
-    with CheckpointReader(path) as reader:  # validates config and weight files, refuses pickle
+    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:  # validates files, refuses pickle
         config = reader.config
         if config is None:
             raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
@@ -155,7 +156,9 @@ def load_model(
         else:
             model = None
     if model is None:
-        model = auto_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
+        model = auto_cls.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto", use_safetensors=not allow_pickle or None
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer(path) else None
     return model.eval(), tokenizer, kind
 

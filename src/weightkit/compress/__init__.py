@@ -3,6 +3,7 @@
 from torch import nn
 
 from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
+from weightkit.errors import require_finite
 from weightkit.registry import entry_for_config
 
 __all__ = ["compress", "RTNConfig", "GPTQConfig", "AWQConfig"]
@@ -20,4 +21,6 @@ def compress(model: nn.Module, config, data=None, *, tokenizer=None, progress: b
         progress: show a progress bar.
     """
     entry = entry_for_config(config)
+    for name, param in model.named_parameters():
+        require_finite(param, name)
     return entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress)

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from weightkit.compress.quant.config import WeightQuantFields
 from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme, dequantize
-from weightkit.errors import WeightkitError, require_finite
+from weightkit.errors import WeightkitError
 from weightkit.select import select_modules
 
 __all__ = ["QuantizedLinear", "selected_linears", "quantize_linear"]
@@ -53,15 +53,13 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
     """The linear layers ``config`` selects, checked up front so bad input fails before any work.
 
     Raises:
-        WeightkitError: nothing selected, a weight whose shape the grid cannot take (naming it), or a
-            weight holding NaN/Inf.
+        WeightkitError: nothing selected, or a weight whose shape the grid cannot take (naming it).
     """
     linears = select_modules(model, targets=config.targets, ignore=config.ignore)
     if not linears:
         raise WeightkitError("no linear layer selected for quantization (check targets and ignore)")
     for name, linear in linears.items():
         config.scheme_for(name).check_shape(tuple(linear.weight.shape), f"{name}.weight")
-        require_finite(linear.weight, f"{name}.weight")
     return linears
 
 

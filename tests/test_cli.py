@@ -1,0 +1,216 @@
+"""The ``weightkit`` command as a user runs it: compress, eval, recipes, and every bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from weightkit.cli import main
+from weightkit.loading import load
+from weightkit.models import save_tiny, tiny_llama, tiny_tokenizer
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_gptq_writes_a_checkpoint_transformers_loads(tmp_path, capsys, llama_dir, text_file):
+    out = tmp_path / "w4"
+    code, stdout, _ = run(
+        capsys, "compress", llama_dir, "-o", out, "--method", "gptq", "--bits", "4", "--group-size", "32",
+        "--calib", text_file, "--json",
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["config"]["method"] == "gptq" and summary["config"]["group_size"] == 32
+    assert summary["size_after_bytes"] < summary["size_before_bytes"]
+    ours = load(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
+    torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_from_a_recipe_matches_the_same_flags(tmp_path, capsys, llama_dir, text_file):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - method: awq\n    bits: 3\n    group_size: 32\n    calib_samples: 8\n")
+    code, _, _ = run(
+        capsys, "compress", llama_dir, "-o", tmp_path / "a", "--recipe", recipe, "--calib", text_file
+    )
+    assert code == 0
+    code, _, _ = run(
+        capsys, "compress", llama_dir, "-o", tmp_path / "b", "--method", "awq", "--bits", "3", "--group-size", "32",
+        "--calib-samples", "8", "--calib", text_file,
+    )  # fmt: skip
+    assert code == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compress_is_deterministic_and_prints_a_table(tmp_path, capsys, llama_dir, text_file):
+    for name in ("x", "y"):
+        code, _, err = run(
+            capsys, "compress", llama_dir, "-o", tmp_path / name, "--group-size", "32", "--calib", text_file
+        )
+        assert code == 0
+    assert "ratio" in err and "gptq" in err
+    x, y = (
+        (tmp_path / "x" / "model.safetensors").read_bytes(),
+        (tmp_path / "y" / "model.safetensors").read_bytes(),
+    )
+    assert x == y
+
+
+def test_eval_reports_perplexity_and_fidelity(tmp_path, capsys, llama_dir, bert_dir, text_file):
+    code, stdout, _ = run(capsys, "eval", llama_dir, "--data", text_file, "--json")
+    assert code == 0 and 1 < json.loads(stdout)["perplexity"] < 1000
+    out = tmp_path / "bert-w4"
+    assert run(capsys, "compress", bert_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0
+    code, stdout, _ = run(capsys, "eval", out, "--reference", bert_dir, "--data", text_file, "--json")
+    assert code == 0 and 0.9 < json.loads(stdout)["embedding_fidelity"] < 1.0
+
+
+def _assert_fails(capsys, tmp_path, argv, *fragments):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, *argv, "-o", out) if argv[0] == "compress" else run(capsys, *argv)
+    message = " ".join(err.split())  # rich wraps long lines
+    assert code == 1, err
+    assert "Traceback" not in err and stdout == ""
+    for fragment in fragments:
+        assert str(fragment) in message, message
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary leftovers
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_fails(capsys, tmp_path, ["compress", empty], str(empty), "not a model directory")
+
+
+def test_truncated_safetensors(tmp_path, capsys, llama_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    _assert_fails(capsys, tmp_path, ["compress", broken, "--method", "rtn"], "model.safetensors", "truncated")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    _assert_fails(capsys, tmp_path, ["compress", gpt2, "--method", "rtn"], "gpt2", "llama")
+
+
+def test_group_size_that_does_not_divide_the_weight(tmp_path, capsys, llama_dir):
+    _assert_fails(
+        capsys, tmp_path, ["compress", llama_dir, "--method", "rtn", "--group-size", "128"],
+        "model.layers.0.self_attn.q_proj.weight", "group size 128", "32",
+    )  # fmt: skip
+
+
+def test_bits_out_of_range(tmp_path, capsys, llama_dir):
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--bits", "9", "--group-size", "32"], "bits", "9")
+
+
+def test_nan_weights(tmp_path, capsys):
+    model = tiny_llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    bad = save_tiny(model, tmp_path / "nan", tiny_tokenizer(128))
+    _assert_fails(
+        capsys,
+        tmp_path,
+        ["compress", bad, "--method", "rtn", "--group-size", "32"],
+        "model.layers.1.mlp.up_proj.weight",
+        "NaN",
+    )
+
+
+def test_inf_in_an_embedding(tmp_path, capsys, llama_dir):
+    bad = tmp_path / "inf"
+    shutil.copytree(llama_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.embed_tokens.weight"][0, 0] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    _assert_fails(
+        capsys,
+        tmp_path,
+        ["compress", bad, "--method", "rtn", "--group-size", "32"],
+        "model.embed_tokens.weight",
+        "Inf",
+    )
+
+
+def test_empty_calibration_file(tmp_path, capsys, llama_dir):
+    empty = tmp_path / "calib.txt"
+    empty.write_text("\n\n")
+    _assert_fails(
+        capsys, tmp_path, ["compress", llama_dir, "--group-size", "32", "--calib", empty], str(empty)
+    )
+
+
+def test_missing_calibration_file(tmp_path, capsys, llama_dir):
+    missing = tmp_path / "nope.jsonl"
+    _assert_fails(
+        capsys, tmp_path, ["compress", llama_dir, "--group-size", "32", "--calib", missing], str(missing)
+    )
+
+
+def test_pickle_checkpoint_needs_allow_pickle(tmp_path, capsys):
+    pickled = save_tiny(tiny_llama(seed=0), tmp_path / "pickled", tiny_tokenizer(128))
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    _assert_fails(
+        capsys, tmp_path, ["compress", pickled, "--method", "rtn", "--group-size", "32"], "--allow-pickle"
+    )
+    out = tmp_path / "ok"
+    argv = ["compress", pickled, "-o", out, "--method", "rtn", "--group-size", "32", "--allow-pickle"]
+    assert run(capsys, *argv)[0] == 0 and (out / "model.safetensors").exists()
+
+
+def test_existing_output_needs_force(tmp_path, capsys, llama_dir):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "compress", llama_dir, "-o", out, "--method", "rtn", "--group-size", "32")
+    assert code == 1 and "--force" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_method_in_a_recipe_suggests_the_right_one(tmp_path, capsys, llama_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: gtpq\nbits: 4\n")
+    _assert_fails(
+        capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "gtpq", "Did you mean 'gptq'"
+    )
+
+
+def test_unknown_field_in_a_recipe_suggests_the_right_one(tmp_path, capsys, llama_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: gptq\nbits: 4\ngroupsize: 32\n")
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "groupsize", "group_size")
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--method",
+        "--bits",
+        "--group-size",
+        "--calib",
+        "--recipe",
+        "--asym",
+        "--act-order",
+        "--json",
+    ):
+        assert option in text
