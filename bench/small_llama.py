@@ -383,6 +383,7 @@ def train(recipe: Recipe, out_dir: Path, *, threads: int = 1, log=print) -> dict
     model.eval()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary directory
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
