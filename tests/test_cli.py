@@ -42,10 +42,8 @@ def test_compress_from_a_recipe_matches_the_same_flags(tmp_path, capsys, llama_d
         capsys, "compress", llama_dir, "-o", tmp_path / "a", "--recipe", recipe, "--calib", text_file
     )
     assert code == 0
-    code, _, _ = run(
-        capsys, "compress", llama_dir, "-o", tmp_path / "b", "--method", "awq", "--bits", "3", "--group-size", "32",
-        "--calib-samples", "8", "--calib", text_file,
-    )  # fmt: skip
+    flags = ["--method", "awq", "--bits", "3", "--group-size", "32", "--calib-samples", "8"]
+    code, _, _ = run(capsys, "compress", llama_dir, "-o", tmp_path / "b", *flags, "--calib", text_file)
     assert code == 0
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
