@@ -37,7 +37,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -86,7 +85,13 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: ru_maxrss carries the parent's peak across fork+exec, so a child started
+    # by a big benchmark process would report the parent's size.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _read_texts(path: str, limit: int | None = None) -> list[str]:
