@@ -11,7 +11,7 @@ from torch import nn
 
 from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.quant.grid import QuantScheme, rtn_quantize
-from weightkit.compress.quant.module import QuantizedLinear
+from weightkit.compress.quant.module import QuantizedLinear, quantize_linear
 from weightkit.errors import WeightkitError
 from weightkit.loading import load
 from weightkit.models import save_tiny, tiny_bert, tiny_llama
@@ -31,10 +31,7 @@ def linears(kind: str) -> list[str]:
 
 def quantize(model: nn.Module, schemes: dict[str, QuantScheme]) -> nn.Module:
     for name, scheme in schemes.items():
-        linear = model.get_submodule(name)
-        model.set_submodule(
-            name, QuantizedLinear.from_linear(linear, rtn_quantize(linear.weight.detach(), scheme))
-        )
+        quantize_linear(model, name, rtn_quantize(model.get_submodule(name).weight.detach(), scheme))
     return model
 
 

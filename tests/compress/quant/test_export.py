@@ -12,7 +12,7 @@ from torch import nn
 from weightkit.checkpoint import CheckpointReader, weights_size
 from weightkit.compress.quant.export import quantization_config, save_quantized, scheme_from_weights_args
 from weightkit.compress.quant.grid import QuantScheme, rtn_quantize
-from weightkit.compress.quant.module import QuantizedLinear
+from weightkit.compress.quant.module import quantize_linear
 from weightkit.errors import WeightkitError
 from weightkit.loading import load
 from weightkit.models import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
@@ -43,10 +43,7 @@ def block_linears(kind: str) -> list[str]:
 
 def quantize(model: nn.Module, schemes: dict[str, QuantScheme]) -> nn.Module:
     for name, scheme in schemes.items():
-        linear = model.get_submodule(name)
-        model.set_submodule(
-            name, QuantizedLinear.from_linear(linear, rtn_quantize(linear.weight.detach(), scheme))
-        )
+        quantize_linear(model, name, rtn_quantize(model.get_submodule(name).weight.detach(), scheme))
     return model
 
 
