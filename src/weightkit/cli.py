@@ -84,22 +84,25 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.checkpoint import weights_size
-    from weightkit.compress import compress
-    from weightkit.compress.quant.export import save_quantized
-    from weightkit.models import load_model
+    from weightkit.compress import compress_checkpoint
     from weightkit.registry import config_to_dict
 
     config = _config_from_args(args)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise WeightkitError(f"{out} exists; pass --force to overwrite it")
-    model, tokenizer, _kind = load_model(args.model, allow_pickle=args.allow_pickle)
     start = time.perf_counter()
-    compress(model, config, data=args.calib, tokenizer=tokenizer, progress=not args.json)
-    seconds = time.perf_counter() - start
-    save_quantized(
-        model, out, source_dir=Path(args.model), overwrite=args.force, max_shard_bytes=args.max_shard_size
+    compress_checkpoint(
+        args.model,
+        out,
+        config,
+        data=args.calib,
+        progress=not args.json,
+        overwrite=args.force,
+        max_shard_bytes=args.max_shard_size,
+        allow_pickle=args.allow_pickle,
     )
+    seconds = time.perf_counter() - start
     before, after = weights_size(args.model), weights_size(out)
     summary = {
         "model": str(args.model),

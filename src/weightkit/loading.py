@@ -7,9 +7,7 @@ writes, and what llm-compressor writes for integer weight-only schemes) load int
 inspected, re-exported or evaluated without a round trip through float weights.
 """
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme
 from weightkit.compress.quant.module import QuantizedLinear
 from weightkit.compress.quant.pack import unpack_int32
 from weightkit.errors import WeightkitError
+from weightkit.models import CheckpointNames, skeleton
 
 __all__ = ["load", "load_quantized", "is_quantized_checkpoint"]
 
@@ -79,57 +78,6 @@ def load(
     finally:
         reader.close()
     return model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init cost) but buffers on the CPU.
-
-    Unlike ``with torch.device("meta")``, buffers the model computes at construction and never saves
-    (rotary ``inv_freq``, ``position_ids``) keep their real values, so only the checkpoint's tensors need
-    filling in. Patches ``nn.Module.register_parameter`` for the duration (not thread-safe).
-    """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-class _Names:
-    """Maps checkpoint tensor names to model names when they differ by the base-model prefix.
-
-    A checkpoint saved from ``BertForMaskedLM`` names tensors ``bert.encoder...`` while ``BertModel``
-    names them ``encoder...`` (and the other way round), as transformers' own loader allows.
-    """
-
-    def __init__(self, model: nn.Module, ckpt_names: list[str]):
-        expected = set(model.state_dict())
-        prefix = getattr(model, "base_model_prefix", "")
-        self.strip = self.add = ""
-        if prefix and not any(n in expected for n in ckpt_names):
-            dotted = prefix + "."
-            if any(n.removeprefix(dotted) in expected for n in ckpt_names if n.startswith(dotted)):
-                self.strip = dotted
-            elif any(dotted + n in expected for n in ckpt_names):
-                self.add = dotted
-
-    def to_model(self, name: str) -> str:
-        if self.strip and name.startswith(self.strip):
-            return name[len(self.strip) :]
-        return self.add + name if self.add and not name.startswith(self.add) else name
-
-    def to_ckpt(self, name: str) -> str:
-        if self.add and name.startswith(self.add):
-            return name[len(self.add) :]
-        return self.strip + name
 
 
 def _config_groups(qc: dict, path: Path) -> tuple[list[tuple[str, list[str], QuantScheme]], list[str]]:
@@ -257,17 +205,8 @@ def load_quantized(
 
 
 def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
-    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    if hasattr(hf_config, "quantization_config"):
-        # The model we build is plain; weightkit's QuantizedLinear layers carry the schemes.
-        del hf_config.quantization_config
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    with _parameters_on_meta():
-        # Auto classes build through from_config, concrete model classes through _from_config.
-        build = getattr(model_cls, "from_config", None) or model_cls._from_config
-        model = build(hf_config, **kwargs)
-
-    names = _Names(model, reader.names())
+    model = skeleton(path, model_cls, dtype)
+    names = CheckpointNames(model, reader.names())
     packed_modules = {
         names.to_model(n.removesuffix(".weight_packed"))
         for n in reader.names()

@@ -9,10 +9,13 @@ transformer blocks are and how their linear layers are named. Two layouts are su
   ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoModel,
@@ -34,6 +37,10 @@ __all__ = [
     "default_model_path",
     "model_kind",
     "load_model",
+    "skeleton",
+    "CheckpointNames",
+    "load_tokenizer",
+    "model_auto_class",
     "transformer_blocks",
     "tiny_llama",
     "tiny_bert",
@@ -150,7 +157,7 @@ def load_model(
         if config is None:
             raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
         kind = model_kind(config)
-        auto_cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        auto_cls = model_auto_class(kind)
         if is_quantized_checkpoint(config):
             model = load_quantized(path, model_cls=auto_cls, dtype=dtype, reader=reader)
         else:
@@ -159,8 +166,86 @@ def load_model(
         model = auto_cls.from_pretrained(
             path, local_files_only=True, dtype=dtype or "auto", use_safetensors=not allow_pickle or None
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer(path) else None
-    return model.eval(), tokenizer, kind
+    return model.eval(), load_tokenizer(path), kind
+
+
+def model_auto_class(kind: str):
+    """The transformers Auto class for a :func:`model_kind`: causal LMs with their head, encoders bare."""
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a model directory, or ``None`` if it has none."""
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer(path) else None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init cost) but buffers on the CPU.
+
+    Unlike ``with torch.device("meta")``, buffers the model computes at construction and never saves
+    (rotary ``inv_freq``, ``position_ids``) keep their real values, so only the checkpoint's tensors need
+    filling in. Patches ``nn.Module.register_parameter`` for the duration (not thread-safe).
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def skeleton(path: str | os.PathLike, model_cls, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model of ``path``'s ``config.json`` with its parameters on the meta device (no memory).
+
+    Buffers computed at construction (rotary ``inv_freq``) are real. A ``quantization_config`` is
+    dropped: the model is built plain.
+    """
+    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(hf_config, "quantization_config"):
+        # The model we build is plain; weightkit's QuantizedLinear layers carry the schemes.
+        del hf_config.quantization_config
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    with _parameters_on_meta():
+        # Auto classes build through from_config, concrete model classes through _from_config.
+        build = getattr(model_cls, "from_config", None) or model_cls._from_config
+        return build(hf_config, **kwargs).eval()
+
+
+class CheckpointNames:
+    """Maps checkpoint tensor names to model names when they differ by the base-model prefix.
+
+    A checkpoint saved from ``BertForMaskedLM`` names tensors ``bert.encoder...`` while ``BertModel``
+    names them ``encoder...`` (and the other way round), as transformers' own loader allows.
+    """
+
+    def __init__(self, model: nn.Module, ckpt_names: list[str]):
+        expected = set(model.state_dict())
+        prefix = getattr(model, "base_model_prefix", "")
+        self.strip = self.add = ""
+        if prefix and not any(n in expected for n in ckpt_names):
+            dotted = prefix + "."
+            if any(n.removeprefix(dotted) in expected for n in ckpt_names if n.startswith(dotted)):
+                self.strip = dotted
+            elif any(dotted + n in expected for n in ckpt_names):
+                self.add = dotted
+
+    def to_model(self, name: str) -> str:
+        if self.strip and name.startswith(self.strip):
+            return name[len(self.strip) :]
+        return self.add + name if self.add and not name.startswith(self.add) else name
+
+    def to_ckpt(self, name: str) -> str:
+        if self.add and name.startswith(self.add):
+            return name[len(self.add) :]
+        return self.strip + name
 
 
 def transformer_blocks(model: nn.Module, kind: str) -> nn.ModuleList:

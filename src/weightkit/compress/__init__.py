@@ -1,12 +1,17 @@
-"""``compress(model, config, data=None)``: make a model smaller. The config's type picks the method."""
+"""``compress(model, config, data=None)``: make a model smaller. The config's type picks the method.
+
+``compress_checkpoint(model_dir, out_dir, config)`` does the same from a checkpoint directory to a new
+one without loading the whole model (see :mod:`weightkit.compress.stream`).
+"""
 
 from torch import nn
 
 from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
+from weightkit.compress.stream import compress_checkpoint
 from weightkit.errors import require_finite
 from weightkit.registry import entry_for_config
 
-__all__ = ["compress", "RTNConfig", "GPTQConfig", "AWQConfig"]
+__all__ = ["compress", "compress_checkpoint", "RTNConfig", "GPTQConfig", "AWQConfig"]
 
 
 def compress(model: nn.Module, config, data=None, *, tokenizer=None, progress: bool = True) -> nn.Module:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from weightkit.compress.quant import awq
-from weightkit.compress.quant.awq import awq_scales, awq_search_clip, awq_search_scales, clip_ratios
+from weightkit.compress.quant.awq import (
+    awq_scales,
+    awq_search_clip,
+    awq_search_scales,
+    clip_ratios,
+    even_sample,
+)
 from weightkit.compress.quant.grid import (
     QuantScheme,
     compute_qparams,
@@ -12,6 +18,7 @@ from weightkit.compress.quant.grid import (
     quantize_to_grid,
     rtn_quantize,
 )
+from weightkit.compress.quant.hessian import add_to_hessian
 from weightkit.errors import WeightkitError
 
 
@@ -32,8 +39,15 @@ def output_error(x, w, w_hat):
     return float((x @ (w - w_hat).T).norm())
 
 
+def search_scales(x, weights, scheme, **kwargs):
+    """weightkit's search, fed the statistics a driver accumulates from the tokens ``x``."""
+    h, _ = add_to_hessian(None, 0, x)
+    return awq_search_scales(h, x.abs().mean(dim=0), weights, scheme, **kwargs)
+
+
 def search_scales_reference(x, weights, scheme, n_grid, output_fn):
-    """Plain loop over the paper's grid: s = mean|x|^alpha / sqrt(max * min), candidates RTN(W s) / s."""
+    """Plain loop over the paper's grid: s = mean|x|^alpha / sqrt(max * min), candidates RTN(W s) / s,
+    loss = mean squared error of the outputs over the tokens."""
     magnitude = torch.stack([x[:, j].abs().mean() for j in range(x.shape[1])])
     ref = output_fn(x, weights)
     best = (float("inf"), None, None)
@@ -56,25 +70,19 @@ def concat_outputs(x, weights):
 def test_scale_search_matches_loop_reference(scheme):
     x, g = outlier_inputs(64, 32, seed=0)
     weights = [torch.randn(n, 32, generator=g) for n in (16, 8, 8)]
-    scales, alpha = awq_search_scales(x, weights, scheme, n_grid=10)
+    scales, alpha = search_scales(x, weights, scheme, n_grid=10)
     ref_scales, ref_alpha = search_scales_reference(x, weights, scheme, 10, concat_outputs)
     assert alpha == ref_alpha and alpha > 0
     torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=0)
     assert scales.shape == (32,) and scales.dtype == torch.float32
 
 
-def test_output_fn_hook_is_what_the_loss_compares():
-    x, g = outlier_inputs(64, 32, seed=1)
-    weights = [torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)]
-
-    def gated(x, ws):  # a tiny gated MLP, as a driver would pass for a whole sub-block
-        return torch.nn.functional.silu(x @ ws[0].T) * (x @ ws[1].T)
-
-    scheme = QuantScheme(3, 16)
-    scales, alpha = awq_search_scales(x, weights, scheme, n_grid=8, output_fn=gated)
-    ref_scales, ref_alpha = search_scales_reference(x, weights, scheme, 8, gated)
-    assert alpha == ref_alpha
-    torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=0)
+def test_hessian_loss_equals_token_loss():
+    x, g = outlier_inputs(200, 32, seed=1)
+    delta = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    h, _ = add_to_hessian(None, 0, x.double(), dtype=torch.float64)
+    per_token = ((x.double() @ delta.T) ** 2).sum(dim=1).mean()
+    torch.testing.assert_close(awq.output_error(delta, h), 2 * per_token)
 
 
 def test_alpha_zero_is_plain_rtn():
@@ -83,7 +91,7 @@ def test_alpha_zero_is_plain_rtn():
     x, g = outlier_inputs(64, 32, seed=2)
     w = torch.randn(16, 32, generator=g)
     scheme = QuantScheme(4, 16, False)
-    scales, alpha = awq_search_scales(x, [w], scheme, n_grid=1)  # only alpha = 0 is tried
+    scales, alpha = search_scales(x, [w], scheme, n_grid=1)  # only alpha = 0 is tried
     assert alpha == 0.0 and torch.equal(scales, torch.ones(32))
     assert torch.equal(rtn(w * scales, scheme) / scales, rtn(w, scheme))
 
@@ -102,7 +110,7 @@ def test_awq_beats_rtn_with_outlier_channels(scheme):
     for seed in range(3):
         x, g = outlier_inputs(512, 128, seed=seed)
         w = torch.randn(64, 128, generator=g)
-        scales, alpha = awq_search_scales(x, [w], scheme)
+        scales, alpha = search_scales(x, [w], scheme)
         err_awq = output_error(x, w, rtn(w * scales, scheme) / scales)
         err_rtn = output_error(x, w, rtn(w, scheme))
         assert alpha > 0
@@ -115,7 +123,7 @@ def test_search_never_worse_than_rtn_on_its_objective():
     x = torch.randn(128, 64, generator=g)
     w = torch.randn(32, 64, generator=g)
     scheme = QuantScheme(4, 32)
-    scales, _ = awq_search_scales(x, [w], scheme)
+    scales, _ = search_scales(x, [w], scheme)
     assert output_error(x, w, rtn(w * scales, scheme) / scales) <= output_error(x, w, rtn(w, scheme))
 
 
@@ -172,7 +180,9 @@ def test_clip_search_chunks_rows_and_subsamples_tokens(monkeypatch):
     monkeypatch.setattr(awq, "_CLIP_CHUNK_ELEMENTS", 3 * 4 * 300)  # 3 rows per chunk
     assert torch.equal(awq_search_clip(w, x, scheme), whole)
     # Subsampling keeps evenly spaced tokens, first and last included.
-    idx = torch.linspace(0, 299, 100).round().long()
+    idx = even_sample(300, 100)
+    assert idx[0] == 0 and idx[-1] == 299 and len(idx) == 100 and bool((idx.diff() >= 2).all())
+    assert torch.equal(even_sample(50, 100), torch.arange(50))
     assert torch.equal(awq_search_clip(w, x, scheme, n_sample_tokens=100), awq_search_clip(w, x[idx], scheme))
 
 
@@ -190,9 +200,11 @@ def test_clip_ratios_feed_rtn_consistently():
 def test_bad_input_raises_naming_tensor():
     scheme = QuantScheme(4, 16)
     with pytest.raises(WeightkitError, match=r"qkv\[1\].*does not read"):
-        awq_search_scales(torch.randn(8, 32), [torch.randn(4, 32), torch.randn(4, 16)], scheme, name="qkv")
+        search_scales(torch.randn(8, 32), [torch.randn(4, 32), torch.randn(4, 16)], scheme, name="qkv")
     with pytest.raises(WeightkitError, match="NaN"):
-        awq_search_scales(torch.full((8, 32), float("nan")), [torch.randn(4, 32)], scheme)
+        search_scales(torch.full((8, 32), float("nan")), [torch.randn(4, 32)], scheme)
+    with pytest.raises(WeightkitError, match="Hessian has shape"):
+        awq_search_scales(torch.eye(16), torch.ones(32), [torch.randn(4, 32)], scheme)
     with pytest.raises(WeightkitError, match="o_proj.*16"):
         awq_search_clip(torch.randn(4, 32), torch.randn(8, 16), scheme, name="o_proj")
     with pytest.raises(WeightkitError, match="max_shrink"):

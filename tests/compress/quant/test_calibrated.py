@@ -7,7 +7,7 @@ import torch
 from sample_texts import TEXTS
 
 from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
-from weightkit.compress.quant.blockwise import capture_block_inputs, input_groups, run_block, stream_inputs
+from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
 from weightkit.compress.quant.calibrated import _divide_output, _fold_target, calibration_batches
 from weightkit.compress.quant.module import QuantizedLinear
 from weightkit.data import tokenize_batches
@@ -26,6 +26,10 @@ def model_and_tokenizer(request):
     if request.param == "causal-lm":
         return tiny_llama(seed=1), tiny_tokenizer(128), request.param
     return tiny_bert(seed=1), tiny_tokenizer(128, kind="encoder"), request.param
+
+
+def run_block(block, inputs):
+    return calibrate_block(block, [], inputs, on_input=None)
 
 
 def _output(model, batch):
@@ -78,11 +82,58 @@ def test_padding_never_reaches_the_statistics():
     padded = capture_block_inputs(model, block, _batches(tokenizer, texts, batch_size=6))
     alone = capture_block_inputs(model, block, _batches(tokenizer, texts, batch_size=1))
     seen_padded, seen_alone = [], []
-    stream_inputs(block, [block.mlp.down_proj], padded, lambda _i, x: seen_padded.append(x))
-    stream_inputs(block, [block.mlp.down_proj], alone, lambda _i, x: seen_alone.append(x))
+    calibrate_block(block, [block.mlp.down_proj], padded, lambda _i, x: seen_padded.append(x))
+    calibrate_block(block, [block.mlp.down_proj], alone, lambda _i, x: seen_alone.append(x))
     x_padded, x_alone = torch.cat(seen_padded), torch.cat(seen_alone)
     assert x_padded.shape[0] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
     torch.testing.assert_close(x_padded, x_alone, atol=1e-5, rtol=1e-4)
+
+
+def test_calibration_pass_holds_every_batch_until_the_layer_is_changed():
+    # Changing v_proj once all batches reached q/k/v must show in what o_proj and down_proj receive
+    # and in the block's outputs, exactly as a fresh pass with the changed weights would give.
+    model, tokenizer = tiny_llama(seed=1), tiny_tokenizer(128)
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, _batches(tokenizer, CALIB[:8], batch_size=3))
+    modules = [block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.down_proj]
+    seen: dict[int, list] = {0: [], 1: [], 2: []}
+    reached = []
+
+    def on_all_reached(i):
+        assert len(seen[i]) == len(inputs)  # every batch is there before anything changes
+        reached.append(i)
+        if i == 0:
+            block.self_attn.v_proj.weight.data.mul_(-2)
+
+    outputs = calibrate_block(block, modules, inputs, lambda i, x: seen[i].append(x), on_all_reached)
+    assert reached == [0, 1, 2]
+    fresh: dict[int, list] = {0: [], 1: [], 2: []}
+    fresh_outputs = calibrate_block(block, modules, inputs, lambda i, x: fresh[i].append(x))
+    for i in (1, 2):
+        torch.testing.assert_close(torch.cat(seen[i]), torch.cat(fresh[i]))
+    for a, b in zip(outputs, fresh_outputs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_failing_calibration_step_stops_every_paused_pass():
+    import threading
+
+    model, tokenizer = tiny_llama(seed=1), tiny_tokenizer(128)
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, _batches(tokenizer, CALIB[:8], batch_size=2))
+    before = threading.active_count()
+
+    def fail(i):
+        raise WeightkitError("stop here")
+
+    with pytest.raises(WeightkitError, match="stop here"):
+        calibrate_block(block, [block.self_attn.o_proj], inputs, lambda i, x: None, fail)
+    assert threading.active_count() == before
+    # Layers listed out of call order are refused, naming the problem.
+    with pytest.raises(WeightkitError, match="called layer number 1"):
+        modules = [block.mlp.down_proj, block.self_attn.o_proj]
+        calibrate_block(block, modules, inputs, lambda i, x: None, lambda i: None)
+    assert threading.active_count() == before
 
 
 @pytest.mark.parametrize("source", ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"])
@@ -186,3 +237,20 @@ def test_awq_folds_every_scale_before_rounding_anything():
         quantized = compress(copy.deepcopy(model), config, data=CALIB, tokenizer=tokenizer, progress=False)
         errors[type(config).__name__] = _relative_error(model, quantized, held_out)
     assert errors["AWQConfig"] < 1.5 * errors["RTNConfig"] < 0.01, errors
+
+
+def test_awq_statistics_streamed_by_batch_equal_those_of_all_tokens():
+    from weightkit.compress.quant.awq import even_sample
+    from weightkit.compress.quant.calibrated import _AWQInputStats
+    from weightkit.compress.quant.hessian import add_to_hessian
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 8, generator=g) for n in (7, 0, 30, 12, 1)]
+    everything = torch.cat(chunks)
+    stats = _AWQInputStats(even_sample(len(everything), 10), scaled=True)
+    for chunk in chunks:
+        stats.add(chunk)
+    assert stats.count == len(everything)
+    torch.testing.assert_close(stats.h, add_to_hessian(None, 0, everything)[0])
+    torch.testing.assert_close(stats.abs_sum / stats.count, everything.abs().mean(dim=0))
+    assert torch.equal(torch.cat(stats.sample), everything[even_sample(len(everything), 10)])

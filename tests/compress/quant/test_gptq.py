@@ -5,8 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from weightkit.compress.quant.gptq import add_to_hessian, gptq_quantize
+from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.grid import QuantScheme, compute_qparams, rtn_quantize
+from weightkit.compress.quant.hessian import add_to_hessian
 from weightkit.errors import WeightkitError
 
 
@@ -217,26 +218,6 @@ def test_result_in_range_with_right_shapes_and_dtypes(scheme):
     assert output_error(w, qw.dequantize().float(), x) < output_error(
         w, rtn_quantize(w, scheme).dequantize(), x
     )
-
-
-def test_add_to_hessian_matches_sum_of_outer_products():
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(n, 6, generator=g) for n in (5, 1, 9)]
-    h, count = None, 0
-    for b in batches:
-        h, count = add_to_hessian(h, count, b)
-    rows = torch.cat(batches)
-    ref = torch.zeros(6, 6, dtype=torch.float64)
-    for row in rows.double():
-        ref += torch.outer(row, row)
-    ref *= 2 / len(rows)
-    assert count == 15 and h.dtype == torch.float32
-    torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-6)
-    # A 3-D batch is flattened over its leading dims; float64 accumulation on request.
-    h3, c3 = add_to_hessian(None, 0, rows.reshape(3, 5, 6), dtype=torch.float64)
-    assert c3 == 15 and h3.dtype == torch.float64
-    torch.testing.assert_close(h3, ref, rtol=1e-6, atol=1e-9)
-    assert add_to_hessian(h, count, torch.zeros(0, 6)) == (h, count)
 
 
 def test_near_singular_hessian_retries_with_more_damping():

@@ -14,24 +14,27 @@ These are the pure searches; hooking, folding ``1/s`` into the previous layer an
 the model-level driver.
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from weightkit.compress.quant.grid import QuantScheme, compute_qparams, dequantize, quantize_to_grid
 from weightkit.errors import WeightkitError
 
-__all__ = ["awq_search_scales", "awq_search_clip", "awq_scales", "clip_ratios"]
+__all__ = [
+    "CLIP_SAMPLE_TOKENS",
+    "awq_scales",
+    "awq_search_clip",
+    "awq_search_scales",
+    "clip_ratios",
+    "even_sample",
+    "output_error",
+]
+
+# Tokens the clip search scores each candidate on (as the reference code); evenly spaced over the data.
+CLIP_SAMPLE_TOKENS = 512
 
 # Elements in one chunk of the clip search's [rows, groups, tokens] error tensor (~64 MB in float32).
 _CLIP_CHUNK_ELEMENTS = 1 << 24
-
-
-def _concat_outputs(x: Tensor, weights: list[Tensor]) -> Tensor:
-    # float32 at least: in half precision the loss differences between alphas drown in rounding noise.
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.cat([x.to(dtype) @ w.T.to(dtype) for w in weights], dim=-1)
 
 
 def awq_scales(x_magnitude: Tensor, alpha: float) -> Tensor:
@@ -54,30 +57,38 @@ def _rtn_dequantized(w: Tensor, scheme: QuantScheme, name: str) -> Tensor:
     return dequantize(quantize_to_grid(w, scale, zero, scheme), scale, zero)
 
 
+def output_error(delta: Tensor, h: Tensor) -> Tensor:
+    """``sum_rows delta H delta^T``: twice the mean over calibration tokens of ``||delta x_t||^2``."""
+    return ((delta @ h) * delta).sum()
+
+
 def awq_search_scales(
-    x: Tensor,
+    h: Tensor,
+    x_magnitude: Tensor,
     weights: list[Tensor],
     scheme: QuantScheme,
     *,
     n_grid: int = 20,
-    output_fn: Callable[[Tensor, list[Tensor]], Tensor] | None = None,
     name: str = "weights",
 ) -> tuple[Tensor, float]:
     """Grid-search AWQ's per-input-channel scales for weights that share one input.
 
     For each ``alpha`` in ``{0, 1/n_grid, ..., (n_grid - 1)/n_grid}`` the candidate weights are
-    ``RTN(W * s) / s`` with ``s = awq_scales(mean|x|, alpha)``, and the loss is the mean squared
-    difference between ``output_fn`` on the float and on the candidate weights. ``alpha = 0`` is plain
-    round-to-nearest, so the result is never worse than RTN on the calibration objective.
+    ``RTN(W * s) / s`` with ``s = awq_scales(x_magnitude, alpha)``, scored by their output error on the
+    calibration tokens summed over the weights (the paper's loss on the concatenated layer outputs).
+    ``alpha = 0`` is plain round-to-nearest, so the result is never worse than RTN on this objective.
+
+    Deviation from the reference code, same objective: the error is computed from the inputs'
+    Hessian (:func:`output_error`), which covers every calibration token at ``in x in`` cost per
+    candidate instead of ``tokens x in``, and needs no stored activations.
 
     Args:
-        x: inputs ``[tokens, in]`` (more leading dims are flattened) shared by every weight.
-        weights: weights ``[out_k, in]`` reading ``x`` (e.g. the q, k and v projections).
+        h: ``[in, in]`` Hessian of the shared input, from
+            :func:`~weightkit.compress.quant.hessian.add_to_hessian`.
+        x_magnitude: mean absolute input per channel, ``[in]``.
+        weights: weights ``[out_k, in]`` reading that input (e.g. the q, k and v projections).
         scheme: the quantization that will be applied to ``W * s``.
         n_grid: number of ``alpha`` values tried.
-        output_fn: ``(x, weights) -> output``; the loss compares its outputs. Default: the
-            concatenated ``x @ W_k^T``. A driver may pass a function running a whole sub-block
-            (attention or MLP), as the paper does.
         name: what the weights are, for error messages.
 
     Returns:
@@ -85,40 +96,48 @@ def awq_search_scales(
         The caller quantizes ``W * scales`` and divides the input by ``scales``.
 
     Raises:
-        WeightkitError: empty or mismatched shapes, non-finite inputs, or a bad ``n_grid``.
+        WeightkitError: empty or mismatched shapes, non-finite statistics, or a bad ``n_grid``.
     """
     if n_grid < 1:
         raise WeightkitError(f"n_grid must be a positive integer, got {n_grid}")
     if not weights:
         raise WeightkitError(f"{name}: no weights to search scales for")
-    x = x.reshape(-1, x.shape[-1])
+    cols = x_magnitude.shape[0]
+    if h.shape != (cols, cols):
+        raise WeightkitError(f"{name}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
     for k, w in enumerate(weights):
-        if w.dim() != 2 or w.shape[1] != x.shape[1]:
+        if w.dim() != 2 or w.shape[1] != cols:
             raise WeightkitError(
-                f"{name}[{k}]: weight of shape {tuple(w.shape)} does not read inputs "
-                f"with {x.shape[1]} features"
+                f"{name}[{k}]: weight of shape {tuple(w.shape)} does not read inputs with {cols} features"
             )
         scheme.check_shape(tuple(w.shape), f"{name}[{k}]")
-    if x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
-        raise WeightkitError(f"{name}: calibration inputs are empty or have NaN/Inf values")
-    output_fn = output_fn or _concat_outputs
+    if not (bool(torch.isfinite(h).all()) and bool(torch.isfinite(x_magnitude).all())):
+        raise WeightkitError(f"{name}: calibration statistics have NaN/Inf values")
 
-    magnitude = x.abs().float().mean(dim=0)
-    with torch.no_grad():
-        reference = output_fn(x, weights).float()
-        best_loss, best_alpha, best_scales = float("inf"), 0.0, torch.ones_like(magnitude)
-        for step in range(n_grid):
-            alpha = step / n_grid
-            s = awq_scales(magnitude, alpha)
-            candidates = [
-                (_rtn_dequantized(w.float() * s, scheme, f"{name}[{k}]") / s).to(w.dtype)
-                for k, w in enumerate(weights)
-            ]
-            loss = float((output_fn(x, candidates).float() - reference).pow(2).mean())
-            # Strict "<": ties keep the smaller alpha, so alpha = 0 (RTN) wins unless beaten.
-            if loss < best_loss:
-                best_loss, best_alpha, best_scales = loss, alpha, s
+    h = h.float()
+    magnitude = x_magnitude.float()
+    best_loss, best_alpha, best_scales = float("inf"), 0.0, torch.ones_like(magnitude)
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = awq_scales(magnitude, alpha)
+        loss = 0.0
+        for k, w in enumerate(weights):
+            w = w.float()
+            loss += float(output_error(w - _rtn_dequantized(w * s, scheme, f"{name}[{k}]") / s, h))
+        # Strict "<": ties keep the smaller alpha, so alpha = 0 (RTN) wins unless beaten.
+        if loss < best_loss:
+            best_loss, best_alpha, best_scales = loss, alpha, s
     return best_scales, best_alpha
+
+
+def even_sample(total: int, k: int, device=None) -> Tensor:
+    """Indices of ``min(total, k)`` evenly spaced items of ``total``, first and last included.
+
+    Deterministic without a seed, and spread over all calibration texts (tokens come text by text).
+    """
+    if total <= k:
+        return torch.arange(total, device=device)
+    return torch.linspace(0, total - 1, k, device=device).round().long()
 
 
 def clip_ratios(n_grid: int, max_shrink: float) -> list[float]:
@@ -133,7 +152,7 @@ def awq_search_clip(
     *,
     n_grid: int = 20,
     max_shrink: float = 0.5,
-    n_sample_tokens: int = 512,
+    n_sample_tokens: int = CLIP_SAMPLE_TOKENS,
     name: str = "weight",
 ) -> Tensor:
     """AWQ's clipping search: per output row and group, the range shrink that minimises output error.
@@ -176,9 +195,7 @@ def awq_search_clip(
         )
     if x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
         raise WeightkitError(f"{name}: calibration inputs are empty or have NaN/Inf values")
-    if x.shape[0] > n_sample_tokens:
-        # Evenly spaced rather than random: deterministic without a seed, and spread over the data.
-        x = x[torch.linspace(0, x.shape[0] - 1, n_sample_tokens, device=x.device).round().long()]
+    x = x[even_sample(x.shape[0], n_sample_tokens, device=x.device)]
 
     group = scheme.group_size or cols
     n_groups = cols // group

@@ -12,7 +12,8 @@ inputs produced by the already-quantized earlier groups, so it can compensate th
 ("true sequential" in GPTQ's reference code).
 """
 
-import contextlib
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["BlockInputs", "capture_block_inputs", "run_block", "input_groups", "stream_inputs"]
+__all__ = ["BlockInputs", "capture_block_inputs", "input_groups", "calibrate_block"]
 
 
 class _Stop(Exception):
@@ -81,14 +82,6 @@ def _first(output):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
-    """The block's output hidden states for every calibration batch."""
-    return [
-        _first(block(h, *a, **kw)) for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
-    ]
-
-
-@torch.no_grad()
 def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
     """Names of ``linears`` (relative to ``block``) grouped by shared input, in call order."""
     # The input tensors are kept alive until the grouping is done, so equal data pointers really
@@ -120,33 +113,130 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
     return groups
 
 
-@torch.no_grad()
-def stream_inputs(
-    block: nn.Module, modules: list[nn.Module], inputs: BlockInputs, fn: Callable[[int, Tensor], None]
-) -> None:
-    """Call ``fn(i, x)`` with the input ``x`` of ``modules[i]`` for each batch, as ``[tokens, features]``
-    without padding tokens.
+def _token_rows(inputs: BlockInputs) -> list[Tensor]:
+    # Flat positions of the real tokens: index_select is ~6x faster than boolean-mask indexing.
+    return [mask.flatten().nonzero().squeeze(1) for mask in inputs.token_masks]
 
-    Each forward pass of the block stops as soon as every module in ``modules`` has been reached.
-    """
-    state: dict = {}
 
-    def hook(module, args):
-        x = args[0]
-        fn(state["index"][id(module)], x[state["mask"]].reshape(-1, x.shape[-1]))
-        state["left"] -= 1
-        if state["left"] == 0:
-            raise _Stop
+def _real_tokens(x: Tensor, rows: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.to(x.device))
 
-    state["index"] = {id(m): i for i, m in enumerate(modules)}
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+
+def _run_batches(
+    block: nn.Module, modules: list[nn.Module], inputs: BlockInputs, on_input: Callable[[int, Tensor], None]
+) -> list[Tensor]:
+    """:func:`calibrate_block` without pauses: one batch after the other, in this thread."""
+    index = {id(m): i for i, m in enumerate(modules)}
+    token_rows = _token_rows(inputs)
+    current = [0]
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, args: on_input(index[id(mod)], _real_tokens(args[0], token_rows[current[0]]))
+        )
+        for m in modules
+    ]
+    outputs = []
     try:
-        for h, a, kw, token_mask in zip(
-            inputs.hidden, inputs.args, inputs.kwargs, inputs.token_masks, strict=True
-        ):
-            state.update(mask=token_mask, left=len(modules))
-            with contextlib.suppress(_Stop):
-                block(h, *a, **kw)
+        for b in range(len(inputs)):
+            current[0] = b
+            outputs.append(_first(block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b])))
     finally:
         for handle in handles:
             handle.remove()
+    return outputs
+
+
+class _Abort(BaseException):
+    """Raised in a paused forward pass to end it when the calibration is abandoned."""
+
+
+@torch.no_grad()
+def calibrate_block(
+    block: nn.Module,
+    modules: list[nn.Module],
+    inputs: BlockInputs,
+    on_input: Callable[[int, Tensor], None],
+    on_all_reached: Callable[[int], None] | None = None,
+) -> list[Tensor]:
+    """Run ``block`` once on every batch, holding all batches at each of ``modules`` in turn.
+
+    For ``i = 0, 1, ...`` (``modules`` in call order): every batch's forward pass runs until it is
+    about to call ``modules[i]`` and hands its input to ``on_input(i, x)`` as ``[tokens, features]``
+    without padding tokens; when all batches are there, ``on_all_reached(i)`` runs (e.g. to quantize
+    the layers reading that input in place), and only then do the passes go on, so everything after
+    ``modules[i]`` sees its new weights.
+
+    Returns:
+        The block's output hidden states for every batch.
+
+    This is GPTQ's sequential calibration in one forward pass per block instead of one partial pass
+    per group. Each batch's pass runs in its own thread, paused in a hook; only one thread computes at
+    a time. The price is memory: every batch's in-flight activations are alive at once.
+    """
+    if on_all_reached is None:  # nothing changes between batches: no need to hold them
+        return _run_batches(block, modules, inputs, on_input)
+    index = {id(m): i for i, m in enumerate(modules)}
+    reports: queue.SimpleQueue = queue.SimpleQueue()  # (batch, kind, payload) from the passes
+    resumes = [queue.SimpleQueue() for _ in range(len(inputs))]
+    local = threading.local()
+
+    token_rows = _token_rows(inputs)
+
+    def pause_at(module, args):
+        b = local.batch
+        reports.put((b, index[id(module)], _real_tokens(args[0], token_rows[b])))
+        if resumes[b].get() is _Abort:
+            raise _Abort
+
+    def forward(b):
+        local.batch = b
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                out = block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b])
+            reports.put((b, "output", _first(out)))
+        except _Abort:
+            pass
+        except BaseException as error:  # handed to the calling thread, which raises it
+            reports.put((b, "error", error))
+
+    def step(b: int) -> tuple:
+        """Let batch ``b`` run to its next pause or its end; return what it reported."""
+        if threads[b].is_alive():
+            resumes[b].put(True)
+        else:
+            threads[b].start()
+        batch, kind, payload = reports.get()
+        assert batch == b  # only one pass runs at a time
+        if kind == "error":
+            raise payload
+        return kind, payload
+
+    threads = [threading.Thread(target=forward, args=(b,), daemon=True) for b in range(len(inputs))]
+    handles = [m.register_forward_pre_hook(pause_at) for m in modules]
+    try:
+        for i in range(len(modules)):
+            for b in range(len(inputs)):
+                kind, x = step(b)
+                if kind != i:
+                    seen = "returned" if kind == "output" else f"called layer number {kind}"
+                    raise WeightkitError(
+                        f"calibration batch {b}: expected the block to call layer number {i} next, but it "
+                        f"{seen} (each layer must be called once per pass, in the order first seen)"
+                    )
+                on_input(i, x)
+            if on_all_reached is not None:
+                on_all_reached(i)
+        outputs = []
+        for b in range(len(inputs)):
+            kind, out = step(b)
+            if kind != "output":
+                raise WeightkitError(f"calibration batch {b}: a layer was called again after its turn")
+            outputs.append(out)
+        return outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+        for b, thread in enumerate(threads):
+            if thread.is_alive():
+                resumes[b].put(_Abort)
+                thread.join()

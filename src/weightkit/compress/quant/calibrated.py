@@ -4,16 +4,18 @@ The math is in ``gptq.py`` and ``awq.py`` (pure functions over tensors); this mo
 activations each linear layer sees (``blockwise.py``) and swaps the layers for ``QuantizedLinear``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from weightkit.compress.quant.awq import awq_search_clip, awq_search_scales
-from weightkit.compress.quant.blockwise import capture_block_inputs, input_groups, run_block, stream_inputs
+from weightkit.compress.quant.awq import CLIP_SAMPLE_TOKENS, awq_search_clip, awq_search_scales, even_sample
+from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
-from weightkit.compress.quant.gptq import add_to_hessian, gptq_quantize
+from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.grid import QuantizedWeight, rtn_quantize
+from weightkit.compress.quant.hessian import add_to_hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
@@ -21,7 +23,7 @@ from weightkit.models import model_kind, transformer_blocks
 from weightkit.progress import track
 from weightkit.registry import register
 
-__all__ = ["GPTQConfig", "AWQConfig", "quantize_gptq", "quantize_awq", "calibration_batches"]
+__all__ = ["GPTQConfig", "AWQConfig", "BlockStore", "quantize_gptq", "quantize_awq", "calibration_batches"]
 
 
 @dataclass
@@ -74,6 +76,16 @@ class AWQConfig(WeightQuantFields, CalibrationFields):
             raise WeightkitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
 
 
+class BlockStore(Protocol):
+    """Where the weights of a model's blocks live when the model is not held in memory whole."""
+
+    def load(self, prefix: str, block: nn.Module) -> None:
+        """Give ``block`` (named ``prefix``) its weights before it is calibrated."""
+
+    def save(self, prefix: str, block: nn.Module) -> None:
+        """Take the quantized ``block`` away (e.g. write it out and free its memory)."""
+
+
 def calibration_batches(config: CalibrationFields, data, tokenizer) -> list[dict[str, Tensor]]:
     """Tokenized calibration batches from ``data``: ``None`` (stdlib docstrings), a path, a list of
     texts, or already tokenized batches (dicts with ``input_ids`` and ``attention_mask``)."""
@@ -117,26 +129,36 @@ def _blocks_with_linears(
     return out
 
 
-def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block) -> nn.Module:
-    """Shared block walk: quantize each block's layers, then compute the block's output for the next.
+def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store) -> nn.Module:
+    """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
     ``quantize_block(prefix, block, groups, inputs)`` gets the block's selected layers as a list of
-    input groups (``{relative name: linear}``, in call order), returns each layer's quantized weight,
-    and leaves the layers holding their rounded weights so that the block's output is the quantized one.
+    input groups (``{relative name: linear}``, in call order) and returns ``(quantized, outputs)``:
+    each layer's quantized weight and the block's outputs for the next block. A ``store`` (see
+    :class:`BlockStore`) fills each block's weights just before it is needed and takes it away after.
     """
     linears = selected_linears(model, config)
     plan = _blocks_with_linears(model, linears)
     batches = calibration_batches(config, data, tokenizer)
     inputs = capture_block_inputs(model, plan[0][1], batches)
     for prefix, block, inner in track(plan, label, enabled=progress):
-        done = {}
-        if inner:
-            groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)]
-            done = quantize_block(prefix, block, groups, inputs)
-        inputs.hidden = run_block(block, inputs)
+        if store is not None:
+            store.load(prefix, block)
+        groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)] if inner else []
+        done, inputs.hidden = quantize_block(prefix, block, groups, inputs)
         for rel, quantized in done.items():
             quantize_linear(block, rel, quantized)
+        if store is not None:
+            store.save(prefix, block)
     return model
+
+
+def _first_layers(groups: list[dict[str, nn.Module]]) -> list[nn.Module]:
+    return [next(iter(group.values())) for group in groups]
+
+
+def _no_tokens() -> WeightkitError:
+    return WeightkitError("calibration data has no tokens (all padding?)")
 
 
 def _round_in_place(linear: nn.Module, quantized: QuantizedWeight) -> None:
@@ -144,40 +166,70 @@ def _round_in_place(linear: nn.Module, quantized: QuantizedWeight) -> None:
     linear.weight.data.copy_(quantized.dequantize())
 
 
+def _gptq_group(prefix: str, group: dict[str, nn.Module], h: Tensor, config: GPTQConfig) -> dict:
+    """GPTQ for layers that read one input (Hessian ``h``), leaving each holding its rounded weight.
+
+    Layers with the same grid are stacked by rows into one sweep: GPTQ treats rows independently
+    given ``H``, so the result is the same as one sweep per layer, in a fraction of the Python steps.
+    """
+    by_scheme: dict = {}
+    for rel, linear in group.items():
+        name = f"{prefix}.{rel}"
+        scheme = config.scheme_for(name)
+        scheme.check_shape(tuple(linear.weight.shape), f"{name}.weight")
+        by_scheme.setdefault(scheme, []).append(rel)
+    done = {}
+    for scheme, rels in by_scheme.items():
+        weights = [group[rel].weight.detach() for rel in rels]
+        stacked = gptq_quantize(
+            torch.cat(weights),
+            h,
+            scheme,
+            damp=config.damp,
+            block_size=config.block_size,
+            act_order=config.act_order,
+            name=" + ".join(f"{prefix}.{rel}.weight" for rel in rels),
+        )
+        for rel, quantized in zip(rels, stacked.split_rows([w.shape[0] for w in weights]), strict=True):
+            done[rel] = quantized
+            _round_in_place(group[rel], quantized)
+    return done
+
+
 @torch.no_grad()
-def quantize_gptq(model: nn.Module, config: GPTQConfig, *, data=None, tokenizer=None, progress: bool = True):
+def quantize_gptq(
+    model: nn.Module,
+    config: GPTQConfig,
+    *,
+    data=None,
+    tokenizer=None,
+    progress: bool = True,
+    store: "BlockStore | None" = None,
+):
     """Quantize ``model`` in place with GPTQ on calibration ``data`` (see :func:`calibration_batches`).
 
     Groups are quantized in call order, each calibrated on the inputs the already-rounded groups
-    before it produce, so later layers compensate earlier layers' error.
+    before it produce, so later layers compensate earlier layers' error; one forward pass per block
+    (:func:`~weightkit.compress.quant.blockwise.calibrate_block`).
     """
 
     def quantize_block(prefix, block, groups, inputs):
+        hessians: list = [(None, 0)] * len(groups)
         done = {}
-        for group in groups:
-            state = [None, 0]
 
-            def accumulate(_i, x, state=state):
-                state[0], state[1] = add_to_hessian(state[0], state[1], x)
+        def accumulate(i, x):
+            hessians[i] = add_to_hessian(*hessians[i], x)
 
-            stream_inputs(block, [next(iter(group.values()))], inputs, accumulate)
-            if state[0] is None:
-                raise WeightkitError("calibration data has no tokens (all padding?)")
-            for rel, linear in group.items():
-                name = f"{prefix}.{rel}"
-                done[rel] = gptq_quantize(
-                    linear.weight.detach(),
-                    state[0],
-                    config.scheme_for(name),
-                    damp=config.damp,
-                    block_size=config.block_size,
-                    act_order=config.act_order,
-                    name=f"{name}.weight",
-                )
-                _round_in_place(linear, done[rel])
-        return done
+        def quantize_group(i):
+            h, hessians[i] = hessians[i][0], None  # freed once used
+            if h is None:
+                raise _no_tokens()
+            done.update(_gptq_group(prefix, groups[i], h, config))
 
-    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block)
+        outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group)
+        return done, outputs
+
+    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store)
 
 
 # The op whose output is exactly a group's input, with every layer reading it. AWQ's scale folds into
@@ -212,36 +264,67 @@ def _divide_output(op: nn.Module, s: Tensor) -> None:
         op.bias.data.div_(s.to(op.bias.dtype))
 
 
+@dataclass
+class _AWQInputStats:
+    """What AWQ keeps of one group's inputs: their Hessian, mean magnitude and a token sample."""
+
+    sample_at: Tensor  # indices, over all calibration tokens, of the tokens kept for the clip search
+    scaled: bool  # whether the group gets a scale search (which needs the Hessian and magnitudes)
+    h: Tensor | None = None
+    count: int = 0
+    abs_sum: Tensor | float = 0.0
+    sample: list[Tensor] = field(default_factory=list)
+
+    def add(self, x: Tensor) -> None:
+        start = self.count
+        self.count += x.shape[0]
+        if self.scaled:
+            self.h, _ = add_to_hessian(self.h, start, x)
+            self.abs_sum = self.abs_sum + x.float().abs().sum(dim=0)
+        at = self.sample_at[(self.sample_at >= start) & (self.sample_at < self.count)] - start
+        self.sample.append(x[at.to(x.device)].float())
+
+
 @torch.no_grad()
-def quantize_awq(model: nn.Module, config: AWQConfig, *, data=None, tokenizer=None, progress: bool = True):
+def quantize_awq(
+    model: nn.Module,
+    config: AWQConfig,
+    *,
+    data=None,
+    tokenizer=None,
+    progress: bool = True,
+    store: "BlockStore | None" = None,
+):
     """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`).
 
-    As in the paper's reference code, each block's inputs are captured once in full precision, the
-    scales of every group are searched and folded first (a fold may reach into an earlier group's
-    layer, e.g. v_proj for o_proj, so nothing may be rounded yet), then every layer is clipped and
-    rounded.
+    As in the paper's reference code, each block runs once in full precision: that pass gives every
+    group's input statistics and the block's outputs for the next block. Then the scales of every
+    group are searched and folded (a fold may reach into an earlier group's layer, e.g. v_proj for
+    o_proj, so nothing may be rounded yet), and every layer is clipped and rounded.
     """
 
     def quantize_block(prefix, block, groups, inputs):
-        chunks: list[list[Tensor]] = [[] for _ in groups]
-        firsts = [next(iter(group.values())) for group in groups]
-        stream_inputs(block, firsts, inputs, lambda i, x: chunks[i].append(x.float()))
-        xs = [torch.cat(c) for c in chunks]
-        if xs[0].shape[0] == 0:
-            raise WeightkitError("calibration data has no tokens (all padding?)")
-        for i, group in enumerate(groups):
-            op = _fold_target(block, group)
+        tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
+        sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
+        folds = [_fold_target(block, group) for group in groups]
+        stats = [_AWQInputStats(sample_at, scaled=op is not None) for op in folds]
+        outputs = calibrate_block(block, _first_layers(groups), inputs, lambda i, x: stats[i].add(x))
+        if tokens == 0:
+            raise _no_tokens()
+        samples = [torch.cat(st.sample) for st in stats]
+        for i, (group, op) in enumerate(zip(groups, folds, strict=True)):
             if op is None:
                 continue
             scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
-            weights = [m.weight.detach().float() for m in group.values()]
-            s, _alpha = awq_search_scales(xs[i], weights, scheme, n_grid=config.n_grid)
+            weights = [m.weight.detach() for m in group.values()]
+            magnitude = stats[i].abs_sum / stats[i].count
+            s, _alpha = awq_search_scales(stats[i].h, magnitude, weights, scheme, n_grid=config.n_grid)
             _divide_output(op, s)
             for m in group.values():
                 m.weight.data.mul_(s.to(m.weight.dtype))
-            xs[i] = xs[i] / s
+            samples[i] = samples[i] / s
         done = {}
-        for x, group in zip(xs, groups, strict=True):
+        for x, group in zip(samples, groups, strict=True):
             for rel, linear in group.items():
                 name = f"{prefix}.{rel}"
                 scheme = config.scheme_for(name)
@@ -251,9 +334,9 @@ def quantize_awq(model: nn.Module, config: AWQConfig, *, data=None, tokenizer=No
                     ratio = awq_search_clip(w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink)
                 done[rel] = rtn_quantize(w, scheme, clip_ratio=ratio, name=f"{name}.weight")
                 _round_in_place(linear, done[rel])
-        return done
+        return done, outputs
 
-    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block)
+    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store)
 
 
 register("compress", "gptq", GPTQConfig, quantize_gptq)

@@ -17,18 +17,27 @@ schema is the one compressed-tensors' own ``ModelCompressor.update_config`` writ
 """
 
 import os
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from weightkit.compress.quant.grid import QuantScheme
+from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme
 from weightkit.compress.quant.module import QuantizedLinear
 from weightkit.compress.quant.pack import pack_int32
 from weightkit.errors import WeightkitError
 
-__all__ = ["quantization_config", "scheme_from_weights_args", "save_quantized"]
+__all__ = [
+    "export_tensors",
+    "packed_tensors",
+    "quantization_config",
+    "quantized_model_config",
+    "save_quantized",
+    "scheme_from_weights_args",
+    "write_generation_config",
+]
 
 
 def _weights_args(scheme: QuantScheme) -> dict:
@@ -148,6 +157,60 @@ def _model_config(model: nn.Module) -> dict:
     return data
 
 
+def quantized_model_config(model: nn.Module) -> dict:
+    """``config.json`` for ``model`` after quantization: its HF config plus the ``quantization_config``.
+
+    Every ``QuantizedLinear`` is described by its scheme; every remaining ``nn.Linear`` is ignored.
+    Works on a model whose parameters are on the meta device (only types, names and dtypes are read).
+
+    Raises:
+        WeightkitError: the model has no ``QuantizedLinear`` layers.
+    """
+    quantized = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise WeightkitError("the model has no QuantizedLinear layers: quantize it before saving it")
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    config = _model_config(model)
+    config["quantization_config"] = quantization_config(quantized, ignore)
+    return config
+
+
+def export_tensors(
+    module: nn.Module, prefix: str = "", *, skip: tuple[str, ...] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of ``module`` as a pack-quantized checkpoint stores them.
+
+    Plain tensors come as they are (tensors sharing storage, i.e. tied embeddings, only under their first
+    name, as ``save_pretrained`` does); each ``QuantizedLinear`` comes in the packed layout of the module
+    docstring. Names get ``prefix``; submodules whose names start with an entry of ``skip`` are left out.
+    """
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized_prefixes = tuple(f"{name}." for name in quantized)
+    skip = tuple(f"{s}." for s in skip)
+    seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
+    for name, tensor in module.state_dict().items():
+        if name.startswith(quantized_prefixes) or name.startswith(skip):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # a tied weight: the loader re-ties it from the config
+        seen.add(key)
+        yield prefix + name, tensor.detach()
+    for name, layer in quantized.items():
+        if name.startswith(skip):
+            continue
+        for suffix, tensor in packed_tensors(layer.quantized, layer.bias).items():
+            yield f"{prefix}{name}.{suffix}", tensor
+
+
+def write_generation_config(writer, model: nn.Module, source_dir: str | os.PathLike | None) -> None:
+    """Write ``generation_config.json`` from the model unless it was copied from ``source_dir``."""
+    generation_config = getattr(model, "generation_config", None)
+    copied = source_dir is not None and (Path(source_dir) / "generation_config.json").is_file()
+    if generation_config is not None and not copied:
+        writer.write_json("generation_config.json", generation_config.to_diff_dict())
+
+
 def save_quantized(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -179,49 +242,30 @@ def save_quantized(
     """
     from weightkit.checkpoint import CheckpointWriter
 
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not quantized:
-        raise WeightkitError("the model has no QuantizedLinear layers: quantize it before save_quantized")
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    config = _model_config(model)
-    config["quantization_config"] = quantization_config({n: m.scheme for n, m in quantized.items()}, ignore)
-
+    config = quantized_model_config(model)
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         if source_dir is not None:
             writer.copy_files(source_dir)
-        seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
-        skip_prefixes = tuple(f"{name}." for name in quantized)
-        for name, tensor in model.state_dict().items():
-            if name.startswith(skip_prefixes):
-                continue
-            key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
-            if tensor.numel() and key in seen:
-                continue  # a tied weight: the loader re-ties it from the config
-            seen.add(key)
-            writer.add(name, tensor.detach())
-        for name, module in quantized.items():
-            for suffix, tensor in _packed_tensors(module).items():
-                writer.add(f"{name}.{suffix}", tensor)
-        generation_config = getattr(model, "generation_config", None)
-        copied_generation = source_dir is not None and (Path(source_dir) / "generation_config.json").is_file()
-        if generation_config is not None and not copied_generation:
-            writer.write_json("generation_config.json", generation_config.to_diff_dict())
+        for name, tensor in export_tensors(model):
+            writer.add(name, tensor)
+        write_generation_config(writer, model, source_dir)
         writer.write_json("config.json", config)
     return Path(out_dir)
 
 
-def _packed_tensors(module: QuantizedLinear) -> dict[str, torch.Tensor]:
-    """One ``QuantizedLinear``'s tensors in compressed-tensors' pack-quantized layout."""
-    bits = module.scheme.bits
+def packed_tensors(quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One quantized weight (and its layer's bias) in compressed-tensors' pack-quantized layout."""
+    bits = quantized.scheme.bits
+    rows, cols = quantized.qweight.shape
     out = {
-        "weight_packed": pack_int32(module.qweight.detach().cpu(), bits),
-        "weight_scale": module.weight_scale.detach().cpu(),
-        "weight_shape": torch.tensor([module.out_features, module.in_features], dtype=torch.int64),
+        "weight_packed": pack_int32(quantized.qweight.detach().cpu(), bits),
+        "weight_scale": quantized.scale.detach().cpu(),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }
-    if module.weight_zero_point is not None:
+    if quantized.zero_point is not None:
         # compressed-tensors packs zero points along the output dimension (dim 0).
-        zp = module.weight_zero_point.detach().cpu()
+        zp = quantized.zero_point.detach().cpu()
         out["weight_zero_point"] = pack_int32(zp.T.contiguous(), bits).T.contiguous()
-    if module.bias is not None:
-        out["bias"] = module.bias.detach().cpu()
+    if bias is not None:
+        out["bias"] = bias.detach().cpu()
     return out

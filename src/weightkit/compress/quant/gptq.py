@@ -28,7 +28,7 @@ from torch import Tensor
 from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme, compute_qparams
 from weightkit.errors import WeightkitError
 
-__all__ = ["add_to_hessian", "gptq_quantize"]
+__all__ = ["gptq_quantize"]
 
 _CHOLESKY_RETRIES = 4
 
@@ -41,38 +41,6 @@ def _one_cpu_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def add_to_hessian(
-    h: Tensor | None, count: int, x: Tensor, *, dtype: torch.dtype = torch.float32
-) -> tuple[Tensor, int]:
-    """Fold a batch of layer inputs into the running Hessian ``H = (2/n) * sum_t x_t x_t^T``.
-
-    Args:
-        h: the Hessian so far (``[in, in]``), or ``None`` before the first batch.
-        count: number of input rows already folded into ``h``.
-        x: layer inputs ``[tokens, in]`` (more leading dims are flattened); padding tokens must
-            already be removed, since they would count as real data.
-        dtype: accumulation dtype when ``h`` is ``None`` (float32; float64 for very long calibration).
-
-    Returns:
-        ``(h, count)`` updated with the rows of ``x``.
-    """
-    x = x.reshape(-1, x.shape[-1])
-    if h is None:
-        h = torch.zeros(x.shape[-1], x.shape[-1], dtype=dtype, device=x.device)
-        count = 0
-    if h.shape != (x.shape[-1], x.shape[-1]):
-        raise WeightkitError(f"Hessian has shape {tuple(h.shape)} but the inputs have {x.shape[-1]} features")
-    n = x.shape[0]
-    if n == 0:
-        return h, count
-    total = count + n
-    xs = x.to(h.dtype)
-    # Rescale the old mean instead of summing raw outer products, so the magnitude stays bounded
-    # however many tokens are seen.
-    h = h * (count / total) + (2.0 / total) * (xs.T @ xs)
-    return h, total
 
 
 def _factor_inverse_hessian(h: Tensor, damp: float, name: str) -> Tensor:
@@ -113,6 +81,16 @@ def _params(w: Tensor, scheme: QuantScheme, clip: Tensor | None, store_dtype: to
     return scale, zero
 
 
+def _set_grid(grid: Tensor, g, scale: Tensor, zero: Tensor | None) -> None:
+    """Store group(s) ``g``'s scale ``[rows(, groups)]`` and zero point in the sweep's lookup table."""
+    scale_t = scale.T if scale.dim() == 2 else scale
+    grid[0, g] = scale_t
+    if zero is not None:
+        zero_t = zero.T if zero.dim() == 2 else zero
+        grid[1, g] = zero_t
+        grid[2, g] = zero_t * scale_t
+
+
 def gptq_quantize(
     w: Tensor,
     h: Tensor,
@@ -128,7 +106,7 @@ def gptq_quantize(
 
     Args:
         w: weight ``[out, in]``.
-        h: ``[in, in]`` Hessian from :func:`add_to_hessian`.
+        h: ``[in, in]`` Hessian from :func:`~weightkit.compress.quant.hessian.add_to_hessian`.
         scheme: bits, group size and grid symmetry.
         damp: fraction of the mean Hessian diagonal added to the diagonal (the paper's dampening),
             which keeps the inverse well conditioned when calibration data is scarce.
@@ -204,49 +182,58 @@ def gptq_quantize(
     else:
         perm = torch.arange(cols, device=W.device)
     col_group = (perm // group).tolist()  # group of each column in sweep order
+    q_min, q_max = scheme.q_min, scheme.q_max
 
     U = _factor_inverse_hessian(H, damp, name)
+    # Errors are kept as ``w - q`` rather than the paper's ``(w - q) / U_ii``: U's rows are divided by
+    # their diagonal once instead, one tensor op less per column.
+    U = U / U.diagonal().unsqueeze(1)
     Q = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
-    q_min, q_max = scheme.q_min, scheme.q_max
+    # Per group, as rows of contiguous [rows] vectors: scale, zero point, zero * scale.
+    grid = torch.zeros(3, n_groups, rows, dtype=cdtype, device=W.device)
+    if static:
+        _set_grid(grid, slice(None), scale, zero)
+    group_grid = [grid[:, g].unbind(0) for g in range(n_groups)]  # views: see later writes
 
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
-        W1 = W[:, b0:b1].clone()
-        err1 = torch.zeros_like(W1)
-        U1 = U[b0:b1, b0:b1]
-        # The per-column steps are tiny; CPU threads only add synchronisation (30x slower when
-        # the cores are busy), so they run on one thread. The lazy update below uses them all.
+        # The block's columns as contiguous rows: each step below touches one row, not a strided column.
+        WT = W[:, b0:b1].T.contiguous()
+        QT, ET = torch.empty_like(WT), torch.empty_like(WT)
+        w_cols, q_cols, e_cols, u_rows = WT.unbind(0), QT.unbind(0), ET.unbind(0), U[b0:b1, b0:b1].unbind(0)
+        # The per-column steps are tiny; CPU threads only add synchronisation (30x slower when the
+        # cores are busy), so they run on one thread. The lazy update below uses them all.
         with _one_cpu_thread():
             for i in range(b1 - b0):
                 c = b0 + i
                 g = col_group[c]
                 if not static and c % group == 0:
                     end = c + group
-                    current = W1[:, i : min(end, b1) - b0]
+                    current = WT[i : min(end, b1) - b0].T
                     if end > b1:  # the group runs past this block: add the block's pending updates
-                        pending = W[:, b1:end] - err1[:, :i] @ U[b0:c, b1:end]
+                        pending = W[:, b1:end] - ET[:i].T @ U[b0:c, b1:end]
                         current = torch.cat([current, pending], dim=1)
                     clip = None if clip_ratio is None else clip_ratio[:, g : g + 1]
                     s, z = _params(current, col_scheme, clip, w.dtype, name)
+                    _set_grid(grid, g, s[:, 0], None if z is None else z[:, 0])
                     scale[:, g : g + 1] = s
                     if zero is not None:
                         zero[:, g : g + 1] = z
-                s = scale[:, g]
-                column = W1[:, i]
-                q = torch.round(column / s)
+                col_scale, col_zero, col_zs = group_grid[g]
+                column, q, e = w_cols[i], q_cols[i], e_cols[i]
+                torch.div(column, col_scale, out=q).round_()
                 if zero is not None:
-                    q = (q + zero[:, g]).clamp_(q_min, q_max)
-                    dq = (q - zero[:, g]) * s
-                else:
-                    q = q.clamp_(q_min, q_max)
-                    dq = q * s
-                Q[:, c] = q.to(torch.int8)
-                e = (column - dq) / U1[i, i]
-                err1[:, i] = e
-                # The paper's update: spread this column's error over the block's remaining columns.
-                W1[:, i + 1 :] -= e.unsqueeze(1) * U1[i, i + 1 :].unsqueeze(0)
+                    q.add_(col_zero)
+                q.clamp_(q_min, q_max)
+                torch.addcmul(column, q, col_scale, value=-1, out=e)  # w - q * s
+                if zero is not None:
+                    e.add_(col_zs)  # w - (q - z) * s
+                if i + 1 < b1 - b0:
+                    # The paper's update: spread this column's error over the block's remaining columns.
+                    WT[i + 1 :].addr_(u_rows[i][i + 1 :], e, alpha=-1)
+        Q[:, b0:b1] = QT.T.to(torch.int8)
         # Lazy batch update: the rest of the matrix gets the whole block's error at once.
-        W[:, b1:] -= err1 @ U[b0:b1, b1:]
+        W[:, b1:] -= ET.T @ U[b0:b1, b1:]
 
     if act_order:
         Q = Q[:, torch.argsort(perm)]

@@ -80,6 +80,14 @@ class QuantizedWeight:
     def dequantize(self) -> Tensor:
         return dequantize(self.qweight, self.scale, self.zero_point)
 
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """Cut into consecutive row blocks (undoes quantizing several weights stacked by rows)."""
+        zeros = [None] * len(sizes) if self.zero_point is None else self.zero_point.split(sizes)
+        return [
+            QuantizedWeight(q, s, z, self.scheme)
+            for q, s, z in zip(self.qweight.split(sizes), self.scale.split(sizes), zeros, strict=True)
+        ]
+
 
 def _grouped(w: Tensor, group_size: int | None) -> Tensor:
     """``[out, in] -> [out, groups, group]`` view (per-channel: one group of all columns)."""

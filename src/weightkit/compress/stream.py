@@ -1,0 +1,161 @@
+"""Compress a checkpoint directory into a new one without holding the whole model in memory.
+
+DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
+safetensors files only when needed. RTN reads, quantizes and writes one tensor at a time. GPTQ and AWQ
+hold the embeddings and the other tensors outside the transformer blocks, plus *one* block: a block's
+weights are read just before it is calibrated, and once it is quantized it is written to the output
+and its memory is freed. The output equals ``compress`` on the loaded model followed by
+``save_quantized`` (tested), written atomically.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.compress.quant.export import (
+    export_tensors,
+    packed_tensors,
+    quantized_model_config,
+    write_generation_config,
+)
+from weightkit.compress.quant.grid import rtn_quantize
+from weightkit.compress.quant.module import QuantizedLinear, selected_linears
+from weightkit.compress.quant.rtn import RTNConfig
+from weightkit.errors import WeightkitError, require_finite
+from weightkit.models import (
+    CheckpointNames,
+    load_tokenizer,
+    model_auto_class,
+    model_kind,
+    skeleton,
+    transformer_blocks,
+)
+from weightkit.progress import track
+from weightkit.registry import entry_for_config
+
+__all__ = ["compress_checkpoint"]
+
+
+class _StreamedModel:
+    """Fills a meta-device model's modules from a checkpoint, and writes and frees them when done."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, writer: CheckpointWriter):
+        self.model, self.reader, self.writer = model, reader, writer
+        self.names = CheckpointNames(model, reader.names())
+
+    def _read(self, model_name: str) -> torch.Tensor | None:
+        ckpt_name = self.names.to_ckpt(model_name)
+        if ckpt_name not in self.reader:
+            return None
+        tensor = self.reader.get(ckpt_name)
+        require_finite(tensor, ckpt_name)
+        return tensor
+
+    def load(self, prefix: str, module: nn.Module, *, skip: tuple[str, ...] = ()) -> None:
+        """Read ``module``'s (named ``prefix``) parameters and saved buffers, except under ``skip``."""
+        head = f"{prefix}." if prefix else ""
+        skip = tuple(f"{s}." for s in skip)
+        state = {}
+        for name in module.state_dict():
+            if name.startswith(skip):
+                continue
+            tensor = self._read(head + name)
+            if tensor is not None:
+                state[name] = tensor
+        module.load_state_dict(state, strict=False, assign=True)
+        missing = [head + n for n, p in module.named_parameters() if p.is_meta and not n.startswith(skip)]
+        if missing:
+            raise WeightkitError(
+                f"{self.reader.path}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                f"{', '.join(missing[:5])}"
+            )
+
+    def save(self, prefix: str, block: nn.Module) -> None:
+        """Write a quantized block to the output and free its memory."""
+        for name, tensor in export_tensors(block, f"{prefix}."):
+            self.writer.add(name, tensor)
+        block.to("meta")
+
+
+def _blocks_prefix(model: nn.Module, kind: str) -> str:
+    blocks = transformer_blocks(model, kind)
+    return next(name for name, m in model.named_modules() if m is blocks)
+
+
+def _stream_rtn(model: nn.Module, config: RTNConfig, streamed: _StreamedModel, progress: bool) -> None:
+    """RTN one tensor at a time: each selected weight is read, rounded, packed and written."""
+    linears = selected_linears(model, config)
+    weights = {f"{name}.weight": name for name in linears}
+    for name in track(list(model.state_dict()), "RTN", enabled=progress):
+        module_name = weights.get(name)
+        tensor = streamed._read(name)
+        if tensor is None:
+            continue  # a buffer the model computes itself, or a tied weight stored once
+        if module_name is None:
+            streamed.writer.add(name, tensor)
+            continue
+        linear = linears[module_name]
+        quantized = rtn_quantize(tensor, config.scheme_for(module_name), name=name)
+        # The bias is a tensor of its own in the checkpoint (written under the same name); the
+        # meta-device layer stays in the model so the config can describe it.
+        for suffix, packed in packed_tensors(quantized, None).items():
+            streamed.writer.add(f"{module_name}.{suffix}", packed)
+        model.set_submodule(module_name, QuantizedLinear(quantized, linear.bias).to("meta"))
+
+
+def compress_checkpoint(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config,
+    data=None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    allow_pickle: bool = False,
+) -> Path:
+    """Compress the model in ``model_dir`` with ``config`` into the directory ``out_dir``, streamed.
+
+    Args:
+        model_dir: a Hugging Face model directory (Llama-style causal LM or BERT-style encoder).
+        out_dir: the compressed-tensors pack-quantized directory to create (atomically).
+        config: ``RTNConfig``, ``GPTQConfig`` or ``AWQConfig``.
+        data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.
+        progress: show progress bars.
+        overwrite: replace an existing ``out_dir``.
+        max_shard_bytes: largest output shard.
+        allow_pickle: accept ``.bin`` pickle weights (read with ``weights_only``).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        WeightkitError: bad input (not a model directory, unsupported architecture, NaN/Inf weights,
+            shapes the grid cannot take, no calibration text ...); nothing is left at ``out_dir``.
+    """
+    entry = entry_for_config(config)
+    model_dir = Path(model_dir)
+    with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
+        if reader.config is None:
+            raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
+        kind = model_kind(reader.config)
+        model = skeleton(model_dir, model_auto_class(kind))
+        tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
+        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+            writer.copy_files(model_dir)
+            streamed = _StreamedModel(model, reader, writer)
+            if isinstance(config, RTNConfig):
+                _stream_rtn(model, config, streamed, progress)
+            else:
+                blocks = _blocks_prefix(model, kind)
+                streamed.load("", model, skip=(blocks,))
+                model.tie_weights()
+                entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress, store=streamed)
+                for name, tensor in export_tensors(model, skip=(blocks,)):
+                    writer.add(name, tensor)
+            write_generation_config(writer, model, model_dir)
+            writer.write_json("config.json", quantized_model_config(model))
+    return Path(out_dir)

@@ -1,0 +1,73 @@
+"""Streamed checkpoint-to-checkpoint compression equals compress + save_quantized, holding one block."""
+
+import json
+
+import pytest
+import torch
+from sample_texts import TEXTS
+
+from weightkit.checkpoint import CheckpointReader
+from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
+from weightkit.compress import stream as stream_module
+from weightkit.compress.quant.export import save_quantized
+from weightkit.compress.stream import compress_checkpoint
+from weightkit.errors import WeightkitError
+from weightkit.models import load_model, save_tiny, tiny_llama, tiny_tokenizer
+
+CONFIGS = {
+    "rtn": RTNConfig(bits=4, group_size=16, symmetric=False),
+    "gptq": GPTQConfig(bits=4, group_size=16, calib_max_length=64),
+    "awq": AWQConfig(bits=3, group_size=16, calib_max_length=64),
+}
+
+
+def _tensors(path):
+    with CheckpointReader(path) as reader:
+        return {name: reader.get(name) for name in reader.names()}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("model_dir", ["llama_dir", "bert_dir"])
+def test_streamed_output_equals_in_memory_compress_and_save(request, tmp_path, method, model_dir):
+    model_dir = request.getfixturevalue(model_dir)
+    config = CONFIGS[method]
+    model, tokenizer, _ = load_model(model_dir)
+    compress(model, config, data=TEXTS[:16], tokenizer=tokenizer, progress=False)
+    save_quantized(model, tmp_path / "in-memory", source_dir=model_dir)
+    compress_checkpoint(model_dir, tmp_path / "streamed", config, data=TEXTS[:16], progress=False)
+
+    expected, got = _tensors(tmp_path / "in-memory"), _tensors(tmp_path / "streamed")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    config_of = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("in-memory", "streamed")]
+    assert config_of[0] == config_of[1]
+    files = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("in-memory", "streamed")]
+    assert files[0] == files[1]
+
+
+def test_blocks_are_read_one_at_a_time_and_freed(tmp_path, monkeypatch):
+    model_dir = save_tiny(tiny_llama(seed=0, num_hidden_layers=4), tmp_path / "model", tiny_tokenizer(128))
+    live_blocks = []
+    original_load = stream_module._StreamedModel.load
+
+    def load(self, prefix, module, **kwargs):
+        original_load(self, prefix, module, **kwargs)
+        blocks = self.model.model.layers
+        live_blocks.append(sum(any(not p.is_meta for p in b.parameters()) for b in blocks))
+
+    monkeypatch.setattr(stream_module._StreamedModel, "load", load)
+    compress_checkpoint(model_dir, tmp_path / "out", CONFIGS["gptq"], data=TEXTS[:8], progress=False)
+    # First the tensors outside the blocks (no block), then each block alone.
+    assert live_blocks == [0, 1, 1, 1, 1]
+
+
+def test_nan_weight_stops_streaming_with_nothing_written(tmp_path):
+    model = tiny_llama(seed=0)
+    model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    model_dir = save_tiny(model, tmp_path / "model", tiny_tokenizer(128))
+    for method in ("rtn", "gptq"):
+        with pytest.raises(WeightkitError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*NaN"):
+            compress_checkpoint(model_dir, tmp_path / "out", CONFIGS[method], data=TEXTS[:8], progress=False)
+        assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
