@@ -29,6 +29,7 @@ def test_compress_gptq_writes_a_checkpoint_transformers_loads(tmp_path, capsys, 
     summary = json.loads(stdout)
     assert summary["config"]["method"] == "gptq" and summary["config"]["group_size"] == 32
     assert summary["size_after_bytes"] < summary["size_before_bytes"]
+    assert summary["config"]["act_order"] is True  # the default
     ours = load(out)
     theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
@@ -110,6 +111,18 @@ def test_group_size_that_does_not_divide_the_weight(tmp_path, capsys, llama_dir)
     _assert_fails(
         capsys, tmp_path, ["compress", llama_dir, "--method", "rtn", "--group-size", "128"],
         "model.layers.0.self_attn.q_proj.weight", "group size 128", "32",
+    )  # fmt: skip
+
+
+def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_dir, text_file):
+    code, stdout, _ = run(
+        capsys, "compress", llama_dir, "-o", tmp_path / "w4", "--method", "gptq", "--group-size", "32",
+        "--calib", text_file, "--no-act-order", "--json",
+    )  # fmt: skip
+    assert code == 0 and json.loads(stdout)["config"]["act_order"] is False
+    _assert_fails(
+        capsys, tmp_path, ["compress", llama_dir, "--method", "rtn", "--group-size", "32", "--act-order"],
+        "--act-order", "gptq only",
     )  # fmt: skip
 
 

@@ -63,9 +63,11 @@ def _config_from_args(args: argparse.Namespace):
     if args.method != "rtn":
         fields.update(calib_samples=args.calib_samples, calib_max_length=args.seq_len, seed=args.seed)
     if args.method == "gptq":
-        fields.update(act_order=args.act_order, damp=args.damp)
-    elif args.act_order:
-        raise WeightkitError("--act-order applies to --method gptq only")
+        fields["damp"] = args.damp
+        if args.act_order is not None:
+            fields["act_order"] = args.act_order
+    elif args.act_order is not None:
+        raise WeightkitError("--act-order/--no-act-order apply to --method gptq only")
     return config_from_dict("compress", fields)
 
 
@@ -205,7 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)"
     )
-    c.add_argument("--act-order", action="store_true", help="GPTQ: quantize most-activated columns first")
+    c.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ: quantize the most-activated input columns first (default: on)",
+    )
     c.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ: Hessian dampening fraction (default: 0.01)"
     )
