@@ -42,6 +42,7 @@ __all__ = [
     "load_tokenizer",
     "model_auto_class",
     "transformer_blocks",
+    "transformer_blocks_name",
     "tiny_llama",
     "tiny_bert",
     "tiny_tokenizer",
@@ -270,6 +271,12 @@ def transformer_blocks(model: nn.Module, kind: str) -> nn.ModuleList:
             return blocks
     where = "model.layers" if kind == "causal-lm" else "encoder.layer"
     raise WeightkitError(f"{type(model).__name__} has no {where} list of blocks: it is not a {kind} model")
+
+
+def transformer_blocks_name(model: nn.Module, kind: str) -> str:
+    """The module name of :func:`transformer_blocks`' list, e.g. ``model.layers`` or ``encoder.layer``."""
+    blocks = transformer_blocks(model, kind)
+    return next(name for name, m in model.named_modules() if m is blocks)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

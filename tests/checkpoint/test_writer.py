@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, weights_size
 from weightkit.errors import WeightkitError
+from weightkit.models import tiny_llama
 
 
 def _entries(directory: Path) -> set[str]:
@@ -291,19 +292,10 @@ def test_write_json_refuses_paths_outside_the_output(tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_sharded_llama_loads_in_transformers(tmp_path, tie):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed=0, tie_word_embeddings=tie)
+    config = model.config
     state = model.state_dict()
     if tie:
         assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()

@@ -31,7 +31,7 @@ from weightkit.models import (
     model_auto_class,
     model_kind,
     skeleton,
-    transformer_blocks,
+    transformer_blocks_name,
 )
 from weightkit.progress import track
 from weightkit.registry import entry_for_config
@@ -46,7 +46,7 @@ class _StreamedModel:
         self.model, self.reader, self.writer = model, reader, writer
         self.names = CheckpointNames(model, reader.names())
 
-    def _read(self, model_name: str) -> torch.Tensor | None:
+    def read(self, model_name: str) -> torch.Tensor | None:
         ckpt_name = self.names.to_ckpt(model_name)
         if ckpt_name not in self.reader:
             return None
@@ -62,7 +62,7 @@ class _StreamedModel:
         for name in module.state_dict():
             if name.startswith(skip):
                 continue
-            tensor = self._read(head + name)
+            tensor = self.read(head + name)
             if tensor is not None:
                 state[name] = tensor
         module.load_state_dict(state, strict=False, assign=True)
@@ -80,18 +80,13 @@ class _StreamedModel:
         block.to("meta")
 
 
-def _blocks_prefix(model: nn.Module, kind: str) -> str:
-    blocks = transformer_blocks(model, kind)
-    return next(name for name, m in model.named_modules() if m is blocks)
-
-
 def _stream_rtn(model: nn.Module, config: RTNConfig, streamed: _StreamedModel, progress: bool) -> None:
     """RTN one tensor at a time: each selected weight is read, rounded, packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
     for name in track(list(model.state_dict()), "RTN", enabled=progress):
         module_name = weights.get(name)
-        tensor = streamed._read(name)
+        tensor = streamed.read(name)
         if tensor is None:
             continue  # a buffer the model computes itself, or a tied weight stored once
         if module_name is None:
@@ -150,7 +145,7 @@ def compress_checkpoint(
             if isinstance(config, RTNConfig):
                 _stream_rtn(model, config, streamed, progress)
             else:
-                blocks = _blocks_prefix(model, kind)
+                blocks = transformer_blocks_name(model, kind)
                 streamed.load("", model, skip=(blocks,))
                 model.tie_weights()
                 entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress, store=streamed)

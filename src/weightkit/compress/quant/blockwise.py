@@ -173,7 +173,7 @@ def calibrate_block(
     per group. Each batch's pass runs in its own thread, paused in a hook; only one thread computes at
     a time. The price is memory: every batch's in-flight activations are alive at once.
     """
-    if on_all_reached is None:  # nothing changes between batches: no need to hold them
+    if on_all_reached is None or not modules:  # nothing changes between batches: no need to hold them
         return _run_batches(block, modules, inputs, on_input)
     index = {id(m): i for i, m in enumerate(modules)}
     reports: queue.SimpleQueue = queue.SimpleQueue()  # (batch, kind, payload) from the passes
@@ -224,8 +224,7 @@ def calibrate_block(
                         f"{seen} (each layer must be called once per pass, in the order first seen)"
                     )
                 on_input(i, x)
-            if on_all_reached is not None:
-                on_all_reached(i)
+            on_all_reached(i)
         outputs = []
         for b in range(len(inputs)):
             kind, out = step(b)

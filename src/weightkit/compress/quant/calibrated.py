@@ -19,7 +19,7 @@ from weightkit.compress.quant.hessian import add_to_hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
-from weightkit.models import model_kind, transformer_blocks
+from weightkit.models import model_kind, transformer_blocks, transformer_blocks_name
 from weightkit.progress import track
 from weightkit.registry import register
 
@@ -114,8 +114,8 @@ def _blocks_with_linears(
     model: nn.Module, linears: dict[str, nn.Module]
 ) -> list[tuple[str, nn.Module, dict]]:
     """``(prefix, block, {relative name: linear})`` for each transformer block, in order."""
-    blocks = transformer_blocks(model, model_kind(model.config.to_dict()))
-    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    kind = model_kind(model.config.to_dict())
+    blocks, prefix = transformer_blocks(model, kind), transformer_blocks_name(model, kind)
     out, seen = [], set()
     for i, block in enumerate(blocks):
         head = f"{prefix}.{i}."
@@ -174,12 +174,9 @@ def _gptq_group(prefix: str, group: dict[str, nn.Module], h: Tensor, config: GPT
     Layers with the same grid are stacked by rows into one sweep: GPTQ treats rows independently
     given ``H``, so the result is the same as one sweep per layer, in a fraction of the Python steps.
     """
-    by_scheme: dict = {}
-    for rel, linear in group.items():
-        name = f"{prefix}.{rel}"
-        scheme = config.scheme_for(name)
-        scheme.check_shape(tuple(linear.weight.shape), f"{name}.weight")
-        by_scheme.setdefault(scheme, []).append(rel)
+    by_scheme: dict = {}  # shapes were checked against each scheme by selected_linears
+    for rel in group:
+        by_scheme.setdefault(config.scheme_for(f"{prefix}.{rel}"), []).append(rel)
     done = {}
     for scheme, rels in by_scheme.items():
         weights = [group[rel].weight.detach() for rel in rels]

@@ -81,14 +81,12 @@ def _params(w: Tensor, scheme: QuantScheme, clip: Tensor | None, store_dtype: to
     return scale, zero
 
 
-def _set_grid(grid: Tensor, g, scale: Tensor, zero: Tensor | None) -> None:
-    """Store group(s) ``g``'s scale ``[rows(, groups)]`` and zero point in the sweep's lookup table."""
-    scale_t = scale.T if scale.dim() == 2 else scale
-    grid[0, g] = scale_t
+def _set_grid(grid: Tensor, groups: slice, scale: Tensor, zero: Tensor | None) -> None:
+    """Store the scales and zero points ``[rows, len(groups)]`` of ``groups`` in the sweep's table."""
+    grid[0, groups] = scale.T
     if zero is not None:
-        zero_t = zero.T if zero.dim() == 2 else zero
-        grid[1, g] = zero_t
-        grid[2, g] = zero_t * scale_t
+        grid[1, groups] = zero.T
+        grid[2, groups] = (zero * scale).T
 
 
 def gptq_quantize(
@@ -170,11 +168,11 @@ def gptq_quantize(
     # Static grids: per-channel always (one group spans all columns, so there is nothing to wait for),
     # and every grouping under act_order.
     static = act_order or scheme.group_size is None
+    # Per group, as rows of contiguous [rows] vectors: scale, zero point, zero * scale.
+    grid = torch.zeros(3, n_groups, rows, dtype=cdtype, device=W.device)
     if static:
-        scale, zero = _params(W, scheme, clip_ratio, w.dtype, name)
-    else:
-        scale = torch.empty(rows, n_groups, dtype=cdtype, device=W.device)
-        zero = None if scheme.symmetric else torch.empty_like(scale)
+        _set_grid(grid, slice(None), *_params(W, scheme, clip_ratio, w.dtype, name))
+    group_grid = [grid[:, g].unbind(0) for g in range(n_groups)]  # views: see later writes
 
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
@@ -189,11 +187,6 @@ def gptq_quantize(
     # their diagonal once instead, one tensor op less per column.
     U = U / U.diagonal().unsqueeze(1)
     Q = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
-    # Per group, as rows of contiguous [rows] vectors: scale, zero point, zero * scale.
-    grid = torch.zeros(3, n_groups, rows, dtype=cdtype, device=W.device)
-    if static:
-        _set_grid(grid, slice(None), scale, zero)
-    group_grid = [grid[:, g].unbind(0) for g in range(n_groups)]  # views: see later writes
 
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
@@ -214,19 +207,15 @@ def gptq_quantize(
                         pending = W[:, b1:end] - ET[:i].T @ U[b0:c, b1:end]
                         current = torch.cat([current, pending], dim=1)
                     clip = None if clip_ratio is None else clip_ratio[:, g : g + 1]
-                    s, z = _params(current, col_scheme, clip, w.dtype, name)
-                    _set_grid(grid, g, s[:, 0], None if z is None else z[:, 0])
-                    scale[:, g : g + 1] = s
-                    if zero is not None:
-                        zero[:, g : g + 1] = z
+                    _set_grid(grid, slice(g, g + 1), *_params(current, col_scheme, clip, w.dtype, name))
                 col_scale, col_zero, col_zs = group_grid[g]
                 column, q, e = w_cols[i], q_cols[i], e_cols[i]
                 torch.div(column, col_scale, out=q).round_()
-                if zero is not None:
+                if not scheme.symmetric:
                     q.add_(col_zero)
                 q.clamp_(q_min, q_max)
                 torch.addcmul(column, q, col_scale, value=-1, out=e)  # w - q * s
-                if zero is not None:
+                if not scheme.symmetric:
                     e.add_(col_zs)  # w - (q - z) * s
                 if i + 1 < b1 - b0:
                     # The paper's update: spread this column's error over the block's remaining columns.
@@ -237,5 +226,5 @@ def gptq_quantize(
 
     if act_order:
         Q = Q[:, torch.argsort(perm)]
-    zero_point = None if zero is None else zero.to(torch.int8)
-    return QuantizedWeight(Q, scale.to(w.dtype), zero_point, scheme)
+    zero_point = None if scheme.symmetric else grid[1].T.to(torch.int8).contiguous()
+    return QuantizedWeight(Q, grid[0].T.to(w.dtype).contiguous(), zero_point, scheme)
