@@ -151,6 +151,21 @@ def split_plays(plays: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return train, held_out
 
 
+def _pack(items: list[str], sep: str, max_chars: int) -> list[str]:
+    """Join consecutive ``items`` with ``sep`` greedily into strings of at most ``max_chars``
+    (an item longer than that stays alone)."""
+    out, cur = [], ""
+    for item in items:
+        if cur and len(cur) + len(sep) + len(item) > max_chars:
+            out.append(cur)
+            cur = item
+        else:
+            cur = f"{cur}{sep}{item}" if cur else item
+    if cur:
+        out.append(cur)
+    return out
+
+
 def passages(text: str, max_chars: int = 1200, min_chars: int = 200) -> list[str]:
     """Consecutive blocks (speeches, stage directions) packed into passages of at most ``max_chars``.
 
@@ -160,28 +175,8 @@ def passages(text: str, max_chars: int = 1200, min_chars: int = 200) -> list[str
     blocks = [b for b in text.split("\n\n") if b.strip()]
     pieces: list[str] = []
     for block in blocks:
-        if len(block) <= max_chars:
-            pieces.append(block)
-            continue
-        cur = ""
-        for line in block.split("\n"):
-            if cur and len(cur) + 1 + len(line) > max_chars:
-                pieces.append(cur)
-                cur = line
-            else:
-                cur = f"{cur}\n{line}" if cur else line
-        if cur:
-            pieces.append(cur)
-    out, cur = [], ""
-    for piece in pieces:
-        if cur and len(cur) + 2 + len(piece) > max_chars:
-            out.append(cur)
-            cur = piece
-        else:
-            cur = f"{cur}\n\n{piece}" if cur else piece
-    if cur:
-        out.append(cur)
-    return [p for p in out if len(p) >= min_chars]
+        pieces += [block] if len(block) <= max_chars else _pack(block.split("\n"), "\n", max_chars)
+    return [p for p in _pack(pieces, "\n\n", max_chars) if len(p) >= min_chars]
 
 
 def corpus_passages(split: str = "train", max_chars: int = 1200) -> list[str]:
