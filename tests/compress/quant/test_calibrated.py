@@ -136,6 +136,39 @@ def test_a_failing_calibration_step_stops_every_paused_pass():
     assert threading.active_count() == before
 
 
+def test_blocks_share_the_threads_of_their_passes_even_after_a_failure():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer = tiny_llama(seed=1), tiny_tokenizer(128)
+    inputs = capture_block_inputs(model, model.model.layers[0], _batches(tokenizer, CALIB[:8], batch_size=2))
+    threads_per_block = []
+
+    def calibrate(block, on_all_reached=lambda i: None):
+        threads = set()
+        hook = block.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a: threads.add(threading.current_thread())
+        )
+        try:
+            calibrate_block(
+                block, [block.self_attn.o_proj], inputs, lambda i, x: None, on_all_reached, workers
+            )
+        finally:
+            hook.remove()
+        threads_per_block.append(threads)
+
+    def fail(i):
+        raise WeightkitError("stop here")
+
+    with ThreadPoolExecutor(max_workers=len(inputs)) as workers:
+        calibrate(model.model.layers[0])
+        with pytest.raises(WeightkitError, match="stop here"):
+            calibrate(model.model.layers[1], fail)  # its paused passes are ended, their threads freed
+        calibrate(model.model.layers[1])
+    assert len(threads_per_block[0]) == len(inputs)
+    assert threads_per_block[1] == threads_per_block[0]
+
+
 @pytest.mark.parametrize("source", ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"])
 def test_awq_scale_folding_leaves_the_llama_block_function_unchanged(source):
     model, tokenizer = tiny_llama(seed=2), tiny_tokenizer(128)

@@ -58,7 +58,8 @@ class CalibrationFields:
     Attributes:
         calib_samples: number of calibration texts (passages) used.
         calib_max_length: tokens per text at most (longer texts are truncated).
-        calib_batch_size: texts per forward pass; memory grows with it.
+        calib_batch_size: texts per forward pass; memory grows with it (except GPTQ's, which holds
+            every batch's pass at once, so its activation memory grows with all calibration tokens).
         seed: picks and orders the calibration texts.
     """
 
