@@ -56,13 +56,9 @@ def worker(model: str, method: str, calib_file: str, out: str) -> dict:
     """weightkit's side of one job, in its own process; prints what the peer runner prints.
 
     It runs what ``weightkit compress`` runs: the streamed checkpoint-to-checkpoint path, timed whole
-    (reading and writing included, which the peer's ``oneshot`` time leaves out), in a process set up
-    as the command sets up its own (one malloc arena).
+    (reading and writing included, which the peer's ``oneshot`` time leaves out).
     """
-    from weightkit.cli import share_one_malloc_arena
     from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress_checkpoint
-
-    share_one_malloc_arena()
 
     fields = {"bits": 4, "group_size": 128}
     if method != "rtn":

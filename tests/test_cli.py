@@ -1,10 +1,7 @@
 """The ``weightkit`` command as a user runs it: compress, eval, recipes, and every bad input."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -228,36 +225,3 @@ def test_help_explains_the_options(capsys):
         "--json",
     ):
         assert option in text
-
-
-_COUNT_ARENAS = """
-import ctypes, sys, threading
-from weightkit.cli import share_one_malloc_arena
-if sys.argv[1] == "shared":
-    share_one_malloc_arena()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-kept, barrier = [], threading.Barrier(5)
-def allocate():
-    kept.append(libc.malloc(4096))
-    barrier.wait()  # all alive at once, so none can take over another's arena
-threads = [threading.Thread(target=allocate) for _ in range(4)]
-for t in threads:
-    t.start()
-barrier.wait()
-libc.malloc_stats()  # one "Arena N:" section per arena, on stderr
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
-def test_share_one_malloc_arena_puts_every_thread_in_the_main_arena():
-    def arenas(mode):
-        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-        run = subprocess.run(
-            [sys.executable, "-c", _COUNT_ARENAS, mode], env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
-        return run.stderr.count("Arena ")
-
-    assert arenas("per-thread") > 1  # glibc's default: threads that allocate at once get arenas of their own
-    assert arenas("shared") == 1

@@ -1,9 +1,7 @@
 """The ``weightkit`` command: a thin shell over the Python API, one subcommand per verb."""
 
 import argparse
-import ctypes
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ from rich.table import Table
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
 
-__all__ = ["main", "share_one_malloc_arena"]
+__all__ = ["main"]
 
 _METHODS = ("rtn", "gptq", "awq")
 
@@ -273,27 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def share_one_malloc_arena() -> None:
-    """Have every thread this process starts allocate from glibc's main arena (``MALLOC_ARENA_MAX=1``).
-
-    GPTQ runs each calibration batch's forward pass in a thread of its own, one at a time. With an
-    arena per thread, memory one pass frees cannot serve the next: small-Llama GPTQ peaked at 1.53 GB
-    RSS with per-thread arenas and 1.03 GB with one, in the same time (threads never allocate at
-    once). The command sets this for its own process; library users can export MALLOC_ARENA_MAX=1.
-    Nothing happens off glibc or when the user set MALLOC_ARENA_MAX.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-8, 1)  # M_ARENA_MAX from glibc's malloc.h
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    share_one_malloc_arena()
     import transformers
 
     # Our own progress bars say what is happening; transformers' per-load bar is noise here.

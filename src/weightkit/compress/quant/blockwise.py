@@ -12,12 +12,11 @@ inputs produced by the already-quantized earlier groups, so it can compensate th
 ("true sequential" in GPTQ's reference code).
 """
 
-import queue
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
+import greenlet
 import torch
 from torch import Tensor, nn
 
@@ -147,10 +146,6 @@ def _run_batches(
     return outputs
 
 
-class _Abort(BaseException):
-    """Raised in a paused forward pass to end it when the calibration is abandoned."""
-
-
 @torch.no_grad()
 def calibrate_block(
     block: nn.Module,
@@ -158,7 +153,6 @@ def calibrate_block(
     inputs: BlockInputs,
     on_input: Callable[[int, Tensor], None],
     on_all_reached: Callable[[int], None] | None = None,
-    workers: ThreadPoolExecutor | None = None,
 ) -> list[Tensor]:
     """Run ``block`` once on every batch, holding all batches at each of ``modules`` in turn.
 
@@ -172,61 +166,34 @@ def calibrate_block(
         The block's output hidden states for every batch.
 
     This is GPTQ's sequential calibration in one forward pass per block instead of one partial pass
-    per group. Each batch's pass runs in its own thread, paused in a hook; only one thread computes at
-    a time. The price is memory: every batch's in-flight activations are alive at once.
-
-    ``workers`` (at least ``len(inputs)`` threads) runs the passes; give the same one for every block.
-    A fresh thread's first forward pass is ~40% slower (new allocator arena, OpenMP team and BLAS
-    buffers, measured on a small Llama block), so reusing threads across blocks saves that each time.
-    Without it, threads are made for this call.
+    per group. Each batch's pass is a greenlet (a coroutine with its own stack, in this thread),
+    paused in a hook. The price is memory: every batch's in-flight activations are alive at once.
+    Greenlets rather than threads: a thread per pass made MiniLM GPTQ ~15% slower (each thread has its
+    own malloc arena, OpenMP team and BLAS buffers, and hand-overs wake sleeping threads). Thread-local
+    state (grad mode, autocast) is shared by the passes, which is sound because every pass runs the
+    same code between the same pauses.
     """
     if on_all_reached is None or not modules:  # nothing changes between batches: no need to hold them
         return _run_batches(block, modules, inputs, on_input)
-    if workers is None:
-        with ThreadPoolExecutor(max_workers=len(inputs)) as own:
-            return calibrate_block(block, modules, inputs, on_input, on_all_reached, own)
     index = {id(m): i for i, m in enumerate(modules)}
-    reports: queue.SimpleQueue = queue.SimpleQueue()  # (batch, kind, payload) from the passes
-    resumes = [queue.SimpleQueue() for _ in range(len(inputs))]
-    local = threading.local()
-
     token_rows = _token_rows(inputs)
+    caller = greenlet.getcurrent()
+    batch_of: dict[greenlet.greenlet, int] = {}
 
     def pause_at(module, args):
-        b = local.batch
-        reports.put((b, index[id(module)], _real_tokens(args[0], token_rows[b])))
-        if resumes[b].get() is _Abort:
-            raise _Abort
+        b = batch_of[greenlet.getcurrent()]
+        caller.switch((index[id(module)], _real_tokens(args[0], token_rows[b])))
 
-    def forward(b):
-        local.batch = b
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                out = block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b])
-            reports.put((b, "output", _first(out)))
-        except _Abort:
-            pass
-        except BaseException as error:  # handed to the calling thread, which raises it
-            reports.put((b, "error", error))
+    def forward(b: int) -> tuple:
+        return "output", _first(block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b]))
 
-    def step(b: int) -> tuple:
-        """Let batch ``b`` run to its next pause or its end; return what it reported."""
-        if b in passes:
-            resumes[b].put(True)
-        else:
-            passes[b] = workers.submit(forward, b)
-        batch, kind, payload = reports.get()
-        assert batch == b  # only one pass runs at a time
-        if kind == "error":
-            raise payload
-        return kind, payload
-
-    passes: dict[int, Future] = {}
+    passes = [greenlet.greenlet(partial(forward, b), parent=caller) for b in range(len(inputs))]
+    batch_of.update((g, b) for b, g in enumerate(passes))
     handles = [m.register_forward_pre_hook(pause_at) for m in modules]
     try:
         for i in range(len(modules)):
-            for b in range(len(inputs)):
-                kind, x = step(b)
+            for b, running in enumerate(passes):
+                kind, x = running.switch()  # runs pass b to its next pause; its errors raise here
                 if kind != i:
                     seen = "returned" if kind == "output" else f"called layer number {kind}"
                     raise WeightkitError(
@@ -236,8 +203,8 @@ def calibrate_block(
                 on_input(i, x)
             on_all_reached(i)
         outputs = []
-        for b in range(len(inputs)):
-            kind, out = step(b)
+        for b, running in enumerate(passes):
+            kind, out = running.switch()
             if kind != "output":
                 raise WeightkitError(f"calibration batch {b}: a layer was called again after its turn")
             outputs.append(out)
@@ -245,7 +212,6 @@ def calibrate_block(
     finally:
         for handle in handles:
             handle.remove()
-        for b, running in passes.items():
-            if not running.done():
-                resumes[b].put(_Abort)
-                running.result()
+        for running in passes:
+            if running:  # started and paused: unwind its stack (raises GreenletExit inside it)
+                running.throw()

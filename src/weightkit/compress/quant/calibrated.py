@@ -4,7 +4,6 @@ The math is in ``gptq.py`` and ``awq.py`` (pure functions over tensors); this mo
 activations each linear layer sees (``blockwise.py``) and swaps the layers for ``QuantizedLinear``.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,27 +134,24 @@ def _blocks_with_linears(
 def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store) -> nn.Module:
     """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
-    ``quantize_block(prefix, block, groups, inputs, workers)`` gets the block's selected layers as a
-    list of input groups (``{relative name: linear}``, in call order) and threads for
-    :func:`calibrate_block`, one per batch and the same for every block; it returns
-    ``(quantized, outputs)``: each layer's quantized weight and the block's outputs for the next block.
-    A ``store`` (see :class:`BlockStore`) fills each block's weights just before it is needed and takes
-    it away after.
+    ``quantize_block(prefix, block, groups, inputs)`` gets the block's selected layers as a list of
+    input groups (``{relative name: linear}``, in call order) and returns ``(quantized, outputs)``:
+    each layer's quantized weight and the block's outputs for the next block. A ``store`` (see
+    :class:`BlockStore`) fills each block's weights just before it is needed and takes it away after.
     """
     linears = selected_linears(model, config)
     plan = _blocks_with_linears(model, linears)
     batches = calibration_batches(config, data, tokenizer)
     inputs = capture_block_inputs(model, plan[0][1], batches)
-    with ThreadPoolExecutor(max_workers=len(batches), thread_name_prefix="weightkit-calibration") as workers:
-        for prefix, block, inner in track(plan, label, enabled=progress):
-            if store is not None:
-                store.load(prefix, block)
-            groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)] if inner else []
-            done, inputs.hidden = quantize_block(prefix, block, groups, inputs, workers)
-            for rel, quantized in done.items():
-                quantize_linear(block, rel, quantized)
-            if store is not None:
-                store.save(prefix, block)
+    for prefix, block, inner in track(plan, label, enabled=progress):
+        if store is not None:
+            store.load(prefix, block)
+        groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)] if inner else []
+        done, inputs.hidden = quantize_block(prefix, block, groups, inputs)
+        for rel, quantized in done.items():
+            quantize_linear(block, rel, quantized)
+        if store is not None:
+            store.save(prefix, block)
     return model
 
 
@@ -216,7 +212,7 @@ def quantize_gptq(
     (:func:`~weightkit.compress.quant.blockwise.calibrate_block`).
     """
 
-    def quantize_block(prefix, block, groups, inputs, workers):
+    def quantize_block(prefix, block, groups, inputs):
         hessians: list = [(None, 0)] * len(groups)
         done = {}
 
@@ -229,7 +225,7 @@ def quantize_gptq(
                 raise _no_tokens()
             done.update(_gptq_group(prefix, groups[i], h, config))
 
-        outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group, workers)
+        outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group)
         return done, outputs
 
     return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store)
@@ -306,7 +302,7 @@ def quantize_awq(
     o_proj, so nothing may be rounded yet), and every layer is clipped and rounded.
     """
 
-    def quantize_block(prefix, block, groups, inputs, _workers):  # AWQ does not pause its passes
+    def quantize_block(prefix, block, groups, inputs):
         tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
         sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
         folds = [_fold_target(block, group) for group in groups]
