@@ -18,7 +18,7 @@ from weightkit.compress.quant.grid import (
     quantize_to_grid,
     rtn_quantize,
 )
-from weightkit.compress.quant.hessian import add_to_hessian
+from weightkit.compress.quant.hessian import Hessian
 from weightkit.errors import WeightkitError
 
 
@@ -41,7 +41,9 @@ def output_error(x, w, w_hat):
 
 def search_scales(x, weights, scheme, **kwargs):
     """weightkit's search, fed the statistics a driver accumulates from the tokens ``x``."""
-    h, _ = add_to_hessian(None, 0, x)
+    stats = Hessian()
+    stats.add(x)
+    h = stats.value()
     return awq_search_scales(h, x.abs().mean(dim=0), weights, scheme, **kwargs)
 
 
@@ -80,7 +82,9 @@ def test_scale_search_matches_loop_reference(scheme):
 def test_hessian_loss_equals_token_loss():
     x, g = outlier_inputs(200, 32, seed=1)
     delta = torch.randn(8, 32, generator=g, dtype=torch.float64)
-    h, _ = add_to_hessian(None, 0, x.double(), dtype=torch.float64)
+    stats = Hessian(torch.float64)
+    stats.add(x.double())
+    h = stats.value()
     per_token = ((x.double() @ delta.T) ** 2).sum(dim=1).mean()
     torch.testing.assert_close(awq.output_error(delta, h), 2 * per_token)
 

@@ -251,7 +251,7 @@ def test_awq_folds_every_scale_before_rounding_anything():
 def test_awq_statistics_streamed_by_batch_equal_those_of_all_tokens():
     from weightkit.compress.quant.awq import even_sample
     from weightkit.compress.quant.calibrated import _AWQInputStats
-    from weightkit.compress.quant.hessian import add_to_hessian
+    from weightkit.compress.quant.hessian import Hessian
 
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n, 8, generator=g) for n in (7, 0, 30, 12, 1)]
@@ -260,6 +260,8 @@ def test_awq_statistics_streamed_by_batch_equal_those_of_all_tokens():
     for chunk in chunks:
         stats.add(chunk)
     assert stats.count == len(everything)
-    torch.testing.assert_close(stats.h, add_to_hessian(None, 0, everything)[0])
+    whole = Hessian()
+    whole.add(everything)
+    torch.testing.assert_close(stats.hessian.value(), whole.value())
     torch.testing.assert_close(stats.abs_sum / stats.count, everything.abs().mean(dim=0))
     assert torch.equal(torch.cat(stats.sample), everything[even_sample(len(everything), 10)])

@@ -7,7 +7,7 @@ import torch
 
 from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.grid import QuantScheme, compute_qparams, rtn_quantize
-from weightkit.compress.quant.hessian import add_to_hessian
+from weightkit.compress.quant.hessian import Hessian
 from weightkit.errors import WeightkitError
 
 
@@ -86,7 +86,9 @@ def output_error(w, w_hat, x):
 
 
 def hessian(x):
-    return add_to_hessian(None, 0, x, dtype=x.dtype)[0]
+    stats = Hessian(x.dtype)
+    stats.add(x)
+    return stats.value()
 
 
 SCHEMES = [

@@ -1,8 +1,10 @@
 """Tests for weightkit.compress.quant.hessian against a loop over outer products."""
 
+import pytest
 import torch
 
-from weightkit.compress.quant.hessian import add_to_hessian
+from weightkit.compress.quant.hessian import Hessian
+from weightkit.errors import WeightkitError
 
 
 def outer_product_reference(rows):
@@ -12,31 +14,41 @@ def outer_product_reference(rows):
     return ref * 2 / len(rows)
 
 
-def test_add_to_hessian_matches_sum_of_outer_products():
+def test_hessian_matches_sum_of_outer_products():
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(n, 6, generator=g) for n in (5, 1, 9)]
-    h, count = None, 0
+    batches = [torch.randn(n, 6, generator=g) for n in (5, 1, 0, 9)]
+    h = Hessian()
     for b in batches:
-        h, count = add_to_hessian(h, count, b)
+        h.add(b)
     rows = torch.cat(batches)
     ref = outer_product_reference(rows)
-    assert count == 15 and h.dtype == torch.float32
-    torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-6)
+    assert h.count == 15 and h.value().dtype == torch.float32
+    torch.testing.assert_close(h.value().double(), ref, rtol=1e-5, atol=1e-6)
     # A 3-D batch is flattened over its leading dims; float64 accumulation on request.
-    h3, c3 = add_to_hessian(None, 0, rows.reshape(3, 5, 6), dtype=torch.float64)
-    assert c3 == 15 and h3.dtype == torch.float64
-    torch.testing.assert_close(h3, ref, rtol=1e-6, atol=1e-9)
-    assert add_to_hessian(h, count, torch.zeros(0, 6)) == (h, count)
+    h3 = Hessian(torch.float64)
+    h3.add(rows.reshape(3, 5, 6))
+    assert h3.count == 15 and h3.value().dtype == torch.float64
+    torch.testing.assert_close(h3.value(), ref, rtol=1e-6, atol=1e-9)
 
 
-def test_blocked_gram_fills_both_triangles_and_leaves_the_input_alone():
+def test_blocked_gram_fills_both_triangles_and_can_be_read_while_accumulating():
     # 300 features: column blocks of 128, 128 and 44, so the off-diagonal mirroring is exercised.
     g = torch.Generator().manual_seed(1)
     first, second = torch.randn(40, 300, generator=g), torch.randn(25, 300, generator=g)
-    h, count = add_to_hessian(None, 0, first.double(), dtype=torch.float64)
-    kept = h.clone()
-    h2, count = add_to_hessian(h, count, second.double())
-    assert torch.equal(h, kept)  # a new tensor is returned; the old one is not modified
+    h = Hessian(torch.float64)
+    h.add(first.double())
+    torch.testing.assert_close(h.value(), outer_product_reference(first), rtol=1e-10, atol=1e-12)
+    h.add(second.double())
+    value = h.value()
     reference = outer_product_reference(torch.cat([first, second]))
-    torch.testing.assert_close(h2, reference, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(h2, h2.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-12)
+    assert torch.equal(value, value.T)
+
+
+def test_hessian_refuses_other_widths_and_no_inputs():
+    h = Hessian()
+    with pytest.raises(WeightkitError, match="none were added"):
+        h.value()
+    h.add(torch.ones(2, 4))
+    with pytest.raises(WeightkitError, match="4 features but the inputs have 5"):
+        h.add(torch.ones(2, 5))

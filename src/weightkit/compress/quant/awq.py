@@ -84,7 +84,7 @@ def awq_search_scales(
 
     Args:
         h: ``[in, in]`` Hessian of the shared input, from
-            :func:`~weightkit.compress.quant.hessian.add_to_hessian`.
+            :class:`~weightkit.compress.quant.hessian.Hessian`.
         x_magnitude: mean absolute input per channel, ``[in]``.
         weights: weights ``[out_k, in]`` reading that input (e.g. the q, k and v projections).
         scheme: the quantization that will be applied to ``W * s``.

@@ -15,7 +15,7 @@ from weightkit.compress.quant.blockwise import calibrate_block, capture_block_in
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.grid import QuantizedWeight, rtn_quantize
-from weightkit.compress.quant.hessian import add_to_hessian
+from weightkit.compress.quant.hessian import Hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
@@ -213,17 +213,17 @@ def quantize_gptq(
     """
 
     def quantize_block(prefix, block, groups, inputs):
-        hessians: list = [(None, 0)] * len(groups)
+        hessians = [Hessian() for _ in groups]
         done = {}
 
         def accumulate(i, x):
-            hessians[i] = add_to_hessian(*hessians[i], x)
+            hessians[i].add(x)
 
         def quantize_group(i):
-            h, hessians[i] = hessians[i][0], None  # freed once used
-            if h is None:
+            hessian, hessians[i] = hessians[i], None  # freed once used
+            if not hessian.count:
                 raise _no_tokens()
-            done.update(_gptq_group(prefix, groups[i], h, config))
+            done.update(_gptq_group(prefix, groups[i], hessian.value(), config))
 
         outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group)
         return done, outputs
@@ -269,7 +269,7 @@ class _AWQInputStats:
 
     sample_at: Tensor  # indices, over all calibration tokens, of the tokens kept for the clip search
     scaled: bool  # whether the group gets a scale search (which needs the Hessian and magnitudes)
-    h: Tensor | None = None
+    hessian: Hessian = field(default_factory=Hessian)
     count: int = 0
     abs_sum: Tensor | float = 0.0
     sample: list[Tensor] = field(default_factory=list)
@@ -278,7 +278,7 @@ class _AWQInputStats:
         start = self.count
         self.count += x.shape[0]
         if self.scaled:
-            self.h, _ = add_to_hessian(self.h, start, x)
+            self.hessian.add(x)
             self.abs_sum = self.abs_sum + x.float().abs().sum(dim=0)
         at = self.sample_at[(self.sample_at >= start) & (self.sample_at < self.count)] - start
         self.sample.append(x[at.to(x.device)].float())
@@ -317,7 +317,8 @@ def quantize_awq(
             scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
             weights = [m.weight.detach() for m in group.values()]
             magnitude = stats[i].abs_sum / stats[i].count
-            s, _alpha = awq_search_scales(stats[i].h, magnitude, weights, scheme, n_grid=config.n_grid)
+            h = stats[i].hessian.value()
+            s, _alpha = awq_search_scales(h, magnitude, weights, scheme, n_grid=config.n_grid)
             _divide_output(op, s)
             for m in group.values():
                 m.weight.data.mul_(s.to(m.weight.dtype))

@@ -104,7 +104,7 @@ def gptq_quantize(
 
     Args:
         w: weight ``[out, in]``.
-        h: ``[in, in]`` Hessian from :func:`~weightkit.compress.quant.hessian.add_to_hessian`.
+        h: ``[in, in]`` Hessian from :class:`~weightkit.compress.quant.hessian.Hessian`.
         scheme: bits, group size and grid symmetry.
         damp: fraction of the mean Hessian diagonal added to the diagonal (the paper's dampening),
             which keeps the inverse well conditioned when calibration data is scarce.
