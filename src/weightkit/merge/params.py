@@ -1,0 +1,72 @@
+"""Per-tensor parameter values, as mergekit recipes write them.
+
+A parameter (a model's ``weight``, ``density`` ...) is one of:
+
+- a number: the same value for every tensor;
+- a list of numbers: a *gradient* over the transformer layers. The values are spread evenly from the
+  first layer to the last and interpolated linearly in between (``[0, 1]`` gives 0 at layer 0, 1 at
+  the last layer and 0.5 half way). Tensors outside the layers take the first value if they are
+  embeddings (their name contains ``embed``) and the last value otherwise (final norm, ``lm_head``);
+- a list of ``{"filter": text, "value": v}`` entries: the first entry whose ``filter`` occurs in the
+  tensor's name gives the value (itself a number or a gradient); an entry without ``filter`` matches
+  every tensor.
+"""
+
+import re
+
+from weightkit.errors import WeightkitError
+
+__all__ = ["Spec", "check_spec", "value_for", "layer_index"]
+
+Spec = float | int | list
+
+_LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The transformer layer a tensor belongs to (``model.layers.3.mlp...`` -> 3), or None."""
+    found = _LAYER.search(tensor_name)
+    return int(found.group(1)) if found else None
+
+
+def check_spec(spec: Spec, what: str) -> None:
+    """Raise a clear error if ``spec`` is not a number, a gradient or a list of filter entries."""
+    if isinstance(spec, bool) or not isinstance(spec, int | float | list):
+        raise WeightkitError(f"{what}: expected a number, a list of numbers or filter entries, got {spec!r}")
+    if not isinstance(spec, list):
+        return
+    if not spec:
+        raise WeightkitError(f"{what}: an empty list gives no value")
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in spec):
+        return
+    for entry in spec:
+        if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"}:
+            raise WeightkitError(
+                f"{what}: a list must hold only numbers (a gradient) or only {{filter, value}} entries, "
+                f"got {entry!r}"
+            )
+        check_spec(entry["value"], what)
+
+
+def _gradient(values: list[float], tensor_name: str, num_layers: int) -> float:
+    layer = layer_index(tensor_name)
+    # Outside the layers: before them (embeddings) or after them (final norm, lm_head).
+    outside = 0.0 if "embed" in tensor_name else 1.0
+    position = outside if layer is None else layer / max(num_layers - 1, 1)
+    if len(values) == 1:
+        return float(values[0])
+    x = position * (len(values) - 1)
+    i = min(int(x), len(values) - 2)
+    return float(values[i] + (x - i) * (values[i + 1] - values[i]))
+
+
+def value_for(spec: Spec, tensor_name: str, num_layers: int) -> float | None:
+    """The value ``spec`` gives tensor ``tensor_name`` (None when no filter entry matches)."""
+    if not isinstance(spec, list):
+        return float(spec)
+    if isinstance(spec[0], dict):
+        for entry in spec:
+            if "filter" not in entry or str(entry["filter"]) in tensor_name:
+                return value_for(entry["value"], tensor_name, num_layers)
+        return None
+    return _gradient(spec, tensor_name, num_layers)
