@@ -1,0 +1,347 @@
+"""Task arithmetic and its sparsifiers: the core shared by task arithmetic, TIES, DARE, Breadcrumbs and DELLA.
+
+A fine-tuned model's *task vector* (delta) is its weights minus the base model's. Merging adds a weighted
+combination of task vectors back onto the base:
+
+- Task arithmetic: Ilharco et al., "Editing Models with Task Arithmetic", arXiv 2212.04089 --
+  ``base + scale * sum_i w_i delta_i`` (:func:`task_arithmetic`).
+- TIES: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", arXiv 2306.01708 --
+  trim each delta to its largest entries (:func:`magnitude_prune`), elect a sign per entry
+  (:func:`elect_signs`), and average only the deltas that agree with it (``sign_consensus=True,
+  normalize=True``).
+- DARE: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
+  Lunch", arXiv 2311.03099 -- drop entries at random and rescale the rest (:func:`random_drop`).
+- Model Breadcrumbs: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
+  Masks", arXiv 2312.06795 -- drop both the smallest entries and the largest outliers
+  (:func:`breadcrumbs_prune`).
+- DELLA: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
+  Sampling", arXiv 2406.11617 -- drop entries at random with a keep probability that grows with their
+  magnitude rank, and rescale by it (:func:`della_prune`).
+
+The definitions follow mergekit's ``generalized_task_arithmetic`` and ``sparsify`` modules, so outputs
+equal mergekit's given the same inputs (and, for the random sparsifiers, the same random stream) except
+where a function's docstring says otherwise. The deliberate differences, in one place:
+
+- ``random_drop`` and ``della_prune`` rescale kept entries by ``1/p`` as their papers do; mergekit (with
+  its default ``rescale: true``) instead multiplies the pruned tensor by ``|delta|_1 / |pruned|_1``,
+  which equals ``1/p`` only in expectation.
+- ``magnitude_prune`` returns zeros when ``int(density * numel)`` is 0, where mergekit stops with an
+  assertion; ``breadcrumbs_prune`` keeps its band when ``int(gamma * numel)`` is 0, where mergekit's
+  ``indices[n_bot:-0]`` selects nothing and zeroes the whole tensor.
+- ``della_prune`` ranks within rows of ``delta.reshape(shape[0], -1)`` for tensors of 3 or more
+  dimensions (mergekit ranks along dim 1 only), accepts ``density + epsilon == 1`` (mergekit requires
+  ``< 1``), and gives a one-entry row the keep probability ``density`` (mergekit divides 0 by 0).
+- A density <= 0 is refused here (mergekit returns zeros for some sparsifiers).
+"""
+
+import torch
+from torch import Tensor
+
+from weightkit.errors import WeightkitError
+
+__all__ = [
+    "magnitude_prune",
+    "random_drop",
+    "breadcrumbs_prune",
+    "della_prune",
+    "elect_signs",
+    "task_arithmetic",
+    "sign_conflict_rate",
+]
+
+# mergekit's tolerance for "the weights sum to zero" when normalizing without sign consensus.
+_ZERO_WEIGHT_SUM = 1e-8
+
+
+def _check_density(density: float, method: str) -> None:
+    if not density > 0:
+        raise WeightkitError(f"{method}: density must be > 0 (1 keeps every entry), got {density}")
+
+
+def magnitude_prune(delta: Tensor, density: float) -> Tensor:
+    """TIES trim: keep the ``k = int(density * numel)`` entries of largest magnitude, zero the rest.
+
+    Exactly ``k`` entries are kept; among entries of equal magnitude at the cut, which ones survive is
+    up to ``torch.topk``. ``k = 0`` (a tiny tensor at a low density) gives all zeros.
+
+    Args:
+        delta: a task vector; not modified.
+        density: fraction of entries to keep, > 0; ``>= 1`` keeps everything.
+
+    Returns:
+        A new tensor, or ``delta`` itself (not a copy) when ``density >= 1``.
+
+    Raises:
+        WeightkitError: ``density <= 0``.
+    """
+    _check_density(density, "magnitude_prune")
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    k = int(density * flat.numel())
+    out = torch.zeros_like(flat)
+    if k > 0:
+        # Unsorted top-k is a selection (O(n)), not the full argsort mergekit uses.
+        keep = torch.topk(flat.abs(), k, sorted=False).indices
+        out[keep] = flat[keep]
+    return out.view(delta.shape)
+
+
+def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE: keep each entry with probability ``density`` and divide the kept entries by ``density``.
+
+    The keep mask is ``torch.bernoulli(torch.full_like(delta, density), generator=generator)`` (drawn
+    without materialising the full tensor of probabilities), so the same generator state gives the same
+    mask as that call, and the expected value of the result is ``delta``.
+
+    Args:
+        delta: a task vector; not modified.
+        density: keep probability, > 0; ``>= 1`` keeps everything.
+        generator: the random stream, on ``delta``'s device.
+
+    Returns:
+        A new tensor, or ``delta`` itself (not a copy, no random draw) when ``density >= 1``.
+
+    Raises:
+        WeightkitError: ``density <= 0``.
+    """
+    _check_density(density, "random_drop")
+    if density >= 1:
+        return delta
+    prob = torch.full((1,) * delta.dim(), density, dtype=delta.dtype, device=delta.device)
+    out = torch.empty_like(delta).bernoulli_(prob.expand_as(delta), generator=generator)
+    return out.mul_(delta).div_(density)
+
+
+def breadcrumbs_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs: drop the largest ``gamma`` fraction (outliers) and the smallest entries.
+
+    Counts follow mergekit's ``magnitude_outliers``: with ``n = numel``, ``n_top = int(gamma * n)``
+    and ``n_bottom = n - int(density * n) - n_top``; if ``n_bottom < 0`` the outliers removed shrink to
+    ``n_top + n_bottom`` and ``n_bottom`` becomes 0. The kept band is ranks ``[n_bottom, n - n_top)`` in
+    increasing magnitude: always exactly ``int(density * n)`` entries.
+
+    Args:
+        delta: a task vector; not modified.
+        density: fraction of entries to keep, > 0; ``>= 1`` keeps everything (outliers included, as in
+            mergekit).
+        gamma: fraction of entries, largest in magnitude, to drop as outliers, in ``[0, 1]``.
+
+    Returns:
+        A new tensor, or ``delta`` itself (not a copy) when ``density >= 1``.
+
+    Raises:
+        WeightkitError: ``density <= 0`` or ``gamma`` outside ``[0, 1]``.
+    """
+    _check_density(density, "breadcrumbs_prune")
+    if not 0 <= gamma <= 1:
+        raise WeightkitError(f"breadcrumbs_prune: gamma must be in [0, 1], got {gamma}")
+    if density >= 1:
+        return delta
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = n - n_keep - n_top
+    if n_bottom < 0:
+        n_top += n_bottom
+    out = torch.zeros_like(flat)
+    if n_keep == 0:
+        return out.view(delta.shape)
+    magnitude = flat.abs()
+    # The n_keep + n_top largest entries, minus the n_top largest among them, is the band; two
+    # selections instead of a full sort.
+    band = torch.topk(magnitude, n_keep + n_top, sorted=False).indices
+    out[band] = flat[band]
+    if n_top > 0:
+        outliers = band[torch.topk(magnitude[band], n_top, sorted=False).indices]
+        out[outliers] = 0
+    return out.view(delta.shape)
+
+
+def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """DELLA's MagPrune: keep entries with a probability that grows with their magnitude rank in the row.
+
+    Rows are ``delta.reshape(shape[0], -1)`` (a 1-D tensor is one row). In a row of ``n`` entries ranked
+    ``r = 0 .. n-1`` by increasing ``|delta|``, entry ``r`` is kept with probability
+    ``p_r = (density - epsilon) + r / (n - 1) * 2 * epsilon`` (``density`` when ``n = 1``), so the mean
+    keep probability is ``density``. The mask is ``torch.bernoulli(p, generator=generator)`` over the
+    ``[rows, n]`` matrix of probabilities, and each kept entry is divided by its own ``p_r`` (the
+    paper's rescaling, which keeps the expected value of every entry equal to ``delta``).
+
+    Compared with mergekit's ``della_magprune``: the ranks, probabilities and mask are the same for 1-D
+    and 2-D tensors (ties in ``|delta|`` aside), but mergekit rescales the whole pruned tensor by
+    ``|delta|_1 / |pruned|_1`` (``rescale: true``) or not at all, instead of by ``1/p_r`` per entry.
+
+    Args:
+        delta: a task vector; not modified.
+        density: mean keep probability, > 0; ``>= 1`` keeps everything.
+        epsilon: half the spread of keep probabilities across ranks, >= 0; ``density - epsilon`` must be
+            > 0 and ``density + epsilon`` at most 1.
+        generator: the random stream, on ``delta``'s device.
+
+    Returns:
+        A new tensor, or ``delta`` itself (not a copy, no random draw) when ``density >= 1``.
+
+    Raises:
+        WeightkitError: ``density <= 0``, ``epsilon < 0``, or ``density ± epsilon`` outside ``(0, 1]``.
+    """
+    _check_density(density, "della_prune")
+    if density >= 1:
+        return delta
+    if epsilon < 0:
+        raise WeightkitError(f"della_prune: epsilon must be >= 0, got {epsilon}")
+    if not (density - epsilon > 0 and density + epsilon <= 1):
+        raise WeightkitError(
+            f"della_prune: density ± epsilon must stay in (0, 1], got density {density} and epsilon "
+            f"{epsilon} (keep probabilities {density - epsilon:g} to {density + epsilon:g})"
+        )
+    if delta.numel() == 0:
+        return delta.clone()
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    if n == 1:
+        by_rank = torch.full((1,), density, dtype=delta.dtype, device=delta.device)
+    else:
+        # Same operation order as mergekit's (rank_norm * 2 * epsilon), so the probabilities match it bit
+        # for bit and a shared random stream gives a shared mask.
+        by_rank = torch.arange(n, dtype=delta.dtype, device=delta.device) / (n - 1)
+        by_rank = (density - epsilon) + by_rank * 2 * epsilon
+        # density + epsilon == 1 may round a hair above 1 (bernoulli refuses it), and a tiny
+        # density - epsilon may round to 0 (dividing by it would turn dropped entries into NaN).
+        by_rank.clamp_(min=torch.finfo(delta.dtype).tiny, max=1.0)
+    order = torch.argsort(rows.abs(), dim=1)
+    # Scattering the rank-ordered probabilities through the sort order assigns each entry the
+    # probability of its rank without a second argsort (mergekit ranks by argsort(argsort)).
+    prob = torch.empty_like(rows).scatter_(1, order, by_rank.expand_as(rows))
+    del order
+    out = torch.empty_like(rows).bernoulli_(prob, generator=generator)
+    return out.mul_(rows).div_(prob).view(delta.shape)
+
+
+def elect_signs(weighted_deltas: Tensor) -> Tensor:
+    """TIES sign election over stacked weighted task vectors.
+
+    The elected sign of an entry is the sign of the sum over models (a sum of exactly 0 elects +). An
+    entry agrees when its own sign equals the elected one; a zero entry (trimmed, or a zero weight) has
+    no sign and never agrees, so it is left out of the disjoint mean's divisor. This is mergekit's
+    ``get_mask(method="sum")``.
+
+    Args:
+        weighted_deltas: ``[n_models, ...]``, model ``i``'s task vector times its weight.
+
+    Returns:
+        A bool mask of the same shape, True where the entry agrees with the elected sign.
+    """
+    positive = weighted_deltas.sum(dim=0) >= 0
+    return torch.where(positive, weighted_deltas > 0, weighted_deltas < 0)
+
+
+def task_arithmetic(
+    base: Tensor,
+    deltas: list[Tensor],
+    weights: list[float],
+    *,
+    sign_consensus: bool = False,
+    normalize: bool = False,
+    scale: float = 1.0,
+) -> Tensor:
+    """Add a weighted combination of task vectors to the base: the core of every task-vector preset.
+
+    With ``weighted_i = w_i * delta_i``: if ``sign_consensus``, only entries agreeing with
+    :func:`elect_signs` over the ``weighted_i`` are kept; ``mixed`` is the sum of the kept
+    ``weighted_i``; if ``normalize``, ``mixed`` is divided per entry by the sum of the ``w_i`` whose
+    entries were kept (by 1 where that sum is 0; without sign consensus the divisor is ``sum(w_i)``,
+    replaced by 1 when its magnitude is below 1e-8, as mergekit does); the result is
+    ``base + scale * mixed``. TIES is ``sign_consensus=True, normalize=True`` on trimmed deltas; plain
+    task arithmetic is both False.
+
+    Args:
+        base: the base model's tensor; not modified.
+        deltas: one task vector per fine-tuned model (already sparsified if the preset does so), each
+            of ``base``'s shape; not modified.
+        weights: one weight per task vector.
+        sign_consensus: drop entries whose weighted sign disagrees with the elected sign (TIES).
+        normalize: divide by the sum of the weights that contributed (TIES's disjoint mean).
+        scale: multiplies the combined task vector (mergekit's ``lambda``).
+
+    Returns:
+        A new tensor of ``base``'s shape and dtype (a copy of ``base`` when ``deltas`` is empty).
+
+    Raises:
+        WeightkitError: a delta/weight count mismatch or a delta whose shape differs from ``base``.
+    """
+    if len(deltas) != len(weights):
+        raise WeightkitError(f"task_arithmetic got {len(deltas)} task vectors but {len(weights)} weights")
+    for i, delta in enumerate(deltas):
+        if delta.shape != base.shape:
+            raise WeightkitError(
+                f"task_arithmetic: task vector {i} has shape {tuple(delta.shape)}, the base has "
+                f"{tuple(base.shape)}"
+            )
+    if not deltas:
+        return base.clone()
+
+    weights = [float(w) for w in weights]
+    if sign_consensus:
+        # Streaming one model at a time gives exactly elect_signs on the stacked weighted deltas, without
+        # an [n_models, ...] stack and mask (n_models extra copies of a 32000x4096 embedding).
+        positive = _weighted_sum(deltas, weights) >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for delta, weight in zip(deltas, weights, strict=True):
+            weighted = delta * weight
+            agrees = torch.where(positive, weighted > 0, weighted < 0)
+            mixed.add_(weighted.mul_(agrees))
+            if divisor is not None:
+                divisor.add_(agrees, alpha=weight)
+            del weighted, agrees
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1.0)
+            mixed.div_(divisor)
+    else:
+        mixed = _weighted_sum(deltas, weights)
+        if normalize:
+            total = float(torch.tensor(weights, dtype=base.dtype).sum())
+            mixed.div_(total if abs(total) >= _ZERO_WEIGHT_SUM else 1.0)
+    if scale != 1:
+        mixed.mul_(scale)
+    return mixed.add_(base)
+
+
+def _weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
+    """``sum_i w_i delta_i`` in one new buffer, adding the models in order."""
+    out = deltas[0] * weights[0]
+    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
+        out.add_(delta * weight)
+    return out
+
+
+def sign_conflict_rate(deltas: list[Tensor]) -> float:
+    """Fraction of entries where the non-zero task vectors do not all share one sign.
+
+    An entry conflicts when at least one delta is > 0 there and at least one is < 0; zeros are ignored.
+
+    Args:
+        deltas: task vectors of one shape; not modified.
+
+    Returns:
+        A float in ``[0, 1]`` (0.0 for no deltas or empty tensors).
+
+    Raises:
+        WeightkitError: the deltas' shapes differ.
+    """
+    if not deltas or deltas[0].numel() == 0:
+        return 0.0
+    for i, delta in enumerate(deltas):
+        if delta.shape != deltas[0].shape:
+            raise WeightkitError(
+                f"sign_conflict_rate: task vector {i} has shape {tuple(delta.shape)}, task vector 0 has "
+                f"{tuple(deltas[0].shape)}"
+            )
+    any_positive = deltas[0] > 0
+    any_negative = deltas[0] < 0
+    for delta in deltas[1:]:
+        any_positive |= delta > 0
+        any_negative |= delta < 0
+    return float(any_positive.logical_and_(any_negative).sum()) / deltas[0].numel()

@@ -1,0 +1,365 @@
+"""Tests for weightkit.merge.task_arithmetic: sparsifiers, sign election and the task-arithmetic core.
+
+Each function is compared with the paper's rule written out entry by entry in Python (sorted lists for
+ranks, loops for sums), and the random sparsifiers with the Bernoulli draws of an identically seeded
+generator and with their expected values over many draws.
+"""
+
+import pytest
+import torch
+
+from weightkit.errors import WeightkitError
+from weightkit.merge.task_arithmetic import (
+    breadcrumbs_prune,
+    della_prune,
+    elect_signs,
+    magnitude_prune,
+    random_drop,
+    sign_conflict_rate,
+    task_arithmetic,
+)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def trim_reference(delta, density):
+    """TIES trim: keep the int(density * n) entries of largest |value|."""
+    values = [float(v) for v in delta.reshape(-1)]
+    k = int(density * len(values))
+    keep = set(sorted(range(len(values)), key=lambda i: -abs(values[i]))[:k])
+    out = [v if i in keep else 0.0 for i, v in enumerate(values)]
+    return torch.tensor(out, dtype=delta.dtype).reshape(delta.shape)
+
+
+def breadcrumbs_reference(delta, density, gamma):
+    """Drop the n_top largest and n_bottom smallest |values| (mergekit's counts); keep the band between."""
+    values = [float(v) for v in delta.reshape(-1)]
+    n = len(values)
+    n_keep, n_top = int(density * n), int(gamma * n)
+    n_bottom = n - n_keep - n_top
+    if n_bottom < 0:
+        n_top, n_bottom = n_top + n_bottom, 0
+    ascending = sorted(range(n), key=lambda i: abs(values[i]))
+    keep = set(ascending[n_bottom : n - n_top])
+    out = [v if i in keep else 0.0 for i, v in enumerate(values)]
+    return torch.tensor(out, dtype=delta.dtype).reshape(delta.shape), keep
+
+
+def della_probabilities_reference(rows, density, epsilon):
+    """Keep probability of every entry: density - eps for the smallest |value| of its row, rising
+    linearly with rank to density + eps for the largest."""
+    probs = []
+    for row in rows.tolist():
+        n = len(row)
+        rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: abs(row[i])))}
+        probs.append(
+            [density if n == 1 else density - epsilon + 2 * epsilon * rank[i] / (n - 1) for i in range(n)]
+        )
+    return torch.tensor(probs, dtype=torch.float64)
+
+
+def task_arithmetic_reference(base, deltas, weights, sign_consensus, normalize, scale):
+    """Entry by entry: weighted deltas, sign election (sum >= 0 elects +), kept sum, kept-weight divisor."""
+    flat_deltas = [[float(v) for v in d.reshape(-1)] for d in deltas]
+    out = []
+    for j, b in enumerate(float(v) for v in base.reshape(-1)):
+        weighted = [w * d[j] for w, d in zip(weights, flat_deltas, strict=True)]
+        if sign_consensus:
+            elected = 1.0 if sum(weighted) >= 0 else -1.0
+            kept = [i for i, x in enumerate(weighted) if x != 0 and (x > 0) == (elected > 0)]
+            mixed = sum(weighted[i] for i in kept)
+            divisor = sum(weights[i] for i in kept)
+            divisor = divisor if divisor != 0 else 1.0
+        else:
+            mixed = sum(weighted)
+            divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+        out.append(b + scale * (mixed / divisor if normalize else mixed))
+    return torch.tensor(out, dtype=torch.float64).reshape(base.shape)
+
+
+# ---------------------------------------------------------------------------------------------- TIES trim
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("shape", [(40,), (6, 7), (2, 3, 5)])
+def test_magnitude_prune_keeps_the_largest(density, shape):
+    delta = randn(*shape, seed=1)
+    got = magnitude_prune(delta, density)
+    assert got.shape == delta.shape
+    assert torch.equal(got, trim_reference(delta, density))
+    assert int((got != 0).sum()) == int(density * delta.numel())
+
+
+def test_magnitude_prune_edge_densities():
+    delta = randn(5, 4, seed=2)
+    assert magnitude_prune(delta, 1.0) is delta
+    assert magnitude_prune(delta, 1.5) is delta
+    # int(0.01 * 20) == 0 entries to keep.
+    assert torch.equal(magnitude_prune(delta, 0.01), torch.zeros_like(delta))
+    with pytest.raises(WeightkitError, match="density"):
+        magnitude_prune(delta, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- DARE
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_random_drop_follows_the_generator_bernoulli_draw(density):
+    delta = randn(8, 9, seed=3)
+    got = random_drop(delta, density, gen(42))
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=gen(42)).bool()
+    assert torch.equal(got != 0, mask)
+    for j, (g, d, m) in enumerate(zip(got.reshape(-1), delta.reshape(-1), mask.reshape(-1), strict=True)):
+        expected = float(d) / density if m else 0.0
+        assert abs(float(g) - expected) <= 1e-6 * abs(expected), j
+
+
+def test_random_drop_is_unbiased_and_keeps_density():
+    delta = randn(4, 5, seed=4)
+    density, draws = 0.3, 4000
+    generator = gen(0)
+    total = torch.zeros(4, 5, dtype=torch.float64)
+    for _ in range(draws):
+        total += random_drop(delta, density, generator)
+    # Relative standard error sqrt((1 - p) / (p * draws)) = 2.4%: 12% is 5 standard errors.
+    assert torch.allclose(total / draws, delta.double(), rtol=0.12, atol=0.0)
+    big = random_drop(torch.ones(200_000), density, gen(1))
+    assert abs(float((big != 0).double().mean()) - density) < 0.005
+
+
+def test_random_drop_is_deterministic_and_leaves_input():
+    delta = randn(30, seed=5)
+    copy = delta.clone()
+    first, second = random_drop(delta, 0.5, gen(7)), random_drop(delta, 0.5, gen(7))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, random_drop(delta, 0.5, gen(8)))
+    assert torch.equal(delta, copy)
+    assert random_drop(delta, 1.0, gen(7)) is delta
+    with pytest.raises(WeightkitError, match="density"):
+        random_drop(delta, -0.1, gen(7))
+
+
+# ---------------------------------------------------------------------------------------------- Breadcrumbs
+
+
+@pytest.mark.parametrize(
+    ("density", "gamma"),
+    [
+        (0.5, 0.1),  # 4 outliers and 16 small entries dropped out of 40
+        (0.9, 0.2),  # density + gamma > 1: only 4 outliers can go
+        (0.5, 0.01),  # int(0.4) = 0 outliers: the band reaches the top
+        (0.3, 0.0),
+        (0.6, 0.4),  # nothing small is dropped
+    ],
+)
+def test_breadcrumbs_keeps_exactly_the_middle_band(density, gamma):
+    delta = randn(5, 8, seed=6)
+    expected, keep = breadcrumbs_reference(delta, density, gamma)
+    got = breadcrumbs_prune(delta, density, gamma)
+    assert torch.equal(got, expected)
+    kept = {i for i, v in enumerate(got.reshape(-1).tolist()) if v != 0}
+    assert kept == keep and len(kept) == int(density * delta.numel())
+
+
+def test_breadcrumbs_drops_the_largest_entries():
+    delta = torch.tensor([0.1, -5.0, 0.3, 0.2, -0.4, 4.0, 0.05, 0.6, -0.7, 0.8])
+    got = breadcrumbs_prune(delta, 0.5, 0.2)
+    # Outliers -5 and 4 and the three smallest (0.05, 0.1, 0.2) go; the middle five stay.
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 0.3, 0.0, -0.4, 0.0, 0.0, 0.6, -0.7, 0.8]))
+
+
+def test_breadcrumbs_validation():
+    delta = randn(10, seed=7)
+    assert breadcrumbs_prune(delta, 1.0, 0.1) is delta
+    with pytest.raises(WeightkitError, match="gamma"):
+        breadcrumbs_prune(delta, 0.5, 1.5)
+    with pytest.raises(WeightkitError, match="density"):
+        breadcrumbs_prune(delta, 0.0, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- DELLA
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.5, 0.2), (0.3, 0.1), (0.75, 0.25), (0.6, 0.0)])
+@pytest.mark.parametrize("shape", [(6, 9), (11,), (3, 2, 4), (5, 1)])
+def test_della_mask_and_rescaling_follow_the_rank_rule(shape, density, epsilon):
+    delta = randn(*shape, seed=8)
+    rows = delta.reshape(1, -1) if delta.dim() == 1 else delta.reshape(shape[0], -1)
+    probs = della_probabilities_reference(rows, density, epsilon)
+    mask = torch.bernoulli(probs.float(), generator=gen(3)).bool()
+    got = della_prune(delta, density, epsilon, gen(3)).reshape(rows.shape)
+    assert torch.equal(got != 0, mask)
+    expected = torch.where(mask, rows.double() / probs, 0.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0.0)
+
+
+def test_della_keep_frequency_grows_with_rank_and_is_unbiased():
+    # 20000 identical rows: each column's keep frequency estimates its rank's keep probability.
+    row = torch.tensor([0.5, -3.0, 0.1, 2.0, -1.0])
+    delta = row.repeat(20_000, 1)
+    density, epsilon = 0.5, 0.3
+    got = della_prune(delta, density, epsilon, gen(11))
+    frequency = (got != 0).double().mean(dim=0)
+    expected = della_probabilities_reference(row[None], density, epsilon)[0]
+    # Ranks of |row|: 0.5 -> 1, 3.0 -> 4, 0.1 -> 0, 2.0 -> 3, 1.0 -> 2.
+    torch.testing.assert_close(expected, torch.tensor([0.35, 0.8, 0.2, 0.65, 0.5], dtype=torch.float64))
+    # Standard error at most sqrt(0.25 / 20000) = 0.0035.
+    assert (frequency - expected).abs().max() < 0.02
+    assert (got.double().mean(dim=0) - row.double()).abs().max() < 0.06
+
+
+def test_della_is_deterministic_and_validates():
+    delta = randn(4, 6, seed=9)
+    copy = delta.clone()
+    assert torch.equal(della_prune(delta, 0.5, 0.1, gen(1)), della_prune(delta, 0.5, 0.1, gen(1)))
+    assert torch.equal(delta, copy)
+    assert della_prune(delta, 1.0, 0.1, gen(1)) is delta
+    for density, epsilon in [(0.2, 0.2), (0.9, 0.15), (0.5, -0.1), (0.0, 0.0)]:
+        with pytest.raises(WeightkitError, match="density|epsilon"):
+            della_prune(delta, density, epsilon, gen(1))
+
+
+def test_della_with_keep_probability_one_keeps_the_largest_unscaled():
+    delta = torch.tensor([[0.1, 0.9, -0.5], [2.0, -0.2, 0.3]])
+    got = della_prune(delta, 0.75, 0.25, gen(2))
+    # The largest entry of each row has probability 1: always kept, divided by 1.
+    assert float(got[0, 1]) == pytest.approx(0.9) and float(got[1, 0]) == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- sign election
+
+
+def test_elect_signs_matches_loop():
+    stacked = torch.tensor(
+        [
+            [1.0, -2.0, 0.0, 3.0, -1.0, 0.0],
+            [-1.0, 1.0, 2.0, -1.0, 1.0, 0.0],
+            [0.0, -0.5, -1.0, -1.0, 0.0, 0.0],
+        ]
+    )
+    got = elect_signs(stacked)
+    expected = torch.zeros_like(stacked, dtype=torch.bool)
+    for j in range(stacked.shape[1]):
+        column = [float(v) for v in stacked[:, j]]
+        elected = 1.0 if sum(column) >= 0 else -1.0
+        for i, v in enumerate(column):
+            expected[i, j] = v != 0 and (v > 0) == (elected > 0)
+    assert torch.equal(got, expected)
+    # Column 0 sums to 0: + is elected, so only the positive entry agrees; zeros never agree.
+    assert got[:, 0].tolist() == [True, False, False]
+    assert got[:, 5].tolist() == [False, False, False]
+
+
+def test_sign_conflict_rate_matches_loop():
+    deltas = [randn(7, 5, seed=s) for s in range(3)]
+    deltas[0][0, :] = 0.0
+    deltas[1][0, :3] = 0.0
+    deltas[2][0, :] = deltas[0][0, :].abs() + 1  # row 0: at most one non-zero sign per column
+    expected = 0
+    columns = list(zip(*[d.reshape(-1).tolist() for d in deltas], strict=True))
+    for values in columns:
+        expected += any(v > 0 for v in values) and any(v < 0 for v in values)
+    assert sign_conflict_rate(deltas) == pytest.approx(expected / len(columns))
+    assert sign_conflict_rate([deltas[0], deltas[0]]) == 0.0
+    assert sign_conflict_rate([deltas[1], -deltas[1]]) == pytest.approx(
+        float((deltas[1] != 0).double().mean())
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the core
+
+
+@pytest.mark.parametrize("sign_consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(("weights", "scale"), [([1.0, 1.0, 1.0], 1.0), ([0.7, -0.4, 1.3], 0.5)])
+def test_task_arithmetic_matches_reference(sign_consensus, normalize, weights, scale):
+    base = randn(6, 5, seed=20)
+    deltas = [randn(6, 5, seed=21 + i) for i in range(3)]
+    deltas[1][0] = 0.0
+    copies = [d.clone() for d in deltas], base.clone()
+    got = task_arithmetic(
+        base, deltas, weights, sign_consensus=sign_consensus, normalize=normalize, scale=scale
+    )
+    expected = task_arithmetic_reference(base, deltas, weights, sign_consensus, normalize, scale)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(d, c) for d, c in zip(deltas, copies[0], strict=True))
+    assert torch.equal(base, copies[1])
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_equals_trim_elect_disjoint_mean(density):
+    base = randn(8, 6, seed=30)
+    deltas = [randn(8, 6, seed=31 + i) for i in range(3)]
+    weights = [1.0, 0.6, 0.8]
+    got = task_arithmetic(
+        base,
+        [magnitude_prune(d, density) for d in deltas],
+        weights,
+        sign_consensus=True,
+        normalize=True,
+    )
+    # The reference runs on reference-trimmed deltas: trim, elect, disjoint mean, all by loops.
+    expected = task_arithmetic_reference(
+        base, [trim_reference(d, density) for d in deltas], weights, True, True, 1.0
+    )
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_differs_from_the_average_where_signs_conflict():
+    base = torch.zeros(3)
+    deltas = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -0.5, 3.0])]
+    ties = task_arithmetic(base, deltas, [1.0, 1.0], sign_consensus=True, normalize=True)
+    average = task_arithmetic(base, deltas, [1.0, 1.0], normalize=True)
+    # Entry 1: + is elected (2 - 0.5 > 0), so only the first model counts, divided by its weight alone.
+    assert ties.tolist() == [1.0, 2.0, 3.0]
+    assert average.tolist() == [1.0, 0.75, 3.0]
+
+
+def test_ties_elects_plus_on_a_tie_and_ignores_zero_entries():
+    base = torch.zeros(2)
+    deltas = [torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 4.0])]
+    got = task_arithmetic(base, deltas, [1.0, 1.0, 1.0], sign_consensus=True, normalize=True)
+    # Entry 0 sums to exactly 0: + wins, and the zero delta of model 2 is not in the divisor (1, not 2).
+    # Entry 1: only model 2 has a sign, so the disjoint mean is 4 / 1.
+    assert got.tolist() == [1.0, 4.0]
+
+
+def test_merging_a_model_with_itself_returns_it():
+    base = randn(5, 4, seed=40)
+    finetuned = base + 0.1 * randn(5, 4, seed=41)
+    delta = finetuned - base
+    ties = task_arithmetic(base, [delta, delta], [0.5, 0.5], sign_consensus=True, normalize=True)
+    torch.testing.assert_close(ties, finetuned, rtol=1e-6, atol=1e-6)
+    mean = task_arithmetic(base, [delta, delta, delta], [1.0, 2.0, 3.0], normalize=True)
+    torch.testing.assert_close(mean, finetuned, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("sign_consensus", "normalize"), [(False, False), (True, True), (False, True)])
+def test_weight_zero_returns_the_base(sign_consensus, normalize):
+    base = randn(4, 3, seed=50)
+    out = task_arithmetic(
+        base, [randn(4, 3, seed=51)], [0.0], sign_consensus=sign_consensus, normalize=normalize
+    )
+    assert torch.equal(out, base)
+    assert out.data_ptr() != base.data_ptr()
+
+
+def test_task_arithmetic_scale_and_validation():
+    base = torch.ones(3)
+    delta = torch.tensor([1.0, -2.0, 0.5])
+    assert task_arithmetic(base, [delta], [2.0], scale=0.5).tolist() == [2.0, -1.0, 1.5]
+    empty = task_arithmetic(base, [], [])
+    assert torch.equal(empty, base) and empty.data_ptr() != base.data_ptr()
+    with pytest.raises(WeightkitError, match="1 task vectors but 2 weights"):
+        task_arithmetic(base, [delta], [1.0, 1.0])
+    with pytest.raises(WeightkitError, match="shape"):
+        task_arithmetic(base, [torch.ones(4)], [1.0])
