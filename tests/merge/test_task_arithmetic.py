@@ -35,7 +35,8 @@ def trim_reference(delta, density):
     """TIES trim: keep the int(density * n) entries of largest |value|."""
     values = [float(v) for v in delta.reshape(-1)]
     k = int(density * len(values))
-    keep = set(sorted(range(len(values)), key=lambda i: -abs(values[i]))[:k])
+    # Largest first; among equal magnitudes the lower index first.
+    keep = set(sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))[:k])
     out = [v if i in keep else 0.0 for i, v in enumerate(values)]
     return torch.tensor(out, dtype=delta.dtype).reshape(delta.shape)
 
@@ -48,7 +49,8 @@ def breadcrumbs_reference(delta, density, gamma):
     n_bottom = n - n_keep - n_top
     if n_bottom < 0:
         n_top, n_bottom = n_top + n_bottom, 0
-    ascending = sorted(range(n), key=lambda i: abs(values[i]))
+    # Among equal magnitudes the lower index ranks higher (sorts later in increasing order).
+    ascending = sorted(range(n), key=lambda i: (abs(values[i]), -i))
     keep = set(ascending[n_bottom : n - n_top])
     out = [v if i in keep else 0.0 for i, v in enumerate(values)]
     return torch.tensor(out, dtype=delta.dtype).reshape(delta.shape), keep
@@ -60,7 +62,7 @@ def della_probabilities_reference(rows, density, epsilon):
     probs = []
     for row in rows.tolist():
         n = len(row)
-        rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: abs(row[i])))}
+        rank = {i: r for r, i in enumerate(sorted(range(n), key=lambda i: (abs(row[i]), -i)))}
         probs.append(
             [density if n == 1 else density - epsilon + 2 * epsilon * rank[i] / (n - 1) for i in range(n)]
         )
@@ -97,6 +99,16 @@ def test_magnitude_prune_keeps_the_largest(density, shape):
     assert got.shape == delta.shape
     assert torch.equal(got, trim_reference(delta, density))
     assert int((got != 0).sum()) == int(density * delta.numel())
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.7])
+def test_magnitude_prune_breaks_ties_by_index(density):
+    # Magnitudes 0..3 only: every cut falls inside a run of equal magnitudes (zeros included).
+    delta = torch.randint(-3, 4, (50,), generator=gen(12)).float()
+    got = magnitude_prune(delta, density)
+    assert torch.equal(got, trim_reference(delta, density))
+    nonzero_kept = int((got != 0).sum())
+    assert nonzero_kept == min(int(density * 50), int((delta != 0).sum()))
 
 
 def test_magnitude_prune_edge_densities():
@@ -170,6 +182,13 @@ def test_breadcrumbs_keeps_exactly_the_middle_band(density, gamma):
     assert kept == keep and len(kept) == int(density * delta.numel())
 
 
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.1), (0.3, 0.2), (0.8, 0.1), (0.2, 0.3)])
+def test_breadcrumbs_breaks_ties_by_index(density, gamma):
+    delta = torch.randint(-3, 4, (6, 10), generator=gen(13)).float()
+    expected, _ = breadcrumbs_reference(delta, density, gamma)
+    assert torch.equal(breadcrumbs_prune(delta, density, gamma), expected)
+
+
 def test_breadcrumbs_drops_the_largest_entries():
     delta = torch.tensor([0.1, -5.0, 0.3, 0.2, -0.4, 4.0, 0.05, 0.6, -0.7, 0.8])
     got = breadcrumbs_prune(delta, 0.5, 0.2)
@@ -200,6 +219,16 @@ def test_della_mask_and_rescaling_follow_the_rank_rule(shape, density, epsilon):
     assert torch.equal(got != 0, mask)
     expected = torch.where(mask, rows.double() / probs, 0.0)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0.0)
+
+
+def test_della_breaks_ties_by_index():
+    delta = torch.randint(-2, 3, (4, 12), generator=gen(14)).float()
+    probs = della_probabilities_reference(delta, 0.5, 0.3)
+    mask = torch.bernoulli(probs.float(), generator=gen(5)).bool()
+    got = della_prune(delta, 0.5, 0.3, gen(5))
+    torch.testing.assert_close(
+        got.double(), torch.where(mask, delta.double() / probs, 0.0), rtol=1e-6, atol=0.0
+    )
 
 
 def test_della_keep_frequency_grows_with_rank_and_is_unbiased():

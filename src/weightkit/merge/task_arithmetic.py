@@ -32,6 +32,8 @@ where a function's docstring says otherwise. The deliberate differences, in one 
   dimensions (mergekit ranks along dim 1 only), accepts ``density + epsilon == 1`` (mergekit requires
   ``< 1``), and gives a one-entry row the keep probability ``density`` (mergekit divides 0 by 0).
 - A density <= 0 is refused here (mergekit returns zeros for some sparsifiers).
+- Ties in ``|delta|`` are broken the same way everywhere (the lower flattened index ranks higher), where
+  mergekit's order among equal magnitudes is whatever its unstable sort gives.
 """
 
 import torch
@@ -58,11 +60,34 @@ def _check_density(density: float, method: str) -> None:
         raise WeightkitError(f"{method}: density must be > 0 (1 keeps every entry), got {density}")
 
 
+def _largest_mask(magnitude: Tensor, k: int) -> Tensor:
+    """Bool mask of exactly ``k`` entries of a flat non-negative tensor, the largest ones.
+
+    Among equal magnitudes the lower index ranks higher. Ties at a threshold of 0 are not filled: those
+    entries are zeros, so keeping or dropping them gives the same tensor, and listing millions of zero
+    entries (a frozen embedding's delta) would cost 8 bytes each.
+    """
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    # A selection on a copy of the values (O(n)); torch.topk keeps (value, index) pairs for every entry
+    # and peaks at ~6 tensors' worth of memory on a 32000x4096 embedding, kthvalue at ~3.
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    mask = magnitude > threshold
+    missing = k - int(torch.count_nonzero(mask))
+    if missing > 0 and bool(threshold > 0):
+        ties = torch.nonzero(magnitude == threshold).squeeze(1)[:missing]
+        mask[ties] = True
+    return mask
+
+
 def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     """TIES trim: keep the ``k = int(density * numel)`` entries of largest magnitude, zero the rest.
 
-    Exactly ``k`` entries are kept; among entries of equal magnitude at the cut, which ones survive is
-    up to ``torch.topk``. ``k = 0`` (a tiny tensor at a low density) gives all zeros.
+    Exactly ``k`` entries are kept; among equal magnitudes at the cut the lower (flattened) index wins.
+    ``k = 0`` (a tiny tensor at a low density) gives all zeros.
 
     Args:
         delta: a task vector; not modified.
@@ -78,13 +103,11 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     if density >= 1:
         return delta
     flat = delta.reshape(-1)
-    k = int(density * flat.numel())
-    out = torch.zeros_like(flat)
-    if k > 0:
-        # Unsorted top-k is a selection (O(n)), not the full argsort mergekit uses.
-        keep = torch.topk(flat.abs(), k, sorted=False).indices
-        out[keep] = flat[keep]
-    return out.view(delta.shape)
+    magnitude = flat.abs()
+    drop = _largest_mask(magnitude, int(density * flat.numel())).logical_not_()
+    # The magnitudes are no longer needed: their buffer becomes the output. (masked_fill_, because
+    # multiplying by a bool mask would make a float copy of it.)
+    return magnitude.copy_(flat).masked_fill_(drop, 0.0).view(delta.shape)
 
 
 def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -119,7 +142,8 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
     Counts follow mergekit's ``magnitude_outliers``: with ``n = numel``, ``n_top = int(gamma * n)``
     and ``n_bottom = n - int(density * n) - n_top``; if ``n_bottom < 0`` the outliers removed shrink to
     ``n_top + n_bottom`` and ``n_bottom`` becomes 0. The kept band is ranks ``[n_bottom, n - n_top)`` in
-    increasing magnitude: always exactly ``int(density * n)`` entries.
+    increasing magnitude (among equal magnitudes the lower index ranks higher): always exactly
+    ``int(density * n)`` entries.
 
     Args:
         delta: a task vector; not modified.
@@ -145,29 +169,25 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
     n_bottom = n - n_keep - n_top
     if n_bottom < 0:
         n_top += n_bottom
-    out = torch.zeros_like(flat)
-    if n_keep == 0:
-        return out.view(delta.shape)
     magnitude = flat.abs()
-    # The n_keep + n_top largest entries, minus the n_top largest among them, is the band; two
-    # selections instead of a full sort.
-    band = torch.topk(magnitude, n_keep + n_top, sorted=False).indices
-    out[band] = flat[band]
+    # The band is the n_keep + n_top largest minus the n_top largest; with the same tie rule the second
+    # set lies inside the first, so exactly n_keep entries remain.
+    drop = _largest_mask(magnitude, n_keep + n_top).logical_not_()
     if n_top > 0:
-        outliers = band[torch.topk(magnitude[band], n_top, sorted=False).indices]
-        out[outliers] = 0
-    return out.view(delta.shape)
+        drop.logical_or_(_largest_mask(magnitude, n_top))
+    return magnitude.copy_(flat).masked_fill_(drop, 0.0).view(delta.shape)
 
 
 def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
     """DELLA's MagPrune: keep entries with a probability that grows with their magnitude rank in the row.
 
     Rows are ``delta.reshape(shape[0], -1)`` (a 1-D tensor is one row). In a row of ``n`` entries ranked
-    ``r = 0 .. n-1`` by increasing ``|delta|``, entry ``r`` is kept with probability
-    ``p_r = (density - epsilon) + r / (n - 1) * 2 * epsilon`` (``density`` when ``n = 1``), so the mean
-    keep probability is ``density``. The mask is ``torch.bernoulli(p, generator=generator)`` over the
-    ``[rows, n]`` matrix of probabilities, and each kept entry is divided by its own ``p_r`` (the
-    paper's rescaling, which keeps the expected value of every entry equal to ``delta``).
+    ``r = 0 .. n-1`` by increasing ``|delta|`` (among equal magnitudes the lower index ranks higher),
+    entry ``r`` is kept with probability ``p_r = (density - epsilon) + r / (n - 1) * 2 * epsilon``
+    (``density`` when ``n = 1``), so the mean keep probability is ``density``. The mask is
+    ``torch.bernoulli(p, generator=generator)`` over the ``[rows, n]`` matrix of probabilities, and each
+    kept entry is divided by its own ``p_r`` (the paper's rescaling, which keeps the expected value of
+    every entry equal to ``delta``).
 
     Compared with mergekit's ``della_magprune``: the ranks, probabilities and mask are the same for 1-D
     and 2-D tensors (ties in ``|delta|`` aside), but mergekit rescales the whole pruned tensor by
@@ -210,10 +230,12 @@ def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.
         # density + epsilon == 1 may round a hair above 1 (bernoulli refuses it), and a tiny
         # density - epsilon may round to 0 (dividing by it would turn dropped entries into NaN).
         by_rank.clamp_(min=torch.finfo(delta.dtype).tiny, max=1.0)
-    order = torch.argsort(rows.abs(), dim=1)
-    # Scattering the rank-ordered probabilities through the sort order assigns each entry the
+    # Largest first, stable: among equal magnitudes the lower index ranks higher, as in the other
+    # sparsifiers, and the result does not depend on the sort algorithm.
+    order = torch.argsort(rows.abs(), dim=1, descending=True, stable=True)
+    # Scattering the probabilities (largest first) through the sort order gives each entry the
     # probability of its rank without a second argsort (mergekit ranks by argsort(argsort)).
-    prob = torch.empty_like(rows).scatter_(1, order, by_rank.expand_as(rows))
+    prob = torch.empty_like(rows).scatter_(1, order, by_rank.flip(0).expand_as(rows))
     del order
     out = torch.empty_like(rows).bernoulli_(prob, generator=generator)
     return out.mul_(rows).div_(prob).view(delta.shape)
@@ -291,11 +313,15 @@ def task_arithmetic(
         divisor = torch.zeros_like(base) if normalize else None
         for delta, weight in zip(deltas, weights, strict=True):
             weighted = delta * weight
-            agrees = torch.where(positive, weighted > 0, weighted < 0)
-            mixed.add_(weighted.mul_(agrees))
+            # (weighted > 0) != (elected sign is +) marks every entry of the other sign (a zero entry may
+            # be marked or not; it adds nothing either way). masked_fill_ because arithmetic with a bool
+            # tensor makes a float copy of it.
+            weighted.masked_fill_((weighted > 0).ne_(positive), 0.0)
+            mixed.add_(weighted)
             if divisor is not None:
-                divisor.add_(agrees, alpha=weight)
-            del weighted, agrees
+                # |sign| is 1 exactly on the kept (non-zero, agreeing) entries.
+                divisor.add_(weighted.sign_().abs_(), alpha=weight)
+            del weighted
         if divisor is not None:
             divisor.masked_fill_(divisor == 0, 1.0)
             mixed.div_(divisor)
@@ -344,4 +370,5 @@ def sign_conflict_rate(deltas: list[Tensor]) -> float:
     for delta in deltas[1:]:
         any_positive |= delta > 0
         any_negative |= delta < 0
-    return float(any_positive.logical_and_(any_negative).sum()) / deltas[0].numel()
+    # count_nonzero, not sum: summing a bool tensor first converts it to int64 (8 bytes an entry).
+    return int(torch.count_nonzero(any_positive.logical_and_(any_negative))) / deltas[0].numel()
