@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.linear import linear
 
 __all__ = [
     "magnitude_prune",
@@ -308,7 +309,7 @@ def task_arithmetic(
     if sign_consensus:
         # Streaming one model at a time gives exactly elect_signs on the stacked weighted deltas, without
         # an [n_models, ...] stack and mask (n_models extra copies of a 32000x4096 embedding).
-        positive = _weighted_sum(deltas, weights) >= 0
+        positive = linear(deltas, weights, normalize=False) >= 0
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base) if normalize else None
         for delta, weight in zip(deltas, weights, strict=True):
@@ -326,21 +327,13 @@ def task_arithmetic(
             divisor.masked_fill_(divisor == 0, 1.0)
             mixed.div_(divisor)
     else:
-        mixed = _weighted_sum(deltas, weights)
+        mixed = linear(deltas, weights, normalize=False)
         if normalize:
             total = float(torch.tensor(weights, dtype=base.dtype).sum())
             mixed.div_(total if abs(total) >= _ZERO_WEIGHT_SUM else 1.0)
     if scale != 1:
         mixed.mul_(scale)
     return mixed.add_(base)
-
-
-def _weighted_sum(deltas: list[Tensor], weights: list[float]) -> Tensor:
-    """``sum_i w_i delta_i`` in one new buffer, adding the models in order."""
-    out = deltas[0] * weights[0]
-    for delta, weight in zip(deltas[1:], weights[1:], strict=True):
-        out.add_(delta * weight)
-    return out
 
 
 def sign_conflict_rate(deltas: list[Tensor]) -> float:
