@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
-from weightkit.errors import WeightkitError
+from weightkit.errors import WeightkitError, require_finite
 from weightkit.progress import track
 
 __all__ = ["MergePlan", "TensorJob", "plan_merge", "run_merge"]
@@ -54,9 +54,6 @@ class MergePlan:
     @property
     def reference(self) -> CheckpointReader:
         return self.readers[0]
-
-    def model_names(self) -> list[str]:
-        return [str(r.path) for r in self.readers]
 
 
 def _ties_head(reader: CheckpointReader) -> bool:
@@ -147,8 +144,7 @@ def _plan_tensor(readers: list[CheckpointReader], name: str) -> TensorJob:
 
 def _read(reader: CheckpointReader, source: str) -> Tensor:
     tensor = reader.get(source)
-    if not bool(torch.isfinite(tensor).all()):
-        raise WeightkitError(f"tensor {source} of {reader.path} has NaN or Inf values")
+    require_finite(tensor, f"{source} of {reader.path}")
     return tensor
 
 
@@ -185,10 +181,9 @@ def run_merge(
                 rows = job.merged_rows
                 work = [t.float() if rows is None else t[:rows].float() for t in inputs]
                 merged = merge_tensor(job.name, work)
-                if rows is not None:
-                    merged = torch.cat([merged, inputs[0][rows:].float()]) if job.shape[0] > rows else merged
-                if not bool(torch.isfinite(merged).all()):
-                    raise WeightkitError(f"merging {job.name} gave NaN or Inf values")
+                if rows is not None and job.shape[0] > rows:
+                    merged = torch.cat([merged, inputs[0][rows:].float()])
+                require_finite(merged, f"{job.name} (merged)")
                 merged = merged.to(out_dtype)
                 total += merged.numel() * merged.element_size()
                 writer.add(job.name, merged)
