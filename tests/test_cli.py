@@ -225,3 +225,55 @@ def test_help_explains_the_options(capsys):
         "--json",
     ):
         assert option in text
+
+
+@pytest.fixture
+def merge_recipe(tmp_path):
+    """A mergekit-style TIES recipe over a tiny Llama base and two perturbed copies."""
+    save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    for seed in (1, 2):
+        model = tiny_llama(seed=0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+        save_tiny(model, tmp_path / f"ft{seed}")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "models:\n  - model: ft1\n    parameters: {weight: 0.5, density: 0.5}\n"
+        "  - model: ft2\n    parameters: {weight: 0.5, density: 0.5}\n"
+        "base_model: base\nmerge_method: ties\ndtype: bfloat16\n"
+    )
+    return recipe
+
+
+def test_merge_writes_a_model_transformers_loads_and_reports_conflicts(tmp_path, capsys, merge_recipe):
+    out = tmp_path / "merged"
+    code, stdout, _ = run(capsys, "merge", merge_recipe, "-o", out, "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["method"] == "ties" and summary["tensors"] == 21
+    assert 0.3 < summary["sign_conflict_rate"] < 0.7  # two independent Gaussian deltas: ~1/2
+    merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert merged.dtype == torch.bfloat16
+    code, _, err = run(capsys, "merge", merge_recipe, "-o", out)
+    assert code == 1 and "--force" in err
+
+
+def test_merge_dry_run_validates_and_writes_nothing(tmp_path, capsys, merge_recipe):
+    out = tmp_path / "merged"
+    code, stdout, _ = run(capsys, "merge", merge_recipe, "-o", out, "--dry-run", "--json")
+    plan = json.loads(stdout)
+    assert code == 0 and plan["dry_run"] and plan["tensors"] == 21 and not out.exists()
+    assert plan["output_bytes"] * 2 == plan["input_bytes"] // 3  # bfloat16 out of three float32 models
+    merge_recipe.write_text(merge_recipe.read_text().replace("density: 0.5}", "density: 1.5}", 1))
+    code, _, err = run(capsys, "merge", merge_recipe, "-o", out, "--dry-run")
+    assert code == 1 and "density must be in (0, 1]" in err and "ft1" in err
+
+
+def test_merge_help_shows_a_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for option in ("merge_method", "--dry-run", "--dtype", "--force", "--json"):
+        assert option in text

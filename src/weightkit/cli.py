@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def _mb(n: int) -> str:
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     table = Table(title=title)
     for key in rows[0]:
-        table.add_column(key, justify="left" if key in ("method", "setting", "model", "metric") else "right")
+        table.add_column(key, justify="left" if key in ("method", "setting", "model", "metric", "parameters") else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
@@ -166,6 +167,83 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge import merge, prepare_merge
+    from weightkit.merge.engine import close_plan
+    from weightkit.merge.recipe import DTYPES, load_merge_recipe
+    from weightkit.registry import config_to_dict
+
+    recipe = load_merge_recipe(args.recipe)
+    dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
+    out = Path(args.output)
+    if out.exists() and not args.force and not args.dry_run:
+        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    config = config_to_dict(recipe.config)
+    if args.dry_run:
+        plan, models = prepare_merge(
+            recipe.base, recipe.models, recipe.config, allow_pickle=args.allow_pickle
+        )
+        try:
+            summary = _merge_plan_summary(plan, models, config, dtype)
+        finally:
+            close_plan(plan, models)
+        if not args.json:
+            _print_table("merge plan (dry run: nothing written)", summary["models"])
+            console.print(
+                f"{summary['method']}: {summary['tensors']} tensors, reads {_mb(summary['input_bytes'])}, "
+                f"writes ~{_mb(summary['output_bytes'])} to {out}",
+                highlight=False,
+            )
+        return {"dry_run": True, "output": str(out), **summary}
+    summary = merge(
+        recipe.base,
+        recipe.models,
+        recipe.config,
+        out,
+        dtype=dtype,
+        max_shard_bytes=args.max_shard_size,
+        overwrite=args.force,
+        progress=not args.json,
+        allow_pickle=args.allow_pickle,
+    )
+    summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
+    if not args.json:
+        row = {
+            "method": summary["method"],
+            "models": str(len(summary["models"])),
+            "tensors": str(summary["tensors"]),
+            "output size": _mb(summary["output_bytes"]),
+            "time (s)": f"{summary['seconds']:.1f}",
+        }
+        if "sign_conflict_rate" in summary:
+            row["sign conflicts"] = f"{summary['sign_conflict_rate']:.1%}"
+        _print_table("weightkit merge", [row])
+        console.print(f"saved to [bold]{out}[/bold]")
+    return summary
+
+
+def _merge_plan_summary(plan, models, config: dict[str, Any], dtype) -> dict[str, Any]:
+    """What a merge would do: method, inputs and their parameters, tensors, bytes in and out."""
+    rows = []
+    if plan.has_base:
+        rows.append({"model": f"{plan.reference.path} (base)", "parameters": "-"})
+    for model in models:
+        given = ", ".join(f"{k}={v}" for k, v in model.overrides.items()) or "method defaults"
+        rows.append({"model": str(model.path), "parameters": given})
+    out_bytes = 0
+    for job in plan.jobs:
+        element = (dtype or plan.reference.dtype(job.sources[0])).itemsize
+        out_bytes += element * math.prod(job.shape)
+    return {
+        "method": config["method"],
+        "config": config,
+        "models": rows,
+        "tensors": len(plan.jobs),
+        "input_bytes": sum(r.nbytes() for r in plan.readers),
+        "output_bytes": out_bytes,
+    }
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.demo import run_demo
 
@@ -246,6 +324,48 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-texts", type=int, default=256, help="evaluate on at most this many texts")
     e.set_defaults(run=_cmd_eval)
 
+    m = sub.add_parser(
+        "merge",
+        help="merge fine-tunes of one base model from a mergekit-style YAML recipe",
+        description=(
+            "Merge models with TIES, DARE, task arithmetic, SLERP, Model Stock, Breadcrumbs, DELLA, linear "
+            "averaging and more, streamed tensor by tensor. The recipe uses mergekit's YAML schema "
+            "(models, base_model, merge_method, parameters, dtype), so mergekit recipes run unchanged."
+        ),
+        epilog=(
+            "recipe example:\n"
+            "  models:\n"
+            "    - model: ./math-ft\n"
+            "      parameters: {weight: 0.5, density: 0.5}\n"
+            "    - model: ./code-ft\n"
+            "      parameters: {weight: 0.5, density: 0.5}\n"
+            "  base_model: ./base\n"
+            "  merge_method: ties\n"
+            "  dtype: bfloat16\n\n"
+            "examples:\n"
+            "  weightkit merge recipe.yaml -o ./merged\n"
+            "  weightkit merge recipe.yaml -o ./merged --dry-run"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("recipe", help="YAML merge recipe (mergekit schema)")
+    m.add_argument(
+        "-o", "--output", required=True, help="output model directory (must not exist unless --force)"
+    )
+    m.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="output dtype (default: the recipe's out_dtype/dtype, else each tensor's input dtype)",
+    )
+    m.add_argument(
+        "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
+    )
+    m.add_argument(
+        "--max-shard-size", type=_size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
+    )
+    m.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
+    m.set_defaults(run=_cmd_merge)
+
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
@@ -258,11 +378,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
     d.set_defaults(run=_cmd_demo)
 
-    for p in (c, e, d):
+    for p in (c, e, m, d):
         p.add_argument(
             "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
         )
-    for p in (c, e):
+    for p in (c, e, m):
         p.add_argument(
             "--allow-pickle",
             action="store_true",

@@ -4,6 +4,10 @@ Each method registers itself where it is defined::
 
     register("quant", "gptq", GPTQConfig, gptq_fn)
 
+A family with one core registers each named variant as a *preset* of one config class: the preset's
+values become that name's defaults (``register("merge", "ties", TaskArithmeticConfig, fn,
+preset={"sparsify": "magnitude", "sign_consensus": True, "normalize": True})``).
+
 ``config_from_dict("quant", {"method": "gptq", "bits": 4})`` builds a validated ``GPTQConfig``;
 ``config_to_dict(cfg)`` gives back ``{"method": "gptq", "bits": 4, ...}`` for YAML/JSON.
 """
@@ -25,21 +29,32 @@ class Entry:
     name: str
     config_cls: type
     fn: Callable
+    preset: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
 
 
-def register(kind: str, name: str, config_cls: type, fn: Callable) -> None:
-    """Register ``fn`` as method ``name`` of ``kind``; duplicate names are refused."""
+def register(
+    kind: str, name: str, config_cls: type, fn: Callable, *, preset: dict[str, Any] | None = None
+) -> None:
+    """Register ``fn`` as method ``name`` of ``kind``; duplicate names are refused.
+
+    One config class serves several names only as distinct presets (field values that name the variant).
+    """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"{config_cls.__name__} must be a dataclass")
     methods = _REGISTRY.setdefault(kind, {})
     if name in methods:
         raise ValueError(f"{kind} method {name!r} is already registered")
-    if any(entry.config_cls is config_cls for entry in methods.values()):
-        raise ValueError(f"{config_cls.__name__} is already registered for another {kind} method")
-    methods[name] = Entry(kind, name, config_cls, fn)
+    preset = dict(preset or {})
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    if set(preset) - fields:
+        raise ValueError(f"preset {name!r} sets unknown fields {sorted(set(preset) - fields)}")
+    for entry in methods.values():
+        if entry.config_cls is config_cls and (not preset or not entry.preset or entry.preset == preset):
+            raise ValueError(f"{config_cls.__name__} is already registered for {kind} method {entry.name!r}")
+    methods[name] = Entry(kind, name, config_cls, fn, preset)
 
 
 def names(kind: str) -> list[str]:
@@ -64,12 +79,13 @@ def lookup(kind: str, name: str) -> Entry:
 
 
 def entry_for_config(config: Any) -> Entry:
-    """The entry whose config class is ``type(config)``."""
-    for methods in _REGISTRY.values():
-        for entry in methods.values():
-            if type(config) is entry.config_cls:
-                return entry
-    raise WeightkitError(f"{type(config).__name__} is not a registered method config")
+    """The entry whose config class is ``type(config)``; among presets, the one the config matches best."""
+    entries = [e for methods in _REGISTRY.values() for e in methods.values() if type(config) is e.config_cls]
+    if not entries:
+        raise WeightkitError(f"{type(config).__name__} is not a registered method config")
+    # The variant is named by the preset sharing most values with the config (the first on a tie);
+    # every field is written out anyway, so a config round-trips whichever name it gets.
+    return max(entries, key=lambda e: sum(getattr(config, k) == v for k, v in e.preset.items()))
 
 
 def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
@@ -84,7 +100,7 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
             hint = _did_you_mean(key, fields)
             raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} Options: {', '.join(fields)}")
     try:
-        return entry.config_cls(**data)
+        return entry.config_cls(**{**entry.preset, **data})
     except (TypeError, ValueError) as err:
         raise WeightkitError(f"{entry.name}: {err}") from None
 

@@ -18,18 +18,32 @@ Rules the plan follows:
   are copied from the reference model.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.merge.params import value_for
 from weightkit.progress import track
+from weightkit.registry import entry_for_config
 
-__all__ = ["MergePlan", "TensorJob", "plan_merge", "run_merge"]
+__all__ = [
+    "MergePlan",
+    "TensorJob",
+    "TensorInputs",
+    "plan_merge",
+    "read_job",
+    "run_merge",
+    "prepare_merge",
+    "merge",
+    "close_plan",
+]
 
 _TIED_HEAD = "lm_head.weight"
 
@@ -148,6 +162,15 @@ def _read(reader: CheckpointReader, source: str) -> Tensor:
     return tensor
 
 
+def read_job(plan: MergePlan, job: TensorJob) -> list[Tensor]:
+    """Each model's version of the job's tensor in float32 (base first), cut to the merged vocabulary rows."""
+    work = []
+    for reader, source in zip(plan.readers, job.sources, strict=True):
+        tensor = _read(reader, source)
+        work.append(tensor.float() if job.merged_rows is None else tensor[: job.merged_rows].float())
+    return work
+
+
 def run_merge(
     plan: MergePlan,
     merge_tensor,
@@ -176,15 +199,12 @@ def run_merge(
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             _write_config(writer, plan, dtype)  # before copy_files, which keeps files already written
             for job in track(plan.jobs, "merging", enabled=progress):
-                inputs = [_read(r, s) for r, s in zip(plan.readers, job.sources, strict=True)]
-                out_dtype = dtype or inputs[0].dtype
-                rows = job.merged_rows
-                work = [t.float() if rows is None else t[:rows].float() for t in inputs]
-                merged = merge_tensor(job.name, work)
-                if rows is not None and job.shape[0] > rows:
-                    merged = torch.cat([merged, inputs[0][rows:].float()])
+                merged = merge_tensor(job.name, read_job(plan, job))
+                reference = plan.reference.get(job.sources[0]) if job.merged_rows is not None else None
+                if reference is not None and job.shape[0] > job.merged_rows:
+                    merged = torch.cat([merged, reference[job.merged_rows :].float()])
                 require_finite(merged, f"{job.name} (merged)")
-                merged = merged.to(out_dtype)
+                merged = merged.to(dtype or plan.reference.dtype(job.sources[0]))
                 total += merged.numel() * merged.element_size()
                 writer.add(job.name, merged)
             if plan.reference.directory is not None:
@@ -203,3 +223,214 @@ def _write_config(writer: CheckpointWriter, plan: MergePlan, dtype: torch.dtype 
         key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
         config[key] = str(dtype).removeprefix("torch.")
     writer.write_json("config.json", config)
+
+
+# ---------------------------------------------------------------------------------------------- merge()
+
+ModelSpec = str | Path | dict
+
+
+@dataclass
+class TensorInputs:
+    """What a merge method sees for one output tensor (all float32)."""
+
+    name: str
+    base: Tensor | None  # the base model's tensor (methods that use a base)
+    tensors: list[Tensor]  # one per merged model, in the order the models were given
+    params: list[dict[str, Any]]  # one per merged model: its per-model parameters' values for this tensor
+    values: dict[str, Any]  # the config's per-tensor parameters' values for this tensor
+
+
+@dataclass
+class _Model:
+    path: Path
+    overrides: dict[str, Any]  # per-model parameters given for this model
+    files: dict[str, CheckpointReader] = field(default_factory=dict)  # per-model tensor files (fisher)
+
+
+def _parse_model(item: ModelSpec) -> tuple[Path, dict[str, Any]]:
+    """``"path"`` or ``{"model": "path", "parameters": {...}}`` (the shape of a mergekit recipe entry)."""
+    if isinstance(item, str | Path):
+        return Path(item), {}
+    if not isinstance(item, dict) or "model" not in item or set(item) - {"model", "parameters"}:
+        raise WeightkitError(f"a model is a path or {{model: path, parameters: {{...}}}}, got {item!r}")
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise WeightkitError(f"parameters of {item['model']} must be a mapping, got {parameters!r}")
+    return Path(item["model"]), dict(parameters)
+
+
+def _models(base: str | Path | None, models: list[ModelSpec], config: Any, method: str) -> list[_Model]:
+    """Parse and validate the model entries against the method's per-model parameters."""
+    parsed = [_parse_model(m) for m in models]
+    per_model = getattr(config, "per_model", ())
+    files = getattr(config, "files", ())
+    out = []
+    for path, overrides in parsed:
+        unknown = set(overrides) - set(per_model)
+        if unknown:
+            takes = ", ".join(per_model) or "none"
+            raise WeightkitError(
+                f"{method}: unknown parameter(s) {', '.join(sorted(unknown))} for model {path} "
+                f"(per-model parameters of {method}: {takes})"
+            )
+        numeric = {k: v for k, v in overrides.items() if k not in files}
+        try:  # the config's own validation (ranges, spec shapes) applied to this model's values
+            dataclasses.replace(config, **numeric)
+        except (TypeError, ValueError, WeightkitError) as err:
+            raise WeightkitError(f"{method}, model {path}: {err}") from None
+        model = _Model(path, overrides)
+        for key in files:
+            file = overrides.get(key, getattr(config, key, None))
+            if not file:
+                raise WeightkitError(
+                    f"{method}: model {path} needs a {key!r} file (parameters: {{{key}: path}})"
+                )
+            model.files[key] = CheckpointReader(file)
+        out.append(model)
+    needs_base = getattr(config, "needs_base", True)
+    if needs_base and base is None:
+        raise WeightkitError(f"{method} merges task vectors against a base model; give base_model")
+    if not needs_base and base is not None:
+        listed = [m for m in out if m.path.resolve() == Path(base).resolve()]
+        if not listed:
+            raise WeightkitError(
+                f"{method} does not use a base model: it merges the models listed. base_model {base} is "
+                "not among them; list it under models (with its weight) or leave base_model out"
+            )
+        out = listed + [m for m in out if m not in listed]  # the base is the reference (config, tokenizer)
+    return out
+
+
+def _resolve(spec_source: Any, key: str, name: str, num_layers: int, what: str) -> Any:
+    value = value_for(spec_source, name, num_layers)
+    if value is None:
+        raise WeightkitError(
+            f"{what}: no {key!r} filter entry matches tensor {name} (add an entry without filter)"
+        )
+    return value
+
+
+def _tensor_inputs(
+    config, plan: MergePlan, models: list[_Model], name: str, tensors: list[Tensor]
+) -> TensorInputs:
+    base = tensors[0] if plan.has_base else None
+    merged = tensors[1:] if plan.has_base else tensors
+    params = []
+    for model in models:
+        values: dict[str, Any] = {}
+        for key in getattr(config, "per_model", ()):
+            if key in model.files:
+                values[key] = model.files[key].get(name).float()
+                continue
+            spec = model.overrides.get(key, getattr(config, key))
+            if key in model.overrides and value_for(spec, name, plan.num_layers) is None:
+                spec = getattr(config, key)  # no filter of this model's matched: the method-level value
+            values[key] = _resolve(spec, key, name, plan.num_layers, str(model.path))
+        params.append(values)
+    shared = {
+        key: _resolve(getattr(config, key), key, name, plan.num_layers, "parameters")
+        for key in getattr(config, "per_tensor", ())
+    }
+    return TensorInputs(name, base, merged, params, shared)
+
+
+def merge(
+    base: str | Path | None,
+    models: list[ModelSpec],
+    config: Any,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+) -> dict:
+    """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
+
+    Args:
+        base: the base model directory (task-vector methods, SLERP, Model Stock), or None.
+        models: model directories, or ``{"model": dir, "parameters": {"weight": 0.5, ...}}`` entries
+            whose parameters override the config's per-model defaults for that model.
+        config: a merge config, e.g. ``TaskArithmeticConfig`` from ``config_from_dict("merge",
+            {"method": "ties", "density": 0.5})``.
+        out_dir: the output model directory, written atomically.
+        dtype: output dtype (default: each tensor's dtype in the reference model).
+
+    Returns:
+        A summary: method, models, tensors, output bytes, seconds, and what the method reports
+        (e.g. the sign-conflict rate of TIES-like methods).
+    """
+    entry = entry_for_config(config)
+    plan, parsed = prepare_merge(base, models, config, allow_pickle=allow_pickle)
+    model_params = [
+        {k: m.overrides.get(k, getattr(config, k)) for k in getattr(config, "per_model", ())} for m in parsed
+    ]
+    try:
+        merger = entry.fn(config, plan, model_params)
+    except BaseException:
+        close_plan(plan, parsed)
+        raise
+
+    def merge_tensor(name: str, tensors: list[Tensor]) -> Tensor:
+        return merger(_tensor_inputs(config, plan, parsed, name, tensors))
+
+    try:
+        summary = run_merge(
+            plan,
+            merge_tensor,
+            out_dir,
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    finally:
+        close_plan(plan, parsed)
+    report = getattr(merger, "report", None)
+    return {
+        "method": entry.name,
+        "models": [str(m.path) for m in parsed],
+        "base": str(base) if base is not None and plan.has_base else None,
+        **summary,
+        **(report() if report else {}),
+    }
+
+
+def prepare_merge(
+    base: str | Path | None, models: list[ModelSpec], config: Any, *, allow_pickle: bool = False
+) -> tuple[MergePlan, list[_Model]]:
+    """Validate the models and their parameters and plan the merge (headers only); nothing is read."""
+    method = entry_for_config(config).name
+    parsed = _models(base, models, config, method)
+    try:
+        uses_base = getattr(config, "needs_base", True)
+        plan = plan_merge(base if uses_base else None, [m.path for m in parsed], allow_pickle=allow_pickle)
+        if uses_base:  # plan_merge drops the base from the models if it was listed there too
+            parsed = [m for m in parsed if m.path.resolve() != Path(base).resolve()]
+        for model in parsed:
+            for key, reader in model.files.items():
+                missing = [job.name for job in plan.jobs if job.name not in reader]
+                if missing:
+                    raise WeightkitError(
+                        f"{method}: the {key} file {reader.path} of {model.path} lacks {len(missing)} "
+                        f"tensor(s) of the model, e.g. {', '.join(missing[:3])}"
+                    )
+        low, high = getattr(config, "model_count", (1, None))
+        if not low <= len(parsed) <= (high or len(parsed)):
+            wanted = (
+                f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
+            )
+            besides = " besides the base model" if uses_base else ""
+            raise WeightkitError(f"{method} merges {wanted} model(s){besides}, got {len(parsed)}")
+    except BaseException:
+        close_plan(None, parsed)
+        raise
+    return plan, parsed
+
+
+def close_plan(plan: MergePlan | None, models: list[_Model]) -> None:
+    """Close every reader of a prepared merge (see :func:`prepare_merge`)."""
+    for reader in (plan.readers if plan else []) + [r for m in models for r in m.files.values()]:
+        reader.close()

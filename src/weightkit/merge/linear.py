@@ -8,11 +8,16 @@ definition of mergekit's ``linear`` method. The one difference: mergekit divides
 and writes Inf/NaN weights; here that is refused with a clear error.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.params import Spec, check_spec
+from weightkit.registry import register
 
-__all__ = ["linear"]
+__all__ = ["linear", "LinearConfig"]
 
 # A weight sum this small relative to the weights themselves is a cancellation ([0.1, 0.2, -0.3]), not a
 # scale: dividing by it would blow the merged tensor up by ~1e16.
@@ -58,3 +63,34 @@ def linear(tensors: list[Tensor], weights: list[float], *, normalize: bool = Tru
     if normalize:
         out.div_(total)
     return out
+
+
+@dataclass
+class LinearConfig:
+    """Weighted average of the models (``merge_method: linear``); no base model.
+
+    Attributes:
+        weight: default weight of each model (a model entry's ``weight`` overrides it); a number, a
+            gradient over layers or filter entries (see :mod:`weightkit.merge.params`).
+        normalize: divide by the sum of the weights, so weights need not sum to 1.
+    """
+
+    weight: Spec = 1.0
+    normalize: bool = True
+
+    per_model: ClassVar[tuple[str, ...]] = ("weight",)
+    needs_base: ClassVar[bool] = False
+    model_count: ClassVar[tuple[int, int | None]] = (2, None)
+
+    def __post_init__(self):
+        check_spec(self.weight, "linear: weight")
+
+
+def _linear_merger(config: LinearConfig, plan, model_params):
+    def merge_tensor(inputs):
+        return linear(inputs.tensors, [p["weight"] for p in inputs.params], normalize=config.normalize)
+
+    return merge_tensor
+
+
+register("merge", "linear", LinearConfig, _linear_merger)

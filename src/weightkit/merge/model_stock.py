@@ -22,12 +22,16 @@ not offered here). Differences from mergekit:
   level of float32 rounding.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.registry import register
 
-__all__ = ["model_stock"]
+__all__ = ["model_stock", "ModelStockConfig"]
 
 # Elements of every model handled per step: bounds the stacked [k, chunk] deltas to a few MB instead of k
 # full copies of a 32000x4096 embedding.
@@ -111,3 +115,24 @@ def _delta_gram(base: Tensor, tensors: list[Tensor]) -> Tensor:
             tail = deltas[:, body:]
             gram += (tail @ tail.T).double()
     return gram
+
+
+@dataclass
+class ModelStockConfig:
+    """Model Stock over a base and two or more fine-tuned models (``merge_method: model_stock``).
+
+    It has no parameters: the interpolation ratio of each tensor comes from the angle between the
+    fine-tuned models' task vectors. mergekit's ``filter_wise: true`` (one ratio per row) is not offered.
+    """
+
+    model_count: ClassVar[tuple[int, int | None]] = (2, None)
+
+
+def _model_stock_merger(config: ModelStockConfig, plan, model_params):
+    def merge_tensor(inputs):
+        return model_stock(inputs.base, inputs.tensors)
+
+    return merge_tensor
+
+
+register("merge", "model_stock", ModelStockConfig, _model_stock_merger)

@@ -16,7 +16,7 @@ import re
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["Spec", "check_spec", "value_for", "layer_index"]
+__all__ = ["Spec", "check_spec", "check_range", "value_for", "layer_index"]
 
 Spec = float | int | list
 
@@ -46,6 +46,26 @@ def check_spec(spec: Spec, what: str) -> None:
                 f"got {entry!r}"
             )
         check_spec(entry["value"], what)
+
+
+def _numbers(spec: Spec) -> list[float]:
+    if not isinstance(spec, list):
+        return [float(spec)]
+    if spec and isinstance(spec[0], dict):
+        return [v for entry in spec for v in _numbers(entry["value"])]
+    return [float(v) for v in spec]
+
+
+def check_range(spec: Spec, what: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """Check ``spec`` (see :func:`check_spec`) and that every number in it lies in [low, high].
+
+    ``low_open`` excludes ``low`` itself: (low, high].
+    """
+    check_spec(spec, what)
+    for v in _numbers(spec):
+        if not (low < v if low_open else low <= v) or not v <= high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise WeightkitError(f"{what} must be in {interval}, got {v:g}")
 
 
 def _gradient(values: list[float], tensor_name: str, num_layers: int) -> float:

@@ -17,13 +17,17 @@ uses float32 numpy scalars), and everything stays in torch on the tensors' devic
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.params import Spec, check_spec
+from weightkit.registry import register
 
-__all__ = ["slerp", "COLINEAR_THRESHOLD"]
+__all__ = ["slerp", "COLINEAR_THRESHOLD", "SlerpConfig"]
 
 # mergekit's DOT_THRESHOLD: beyond it sin(theta) < 0.032 and the slerp coefficients lose precision.
 COLINEAR_THRESHOLD = 0.9995
@@ -87,3 +91,31 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
     out = a * coef_a
     out.add_(b, alpha=coef_b)
     return out
+
+
+@dataclass
+class SlerpConfig:
+    """SLERP from the base model (``t = 0``) to the one other model (``t = 1``) (``merge_method: slerp``).
+
+    Attributes:
+        t: interpolation factor; a number, a gradient over layers (``[0, 0.5, 1]``) or filter entries
+            (``[{filter: self_attn, value: [0, 1]}, {value: 0.5}]``), as in mergekit recipes.
+    """
+
+    t: Spec = 0.5
+
+    per_tensor: ClassVar[tuple[str, ...]] = ("t",)
+    model_count: ClassVar[tuple[int, int | None]] = (1, 1)
+
+    def __post_init__(self):
+        check_spec(self.t, "slerp: t")
+
+
+def _slerp_merger(config: SlerpConfig, plan, model_params):
+    def merge_tensor(inputs):
+        return slerp(inputs.base, inputs.tensors[0], inputs.values["t"])
+
+    return merge_tensor
+
+
+register("merge", "slerp", SlerpConfig, _slerp_merger)

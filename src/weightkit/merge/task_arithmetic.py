@@ -36,11 +36,17 @@ where a function's docstring says otherwise. The deliberate differences, in one 
   mergekit's order among equal magnitudes is whatever its unstable sort gives.
 """
 
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
 from weightkit.merge.linear import linear
+from weightkit.merge.params import Spec, check_range, check_spec
+from weightkit.registry import register
 
 __all__ = [
     "magnitude_prune",
@@ -50,6 +56,9 @@ __all__ = [
     "elect_signs",
     "task_arithmetic",
     "sign_conflict_rate",
+    "threshold_prune",
+    "model_magnitude_thresholds",
+    "TaskArithmeticConfig",
 ]
 
 # mergekit's tolerance for "the weights sum to zero" when normalizing without sign consensus.
@@ -111,7 +120,7 @@ def magnitude_prune(delta: Tensor, density: float) -> Tensor:
     return magnitude.copy_(flat).masked_fill_(drop, 0.0).view(delta.shape)
 
 
-def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+def random_drop(delta: Tensor, density: float, generator: torch.Generator, *, rescale: bool = True) -> Tensor:
     """DARE: keep each entry with probability ``density`` and divide the kept entries by ``density``.
 
     The keep mask is ``torch.bernoulli(torch.full_like(delta, density), generator=generator)`` (drawn
@@ -122,6 +131,7 @@ def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> Te
         delta: a task vector; not modified.
         density: keep probability, > 0; ``>= 1`` keeps everything.
         generator: the random stream, on ``delta``'s device.
+        rescale: divide the kept entries by ``density`` (the paper); False keeps them as they are.
 
     Returns:
         A new tensor, or ``delta`` itself (not a copy, no random draw) when ``density >= 1``.
@@ -134,7 +144,8 @@ def random_drop(delta: Tensor, density: float, generator: torch.Generator) -> Te
         return delta
     prob = torch.full((1,) * delta.dim(), density, dtype=delta.dtype, device=delta.device)
     out = torch.empty_like(delta).bernoulli_(prob.expand_as(delta), generator=generator)
-    return out.mul_(delta).div_(density)
+    out.mul_(delta)
+    return out.div_(density) if rescale else out
 
 
 def breadcrumbs_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -179,7 +190,9 @@ def breadcrumbs_prune(delta: Tensor, density: float, gamma: float) -> Tensor:
     return magnitude.copy_(flat).masked_fill_(drop, 0.0).view(delta.shape)
 
 
-def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+def della_prune(
+    delta: Tensor, density: float, epsilon: float, generator: torch.Generator, *, rescale: bool = True
+) -> Tensor:
     """DELLA's MagPrune: keep entries with a probability that grows with their magnitude rank in the row.
 
     Rows are ``delta.reshape(shape[0], -1)`` (a 1-D tensor is one row). In a row of ``n`` entries ranked
@@ -200,6 +213,7 @@ def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.
         epsilon: half the spread of keep probabilities across ranks, >= 0; ``density - epsilon`` must be
             > 0 and ``density + epsilon`` at most 1.
         generator: the random stream, on ``delta``'s device.
+        rescale: divide each kept entry by its keep probability (the paper); False keeps it as it is.
 
     Returns:
         A new tensor, or ``delta`` itself (not a copy, no random draw) when ``density >= 1``.
@@ -238,8 +252,8 @@ def della_prune(delta: Tensor, density: float, epsilon: float, generator: torch.
     # probability of its rank without a second argsort (mergekit ranks by argsort(argsort)).
     prob = torch.empty_like(rows).scatter_(1, order, by_rank.flip(0).expand_as(rows))
     del order
-    out = torch.empty_like(rows).bernoulli_(prob, generator=generator)
-    return out.mul_(rows).div_(prob).view(delta.shape)
+    out = torch.empty_like(rows).bernoulli_(prob, generator=generator).mul_(rows)
+    return (out.div_(prob) if rescale else out).view(delta.shape)
 
 
 def elect_signs(weighted_deltas: Tensor) -> Tensor:
@@ -365,3 +379,237 @@ def sign_conflict_rate(deltas: list[Tensor]) -> float:
         any_negative |= delta < 0
     # count_nonzero, not sum: summing a bool tensor first converts it to int64 (8 bytes an entry).
     return int(torch.count_nonzero(any_positive.logical_and_(any_negative))) / deltas[0].numel()
+
+
+# ------------------------------------------------------------------------------ whole-model magnitude trim
+
+# A float32 >= 0 read as an int32 keeps its order; its top 16 bits (sign always 0) name one of 32768
+# buckets, each 1/128 of a power of two wide. Counting entries per bucket over the whole model finds the
+# bucket holding the k-th largest magnitude; a second pass selects inside that bucket only.
+_BUCKET_SHIFT = 16
+_BUCKETS = 1 << 15
+
+
+def threshold_prune(delta: Tensor, threshold: float) -> Tensor:
+    """Keep the entries with ``|delta| >= threshold``, zero the rest (whole-model TIES trim).
+
+    Returns:
+        A new tensor, or ``delta`` itself when ``threshold <= 0`` (everything is kept).
+    """
+    if threshold <= 0:
+        return delta
+    return delta.masked_fill(delta.abs() < threshold, 0.0)
+
+
+def _buckets(delta_abs: Tensor) -> Tensor:
+    return delta_abs.reshape(-1).view(torch.int32).bitwise_right_shift(_BUCKET_SHIFT)
+
+
+def model_magnitude_thresholds(delta_stream, densities: list[float]) -> list[float]:
+    """Per model, the ``k = int(density * entries)``-th largest magnitude of its whole task vector.
+
+    The TIES paper keeps the top-k% entries of each model's flattened task vector (all tensors together).
+    This finds that cut exactly in two streamed passes, holding one tensor at a time plus the entries of
+    one histogram bucket (about 1/128 of an octave of magnitudes).
+
+    Args:
+        delta_stream: a callable returning a fresh iterator over per-tensor lists of task vectors
+            (``[delta_model_0, delta_model_1, ...]``); it is called twice.
+        densities: the fraction of entries each model keeps, in (0, 1].
+
+    Returns:
+        One threshold per model; :func:`threshold_prune` with it keeps the top-k entries (all entries
+        equal to the k-th largest magnitude are kept). 0.0 for a density of 1.
+    """
+    n = len(densities)
+    counts = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in range(n)]
+    totals = [0] * n
+    for deltas in delta_stream():
+        for i, delta in enumerate(deltas):
+            counts[i] += torch.bincount(_buckets(delta.abs()), minlength=_BUCKETS).cpu()
+            totals[i] += delta.numel()
+    # Per model: the bucket holding the k-th largest, and the rank of that entry inside the bucket.
+    wanted: list[tuple[int, int] | None] = []
+    for i in range(n):
+        k = int(densities[i] * totals[i])
+        if densities[i] >= 1 or k >= totals[i]:
+            wanted.append(None)
+            continue
+        if k <= 0:
+            raise WeightkitError(f"density {densities[i]} keeps no entry of a {totals[i]}-entry model")
+        from_top = counts[i].flip(0).cumsum(0)
+        bucket = _BUCKETS - 1 - int(torch.searchsorted(from_top, k))
+        above = int(from_top[_BUCKETS - 2 - bucket]) if bucket < _BUCKETS - 1 else 0
+        wanted.append((bucket, k - above))
+    if all(w is None for w in wanted):
+        return [0.0] * n
+    inside: list[list[Tensor]] = [[] for _ in range(n)]
+    for deltas in delta_stream():
+        for i, delta in enumerate(deltas):
+            if wanted[i] is not None:
+                magnitude = delta.abs().reshape(-1)
+                inside[i].append(magnitude[_buckets(magnitude) == wanted[i][0]])
+    thresholds = []
+    for i in range(n):
+        if wanted[i] is None:
+            thresholds.append(0.0)
+            continue
+        values = torch.cat(inside[i])
+        rank = wanted[i][1]  # 1 = the largest in the bucket
+        thresholds.append(float(torch.kthvalue(values, values.numel() - rank + 1).values))
+    return thresholds
+
+
+# --------------------------------------------------------------------------------------- config + presets
+
+_SPARSIFIERS = (None, "magnitude", "random", "breadcrumbs", "della")
+
+
+@dataclass
+class TaskArithmeticConfig:
+    """The task-vector family: one config, named presets (mergekit's names and defaults).
+
+    ======================  ===============  ==============  =========  =======
+    preset (merge_method)   sparsify         sign_consensus  normalize  rescale
+    ======================  ===============  ==============  =========  =======
+    task_arithmetic         None             no              no         no
+    ties                    magnitude        yes             yes        no
+    dare_linear             random           no              no         yes
+    dare_ties               random           yes             no         yes
+    breadcrumbs             breadcrumbs      no              no         no
+    breadcrumbs_ties        breadcrumbs      yes             no         no
+    della_linear            della            no              no         yes
+    della                   della            yes             yes        yes
+    ======================  ===============  ==============  =========  =======
+
+    Attributes:
+        weight: each model's task-vector weight (a model entry's ``weight`` overrides it). Numbers,
+            gradients over layers and filter entries are accepted for every per-model parameter.
+        density: fraction of each task vector kept by the sparsifier, in (0, 1]; 1 keeps everything.
+        gamma: Breadcrumbs: fraction of largest-magnitude entries dropped as outliers, in [0, 1].
+        epsilon: DELLA: half the spread of keep probabilities over magnitude ranks (>= 0).
+        sparsify: None, "magnitude" (TIES trim), "random" (DARE), "breadcrumbs" or "della".
+        sign_consensus: TIES sign election: drop entries whose sign disagrees with the weighted majority.
+        normalize: divide by the sum of the weights that contributed to each entry.
+        rescale: random sparsifiers: divide kept entries by their keep probability (the papers).
+        scale: multiplies the merged task vector (mergekit's ``lambda``).
+        scope: "magnitude" only: "tensor" (default, as mergekit) trims each tensor to its own top
+            ``density``; "model" trims each model's whole task vector to its top ``density``, as in the
+            TIES paper, at the cost of two extra read passes over all models.
+        seed: random sparsifiers: the seed; each tensor and model gets its own stream derived from it
+            and the tensor's name, so results do not depend on tensor order.
+        int8_mask: accepted so mergekit recipes run unchanged; no effect (masks here are already 1 byte).
+    """
+
+    weight: Spec = 1.0
+    density: Spec = 1.0
+    gamma: Spec = 0.01
+    epsilon: Spec = 0.15
+    sparsify: str | None = None
+    sign_consensus: bool = False
+    normalize: bool = False
+    rescale: bool = False
+    scale: Spec = 1.0
+    scope: str = "tensor"
+    seed: int = 0
+    int8_mask: bool = False
+
+    per_model: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon")
+    per_tensor: ClassVar[tuple[str, ...]] = ("scale",)
+
+    def __post_init__(self):
+        if self.sparsify not in _SPARSIFIERS:
+            raise WeightkitError(
+                f"sparsify must be one of {', '.join(map(str, _SPARSIFIERS))}, got {self.sparsify!r}"
+            )
+        check_spec(self.weight, "weight")
+        check_range(self.density, "density", 0.0, 1.0, low_open=True)
+        check_range(self.gamma, "gamma", 0.0, 1.0)
+        check_range(self.epsilon, "epsilon", 0.0, 1.0)
+        check_spec(self.scale, "scale (lambda)")
+        if self.rescale and self.sparsify not in ("random", "della"):
+            raise WeightkitError("rescale applies to random sparsification (DARE, DELLA) only")
+        if self.scope not in ("tensor", "model"):
+            raise WeightkitError(f"scope must be 'tensor' or 'model', got {self.scope!r}")
+        if self.scope == "model" and (self.sparsify != "magnitude" or isinstance(self.density, list)):
+            raise WeightkitError("scope 'model' needs sparsify 'magnitude' and one density number per model")
+
+
+def _seed(seed: int, tensor: str, model: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(tensor.encode()) * 131 + model) % 2**63
+
+
+class _TaskArithmeticMerger:
+    """Sparsify each task vector, combine them, and count sign conflicts for the summary."""
+
+    def __init__(self, config: TaskArithmeticConfig, plan, model_densities: list[float]):
+        self.config = config
+        self.conflicts = 0.0
+        self.entries = 0
+        self.thresholds = None
+        if config.scope == "model":
+            from weightkit.merge.engine import read_job
+
+            def deltas():
+                for job in plan.jobs:
+                    base, *tensors = read_job(plan, job)
+                    yield [t.sub_(base) for t in tensors]
+
+            self.thresholds = model_magnitude_thresholds(deltas, model_densities)
+
+    def _sparsify(self, delta: Tensor, p: dict, name: str, i: int) -> Tensor:
+        c = self.config
+        if self.thresholds is not None:
+            return threshold_prune(delta, self.thresholds[i])
+        if c.sparsify == "magnitude":
+            return magnitude_prune(delta, p["density"])
+        if c.sparsify == "breadcrumbs":
+            return breadcrumbs_prune(delta, p["density"], p["gamma"])
+        generator = torch.Generator(delta.device).manual_seed(_seed(c.seed, name, i))
+        if c.sparsify == "random":
+            return random_drop(delta, p["density"], generator, rescale=c.rescale)
+        return della_prune(delta, p["density"], p["epsilon"], generator, rescale=c.rescale)
+
+    def __call__(self, inputs) -> Tensor:
+        deltas = [t.sub_(inputs.base) for t in inputs.tensors]  # the inputs are ours to modify
+        if self.config.sign_consensus:
+            self.conflicts += sign_conflict_rate(deltas) * inputs.base.numel()
+            self.entries += inputs.base.numel()
+        if self.config.sparsify is not None:
+            deltas = [
+                self._sparsify(d, p, inputs.name, i)
+                for i, (d, p) in enumerate(zip(deltas, inputs.params, strict=True))
+            ]
+        return task_arithmetic(
+            inputs.base,
+            deltas,
+            [p["weight"] for p in inputs.params],
+            sign_consensus=self.config.sign_consensus,
+            normalize=self.config.normalize,
+            scale=inputs.values["scale"],
+        )
+
+    def report(self) -> dict:
+        if not self.config.sign_consensus:
+            return {}
+        return {"sign_conflict_rate": self.conflicts / self.entries if self.entries else 0.0}
+
+
+def _task_arithmetic_merger(config: TaskArithmeticConfig, plan, model_params: list[dict]):
+    # Whole-model scope takes one density number per model (checked by the config).
+    densities = [float(p["density"]) for p in model_params] if config.scope == "model" else []
+    return _TaskArithmeticMerger(config, plan, densities)
+
+
+_PRESETS = {
+    "task_arithmetic": dict(sparsify=None, sign_consensus=False),
+    "ties": dict(sparsify="magnitude", sign_consensus=True, normalize=True),
+    "dare_linear": dict(sparsify="random", sign_consensus=False, rescale=True),
+    "dare_ties": dict(sparsify="random", sign_consensus=True, rescale=True),
+    "breadcrumbs": dict(sparsify="breadcrumbs", sign_consensus=False),
+    "breadcrumbs_ties": dict(sparsify="breadcrumbs", sign_consensus=True),
+    "della_linear": dict(sparsify="della", sign_consensus=False, rescale=True),
+    "della": dict(sparsify="della", sign_consensus=True, normalize=True, rescale=True),
+}
+for _name, _preset in _PRESETS.items():
+    register("merge", _name, TaskArithmeticConfig, _task_arithmetic_merger, preset=_preset)

@@ -1,0 +1,21 @@
+"""``merge(base, models, config, out_dir)``: combine fine-tunes of one base model into one checkpoint.
+
+Streamed tensor by tensor (see :mod:`weightkit.merge.engine`); the config's type (and preset) picks the
+method. Configs come from ``config_from_dict("merge", {"method": "ties", "density": 0.5})`` or from a
+mergekit-style YAML recipe (:func:`weightkit.merge.recipe.load_merge_recipe`).
+"""
+
+from weightkit.merge.engine import merge, prepare_merge
+from weightkit.merge.linear import LinearConfig
+from weightkit.merge.model_stock import ModelStockConfig
+from weightkit.merge.slerp import SlerpConfig
+from weightkit.merge.task_arithmetic import TaskArithmeticConfig
+
+__all__ = [
+    "merge",
+    "prepare_merge",
+    "LinearConfig",
+    "SlerpConfig",
+    "TaskArithmeticConfig",
+    "ModelStockConfig",
+]

@@ -1,0 +1,301 @@
+"""``weightkit.merge``: configs and presets, per-model parameters, mergekit recipes, whole-model TIES trim."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from weightkit.errors import WeightkitError
+from weightkit.merge import merge
+from weightkit.merge.recipe import load_merge_recipe
+from weightkit.merge.task_arithmetic import magnitude_prune, model_magnitude_thresholds, threshold_prune
+from weightkit.models import save_tiny, tiny_llama
+from weightkit.registry import config_from_dict, config_to_dict
+
+METHODS = [
+    ("linear", {}),
+    ("task_arithmetic", {}),
+    ("ties", {"density": 0.5}),
+    ("dare_linear", {"density": 0.5}),
+    ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs", {"density": 0.5}),
+    ("breadcrumbs_ties", {"density": 0.5}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della_linear", {"density": 0.5, "epsilon": 0.1}),
+    ("model_stock", {}),
+]
+
+
+def _weights(directory):
+    return load_file(directory / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A base and three 'fine-tunes' (base + small seeded deltas) of a tiny Llama."""
+    root = tmp_path_factory.mktemp("models")
+    base = save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), root / "base")
+    tuned = []
+    for seed in (1, 2, 3):
+        model = tiny_llama(seed=0, tie_word_embeddings=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+        tuned.append(save_tiny(model, root / f"ft{seed}"))
+    return base, tuned
+
+
+@pytest.mark.parametrize(("method", "fields"), METHODS)
+def test_merging_a_model_with_itself_returns_it(models, tmp_path, method, fields):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method, **fields})
+    if method == "linear":
+        merge(None, [tuned[0], tuned[0]], config, tmp_path / "out", progress=False)
+        expected = _weights(tuned[0])
+    else:
+        # A copy of the base has zero task vectors: every task-vector method returns the base.
+        copies = [
+            save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), tmp_path / f"copy{i}") for i in (1, 2)
+        ]
+        merge(
+            base, copies if method == "model_stock" else copies[:1], config, tmp_path / "out", progress=False
+        )
+        expected = _weights(base)
+    merged = _weights(tmp_path / "out")
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-7)
+
+
+def test_task_arithmetic_with_weight_zero_returns_the_base(models, tmp_path):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": "task_arithmetic", "weight": 0.0})
+    merge(base, tuned, config, tmp_path / "out", progress=False)
+    for name, tensor in _weights(base).items():
+        torch.testing.assert_close(_weights(tmp_path / "out")[name], tensor, rtol=0, atol=0)
+
+
+def test_per_model_weights_and_lambda_follow_the_formula(models, tmp_path):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": "task_arithmetic", "scale": 0.5})
+    entries = [
+        {"model": tuned[0], "parameters": {"weight": 0.3}},
+        {"model": tuned[1], "parameters": {"weight": 1.2}},
+    ]
+    merge(base, entries, config, tmp_path / "out", progress=False)
+    wb, w0, w1, out = _weights(base), _weights(tuned[0]), _weights(tuned[1]), _weights(tmp_path / "out")
+    for name in wb:
+        expected = wb[name] + 0.5 * (0.3 * (w0[name] - wb[name]) + 1.2 * (w1[name] - wb[name]))
+        torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_differs_from_the_average_where_signs_conflict_and_reports_conflicts(models, tmp_path):
+    base, tuned = models
+    ties = merge(
+        base,
+        tuned,
+        config_from_dict("merge", {"method": "ties", "density": 1.0}),
+        tmp_path / "t",
+        progress=False,
+    )
+    ta = config_from_dict("merge", {"method": "task_arithmetic", "normalize": True})
+    merge(base, tuned, ta, tmp_path / "avg", progress=False)
+    # Three independent Gaussian deltas: an entry has mixed signs with probability 3/4.
+    assert 0.7 < ties["sign_conflict_rate"] < 0.8
+    name = "model.layers.0.mlp.up_proj.weight"
+    wb = _weights(base)[name]
+    deltas = torch.stack([_weights(t)[name] - wb for t in tuned])
+    elected = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+    agree = deltas.sign() == elected
+    expected = wb + (deltas * agree).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(_weights(tmp_path / "t")[name], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_weights(tmp_path / "t")[name], _weights(tmp_path / "avg")[name], atol=1e-4)
+
+
+def test_dare_is_seeded_per_tensor(models, tmp_path):
+    base, tuned = models
+    runs = {}
+    for label, seed in (("a", 0), ("b", 0), ("c", 1)):
+        config = config_from_dict("merge", {"method": "dare_ties", "density": 0.3, "seed": seed})
+        merge(base, tuned, config, tmp_path / label, progress=False)
+        runs[label] = _weights(tmp_path / label)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(runs["a"][name], runs["b"][name])
+    assert not torch.equal(runs["a"][name], runs["c"][name])
+
+
+def test_whole_model_thresholds_equal_a_top_k_over_the_concatenated_task_vector():
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(shape, generator=generator) * scale
+        for shape, scale in [((40, 30), 1.0), ((500,), 3.0), ((7, 9), 0.1)]
+    ]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    for density in (0.05, 0.3, 0.9):
+        (threshold,) = model_magnitude_thresholds(lambda: ([t] for t in tensors), [density])
+        k = int(density * flat.numel())
+        assert threshold == float(flat.abs().topk(k).values[-1])
+        kept = sum(int(torch.count_nonzero(threshold_prune(t, threshold))) for t in tensors)
+        assert kept == k
+    # Per-tensor trim keeps density of every tensor; whole-model trim favours the large-magnitude tensor.
+    (threshold,) = model_magnitude_thresholds(lambda: ([t] for t in tensors), [0.3])
+    assert torch.count_nonzero(threshold_prune(tensors[1], threshold)) > torch.count_nonzero(
+        magnitude_prune(tensors[1], 0.3)
+    )
+    assert torch.count_nonzero(threshold_prune(tensors[2], threshold)) == 0
+
+
+def test_ties_model_scope_merges(models, tmp_path):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": "ties", "density": 0.4, "scope": "model"})
+    summary = merge(base, tuned, config, tmp_path / "out", progress=False)
+    assert summary["tensors"] == len(_weights(base))
+    wb, out = _weights(base), _weights(tmp_path / "out")
+    changed = sum(int(torch.count_nonzero(out[n] != wb[n])) for n in wb)
+    total = sum(t.numel() for t in wb.values())
+    # Each model keeps 40% of its entries; the union over three models covers 1 - 0.6^3 = 78% at most.
+    assert 0.4 <= changed / total <= 0.79
+
+
+def test_configs_round_trip_and_presets_set_mergekit_defaults():
+    ties = config_from_dict("merge", {"method": "ties", "density": 0.5})
+    assert ties.normalize and ties.sign_consensus and ties.sparsify == "magnitude"
+    dare = config_from_dict("merge", {"method": "dare_linear"})
+    assert dare.rescale and not dare.normalize and not dare.sign_consensus
+    for config in (ties, dare, config_from_dict("merge", {"method": "della", "epsilon": 0.05})):
+        data = config_to_dict(config)
+        assert config_from_dict("merge", data) == config
+    assert config_to_dict(dare)["method"] == "dare_linear"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "ties", "density": 0.0}, r"density must be in \(0, 1\]"),
+        ({"method": "ties", "density": 1.5}, r"density must be in \(0, 1\]"),
+        ({"method": "ties", "density": [0.2, 1.2]}, r"density must be in \(0, 1\]"),
+        ({"method": "ties", "rescale": True}, "rescale applies to random"),
+        ({"method": "tie"}, "Did you mean 'ties'"),
+        ({"method": "ties", "densty": 0.5}, "Did you mean 'density'"),
+    ],
+)
+def test_bad_configs_are_refused(fields, message):
+    with pytest.raises(WeightkitError, match=message):
+        config_from_dict("merge", fields)
+
+
+def test_bad_merges_are_refused_and_write_nothing(models, tmp_path):
+    base, tuned = models
+    out = tmp_path / "out"
+    linear = config_from_dict("merge", {"method": "linear"})
+    zero_sum = [
+        {"model": tuned[0], "parameters": {"weight": 1.0}},
+        {"model": tuned[1], "parameters": {"weight": -1.0}},
+    ]
+    with pytest.raises(WeightkitError, match="sum to zero"):
+        merge(None, zero_sum, linear, out, progress=False)
+    with pytest.raises(WeightkitError, match="does not use a base model"):
+        merge(base, tuned, linear, out, progress=False)
+    with pytest.raises(WeightkitError, match=r"slerp merges exactly 1 model"):
+        merge(base, tuned[:2], config_from_dict("merge", {"method": "slerp"}), out, progress=False)
+    with pytest.raises(WeightkitError, match="needs a base|base model"):
+        merge(None, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False)
+    bad_density = [{"model": tuned[0], "parameters": {"density": 2}}]
+    with pytest.raises(WeightkitError, match=r"ft1: density must be in"):
+        merge(base, bad_density, config_from_dict("merge", {"method": "ties"}), out, progress=False)
+    with pytest.raises(WeightkitError, match="unknown parameter"):
+        merge(
+            base,
+            [{"model": tuned[0], "parameters": {"t": 0.5}}],
+            config_from_dict("merge", {"method": "ties"}),
+            out,
+            progress=False,
+        )
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(WeightkitError, match="exists"):
+        merge(base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False)
+    merge(base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False, overwrite=True)
+    assert (out / "model.safetensors").is_file()
+
+
+def test_nan_in_a_model_stops_the_merge_and_leaves_nothing(models, tmp_path):
+    base, tuned = models
+    broken = save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), tmp_path / "broken")
+    weights = _weights(broken)
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightkitError, match="model.norm.weight"):
+        merge(
+            base,
+            [tuned[0], broken],
+            config_from_dict("merge", {"method": "ties"}),
+            tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+MERGEKIT_RECIPE = """\
+models:
+  - model: {base}
+    # no parameters necessary for base model
+  - model: {ft1}
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: {ft2}
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 0.3
+base_model: {base}
+merge_method: ties
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
+def test_a_mergekit_recipe_runs_unchanged(models, tmp_path):
+    base, tuned = models
+    recipe_file = tmp_path / "recipe.yml"
+    recipe_file.write_text(MERGEKIT_RECIPE.format(base=base, ft1=tuned[0], ft2=tuned[1]))
+    recipe = load_merge_recipe(recipe_file)
+    assert recipe.dtype == torch.float16 and recipe.config.normalize
+    summary = merge(
+        recipe.base, recipe.models, recipe.config, tmp_path / "out", dtype=recipe.dtype, progress=False
+    )
+    assert summary["method"] == "ties" and summary["models"] == [str(tuned[0]), str(tuned[1])]
+    out, wb, w1, w2 = _weights(tmp_path / "out"), _weights(base), _weights(tuned[0]), _weights(tuned[1])
+    # Layer 0 of 2: ft2's density gradient gives it density 1 there (no trim); ft1 keeps half.
+    name = "model.layers.0.self_attn.o_proj.weight"
+    d1 = magnitude_prune(w1[name] - wb[name], 0.5) * 0.5
+    d2 = (w2[name] - wb[name]) * 0.3
+    stacked = torch.stack([d1, d2])
+    elected = stacked.sum(0) >= 0
+    agree = torch.where(elected, stacked > 0, stacked < 0)
+    weights = torch.tensor([0.5, 0.3]).view(2, 1, 1)
+    expected = wb[name] + (stacked * agree).sum(0) / (weights * agree).sum(0).masked_fill(
+        (weights * agree).sum(0) == 0, 1
+    )
+    assert out[name].dtype == torch.float16
+    torch.testing.assert_close(out[name], expected.half())
+
+
+def test_recipe_errors_name_the_field(models, tmp_path):
+    base, tuned = models
+    head = f"merge_method: ties\nmodels: [{{model: {tuned[0]}}}]\nbase_model: {base}\n"
+    cases = {
+        head.replace(str(tuned[0]), "/does/not/exist"): "not a local directory",
+        head + "tokenizer_source: union": "union",
+        head + "dtype: int4": "dtype",
+        head.replace("base_model", "base_modle"): "unknown key",
+        f"merge_method: linear\nmodels: [{{model: {tuned[0]}}}]\nslices: []": "exactly one of",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "r.yml"
+        path.write_text(text)
+        with pytest.raises(WeightkitError, match=message):
+            load_merge_recipe(path)
