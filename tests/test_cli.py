@@ -277,3 +277,28 @@ def test_merge_help_shows_a_recipe(capsys):
     text = capsys.readouterr().out
     for option in ("merge_method", "--dry-run", "--dtype", "--force", "--json"):
         assert option in text
+
+
+def test_fisher_files_from_the_cli_drive_a_fisher_merge(tmp_path, capsys, text_file):
+    entries = []
+    for seed in (1, 2):
+        model_dir = save_tiny(tiny_llama(seed=seed), tmp_path / f"m{seed}", tiny_tokenizer())
+        fisher = tmp_path / f"m{seed}.fisher.safetensors"
+        argv = ["fisher", model_dir, "-o", fisher, "--data", text_file, "--samples", "4", "--seq-len", "16"]
+        code, stdout, _ = run(capsys, *argv, "--json")
+        assert code == 0 and json.loads(stdout)["bytes"] > 0
+        entries.append(f"  - {{model: {model_dir}, parameters: {{fisher: {fisher}}}}}\n")
+    recipe = tmp_path / "fisher.yaml"
+    recipe.write_text("models:\n" + "".join(entries) + "merge_method: fisher\n")
+    code, stdout, _ = run(capsys, "merge", recipe, "-o", tmp_path / "out", "--json")
+    assert code == 0 and json.loads(stdout)["method"] == "fisher"
+    merged = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    a, b = (
+        load_file(tmp_path / f"m{s}" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+        for s in (1, 2)
+    )
+    # Every entry lies between the two models' values, and the result is not their plain average.
+    assert bool(
+        ((merged - torch.minimum(a, b)) >= -1e-6).all() and ((torch.maximum(a, b) - merged) >= -1e-6).all()
+    )
+    assert not torch.allclose(merged, (a + b) / 2, atol=1e-5)

@@ -79,7 +79,9 @@ def _mb(n: int) -> str:
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     table = Table(title=title)
     for key in rows[0]:
-        table.add_column(key, justify="left" if key in ("method", "setting", "model", "metric", "parameters") else "right")
+        table.add_column(
+            key, justify="left" if key in ("method", "setting", "model", "metric", "parameters") else "right"
+        )
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
@@ -219,6 +221,33 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
             row["sign conflicts"] = f"{summary['sign_conflict_rate']:.1%}"
         _print_table("weightkit merge", [row])
         console.print(f"saved to [bold]{out}[/bold]")
+    return summary
+
+
+def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge.fisher import fisher_checkpoint
+
+    start = time.perf_counter()
+    out = fisher_checkpoint(
+        args.model,
+        args.data,
+        args.output,
+        samples=args.samples,
+        max_length=args.seq_len,
+        seed=args.seed,
+        mode=args.mode,
+        overwrite=args.force,
+        progress=not args.json,
+    )
+    summary = {
+        "model": str(args.model),
+        "output": str(out),
+        "mode": args.mode,
+        "bytes": out.stat().st_size,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if not args.json:
+        console.print(f"Fisher of {args.model} saved to [bold]{out}[/bold] ({_mb(summary['bytes'])})")
     return summary
 
 
@@ -366,6 +395,32 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     m.set_defaults(run=_cmd_merge)
 
+    f = sub.add_parser(
+        "fisher",
+        help="compute a causal LM's diagonal Fisher on text, for Fisher merging",
+        description=(
+            "Estimate the diagonal Fisher information of a Hugging Face causal LM on text (per sequence, "
+            "labels sampled from the model's own predictions: the Fisher of 'Merging Models with "
+            "Fisher-Weighted Averaging') and save it as a .safetensors file with the checkpoint's tensor "
+            "names. A merge recipe then names it per model: {model: DIR, parameters: {fisher: FILE}} with "
+            "merge_method: fisher."
+        ),
+    )
+    f.add_argument("model", help="Hugging Face causal-LM directory with a tokenizer")
+    f.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    f.add_argument("--data", help="text: .txt, .jsonl or .json (default: Python standard-library docstrings)")
+    f.add_argument("--samples", type=int, default=128, help="texts used (default: 128)")
+    f.add_argument("--seq-len", type=int, default=512, help="max tokens per text (default: 512)")
+    f.add_argument(
+        "--mode",
+        choices=("sample", "empirical"),
+        default="sample",
+        help="labels sampled from the model (the Fisher, default) or the texts' own next tokens",
+    )
+    f.add_argument("--seed", type=int, default=0, help="seed for the text choice and label sampling")
+    f.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    f.set_defaults(run=_cmd_fisher)
+
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
@@ -378,7 +433,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
     d.set_defaults(run=_cmd_demo)
 
-    for p in (c, e, m, d):
+    for p in (c, e, m, f, d):
         p.add_argument(
             "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
         )

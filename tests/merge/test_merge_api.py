@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from weightkit.errors import WeightkitError
 from weightkit.merge import merge
+from weightkit.merge.pcb import pcb_merge, pcb_model_stats
 from weightkit.merge.recipe import load_merge_recipe
 from weightkit.merge.task_arithmetic import magnitude_prune, model_magnitude_thresholds, threshold_prune
 from weightkit.models import save_tiny, tiny_llama
@@ -22,6 +23,7 @@ METHODS = [
     ("della", {"density": 0.5, "epsilon": 0.1}),
     ("della_linear", {"density": 0.5, "epsilon": 0.1}),
     ("model_stock", {}),
+    ("pcb", {"density": 0.5}),
 ]
 
 
@@ -58,7 +60,11 @@ def test_merging_a_model_with_itself_returns_it(models, tmp_path, method, fields
             save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), tmp_path / f"copy{i}") for i in (1, 2)
         ]
         merge(
-            base, copies if method == "model_stock" else copies[:1], config, tmp_path / "out", progress=False
+            base,
+            copies if method in ("model_stock", "pcb") else copies[:1],
+            config,
+            tmp_path / "out",
+            progress=False,
         )
         expected = _weights(base)
     merged = _weights(tmp_path / "out")
@@ -155,6 +161,19 @@ def test_ties_model_scope_merges(models, tmp_path):
     total = sum(t.numel() for t in wb.values())
     # Each model keeps 40% of its entries; the union over three models covers 1 - 0.6^3 = 78% at most.
     assert 0.4 <= changed / total <= 0.79
+
+
+def test_pcb_whole_model_scope_through_the_engine_equals_the_pure_function(models, tmp_path):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": "pcb", "density": 0.3, "scope": "model", "scale": 0.8})
+    merge(base, tuned[:2], config, tmp_path / "out", progress=False)
+    wb, w = _weights(base), [_weights(t) for t in tuned[:2]]
+    names = list(wb)
+    stats = pcb_model_stats(lambda: ([m[n] - wb[n] for m in w] for n in names), n_models=2, ratio=0.3)
+    out = _weights(tmp_path / "out")
+    for name in names:
+        expected = pcb_merge(wb[name], [m[name] - wb[name] for m in w], ratio=0.3, scale=0.8, stats=stats)
+        torch.testing.assert_close(out[name], expected)
 
 
 def test_configs_round_trip_and_presets_set_mergekit_defaults():
@@ -299,3 +318,60 @@ def test_recipe_errors_name_the_field(models, tmp_path):
         path.write_text(text)
         with pytest.raises(WeightkitError, match=message):
             load_merge_recipe(path)
+
+
+def test_fisher_merge_through_the_engine_reads_each_models_fisher_file(models, tmp_path):
+    from weightkit.merge.fisher import fisher_merge, save_fisher
+
+    _, tuned = models
+    weights = [_weights(t) for t in tuned[:2]]
+    generator = torch.Generator().manual_seed(0)
+    fishers = [{n: torch.rand(t.shape, generator=generator) for n, t in w.items()} for w in weights]
+    files = [save_fisher(f, tmp_path / f"f{i}.safetensors") for i, f in enumerate(fishers)]
+    entries = [
+        {"model": tuned[0], "parameters": {"fisher": str(files[0])}},
+        {"model": tuned[1], "parameters": {"fisher": str(files[1]), "weight": 3.0}},
+    ]
+    merge(None, entries, config_from_dict("merge", {"method": "fisher"}), tmp_path / "out", progress=False)
+    out = _weights(tmp_path / "out")
+    for name in out:
+        expected = fisher_merge([w[name] for w in weights], [f[name] for f in fishers], [1.0, 3.0])
+        torch.testing.assert_close(out[name], expected)
+    del fishers[1]["model.norm.weight"]
+    save_fisher(fishers[1], tmp_path / "partial.safetensors")
+    entries[1]["parameters"]["fisher"] = str(tmp_path / "partial.safetensors")
+    with pytest.raises(WeightkitError, match=r"lacks 1 tensor\(s\) of the model, e.g. model.norm.weight"):
+        merge(
+            None, entries, config_from_dict("merge", {"method": "fisher"}), tmp_path / "out2", progress=False
+        )
+    with pytest.raises(WeightkitError, match="needs a 'fisher' file"):
+        merge(
+            None,
+            tuned[:2],
+            config_from_dict("merge", {"method": "fisher"}),
+            tmp_path / "out2",
+            progress=False,
+        )
+
+
+def test_mwa_recipe_weighs_checkpoints_by_their_loss(models, tmp_path):
+    from weightkit.merge.mwa import mwa_weights
+
+    _, tuned = models
+    recipe_file = tmp_path / "mwa.yml"
+    recipe_file.write_text(
+        f"models:\n  - {{model: {tuned[0]}, parameters: {{metric: 2.0}}}}\n"
+        f"  - {{model: {tuned[1]}, parameters: {{metric: 0.5}}}}\n"
+        "merge_method: mwa\nparameters: {kind: loss, penalty: 2.0}\n"
+    )
+    recipe = load_merge_recipe(recipe_file)
+    merge(recipe.base, recipe.models, recipe.config, tmp_path / "out", progress=False)
+    w = mwa_weights([2.0, 0.5], kind="loss", penalty=2.0)
+    assert w[1] > w[0]
+    out, w0, w1 = _weights(tmp_path / "out"), _weights(tuned[0]), _weights(tuned[1])
+    for name in out:
+        torch.testing.assert_close(out[name], w[0] * w0[name] + w[1] * w1[name])
+    recipe_file.write_text(recipe_file.read_text().replace("{metric: 0.5}", "{}"))
+    recipe = load_merge_recipe(recipe_file)
+    with pytest.raises(WeightkitError, match="every model needs its metric"):
+        merge(recipe.base, recipe.models, recipe.config, tmp_path / "out2", progress=False)

@@ -6,8 +6,11 @@ mergekit-style YAML recipe (:func:`weightkit.merge.recipe.load_merge_recipe`).
 """
 
 from weightkit.merge.engine import merge, prepare_merge
+from weightkit.merge.fisher import FisherConfig
 from weightkit.merge.linear import LinearConfig
 from weightkit.merge.model_stock import ModelStockConfig
+from weightkit.merge.mwa import MWAConfig
+from weightkit.merge.pcb import PCBConfig
 from weightkit.merge.slerp import SlerpConfig
 from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 
@@ -18,4 +21,7 @@ __all__ = [
     "SlerpConfig",
     "TaskArithmeticConfig",
     "ModelStockConfig",
+    "PCBConfig",
+    "FisherConfig",
+    "MWAConfig",
 ]

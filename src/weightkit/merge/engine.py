@@ -20,6 +20,7 @@ Rules the plan follows:
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "TensorInputs",
     "plan_merge",
     "read_job",
+    "task_vectors",
     "run_merge",
     "prepare_merge",
     "merge",
@@ -169,6 +171,16 @@ def read_job(plan: MergePlan, job: TensorJob) -> list[Tensor]:
         tensor = _read(reader, source)
         work.append(tensor.float() if job.merged_rows is None else tensor[: job.merged_rows].float())
     return work
+
+
+def task_vectors(plan: MergePlan) -> Iterator[list[Tensor]]:
+    """Stream the plan's task vectors, one tensor at a time: ``[model_i - base for each model]``.
+
+    For methods that need statistics over the whole model before merging (a pass of their own).
+    """
+    for job in plan.jobs:
+        base, *tensors = read_job(plan, job)
+        yield [t.sub_(base) for t in tensors]
 
 
 def run_merge(
@@ -312,21 +324,25 @@ def _resolve(spec_source: Any, key: str, name: str, num_layers: int, what: str) 
 
 
 def _tensor_inputs(
-    config, plan: MergePlan, models: list[_Model], name: str, tensors: list[Tensor]
+    config, plan: MergePlan, models: list[_Model], job: TensorJob, tensors: list[Tensor]
 ) -> TensorInputs:
+    name = job.name
     base = tensors[0] if plan.has_base else None
     merged = tensors[1:] if plan.has_base else tensors
+    sources = job.sources[1:] if plan.has_base else job.sources
     params = []
-    for model in models:
+    for model, source in zip(models, sources, strict=True):
         values: dict[str, Any] = {}
         for key in getattr(config, "per_model", ()):
-            if key in model.files:
-                values[key] = model.files[key].get(name).float()
+            if key in model.files:  # stored under the model's own name (its embedding for a tied lm_head)
+                values[key] = model.files[key].get(source).float()
                 continue
             spec = model.overrides.get(key, getattr(config, key))
             if key in model.overrides and value_for(spec, name, plan.num_layers) is None:
                 spec = getattr(config, key)  # no filter of this model's matched: the method-level value
-            values[key] = _resolve(spec, key, name, plan.num_layers, str(model.path))
+            values[key] = (
+                None if spec is None else _resolve(spec, key, name, plan.num_layers, str(model.path))
+            )
         params.append(values)
     shared = {
         key: _resolve(getattr(config, key), key, name, plan.num_layers, "parameters")
@@ -373,8 +389,10 @@ def merge(
         close_plan(plan, parsed)
         raise
 
+    jobs = {job.name: job for job in plan.jobs}
+
     def merge_tensor(name: str, tensors: list[Tensor]) -> Tensor:
-        return merger(_tensor_inputs(config, plan, parsed, name, tensors))
+        return merger(_tensor_inputs(config, plan, parsed, jobs[name], tensors))
 
     try:
         summary = run_merge(
@@ -409,9 +427,10 @@ def prepare_merge(
         plan = plan_merge(base if uses_base else None, [m.path for m in parsed], allow_pickle=allow_pickle)
         if uses_base:  # plan_merge drops the base from the models if it was listed there too
             parsed = [m for m in parsed if m.path.resolve() != Path(base).resolve()]
-        for model in parsed:
+        offset = 1 if plan.has_base else 0
+        for i, model in enumerate(parsed):
             for key, reader in model.files.items():
-                missing = [job.name for job in plan.jobs if job.name not in reader]
+                missing = [job.name for job in plan.jobs if job.sources[offset + i] not in reader]
                 if missing:
                     raise WeightkitError(
                         f"{method}: the {key} file {reader.path} of {model.path} lacks {len(missing)} "

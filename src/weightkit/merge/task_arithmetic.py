@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.engine import task_vectors
 from weightkit.merge.linear import linear
 from weightkit.merge.params import Spec, check_range, check_spec
 from weightkit.registry import register
@@ -548,14 +549,7 @@ class _TaskArithmeticMerger:
         self.entries = 0
         self.thresholds = None
         if config.scope == "model":
-            from weightkit.merge.engine import read_job
-
-            def deltas():
-                for job in plan.jobs:
-                    base, *tensors = read_job(plan, job)
-                    yield [t.sub_(base) for t in tensors]
-
-            self.thresholds = model_magnitude_thresholds(deltas, model_densities)
+            self.thresholds = model_magnitude_thresholds(lambda: task_vectors(plan), model_densities)
 
     def _sparsify(self, delta: Tensor, p: dict, name: str, i: int) -> Tensor:
         c = self.config
