@@ -302,3 +302,29 @@ def test_fisher_files_from_the_cli_drive_a_fisher_merge(tmp_path, capsys, text_f
         ((merged - torch.minimum(a, b)) >= -1e-6).all() and ((torch.maximum(a, b) - merged) >= -1e-6).all()
     )
     assert not torch.allclose(merged, (a + b) / 2, atol=1e-5)
+
+
+def test_extract_lora_writes_an_adapter_peft_loads(tmp_path, capsys):
+    from peft import PeftModel
+
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    tuned = tiny_llama(seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a rank-2 change of one projection
+        q = tuned.model.layers[0].self_attn.q_proj.weight
+        q.add_(
+            torch.randn(q.shape[0], 2, generator=generator)
+            @ torch.randn(2, q.shape[1], generator=generator)
+            * 0.1
+        )
+    tuned_dir = save_tiny(tuned, tmp_path / "tuned")
+    out = tmp_path / "adapter"
+    code, stdout, _ = run(capsys, "extract-lora", base_dir, tuned_dir, "-r", "2", "-o", out, "--json")
+    summary = json.loads(stdout)
+    assert code == 0 and [m["module"] for m in summary["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    assert summary["max_relative_error"] < 1e-5
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    torch.testing.assert_close(peft_model(ids).logits, tuned(ids).logits, atol=1e-5, rtol=1e-5)
+    code, _, err = run(capsys, "extract-lora", base_dir, tuned_dir, "-r", "2", "-o", out)
+    assert code == 1 and "--force" in err

@@ -251,6 +251,43 @@ def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge.extract_lora import extract_lora
+    from weightkit.merge.recipe import DTYPES
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    summary = extract_lora(
+        args.base,
+        args.finetuned,
+        out,
+        rank=args.rank,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.force,
+        progress=not args.json,
+    )
+    summary = {**summary, "seconds": round(summary["seconds"], 2)}
+    if not args.json:
+        rows = [
+            {"module": m["module"], "shape": "x".join(map(str, m["shape"])), "rank": m["rank"],
+             "relative error": f"{m['relative_error']:.4f}"}
+            for m in summary["modules"]
+        ]  # fmt: skip
+        _print_table(f"weightkit extract-lora (rank {args.rank})", rows)
+        for item in summary["skipped"]:
+            change = item.get("relative_change")
+            changed = f"changed by {change:.2%}" if change is not None else "changed"
+            console.print(
+                f"[yellow]not in the adapter[/yellow]: {item['tensor']} ({changed}; {item['reason']})"
+            )
+        console.print(
+            f"{len(rows)} modules, max relative error {summary['max_relative_error']:.4f}, "
+            f"{_mb(summary['adapter_bytes'])}; saved to [bold]{out}[/bold]"
+        )
+    return summary
+
+
 def _merge_plan_summary(plan, models, config: dict[str, Any], dtype) -> dict[str, Any]:
     """What a merge would do: method, inputs and their parameters, tensors, bytes in and out."""
     rows = []
@@ -395,6 +432,29 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     m.set_defaults(run=_cmd_merge)
 
+    x = sub.add_parser(
+        "extract-lora",
+        help="approximate a fine-tune as a LoRA adapter of its base model (PEFT format)",
+        description=(
+            "Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose layers are "
+            "the truncated SVD of each changed Linear weight's difference, fine-tuned minus base. The "
+            "summary gives each layer's relative error ||dW - BA|| / ||dW||; changed tensors a LoRA "
+            "cannot hold (norms, biases, embeddings) are listed. Load it with "
+            "peft.PeftModel.from_pretrained(base_model, OUT)."
+        ),
+    )
+    x.add_argument("base", help="the base model directory")
+    x.add_argument("finetuned", help="the fine-tuned model directory (same architecture)")
+    x.add_argument("-r", "--rank", type=int, required=True, help="LoRA rank (capped at each layer's size)")
+    x.add_argument("-o", "--output", required=True, help="adapter directory (must not exist unless --force)")
+    x.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of the stored factors (default: the fine-tuned weights' dtype)",
+    )
+    x.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
+    x.set_defaults(run=_cmd_extract_lora)
+
     f = sub.add_parser(
         "fisher",
         help="compute a causal LM's diagonal Fisher on text, for Fisher merging",
@@ -433,7 +493,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
     d.set_defaults(run=_cmd_demo)
 
-    for p in (c, e, m, f, d):
+    for p in (c, e, m, x, f, d):
         p.add_argument(
             "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
         )
