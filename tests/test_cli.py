@@ -328,3 +328,24 @@ def test_extract_lora_writes_an_adapter_peft_loads(tmp_path, capsys):
     torch.testing.assert_close(peft_model(ids).logits, tuned(ids).logits, atol=1e-5, rtol=1e-5)
     code, _, err = run(capsys, "extract-lora", base_dir, tuned_dir, "-r", "2", "-o", out)
     assert code == 1 and "--force" in err
+
+
+def test_align_undoes_a_permutation_of_mlp_neurons(tmp_path, capsys):
+    reference = tiny_llama(seed=0)
+    permuted = tiny_llama(seed=0)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    mlp = permuted.model.layers[1].mlp
+    with torch.no_grad():  # the same function, neurons in another order
+        mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[order])
+        mlp.up_proj.weight.copy_(mlp.up_proj.weight[order])
+        mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, order])
+    ref_dir, perm_dir = save_tiny(reference, tmp_path / "ref"), save_tiny(permuted, tmp_path / "perm")
+    code, stdout, _ = run(capsys, "align", ref_dir, perm_dir, "-o", tmp_path / "out", "--json")
+    summary = json.loads(stdout)
+    assert code == 0 and summary["layers"][1]["mlp_moved"] > 0.9 and summary["layers"][0]["mlp_moved"] == 0
+    aligned, original = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(ref_dir / "model.safetensors"),
+    )
+    for name, tensor in original.items():
+        assert torch.equal(aligned[name], tensor), name

@@ -4,8 +4,11 @@ import weightkit
 model = weightkit.load("path/to/model")
 weightkit.compress(model, weightkit.GPTQConfig(bits=4, group_size=128), data="calib.txt", tokenizer=tok)
 weightkit.compress_checkpoint("path/to/model", "out", weightkit.AWQConfig(bits=4))  # streamed
+weightkit.merge("base", ["ft-a", "ft-b"], config_from_dict("merge", {"method": "ties"}), "merged")
 """
 
+import sys
+import types
 from importlib import import_module
 
 from weightkit.errors import WeightkitError
@@ -20,6 +23,7 @@ _API = {
     "AWQConfig": "weightkit.compress",
     "save_quantized": "weightkit.compress.quant.export",
     "load": "weightkit.loading",
+    "merge": "weightkit.merge",
 }
 
 __all__ = ["WeightkitError", *_API]
@@ -30,3 +34,19 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'weightkit' has no attribute {name!r}")
+
+
+def _callable_package(package: str, function) -> None:
+    """Make ``weightkit.<package>`` callable as ``function``.
+
+    ``weightkit.merge`` names both a function and the package holding it. Importing the package (even
+    ``import weightkit.merge.recipe``) binds ``weightkit.merge`` to the package, so the package itself
+    calls through to the function, and ``weightkit.merge(...)`` works whatever was imported first.
+    """
+
+    class CallablePackage(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return function(*args, **kwargs)
+
+    CallablePackage.__call__.__doc__ = function.__doc__
+    sys.modules[package].__class__ = CallablePackage

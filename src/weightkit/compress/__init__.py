@@ -6,6 +6,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 
 from torch import nn
 
+from weightkit import _callable_package
 from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
 from weightkit.compress.stream import compress_checkpoint
 from weightkit.errors import require_finite
@@ -29,3 +30,6 @@ def compress(model: nn.Module, config, data=None, *, tokenizer=None, progress: b
     for name, param in model.named_parameters():
         require_finite(param, name)
     return entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress)
+
+
+_callable_package(__name__, compress)

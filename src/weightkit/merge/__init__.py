@@ -5,6 +5,7 @@ method. Configs come from ``config_from_dict("merge", {"method": "ties", "densit
 mergekit-style YAML recipe (:func:`weightkit.merge.recipe.load_merge_recipe`).
 """
 
+from weightkit import _callable_package
 from weightkit.merge.engine import merge, prepare_merge
 from weightkit.merge.fisher import FisherConfig
 from weightkit.merge.linear import LinearConfig
@@ -25,3 +26,5 @@ __all__ = [
     "FisherConfig",
     "MWAConfig",
 ]
+
+_callable_package(__name__, merge)
