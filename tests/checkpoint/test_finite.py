@@ -38,3 +38,10 @@ def test_checks_every_chunk(monkeypatch):
     t[4, 9] = float("inf")  # in the last chunk
     with pytest.raises(WeightkitError, match="contains 1 NaN/Inf values"):
         require_finite(t, "w")
+
+
+def test_finite_values_whose_sum_overflows_pass():
+    # The sum of these overflows float32 to inf; no entry is Inf, so the exact count must clear them.
+    require_finite(torch.full((4,), 3e38), "big")
+    with pytest.raises(WeightkitError, match="1 NaN/Inf values \\(0 NaN, 1 Inf\\)"):
+        require_finite(torch.tensor([3e38, 3e38, float("inf")]), "big")

@@ -111,6 +111,16 @@ def test_magnitude_prune_breaks_ties_by_index(density):
     assert nonzero_kept == min(int(density * 50), int((delta != 0).sum()))
 
 
+@pytest.mark.parametrize("density", [0.01, 0.37, 0.9])
+def test_magnitude_prune_of_bfloat16_deltas_with_many_equal_magnitudes(density):
+    # bf16-rounded values: few distinct magnitudes, so the cut lands in large runs of ties, and float32
+    # magnitudes take the bucket-count selection path.
+    delta = (torch.randn(20_000, generator=gen(3)) * torch.logspace(-6, 0, 20_000)).bfloat16().float()
+    assert delta.dtype == torch.float32
+    got = magnitude_prune(delta, density)
+    assert torch.equal(got, trim_reference(delta, density))
+
+
 def test_magnitude_prune_edge_densities():
     delta = randn(5, 4, seed=2)
     assert magnitude_prune(delta, 1.0) is delta

@@ -248,7 +248,7 @@ class TensorInputs:
 
     name: str
     base: Tensor | None  # the base model's tensor (methods that use a base)
-    tensors: list[Tensor]  # one per merged model, in the order the models were given
+    tensors: list[Tensor]  # one per merged model, in the order given; the method may modify or replace them
     params: list[dict[str, Any]]  # one per merged model: its per-model parameters' values for this tensor
     values: dict[str, Any]  # the config's per-tensor parameters' values for this tensor
 
@@ -327,8 +327,9 @@ def _tensor_inputs(
     config, plan: MergePlan, models: list[_Model], job: TensorJob, tensors: list[Tensor]
 ) -> TensorInputs:
     name = job.name
-    base = tensors[0] if plan.has_base else None
-    merged = tensors[1:] if plan.has_base else tensors
+    # The method gets the list itself (not a copy): replacing an entry frees the tensor it held.
+    base = tensors.pop(0) if plan.has_base else None
+    merged = tensors
     sources = job.sources[1:] if plan.has_base else job.sources
     params = []
     for model, source in zip(models, sources, strict=True):
