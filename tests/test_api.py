@@ -1,4 +1,4 @@
-"""The top-level API: ``weightkit.merge`` and ``weightkit.compress`` are callable however they were imported."""
+"""The top-level API: ``weightkit.merge`` and ``weightkit.compress`` stay callable however imported."""
 
 import subprocess
 import sys
