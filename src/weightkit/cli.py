@@ -72,6 +72,12 @@ def _config_from_args(args: argparse.Namespace):
     return config_from_dict("compress", fields)
 
 
+def _refuse_existing(out: Path, force: bool) -> None:
+    """Stop before any work when the output exists (the writers would refuse only at the end)."""
+    if out.exists() and not force:
+        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -94,8 +100,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     config = _config_from_args(args)
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    _refuse_existing(out, args.force)
     start = time.perf_counter()
     compress_checkpoint(
         args.model,
@@ -178,8 +183,8 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_merge_recipe(args.recipe)
     dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
     out = Path(args.output)
-    if out.exists() and not args.force and not args.dry_run:
-        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    if not args.dry_run:
+        _refuse_existing(out, args.force)
     config = config_to_dict(recipe.config)
     if args.dry_run:
         plan, models = prepare_merge(
@@ -256,8 +261,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.merge.recipe import DTYPES
 
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    _refuse_existing(out, args.force)
     summary = extract_lora(
         args.base,
         args.finetuned,
@@ -292,8 +296,7 @@ def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.merge.rebasin import align_checkpoint
 
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+    _refuse_existing(out, args.force)
     summary = align_checkpoint(
         args.reference, args.model, out, overwrite=args.force, progress=not args.json, seed=args.seed
     )

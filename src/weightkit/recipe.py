@@ -19,7 +19,17 @@ import yaml
 from weightkit.errors import WeightkitError
 from weightkit.registry import config_from_dict, config_to_dict
 
-__all__ = ["load_recipe", "dump_recipe"]
+__all__ = ["load_recipe", "dump_recipe", "read_yaml"]
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML (or JSON) document at ``path``, or a clear error naming the file."""
+    if not path.is_file():
+        raise WeightkitError(f"recipe {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
 
 
 def load_recipe(path: str | Path, kind: str = "compress") -> list[Any]:
@@ -30,12 +40,7 @@ def load_recipe(path: str | Path, kind: str = "compress") -> list[Any]:
             (the message names the stage and the field).
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightkitError(f"recipe {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
+    doc = read_yaml(path)
     stages = doc.get("stages") if isinstance(doc, dict) and "method" not in doc else [doc]
     if not isinstance(stages, list) or not stages:
         raise WeightkitError(f"recipe {path}: expected a 'stages' list of method configs (or one config)")

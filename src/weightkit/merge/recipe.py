@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from weightkit.errors import WeightkitError
+from weightkit.recipe import read_yaml
 from weightkit.registry import config_from_dict
 
 __all__ = ["MergeRecipe", "DTYPES", "load_merge_recipe", "merge_recipe_from_dict"]
@@ -81,12 +81,7 @@ def load_merge_recipe(path: str | Path) -> MergeRecipe:
             exist, or a mergekit feature weightkit does not offer; the message names the field.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightkitError(f"recipe {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
+    doc = read_yaml(path)
     try:
         return merge_recipe_from_dict(doc, relative_to=path.parent)
     except WeightkitError as err:
