@@ -552,10 +552,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import transformers
+    if args.run not in (_cmd_merge, _cmd_align):  # those two never import transformers (~2 s)
+        import transformers
 
-    # Our own progress bars say what is happening; transformers' per-load bar is noise here.
-    transformers.utils.logging.disable_progress_bar()
+        # Our own progress bars say what is happening; transformers' per-load bar is noise here.
+        transformers.utils.logging.disable_progress_bar()
     try:
         result = args.run(args)
     except WeightkitError as err:

@@ -135,10 +135,10 @@ def test_magnitude_prune_edge_densities():
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
-def test_random_drop_follows_the_generator_bernoulli_draw(density):
+def test_random_drop_keeps_the_entries_whose_uniform_draw_is_below_density(density):
     delta = randn(8, 9, seed=3)
     got = random_drop(delta, density, gen(42))
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=gen(42)).bool()
+    mask = torch.rand(delta.shape, generator=gen(42)) < density
     assert torch.equal(got != 0, mask)
     for j, (g, d, m) in enumerate(zip(got.reshape(-1), delta.reshape(-1), mask.reshape(-1), strict=True)):
         expected = float(d) / density if m else 0.0
@@ -224,7 +224,7 @@ def test_della_mask_and_rescaling_follow_the_rank_rule(shape, density, epsilon):
     delta = randn(*shape, seed=8)
     rows = delta.reshape(1, -1) if delta.dim() == 1 else delta.reshape(shape[0], -1)
     probs = della_probabilities_reference(rows, density, epsilon)
-    mask = torch.bernoulli(probs.float(), generator=gen(3)).bool()
+    mask = torch.rand(probs.shape, generator=gen(3)) < probs.float()
     got = della_prune(delta, density, epsilon, gen(3)).reshape(rows.shape)
     assert torch.equal(got != 0, mask)
     expected = torch.where(mask, rows.double() / probs, 0.0)
@@ -234,7 +234,7 @@ def test_della_mask_and_rescaling_follow_the_rank_rule(shape, density, epsilon):
 def test_della_breaks_ties_by_index():
     delta = torch.randint(-2, 3, (4, 12), generator=gen(14)).float()
     probs = della_probabilities_reference(delta, 0.5, 0.3)
-    mask = torch.bernoulli(probs.float(), generator=gen(5)).bool()
+    mask = torch.rand(probs.shape, generator=gen(5)) < probs.float()
     got = della_prune(delta, 0.5, 0.3, gen(5))
     torch.testing.assert_close(
         got.double(), torch.where(mask, delta.double() / probs, 0.0), rtol=1e-6, atol=0.0
