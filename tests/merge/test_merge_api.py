@@ -375,3 +375,40 @@ def test_mwa_recipe_weighs_checkpoints_by_their_loss(models, tmp_path):
     recipe = load_merge_recipe(recipe_file)
     with pytest.raises(WeightkitError, match="every model needs its metric"):
         merge(recipe.base, recipe.models, recipe.config, tmp_path / "out2", progress=False)
+
+
+def test_a_full_disk_stops_the_merge_with_a_clear_message_and_leaves_nothing(models, tmp_path, monkeypatch):
+    import errno
+
+    import weightkit.checkpoint.writer as writer
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", no_space)
+    base, tuned = models
+    with pytest.raises(WeightkitError, match="No space left on device. Nothing was written"):
+        merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_merge_leaves_nothing(models, tmp_path, monkeypatch):
+    import weightkit.merge.task_arithmetic as ta
+
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    original = ta.task_arithmetic
+    monkeypatch.setattr(ta, "task_arithmetic", interrupt)
+    base, tuned = models
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        merge(
+            base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False, max_shard_bytes=1
+        )
+    assert len(calls) == 5 and list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from weightkit.checkpoint.files import is_weight_file, locate_weights
@@ -204,8 +205,16 @@ class CheckpointWriter:
             return
         stem = self.weights_name.removesuffix(".safetensors")
         path = self._tmp / f"{stem}-part{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, path, metadata=self.metadata)
-        _fsync(path)
+        try:
+            save_file(self._buffer, path, metadata=self.metadata)
+            _fsync(path)
+        except (OSError, SafetensorError) as err:
+            # Disk full, quota, I/O error: one clear message; the caller's abort removes the temporary.
+            raise WeightkitError(
+                f"writing {self.out_dir} failed: {err}. Nothing was written to {self.out_dir}; free "
+                f"space in {self._target.parent} (the output had reached {self._total_bytes / 1e9:.2f} GB) "
+                "and retry"
+            ) from err
         self._shards.append((path, list(self._buffer)))
         self._buffer = {}
         self._buffer_ptrs = set()

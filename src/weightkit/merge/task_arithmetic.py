@@ -64,9 +64,6 @@ __all__ = [
     "TaskArithmeticConfig",
 ]
 
-# mergekit's tolerance for "the weights sum to zero" when normalizing without sign consensus.
-_ZERO_WEIGHT_SUM = 1e-8
-
 
 def _check_density(density: float, method: str) -> None:
     if not density > 0:
@@ -324,8 +321,8 @@ def task_arithmetic(
     With ``weighted_i = w_i * delta_i``: if ``sign_consensus``, only entries agreeing with
     :func:`elect_signs` over the ``weighted_i`` are kept; ``mixed`` is the sum of the kept
     ``weighted_i``; if ``normalize``, ``mixed`` is divided per entry by the sum of the ``w_i`` whose
-    entries were kept (by 1 where that sum is 0; without sign consensus the divisor is ``sum(w_i)``,
-    replaced by 1 when its magnitude is below 1e-8, as mergekit does); the result is
+    entries were kept (by 1 where that sum is 0; without sign consensus the divisor is ``sum(w_i)``, and
+    weights summing to zero are refused, where mergekit silently divides by 1); the result is
     ``base + scale * mixed``. TIES is ``sign_consensus=True, normalize=True`` on trimmed deltas; plain
     task arithmetic is both False.
 
@@ -342,7 +339,8 @@ def task_arithmetic(
         A new tensor of ``base``'s shape and dtype (a copy of ``base`` when ``deltas`` is empty).
 
     Raises:
-        WeightkitError: a delta/weight count mismatch or a delta whose shape differs from ``base``.
+        WeightkitError: a delta/weight count mismatch, a delta whose shape differs from ``base``, or
+            ``normalize`` without sign consensus on weights that sum to zero.
     """
     if len(deltas) != len(weights):
         raise WeightkitError(f"task_arithmetic got {len(deltas)} task vectors but {len(weights)} weights")
@@ -377,11 +375,7 @@ _CHUNK = 2**22
 def _mix(deltas: list[Tensor], weights: list[float], sign_consensus: bool, normalize: bool) -> Tensor:
     """The combined task vector of flat chunks (see :func:`task_arithmetic`)."""
     if not sign_consensus:
-        mixed = linear(deltas, weights, normalize=False)
-        if normalize:
-            total = float(torch.tensor(weights, dtype=mixed.dtype).sum())
-            mixed.div_(total if abs(total) >= _ZERO_WEIGHT_SUM else 1.0)
-        return mixed
+        return linear(deltas, weights, normalize=normalize)  # refuses weights that sum to zero
     # Streaming one model at a time gives exactly elect_signs on the stacked weighted deltas, without an
     # [n_models, ...] stack and mask. With the elected sign s = +-1, an entry agrees when
     # s * w_i * delta_i > 0, so clamp(s * w_i * delta_i, min=0) is the agreeing part (times s) and its
