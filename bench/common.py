@@ -52,7 +52,8 @@ __all__ = [
 def ensure_peer_env(*, quiet: bool = False) -> Path:
     """Create or update ``bench/.venv-peer`` (idempotent, ~2 min the first time); return its python."""
     out = None if not quiet else subprocess.DEVNULL
-    subprocess.run(["bash", str(PEER_ENV_SCRIPT)], check=True, stdout=out, stderr=out)
+    env = {**os.environ, "PEER_VENV": str(PEER_VENV)}
+    subprocess.run(["bash", str(PEER_ENV_SCRIPT)], check=True, stdout=out, stderr=out, env=env)
     return PEER_PYTHON
 
 

@@ -16,7 +16,7 @@ Runners, each its own command-line program in a fresh process:
 
 - ``weightkit``: ``.venv/bin/weightkit merge RECIPE -o OUT --json`` on the recipe as written
   (``dtype: bfloat16``).
-- ``mergekit_bf16_compute``: ``mergekit-yaml`` (its own venv, ``bench/mergekit_env.sh``) with
+- ``mergekit_bf16_compute``: ``mergekit-yaml`` (its own venv, ``bash bench/peer_env.sh mergekit``) with
   :data:`MERGEKIT_FLAGS` on the *same file*. mergekit reads ``dtype`` as the dtype to compute in.
 - ``mergekit_f32_compute``: the same recipe with ``dtype: float32, out_dtype: bfloat16``, which is
   what weightkit does with ``dtype: bfloat16`` (float32 arithmetic, bfloat16 output) and is mergekit's
@@ -73,7 +73,7 @@ from common import BENCH_DIR, write_result  # noqa: E402
 CACHE_ROOT = Path(os.environ.get("WEIGHTKIT_CACHE", Path.home() / ".cache" / "weightkit"))
 CHECKPOINT_DIR = CACHE_ROOT / "bench-merge"
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTKIT_MERGEKIT_VENV", BENCH_DIR / ".venv-mergekit"))
-MERGEKIT_ENV_SCRIPT = BENCH_DIR / "mergekit_env.sh"
+PEER_ENV_SCRIPT = BENCH_DIR / "peer_env.sh"
 WEIGHTKIT_CLI = Path(sys.executable).parent / "weightkit"
 
 # mergekit's fastest CPU configuration, measured here (README "## merge"): default threads (-j = cores;
@@ -625,7 +625,8 @@ def task_vector_stats(outputs: dict[str, Path], base: Path) -> dict:
 
 
 def ensure_mergekit_env() -> Path:
-    subprocess.run(["bash", str(MERGEKIT_ENV_SCRIPT)], check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PEER_VENV": str(MERGEKIT_VENV)}
+    subprocess.run(["bash", str(PEER_ENV_SCRIPT), "mergekit"], check=True, stdout=subprocess.DEVNULL, env=env)
     return MERGEKIT_VENV
 
 

@@ -1,6 +1,6 @@
 """Peer side of the merge benchmark: mergekit's ``mergekit-yaml``, optionally with a stable top-k.
 
-Runs under the mergekit venv's python (``bench/.venv-mergekit``, made by ``bench/mergekit_env.sh``)::
+Runs under the mergekit venv's python (``bench/.venv-mergekit``, from ``bash bench/peer_env.sh mergekit``)::
 
     bench/.venv-mergekit/bin/python bench/merge_peer.py [--stable-topk] CONFIG.yml OUT_DIR [options]
 

