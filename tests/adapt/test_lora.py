@@ -1,0 +1,114 @@
+"""LoRA core: zero-initialised adapters, merge/unmerge, several adapters, PEFT's format both ways."""
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from weightkit.adapt import (
+    LoRAConfig,
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+)
+from weightkit.errors import WeightkitError
+from weightkit.models import save_tiny, tiny_llama
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
+
+
+def _randomise_b(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                for linear in module.lora_B.values():
+                    linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.1)
+
+
+def test_a_fresh_adapter_leaves_outputs_unchanged_and_trains_only_lora():
+    model = tiny_llama(seed=0)
+    before = model(IDS).logits
+    add_lora(model, LoRAConfig(rank=4, alpha=8))
+    torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
+    trainable, total = trainable_parameters(model)
+    # q_proj (32x32) and v_proj (16x32 with 2 KV heads) in 2 layers, rank 4: A is 4x32, B is out x 4.
+    assert trainable == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    assert total > trainable
+
+
+def test_merge_then_unmerge_restores_the_base_weights_and_merge_keeps_outputs():
+    model = tiny_llama(seed=0)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    add_lora(model, LoRAConfig(rank=4, alpha=8, rslora=True))
+    _randomise_b(model)
+    adapted = model(IDS).logits
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.merge()
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
+    for layer in layers:
+        layer.unmerge()
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            torch.testing.assert_close(param, weights[name.replace(".base_layer", "")], rtol=0, atol=1e-6)
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_two_named_adapters_add_up():
+    model = tiny_llama(seed=0)
+    add_lora(model, LoRAConfig(rank=2, targets=["model.layers.0.self_attn.q_proj"]), name="a")
+    add_lora(model, LoRAConfig(rank=3, targets=["model.layers.0.self_attn.q_proj"]), name="b")
+    _randomise_b(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, 32)
+    expected = layer.base_layer(x) + x @ (layer.delta_weight("a") + layer.delta_weight("b")).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(WeightkitError, match="already has an adapter named 'a'"):
+        add_lora(model, LoRAConfig(rank=2, targets=["model.layers.0.self_attn.q_proj"]), name="a")
+
+
+def test_bad_configs_and_targets_are_refused():
+    with pytest.raises(WeightkitError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(WeightkitError, match="larger than a 16x32 layer"):
+        add_lora(tiny_llama(seed=0), LoRAConfig(rank=20, targets=["re:.*v_proj"]))
+    with pytest.raises(WeightkitError, match="q_prj"):
+        add_lora(tiny_llama(seed=0), LoRAConfig(targets=["model.layers.0.self_attn.q_prj"]))
+
+
+def test_our_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    model = tiny_llama(seed=0)
+    add_lora(model, LoRAConfig(rank=4, alpha=16))
+    _randomise_b(model, seed=1)
+    ours = model(IDS).logits
+    save_adapter(model, tmp_path / "adapter", base_model=str(base_dir))
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter"
+    )
+    torch.testing.assert_close(peft_model(IDS).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_peft_adapter_loads_in_weightkit_with_the_same_outputs(tmp_path):
+    peft_model = get_peft_model(
+        tiny_llama(seed=0), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    expected = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    ours = load_adapter(tiny_llama(seed=0), tmp_path / "peft-adapter")
+    torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(WeightkitError, match="another model"):
+        load_adapter(tiny_llama(seed=0, hidden_size=64, intermediate_size=64), tmp_path / "peft-adapter")
