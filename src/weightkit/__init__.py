@@ -24,6 +24,8 @@ _API = {
     "save_quantized": "weightkit.compress.quant.export",
     "load": "weightkit.loading",
     "merge": "weightkit.merge",
+    "adapt": "weightkit.adapt",
+    "LoRAConfig": "weightkit.adapt",
 }
 
 __all__ = ["WeightkitError", *_API]

@@ -46,9 +46,13 @@ def _model_class(config: dict):
 
 
 def load(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, allow_pickle: bool = False
+    path: str | os.PathLike,
+    *,
+    adapter: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
 ) -> nn.Module:
-    """Load the model of a Hugging Face directory, offline, in eval mode.
+    """Load the model of a Hugging Face directory, offline, in eval mode (with an adapter applied).
 
     The class is the one named in ``config.json``'s ``architectures`` (so a ``BertForMaskedLM`` comes
     back as one). A compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear``
@@ -56,6 +60,7 @@ def load(
 
     Args:
         path: the model directory.
+        adapter: a LoRA adapter directory in PEFT's format (saved by weightkit or PEFT) to apply.
         dtype: dtype of the floating-point weights (and quantization scales); ``None`` keeps the stored one.
         allow_pickle: accept pickle weights (``pytorch_model.bin``) for a plain directory; they are still
             read with ``weights_only`` loading.
@@ -77,7 +82,12 @@ def load(
             return load_quantized(path, model_cls=model_cls, dtype=dtype, reader=reader)
     finally:
         reader.close()
-    return model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
+    if adapter is not None:
+        from weightkit.adapt import load_adapter
+
+        load_adapter(model, adapter)
+    return model
 
 
 def _config_groups(qc: dict, path: Path) -> tuple[list[tuple[str, list[str], QuantScheme]], list[str]]:

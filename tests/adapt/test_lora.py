@@ -12,6 +12,7 @@ from weightkit.adapt import (
     load_adapter,
     merge_and_unload,
     save_adapter,
+    set_active_adapters,
     trainable_parameters,
 )
 from weightkit.errors import WeightkitError
@@ -112,3 +113,35 @@ def test_a_peft_adapter_loads_in_weightkit_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(WeightkitError, match="another model"):
         load_adapter(tiny_llama(seed=0, hidden_size=64, intermediate_size=64), tmp_path / "peft-adapter")
+
+
+def test_adapt_picks_lora_from_its_config_and_adapters_can_be_switched():
+    import weightkit
+
+    model = tiny_llama(seed=0)
+    base = model(IDS).logits
+    weightkit.adapt(model, LoRAConfig(rank=2), name="a")
+    weightkit.adapt(model, LoRAConfig(rank=2), name="b")
+    _randomise_b(model)
+    both = model(IDS).logits
+    set_active_adapters(model, ["a"])
+    only_a = model(IDS).logits
+    set_active_adapters(model, [])
+    torch.testing.assert_close(model(IDS).logits, base, rtol=0, atol=0)
+    set_active_adapters(model, ["a", "b"])
+    torch.testing.assert_close(model(IDS).logits, both)
+    assert not torch.allclose(only_a, both) and not torch.allclose(only_a, base)
+    with pytest.raises(WeightkitError, match="no adapter named c"):
+        set_active_adapters(model, ["c"])
+
+
+def test_load_applies_an_adapter_to_the_base_model(tmp_path):
+    import weightkit
+
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    model = tiny_llama(seed=0)
+    add_lora(model, LoRAConfig(rank=4))
+    _randomise_b(model, seed=2)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = weightkit.load(base_dir, adapter=tmp_path / "adapter")
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)

@@ -17,9 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
+from weightkit.registry import register
 from weightkit.select import select_modules
 
-__all__ = ["LoRAConfig", "LoRALinear", "add_lora", "merge_and_unload", "trainable_parameters"]
+__all__ = [
+    "LoRAConfig",
+    "LoRALinear",
+    "add_lora",
+    "set_active_adapters",
+    "merge_and_unload",
+    "trainable_parameters",
+]
 
 
 @dataclass
@@ -140,6 +148,26 @@ def add_lora(model: nn.Module, config: LoRAConfig, *, name: str = "default") -> 
     return model
 
 
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Use only the adapters ``names`` in every LoRA layer (``[]`` runs the base model).
+
+    Merged adapters are unmerged first, so switching always acts on the base weights.
+
+    Raises:
+        WeightkitError: a name no LoRA layer of the model has.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    known = {n for layer in layers for n in layer.lora_A}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WeightkitError(
+            f"no adapter named {', '.join(unknown)}; the model has {', '.join(sorted(known))}"
+        )
+    for layer in layers:
+        layer.unmerge()
+        layer.active = [n for n in names if n in layer.lora_A]
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters into the base weights and put the plain ``nn.Linear`` layers back."""
     for module_name, module in list(model.named_modules()):
@@ -154,3 +182,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+register("adapt", "lora", LoRAConfig, add_lora)
