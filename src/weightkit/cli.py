@@ -394,10 +394,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=512, help="max tokens per calibration text (default: 512)")
     c.add_argument("--seed", type=int, default=0, help="seed for picking calibration texts (default: 0)")
     c.add_argument("--recipe", help="YAML recipe holding the method config (replaces the method flags)")
-    c.add_argument(
-        "--max-shard-size", type=_size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
-    )
-    c.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     c.set_defaults(run=_cmd_compress)
 
     e = sub.add_parser(
@@ -451,10 +447,6 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
     )
-    m.add_argument(
-        "--max-shard-size", type=_size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
-    )
-    m.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     m.set_defaults(run=_cmd_merge)
 
     x = sub.add_parser(
@@ -477,7 +469,6 @@ def _parser() -> argparse.ArgumentParser:
         choices=("float32", "float16", "bfloat16"),
         help="dtype of the stored factors (default: the fine-tuned weights' dtype)",
     )
-    x.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     x.set_defaults(run=_cmd_extract_lora)
 
     a = sub.add_parser(
@@ -496,7 +487,6 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="the model to permute")
     a.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
     a.add_argument("--seed", type=int, default=0, help="seed of the order in which permutations are solved")
-    a.add_argument("--force", action="store_true", help="overwrite the output directory if it exists")
     a.set_defaults(run=_cmd_align)
 
     f = sub.add_parser(
@@ -522,7 +512,6 @@ def _parser() -> argparse.ArgumentParser:
         help="labels sampled from the model (the Fisher, default) or the texts' own next tokens",
     )
     f.add_argument("--seed", type=int, default=0, help="seed for the text choice and label sampling")
-    f.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     f.set_defaults(run=_cmd_fisher)
 
     d = sub.add_parser(
@@ -540,6 +529,12 @@ def _parser() -> argparse.ArgumentParser:
     for p in (c, e, m, x, a, f, d):
         p.add_argument(
             "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
+        )
+    for p in (c, m, x, a, f):
+        p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    for p in (c, m):
+        p.add_argument(
+            "--max-shard-size", type=_size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
         )
     for p in (c, e, m):
         p.add_argument(

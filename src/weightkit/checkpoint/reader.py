@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from weightkit.checkpoint.files import WeightLayout, locate_weights
 from weightkit.checkpoint.header import read_safetensors_header
-from weightkit.errors import WeightkitError
+from weightkit.errors import WeightkitError, require_finite
 
 __all__ = ["CheckpointReader"]
 
@@ -221,6 +221,12 @@ class CheckpointReader:
             self._handle_is_view[entry.file] = is_view
         tensor = handle.get_tensor(name)
         return tensor.clone() if self._handle_is_view[entry.file] else tensor
+
+    def get_finite(self, name: str) -> torch.Tensor:
+        """:meth:`get`, refusing a tensor that holds NaN or Inf (the message names it and this checkpoint)."""
+        tensor = self.get(name)
+        require_finite(tensor, f"{name} of {self.path}")
+        return tensor
 
     def nbytes(self) -> int:
         """Total bytes of tensor data (headers excluded)."""

@@ -24,7 +24,7 @@ from weightkit.compress.quant.export import (
 from weightkit.compress.quant.grid import rtn_quantize
 from weightkit.compress.quant.module import QuantizedLinear, selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
-from weightkit.errors import WeightkitError, require_finite
+from weightkit.errors import WeightkitError
 from weightkit.models import (
     CheckpointNames,
     load_tokenizer,
@@ -50,9 +50,7 @@ class _StreamedModel:
         ckpt_name = self.names.to_ckpt(model_name)
         if ckpt_name not in self.reader:
             return None
-        tensor = self.reader.get(ckpt_name)
-        require_finite(tensor, ckpt_name)
-        return tensor
+        return self.reader.get_finite(ckpt_name)
 
     def load(self, prefix: str, module: nn.Module, *, skip: tuple[str, ...] = ()) -> None:
         """Read ``module``'s (named ``prefix``) parameters and saved buffers, except under ``skip``."""

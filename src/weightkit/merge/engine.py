@@ -37,6 +37,7 @@ from weightkit.registry import entry_for_config
 __all__ = [
     "MergePlan",
     "TensorJob",
+    "check_architectures",
     "TensorInputs",
     "plan_merge",
     "read_job",
@@ -87,7 +88,11 @@ def _embedding_name(reader: CheckpointReader) -> str | None:
     return None
 
 
-def _check_architectures(readers: list[CheckpointReader]) -> None:
+def check_architectures(
+    readers: list[CheckpointReader], *, why: str = "only models of one architecture can be merged"
+) -> None:
+    """Refuse checkpoints whose ``model_type`` or ``architectures`` differ, naming both and saying ``why``."""
+
     def arch(r):
         config = r.config or {}
         return config.get("model_type"), tuple(config.get("architectures") or ())
@@ -97,7 +102,7 @@ def _check_architectures(readers: list[CheckpointReader]) -> None:
         if arch(r) != first:
             raise WeightkitError(
                 f"different architectures: {readers[0].path} is {first[0]} {list(first[1])}, "
-                f"{r.path} is {arch(r)[0]} {list(arch(r)[1])}; only models of one architecture can be merged"
+                f"{r.path} is {arch(r)[0]} {list(arch(r)[1])}; {why}"
             )
 
 
@@ -124,7 +129,7 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
     readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in paths]
     plan = MergePlan(readers, has_base=base is not None)
     try:
-        _check_architectures(readers)
+        check_architectures(readers)
         reference = readers[0]
         plan.num_layers = int((reference.config or {}).get("num_hidden_layers", 0))
         names = list(reference.names())
@@ -158,17 +163,11 @@ def _plan_tensor(readers: list[CheckpointReader], name: str) -> TensorJob:
     return TensorJob(name, sources, shapes[0], merged_rows=min(s[0] for s in shapes))
 
 
-def _read(reader: CheckpointReader, source: str) -> Tensor:
-    tensor = reader.get(source)
-    require_finite(tensor, f"{source} of {reader.path}")
-    return tensor
-
-
 def read_job(plan: MergePlan, job: TensorJob) -> list[Tensor]:
     """Each model's version of the job's tensor in float32 (base first), cut to the merged vocabulary rows."""
     work = []
     for reader, source in zip(plan.readers, job.sources, strict=True):
-        tensor = _read(reader, source)
+        tensor = reader.get_finite(source)
         work.append(tensor.float() if job.merged_rows is None else tensor[: job.merged_rows].float())
     return work
 
@@ -338,12 +337,11 @@ def _tensor_inputs(
             if key in model.files:  # stored under the model's own name (its embedding for a tied lm_head)
                 values[key] = model.files[key].get(source).float()
                 continue
-            spec = model.overrides.get(key, getattr(config, key))
-            if key in model.overrides and value_for(spec, name, plan.num_layers) is None:
-                spec = getattr(config, key)  # no filter of this model's matched: the method-level value
-            values[key] = (
-                None if spec is None else _resolve(spec, key, name, plan.num_layers, str(model.path))
-            )
+            own, default = model.overrides.get(key), getattr(config, key)
+            value = None if own is None else value_for(own, name, plan.num_layers)
+            if value is None and default is not None:  # no value of its own, or none of its filters matched
+                value = _resolve(default, key, name, plan.num_layers, str(model.path))
+            values[key] = value
         params.append(values)
     shared = {
         key: _resolve(getattr(config, key), key, name, plan.num_layers, "parameters")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.merge.engine import check_architectures
 from weightkit.progress import track
 
 __all__ = ["lowrank_delta", "extract_lora"]
@@ -256,23 +257,15 @@ def _classify_by_name(reader: CheckpointReader) -> dict[str, _Target | str]:
 # -- the checkpoint-level job ------------------------------------------------------------------------------
 
 
-def _architecture(reader: CheckpointReader) -> tuple[object, tuple[str, ...]]:
-    config = reader.config or {}
-    return config.get("model_type"), tuple(config.get("architectures") or ())
-
-
 def _check_pair(base: CheckpointReader, finetuned: CheckpointReader) -> None:
     for reader in (base, finetuned):
         if (reader.config or {}).get("quantization_config"):
             raise WeightkitError(
                 f"{reader.path} is a quantized checkpoint; extract a LoRA from unquantized weights"
             )
-    if _architecture(base) != _architecture(finetuned):
-        (bt, ba), (ft, fa) = _architecture(base), _architecture(finetuned)
-        raise WeightkitError(
-            f"different architectures: {base.path} is {bt} {list(ba)}, {finetuned.path} is {ft} {list(fa)}; "
-            f"a LoRA can only be extracted from a fine-tune of the same architecture"
-        )
+    check_architectures(
+        [base, finetuned], why="a LoRA can only be extracted from a fine-tune of the same architecture"
+    )
     only_base = [n for n in base.names() if n not in finetuned]
     only_ft = [n for n in finetuned.names() if n not in base]
     if only_base or only_ft:
@@ -460,9 +453,7 @@ def _stream(
     )
     try:
         for name in track(base.names(), "extracting LoRA", enabled=progress):
-            w_base, w_ft = base.get(name), finetuned.get(name)
-            require_finite(w_base, f"{name} of {base.path}")
-            require_finite(w_ft, f"{name} of {finetuned.path}")
+            w_base, w_ft = base.get_finite(name), finetuned.get_finite(name)
             same = torch.equal(w_base, w_ft) if w_base.dtype == w_ft.dtype else _equal_values(w_base, w_ft)
             if same:
                 unchanged += 1

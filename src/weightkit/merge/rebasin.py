@@ -62,7 +62,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
-from weightkit.errors import WeightkitError, require_finite
+from weightkit.errors import WeightkitError
 from weightkit.progress import track
 
 __all__ = [
@@ -661,12 +661,6 @@ def _check_configs(reference: CheckpointReader, model: CheckpointReader) -> dict
     return config
 
 
-def _read(reader: CheckpointReader, name: str) -> Tensor:
-    tensor = reader.get(name)
-    require_finite(tensor, f"{name} of {reader.path}")
-    return tensor
-
-
 def _norm(state: Mapping[str, Tensor]) -> float:
     return math.sqrt(sum(_dot(t, t) for t in state.values()))
 
@@ -734,8 +728,8 @@ def align_checkpoint(
                 ref_block = transformer_spec(reference.config, ref_shapes, layers=[layer])
                 # Both specs list the same entries in the same order; only the name prefix may differ.
                 pairs = list(zip(ref_block.axes, block.axes, strict=True))
-                ref_state = {name: _read(reference, ref_name) for ref_name, name in pairs}
-                state = {name: _read(model, name) for _, name in pairs}
+                ref_state = {name: reference.get_finite(ref_name) for ref_name, name in pairs}
+                state = {name: model.get_finite(name) for _, name in pairs}
                 perms = weight_matching(ref_state, state, block, max_iter=max_iter, seed=seed)
                 before = matching_objective(ref_state, state, block)
                 after = matching_objective(ref_state, state, block, perms)
