@@ -1,48 +1,73 @@
 """``adapt(model, config)``: inject adapters into a model's layers; save and load them in PEFT's format.
 
-The config's type picks the method (``LoRAConfig`` -> LoRA). Several named adapters can live on one
-model; :func:`set_active_adapters` chooses which run, :func:`merge_and_unload` folds them into the weights.
+The config's type picks the method (``LoRAConfig`` -> LoRA, ``BoneConfig`` -> Bone, ...). Several named
+adapters can live on one model; :func:`set_active_adapters` chooses which run, :func:`merge_and_unload`
+folds them into the weights.
 """
 
 from torch import nn
 
 from weightkit import _callable_package
-from weightkit.adapt.lora import (
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
+from weightkit.adapt.bone import BoneConfig
+from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
+from weightkit.adapt.layer import (
+    adapter_configs,
+    adapter_layers,
     merge_and_unload,
     set_active_adapters,
     trainable_parameters,
 )
+from weightkit.adapt.lora import LoRAConfig, LoRALinear, add_lora
+from weightkit.adapt.lora_sb import LoRASBConfig
+from weightkit.adapt.mos import MoSConfig
 from weightkit.adapt.peft_format import load_adapter, save_adapter
+from weightkit.adapt.svfit import SVFitConfig
+from weightkit.adapt.trainer import TrainConfig, finetune, train_adapter
+from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
 
 __all__ = [
     "adapt",
     "LoRAConfig",
     "LoRALinear",
+    "LoRASBConfig",
+    "SVFitConfig",
+    "BoneConfig",
+    "MoSConfig",
+    "IncreLoRAConfig",
+    "IncreLoRAController",
+    "TrainConfig",
+    "train_adapter",
+    "finetune",
     "add_lora",
     "set_active_adapters",
     "merge_and_unload",
     "trainable_parameters",
+    "adapter_layers",
+    "adapter_configs",
     "save_adapter",
     "load_adapter",
 ]
 
 
-def adapt(model: nn.Module, config, *, name: str = "default") -> nn.Module:
+def adapt(model: nn.Module, config, *, name: str = "default", data=None) -> nn.Module:
     """Add adapter ``name`` of the method ``config`` names to ``model`` (in place) and freeze the rest.
 
     Args:
         model: any ``torch.nn.Module``; Hugging Face models first of all.
         config: e.g. ``LoRAConfig(rank=8, alpha=16, targets=["re:.*\\.(q_proj|v_proj)"])``.
-        name: the adapter's name (several adapters can live on one model).
+        name: the adapter's name (several adapters can live on one model); a Python identifier.
+        data: batches for data-driven initialisations (EVA's activations, LoRA-SB's gradient): an
+            iterable of dicts the model takes as keyword arguments (with ``labels`` where a loss is needed).
 
     Returns:
         ``model``.
     """
-    return entry_for_config(config).fn(model, config, name=name)
+    if not name.isidentifier():
+        raise WeightkitError(f"an adapter name must be a Python identifier, got {name!r}")
+    if name in adapter_configs(model):
+        raise WeightkitError(f"the model already has an adapter named {name!r}")
+    return entry_for_config(config).fn(model, config, name=name, data=data)
 
 
 _callable_package(__name__, adapt)

@@ -10,24 +10,22 @@ leaves the model's outputs unchanged. The wrapped layer keeps PEFT's module name
 adapter files round-trip with PEFT unchanged (see :mod:`weightkit.adapt.peft_format`).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from weightkit.adapt.dora import dora_extra_output, dora_merged_weight, dora_unmerged_weight, row_norms
+from weightkit.adapt.eva import eva_components
+from weightkit.adapt.layer import finish_adapter, wrap_targets
+from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
-from weightkit.select import select_modules
+from weightkit.select import resolve, select_modules
 
-__all__ = [
-    "LoRAConfig",
-    "LoRALinear",
-    "add_lora",
-    "set_active_adapters",
-    "merge_and_unload",
-    "trainable_parameters",
-]
+__all__ = ["LoRAConfig", "LoRALinear", "add_lora"]
 
 
 @dataclass
@@ -42,6 +40,18 @@ class LoRAConfig:
             matched against the full name (default: the attention query and value projections of
             Llama-style and BERT-style models).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+        dora: DoRA (:mod:`weightkit.adapt.dora`): also learn each output feature's magnitude.
+        init: how ``A`` and ``B`` start. ``"kaiming"``: ``A`` Kaiming-uniform, ``B`` zero (the paper's and
+            PEFT's default; outputs unchanged). ``"pissa"``: the principal singular vectors of the weight,
+            the base weight keeps the residual (:mod:`weightkit.adapt.pissa`; outputs unchanged). ``"eva"``:
+            ``A`` spans the top principal directions of each layer's inputs on ``data``, ranks redistributed
+            by explained variance under the budget ``rank * layers`` (:mod:`weightkit.adapt.eva`; ``B``
+            zero); needs calibration batches.
+        rank_pattern: per-module ranks overriding ``rank`` (exact names or ``re:`` patterns).
+        alpha_pattern: per-module alphas overriding ``alpha``.
+        eva_rho: EVA: a layer may get up to ``round(eva_rho * rank)`` (1 keeps every rank uniform).
+        eva_tau: EVA: stop reading a layer's inputs once its components' cosine to the previous batch's
+            reaches this.
     """
 
     rank: int = 8
@@ -49,18 +59,39 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["re:.*\\.(q_proj|v_proj|query|value)"])
     rslora: bool = False
+    dora: bool = False
+    init: str = "kaiming"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise WeightkitError(f"lora: rank must be an integer >= 1, got {self.rank!r}")
+        for where, rank in [("rank", self.rank), *(("rank_pattern", r) for r in self.rank_pattern.values())]:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise WeightkitError(f"lora: {where} ranks must be integers >= 1, got {rank!r}")
         if not 0 <= self.dropout < 1:
             raise WeightkitError(f"lora: dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise WeightkitError("lora: targets is empty; name the modules to adapt")
+        if self.init not in INITS:
+            raise WeightkitError(f"lora: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not self.eva_rho >= 1 or not 0 <= self.eva_tau <= 1:
+            raise WeightkitError(
+                f"lora: eva_rho must be >= 1 and eva_tau in [0, 1], got {self.eva_rho}, {self.eva_tau}"
+            )
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+    def rank_for(self, module_name: str) -> int:
+        rank = resolve(module_name, self.rank_pattern)
+        return self.rank if rank is None else rank
+
+    def scaling_for(self, module_name: str) -> float:
+        alpha = resolve(module_name, self.alpha_pattern)
+        rank = self.rank_for(module_name)
+        return (self.alpha if alpha is None else alpha) / (math.sqrt(rank) if self.rslora else rank)
+
+
+INITS = ("kaiming", "pissa", "eva")
 
 
 class LoRALinear(nn.Module):
@@ -72,58 +103,124 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        # DoRA's per-output-feature magnitudes; PEFT saves them as "<module>.lora_magnitude_vector".
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._merged_norms: dict[str, Tensor] = {}  # DoRA row norms at merge time, to unmerge exactly
+        # PiSSA's initial (A, B): saving expresses the update against the original base weight with them.
+        self.pissa_initial: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def add_adapter(self, name: str, config: LoRAConfig) -> None:
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    def add_adapter(
+        self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
+        init: str = "kaiming",
+    ) -> None:  # fmt: skip
+        """Add adapter ``name`` (active). ``init="pissa"`` also replaces the base weight by its residual."""
         out_features, in_features = self.base_layer.weight.shape
-        if config.rank > min(out_features, in_features):
+        if rank > min(out_features, in_features):
             raise WeightkitError(
-                f"lora: rank {config.rank} is larger than a {out_features}x{in_features} layer allows"
+                f"lora: rank {rank} is larger than a {out_features}x{in_features} layer allows"
             )
         if name in self.lora_A:
             raise WeightkitError(f"lora: this layer already has an adapter named {name!r}")
         weight = self.base_layer.weight
         kwargs = {"bias": False, "device": weight.device, "dtype": weight.dtype}
-        self.lora_A[name] = nn.Linear(in_features, config.rank, **kwargs)
-        self.lora_B[name] = nn.Linear(config.rank, out_features, **kwargs)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        self.scaling[name] = config.scaling
+        self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
+        self.lora_B[name] = nn.Linear(rank, out_features, **kwargs)
+        with torch.no_grad():
+            if init == "pissa":
+                a, b, residual = principal_factors(weight, rank, scaling)
+                self.lora_A[name].weight.copy_(a)
+                self.lora_B[name].weight.copy_(b)
+                weight.copy_(residual)
+                self.pissa_initial[name] = (a.clone(), b.clone())
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling[name] = scaling
+        if dora:
+            with torch.no_grad():
+                norms = row_norms(weight.float(), self._lora_delta(name).float())
+            self.lora_magnitude_vector[name] = nn.Parameter(norms.to(weight.dtype))
         self.active.append(name)
 
-    def delta_weight(self, name: str) -> Tensor:
-        """The update ``scaling * B @ A`` this adapter adds to the base weight."""
+    def _lora_delta(self, name: str) -> Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
+    def delta_weight(self, name: str) -> Tensor:
+        """The update adapter ``name`` adds to the current base weight (DoRA's depends on that weight)."""
+        delta = self._lora_delta(name)
+        if name not in self.lora_magnitude_vector:
+            return delta
+        weight = self.base_layer.weight
+        merged, _ = dora_merged_weight(weight, delta, self.lora_magnitude_vector[name])
+        return merged - weight
+
     def merge(self) -> None:
-        """Add the active adapters' updates into the base weight (inference without extra matmuls)."""
+        """Fold the active adapters into the base weight (inference without extra matmuls)."""
         with torch.no_grad():
+            weight = self.base_layer.weight
             for name in self.active:
-                if name not in self.merged:
-                    self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-                    self.merged.append(name)
+                if name in self.merged:
+                    continue
+                delta = self._lora_delta(name).to(weight.dtype)
+                if name in self.lora_magnitude_vector:
+                    magnitude = self.lora_magnitude_vector[name]
+                    merged, self._merged_norms[name] = dora_merged_weight(weight, delta, magnitude)
+                    weight.copy_(merged)
+                else:
+                    weight += delta
+                self.merged.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged update again, restoring the base weight (up to float rounding)."""
+        """Undo every merge, newest first, restoring the base weight (up to float rounding)."""
         with torch.no_grad():
+            weight = self.base_layer.weight
             while self.merged:
                 name = self.merged.pop()
-                self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+                delta = self._lora_delta(name).to(weight.dtype)
+                if name in self.lora_magnitude_vector:
+                    magnitude = self.lora_magnitude_vector[name]
+                    weight.copy_(dora_unmerged_weight(weight, delta, magnitude, self._merged_norms.pop(name)))
+                else:
+                    weight -= delta
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
-            lora_x = self.lora_dropout[name](x).to(self.lora_A[name].weight.dtype)
-            out = out + (self.lora_B[name](self.lora_A[name](lora_x)) * self.scaling[name]).to(out.dtype)
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
+            lora_out = lora_B(lora_A(lora_x)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                lora_out = self._dora_output(name, x, lora_x, base_out, lora_out)
+            out = out + lora_out.to(out.dtype)
         return out
 
+    def _dora_output(
+        self, name: str, x: Tensor, lora_x: Tensor, base_out: Tensor, lora_out: Tensor
+    ) -> Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if lora_x is x:  # no dropout: the base output without its bias is x W^T
+            plain = base_out if bias is None else base_out - bias
+        else:  # DoRA scales the dropped-out input's base output, as the paper and PEFT do
+            plain = nn.functional.linear(lora_x, weight.to(lora_x.dtype))
+        magnitude = self.lora_magnitude_vector[name]
+        return dora_extra_output(
+            plain.to(lora_out.dtype), lora_out, magnitude, weight, self._lora_delta(name)
+        )
 
-def add_lora(model: nn.Module, config: LoRAConfig, *, name: str = "default") -> nn.Module:
+
+def add_lora(
+    model: nn.Module, config: LoRAConfig, *, name: str = "default", data=None, initialize: bool = True
+) -> nn.Module:
     """Give every targeted ``nn.Linear`` of ``model`` a LoRA adapter ``name``; freeze everything else.
 
     Calling it again with another ``name`` adds a second adapter to the same layers (several named
@@ -136,52 +233,39 @@ def add_lora(model: nn.Module, config: LoRAConfig, *, name: str = "default") -> 
         WeightkitError: a target that selects nothing (with close names), a rank too large for a layer,
             or an adapter name already used.
     """
-    selected = select_modules(model, targets=config.targets, ignore=[], types=(nn.Linear, LoRALinear))
-    for module_name, layer in selected.items():
-        if not isinstance(layer, LoRALinear):
-            parent_name, _, child = module_name.rpartition(".")
-            layer = LoRALinear(layer)
-            setattr(model.get_submodule(parent_name), child, layer)
-        layer.add_adapter(name, config)
-    for param_name, param in model.named_parameters():
-        param.requires_grad = ".lora_A." in param_name or ".lora_B." in param_name
-    return model
+    init = config.init if initialize else "kaiming"
+    eva_a = {}
+    if init == "eva":
+        # EVA decides each layer's rank from its inputs first; layers given rank 0 get no adapter.
+        eva_a = _eva_init(model, config, data)
+        config = dataclasses.replace(config, targets=sorted(eva_a))
+    for module_name, layer in wrap_targets(model, config.targets, LoRALinear).items():
+        rank, scaling = config.rank_for(module_name), config.scaling_for(module_name)
+        if module_name in eva_a:
+            rank, alpha = (
+                eva_a[module_name].shape[0],
+                resolve(module_name, config.alpha_pattern) or config.alpha,
+            )
+            scaling = alpha * rank / config.rank / (math.sqrt(rank) if config.rslora else rank)
+        layer.add_adapter(
+            name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora,
+            init="kaiming" if init == "eva" else init,
+        )  # fmt: skip
+        if module_name in eva_a:
+            with torch.no_grad():
+                layer.lora_A[name].weight.copy_(eva_a[module_name])
+    return finish_adapter(model, name, config)
 
 
-def set_active_adapters(model: nn.Module, names: list[str]) -> None:
-    """Use only the adapters ``names`` in every LoRA layer (``[]`` runs the base model).
-
-    Merged adapters are unmerged first, so switching always acts on the base weights.
-
-    Raises:
-        WeightkitError: a name no LoRA layer of the model has.
-    """
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    known = {n for layer in layers for n in layer.lora_A}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise WeightkitError(
-            f"no adapter named {', '.join(unknown)}; the model has {', '.join(sorted(known))}"
-        )
-    for layer in layers:
-        layer.unmerge()
-        layer.active = [n for n in names if n in layer.lora_A]
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters into the base weights and put the plain ``nn.Linear`` layers back."""
-    for module_name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            module.merge()
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base_layer)
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+def _eva_init(model: nn.Module, config: LoRAConfig, data) -> dict[str, Tensor]:
+    """EVA's ``A`` per targeted module (rank 0 modules left out)."""
+    if data is None:
+        raise WeightkitError("lora: init='eva' needs calibration batches: adapt(model, config, data=batches)")
+    modules = select_modules(model, targets=config.targets, ignore=[], types=(nn.Linear, LoRALinear))
+    components = eva_components(
+        model, list(modules), data, rank=config.rank, rho=config.eva_rho, tau=config.eva_tau
+    )
+    return {n: a for n, a in components.items() if a.shape[0] > 0}
 
 
 register("adapt", "lora", LoRAConfig, add_lora)

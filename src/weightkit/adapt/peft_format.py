@@ -1,20 +1,33 @@
 """Adapters in PEFT's file format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-PEFT stores a LoRA adapter's tensors as ``base_model.model.<module>.lora_A.weight`` (the adapter's name
-dropped) and its settings in ``adapter_config.json``; ``peft.PeftModel.from_pretrained`` and vLLM load
-exactly that. :func:`save_adapter` writes it from a model adapted by :func:`weightkit.adapt.add_lora`, and
-:func:`load_adapter` reads an adapter PEFT (or weightkit) saved into a plain model.
+PEFT stores an adapter's tensors under the model's key with the adapter's name dropped and
+``base_model.model.`` in front (``base_model.model.<module>.lora_A.weight``) and its settings in
+``adapter_config.json``; ``peft.PeftModel.from_pretrained`` and vLLM load exactly that.
+
+- LoRA (with DoRA, rsLoRA, per-module ranks from EVA, PiSSA) saves as PEFT's ``LORA``. A PiSSA adapter moved
+  the base weights, so it is saved as PEFT saves one for the *original* base model: the update
+  ``B A - B0 A0`` as a LoRA of twice the rank.
+- A method whose config defines ``peft_config(target_modules)`` and ``from_peft(saved)`` (Bone -> PEFT's
+  MiSS) saves as that PEFT type.
+- Every other (weightkit-only) method saves in the same layout with its own ``peft_type`` (the method's
+  registered name in capitals) and its config fields; weightkit loads it back.
 """
 
+import dataclasses
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from weightkit.adapt.lora import LoRAConfig, LoRALinear, add_lora
+from weightkit.adapt.layer import adapter_configs, adapter_keys, adapter_layers, adapter_state
+from weightkit.adapt.lora import LoRAConfig, LoRALinear
+from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError
+from weightkit.registry import entry_for_config, lookup, names
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -22,91 +35,234 @@ _PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
 
 
-def _lora_layers(model: nn.Module, name: str) -> dict[str, LoRALinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear) and name in m.lora_A}
-    if not layers:
-        raise WeightkitError(f"the model has no LoRA adapter named {name!r}")
-    return layers
-
-
 def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
-    overwrite: bool = False,
+    modules_to_save: list[str] = (), overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
     Args:
-        model: a model adapted with :func:`weightkit.adapt.add_lora`.
+        model: a model adapted with :func:`weightkit.adapt.adapt`.
         out_dir: the adapter directory to create.
         name: which adapter.
         base_model: ``base_model_name_or_path`` recorded in the config (default: the model's own
             ``config.name_or_path`` when it has one).
+        modules_to_save: modules trained in full alongside the adapter (a new classification head), saved
+            whole as PEFT's ``modules_to_save``.
         overwrite: replace an existing ``out_dir``.
     """
-    layers = _lora_layers(model, name)
-    first = next(iter(layers.values()))
-    rank = first.lora_A[name].weight.shape[0]
-    alpha = first.scaling[name] * rank  # scaling = alpha / r
-    config = getattr(model, "config", None)
-    architectures = getattr(config, "architectures", None) or []
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise WeightkitError(
+            f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
+        )
+    config = configs[name]
+    targets = sorted(n for n, layer in adapter_layers(model).items() if name in layer.adapter_names())
+    if isinstance(config, LoRAConfig):
+        settings, tensors = _lora_to_peft(model, config, name)
+    elif hasattr(config, "peft_config"):
+        settings, tensors = config.peft_config(targets), adapter_state(model, name)
+    else:
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "targets"}
+        settings = {"peft_type": entry_for_config(config).name.upper(), **fields}
+        tensors = adapter_state(model, name)
+    hf_config = getattr(model, "config", None)
+    architectures = getattr(hf_config, "architectures", None) or []
+    settings = {
+        "task_type": "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None,
+        "base_model_name_or_path": base_model or getattr(hf_config, "name_or_path", None),
+        "target_modules": targets,
+        "inference_mode": True,
+        **settings,
+        "modules_to_save": list(modules_to_save) or None,
+    }
+    for module_name in modules_to_save:
+        for key, tensor in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{module_name}.{key}"] = tensor
     with CheckpointWriter(
         out_dir, overwrite=overwrite, weights_name=_WEIGHTS, max_shard_bytes=2**62
     ) as writer:
-        for module_name, layer in layers.items():
-            for part in ("lora_A", "lora_B"):
-                weight = getattr(layer, part)[name].weight.detach().contiguous()
-                writer.add(f"{_PREFIX}{module_name}.{part}.weight", weight.cpu().clone())
-        writer.write_json(
-            "adapter_config.json",
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None,
-                "base_model_name_or_path": base_model or getattr(config, "name_or_path", None),
-                "r": rank,
-                "lora_alpha": alpha,
-                "lora_dropout": 0.0,
-                "use_rslora": False,
-                "target_modules": sorted(layers),
-                "bias": "none",
-                "fan_in_fan_out": False,
-                "inference_mode": True,
-            },
-        )
+        for key, tensor in tensors.items():
+            writer.add(_PREFIX + key, tensor.detach().cpu().contiguous().clone())
+        writer.write_json("adapter_config.json", settings)
     return Path(out_dir)
 
 
+def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict, dict[str, Tensor]]:
+    """PEFT's LORA settings and tensors; per-module ranks and alphas become rank/alpha patterns."""
+    tensors, ranks, alphas = {}, {}, {}
+    for module_name, layer in adapter_layers(model).items():
+        if not isinstance(layer, LoRALinear) or name not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if name in layer.pissa_initial:
+            a, b = pissa_to_lora(a, b, *layer.pissa_initial[name])
+        tensors[f"{module_name}.lora_A.weight"] = a
+        tensors[f"{module_name}.lora_B.weight"] = b
+        if name in layer.lora_magnitude_vector:
+            tensors[f"{module_name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+        rank = a.shape[0]
+        ranks[module_name] = rank
+        alphas[module_name] = layer.scaling[name] * (rank**0.5 if config.rslora else rank)
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    settings = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+    }
+    return settings, tensors
+
+
+def _peft_pattern(table: dict, module_name: str):
+    """PEFT's rank/alpha pattern lookup: a key matches a module whose name ends with it (as a regex)."""
+    for key, value in table.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+            return value
+    return None
+
+
+def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
+    refused = {
+        "fan_in_fan_out": saved.get("fan_in_fan_out"),
+        "bias": saved.get("bias", "none") != "none",
+        "use_qalora": saved.get("use_qalora"),
+    }
+    refused = [k for k, v in refused.items() if v]
+    if refused:
+        raise WeightkitError(f"{where}: LoRA adapters with {', '.join(refused)} are not supported")
+    rank, alpha = int(saved["r"]), float(saved["lora_alpha"])
+    rank_pattern, alpha_pattern = {}, {}
+    for module_name in modules:
+        module_rank = _peft_pattern(saved.get("rank_pattern") or {}, module_name)
+        module_alpha = _peft_pattern(saved.get("alpha_pattern") or {}, module_name)
+        if module_rank is not None:
+            rank_pattern[module_name] = int(module_rank)
+        if module_alpha is not None:
+            alpha_pattern[module_name] = float(module_alpha)
+    return LoRAConfig(
+        rank=rank,
+        alpha=alpha,
+        targets=modules,
+        rslora=bool(saved.get("use_rslora")),
+        dora=bool(saved.get("use_dora")),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+
+
+def _config_from_saved(saved: dict, modules: list[str], where: Path):
+    peft_type = str(saved.get("peft_type"))
+    if peft_type == "LORA":
+        return _lora_from_peft(saved, modules, where)
+    for method in names("adapt"):
+        entry = lookup("adapt", method)
+        from_peft = getattr(entry.config_cls, "from_peft", None)
+        if from_peft is not None and peft_type in getattr(entry.config_cls, "PEFT_TYPES", ()):
+            return dataclasses.replace(from_peft(saved), targets=modules)
+        if peft_type == method.upper():
+            fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+            values = {k: v for k, v in saved.items() if k in fields}
+            return entry.config_cls(**{**values, "targets": modules})
+    raise WeightkitError(f"{where}: adapters of type {peft_type} are not supported by weightkit")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "default") -> nn.Module:
-    """Add the LoRA adapter saved in ``adapter_dir`` (PEFT's format) to ``model`` as adapter ``name``.
+    """Add the adapter saved in ``adapter_dir`` (PEFT's format, by weightkit or PEFT) as adapter ``name``.
 
     Raises:
-        WeightkitError: not a LoRA adapter, an adapter for modules the model does not have, or tensors
-            whose shapes do not fit the model's layers.
+        WeightkitError: an adapter type weightkit does not know, an adapter for modules the model does not
+            have, or tensors whose shapes do not fit the model's layers.
     """
     adapter_dir = Path(adapter_dir)
+    if name in adapter_configs(model):
+        raise WeightkitError(f"the model already has an adapter named {name!r}")
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
     saved = json.loads(config_file.read_text())
-    if saved.get("peft_type") != "LORA" or saved.get("use_dora") or saved.get("rank_pattern"):
-        raise WeightkitError(f"{adapter_dir}: only plain LoRA adapters (one rank) are supported so far")
     with CheckpointReader(adapter_dir / _WEIGHTS) as reader:
         tensors = {n.removeprefix(_PREFIX): reader.get(n) for n in reader.names()}
-    modules = sorted({n.rsplit(".lora_", 1)[0] for n in tensors})
-    rank = int(saved["r"])
-    config = LoRAConfig(
-        rank=rank, alpha=float(saved["lora_alpha"]), targets=modules, rslora=bool(saved.get("use_rslora"))
-    )
-    add_lora(model, config, name=name)
-    layers = _lora_layers(model, name)
+    head = _take_modules_to_save(model, saved.get("modules_to_save") or [], tensors, adapter_dir)
+    module_names = set(adapter_layers(model))
+    # The adapted modules: the longest key prefix that names a module of the model (or a saved target).
+    targets = saved.get("target_modules")
+    modules = sorted({_owning_module(key, model, module_names) for key in tensors})
+    if not isinstance(targets, list) or not set(modules) <= set(targets):
+        targets = modules
+    config = _config_from_saved(saved, targets, adapter_dir)
+    entry = entry_for_config(config)
+    try:
+        entry.fn(model, config, name=name, initialize=False)
+    except WeightkitError as err:
+        raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
+    full_keys = adapter_keys(model, name)
+    missing = sorted(set(full_keys) - set(tensors))
+    unexpected = sorted(set(tensors) - set(full_keys))
+    if missing or unexpected:
+        raise WeightkitError(
+            f"{adapter_dir}: the adapter's tensors do not fit the model "
+            f"(missing: {', '.join(missing[:3]) or '-'}; "
+            f"unexpected: {', '.join(unexpected[:3]) or '-'}); the adapter was made for another model"
+        )
+    state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for module_name in modules:
-            for part in ("lora_A", "lora_B"):
-                target = getattr(layers[module_name], part)[name].weight
-                value = tensors[f"{module_name}.{part}.weight"]
-                if value.shape != target.shape:
-                    raise WeightkitError(
-                        f"{adapter_dir}: {module_name}.{part} has shape {tuple(value.shape)}, the model's "
-                        f"layer needs {tuple(target.shape)}; the adapter was made for another model"
-                    )
-                target.copy_(value)
+        for key, value in tensors.items():
+            target = state[full_keys[key]]
+            if value.shape != target.shape:
+                raise WeightkitError(
+                    f"{adapter_dir}: {key} has shape {tuple(value.shape)}, the model's layer needs "
+                    f"{tuple(target.shape)}; the adapter was made for another model"
+                )
+            target.copy_(value)
+    for module_name, state in head.items():
+        model.get_submodule(module_name).load_state_dict(state)
     return model
+
+
+def _take_modules_to_save(
+    model: nn.Module, modules: list[str], tensors: dict[str, Tensor], where: Path
+) -> dict[str, dict[str, Tensor]]:
+    """Remove the tensors of the fully saved modules from ``tensors``: ``{module: its state dict}``."""
+    head = {}
+    for module_name in modules:
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise WeightkitError(
+                f"{where}: the model has no module {module_name} (modules_to_save)"
+            ) from None
+        expected = module.state_dict()
+        state = {key: tensors.pop(f"{module_name}.{key}", None) for key in expected}
+        bad = [k for k, v in state.items() if v is None or v.shape != expected[k].shape]
+        if bad:
+            raise WeightkitError(
+                f"{where}: {module_name}.{bad[0]} is missing or has another shape than the model's"
+            )
+        head[module_name] = state
+    return head
+
+
+def _owning_module(key: str, model: nn.Module, known: set[str]) -> str:
+    """The module an adapter tensor key belongs to: its longest dotted prefix that is a model module."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in known:
+            return prefix
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear | nn.Embedding | nn.Conv2d) or hasattr(module, "base_layer"):
+            return prefix
+    raise WeightkitError(
+        f"adapter tensor {key} belongs to no module of the model; it was made for another model"
+    )

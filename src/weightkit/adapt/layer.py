@@ -1,0 +1,218 @@
+"""What every adapter method shares: wrapping target layers, freezing, switching, merging, batches.
+
+An *adapter layer* wraps one frozen layer (``base_layer``) and holds any number of named adapters of one
+method. Each adapter's tensors live in ``nn.ModuleDict`` / ``nn.ParameterDict`` entries keyed by the
+adapter's name (``lora_A.<name>``, as PEFT does), so one rule finds an adapter's tensors in a state dict:
+the key has the adapter's name as one dotted segment (:func:`adapter_state`). Trainable adapter tensors
+are parameters; frozen ones (fixed projections, saved singular vectors) are buffers.
+
+The methods' layers differ only in their math; this module holds what is common, written once:
+
+- :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
+- :func:`wrap_targets`: wrap the selected modules (already wrapped layers are reused);
+- :func:`train_only_adapters`, :func:`set_active_adapters`, :func:`merge_and_unload`,
+  :func:`trainable_parameters`;
+- :func:`adapter_configs`: the config each named adapter was made with (for saving);
+- :func:`forward_batch` / :func:`batch_loss`: run one batch of user data (for data-driven initialisations).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from weightkit.errors import WeightkitError
+from weightkit.select import select_modules
+
+__all__ = [
+    "AdapterLayer",
+    "BufferDict",
+    "adapter_layers",
+    "adapter_configs",
+    "adapter_keys",
+    "adapter_state",
+    "wrap_targets",
+    "finish_adapter",
+    "train_only_adapters",
+    "set_active_adapters",
+    "merge_and_unload",
+    "trainable_parameters",
+    "forward_batch",
+    "batch_loss",
+]
+
+_CONFIGS_ATTR = "weightkit_adapters"
+
+
+class BufferDict(nn.Module):
+    """Frozen tensors keyed by adapter name, as persistent buffers (state-dict key ``<attribute>.<name>``):
+    what ``nn.ParameterDict`` is for trained tensors."""
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value, persistent=True)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._buffers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+    def __iter__(self):
+        return iter(self._buffers)
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """A frozen ``base_layer`` plus named adapters; ``active`` run in ``forward``, in that order."""
+
+    base_layer: nn.Module
+    active: list[str]
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, active or not."""
+
+    def merge(self) -> None:
+        """Fold the active adapters into ``base_layer``'s weight (idempotent)."""
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`, restoring the base weight up to float rounding."""
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """``{module name: adapter layer}`` for every adapter layer of ``model``, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """``{adapter name: config}`` of the adapters :func:`weightkit.adapt.adapt` put on ``model``
+    (a plain dict stored on the model; methods register their adapters here)."""
+    if _CONFIGS_ATTR not in model.__dict__:
+        model.__dict__[_CONFIGS_ATTR] = {}
+    return model.__dict__[_CONFIGS_ATTR]
+
+
+def wrap_targets(
+    model: nn.Module,
+    targets: list[str],
+    wrapper: Callable[[nn.Module], nn.Module],
+    *,
+    types: tuple[type, ...] = (nn.Linear,),
+) -> dict[str, nn.Module]:
+    """Wrap every module of ``types`` that ``targets`` select in ``wrapper(module)``; return the wrappers.
+
+    A module already wrapped by the same wrapper class (a second named adapter) is returned as is.
+    Targets that select nothing are an error listing close module names.
+    """
+    wrapper_type = wrapper if isinstance(wrapper, type) else None
+    allowed = types + ((wrapper_type,) if wrapper_type else ())
+    selected = select_modules(model, targets=targets, ignore=[], types=allowed)
+    wrapped = {}
+    for module_name, module in selected.items():
+        if isinstance(module, AdapterLayer) and not (wrapper_type and isinstance(module, wrapper_type)):
+            raise WeightkitError(
+                f"{module_name} already holds a {type(module).__name__} adapter; one layer takes adapters "
+                "of one method"
+            )
+        if not isinstance(module, AdapterLayer):
+            parent_name, _, child = module_name.rpartition(".")
+            module = wrapper(module)
+            setattr(model.get_submodule(parent_name), child, module)
+        wrapped[module_name] = module
+    return wrapped
+
+
+def finish_adapter(model: nn.Module, name: str, config: Any) -> nn.Module:
+    """The last step of every method's ``add_*``: record ``config`` as adapter ``name``'s (for saving),
+    leave only adapter parameters trainable, and put new adapter modules in the model's train/eval mode.
+    Returns ``model``."""
+    adapter_configs(model)[name] = config
+    train_only_adapters(model)
+    for layer in adapter_layers(model).values():
+        # New wrappers and dropout modules start in training mode; follow the mode the model is in.
+        layer.train(layer.base_layer.training)
+    return model
+
+
+def train_only_adapters(model: nn.Module) -> None:
+    """Freeze every parameter except those of adapters (what an adapter layer holds outside its base)."""
+    trainable = set()
+    for layer in adapter_layers(model).values():
+        base = {id(p) for p in layer.base_layer.parameters()}
+        trainable.update(id(p) for p in layer.parameters() if id(p) not in base)
+    for param in model.parameters():
+        param.requires_grad = id(param) in trainable
+
+
+def adapter_keys(model: nn.Module, name: str) -> dict[str, str]:
+    """``{PEFT key: state-dict key}`` of adapter ``name``'s tensors (parameters and persistent buffers).
+    The PEFT key is the state-dict key without the adapter's name segment (``...q_proj.lora_A.weight``)."""
+    keys = {}
+    for key in model.state_dict(keep_vars=True):
+        parts = key.split(".")
+        if name in parts:
+            parts.remove(name)
+            keys[".".join(parts)] = key
+    return keys
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter ``name``'s tensors keyed as PEFT saves them (see :func:`adapter_keys`)."""
+    state = model.state_dict(keep_vars=True)
+    return {short: state[full].detach() for short, full in adapter_keys(model, name).items()}
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Use only the adapters ``names`` in every adapter layer (``[]`` runs the base model).
+
+    Merged adapters are unmerged first, so switching always acts on the base weights.
+
+    Raises:
+        WeightkitError: a name no adapter layer of the model has.
+    """
+    layers = list(adapter_layers(model).values())
+    known = {n for layer in layers for n in layer.adapter_names()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WeightkitError(
+            f"no adapter named {', '.join(unknown)}; the model has {', '.join(sorted(known)) or 'none'}"
+        )
+    for layer in layers:
+        layer.unmerge()
+        layer.active = [n for n in names if n in layer.adapter_names()]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters into the base weights and put the plain base layers back."""
+    for module_name, layer in adapter_layers(model).items():
+        layer.merge()
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    adapter_configs(model).clear()
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def forward_batch(model: nn.Module, batch) -> Any:
+    """Run ``model`` on one batch: a dict is passed as keyword arguments, anything else positionally.
+    Tensors are moved to the model's device."""
+    device = next(model.parameters()).device
+    if isinstance(batch, Mapping):
+        return model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
+    return model(batch.to(device) if isinstance(batch, Tensor) else batch)
+
+
+def batch_loss(model: nn.Module, batch) -> Tensor:
+    """The loss of one batch: ``model(**batch).loss`` (Hugging Face models given ``labels``)."""
+    loss = getattr(forward_batch(model, batch), "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise WeightkitError(
+            "this initialisation needs a loss: give batches the model computes one for "
+            "(Hugging Face models: include 'labels')"
+        )
+    return loss

@@ -1,0 +1,149 @@
+"""PEFT's adapter format both ways for DoRA, PiSSA, per-module ranks and a trained classification head."""
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
+
+from weightkit.adapt import LoRAConfig, adapt, load_adapter, save_adapter
+from weightkit.adapt.layer import adapter_layers
+from weightkit.errors import WeightkitError
+from weightkit.models import save_tiny, tiny_llama
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
+
+
+def _randomise(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def _peft_model(base_dir, adapter_dir):
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+
+
+def test_dora_matches_peft_in_both_directions(tmp_path):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=4, alpha=8, dora=True))
+    torch.testing.assert_close(model(IDS).logits, tiny_llama(seed=0)(IDS).logits, rtol=1e-5, atol=1e-5)
+    _randomise(model)  # B, A and the magnitudes
+    save_adapter(model, tmp_path / "ours", base_model=str(base_dir))
+    torch.testing.assert_close(_peft_model(base_dir, tmp_path / "ours")(IDS).logits, model(IDS).logits)
+
+    peft = get_peft_model(
+        tiny_llama(seed=0),
+        PeftLoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
+    )
+    _randomise(peft, seed=1)
+    peft.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(tiny_llama(seed=0), tmp_path / "peft")
+    torch.testing.assert_close(ours(IDS).logits, peft(IDS).logits)
+
+
+def test_dora_merge_and_unmerge_are_exact():
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=4, alpha=8, dora=True))
+    _randomise(model)
+    adapted = model(IDS).logits
+    layers = adapter_layers(model).values()
+    weights = [layer.base_layer.weight.clone() for layer in layers]
+    for layer in layers:
+        layer.merge()
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
+    for layer, weight in zip(layers, weights, strict=True):
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
+
+
+def test_pissa_adapter_saves_against_the_original_base_model(tmp_path):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=4, alpha=4, init="pissa"))
+    # PiSSA moves the principal part into the adapter: same outputs, different base weights.
+    torch.testing.assert_close(model(IDS).logits, tiny_llama(seed=0)(IDS).logits, rtol=1e-4, atol=1e-4)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not torch.allclose(
+        layer.base_layer.weight, tiny_llama(seed=0).model.layers[0].self_attn.q_proj.weight
+    )
+    _randomise(model)
+    save_adapter(model, tmp_path / "pissa", base_model=str(base_dir))
+    # The saved adapter is the update against the original weights, a LoRA of twice the rank.
+    torch.testing.assert_close(_peft_model(base_dir, tmp_path / "pissa")(IDS).logits, model(IDS).logits)
+    reloaded = load_adapter(tiny_llama(seed=0), tmp_path / "pissa")
+    torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_per_module_ranks_round_trip_as_rank_and_alpha_patterns(tmp_path):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    config = LoRAConfig(
+        rank=4,
+        alpha=8,
+        rank_pattern={"re:.*layers\\.1\\..*": 2},
+        alpha_pattern={"model.layers.0.self_attn.v_proj": 3},
+    )
+    model = adapt(tiny_llama(seed=0), config)
+    assert model.model.layers[1].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
+    _randomise(model)
+    save_adapter(model, tmp_path / "ours", base_model=str(base_dir))
+    torch.testing.assert_close(_peft_model(base_dir, tmp_path / "ours")(IDS).logits, model(IDS).logits)
+    reloaded = load_adapter(tiny_llama(seed=0), tmp_path / "ours")
+    torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits)
+
+
+def test_a_classification_head_saves_as_modules_to_save(tmp_path):
+    def bert():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=3,
+        )  # fmt: skip
+        return BertForSequenceClassification(config).eval()
+
+    model = adapt(bert(), LoRAConfig(rank=2))
+    _randomise(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1)
+    save_adapter(model, tmp_path / "cls", modules_to_save=["classifier"])
+    peft = PeftModel.from_pretrained(bert(), tmp_path / "cls").eval()
+    torch.testing.assert_close(peft(IDS).logits, model(IDS).logits)
+    torch.testing.assert_close(load_adapter(bert(), tmp_path / "cls")(IDS).logits, model(IDS).logits)
+
+
+def test_load_refuses_unknown_types_and_duplicate_names(tmp_path):
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(WeightkitError, match="already has an adapter named 'default'"):
+        load_adapter(model, tmp_path / "a")
+    config = (tmp_path / "a" / "adapter_config.json").read_text().replace('"LORA"', '"VERA"')
+    (tmp_path / "a" / "adapter_config.json").write_text(config)
+    with pytest.raises(WeightkitError, match="VERA are not supported"):
+        load_adapter(tiny_llama(seed=0), tmp_path / "a")
+
+
+def test_an_eva_adapter_has_eva_ranks_and_loads_in_peft(tmp_path):
+    from weightkit.adapt.eva import eva_components
+
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (4, 16), generator=generator)} for _ in range(4)]
+    config = LoRAConfig(rank=4, alpha=8, init="eva", eva_tau=1.0)
+    model = adapt(tiny_llama(seed=0), config, data=batches)
+    expected = eva_components(
+        tiny_llama(seed=0), sorted(adapter_layers(model)), batches, rank=4, rho=2.0, tau=1.0
+    )
+    ranks = {n: layer.lora_A["default"].weight.shape[0] for n, layer in adapter_layers(model).items()}
+    assert (
+        ranks == {n: a.shape[0] for n, a in expected.items() if a.shape[0]} and sum(ranks.values()) <= 4 * 4
+    )
+    for module_name, layer in adapter_layers(model).items():
+        torch.testing.assert_close(layer.lora_A["default"].weight, expected[module_name])
+        # Every layer keeps the scaling alpha / rank, as PEFT's EVA does.
+        assert layer.scaling["default"] == pytest.approx(8 / 4)
+    torch.testing.assert_close(model(IDS).logits, tiny_llama(seed=0)(IDS).logits, rtol=0, atol=0)
+    _randomise(model)
+    save_adapter(model, tmp_path / "eva", base_model=str(base_dir))
+    torch.testing.assert_close(_peft_model(base_dir, tmp_path / "eva")(IDS).logits, model(IDS).logits)
+    with pytest.raises(WeightkitError, match="needs calibration batches"):
+        adapt(tiny_llama(seed=0), config)
