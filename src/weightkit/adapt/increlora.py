@@ -78,7 +78,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_configs, adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import (
+    adapter_configs,
+    adapter_layers,
+    finish_adapter,
+    merge_deltas,
+    unmerge_deltas,
+    wrap_targets,
+)
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 
@@ -366,18 +373,11 @@ class IncreLoRALinear(nn.Module):
 
     def merge(self) -> None:
         """Add the active adapters' updates into the base weight (inference without extra matmuls)."""
-        with torch.no_grad():
-            for name in self.active:
-                if name not in self.merged:
-                    self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-                    self.merged.append(name)
+        merge_deltas(self)
 
     def unmerge(self) -> None:
         """Subtract every merged update again, restoring the base weight (up to float rounding)."""
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+        unmerge_deltas(self)
 
     def pop_sensitivity(self, name: str) -> Tensor | None:
         """The mean sensitivity recorded since the last call (``None`` if no backward pass ran)."""

@@ -33,6 +33,8 @@ __all__ = [
     "adapter_keys",
     "adapter_state",
     "wrap_targets",
+    "merge_deltas",
+    "unmerge_deltas",
     "finish_adapter",
     "train_only_adapters",
     "set_active_adapters",
@@ -77,6 +79,25 @@ class AdapterLayer(Protocol):
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, restoring the base weight up to float rounding."""
+
+
+def merge_deltas(layer: nn.Module) -> None:
+    """``merge`` for methods whose update is additive: ``W += layer.delta_weight(name)`` for each active
+    adapter not yet merged (the layer keeps ``active``, ``merged`` and ``delta_weight``)."""
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        for name in layer.active:
+            if name not in layer.merged:
+                weight += layer.delta_weight(name).to(weight.dtype)
+                layer.merged.append(name)
+
+
+def unmerge_deltas(layer: nn.Module) -> None:
+    """Undo :func:`merge_deltas`, newest first (the base weight comes back up to float rounding)."""
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        while layer.merged:
+            weight -= layer.delta_weight(layer.merged.pop()).to(weight.dtype)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -268,4 +268,8 @@ def _eva_init(model: nn.Module, config: LoRAConfig, data) -> dict[str, Tensor]:
     return {n: a for n, a in components.items() if a.shape[0] > 0}
 
 
-register("adapt", "lora", LoRAConfig, add_lora)
+# One core, named presets: "--method eva" is LoRA initialised by EVA, "dora" is LoRA with DoRA ...
+register("adapt", "lora", LoRAConfig, add_lora, preset={"init": "kaiming", "dora": False})
+register("adapt", "dora", LoRAConfig, add_lora, preset={"init": "kaiming", "dora": True})
+register("adapt", "pissa", LoRAConfig, add_lora, preset={"init": "pissa", "dora": False})
+register("adapt", "eva", LoRAConfig, add_lora, preset={"init": "eva", "dora": False})

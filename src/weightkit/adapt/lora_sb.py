@@ -49,7 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import BufferDict, batch_loss, finish_adapter, wrap_targets
+from weightkit.adapt.layer import (
+    BufferDict,
+    batch_loss,
+    finish_adapter,
+    merge_deltas,
+    unmerge_deltas,
+    wrap_targets,
+)
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.registry import register
 
@@ -236,18 +243,11 @@ class LoRASBLinear(nn.Module):
 
     def merge(self) -> None:
         """Add the active adapters' updates into the base weight (inference without extra matmuls)."""
-        with torch.no_grad():
-            for name in self.active:
-                if name not in self.merged:
-                    self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-                    self.merged.append(name)
+        merge_deltas(self)
 
     def unmerge(self) -> None:
         """Subtract every merged update again, restoring the base weight (up to float rounding)."""
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+        unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import BufferDict, finish_adapter, wrap_targets
+from weightkit.adapt.layer import BufferDict, finish_adapter, merge_deltas, unmerge_deltas, wrap_targets
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.registry import register
 
@@ -116,19 +116,12 @@ class SVFitLinear(nn.Module):
         return svfit_delta_weight(self.svfit_U[name], self.svfit_delta[name], self.svfit_Vh[name])
 
     def merge(self) -> None:
-        """Add the active adapters' updates into the base weight."""
-        with torch.no_grad():
-            for name in self.active:
-                if name not in self.merged:
-                    self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-                    self.merged.append(name)
+        """Add the active adapters' updates into the base weight (inference without extra matmuls)."""
+        merge_deltas(self)
 
     def unmerge(self) -> None:
         """Subtract every merged update again, restoring the base weight (up to float rounding)."""
-        with torch.no_grad():
-            while self.merged:
-                name = self.merged.pop()
-                self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+        unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
