@@ -1,4 +1,4 @@
-"""LoRA: train a low-rank update ``W + (alpha / r) * B @ A`` of frozen linear layers.
+"""LoRA: train a low-rank update ``W + (alpha / r) * B @ A`` of frozen linear, embedding and conv layers.
 
 Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685. rsLoRA's
 scaling ``alpha / sqrt(r)`` (Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with
@@ -8,6 +8,12 @@ Initialisation as in the paper (and PEFT's default): ``A`` Kaiming-uniform, ``B`
 leaves the model's outputs unchanged. The wrapped layer keeps PEFT's module names (``base_layer``,
 ``lora_A.<adapter>``, ``lora_B.<adapter>``), so a model adapted here has PEFT's state-dict keys and the
 adapter files round-trip with PEFT unchanged (see :mod:`weightkit.adapt.peft_format`).
+
+Embeddings and 2-D convolutions get LoRA as PEFT defines it (:class:`LoRAEmbedding`, :class:`LoRAConv2d`;
+the paper treats dense layers only): the embedding's ``A`` starts at zero and ``B`` normal, and it has no
+dropout; the convolution's ``A`` is a convolution with the base layer's kernel, ``B`` a 1x1 convolution.
+DoRA works on all three. PiSSA and EVA initialise linear layers only. Grouped, dilated or non-zero-padded
+convolutions and embeddings with ``max_norm`` are refused: PEFT's layout cannot merge their updates exactly.
 """
 
 import dataclasses
@@ -19,13 +25,13 @@ from torch import Tensor, nn
 
 from weightkit.adapt.dora import dora_extra_output, dora_merged_weight, dora_unmerged_weight, row_norms
 from weightkit.adapt.eva import eva_components
-from weightkit.adapt.layer import finish_adapter, wrap_targets
+from weightkit.adapt.layer import adapter_layers, finish_adapter, wrap_targets
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 from weightkit.select import resolve, select_modules
 
-__all__ = ["LoRAConfig", "LoRALinear", "add_lora"]
+__all__ = ["LoRAConfig", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "LORA_LAYERS", "add_lora"]
 
 
 @dataclass
@@ -35,10 +41,10 @@ class LoRAConfig:
     Attributes:
         rank: ``r``, the rank of each update (>= 1, at most the layer's smaller side).
         alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
-        dropout: dropout on the adapter's input during training.
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
-            matched against the full name (default: the attention query and value projections of
-            Llama-style and BERT-style models).
+        dropout: dropout on the adapter's input during training (not on embeddings: token ids).
+        targets: which ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` modules get an adapter: exact module
+            names or ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         dora: DoRA (:mod:`weightkit.adapt.dora`): also learn each output feature's magnitude.
         init: how ``A`` and ``B`` start. ``"kaiming"``: ``A`` Kaiming-uniform, ``B`` zero (the paper's and
@@ -115,19 +121,19 @@ class LoRALinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
 
+    @staticmethod
+    def as_matrix(tensor: Tensor) -> Tensor:
+        """A weight-shaped tensor as the ``out x in`` matrix DoRA normalises row by row (a view)."""
+        return tensor
+
     def add_adapter(
         self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
         init: str = "kaiming",
     ) -> None:  # fmt: skip
         """Add adapter ``name`` (active). ``init="pissa"`` also replaces the base weight by its residual."""
-        out_features, in_features = self.base_layer.weight.shape
-        if rank > min(out_features, in_features):
-            raise WeightkitError(
-                f"lora: rank {rank} is larger than a {out_features}x{in_features} layer allows"
-            )
-        if name in self.lora_A:
-            raise WeightkitError(f"lora: this layer already has an adapter named {name!r}")
+        _check_new_adapter(self, name, rank)
         weight = self.base_layer.weight
+        out_features, in_features = weight.shape
         kwargs = {"bias": False, "device": weight.device, "dtype": weight.dtype}
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
         self.lora_B[name] = nn.Linear(rank, out_features, **kwargs)
@@ -144,9 +150,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling[name] = scaling
         if dora:
-            with torch.no_grad():
-                norms = row_norms(weight.float(), self._lora_delta(name).float())
-            self.lora_magnitude_vector[name] = nn.Parameter(norms.to(weight.dtype))
+            self.lora_magnitude_vector[name] = _initial_magnitude(self, name)
         self.active.append(name)
 
     def _lora_delta(self, name: str) -> Tensor:
@@ -154,41 +158,15 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, name: str) -> Tensor:
         """The update adapter ``name`` adds to the current base weight (DoRA's depends on that weight)."""
-        delta = self._lora_delta(name)
-        if name not in self.lora_magnitude_vector:
-            return delta
-        weight = self.base_layer.weight
-        merged, _ = dora_merged_weight(weight, delta, self.lora_magnitude_vector[name])
-        return merged - weight
+        return _delta_weight(self, name)
 
     def merge(self) -> None:
         """Fold the active adapters into the base weight (inference without extra matmuls)."""
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            for name in self.active:
-                if name in self.merged:
-                    continue
-                delta = self._lora_delta(name).to(weight.dtype)
-                if name in self.lora_magnitude_vector:
-                    magnitude = self.lora_magnitude_vector[name]
-                    merged, self._merged_norms[name] = dora_merged_weight(weight, delta, magnitude)
-                    weight.copy_(merged)
-                else:
-                    weight += delta
-                self.merged.append(name)
+        _merge(self)
 
     def unmerge(self) -> None:
         """Undo every merge, newest first, restoring the base weight (up to float rounding)."""
-        with torch.no_grad():
-            weight = self.base_layer.weight
-            while self.merged:
-                name = self.merged.pop()
-                delta = self._lora_delta(name).to(weight.dtype)
-                if name in self.lora_magnitude_vector:
-                    magnitude = self.lora_magnitude_vector[name]
-                    weight.copy_(dora_unmerged_weight(weight, delta, magnitude, self._merged_norms.pop(name)))
-                else:
-                    weight -= delta
+        _unmerge(self)
 
     def forward(self, x: Tensor) -> Tensor:
         base_out = self.base_layer(x)
@@ -218,10 +196,256 @@ class LoRALinear(nn.Module):
         )
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus named low-rank adapters, summed when active (PEFT's ``lora.Embedding``).
+
+    The ``num_embeddings x embedding_dim`` table gets the update ``scaling * (B A)^T``, where
+    ``lora_embedding_A.<name>`` is ``A`` (``r x num_embeddings``) and ``lora_embedding_B.<name>`` is ``B``
+    (``embedding_dim x r``): token ``t`` gains ``scaling * B A[:, t]``. ``A`` starts at zero and ``B``
+    standard normal (the reverse of the linear layer, as in the paper's code and PEFT), so a fresh adapter
+    changes nothing. There is no dropout: token ids cannot be dropped out (PEFT has none either). With DoRA
+    the magnitudes are per embedding dimension: the table's columns are the rows of the linear map from
+    one-hot tokens.
+    """
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._merged_norms: dict[str, Tensor] = {}
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_embedding_A)
+
+    @staticmethod
+    def as_matrix(tensor: Tensor) -> Tensor:
+        """A table-shaped tensor as the ``embedding_dim x num_embeddings`` map of one-hot tokens (a view)."""
+        return tensor.T
+
+    def add_adapter(self, name: str, *, rank: int, scaling: float, dora: bool = False) -> None:
+        """Add adapter ``name`` (active)."""
+        _check_new_adapter(self, name, rank)
+        weight = self.base_layer.weight
+        num_embeddings, embedding_dim = weight.shape
+        kwargs = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(rank, num_embeddings, **kwargs))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(embedding_dim, rank, **kwargs))
+        self.scaling[name] = scaling
+        if dora:
+            self.lora_magnitude_vector[name] = _initial_magnitude(self, name)
+        self.active.append(name)
+
+    def _lora_delta(self, name: str) -> Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The update adapter ``name`` adds to the current table (DoRA's depends on that table)."""
+        return _delta_weight(self, name)
+
+    def merge(self) -> None:
+        """Fold the active adapters into the base table."""
+        _merge(self)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first, restoring the base table (up to float rounding)."""
+        _unmerge(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        base_out = base(x)
+        out = base_out
+        # Scaled embeddings (Gemma's) multiply the rows they look up; scale the update's alike, as merged.
+        embed_scale = getattr(base, "embed_scale", None)
+        for name in self.active:
+            if name in self.merged:
+                continue
+            rows = nn.functional.embedding(
+                x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+                scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            )  # fmt: skip
+            lora_out = rows @ self.lora_embedding_B[name].T * self.scaling[name]
+            if embed_scale is not None:
+                lora_out = lora_out * embed_scale
+            if name in self.lora_magnitude_vector:
+                lora_out = dora_extra_output(
+                    base_out.to(lora_out.dtype), lora_out, self.lora_magnitude_vector[name],
+                    self.as_matrix(base.weight), self.as_matrix(self._lora_delta(name)),
+                )  # fmt: skip
+            out = out + lora_out.to(out.dtype)
+        return out
+
+
+class LoRAConv2d(nn.Module):
+    """A frozen ``nn.Conv2d`` plus named low-rank adapters, summed when active (PEFT's ``lora.Conv2d``).
+
+    ``lora_A.<name>`` is a convolution to ``r`` channels with the base layer's kernel size, stride and
+    padding; ``lora_B.<name>`` a 1x1 convolution back to the output channels. Their composition is one
+    convolution with kernel ``scaling * B A`` (``B`` as ``out x r``, ``A`` as ``r x (in * kh * kw)``), the
+    update merged into the base kernel. Initialised like the linear layer (``A`` Kaiming-uniform, ``B``
+    zero). With DoRA the magnitudes are per output channel (PEFT's shape ``1 x out x 1 x 1``).
+    """
+
+    def __init__(self, base_layer: nn.Conv2d):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._merged_norms: dict[str, Tensor] = {}
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    @staticmethod
+    def as_matrix(tensor: Tensor) -> Tensor:
+        """A kernel-shaped tensor as the ``out x (in * kh * kw)`` matrix (a view)."""
+        return tensor.view(tensor.shape[0], -1)
+
+    def add_adapter(
+        self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False
+    ) -> None:
+        """Add adapter ``name`` (active)."""
+        _check_new_adapter(self, name, rank)
+        base = self.base_layer
+        kwargs = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A[name] = nn.Conv2d(
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding, **kwargs
+        )
+        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, **kwargs)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling[name] = scaling
+        if dora:
+            self.lora_magnitude_vector[name] = _initial_magnitude(self, name, shape=(1, -1, 1, 1))
+        self.active.append(name)
+
+    def _lora_delta(self, name: str) -> Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return (self.as_matrix(b) @ self.as_matrix(a)).view_as(self.base_layer.weight) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The update adapter ``name`` adds to the current kernel (DoRA's depends on that kernel)."""
+        return _delta_weight(self, name)
+
+    def merge(self) -> None:
+        """Fold the active adapters into the base kernel."""
+        _merge(self)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first, restoring the base kernel (up to float rounding)."""
+        _unmerge(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        base_out = base(x)
+        out = base_out
+        for name in self.active:
+            if name in self.merged:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
+            lora_out = lora_B(lora_A(lora_x)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                if lora_x is x:  # no dropout: the base output without its bias
+                    plain = base_out if base.bias is None else base_out - base.bias[:, None, None]
+                else:  # as LoRALinear: DoRA scales the dropped-out input's base output
+                    plain = base._conv_forward(lora_x, base.weight.to(lora_x.dtype), None)
+                # The channels (dim -3, batched or not) are DoRA's output features; put them last.
+                lora_out = dora_extra_output(
+                    plain.to(lora_out.dtype).movedim(-3, -1), lora_out.movedim(-3, -1),
+                    self.lora_magnitude_vector[name].flatten(), self.as_matrix(base.weight),
+                    self.as_matrix(self._lora_delta(name)),
+                ).movedim(-1, -3)  # fmt: skip
+            out = out + lora_out.to(out.dtype)
+        return out
+
+
+# What the LoRA layers share. A layer has ``base_layer``, ``active``, ``merged``, ``scaling``,
+# ``lora_magnitude_vector``, ``_merged_norms``, ``_lora_delta(name)`` (weight-shaped, scaled) and
+# ``as_matrix`` (the weight as the ``out x in`` matrix whose rows DoRA normalises).
+
+
+def _check_new_adapter(layer: nn.Module, name: str, rank: int) -> None:
+    rows, cols = layer.as_matrix(layer.base_layer.weight).shape
+    if rank > min(rows, cols):
+        raise WeightkitError(f"lora: rank {rank} is larger than a {rows}x{cols} layer allows")
+    if name in layer.adapter_names():
+        raise WeightkitError(f"lora: this layer already has an adapter named {name!r}")
+
+
+def _initial_magnitude(layer: nn.Module, name: str, shape: tuple[int, ...] = (-1,)) -> nn.Parameter:
+    """DoRA's magnitudes at the start: the row norms of ``W + delta``, so the adapter starts as the base."""
+    weight = layer.base_layer.weight
+    with torch.no_grad():
+        delta = layer._lora_delta(name)
+        norms = row_norms(layer.as_matrix(weight).float(), layer.as_matrix(delta).float())
+    return nn.Parameter(norms.reshape(shape).to(weight.dtype))
+
+
+def _delta_weight(layer: nn.Module, name: str) -> Tensor:
+    delta = layer._lora_delta(name)
+    if name not in layer.lora_magnitude_vector:
+        return delta
+    weight = layer.base_layer.weight
+    magnitude = layer.lora_magnitude_vector[name].flatten()
+    merged, _ = dora_merged_weight(layer.as_matrix(weight), layer.as_matrix(delta), magnitude)
+    merged_weight = torch.empty_like(weight)
+    layer.as_matrix(merged_weight).copy_(merged)
+    return merged_weight - weight
+
+
+def _merge(layer: nn.Module) -> None:
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        for name in layer.active:
+            if name in layer.merged:
+                continue
+            delta = layer._lora_delta(name).to(weight.dtype)
+            if name in layer.lora_magnitude_vector:
+                matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
+                merged, layer._merged_norms[name] = dora_merged_weight(
+                    matrix, layer.as_matrix(delta), magnitude
+                )
+                matrix.copy_(merged)
+            else:
+                weight += delta
+            layer.merged.append(name)
+
+
+def _unmerge(layer: nn.Module) -> None:
+    with torch.no_grad():
+        weight = layer.base_layer.weight
+        while layer.merged:
+            name = layer.merged.pop()
+            delta = layer._lora_delta(name).to(weight.dtype)
+            if name in layer.lora_magnitude_vector:
+                matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
+                norms = layer._merged_norms.pop(name)
+                matrix.copy_(dora_unmerged_weight(matrix, layer.as_matrix(delta), magnitude, norms))
+            else:
+                weight -= delta
+
+
+# The LoRA layer for each kind of module LoRA adapts.
+LORA_LAYERS = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+
+
 def add_lora(
     model: nn.Module, config: LoRAConfig, *, name: str = "default", data=None, initialize: bool = True
 ) -> nn.Module:
-    """Give every targeted ``nn.Linear`` of ``model`` a LoRA adapter ``name``; freeze everything else.
+    """Give every targeted ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model`` a LoRA adapter
+    ``name``; freeze everything else.
 
     Calling it again with another ``name`` adds a second adapter to the same layers (several named
     adapters on one model); layers already wrapped keep their wrapper.
@@ -230,17 +454,32 @@ def add_lora(
         ``model``, modified in place.
 
     Raises:
-        WeightkitError: a target that selects nothing (with close names), a rank too large for a layer,
-            or an adapter name already used.
+        WeightkitError: a target that selects nothing (with close names), a rank too large for a layer, an
+            adapter name already used, a PiSSA/EVA init on a layer that is not linear, or a layer LoRA cannot
+            adapt exactly (grouped, dilated or non-zero-padded convolutions, embeddings with ``max_norm``).
     """
     init = config.init if initialize else "kaiming"
+    selected = _select_targets(model, config.targets)
+    for module_name, module in selected.items():
+        problem = _unsupported(module)
+        if init != "kaiming" and not isinstance(module, nn.Linear | LoRALinear):
+            problem = f"init={init!r} works on nn.Linear layers only, this is a {type(module).__name__}"
+        if problem:
+            raise WeightkitError(f"lora: cannot adapt {module_name}: {problem}")
     eva_a = {}
     if init == "eva":
         # EVA decides each layer's rank from its inputs first; layers given rank 0 get no adapter.
-        eva_a = _eva_init(model, config, data)
+        eva_a = _eva_init(model, list(selected), config, data)
         config = dataclasses.replace(config, targets=sorted(eva_a))
-    for module_name, layer in wrap_targets(model, config.targets, LoRALinear).items():
+        selected = {n: m for n, m in selected.items() if n in eva_a}
+    for module_name, layer in _wrap(model, selected).items():
         rank, scaling = config.rank_for(module_name), config.scaling_for(module_name)
+        if isinstance(layer, LoRAEmbedding):
+            layer.add_adapter(name, rank=rank, scaling=scaling, dora=config.dora)
+            continue
+        if isinstance(layer, LoRAConv2d):
+            layer.add_adapter(name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora)
+            continue
         if module_name in eva_a:
             rank, alpha = (
                 eva_a[module_name].shape[0],
@@ -257,13 +496,46 @@ def add_lora(
     return finish_adapter(model, name, config)
 
 
-def _eva_init(model: nn.Module, config: LoRAConfig, data) -> dict[str, Tensor]:
+def _select_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """The targeted modules LoRA adapts (plain or already LoRA layers), in model order. The modules inside
+    adapter layers (their base layers and adapter weights) are never targets, even of a broad pattern."""
+    types = tuple(LORA_LAYERS) + tuple(LORA_LAYERS.values())
+    selected = select_modules(model, targets=targets, ignore=[], types=types)
+    inside = tuple(f"{n}." for n in adapter_layers(model))
+    return {n: m for n, m in selected.items() if not n.startswith(inside)}
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why LoRA cannot adapt ``module`` exactly (its update would not merge into the weight), or None."""
+    if isinstance(module, nn.Conv2d):
+        # PEFT's lora_A copies kernel size, stride and padding only (and PEFT cannot merge grouped ones).
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported"
+        if module.dilation != (1, 1):
+            return f"dilated convolutions (dilation={module.dilation}) are not supported"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "embeddings with max_norm are not supported (the renormalised rows would not merge)"
+    return None
+
+
+def _wrap(model: nn.Module, selected: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Wrap each selected module in the LoRA layer for its type; ``{name: LoRA layer}`` in model order."""
+    wrapped = {}
+    for base_type, wrapper in LORA_LAYERS.items():
+        names = [n for n, m in selected.items() if isinstance(m, base_type | wrapper)]
+        if names:
+            wrapped.update(wrap_targets(model, names, wrapper, types=(base_type,)))
+    return {n: wrapped[n] for n in selected}
+
+
+def _eva_init(model: nn.Module, modules: list[str], config: LoRAConfig, data) -> dict[str, Tensor]:
     """EVA's ``A`` per targeted module (rank 0 modules left out)."""
     if data is None:
         raise WeightkitError("lora: init='eva' needs calibration batches: adapt(model, config, data=batches)")
-    modules = select_modules(model, targets=config.targets, ignore=[], types=(nn.Linear, LoRALinear))
     components = eva_components(
-        model, list(modules), data, rank=config.rank, rho=config.eva_rho, tau=config.eva_tau
+        model, modules, data, rank=config.rank, rho=config.eva_rho, tau=config.eva_tau
     )
     return {n: a for n, a in components.items() if a.shape[0] > 0}
 

@@ -4,9 +4,10 @@ PEFT stores an adapter's tensors under the model's key with the adapter's name d
 ``base_model.model.`` in front (``base_model.model.<module>.lora_A.weight``) and its settings in
 ``adapter_config.json``; ``peft.PeftModel.from_pretrained`` and vLLM load exactly that.
 
-- LoRA (with DoRA, rsLoRA, per-module ranks from EVA, PiSSA) saves as PEFT's ``LORA``. A PiSSA adapter moved
-  the base weights, so it is saved as PEFT saves one for the *original* base model: the update
-  ``B A - B0 A0`` as a LoRA of twice the rank.
+- LoRA (with DoRA, rsLoRA, per-module ranks from EVA, PiSSA; on linear, embedding and conv layers) saves
+  as PEFT's ``LORA`` (an embedding's factors as ``<module>.lora_embedding_A`` / ``lora_embedding_B``). A
+  PiSSA adapter moved the base weights, so it is saved as PEFT saves one for the *original* base model: the
+  update ``B A - B0 A0`` as a LoRA of twice the rank.
 - A method whose config defines ``peft_config(target_modules)`` and ``from_peft(saved)`` (Bone -> PEFT's
   MiSS) saves as that PEFT type.
 - Every other (weightkit-only) method saves in the same layout with its own ``peft_type`` (the method's
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import adapter_configs, adapter_keys, adapter_layers, adapter_state
-from weightkit.adapt.lora import LoRAConfig, LoRALinear
+from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError
@@ -33,6 +34,9 @@ __all__ = ["save_adapter", "load_adapter"]
 
 _PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
+# PEFT also saves the whole table of an embedding it adapts (``save_embedding_layers``, for resized
+# vocabularies) under this suffix; loading puts it into the embedding, as PEFT does.
+_EMBEDDING_TABLE = ".base_layer.weight"
 
 
 def save_adapter(
@@ -91,14 +95,20 @@ def save_adapter(
 def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict, dict[str, Tensor]]:
     """PEFT's LORA settings and tensors; per-module ranks and alphas become rank/alpha patterns."""
     tensors, ranks, alphas = {}, {}, {}
+    lora_layers = tuple(LORA_LAYERS.values())
     for module_name, layer in adapter_layers(model).items():
-        if not isinstance(layer, LoRALinear) or name not in layer.lora_A:
+        if not isinstance(layer, lora_layers) or name not in layer.adapter_names():
             continue
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if name in layer.pissa_initial:
-            a, b = pissa_to_lora(a, b, *layer.pissa_initial[name])
-        tensors[f"{module_name}.lora_A.weight"] = a
-        tensors[f"{module_name}.lora_B.weight"] = b
+        if isinstance(layer, LoRAEmbedding):  # PEFT keeps an embedding's factors as bare parameters
+            a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+            tensors[f"{module_name}.lora_embedding_A"] = a
+            tensors[f"{module_name}.lora_embedding_B"] = b
+        else:  # linear and conv layers: the factors are layers
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if isinstance(layer, LoRALinear) and name in layer.pissa_initial:
+                a, b = pissa_to_lora(a, b, *layer.pissa_initial[name])
+            tensors[f"{module_name}.lora_A.weight"] = a
+            tensors[f"{module_name}.lora_B.weight"] = b
         if name in layer.lora_magnitude_vector:
             tensors[f"{module_name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
         rank = a.shape[0]
@@ -194,7 +204,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "defa
     module_names = set(adapter_layers(model))
     # The adapted modules: the longest key prefix that names a module of the model (or a saved target).
     targets = saved.get("target_modules")
-    modules = sorted({_owning_module(key, model, module_names) for key in tensors})
+    modules = sorted(
+        {_owning_module(key, model, module_names) for key in tensors if not key.endswith(_EMBEDDING_TABLE)}
+    )
     if not isinstance(targets, list) or not set(modules) <= set(targets):
         targets = modules
     config = _config_from_saved(saved, targets, adapter_dir)
@@ -204,6 +216,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "defa
     except WeightkitError as err:
         raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
     full_keys = adapter_keys(model, name)
+    for module_name, layer in adapter_layers(model).items():
+        table = module_name + _EMBEDDING_TABLE
+        if isinstance(layer, LoRAEmbedding) and name in layer.adapter_names() and table in tensors:
+            full_keys[table] = table
     missing = sorted(set(full_keys) - set(tensors))
     unexpected = sorted(set(tensors) - set(full_keys))
     if missing or unexpected:

@@ -1,0 +1,291 @@
+"""Intrinsic-dimension fine-tuning (DID, SAID): Fastfood against dense matrices; the model wrapper."""
+
+import pytest
+import torch
+
+from weightkit.adapt import (
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    set_active_adapters,
+    trainable_parameters,
+)
+from weightkit.adapt.layer import adapter_keys, adapter_state
+from weightkit.adapt.subspace import (
+    FastfoodParams,
+    SubspaceConfig,
+    SubspaceLinear,
+    add_subspace,
+    fastfood_params,
+    fastfood_project,
+    fwht,
+)
+from weightkit.errors import WeightkitError
+from weightkit.models import tiny_bert, tiny_llama
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
+BATCH = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+LLAMA_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is left out by default
+
+
+def _hadamard(length):
+    """Sylvester's Hadamard matrix from its closed form H[i, j] = (-1)^popcount(i & j)."""
+    i = torch.arange(length)
+    bits = torch.bitwise_and(i[:, None], i[None, :])
+    popcount = sum((bits >> k) & 1 for k in range(max(length.bit_length(), 1)))
+    return (1 - 2 * (popcount % 2)).double()
+
+
+def _dense(params: FastfoodParams, d, out_features):
+    """The D x d matrix: blocks scale_b * H diag(G_b) Pi_b H diag(B_b), stacked; first D rows, d columns."""
+    length = params.gauss.shape[-1]
+    h = _hadamard(length)
+    blocks = []
+    for sign, perm, gauss, scale in zip(params.sign, params.perm, params.gauss, params.scale, strict=True):
+        permutation = torch.zeros(length, length, dtype=torch.float64)
+        permutation[torch.arange(length), perm] = 1  # (Pi v)[k] = v[perm[k]]
+        blocks.append(scale * h @ torch.diag(gauss.double()) @ permutation @ h @ torch.diag(sign.double()))
+    return torch.cat(blocks)[:out_features, :d]
+
+
+def _randomise(model, seed=0, scale=0.3):
+    """Move theta_d (and SAID's scales) away from their neutral start."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".subspace_theta." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            if ".subspace_lambda." in name:
+                param.copy_(1 + torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def _base_weights(model):
+    return {
+        n.replace(".base_layer", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".subspace_" not in n
+    }
+
+
+def test_fwht_is_multiplication_by_the_hadamard_matrix():
+    for length in (1, 2, 8, 64, 128):
+        x = torch.randn(2, 3, length, dtype=torch.float64)
+        torch.testing.assert_close(fwht(x), x @ _hadamard(length))
+        torch.testing.assert_close(fwht(fwht(x)), length * x)  # H H = L I
+    with pytest.raises(WeightkitError, match="power of two, got 12"):
+        fwht(torch.zeros(12))
+
+
+@pytest.mark.parametrize(("d", "out_features"), [(20, 100), (32, 128), (5, 3), (300, 70)])
+def test_fastfood_project_is_the_dense_fastfood_matrix(d, out_features):
+    params = fastfood_params(d, out_features, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    length = params.gauss.shape[-1]
+    assert length >= d and length // 2 < d and params.gauss.shape[0] * length >= out_features
+    assert set(params.sign.unique().tolist()) <= {-1, 1}
+    assert torch.equal(params.perm.sort(dim=-1).values, torch.arange(length).expand_as(params.perm))
+    theta = torch.randn(d, dtype=torch.float64)
+    torch.testing.assert_close(
+        fastfood_project(theta, params, out_features), _dense(params, d, out_features) @ theta
+    )
+
+
+def test_fastfood_columns_are_unit_length_and_nearly_orthogonal():
+    # D a multiple of the block size: every column has length exactly 1 (the paper's normalisation).
+    d, out_features = 32, 256
+    params = fastfood_params(d, out_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(
+        _dense(params, d, out_features).norm(dim=0), torch.ones(d, dtype=torch.float64)
+    )
+    # Otherwise the last block is cut short and lengths are 1 up to that cut; the random directions are
+    # nearly orthogonal (a random d-dimensional subspace, not a few repeated directions).
+    d, out_features = 300, 5000
+    params = fastfood_params(d, out_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    basis = torch.eye(d, dtype=torch.float64)
+    dense = torch.stack([fastfood_project(e, params, out_features) for e in basis], dim=1)
+    norms = dense.norm(dim=0)
+    assert (norms - 1).abs().max() < 0.05
+    cosines = (dense / norms).T @ (dense / norms) - torch.eye(d, dtype=torch.float64)
+    assert cosines.abs().max() < 0.15
+    assert torch.linalg.matrix_rank(dense) == d
+
+
+def test_fastfood_params_depend_only_on_the_seed():
+    def draw(seed):
+        return fastfood_params(40, 500, generator=torch.Generator().manual_seed(seed))
+
+    for a, b in zip(draw(3), draw(3), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(draw(3).gauss, draw(4).gauss)
+
+
+def test_a_fresh_adapter_trains_exactly_d_numbers_and_leaves_outputs_unchanged():
+    model = tiny_llama(seed=0)
+    before = model(IDS).logits
+    add_subspace(model, SubspaceConfig(dim=50))
+    torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
+    trainable, total = trainable_parameters(model)
+    assert trainable == 50
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "model.layers.0.self_attn.q_proj.subspace_theta.default"
+    ]
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
+    assert len(layers) == LLAMA_LINEARS and not isinstance(model.lm_head, SubspaceLinear)
+    # One parameter, shared: every layer reads the very tensor the first layer registers.
+    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"]
+    assert all(layer.theta_home["default"]["default"] is theta for layer in layers)
+
+
+def test_said_counts_one_scale_per_tensor_in_d():
+    model = tiny_llama(seed=0)
+    add_subspace(model, SubspaceConfig(dim=50, said=True))
+    assert trainable_parameters(model)[0] == 50
+    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"]
+    assert theta.numel() == 50 - LLAMA_LINEARS
+    # BERT's 13 linear layers (incl. the pooler) have biases: 26 tensors, each with its own scale.
+    bert = tiny_bert(seed=0)
+    add_subspace(bert, SubspaceConfig(dim=40, said=True))
+    assert trainable_parameters(bert)[0] == 40
+    scales = [p for n, p in bert.named_parameters() if ".subspace_lambda." in n]
+    assert sum(p.numel() for p in scales) == 26 and all(p.numel() == 2 for p in scales)
+    with pytest.raises(WeightkitError, match="dim > 26"):
+        add_subspace(tiny_bert(seed=0), SubspaceConfig(dim=26, said=True))
+
+
+@pytest.mark.parametrize("said", [False, True])
+def test_training_moves_the_weights_only_inside_the_subspace_and_lowers_the_loss(said):
+    model = tiny_llama(seed=0)
+    base = _base_weights(model)
+    add_subspace(model, SubspaceConfig(dim=256, said=said))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(8):
+        loss = model(BATCH, labels=BATCH).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for name, weight in _base_weights(model).items():
+        assert torch.equal(weight, base[name]), name  # the frozen weights did not move
+    # Each effective weight is W_0 + lambda * P theta_d, with P the layer's own Fastfood matrix.
+    layer = model.model.layers[1].mlp.down_proj
+    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"].detach()
+    proj = layer.subspace_weight_proj["default"]
+    params = FastfoodParams(proj.sign, proj.perm, proj.gauss, proj.scale)
+    expected = fastfood_project(theta, params, layer.base_layer.weight.numel()).view(32, 64)
+    if said:
+        expected = expected * layer.subspace_lambda["default"].detach()[0]
+    torch.testing.assert_close(layer.delta("default")[0].detach(), expected)
+
+
+def test_more_dimensions_fit_better():
+    """The papers' premise on a small case: the same training in a larger random subspace gets further."""
+    final = {}
+    for dim in (8, 512):
+        model = tiny_llama(seed=0)
+        add_subspace(model, SubspaceConfig(dim=dim))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for _ in range(8):
+            loss = model(BATCH, labels=BATCH).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        final[dim] = model(BATCH, labels=BATCH).loss.item()
+    assert final[512] < final[8] - 0.05
+
+
+def test_merge_then_unmerge_restores_the_base_weights_and_biases():
+    model = tiny_bert(seed=0)  # with biases
+    base = _base_weights(model)
+    add_subspace(model, SubspaceConfig(dim=64, said=True))
+    _randomise(model)
+    adapted = model(IDS).last_hidden_state
+    assert not torch.allclose(adapted, tiny_bert(seed=0)(IDS).last_hidden_state, atol=1e-3)
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
+    for layer in layers:
+        layer.merge()
+        layer.merge()  # idempotent
+    torch.testing.assert_close(model(IDS).last_hidden_state, adapted, rtol=1e-5, atol=1e-5)
+    for layer in layers:
+        layer.unmerge()
+    for name, weight in _base_weights(model).items():
+        torch.testing.assert_close(weight, base[name], rtol=0, atol=1e-6)
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, SubspaceLinear) for m in merged.modules())
+    torch.testing.assert_close(merged(IDS).last_hidden_state, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_adapter():
+    def build(seed):
+        model = tiny_llama(seed=0)
+        add_subspace(model, SubspaceConfig(dim=30, seed=seed))
+        _randomise(model, seed=5)
+        return model
+
+    a, b, c = build(7), build(7), build(8)
+    state_a, state_b, state_c = (adapter_state(m, "default") for m in (a, b, c))
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=0)
+    assert not torch.allclose(a(IDS).logits, c(IDS).logits)
+    assert not torch.equal(state_a["model.layers.0.self_attn.q_proj.subspace_weight_proj.gauss"],
+                           state_c["model.layers.0.self_attn.q_proj.subspace_weight_proj.gauss"])  # fmt: skip
+
+
+def test_the_adapter_state_holds_theta_once_and_restores_the_projection():
+    model = tiny_llama(seed=0)
+    add_subspace(model, SubspaceConfig(dim=30, said=True, seed=1))
+    _randomise(model)
+    state = adapter_state(model, "default")
+    assert [k for k in state if "subspace_theta" in k] == ["model.layers.0.self_attn.q_proj.subspace_theta"]
+    # A model built with another seed takes the saved projection, not its own: the diagonals are saved.
+    fresh = tiny_llama(seed=0)
+    add_subspace(fresh, SubspaceConfig(dim=30, said=True, seed=2), initialize=False)
+    key = "model.layers.1.mlp.up_proj.subspace_weight_proj.perm"
+    assert not torch.equal(adapter_state(fresh, "default")[key], state[key])
+    full = {adapter_keys(fresh, "default")[key]: value for key, value in state.items()}
+    missing, unexpected = fresh.load_state_dict(full, strict=False)
+    assert not unexpected and all(".subspace_" not in k for k in missing)
+    torch.testing.assert_close(fresh(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_save_adapter_and_load_adapter_round_trip(tmp_path):
+    """Needs the lead's generic adapter format in weightkit.adapt.save_adapter/load_adapter."""
+    model = tiny_llama(seed=0)
+    add_subspace(model, SubspaceConfig(dim=40, said=True, seed=3))
+    _randomise(model)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = load_adapter(tiny_llama(seed=0), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    assert trainable_parameters(loaded)[0] == 40
+
+
+def test_two_named_adapters_each_have_their_own_subspace():
+    model = tiny_llama(seed=0)
+    base = model(IDS).logits
+    add_subspace(model, SubspaceConfig(dim=20, seed=0), name="a")
+    add_subspace(model, SubspaceConfig(dim=30, seed=1), name="b")  # the default targets again
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
+    assert len(layers) == LLAMA_LINEARS and all(layer.adapter_names() == ["a", "b"] for layer in layers)
+    assert trainable_parameters(model)[0] == 50
+    _randomise(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, 32)
+    expected = layer.base_layer(x) + x @ (layer.delta("a")[0] + layer.delta("b")[0]).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    set_active_adapters(model, [])
+    torch.testing.assert_close(model(IDS).logits, base, rtol=0, atol=0)
+    with pytest.raises(WeightkitError, match="already have an adapter named 'a'"):
+        add_subspace(model, SubspaceConfig(dim=20), name="a")
+
+
+def test_bad_configs_and_targets_are_refused():
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(WeightkitError, match="dim must be an integer"):
+            SubspaceConfig(dim=bad)
+    with pytest.raises(WeightkitError, match="said must be true or false"):
+        SubspaceConfig(said="yes")
+    with pytest.raises(WeightkitError, match="targets is empty"):
+        SubspaceConfig(targets=[])
+    with pytest.raises(WeightkitError, match="q_prj"):
+        add_subspace(tiny_llama(seed=0), SubspaceConfig(targets=["model.layers.0.self_attn.q_prj"]))
