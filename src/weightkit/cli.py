@@ -583,8 +583,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("model", help="Hugging Face model directory (safetensors, with its tokenizer)")
     t.add_argument("-o", "--output", required=True, help="adapter directory to write")
-    t.add_argument("--method", default="lora", help="adapter method (default: lora); see README for the list")
-    t.add_argument("--rank", type=int, help="adapter rank (method default if not given)")
+    t.add_argument(
+        "--method",
+        default="lora",
+        help="adapter method: lora, dora, pissa, eva, lora_sb, lora_xs, svfit, bone, mos, increlora, did, "
+        "said (intrinsic-dimension subspaces; their size is --option dim=N) (default: lora)",
+    )
+    t.add_argument("--rank", type=int, help="adapter rank (method default if not given; not for did/said)")
     t.add_argument("--alpha", type=float, help="LoRA-style scaling numerator alpha (method default)")
     t.add_argument(
         "--target",

@@ -10,10 +10,12 @@ from weightkit.adapt import (
     LoRALinear,
     add_lora,
     load_adapter,
+    merge_adapters,
     merge_and_unload,
     save_adapter,
     set_active_adapters,
     trainable_parameters,
+    unmerge_adapters,
 )
 from weightkit.errors import WeightkitError
 from weightkit.models import save_tiny, tiny_llama
@@ -48,12 +50,12 @@ def test_merge_then_unmerge_restores_the_base_weights_and_merge_keeps_outputs():
     add_lora(model, LoRAConfig(rank=4, alpha=8, rslora=True))
     _randomise_b(model)
     adapted = model(IDS).logits
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for layer in layers:
-        layer.merge()
+    merge_adapters(model)
+    merge_adapters(model)  # idempotent
+    assert all(layer.merged == ["default"] for layer in model.modules() if isinstance(layer, LoRALinear))
     torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
-    for layer in layers:
-        layer.unmerge()
+    unmerge_adapters(model)
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)  # the adapter runs again
     for name, param in model.named_parameters():
         if ".lora_" not in name:
             torch.testing.assert_close(param, weights[name.replace(".base_layer", "")], rtol=0, atol=1e-6)

@@ -106,6 +106,36 @@ def test_bad_options_are_refused_before_any_work(llama_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_adapt_help_lists_every_method_and_the_training_options(capsys):
+    from weightkit.registry import names
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for word in [*names("adapt"), "--max-steps", "--epochs", "--lr", "--batch-size", "--seed", "--target"]:
+        assert word in text, word
+
+
+def test_an_intrinsic_dimension_adapter_trains_d_numbers_from_the_cli_and_loads(llama_dir, tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(TEXTS))
+    before = _perplexity(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path)
+    code = main([
+        "adapt", str(llama_dir), "-o", str(tmp_path / "said"), "--method", "said", "--option", "dim=200",
+        "--data", str(data), "--max-steps", "20", "--lr", "0.05", "--batch-size", "4", "--json",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trainable_parameters"] == 200
+    loaded = load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "said")
+    assert sum(p.numel() for p in loaded.parameters() if p.requires_grad) == 200
+    after = _perplexity(loaded, tmp_path)
+    assert after < 0.95 * before and summary["eval"]["perplexity"] == pytest.approx(after, rel=1e-3)
+    # Its size is --option dim; --rank is refused rather than ignored.
+    assert main(["adapt", str(llama_dir), "-o", str(tmp_path / "x"), "--method", "said", "--rank", "4"]) == 1
+
+
 def test_torchrun_ddp_equals_one_process_with_the_combined_batch(tmp_path):
     # Without dropout, two processes on half batches take the very steps one process takes on whole ones.
     no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}

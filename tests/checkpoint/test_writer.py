@@ -45,6 +45,24 @@ def test_single_shard_is_model_safetensors_without_index(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
+def test_output_has_the_modes_of_a_plain_mkdir_and_open(tmp_path):
+    # Temporary directories are 0700 and safetensors writes 0600; a finished output must not stay that way.
+    umask = os.umask(0o022)
+    try:
+        with CheckpointWriter(tmp_path / "out", max_shard_bytes=8) as writer:
+            writer.add("a", torch.zeros(4))
+            writer.add("b", torch.zeros(4))
+            writer.write_json("sub/config.json", {})
+    finally:
+        os.umask(umask)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {
+        "out": 0o755, "out/sub": 0o755, "out/sub/config.json": 0o644,
+        "out/model-00001-of-00002.safetensors": 0o644, "out/model-00002-of-00002.safetensors": 0o644,
+        "out/model.safetensors.index.json": 0o644,
+    }  # fmt: skip
+
+
 def test_custom_metadata_and_weights_name(tmp_path):
     out = tmp_path / "adapter"
     metadata = {"format": "pt", "by": "weightkit"}

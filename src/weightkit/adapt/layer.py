@@ -10,7 +10,8 @@ The methods' layers differ only in their math; this module holds what is common,
 
 - :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
 - :func:`wrap_targets`: wrap the selected modules (already wrapped layers are reused);
-- :func:`train_only_adapters`, :func:`set_active_adapters`, :func:`merge_and_unload`,
+- :func:`train_only_adapters`, :func:`set_active_adapters`, :func:`merge_adapters` / :func:`unmerge_adapters`,
+  :func:`merge_and_unload`,
   :func:`trainable_parameters`;
 - :func:`adapter_configs`: the config each named adapter was made with (for saving);
 - :func:`forward_batch` / :func:`batch_loss`: run one batch of user data (for data-driven initialisations).
@@ -38,6 +39,8 @@ __all__ = [
     "finish_adapter",
     "train_only_adapters",
     "set_active_adapters",
+    "merge_adapters",
+    "unmerge_adapters",
     "merge_and_unload",
     "trainable_parameters",
     "forward_batch",
@@ -201,6 +204,19 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     for layer in layers:
         layer.unmerge()
         layer.active = [n for n in names if n in layer.adapter_names()]
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold the active adapters into the base weights, keeping the adapter layers (undo with
+    :func:`unmerge_adapters`); the model computes the same function without the adapters' extra work."""
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Take every merged adapter out of the base weights again (they come back up to float rounding)."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -35,9 +35,13 @@ Deliberate deviations:
 - Each tensor's ``P_i`` has unit columns on its own (as Aghajanyan et al.'s code projects each tensor
   separately), so the full ``P`` has columns of length ``sqrt(number of tensors)``.
 - SAID's scalars start at 1 (the reference code's choice; with ``theta_d = 0`` the start is neutral anyway).
-- Saved adapters hold the random diagonals (persistent buffers), about 13 bytes per adapted weight entry
-  (int8 signs, int64 permutation, Gaussian in the weight's dtype), so the exact projection survives any change
-  of random number generator.
+
+Saved adapters hold ``theta_d`` and SAID's scales only, exactly ``d`` numbers: the projection is drawn again
+from ``seed`` (saved in the adapter's config) with torch's CPU generator when the adapter is loaded, as
+PEFT's VeRA does with ``save_projection=False``. Saving the diagonals instead would cost about 13 bytes per
+adapted weight entry (int8 signs, int64 permutation, the Gaussian), more than the model itself. The price:
+an adapter loads exactly only where torch's CPU generator gives the same streams for the same seed, which
+it has done across releases for years.
 """
 
 import math
@@ -186,13 +190,14 @@ def fastfood_project(theta_d: Tensor, params: FastfoodParams, out_features: int)
 
 
 class _Fastfood(nn.Module):
-    """One tensor's projection: the diagonals as persistent buffers (saved with the adapter)."""
+    """One tensor's projection: the diagonals as buffers that follow ``.to()`` but are not saved (they are
+    drawn again from the seed)."""
 
     def __init__(self, params: FastfoodParams, out_features: int, device: torch.device):
         super().__init__()
         self.out_features = out_features
         for key, value in params._asdict().items():
-            self.register_buffer(key, value.to(device))
+            self.register_buffer(key, value.to(device), persistent=False)
 
     def forward(self, theta_d: Tensor) -> Tensor:
         params = FastfoodParams(self.sign, self.perm, self.gauss, self.scale)
@@ -324,4 +329,6 @@ def add_subspace(
     return finish_adapter(model, name, config)
 
 
-register("adapt", "subspace", SubspaceConfig, add_subspace)
+# DID and SAID are one method; the presets name the papers' two variants.
+register("adapt", "did", SubspaceConfig, add_subspace, preset={"said": False})
+register("adapt", "said", SubspaceConfig, add_subspace, preset={"said": True})

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.errors import WeightkitError
 
-__all__ = ["CheckpointWriter"]
+__all__ = ["CheckpointWriter", "default_permissions"]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
@@ -330,6 +330,7 @@ class CheckpointWriter:
         try:
             self._flush()
             self._finalize_shards()
+            default_permissions(self._tmp)
             _fsync(self._tmp)
             self._publish()
         except BaseException:
@@ -364,3 +365,17 @@ class CheckpointWriter:
         if getattr(self, "_state", None) == "open":
             warnings.warn(f"CheckpointWriter for {self.out_dir} was never closed; discarded", stacklevel=1)
             self.abort()
+
+
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give a finished output (a file, or a directory and everything in it) the modes a plain ``mkdir`` /
+    ``open`` would: 0777 / 0666 less the umask. ``mkdtemp``/``mkstemp`` make 0700 / 0600 and safetensors
+    writes 0600, which would hide a shared model from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~umask)
+    for directory, _, files in os.walk(path):
+        os.chmod(directory, 0o777 & ~umask)
+        for file in files:
+            os.chmod(os.path.join(directory, file), 0o666 & ~umask)

@@ -63,6 +63,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from weightkit.checkpoint.writer import default_permissions
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.params import Spec, check_range
 from weightkit.progress import track
@@ -498,6 +499,7 @@ def save_fisher(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
