@@ -8,6 +8,7 @@ from peft import PeftModel, get_peft_model
 from weightkit.adapt import (
     LoRAConfig,
     LoRALinear,
+    adapter_summary,
     add_lora,
     load_adapter,
     merge_adapters,
@@ -135,6 +136,30 @@ def test_adapt_picks_lora_from_its_config_and_adapters_can_be_switched():
     assert not torch.allclose(only_a, both) and not torch.allclose(only_a, base)
     with pytest.raises(WeightkitError, match="no adapter named c"):
         set_active_adapters(model, ["c"])
+
+
+def test_adapter_summary_counts_each_adapters_own_parameters():
+    import weightkit
+    from weightkit.adapt import MoSConfig
+
+    model = tiny_llama(seed=0)
+    weightkit.adapt(model, LoRAConfig(rank=2, targets=["model.layers.0.self_attn.q_proj"]), name="a")
+    weightkit.adapt(model, LoRAConfig(rank=3, dora=True), name="b")
+    set_active_adapters(model, ["b"])
+    merge_adapters(model)
+    rows = {row["adapter"]: row for row in adapter_summary(model)}
+    # q_proj is 32x32 and v_proj 16x32 (grouped KV heads); DoRA adds one magnitude per output row.
+    assert rows["a"] == {"adapter": "a", "method": "lora", "layers": 1, "parameters": 128, "trainable": 128,
+                         "active": False, "merged": False}  # fmt: skip
+    b_params = 2 * (3 * 64 + 32) + 2 * (3 * 48 + 16)
+    assert rows["b"] == {"adapter": "b", "method": "dora", "layers": 4, "parameters": b_params,
+                         "trainable": b_params, "active": True, "merged": True}  # fmt: skip
+    assert rows["a"]["trainable"] + rows["b"]["trainable"] == trainable_parameters(model)[0]
+    # Pools shared by several layers count once.
+    mos = tiny_llama(seed=0)
+    weightkit.adapt(mos, MoSConfig(rank=4, budget_rank=2, private_rank=0))
+    (row,) = adapter_summary(mos)
+    assert row["method"] == "mos" and row["parameters"] == trainable_parameters(mos)[0]
 
 
 def test_load_applies_an_adapter_to_the_base_model(tmp_path):

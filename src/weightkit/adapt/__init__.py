@@ -14,6 +14,7 @@ from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
 from weightkit.adapt.layer import (
     adapter_configs,
     adapter_layers,
+    adapter_summary,
     merge_adapters,
     merge_and_unload,
     set_active_adapters,
@@ -52,6 +53,7 @@ __all__ = [
     "trainable_parameters",
     "adapter_layers",
     "adapter_configs",
+    "adapter_summary",
     "save_adapter",
     "load_adapter",
 ]

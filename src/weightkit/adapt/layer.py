@@ -12,7 +12,7 @@ The methods' layers differ only in their math; this module holds what is common,
 - :func:`wrap_targets`: wrap the selected modules (already wrapped layers are reused);
 - :func:`train_only_adapters`, :func:`set_active_adapters`, :func:`merge_adapters` / :func:`unmerge_adapters`,
   :func:`merge_and_unload`,
-  :func:`trainable_parameters`;
+  :func:`trainable_parameters`, :func:`adapter_summary`;
 - :func:`adapter_configs`: the config each named adapter was made with (for saving);
 - :func:`forward_batch` / :func:`batch_loss`: run one batch of user data (for data-driven initialisations).
 """
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
+from weightkit.registry import entry_for_config
 from weightkit.select import select_modules
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "unmerge_adapters",
     "merge_and_unload",
     "trainable_parameters",
+    "adapter_summary",
     "forward_batch",
     "batch_loss",
 ]
@@ -233,6 +235,27 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def adapter_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per named adapter of ``model``: ``adapter``, ``method``, ``layers`` (how many it adapts),
+    ``parameters`` (its trained numbers; shared tensors such as MoS pools count once), ``trainable`` (how
+    many of those require grad now), ``active`` (in at least one layer) and ``merged``."""
+    layers = adapter_layers(model).values()
+    rows = []
+    for name, config in adapter_configs(model).items():
+        holding = [layer for layer in layers if name in layer.adapter_names()]
+        params = [p for key, p in model.named_parameters() if name in key.split(".")]
+        rows.append({
+            "adapter": name,
+            "method": entry_for_config(config).name,
+            "layers": len(holding),
+            "parameters": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "active": any(name in layer.active for layer in holding),
+            "merged": any(name in getattr(layer, "merged", ()) for layer in holding),
+        })  # fmt: skip
+    return rows
 
 
 def forward_batch(model: nn.Module, batch) -> Any:
