@@ -55,16 +55,15 @@ adapter, trains and evaluates it, and prints one JSON line, so no run's memory i
   interleaved (weightkit, PEFT, then PEFT, weightkit, ...); medians are reported. Then one more process
   trains both, on two copies of the model, one step each in turn (``interleaved``: the step-time ratio
   without the drift between processes, and a check that the losses stay equal step by step).
-- Method table, per task: every weightkit method of :data:`METHODS` whose module imports and whose config
-  builds at run time, once (add entries as methods land; one that does not import is listed under
-  ``not_available`` with the reason, one that fails while running is a row with ``status: failed`` and its
-  error). Initialisations that need data get the first training batches, which the run then trains on as
-  usual: EVA (activations) up to 32 batches, without labels (it stops once its components converge);
-  LoRA-SB (a gradient) 8 batches with labels. Their time is ``init_seconds``. Every method trains with
-  LoRA's learning rate, steps and batches; sizes are set for trainable-parameter counts comparable to
-  LoRA's (see :data:`METHODS`; each row reports its count). A last row, ``LoRA (seed 1)``, is LoRA with
-  the next seed (another ``A``, head and batch order): the difference chance alone makes, the yardstick
-  for every other difference in the table (one seed per method: differences below it mean nothing).
+- Method table, per task: every weightkit method of :data:`METHODS`, once (one that fails while running is
+  a row with ``status: failed`` and its error). Initialisations that need data get the first training
+  batches, which the run then trains on as usual: EVA (activations) up to 32 batches, without labels (it
+  stops once its components converge); LoRA-SB (a gradient) 8 batches with labels. Their time is
+  ``init_seconds``. Every method trains with LoRA's learning rate, steps and batches; sizes are set for
+  trainable-parameter counts comparable to LoRA's (see :data:`METHODS`; each row reports its count). A last
+  row, ``LoRA (seed 1)``, is LoRA with the next seed (another ``A``, head and batch order): the difference
+  chance alone makes, the yardstick for every other difference in the table (one seed per method:
+  differences below it mean nothing).
 
 Measurements (per run)
 ----------------------
@@ -204,33 +203,13 @@ HIGHER_IS_BETTER = {"bbc": True, "docstrings": False}  # accuracy; perplexity
 # -------------------------------------------------------------------------------------------- methods
 
 
-class Unavailable(Exception):
-    """A method weightkit does not have (yet) in this checkout."""
-
-
-def _config(module: str, cls_name: str, **fields) -> Any:
-    """``weightkit.adapt.<module>.<cls_name>(**fields)``, or :class:`Unavailable` saying why not."""
-    try:
-        mod = importlib.import_module(f"weightkit.adapt.{module}")
-    except ImportError as err:
-        raise Unavailable(f"weightkit.adapt.{module} does not import: {err}") from None
-    cls = getattr(mod, cls_name, None)
-    if cls is None:
-        raise Unavailable(f"weightkit.adapt.{module} has no {cls_name}")
-    try:
-        return cls(**fields)
-    except Exception as err:  # an unknown field (TypeError) or a value the method rejects (WeightkitError)
-        raise Unavailable(
-            f"{cls_name}({', '.join(f'{k}={v!r}' for k, v in fields.items())}): {err}"
-        ) from None
+def _config(cls_name: str, **fields) -> Any:
+    """``weightkit.adapt.<cls_name>(**fields)``; imported here only, so PEFT runs never import it."""
+    return getattr(importlib.import_module("weightkit.adapt"), cls_name)(**fields)
 
 
 def _lora(s: Settings, **options) -> Any:
-    return _config("lora", "LoRAConfig", rank=s.rank, alpha=s.alpha, targets=list(s.targets), **options)
-
-
-def _attr(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(f"weightkit.adapt.{module}"), name)
+    return _config("LoRAConfig", rank=s.rank, alpha=s.alpha, targets=list(s.targets), **options)
 
 
 @dataclass(frozen=True)
@@ -239,7 +218,7 @@ class Method:
 
     Attributes:
         label: the name in the table and on the command line.
-        config: the task's Settings -> a weightkit config; raises Unavailable when this checkout lacks it.
+        config: the task's Settings -> a weightkit config.
         data: what the initialisation needs: None, ``"inputs"`` (activations: the first
             ``activation_batches`` training batches without labels) or ``"loss"`` (a gradient: the first
             ``init_batches`` with labels).
@@ -270,7 +249,6 @@ METHODS: list[Method] = [
     Method(
         "LoRA-SB",
         lambda s: _config(
-            "lora_sb",
             "LoRASBConfig",
             rank=64,
             init="gradient",
@@ -280,14 +258,11 @@ METHODS: list[Method] = [
         ),
         data="loss",
     ),
-    Method(
-        "LoRA-XS", lambda s: _config("lora_sb", "LoRASBConfig", rank=64, init="svd", targets=list(s.targets))
-    ),
-    Method("Bone", lambda s: _config("bone", "BoneConfig", rank=2 * s.rank, targets=list(s.targets))),
+    Method("LoRA-XS", lambda s: _config("LoRASBConfig", rank=64, init="svd", targets=list(s.targets))),
+    Method("Bone", lambda s: _config("BoneConfig", rank=2 * s.rank, targets=list(s.targets))),
     Method(
         "MoS",
         lambda s: _config(
-            "mos",
             "MoSConfig",
             rank=2 * s.rank,
             alpha=2 * s.alpha,
@@ -298,14 +273,11 @@ METHODS: list[Method] = [
     ),
     Method(
         "SAID",
-        lambda s: _config(
-            "subspace", "SubspaceConfig", dim=1000, said=True, targets=list(s.targets), seed=s.seed
-        ),
+        lambda s: _config("SubspaceConfig", dim=1000, said=True, targets=list(s.targets), seed=s.seed),
     ),
     Method(
         "IncreLoRA",
         lambda s: _config(
-            "increlora",
             "IncreLoRAConfig",
             init_rank=max(1, s.rank // 2),
             rank_step=max(1, s.rank // 2),
@@ -316,9 +288,9 @@ METHODS: list[Method] = [
             targets=list(s.targets),
             seed=s.seed,
         ),
-        controller=lambda model: _attr("increlora", "IncreLoRAController")(model),
+        controller=lambda model: importlib.import_module("weightkit.adapt").IncreLoRAController(model),
     ),
-    Method("SVFit", lambda s: _config("svfit", "SVFitConfig", rank=64, targets=list(s.targets))),
+    Method("SVFit", lambda s: _config("SVFitConfig", rank=64, targets=list(s.targets))),
 ]
 METHOD_LABELS = [m.label for m in METHODS]
 
@@ -915,23 +887,8 @@ def summarize(task: str, res: dict) -> dict:
     quarter = str(res["settings"]["steps"] // 4)
     out[f"metric_at_step_{quarter}"] = {r["method"]: r["eval_curve"][quarter]["metric"] for r in rows}
     out["mean_train_loss"] = {r["method"]: r["mean_train_loss"] for r in rows}
-    out["not_run"] = {
-        **res.get("not_available", {}),
-        **{r["method"]: r.get("error") for r in res.get("methods", []) if r["status"] != "ok"},
-    }
+    out["not_run"] = {r["method"]: r.get("error") for r in res.get("methods", []) if r["status"] != "ok"}
     return out
-
-
-def available_methods(labels: list[str], s: Settings) -> tuple[list[str], dict[str, str]]:
-    """(methods whose config builds here, {method: why not} for the rest)."""
-    ok, missing = [], {}
-    for label in labels:
-        try:
-            weightkit_config(label, s)
-            ok.append(label)
-        except Unavailable as err:
-            missing[label] = str(err)
-    return ok, missing
 
 
 def weightkit_source_state() -> dict:
@@ -999,8 +956,6 @@ def print_tables(results: dict) -> None:
                 f"{row['parameters_with_gradient']:>10,} {row['init_seconds']:7.2f} "
                 f"{row['step_seconds_median'] * 1000:8.1f} {row['peak_rss_mib']:8.0f}"
             )
-        for label, why in res.get("not_available", {}).items():
-            print(f"  {label:14s} not available: {why}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1096,10 +1051,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             if lora_run:
                 res["task_info"] = lora_run["task_info"]
-        ok, missing = available_methods(methods, s)
-        res["not_available"] = missing
         method_runs = []
-        for label in ok:
+        for label in methods:
             if label == "LoRA" and lora_run is not None:
                 run = lora_run  # the first weightkit run of the comparison: the same job
             else:
@@ -1108,7 +1061,7 @@ def main(argv: list[str] | None = None) -> None:
             method_runs.append(run)
             if label == "LoRA":
                 lora_run = run
-        if "LoRA" in ok:
+        if "LoRA" in methods:
             # The yardstick for every difference in the table: LoRA again with another seed (another A,
             # head and batch order): what chance alone moves.
             run = spawn(
