@@ -78,6 +78,29 @@ def test_two_named_adapters_add_up():
         add_lora(model, LoRAConfig(rank=2, targets=["model.layers.0.self_attn.q_proj"]), name="a")
 
 
+@pytest.mark.parametrize("shape", [(32,), (5, 32), (2, 3, 32)])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float64])
+def test_the_forward_is_the_base_plus_the_scaled_update_for_any_input_shape_and_adapter_dtype(
+    shape, adapter_dtype
+):
+    # Same dtypes take the fused addmm path; an adapter kept in another dtype (as PEFT keeps fp32 adapters
+    # on a bf16 base) and unbatched inputs take the plain one. Both compute W x + s B A x, with gradients.
+    layer = LoRALinear(torch.nn.Linear(32, 16))
+    layer.add_adapter("default", rank=4, scaling=0.7)
+    layer.lora_A.to(adapter_dtype)
+    layer.lora_B.to(adapter_dtype)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x) + (0.7 * x.to(adapter_dtype) @ a.T @ b.T).float()
+    assert out.dtype == torch.float32 and out.shape == (*shape[:-1], 16)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, b])
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.square().sum(), [x, b]))
+
+
 def test_bad_configs_and_targets_are_refused():
     with pytest.raises(WeightkitError, match="rank"):
         LoRAConfig(rank=0)

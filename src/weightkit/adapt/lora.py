@@ -176,10 +176,17 @@ class LoRALinear(nn.Module):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
-            lora_out = lora_B(lora_A(lora_x)) * self.scaling[name]
+            hidden = lora_A(lora_x)
             if name in self.lora_magnitude_vector:
-                lora_out = self._dora_output(name, x, lora_x, base_out, lora_out)
-            out = out + lora_out.to(out.dtype)
+                lora_out = self._dora_output(name, x, lora_x, base_out, lora_B(hidden) * self.scaling[name])
+                out = out + lora_out.to(out.dtype)
+            elif out.dtype == hidden.dtype and out.dim() > 1:
+                # out + scaling * hidden B^T as one GEMM: no separate passes over the output to scale and add.
+                rows = out.reshape(-1, out.shape[-1])
+                out = torch.addmm(rows, hidden.reshape(-1, hidden.shape[-1]), lora_B.weight.T,
+                                  alpha=self.scaling[name]).view(out.shape)  # fmt: skip
+            else:
+                out = out + (lora_B(hidden) * self.scaling[name]).to(out.dtype)
         return out
 
     def _dora_output(
