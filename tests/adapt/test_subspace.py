@@ -16,7 +16,7 @@ from weightkit.adapt.layer import adapter_keys, adapter_state
 from weightkit.adapt.subspace import (
     FastfoodParams,
     SubspaceConfig,
-    SubspaceLinear,
+    SubspaceLayer,
     add_subspace,
     fastfood_params,
     fastfood_project,
@@ -27,7 +27,10 @@ from weightkit.models import tiny_bert, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 BATCH = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-LLAMA_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is left out by default
+# Modules with parameters of their own: embed_tokens, 2 layers x (7 projections + 2 norms), the final norm,
+# lm_head. Each holds one tensor (no biases), so the tiny Llama has 21 adapted tensors too.
+LLAMA_MODULES = 21
+HOME = "model.embed_tokens.subspace_theta.default"  # theta_d lives in the first adapted module
 
 
 def _hadamard(length):
@@ -127,13 +130,15 @@ def test_a_fresh_adapter_trains_exactly_d_numbers_and_leaves_outputs_unchanged()
     torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
     trainable, total = trainable_parameters(model)
     assert trainable == 50
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        "model.layers.0.self_attn.q_proj.subspace_theta.default"
-    ]
-    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
-    assert len(layers) == LLAMA_LINEARS and not isinstance(model.lm_head, SubspaceLinear)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [HOME]
+    # The whole model, as in the papers: embeddings, every projection, the norms and the output head.
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLayer)]
+    assert len(layers) == LLAMA_MODULES
+    assert all(
+        isinstance(m, SubspaceLayer) for m in (model.model.embed_tokens, model.model.norm, model.lm_head)
+    )
     # One parameter, shared: every layer reads the very tensor the first layer registers.
-    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"]
+    theta = model.model.embed_tokens.subspace_theta["default"]
     assert all(layer.theta_home["default"]["default"] is theta for layer in layers)
 
 
@@ -141,16 +146,23 @@ def test_said_counts_one_scale_per_tensor_in_d():
     model = tiny_llama(seed=0)
     add_subspace(model, SubspaceConfig(dim=50, said=True))
     assert trainable_parameters(model)[0] == 50
-    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"]
-    assert theta.numel() == 50 - LLAMA_LINEARS
-    # BERT's 13 linear layers (incl. the pooler) have biases: 26 tensors, each with its own scale.
+    assert model.model.embed_tokens.subspace_theta["default"].numel() == 50 - LLAMA_MODULES
+    # BERT: 3 embedding tables, 13 linear layers (incl. the pooler) with biases, 5 LayerNorms with biases:
+    # 39 tensors, each with its own scale, held by the module the tensor belongs to.
     bert = tiny_bert(seed=0)
-    add_subspace(bert, SubspaceConfig(dim=40, said=True))
-    assert trainable_parameters(bert)[0] == 40
-    scales = [p for n, p in bert.named_parameters() if ".subspace_lambda." in n]
-    assert sum(p.numel() for p in scales) == 26 and all(p.numel() == 2 for p in scales)
-    with pytest.raises(WeightkitError, match="dim > 26"):
-        add_subspace(tiny_bert(seed=0), SubspaceConfig(dim=26, said=True))
+    assert len(list(bert.parameters())) == 39
+    add_subspace(bert, SubspaceConfig(dim=60, said=True))
+    assert trainable_parameters(bert)[0] == 60
+    scales = {n: p.numel() for n, p in bert.named_parameters() if ".subspace_lambda." in n}
+    assert sum(scales.values()) == 39
+    assert scales["embeddings.word_embeddings.subspace_lambda.default"] == 1
+    assert scales["encoder.layer.0.attention.self.query.subspace_lambda.default"] == 2
+    with pytest.raises(WeightkitError, match="dim > 39"):
+        add_subspace(tiny_bert(seed=0), SubspaceConfig(dim=39, said=True))
+    # Fewer targets, fewer tensors: the projections only.
+    projections = tiny_llama(seed=0)
+    add_subspace(projections, SubspaceConfig(dim=50, said=True, targets=["re:.*_proj"]))
+    assert projections.model.layers[0].self_attn.q_proj.subspace_theta["default"].numel() == 50 - 14
 
 
 @pytest.mark.parametrize("said", [False, True])
@@ -171,13 +183,13 @@ def test_training_moves_the_weights_only_inside_the_subspace_and_lowers_the_loss
         assert torch.equal(weight, base[name]), name  # the frozen weights did not move
     # Each effective weight is W_0 + lambda * P theta_d, with P the layer's own Fastfood matrix.
     layer = model.model.layers[1].mlp.down_proj
-    theta = model.model.layers[0].self_attn.q_proj.subspace_theta["default"].detach()
-    proj = layer.subspace_weight_proj["default"]
+    theta = model.model.embed_tokens.subspace_theta["default"].detach()
+    proj = layer.subspace_proj["default"]["weight"]
     params = FastfoodParams(proj.sign, proj.perm, proj.gauss, proj.scale)
     expected = fastfood_project(theta, params, layer.base_layer.weight.numel()).view(32, 64)
     if said:
         expected = expected * layer.subspace_lambda["default"].detach()[0]
-    torch.testing.assert_close(layer.delta("default")[0].detach(), expected)
+    torch.testing.assert_close(layer.param_delta("default", "weight").detach(), expected)
 
 
 def test_more_dimensions_fit_better():
@@ -196,6 +208,40 @@ def test_more_dimensions_fit_better():
     assert final[512] < final[8] - 0.05
 
 
+def test_a_tied_output_head_moves_with_the_embeddings_and_merges_once():
+    model = tiny_llama(seed=0, tie_word_embeddings=True)
+    table = model.model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    add_subspace(model, SubspaceConfig(dim=40, said=True))
+    # The tied table is one tensor: one projection (the embedding's), one scale, counted once in d.
+    assert trainable_parameters(model)[0] == 40
+    assert (
+        list(model.lm_head.subspace_proj["default"]) == [] and "default" not in model.lm_head.subspace_lambda
+    )
+    assert model.model.embed_tokens.subspace_theta["default"].numel() == 40 - (LLAMA_MODULES - 1)
+    _randomise(model)
+    adapted = model(IDS).logits
+    # The reference: the same model with the moved table under both names.
+    moved = table + model.model.embed_tokens.param_delta("default", "weight").detach()
+    reference = tiny_llama(seed=0, tie_word_embeddings=True)
+    with torch.no_grad():
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, SubspaceLayer) and layer_name not in ("model.embed_tokens", "lm_head"):
+                target = reference.get_submodule(layer_name)
+                target.weight.copy_(layer.base_layer.weight + layer.param_delta("default", "weight"))
+        reference.model.embed_tokens.weight.copy_(moved)
+    torch.testing.assert_close(adapted, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+    # Merged in either layer alone, the tie still holds (the head's merge leaves the shared table alone).
+    for first in (model.lm_head, model.model.embed_tokens):
+        first.merge()
+        torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
+        first.unmerge()
+    for layer in [m for m in model.modules() if isinstance(m, SubspaceLayer)]:
+        layer.merge()
+    torch.testing.assert_close(model.model.embed_tokens.base_layer.weight, moved)  # added once, not twice
+    torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_then_unmerge_restores_the_base_weights_and_biases():
     model = tiny_bert(seed=0)  # with biases
     base = _base_weights(model)
@@ -203,7 +249,7 @@ def test_merge_then_unmerge_restores_the_base_weights_and_biases():
     _randomise(model)
     adapted = model(IDS).last_hidden_state
     assert not torch.allclose(adapted, tiny_bert(seed=0)(IDS).last_hidden_state, atol=1e-3)
-    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLayer)]
     for layer in layers:
         layer.merge()
         layer.merge()  # idempotent
@@ -213,7 +259,7 @@ def test_merge_then_unmerge_restores_the_base_weights_and_biases():
     for name, weight in _base_weights(model).items():
         torch.testing.assert_close(weight, base[name], rtol=0, atol=1e-6)
     merged = merge_and_unload(model)
-    assert not any(isinstance(m, SubspaceLinear) for m in merged.modules())
+    assert not any(isinstance(m, SubspaceLayer) for m in merged.modules())
     torch.testing.assert_close(merged(IDS).last_hidden_state, adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -230,7 +276,7 @@ def test_the_same_seed_gives_the_same_adapter():
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     torch.testing.assert_close(a(IDS).logits, b(IDS).logits, rtol=0, atol=0)
     assert not torch.allclose(a(IDS).logits, c(IDS).logits)
-    gauss = [m.model.layers[0].self_attn.q_proj.subspace_weight_proj["default"].gauss for m in (a, b, c)]
+    gauss = [m.model.layers[0].self_attn.q_proj.subspace_proj["default"]["weight"].gauss for m in (a, b, c)]
     assert torch.equal(gauss[0], gauss[1]) and not torch.equal(gauss[0], gauss[2])
 
 
@@ -239,7 +285,7 @@ def test_the_adapter_state_is_d_numbers_and_the_seed_restores_the_projection():
     add_subspace(model, SubspaceConfig(dim=30, said=True, seed=1))
     _randomise(model)
     state = adapter_state(model, "default")
-    assert [k for k in state if "subspace_theta" in k] == ["model.layers.0.self_attn.q_proj.subspace_theta"]
+    assert [k for k in state if "subspace_theta" in k] == ["model.embed_tokens.subspace_theta"]
     assert all(".subspace_theta" in k or ".subspace_lambda" in k for k in state)
     assert sum(t.numel() for t in state.values()) == 30  # the projection is not saved
     # A model given the saved numbers and the same seed computes the same function; another seed does not.
@@ -272,13 +318,15 @@ def test_two_named_adapters_each_have_their_own_subspace():
     base = model(IDS).logits
     add_subspace(model, SubspaceConfig(dim=20, seed=0), name="a")
     add_subspace(model, SubspaceConfig(dim=30, seed=1), name="b")  # the default targets again
-    layers = [m for m in model.modules() if isinstance(m, SubspaceLinear)]
-    assert len(layers) == LLAMA_LINEARS and all(layer.adapter_names() == ["a", "b"] for layer in layers)
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLayer)]
+    assert len(layers) == LLAMA_MODULES and all(layer.adapter_names() == ["a", "b"] for layer in layers)
     assert trainable_parameters(model)[0] == 50
     _randomise(model)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, 32)
-    expected = layer.base_layer(x) + x @ (layer.delta("a")[0] + layer.delta("b")[0]).T
+    expected = (
+        layer.base_layer(x) + x @ (layer.param_delta("a", "weight") + layer.param_delta("b", "weight")).T
+    )
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     set_active_adapters(model, [])
     torch.testing.assert_close(model(IDS).logits, base, rtol=0, atol=0)

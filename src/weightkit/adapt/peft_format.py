@@ -267,17 +267,20 @@ def _take_modules_to_save(
 
 
 def _owning_module(key: str, model: nn.Module, known: set[str]) -> str:
-    """The module an adapter tensor key belongs to: its longest dotted prefix that is a model module."""
+    """The module an adapter tensor key belongs to: its longest dotted prefix that is an adapter layer of the
+    model, else its longest prefix that is a module holding parameters of its own (a linear layer, an
+    embedding, a norm ...)."""
     parts = key.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:end])
+    prefixes = [".".join(parts[:end]) for end in range(len(parts) - 1, 0, -1)]
+    for prefix in prefixes:
         if prefix in known:
             return prefix
+    for prefix in prefixes:
         try:
             module = model.get_submodule(prefix)
         except AttributeError:
             continue
-        if isinstance(module, nn.Linear | nn.Embedding | nn.Conv2d) or hasattr(module, "base_layer"):
+        if next(module.parameters(recurse=False), None) is not None:
             return prefix
     raise WeightkitError(
         f"adapter tensor {key} belongs to no module of the model; it was made for another model"

@@ -16,16 +16,16 @@ Papers:
   permutation, ``G`` Gaussian. A tensor of ``D`` entries stacks ``ceil(D / L)`` independent blocks and
   keeps the first ``D`` outputs (Le et al.'s construction for more outputs than inputs); ``O(D log d)``.
 
-Every targeted ``nn.Linear`` gets a :class:`SubspaceLinear`; the weight (and the bias, if the layer has one)
-each have their own Fastfood projection, whose random diagonals are persistent buffers drawn from ``seed`` in
-model order. ``theta_d`` is one parameter shared by all layers of an adapter: it is registered in the first
-layer only (``<first layer>.subspace_theta.<adapter>``) and the others reach it through a plain reference, so
-the model counts it once. Each layer's update is computed once per forward from the current ``theta_d``.
+Every targeted module that holds parameters (by default every one: linear layers, embeddings, norms, the
+output head) gets a :class:`SubspaceLayer`; each of its parameters has its own Fastfood projection, whose
+random diagonals are drawn from ``seed`` in model order. A parameter shared by two modules (``lm_head`` tied
+to the input embeddings) is one tensor: projected once, by the first module, and the tie holds. ``theta_d``
+is one parameter shared by all layers of an adapter: it is registered in the first layer only (``<first
+layer>.subspace_theta.<adapter>``) and the others reach it through a plain reference, so the model counts it
+once. Each layer's update is computed once per forward from the current ``theta_d``.
 
 Deliberate deviations:
 
-- The papers reparameterise every parameter of the model; here only the targeted ``nn.Linear`` weights and
-  biases are (default: all linear layers except ``lm_head``). Embeddings and norms stay frozen.
 - Fastfood's row-scaling diagonal ``S`` and its ``1 / (sigma sqrt(d))`` are kernel-approximation devices (they
   give rows the length distribution of Gaussian rows); the intrinsic-dimension papers only need unit-length
   columns. Each block is scaled by ``1 / (||G_b|| sqrt(D))`` instead, which makes every column of ``P_i``
@@ -52,13 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import finish_adapter, wrap_targets
+from weightkit.adapt.layer import adapter_layers, finish_adapter
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
+from weightkit.select import select_modules
 
 __all__ = [
     "SubspaceConfig",
-    "SubspaceLinear",
+    "SubspaceLayer",
     "FastfoodParams",
     "add_subspace",
     "fwht",
@@ -77,16 +78,16 @@ class SubspaceConfig:
         said: structure-aware variant (SAID): each adapted tensor also gets a learned scale ``lambda_i``,
             and these scales are part of ``dim`` (``theta_d`` then has ``dim - number of tensors``
             entries, so ``dim`` must exceed the number of adapted tensors). ``False``: plain DID.
-        targets: which ``nn.Linear`` modules are reparameterised (weight, and bias when present): exact module
-            names or ``re:`` patterns matched against the full name (default: every linear layer except
-            ``lm_head``).
+        targets: the modules whose own parameters are reparameterised (linear layers, embeddings, norms, any
+            module holding parameters): exact module names or ``re:`` patterns matched against the full name
+            (default: all of them, the whole model, as in the papers; e.g. ``["re:.*_proj"]`` for the
+            attention and MLP projections only).
         seed: seed of the random projection; the same seed on the same targets gives the same projection.
     """
 
     dim: int = 1000
     said: bool = False
-    # Every name but lm_head's and the frozen layer inside an existing wrapper (a second adapter's targets).
-    targets: list[str] = field(default_factory=lambda: ["re:(?!(.*\\.)?(lm_head|base_layer)$).*"])
+    targets: list[str] = field(default_factory=lambda: ["re:.*"])
     seed: int = 0
 
     def __post_init__(self):
@@ -204,99 +205,135 @@ class _Fastfood(nn.Module):
         return fastfood_project(theta_d, params, self.out_features)
 
 
-class SubspaceLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight (and bias) move along named adapters' random subspaces:
-    ``W = W_0 + sum over active adapters of lambda * P theta_d`` (``lambda = 1`` without SAID)."""
+class SubspaceLayer(nn.Module):
+    """A frozen module whose own parameters move along named adapters' random subspaces:
+    ``p = p_0 + sum over active adapters of lambda_p * P_p theta_d`` (``lambda_p = 1`` without SAID).
 
-    def __init__(self, base_layer: nn.Linear):
+    Any module that holds parameters itself (``nn.Linear``, ``nn.Embedding``, norms ...) can be wrapped: the
+    forward runs the base module with the moved parameters (``torch.func.functional_call``). A parameter the
+    module shares with an earlier adapted module (``lm_head`` tied to the embeddings) is moved by that
+    module's projection, so the tie holds: this layer reads the earlier layer's update and never merges it.
+    """
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.subspace_theta = nn.ParameterDict()  # theta_d, only in the adapter's first layer
-        self.subspace_lambda = nn.ParameterDict()  # SAID: [lambda_weight(, lambda_bias)]
-        self.subspace_weight_proj = nn.ModuleDict()
-        self.subspace_bias_proj = nn.ModuleDict()
+        self.subspace_lambda = nn.ParameterDict()  # SAID: one scale per owned parameter, in `owned` order
+        self.subspace_proj = nn.ModuleDict()  # adapter -> {owned parameter name: its projection}
         # adapter name -> the ParameterDict holding theta_d: a plain dict, so the parameter is not
         # registered (counted, saved) again here; reading through the dict follows a replaced parameter.
         self.theta_home: dict[str, nn.ParameterDict] = {}
+        # adapter -> {parameter name: (the earlier layer that owns it, its name there)}, plain references.
+        self.tied: dict[str, dict[str, tuple[SubspaceLayer, str]]] = {}
         self.active: list[str] = []
         self.merged: list[str] = []
 
     def adapter_names(self) -> list[str]:
-        return list(self.subspace_weight_proj)
-
-    def num_tensors(self) -> int:
-        """How many tensors this layer reparameterises (weight, and bias when present)."""
-        return 1 if self.base_layer.bias is None else 2
+        return list(self.theta_home)
 
     def add_adapter(
-        self, name: str, theta_home: nn.ParameterDict, *, said: bool, generator: torch.Generator
-    ) -> None:
-        """Attach adapter ``name`` whose ``theta_d`` is ``theta_home[name]``, drawing this layer's
-        projections from ``generator``."""
-        if name in self.subspace_weight_proj:
-            raise WeightkitError(f"subspace: this layer already has an adapter named {name!r}")
-        weight = self.base_layer.weight
+        self, name: str, theta_home: nn.ParameterDict, owners: dict[int, tuple["SubspaceLayer", str]], *,
+        said: bool, generator: torch.Generator,
+    ) -> None:  # fmt: skip
+        """Attach adapter ``name`` whose ``theta_d`` is ``theta_home[name]``: draw a projection from
+        ``generator`` for each of the base module's parameters not yet in ``owners`` (``id(parameter)`` ->
+        owning layer and name, updated here), and follow the owner for the others."""
         d = theta_home[name].numel()
-        params = fastfood_params(d, weight.numel(), generator=generator, dtype=weight.dtype)
-        self.subspace_weight_proj[name] = _Fastfood(params, weight.numel(), weight.device)
-        if self.base_layer.bias is not None:
-            bias = self.base_layer.bias
-            params = fastfood_params(d, bias.numel(), generator=generator, dtype=bias.dtype)
-            self.subspace_bias_proj[name] = _Fastfood(params, bias.numel(), bias.device)
-        if said:
-            ones = torch.ones(self.num_tensors(), device=weight.device, dtype=weight.dtype)
+        projections, tied = nn.ModuleDict(), {}
+        for param_name, param in self.base_layer.named_parameters(recurse=False):
+            if id(param) in owners:
+                tied[param_name] = owners[id(param)]
+                continue
+            params = fastfood_params(d, param.numel(), generator=generator, dtype=param.dtype)
+            projections[param_name] = _Fastfood(params, param.numel(), param.device)
+            owners[id(param)] = (self, param_name)
+        self.subspace_proj[name] = projections
+        if said and projections:
+            weight = next(iter(self.base_layer.parameters()))
+            ones = torch.ones(len(projections), device=weight.device, dtype=weight.dtype)
             self.subspace_lambda[name] = nn.Parameter(ones)
         self.theta_home[name] = theta_home
+        self.tied[name] = tied
         self.active.append(name)
 
-    def delta(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """Adapter ``name``'s updates of the weight and the bias (``None`` without a bias)."""
-        theta_d = self.theta_home[name][name]
-        delta_weight = self.subspace_weight_proj[name](theta_d).view_as(self.base_layer.weight)
-        delta_bias = self.subspace_bias_proj[name](theta_d) if name in self.subspace_bias_proj else None
+    def param_delta(self, name: str, param_name: str) -> Tensor:
+        """Adapter ``name``'s update of this layer's own parameter ``param_name``."""
+        projections = self.subspace_proj[name]
+        param = getattr(self.base_layer, param_name)
+        delta = projections[param_name](self.theta_home[name][name]).view_as(param)
         if name in self.subspace_lambda:
-            scales = self.subspace_lambda[name]
-            delta_weight = delta_weight * scales[0]
-            delta_bias = None if delta_bias is None else delta_bias * scales[1]
-        return delta_weight, delta_bias
+            delta = delta * self.subspace_lambda[name][list(projections).index(param_name)]
+        return delta
+
+    def deltas(self, name: str) -> dict[str, Tensor]:
+        """Adapter ``name``'s updates of the base module's parameters that are not merged: its own ones unless
+        this layer merged them, the tied ones unless their owner merged them into the shared tensor."""
+        out = {} if name in self.merged else {p: self.param_delta(name, p) for p in self.subspace_proj[name]}
+        for param_name, (owner, owner_name) in self.tied[name].items():
+            if name not in owner.merged:
+                out[param_name] = owner.param_delta(name, owner_name)
+        return out
 
     def merge(self) -> None:
-        """Add the active adapters' updates into the base weight and bias."""
+        """Add the active adapters' updates into the base module's own parameters."""
         with torch.no_grad():
             for name in self.active:
                 if name not in self.merged:
-                    self._add(*self.delta(name), sign=1)
+                    self._add(name, sign=1)
                     self.merged.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged update again, restoring the base weight (up to float rounding)."""
+        """Subtract every merged update again, restoring the base parameters (up to float rounding)."""
         with torch.no_grad():
             while self.merged:
-                self._add(*self.delta(self.merged.pop()), sign=-1)
+                self._add(self.merged.pop(), sign=-1)
 
-    def _add(self, delta_weight: Tensor, delta_bias: Tensor | None, *, sign: int) -> None:
-        self.base_layer.weight += sign * delta_weight.to(self.base_layer.weight.dtype)
-        if delta_bias is not None:
-            self.base_layer.bias += sign * delta_bias.to(self.base_layer.bias.dtype)
+    def _add(self, name: str, *, sign: int) -> None:
+        for param_name in self.subspace_proj[name]:  # tied parameters are the owner's to merge
+            param = getattr(self.base_layer, param_name)
+            param += sign * self.param_delta(name, param_name).to(param.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        running = [name for name in self.active if name not in self.merged]
-        if not running:
-            return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        for name in running:
-            delta_weight, delta_bias = self.delta(name)
-            weight = weight + delta_weight.to(weight.dtype)
-            if bias is not None:
-                bias = bias + delta_bias.to(bias.dtype)
-        return F.linear(x, weight, bias)
+    def forward(self, *args, **kwargs):
+        params = dict(self.base_layer.named_parameters(recurse=False))
+        moved = False
+        for name in self.active:
+            for param_name, delta in self.deltas(name).items():
+                params[param_name] = params[param_name] + delta.to(params[param_name].dtype)
+                moved = True
+        if not moved:
+            return self.base_layer(*args, **kwargs)
+        return torch.func.functional_call(self.base_layer, params, args, kwargs)
+
+
+def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targeted modules that hold parameters themselves, or are subspace layers already, in model order.
+    Other methods' adapter layers and everything inside them, and the frozen base inside a subspace layer,
+    never count."""
+    selected = select_modules(model, targets=targets, ignore=[], types=(nn.Module,))
+    layers = adapter_layers(model)
+    in_other = tuple(f"{n}." for n, layer in layers.items() if not isinstance(layer, SubspaceLayer))
+    in_any = tuple(f"{n}." for n in layers)
+    return [
+        module_name
+        for module_name, module in selected.items()
+        if module_name
+        and not module_name.startswith(in_other)
+        and (
+            isinstance(module, SubspaceLayer)
+            or (
+                next(module.parameters(recurse=False), None) is not None
+                and not module_name.startswith(in_any)
+            )
+        )
+    ]
 
 
 def add_subspace(
     model: nn.Module, config: SubspaceConfig, *, name: str = "default", data=None, initialize: bool = True
 ) -> nn.Module:
-    """Reparameterise every targeted ``nn.Linear`` of ``model`` in one shared random subspace (adapter
-    ``name``); freeze everything else, so exactly ``config.dim`` numbers train.
+    """Reparameterise the parameters of every targeted module of ``model`` in one shared random subspace
+    (adapter ``name``); freeze everything else, so exactly ``config.dim`` numbers train.
 
     ``theta_d`` starts at zero, so a fresh adapter leaves the outputs unchanged. ``data`` and ``initialize``
     are accepted for the common signature: the initialisation needs no data and is already cheap.
@@ -308,12 +345,24 @@ def add_subspace(
         WeightkitError: a target that selects nothing, SAID with ``dim`` not above the number of adapted
             tensors, or an adapter name already used.
     """
-    layers = list(wrap_targets(model, config.targets, SubspaceLinear).values())
-    if not layers:
-        raise WeightkitError(f"subspace: targets {config.targets} select no nn.Linear module")
+    module_names = _target_names(model, config.targets)
+    if not module_names:
+        raise WeightkitError(f"subspace: targets {config.targets} select no module with parameters")
+    wrapped = {}
+    # Children before parents: a module with parameters of its own *and* adapted children then runs its
+    # children's subspace layers inside its own.
+    for module_name in reversed(module_names):
+        module = model.get_submodule(module_name)
+        if not isinstance(module, SubspaceLayer):
+            parent_name, _, child = module_name.rpartition(".")
+            module = SubspaceLayer(module)
+            setattr(model.get_submodule(parent_name), child, module)
+        wrapped[module_name] = module
+    layers = [wrapped[n] for n in module_names]
     if any(name in layer.adapter_names() for layer in layers):
         raise WeightkitError(f"subspace: the targeted layers already have an adapter named {name!r}")
-    num_tensors = sum(layer.num_tensors() for layer in layers)
+    # Tied parameters (one tensor under two modules) are one tensor: moved, and counted, once.
+    num_tensors = len({id(p) for layer in layers for p in layer.base_layer.parameters(recurse=False)})
     size = config.dim - num_tensors if config.said else config.dim
     if size < 1:
         raise WeightkitError(
@@ -321,11 +370,12 @@ def add_subspace(
             f"adapted tensors, leaving none for theta_d; use dim > {num_tensors} or fewer targets"
         )
     home = layers[0]
-    weight = home.base_layer.weight
+    weight = next(iter(home.base_layer.parameters()))
     home.subspace_theta[name] = nn.Parameter(torch.zeros(size, device=weight.device, dtype=weight.dtype))
     generator = torch.Generator().manual_seed(config.seed)
+    owners: dict[int, tuple[SubspaceLayer, str]] = {}
     for layer in layers:
-        layer.add_adapter(name, home.subspace_theta, said=config.said, generator=generator)
+        layer.add_adapter(name, home.subspace_theta, owners, said=config.said, generator=generator)
     return finish_adapter(model, name, config)
 
 
