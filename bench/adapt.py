@@ -7,7 +7,7 @@
 The peer is PEFT (``peft``, in weightkit's dev extra, so it runs in weightkit's own venv; no peer venv).
 Everything is offline and on the CPU. Options: ``--tasks``, ``--methods`` (labels of :data:`METHODS`,
 ``all`` or ``none``), ``--reps`` (default 3), ``--steps``, ``--threads`` (default 2), ``--no-peer``,
-``--interleaved-steps`` (default 60), ``--out`` (default ``bench/results/adapt.json``), ``--quick``.
+``--interleaved-steps`` (default 200), ``--out`` (default ``bench/results/adapt.json``), ``--quick``.
 
 Tasks
 -----
@@ -239,7 +239,9 @@ class Method:
 # layer at rank r/2 and hands out the rest of LoRA's total rank (its default budget, twice the start), r/2
 # at a time to the 2 most important layers, every tenth of training from the first tenth on; SVFit trains
 # r' singular values per layer (r' = 64: tiny); SAID trains `dim` numbers in all (1000, in the papers'
-# range). Every method trains with the task's learning rate.
+# range) for the whole model, as in its paper (MiniLM's whole encoder; the head trains as for every method).
+# Every method trains with the task's learning rate.
+SAID_TARGETS = {"bbc": ["re:encoder\\..*"], "docstrings": ["re:.*"]}
 METHODS: list[Method] = [
     Method("LoRA", lambda s: _lora(s)),
     Method("rsLoRA", lambda s: _lora(s, rslora=True)),
@@ -273,7 +275,7 @@ METHODS: list[Method] = [
     ),
     Method(
         "SAID",
-        lambda s: _config("SubspaceConfig", dim=1000, said=True, targets=list(s.targets), seed=s.seed),
+        lambda s: _config("SubspaceConfig", dim=1000, said=True, targets=SAID_TARGETS[s.task], seed=s.seed),
     ),
     Method(
         "IncreLoRA",
@@ -981,8 +983,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--interleaved-steps",
         type=int,
-        default=60,
-        help="steps of the one-process comparison, weightkit and PEFT in turn (default 60)",
+        default=200,
+        help="steps of the one-process comparison, weightkit and PEFT in turn (default 200; at most all)",
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "adapt.json", help="where to write the JSON")
     args = p.parse_args(argv)
