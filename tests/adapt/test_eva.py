@@ -277,6 +277,24 @@ def test_padded_positions_are_ignored():
     )
 
 
+@pytest.mark.filterwarnings("ignore:eva")
+def test_a_classifiers_labels_do_not_mask_positions():
+    # Sequence labels (one per text, as `weightkit adapt` gives an encoder) are not per-token labels.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    batches = [{**b, "labels": torch.arange(b["input_ids"].shape[0]) % 3} for b in _batches(n_batches=4)]
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    with_labels = eva_components(model, names, batches, rank=4, tau=0.5)
+    without = eva_components(model, names, [{k: v for k, v in b.items() if k != "labels"} for b in batches],
+                             rank=4, tau=0.5)  # fmt: skip
+    for name in names:
+        torch.testing.assert_close(with_labels[name], without[name], rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:eva")  # too few batches to converge; not the point here
 def test_eva_is_deterministic_and_hooks_through_lora_wrappers():
     batches = _batches(n_batches=4)

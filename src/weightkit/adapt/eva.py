@@ -213,13 +213,14 @@ def _linear_of(model: nn.Module, name: str) -> nn.Linear:
 
 
 def _token_mask(batch) -> Tensor | None:
-    """``[batch, seq]`` bool of the positions that count: attention_mask 1 and, with labels, label != -100."""
+    """``[batch, seq]`` bool of the positions that count: attention_mask 1 and, with per-token labels
+    (language modelling), label != -100. A classifier's labels (one per sequence) say nothing of positions."""
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")
     mask = mask.bool() if isinstance(mask, Tensor) else None
-    labels = batch.get("labels")
-    if isinstance(labels, Tensor):
+    labels, ids = batch.get("labels"), batch.get("input_ids")
+    if isinstance(labels, Tensor) and isinstance(ids, Tensor) and labels.shape == ids.shape:
         kept = labels != _IGNORED_LABEL
         mask = kept if mask is None else mask & kept
     return mask
