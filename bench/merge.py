@@ -68,9 +68,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DIR, write_result  # noqa: E402
+from common import BENCH_DIR, CACHE_ROOT, write_result  # noqa: E402
 
-CACHE_ROOT = Path(os.environ.get("WEIGHTKIT_CACHE", Path.home() / ".cache" / "weightkit"))
 CHECKPOINT_DIR = CACHE_ROOT / "bench-merge"
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTKIT_MERGEKIT_VENV", BENCH_DIR / ".venv-mergekit"))
 PEER_ENV_SCRIPT = BENCH_DIR / "peer_env.sh"

