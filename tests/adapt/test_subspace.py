@@ -242,6 +242,33 @@ def test_a_tied_output_head_moves_with_the_embeddings_and_merges_once():
     torch.testing.assert_close(model(IDS).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
+def test_a_module_with_parameters_and_adapted_children_runs_them_inside_its_own_layer():
+    class Scaled(torch.nn.Module):  # a parameter of its own and a child that has parameters too
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Scaled())
+    x = torch.randn(3, 4)
+    before = model(x)
+    add_subspace(model, SubspaceConfig(dim=8))
+    outer, inner = model[0], model[0].base_layer.inner
+    assert isinstance(outer, SubspaceLayer) and isinstance(inner, SubspaceLayer)
+    assert list(outer.subspace_proj["default"]) == ["scale"] and trainable_parameters(model)[0] == 8
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    _randomise(model)
+    scale = outer.base_layer.scale + outer.param_delta("default", "scale")
+    weight = inner.base_layer.weight + inner.param_delta("default", "weight")
+    bias = inner.base_layer.bias + inner.param_delta("default", "bias")
+    expected = (x @ weight.T + bias) * scale
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_merge_then_unmerge_restores_the_base_weights_and_biases():
     model = tiny_bert(seed=0)  # with biases
     base = _base_weights(model)

@@ -125,27 +125,30 @@ def wrap_targets(
     *,
     types: tuple[type, ...] = (nn.Linear,),
 ) -> dict[str, nn.Module]:
-    """Wrap every module of ``types`` that ``targets`` select in ``wrapper(module)``; return the wrappers.
+    """Wrap every module of ``types`` that ``targets`` select in ``wrapper(module)``; return the wrappers, in
+    model order.
 
     A module already wrapped by the same wrapper class (a second named adapter) is returned as is.
-    Targets that select nothing are an error listing close module names.
+    Targets that select nothing are an error listing close module names. Children are wrapped before their
+    parents, so a selected module inside another selected module ends up inside its parent's wrapper.
     """
     wrapper_type = wrapper if isinstance(wrapper, type) else None
     allowed = types + ((wrapper_type,) if wrapper_type else ())
     selected = select_modules(model, targets=targets, ignore=[], types=allowed)
-    wrapped = {}
     for module_name, module in selected.items():
         if isinstance(module, AdapterLayer) and not (wrapper_type and isinstance(module, wrapper_type)):
             raise WeightkitError(
                 f"{module_name} already holds a {type(module).__name__} adapter; one layer takes adapters "
                 "of one method"
             )
+    wrapped = {}
+    for module_name, module in reversed(selected.items()):
         if not isinstance(module, AdapterLayer):
             parent_name, _, child = module_name.rpartition(".")
             module = wrapper(module)
             setattr(model.get_submodule(parent_name), child, module)
         wrapped[module_name] = module
-    return wrapped
+    return {module_name: wrapped[module_name] for module_name in selected}
 
 
 def finish_adapter(model: nn.Module, name: str, config: Any) -> nn.Module:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_layers, finish_adapter
+from weightkit.adapt.layer import adapter_layers, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 from weightkit.select import select_modules
@@ -348,17 +348,9 @@ def add_subspace(
     module_names = _target_names(model, config.targets)
     if not module_names:
         raise WeightkitError(f"subspace: targets {config.targets} select no module with parameters")
-    wrapped = {}
-    # Children before parents: a module with parameters of its own *and* adapted children then runs its
-    # children's subspace layers inside its own.
-    for module_name in reversed(module_names):
-        module = model.get_submodule(module_name)
-        if not isinstance(module, SubspaceLayer):
-            parent_name, _, child = module_name.rpartition(".")
-            module = SubspaceLayer(module)
-            setattr(model.get_submodule(parent_name), child, module)
-        wrapped[module_name] = module
-    layers = [wrapped[n] for n in module_names]
+    # Children are wrapped before parents: a module with parameters of its own *and* adapted children runs
+    # its children's subspace layers inside its own.
+    layers = list(wrap_targets(model, module_names, SubspaceLayer, types=(nn.Module,)).values())
     if any(name in layer.adapter_names() for layer in layers):
         raise WeightkitError(f"subspace: the targeted layers already have an adapter named {name!r}")
     # Tied parameters (one tensor under two modules) are one tensor: moved, and counted, once.
