@@ -219,7 +219,7 @@ class SubspaceLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.subspace_theta = nn.ParameterDict()  # theta_d, only in the adapter's first layer
-        self.subspace_lambda = nn.ParameterDict()  # SAID: one scale per owned parameter, in `owned` order
+        self.subspace_lambda = nn.ParameterDict()  # SAID: a scale per owned parameter, subspace_proj order
         self.subspace_proj = nn.ModuleDict()  # adapter -> {owned parameter name: its projection}
         # adapter name -> the ParameterDict holding theta_d: a plain dict, so the parameter is not
         # registered (counted, saved) again here; reading through the dict follows a replaced parameter.
