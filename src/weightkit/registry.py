@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 from weightkit.errors import WeightkitError
@@ -33,6 +34,16 @@ class Entry:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
+
+# The package whose import registers every method of a kind. Looking a kind up imports it first, so
+# ``config_from_dict("merge", ...)`` works in a fresh interpreter whatever was imported before.
+_DEFINED_IN = {"compress": "weightkit.compress", "merge": "weightkit.merge", "adapt": "weightkit.adapt"}
+
+
+def _methods(kind: str) -> dict[str, Entry]:
+    if kind in _DEFINED_IN:
+        import_module(_DEFINED_IN[kind])
+    return _REGISTRY.get(kind, {})
 
 
 def register(
@@ -59,7 +70,7 @@ def register(
 
 def names(kind: str) -> list[str]:
     """Sorted names of the registered methods of ``kind``."""
-    return sorted(_REGISTRY.get(kind, {}))
+    return sorted(_methods(kind))
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -69,7 +80,7 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 def lookup(kind: str, name: str) -> Entry:
     """The entry for ``name``; an unknown name gets a "did you mean" error listing the choices."""
-    methods = _REGISTRY.get(kind, {})
+    methods = _methods(kind)
     if name not in methods:
         choices = sorted(methods)
         raise WeightkitError(
