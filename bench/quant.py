@@ -72,8 +72,8 @@ def worker(model: str, method: str, calib_file: str, out: str) -> dict:
 def quality(model: str, out: Path, eval_texts: list[str], tool: str) -> float:
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from weightkit import load
     from weightkit.eval import embedding_fidelity, perplexity
-    from weightkit.loading import load
     from weightkit.models import load_model
 
     reference, tokenizer, _ = load_model(_model_dir(model))

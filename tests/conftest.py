@@ -3,7 +3,8 @@
 import pytest
 from sample_texts import TEXTS
 
-from weightkit.models import default_model_path, load_model, save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.models import default_model_path, load_model
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from weightkit import load
 from weightkit.cli import main
-from weightkit.loading import load
-from weightkit.models import save_tiny, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_llama, tiny_tokenizer
 
 
 def run(capsys, *argv):

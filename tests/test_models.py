@@ -1,7 +1,8 @@
-"""weightkit.models: model kinds, offline loading, blocks, and the tiny builders used across the tests."""
+"""weightkit.models: model kinds, offline loading (plain, and pack-quantized into QuantizedLinear), blocks."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,22 +10,17 @@ import textwrap
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from weightkit import load
 from weightkit.compress.quant.export import save_quantized
-from weightkit.compress.quant.grid import QuantScheme, rtn_quantize
-from weightkit.compress.quant.module import QuantizedLinear
+from weightkit.compress.quant.module import quantize_linear
 from weightkit.errors import WeightkitError
-from weightkit.models import (
-    default_model_path,
-    load_model,
-    model_kind,
-    save_tiny,
-    tiny_bert,
-    tiny_llama,
-    tiny_tokenizer,
-    transformer_blocks,
-)
+from weightkit.models import default_model_path, load_model, model_kind, transformer_blocks
+from weightkit.quantized.grid import QuantScheme, rtn_quantize
+from weightkit.quantized.linear import QuantizedLinear
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 
 def test_model_kind():
@@ -82,55 +78,6 @@ def test_transformer_blocks_of_bare_and_wrapped_models():
         transformer_blocks(nn.Linear(2, 2), "causal-lm")
     with pytest.raises(WeightkitError, match="unknown model kind"):
         transformer_blocks(llama, "decoder")
-
-
-def test_tiny_builders_are_small_and_seeded():
-    a, b, c = tiny_llama(seed=0), tiny_llama(seed=0), tiny_llama(seed=1)
-    assert not a.training
-    cfg = a.config
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (32, 64, 2)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (4, 2, 128)
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-    )
-    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
-    assert tiny_llama(num_hidden_layers=3).config.num_hidden_layers == 3
-    bert = tiny_bert(seed=0)
-    assert isinstance(bert, transformers.BertModel) and not bert.training
-    assert (bert.config.hidden_size, bert.config.num_hidden_layers, bert.config.vocab_size) == (32, 2, 128)
-    assert torch.equal(
-        bert.encoder.layer[0].output.dense.weight, tiny_bert(seed=0).encoder.layer[0].output.dense.weight
-    )
-
-
-def test_tiny_tokenizer_causal_lm():
-    tok = tiny_tokenizer(128)
-    assert tok.get_vocab() == tiny_tokenizer(128).get_vocab()  # deterministic
-    assert len(tok) == 128
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
-    text = "The weights of a model are rounded onto a grid."
-    ids = tok(text).input_ids
-    assert ids[0] == tok.bos_token_id
-    assert max(ids) < 128
-    assert tok.unk_token_id not in ids  # every letter of the text is in the vocabulary
-    assert len(ids) < len(text) / 2  # merges learned real subwords, not one id per character
-    assert tok.decode(ids, skip_special_tokens=True) == text.lower()
-    # It drives a tiny Llama of the same vocabulary.
-    batch = tok([text, "a fox"], return_tensors="pt", padding=True)
-    logits = tiny_llama()(**batch).logits
-    assert logits.shape[:2] == batch.input_ids.shape
-
-
-def test_tiny_tokenizer_encoder():
-    tok = tiny_tokenizer(128, kind="encoder")
-    ids = tok("the quick brown fox").input_ids
-    assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id) == (0, 2, 3)
-    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
-    assert max(ids) < 128
-    with pytest.raises(WeightkitError, match="too small"):
-        tiny_tokenizer(20)
-    with pytest.raises(WeightkitError, match="unknown tokenizer kind"):
-        tiny_tokenizer(128, kind="vision")
 
 
 def test_load_model_round_trips_a_saved_tiny_model(tmp_path):
@@ -220,3 +167,280 @@ def test_default_model_loads_offline_and_embeds_meaningfully():
     # A pretrained sentence encoder puts paraphrases much closer than unrelated sentences.
     assert result["near"] > result["far"] + 0.3
     assert (default_model_path() / "config.json").is_file()
+
+
+IDS = torch.tensor([[1, 5, 17, 33, 64, 99, 127, 3, 8, 21, 40, 2]])
+
+
+def linears(kind: str) -> list[str]:
+    if kind == "llama":
+        parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+        parts += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        return [f"model.layers.{i}.{p}" for i in range(2) for p in parts]
+    parts = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+    parts += ["intermediate.dense", "output.dense"]
+    return [f"encoder.layer.{i}.{p}" for i in range(2) for p in parts]
+
+
+def quantize(model: nn.Module, schemes: dict[str, QuantScheme]) -> nn.Module:
+    for name, scheme in schemes.items():
+        quantize_linear(model, name, rtn_quantize(model.get_submodule(name).weight.detach(), scheme))
+    return model
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=IDS)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    return tiny_llama(seed=seed) if kind == "llama" else tiny_bert(seed=seed)
+
+
+SCHEMES = [
+    QuantScheme(4, 32, True),
+    QuantScheme(4, 32, False),
+    QuantScheme(8, None, True),
+    QuantScheme(2, None, False),
+    QuantScheme(3, 32, True),
+    QuantScheme(3, None, False),
+    QuantScheme(2, 32, False),
+    QuantScheme(8, 32, False),
+]
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-scheme", "mixed"])
+def test_load_gives_back_the_exact_grids_and_outputs(tmp_path, kind, mixed):
+    names = linears(kind)
+    if mixed:
+        schemes = {name: SCHEMES[i % len(SCHEMES)] for i, name in enumerate(names)}
+    else:
+        schemes = dict.fromkeys(names, QuantScheme(3, 32, False))
+    model = quantize(build(kind), schemes)
+    out = save_quantized(model, tmp_path / "q")
+
+    loaded = load(out)
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    assert "quantization_config" not in loaded.config.to_dict()
+    for name, scheme in schemes.items():
+        ours, back = model.get_submodule(name), loaded.get_submodule(name)
+        assert isinstance(back, QuantizedLinear), name
+        assert back.scheme == scheme
+        assert back.qweight.dtype == torch.int8 and torch.equal(back.qweight, ours.qweight), name
+        assert torch.equal(back.weight_scale, ours.weight_scale), name
+        if scheme.symmetric:
+            assert back.weight_zero_point is None
+        else:
+            assert back.weight_zero_point.dtype == torch.int8
+            assert torch.equal(back.weight_zero_point, ours.weight_zero_point), name
+        if ours.bias is not None:
+            assert torch.equal(back.bias, ours.bias)
+    # Everything else is the stored float state, so the outputs are bit-identical.
+    assert torch.equal(outputs(loaded), outputs(model))
+
+
+def test_load_reads_checkpoints_written_by_compressed_tensors(tmp_path):
+    """A checkpoint written by compressed-tensors itself (regex and exact targets, an ignore list)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    model = tiny_llama(seed=5)
+    reference = tiny_llama(seed=5)
+    groups = {
+        "group_0": QuantizationScheme(
+            targets=["re:.*self_attn\\.(q|k)_proj$"],
+            weights=QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32),
+        ),
+        "group_1": QuantizationScheme(
+            targets=["re:.*mlp\\..*"],
+            weights=QuantizationArgs(num_bits=3, symmetric=False, strategy="group", group_size=32),
+        ),
+        "group_2": QuantizationScheme(
+            targets=["model.layers.0.self_attn.o_proj"],
+            weights=QuantizationArgs(num_bits=2, symmetric=False, strategy="channel"),
+        ),
+    }
+    config = QuantizationConfig(config_groups=groups, ignore=["lm_head"], format="pack-quantized")
+    apply_quantization_config(model, config)
+    # compressed-tensors' observers are not run: give every layer min/max qparams computed by hand.
+    for _, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        args = scheme.weights
+        w = module.weight.detach().reshape(
+            module.weight.shape[0], -1, args.group_size or module.weight.shape[1]
+        )
+        levels = 2**args.num_bits - 1
+        if args.symmetric:
+            scale = w.abs().amax(-1) / (levels / 2)
+        else:
+            lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+            scale = (hi - lo) / levels
+            module.weight_zero_point.data = (-(2 ** (args.num_bits - 1)) - torch.round(lo / scale)).to(
+                torch.int8
+            )
+        module.weight_scale.data = scale
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path / "ct")
+    compressor.update_config(tmp_path / "ct")
+
+    loaded = load(tmp_path / "ct")
+    quantized = {n for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
+    expected = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qk"}
+    expected |= {f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")}
+    expected |= {"model.layers.0.self_attn.o_proj"}
+    assert quantized == expected
+    assert loaded.get_submodule("model.layers.0.self_attn.o_proj").scheme == QuantScheme(2, None, False)
+    assert loaded.get_submodule("model.layers.1.mlp.up_proj").scheme == QuantScheme(3, 32, False)
+    # compressed-tensors decompresses its own checkpoint to exactly our dequantized weights.
+    compressor.decompress_model(model)
+    for name in quantized:
+        assert torch.equal(
+            loaded.get_submodule(name).dequantized_weight(), model.get_submodule(name).weight
+        ), name
+    # And the unquantized layers are the float originals.
+    assert torch.equal(
+        loaded.model.layers[1].self_attn.o_proj.weight, reference.model.layers[1].self_attn.o_proj.weight
+    )
+    assert torch.equal(outputs(loaded), outputs(model))
+
+
+def test_load_plain_directory_returns_the_saved_class(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_bert().config
+    model = transformers.BertForMaskedLM(config).eval()
+    out = save_tiny(model, tmp_path / "mlm")
+    loaded = load(out)
+    assert type(loaded) is transformers.BertForMaskedLM
+    assert torch.equal(outputs(loaded), outputs(model))
+
+
+def test_load_dtype_casts_floats_and_scales(tmp_path):
+    model = quantize(tiny_llama(), dict.fromkeys(linears("llama"), QuantScheme(4, 32, False)))
+    out = save_quantized(model, tmp_path / "q")
+    loaded = load(out, dtype=torch.bfloat16)
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.weight_scale.dtype == torch.bfloat16
+    assert torch.equal(layer.qweight, model.model.layers[0].self_attn.q_proj.qweight)
+    assert layer.weight_zero_point.dtype == torch.int8
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(outputs(loaded).float(), outputs(model), atol=0.1, rtol=0.05)
+
+
+def test_load_strips_the_base_model_prefix_of_a_head_checkpoint(tmp_path):
+    """A quantized classifier loaded as the bare BertModel (head dropped), as transformers' loader allows."""
+    from weightkit.models import load_quantized
+
+    torch.manual_seed(0)
+    classifier = transformers.BertForSequenceClassification(tiny_bert().config).eval()
+    quantize(classifier, {f"bert.{n}": QuantScheme(4, 32, True) for n in linears("bert")})
+    out = save_quantized(classifier, tmp_path / "q")
+    bare = load_quantized(out, model_cls=transformers.AutoModel)
+    assert type(bare) is transformers.BertModel
+    ours = classifier.bert.encoder.layer[1].output.dense.qweight
+    assert torch.equal(bare.encoder.layer[1].output.dense.qweight, ours)
+    with torch.no_grad():
+        expected = classifier.bert(input_ids=IDS).last_hidden_state
+    assert torch.equal(outputs(bare), expected)
+    # The other way round a tensor is missing (BertForMaskedLM has no pooler): refused by name.
+    mlm = quantize(
+        transformers.BertForMaskedLM(tiny_bert().config), {f"bert.{linears('bert')[0]}": QuantScheme(4, 32)}
+    )
+    out = save_quantized(mlm, tmp_path / "mlm")
+    with pytest.raises(WeightkitError, match=r"pooler\.dense\.weight"):
+        load_quantized(out, model_cls=transformers.AutoModel)
+
+
+def test_load_refuses_non_model_directories(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(WeightkitError):
+        load(tmp_path)
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    save_file({"w": torch.zeros(2)}, weights_only / "model.safetensors")
+    with pytest.raises(WeightkitError, match="config.json"):
+        load(weights_only)
+
+
+@pytest.fixture
+def quantized_dir(tmp_path):
+    model = quantize(tiny_llama(), dict.fromkeys(linears("llama"), QuantScheme(4, 32, False)))
+    return save_quantized(model, tmp_path / "q")
+
+
+def edit_config(directory, edit):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["quantization_config"])
+    path.write_text(json.dumps(config))
+
+
+def edit_tensors(directory, edit):
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_load_refuses_quantization_weightkit_cannot_represent(quantized_dir):
+    def to_float8(qc):
+        qc["config_groups"]["group_0"]["weights"].update(type="float", num_bits=8)
+
+    edit_config(quantized_dir, to_float8)
+    with pytest.raises(WeightkitError, match="group_0.*float"):
+        load(quantized_dir)
+
+    def to_other_format(qc):
+        qc["format"] = "float-quantized"
+        qc["config_groups"]["group_0"]["format"] = None
+
+    edit_config(quantized_dir, to_other_format)
+    with pytest.raises(WeightkitError, match="float-quantized"):
+        load(quantized_dir)
+
+
+def test_load_names_missing_and_misshapen_tensors(quantized_dir, tmp_path):
+    broken = tmp_path / "no_zp"
+    shutil.copytree(quantized_dir, broken)
+    edit_tensors(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight_zero_point"))
+    with pytest.raises(WeightkitError, match=r"model\.layers\.1\.mlp\.up_proj\.weight_zero_point"):
+        load(broken)
+
+    broken = tmp_path / "no_norm"
+    shutil.copytree(quantized_dir, broken)
+    edit_tensors(broken, lambda t: t.pop("model.layers.0.input_layernorm.weight"))
+    with pytest.raises(WeightkitError, match=r"model\.layers\.0\.input_layernorm\.weight"):
+        load(broken)
+
+    broken = tmp_path / "bad_shape"
+    shutil.copytree(quantized_dir, broken)
+    edit_tensors(
+        broken, lambda t: t.update({"model.layers.0.mlp.down_proj.weight_shape": torch.tensor([32, 32])})
+    )
+    with pytest.raises(WeightkitError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_shape"):
+        load(broken)
+
+    broken = tmp_path / "untargeted"
+    shutil.copytree(quantized_dir, broken)
+    edit_config(broken, lambda qc: qc["ignore"].append("model.layers.0.mlp.down_proj"))
+    with pytest.raises(WeightkitError, match=r"model\.layers\.0\.mlp\.down_proj"):
+        load(broken)
+
+
+def test_load_refuses_pickle_unless_allowed(tmp_path):
+    model = tiny_bert(seed=4)
+    model.config.to_json_file(tmp_path / "config.json")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightkitError, match="pytorch_model.bin"):
+        load(tmp_path)
+    loaded = load(tmp_path, allow_pickle=True)
+    assert torch.equal(outputs(loaded), outputs(model))

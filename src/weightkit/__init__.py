@@ -22,14 +22,39 @@ _API = {
     "GPTQConfig": "weightkit.compress",
     "AWQConfig": "weightkit.compress",
     "save_quantized": "weightkit.compress.quant.export",
-    "load": "weightkit.loading",
     "merge": "weightkit.merge",
     "adapt": "weightkit.adapt",
     "LoRAConfig": "weightkit.adapt",
 }
 
-__all__ = ["WeightkitError", *_API]
+__all__ = ["WeightkitError", "load", *_API]
 __version__ = "0.1.0"
+
+
+def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
+    """Load the model of a Hugging Face directory, offline, in eval mode, with an adapter applied.
+
+    The class is the one named in ``config.json``'s ``architectures`` (a ``BertForMaskedLM`` comes back
+    as one); a compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear`` layers.
+
+    Args:
+        path: the model directory.
+        adapter: an adapter directory in PEFT's format (saved by weightkit or PEFT) to apply.
+        dtype: dtype of the floating-point weights (and quantization scales); ``None`` keeps the stored one.
+        allow_pickle: accept pickle weights (``pytorch_model.bin``), still read with ``weights_only``.
+
+    Raises:
+        WeightkitError: no config.json, missing or corrupt weights, refused pickle, a quantized format
+            weightkit cannot represent, or an adapter that does not fit the model.
+    """
+    from weightkit.models import load as load_model
+
+    model = load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+    if adapter is not None:
+        from weightkit.adapt import load_adapter
+
+        load_adapter(model, adapter)
+    return model
 
 
 def __getattr__(name: str):

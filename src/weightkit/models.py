@@ -1,4 +1,6 @@
-"""Loading Hugging Face models, the bundled default model, and tiny models and tokenizers for tests.
+"""Loading Hugging Face models (plain and compressed-tensors quantized, offline); the bundled default model.
+
+Below the verbs: nothing here imports adapt, compress, merge, train or inspect.
 
 weightkit's block-by-block algorithms (GPTQ, AWQ, calibration capture) need to know where a model's
 transformer blocks are and how their linear layers are named. Two layouts are supported:
@@ -17,36 +19,29 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
+from weightkit.quantized.compressed_tensors import config_groups, is_quantized_checkpoint, scheme_of
+from weightkit.quantized.grid import QuantizedWeight, QuantScheme
+from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.pack import unpack_int32
 
 __all__ = [
     "CAUSAL_LM_TYPES",
     "ENCODER_TYPES",
     "default_model_path",
     "model_kind",
+    "load",
     "load_model",
+    "load_quantized",
     "skeleton",
     "CheckpointNames",
     "load_tokenizer",
     "model_auto_class",
     "transformer_blocks",
     "transformer_blocks_name",
-    "tiny_llama",
-    "tiny_bert",
-    "tiny_tokenizer",
-    "save_tiny",
 ]
 
 # model_type values whose modules follow the layouts above (checked by building each from a tiny config
@@ -131,9 +126,8 @@ def load_model(
 
     Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``. A directory holding a
     compressed-tensors "pack-quantized" checkpoint (what
-    :func:`weightkit.compress.quant.export.save_quantized` writes) loads through
-    :mod:`weightkit.loading`, so its quantized layers are weightkit ``QuantizedLinear`` modules holding
-    the exact stored grid values.
+    :func:`weightkit.compress.quant.export.save_quantized` writes) loads through :func:`load_quantized`,
+    so its quantized layers are weightkit ``QuantizedLinear`` modules holding the exact stored grid values.
 
     Args:
         path: a directory with ``config.json`` and safetensors weights.
@@ -148,10 +142,6 @@ def load_model(
         WeightkitError: ``path`` is not a model directory (no config, no or corrupt weights, pickle-only
             weights) or the architecture is not supported.
     """
-    # Imported here: checkpoint and loading import this module's helpers.
-    from weightkit.checkpoint import CheckpointReader
-    from weightkit.loading import is_quantized_checkpoint, load_quantized
-
     path = Path(path)
     with CheckpointReader(path, allow_pickle=allow_pickle) as reader:  # validates files, refuses pickle
         config = reader.config
@@ -279,120 +269,186 @@ def transformer_blocks_name(model: nn.Module, kind: str) -> str:
     return next(name for name, m in model.named_modules() if m is blocks)
 
 
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A randomly initialised 2-layer Llama (hidden size 32, vocabulary 128) in eval mode, for tests.
+# -- loading -----------------------------------------------------------------------------------------
+
+_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias")
+
+
+def _model_class(config: dict):
+    """The transformers class that wrote the checkpoint (``architectures[0]``), else an Auto class."""
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    if config.get("model_type") in CAUSAL_LM_TYPES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """Load the model of a Hugging Face directory, offline, in eval mode.
+
+    The class is the one named in ``config.json``'s ``architectures`` (so a ``BertForMaskedLM`` comes
+    back as one). A compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear``
+    layers (see :func:`load_quantized`).
 
     Args:
-        seed: torch seed for the initial weights; the same seed gives bit-identical weights.
-        **overrides: any ``LlamaConfig`` field, e.g. ``num_hidden_layers=4``.
-    """
-    fields = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-    )
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
-
-
-def tiny_bert(seed: int = 0, **overrides) -> BertModel:
-    """A randomly initialised 2-layer BERT encoder (hidden size 32, vocabulary 128) in eval mode, for tests.
-
-    Args:
-        seed: torch seed for the initial weights.
-        **overrides: any ``BertConfig`` field.
-    """
-    fields = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=128,
-        max_position_embeddings=128,
-        type_vocab_size=2,
-    )
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return BertModel(BertConfig(**fields)).eval()
-
-
-# Training text for tiny tokenizers: plain English so merges look like real subwords.
-_TOKENIZER_TEXT = """\
-The weights of a neural network are the numbers it learned. A model with many layers stores each
-layer as a matrix, and most of the memory goes to a few large matrices in every block. Quantization
-keeps the same matrix with fewer bits per number: each row is split into groups, every group gets a
-scale, and the numbers are rounded onto a small grid of integers. Rounding to the nearest value is
-simple and fast; better methods look at the inputs that flow through the layer and correct the error
-of each column in the columns that follow. Merging takes several models that were trained from the
-same start and combines what each one learned into one set of weights. An adapter adds a small
-trainable piece beside a frozen layer, so a large model can learn a new task with little memory.
-The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the river.
-"""
-
-
-def tiny_tokenizer(vocab_size: int = 128, *, kind: str = "causal-lm") -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer trained offline on built-in English text, deterministic, for tests and demos.
-
-    Args:
-        vocab_size: the largest token id plus one (the vocabulary may come out a little smaller when the
-            text has fewer merges to offer); match it to the model's ``vocab_size``.
-        kind: ``"causal-lm"`` gives Llama-like special tokens ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3
-            and prepends ``<s>``; ``"encoder"`` gives BERT-like ``[PAD]``=0, ``[UNK]``, ``[CLS]``, ``[SEP]``,
-            ``[MASK]`` and wraps each text as ``[CLS] text [SEP]``.
+        path: the model directory.
+        dtype: dtype of the floating-point weights (and quantization scales); ``None`` keeps the stored one.
+        allow_pickle: accept pickle weights (``pytorch_model.bin``) for a plain directory; they are still
+            read with ``weights_only`` loading.
 
     Raises:
-        WeightkitError: ``kind`` is unknown or ``vocab_size`` is too small for the special tokens and letters.
+        WeightkitError: no config.json, missing or corrupt weights, refused pickle, or a quantized format
+            weightkit cannot represent.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    path = Path(path)
+    reader = CheckpointReader(path, allow_pickle=allow_pickle)
+    try:
+        config = reader.config
+        if config is None:
+            raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
+        model_cls = _model_class(config)
+        if is_quantized_checkpoint(config):
+            return load_quantized(path, model_cls=model_cls, dtype=dtype, reader=reader)
+    finally:
+        reader.close()
+    return model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
 
-    if kind == "causal-lm":
-        specials = ["<unk>", "<s>", "</s>", "<pad>"]
-        unk, bos, eos, pad = specials
-        post = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
-        )
-    elif kind == "encoder":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        pad, unk, cls, sep, mask = specials
-        post = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, 2), (sep, 3)]
-        )
-    else:
-        raise WeightkitError(f"unknown tokenizer kind {kind!r}: expected 'causal-lm' or 'encoder'")
 
-    tok = Tokenizer(models.BPE(unk_token=unk))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    alphabet = sorted(set(_TOKENIZER_TEXT.lower().replace(" ", "▁").replace("\n", "")))
-    if vocab_size < len(specials) + len(alphabet) + 1:
+def _quantized_linear(
+    reader, ckpt_name: str, linear: nn.Linear, scheme: QuantScheme, dtype
+) -> QuantizedLinear:
+    """Rebuild one ``QuantizedLinear`` from its packed tensors, checking every shape against the layer."""
+    out_features, in_features = linear.out_features, linear.in_features
+    shape = [int(v) for v in reader.get(f"{ckpt_name}.weight_shape").tolist()]
+    if shape != [out_features, in_features]:
         raise WeightkitError(
-            f"vocab_size {vocab_size} is too small: a tiny tokenizer needs at least "
-            f"{len(specials) + len(alphabet) + 1} ids for its special tokens and letters"
+            f"{ckpt_name}.weight_shape is {shape} but the model's layer is [{out_features}, {in_features}]"
         )
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(_TOKENIZER_TEXT.splitlines(), trainer=trainer)
-    tok.post_processor = post
-    if kind == "causal-lm":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=pad
+    scale = reader.get(f"{ckpt_name}.weight_scale")
+    groups = in_features // scheme.group_size if scheme.group_size else 1
+    if tuple(scale.shape) != (out_features, groups):
+        raise WeightkitError(
+            f"{ckpt_name}.weight_scale has shape {tuple(scale.shape)}, expected ({out_features}, {groups}) "
+            f"for {in_features} input columns and group size {scheme.group_size}"
         )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=unk, pad_token=pad, cls_token=cls, sep_token=sep, mask_token=mask
-    )
+    qweight = unpack_int32(reader.get(f"{ckpt_name}.weight_packed"), scheme.bits, in_features)
+    zero_point = None
+    if not scheme.symmetric:
+        zp_name = f"{ckpt_name}.weight_zero_point"
+        if zp_name not in reader:
+            raise WeightkitError(f"{ckpt_name} has an asymmetric scheme but {zp_name} is missing")
+        # Zero points are packed along the output dimension (dim 0).
+        zero_point = unpack_int32(
+            reader.get(zp_name).T.contiguous(), scheme.bits, out_features
+        ).T.contiguous()
+    if dtype is not None:
+        scale = scale.to(dtype)
+    bias_name = f"{ckpt_name}.bias"
+    bias = reader.get(bias_name) if bias_name in reader else None
+    if (bias is None) != (linear.bias is None):
+        raise WeightkitError(
+            f"{bias_name}: the checkpoint and the model disagree on whether the layer has a bias"
+        )
+    if bias is not None and dtype is not None:
+        bias = bias.to(dtype)
+    return QuantizedLinear(QuantizedWeight(qweight, scale, zero_point, scheme), bias)
 
 
-def save_tiny(
-    model: nn.Module, out_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
-) -> Path:
-    """Save a model (safetensors) and optionally its tokenizer as a Hugging Face directory; returns it."""
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+def load_quantized(
+    path: str | os.PathLike,
+    *,
+    model_cls=None,
+    dtype: torch.dtype | None = None,
+    reader=None,
+) -> nn.Module:
+    """Load a compressed-tensors pack-quantized directory into a model with ``QuantizedLinear`` layers.
+
+    The model is built from ``config.json`` without its ``quantization_config`` (parameters on the meta
+    device, so nothing is allocated twice), every packed layer becomes a ``QuantizedLinear`` with the
+    unpacked grid values, scales and zero points, and the other tensors are loaded as stored.
+
+    Args:
+        path: the quantized model directory.
+        model_cls: a transformers model class or Auto class; default from ``config.json``.
+        dtype: dtype for the floating-point weights and scales; ``None`` keeps the stored ones.
+        reader: an open ``CheckpointReader`` of ``path`` to reuse.
+
+    Returns:
+        The model in eval mode; ``model.config`` has no ``quantization_config``.
+
+    Raises:
+        WeightkitError: a group is not a static integer group/channel pack-quantized scheme, a tensor is
+            missing or has the wrong shape, or the checkpoint has tensors the model does not.
+    """
+    path = Path(path)
+    own_reader = reader is None
+    if own_reader:
+        reader = CheckpointReader(path)
+    try:
+        config = reader.config
+        if not is_quantized_checkpoint(config):
+            raise WeightkitError(f"{path / 'config.json'} has no compressed-tensors quantization_config")
+        groups, ignore = config_groups(config["quantization_config"], path)
+        if model_cls is None:
+            model_cls = _model_class(config)
+        return _build(path, reader, model_cls, groups, ignore, dtype)
+    finally:
+        if own_reader:
+            reader.close()
+
+
+def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
+    model = skeleton(path, model_cls, dtype)
+    names = CheckpointNames(model, reader.names())
+    packed_modules = {
+        names.to_model(n.removesuffix(".weight_packed"))
+        for n in reader.names()
+        if n.endswith(".weight_packed")
+    }
+    consumed: set[str] = set()
+    for name in sorted(packed_modules):
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise WeightkitError(
+                f"{path}: the checkpoint has packed weights for {name}, a module the model lacks"
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise WeightkitError(
+                f"{path}: {name} is stored packed but is a {type(linear).__name__}, not a Linear"
+            )
+        ckpt_name = names.to_ckpt(name)
+        scheme = scheme_of(ckpt_name, linear, groups, ignore, path)
+        model.set_submodule(name, _quantized_linear(reader, ckpt_name, linear, scheme, dtype))
+        consumed.update(f"{ckpt_name}.{suffix}" for suffix in _QUANT_SUFFIXES)
+
+    expected = set(model.state_dict())
+    state = {}
+    for ckpt_name in reader.names():
+        if ckpt_name in consumed:
+            continue
+        name = names.to_model(ckpt_name)
+        if name not in expected:
+            if names.strip and not ckpt_name.startswith(names.strip):
+                continue  # a task head's tensor, loading the bare model of a head checkpoint
+            raise WeightkitError(f"{path}: tensor {ckpt_name} has no place in {type(model).__name__}")
+        tensor = reader.get(ckpt_name)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    # Tied weights (lm_head = embed_tokens) are stored once; re-tie them as the config says.
+    model.tie_weights()
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:
+        raise WeightkitError(
+            f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:5])}"
+        )
+    return model.eval()

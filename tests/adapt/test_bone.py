@@ -27,7 +27,7 @@ from weightkit.adapt.bone import (
 )
 from weightkit.adapt.layer import adapter_state
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 PREFIX = "base_model.model."

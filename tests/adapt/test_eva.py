@@ -19,7 +19,7 @@ from weightkit.adapt.eva import (
 )
 from weightkit.data import tokenize_batches
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama, tiny_tokenizer
+from weightkit.testing import tiny_llama, tiny_tokenizer
 
 Q_PROJ = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
 Q_AND_V = Q_PROJ + [f"model.layers.{i}.self_attn.v_proj" for i in range(2)]

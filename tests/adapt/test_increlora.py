@@ -23,7 +23,7 @@ from weightkit.adapt.increlora import (
     smooth_importance,
 )
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 

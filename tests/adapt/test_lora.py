@@ -19,7 +19,7 @@ from weightkit.adapt import (
     unmerge_adapters,
 )
 from weightkit.errors import WeightkitError
-from weightkit.models import save_tiny, tiny_llama
+from weightkit.testing import save_tiny, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 

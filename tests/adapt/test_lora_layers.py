@@ -13,7 +13,7 @@ from weightkit.adapt import LoRAConfig, add_lora, load_adapter, merge_and_unload
 from weightkit.adapt.layer import adapter_layers
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding
 from weightkit.errors import WeightkitError
-from weightkit.models import save_tiny, tiny_llama
+from weightkit.testing import save_tiny, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 0]])
 CONV_TARGETS = ["0", "2", "4"]

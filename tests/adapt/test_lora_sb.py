@@ -29,8 +29,8 @@ from weightkit.adapt.lora_sb import (
     update_init,
 )
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
 from weightkit.registry import config_from_dict, config_to_dict
+from weightkit.testing import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 # q_proj and v_proj of both layers of tiny_llama.

@@ -7,7 +7,7 @@ import torch
 from weightkit.adapt import load_adapter, save_adapter, trainable_parameters
 from weightkit.adapt.mos import MoSConfig, MoSLinear, add_mos, assemble_A, assemble_B, draw_shard_indices
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 # 4 layers, so each q_proj/v_proj group of 4 layers shares a pool of (2 - 1) * 4 = 4 vectors (8 shards),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassi
 from weightkit.adapt import LoRAConfig, adapt, load_adapter, save_adapter
 from weightkit.adapt.layer import adapter_layers
 from weightkit.errors import WeightkitError
-from weightkit.models import save_tiny, tiny_llama
+from weightkit.testing import save_tiny, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 

@@ -7,7 +7,7 @@ from peft import get_peft_model
 
 from weightkit.adapt.pissa import pissa_to_lora, principal_factors
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 
 def _weight(out=16, inp=24, seed=0, gap=False):

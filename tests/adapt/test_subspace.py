@@ -23,7 +23,7 @@ from weightkit.adapt.subspace import (
     fwht,
 )
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_bert, tiny_llama
+from weightkit.testing import tiny_bert, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 BATCH = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from weightkit.adapt.svfit import (
     top_singular_vectors,
 )
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 

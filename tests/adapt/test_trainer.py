@@ -14,7 +14,7 @@ from weightkit.adapt import LoRAConfig, adapt, load_adapter
 from weightkit.adapt.trainer import TrainConfig, evaluate, make_batches, train_adapter
 from weightkit.cli import main
 from weightkit.errors import WeightkitError
-from weightkit.models import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 TEXTS = [f"the cat sat on the mat number {i} and the dog ran to the park" for i in range(40)]
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, weights_size
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_llama
+from weightkit.testing import tiny_llama
 
 
 def _entries(directory: Path) -> set[str]:

@@ -12,7 +12,8 @@ from weightkit.compress import stream as stream_module
 from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.stream import compress_checkpoint
 from weightkit.errors import WeightkitError
-from weightkit.models import load_model, save_tiny, tiny_llama, tiny_tokenizer
+from weightkit.models import load_model
+from weightkit.testing import save_tiny, tiny_llama, tiny_tokenizer
 
 CONFIGS = {
     "rtn": RTNConfig(bits=4, group_size=16, symmetric=False),

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from weightkit.errors import WeightkitError
 from weightkit.merge.engine import plan_merge, run_merge
-from weightkit.models import save_tiny, tiny_bert, tiny_llama
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama
 
 
 def mean(_name, tensors):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from weightkit.errors import WeightkitError
 from weightkit.merge.extract_lora import extract_lora, lowrank_delta
-from weightkit.models import save_tiny, tiny_bert, tiny_llama
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -23,7 +23,7 @@ from weightkit.merge.fisher import (
     save_fisher,
 )
 from weightkit.merge.linear import linear
-from weightkit.models import save_tiny, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_llama, tiny_tokenizer
 
 # -- the merge -------------------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from weightkit.merge.rebasin import (
     transformer_spec,
     weight_matching,
 )
-from weightkit.models import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 # -- helpers -------------------------------------------------------------------------------------------
 

@@ -15,14 +15,8 @@ import torch
 from torch import nn
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
-from weightkit.compress.quant.export import (
-    export_tensors,
-    packed_tensors,
-    quantized_model_config,
-    write_generation_config,
-)
-from weightkit.compress.quant.grid import rtn_quantize
-from weightkit.compress.quant.module import QuantizedLinear, selected_linears
+from weightkit.compress.quant.export import write_generation_config
+from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import (
@@ -34,6 +28,9 @@ from weightkit.models import (
     transformer_blocks_name,
 )
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import export_tensors, packed_tensors, quantized_model_config
+from weightkit.quantized.grid import rtn_quantize
+from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config
 
 __all__ = ["compress_checkpoint"]

@@ -11,15 +11,9 @@ from weightkit.compress.quant.awq import (
     clip_ratios,
     even_sample,
 )
-from weightkit.compress.quant.grid import (
-    QuantScheme,
-    compute_qparams,
-    dequantize,
-    quantize_to_grid,
-    rtn_quantize,
-)
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantScheme, compute_qparams, dequantize, quantize_to_grid, rtn_quantize
 
 
 def outlier_inputs(tokens, features, seed, n_outliers=4):

@@ -9,10 +9,11 @@ from sample_texts import TEXTS
 from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
 from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
 from weightkit.compress.quant.calibrated import _divide_output, _fold_target, calibration_batches
-from weightkit.compress.quant.module import QuantizedLinear
 from weightkit.data import tokenize_batches
 from weightkit.errors import WeightkitError
-from weightkit.models import tiny_bert, tiny_llama, tiny_tokenizer, transformer_blocks
+from weightkit.models import transformer_blocks
+from weightkit.quantized.linear import QuantizedLinear
+from weightkit.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
 CALIB, HELD_OUT = TEXTS[:16], TEXTS[16:]
 

@@ -9,13 +9,14 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
+from weightkit import load
 from weightkit.checkpoint import CheckpointReader, weights_size
-from weightkit.compress.quant.export import quantization_config, save_quantized, scheme_from_weights_args
-from weightkit.compress.quant.grid import QuantScheme, rtn_quantize
+from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.quant.module import quantize_linear
 from weightkit.errors import WeightkitError
-from weightkit.loading import load
-from weightkit.models import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.quantized.compressed_tensors import quantization_config, scheme_from_weights_args
+from weightkit.quantized.grid import QuantScheme, rtn_quantize
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 LLAMA_LINEARS = [
     "self_attn.q_proj",

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from weightkit.compress.quant.gptq import gptq_quantize
-from weightkit.compress.quant.grid import QuantScheme, compute_qparams, rtn_quantize
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantScheme, compute_qparams, rtn_quantize
 
 
 def gptq_reference(w, h, scheme, damp=0.01, order=None, clip=None):

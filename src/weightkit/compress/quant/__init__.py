@@ -1,9 +1,9 @@
 """Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, exported as compressed-tensors."""
 
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
-from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme
-from weightkit.compress.quant.module import QuantizedLinear
 from weightkit.compress.quant.rtn import RTNConfig, quantize_rtn
+from weightkit.quantized.grid import QuantizedWeight, QuantScheme
+from weightkit.quantized.linear import QuantizedLinear
 
 __all__ = [
     "AWQConfig",

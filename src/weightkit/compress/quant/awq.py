@@ -17,8 +17,8 @@ the model-level driver.
 import torch
 from torch import Tensor
 
-from weightkit.compress.quant.grid import QuantScheme, compute_qparams, dequantize, quantize_to_grid
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantScheme, compute_qparams, dequantize, quantize_to_grid
 
 __all__ = [
     "CLIP_SAMPLE_TOKENS",
@@ -158,7 +158,7 @@ def awq_search_clip(
     """AWQ's clipping search: per output row and group, the range shrink that minimises output error.
 
     For every ratio in :func:`clip_ratios` the group's grid is computed from the shrunk range (see
-    :func:`~weightkit.compress.quant.grid.compute_qparams`: symmetric ``ratio * max|w|``, asymmetric
+    :func:`~weightkit.quantized.grid.compute_qparams`: symmetric ``ratio * max|w|``, asymmetric
     ``[ratio * min, ratio * max]``) and the error is ``mean_t (x_g,t . (w_g - Q(w_g)))^2`` over the
     (sub-sampled) tokens, with ``x_g`` the group's input columns. Ratio 1 (no clipping) is the
     starting point and only a strictly smaller error replaces it, so clipping never hurts a group on

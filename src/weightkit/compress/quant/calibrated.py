@@ -14,13 +14,13 @@ from weightkit.compress.quant.awq import CLIP_SAMPLE_TOKENS, awq_search_clip, aw
 from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.gptq import gptq_quantize
-from weightkit.compress.quant.grid import QuantizedWeight, rtn_quantize
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
 from weightkit.models import model_kind, transformer_blocks, transformer_blocks_name
 from weightkit.progress import track
+from weightkit.quantized.grid import QuantizedWeight, rtn_quantize
 from weightkit.registry import register
 
 __all__ = ["GPTQConfig", "AWQConfig", "BlockStore", "quantize_gptq", "quantize_awq", "calibration_batches"]

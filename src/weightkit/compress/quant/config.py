@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from weightkit.compress.quant.grid import QuantScheme
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantScheme
 from weightkit.select import DEFAULT_IGNORE, resolve
 
 __all__ = ["WeightQuantFields", "CalibrationFields"]

@@ -25,8 +25,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from weightkit.compress.quant.grid import QuantizedWeight, QuantScheme, compute_qparams
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams
 
 __all__ = ["gptq_quantize"]
 
@@ -115,7 +115,7 @@ def gptq_quantize(
             the original column order before the sweep, so groups stay contiguous in the checkpoint
             and no ``g_idx`` is needed. The returned weight is in the original column order.
         clip_ratio: optional per-group range shrink ``[out, groups]`` (see
-            :func:`~weightkit.compress.quant.grid.compute_qparams`), e.g. from AWQ's clip search,
+            :func:`~weightkit.quantized.grid.compute_qparams`), e.g. from AWQ's clip search,
             or one float for all groups. Applied to each group's grid wherever it is computed.
         name: the tensor's name for error messages.
 

@@ -1,7 +1,7 @@
 """Round-to-nearest (RTN): the calibration-free baseline every other method is measured against.
 
 Each selected linear weight is put on a min/max grid per group and rounded independently
-(``weightkit.compress.quant.grid.rtn_quantize``). No data is needed.
+(``weightkit.quantized.grid.rtn_quantize``). No data is needed.
 """
 
 from dataclasses import dataclass
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from weightkit.compress.quant.config import WeightQuantFields
-from weightkit.compress.quant.grid import rtn_quantize
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.progress import track
+from weightkit.quantized.grid import rtn_quantize
 from weightkit.registry import register
 
 __all__ = ["RTNConfig", "quantize_rtn"]

@@ -1,11 +1,11 @@
-"""Tests for weightkit.compress.quant.pack: compressed-tensors' dense int32 layout."""
+"""Tests for weightkit.quantized.pack: compressed-tensors' dense int32 layout."""
 
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from weightkit.compress.quant.pack import pack_int32, packed_cols, unpack_int32
 from weightkit.errors import WeightkitError
+from weightkit.quantized.pack import pack_int32, packed_cols, unpack_int32
 
 
 def random_grid(rows: int, cols: int, bits: int, seed: int) -> torch.Tensor:

@@ -1,16 +1,10 @@
-"""Tests for weightkit.compress.quant.grid: min/max grids (optionally clipped), rounding, dequantization."""
+"""Tests for weightkit.quantized.grid: min/max grids (optionally clipped), rounding, dequantization."""
 
 import pytest
 import torch
 
-from weightkit.compress.quant.grid import (
-    QuantScheme,
-    compute_qparams,
-    dequantize,
-    quantize_to_grid,
-    rtn_quantize,
-)
 from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantScheme, compute_qparams, dequantize, quantize_to_grid, rtn_quantize
 
 
 def qparams_reference(w: torch.Tensor, scheme: QuantScheme, clip=None):

@@ -1,0 +1,271 @@
+"""compressed-tensors' "pack-quantized" checkpoint format: the tensors and the ``quantization_config``.
+
+The directory is an ordinary Hugging Face model directory that ``transformers`` (through its
+compressed-tensors integration) and vLLM load unchanged. For every quantized linear layer ``NAME``
+the checkpoint holds, instead of ``NAME.weight``:
+
+- ``NAME.weight_packed``: ``int32 [out, ceil(in * bits / 32)]``, the grid values densely bit-packed
+  row by row (:func:`weightkit.quantized.pack.pack_int32`);
+- ``NAME.weight_scale``: ``[out, groups]`` in the model's float dtype (per-channel: ``[out, 1]``);
+- ``NAME.weight_shape``: ``int64 [2]``, the unpacked ``[out, in]``;
+- ``NAME.weight_zero_point`` (asymmetric grids only): ``int32 [ceil(out * bits / 32), groups]``, the
+  integer zero points packed along the *output* dimension, as compressed-tensors stores them;
+- ``NAME.bias`` when the layer has one.
+
+``config.json`` gains a ``quantization_config`` block that says which modules use which scheme; the
+schema is the one compressed-tensors' own ``ModelCompressor.update_config`` writes.
+
+Writing: :func:`export_tensors` gives a model's tensors in this layout and :func:`quantized_model_config`
+its ``config.json``. Reading: :func:`is_quantized_checkpoint`, :func:`config_groups` and
+:func:`scheme_of` interpret a stored ``quantization_config`` (the model loader in :mod:`weightkit.models`
+rebuilds the layers).
+"""
+
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from weightkit.errors import WeightkitError
+from weightkit.quantized.grid import QuantizedWeight, QuantScheme
+from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.pack import pack_int32
+
+__all__ = [
+    "config_groups",
+    "export_tensors",
+    "is_quantized_checkpoint",
+    "packed_tensors",
+    "quantization_config",
+    "quantized_model_config",
+    "scheme_from_weights_args",
+    "scheme_of",
+]
+
+
+def _weights_args(scheme: QuantScheme) -> dict:
+    """compressed-tensors ``QuantizationArgs`` of a weightkit scheme, as it appears in config.json."""
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "group_size": scheme.group_size,
+        "strategy": "group" if scheme.group_size else "channel",
+        "dynamic": False,
+        # Our act-order uses static groups (columns stay in place), so no g_idx is stored.
+        "actorder": None,
+    }
+
+
+def scheme_from_weights_args(args: dict, where: str) -> QuantScheme:
+    """The weightkit scheme of a compressed-tensors ``weights`` block, refusing what weightkit cannot hold.
+
+    Args:
+        args: the ``weights`` dict of one config group.
+        where: what to name in an error (e.g. ``"config.json quantization_config group_0"``).
+
+    Raises:
+        WeightkitError: not a static integer grid with group or channel strategy (e.g. float8, dynamic,
+            block or tensor strategy), or activation reordering with ``g_idx``.
+    """
+    kind = args.get("type", "int")
+    strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+    if kind != "int" or args.get("dynamic") or strategy not in ("group", "channel"):
+        raise WeightkitError(
+            f"{where}: weightkit reads static integer weights with strategy 'group' or 'channel', "
+            f"got type {kind!r}, strategy {strategy!r}, dynamic {args.get('dynamic')!r}"
+        )
+    if args.get("actorder") == "group":
+        raise WeightkitError(f"{where}: activation ordering 'group' (weights with g_idx) is not supported")
+    group_size = args.get("group_size") if strategy == "group" else None
+    return QuantScheme(bits=int(args["num_bits"]), group_size=group_size, symmetric=bool(args["symmetric"]))
+
+
+def quantization_config(modules: dict[str, QuantScheme], ignore: list[str]) -> dict:
+    """The ``quantization_config`` block of ``config.json`` for a pack-quantized checkpoint.
+
+    Modules are grouped by scheme, one config group per distinct scheme (``group_0``, ``group_1`` ...
+    in order of first appearance). When every quantized module shares one scheme the group targets the
+    class ``"Linear"`` and relies on ``ignore`` to leave the other linear layers alone (the usual
+    layout, e.g. ``ignore=["lm_head"]``); with several schemes each group lists its modules by exact name.
+
+    Args:
+        modules: quantized module name -> its scheme.
+        ignore: names of the linear layers that stay unquantized; with a single scheme this must list
+            every such layer, since ``"Linear"`` matches them all.
+
+    Returns:
+        A JSON-ready dict, as compressed-tensors writes it (``quant_method`` "compressed-tensors",
+        ``format`` "pack-quantized", ``quantization_status`` "compressed").
+
+    Raises:
+        WeightkitError: ``modules`` is empty, or a name is both quantized and ignored.
+    """
+    if not modules:
+        raise WeightkitError("no quantized modules: nothing to describe in a quantization_config")
+    both = sorted(set(modules) & set(ignore))
+    if both:
+        raise WeightkitError(f"modules both quantized and ignored: {', '.join(both)}")
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for name, scheme in modules.items():
+        by_scheme.setdefault(scheme, []).append(name)
+    single = len(by_scheme) == 1
+    groups = {}
+    for i, (scheme, names) in enumerate(by_scheme.items()):
+        groups[f"group_{i}"] = {
+            "targets": ["Linear"] if single else list(names),
+            "weights": _weights_args(scheme),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    try:
+        ct_version = version("compressed-tensors")
+    except PackageNotFoundError:  # the format does not need the package; the field is informational
+        ct_version = None
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+    if ct_version is not None:
+        config["version"] = ct_version
+    return config
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in the model (what transformers calls its dtype)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _model_config(model: nn.Module) -> dict:
+    """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    dtype = _float_dtype(model)
+    if dtype is not None:
+        data["dtype"] = str(dtype).removeprefix("torch.")
+    return data
+
+
+def quantized_model_config(model: nn.Module) -> dict:
+    """``config.json`` for ``model`` after quantization: its HF config plus the ``quantization_config``.
+
+    Every ``QuantizedLinear`` is described by its scheme; every remaining ``nn.Linear`` is ignored.
+    Works on a model whose parameters are on the meta device (only types, names and dtypes are read).
+
+    Raises:
+        WeightkitError: the model has no ``QuantizedLinear`` layers.
+    """
+    quantized = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise WeightkitError("the model has no QuantizedLinear layers: quantize it before saving it")
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    config = _model_config(model)
+    config["quantization_config"] = quantization_config(quantized, ignore)
+    return config
+
+
+def export_tensors(
+    module: nn.Module, prefix: str = "", *, skip: tuple[str, ...] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of ``module`` as a pack-quantized checkpoint stores them.
+
+    Plain tensors come as they are (tensors sharing storage, i.e. tied embeddings, only under their first
+    name, as ``save_pretrained`` does); each ``QuantizedLinear`` comes in the packed layout of the module
+    docstring. Names get ``prefix``; submodules whose names start with an entry of ``skip`` are left out.
+    """
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized_prefixes = tuple(f"{name}." for name in quantized)
+    skip = tuple(f"{s}." for s in skip)
+    seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
+    for name, tensor in module.state_dict().items():
+        if name.startswith(quantized_prefixes) or name.startswith(skip):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue  # a tied weight: the loader re-ties it from the config
+        seen.add(key)
+        yield prefix + name, tensor.detach()
+    for name, layer in quantized.items():
+        if name.startswith(skip):
+            continue
+        for suffix, tensor in packed_tensors(layer.quantized, layer.bias).items():
+            yield f"{prefix}{name}.{suffix}", tensor
+
+
+def packed_tensors(quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One quantized weight (and its layer's bias) in compressed-tensors' pack-quantized layout."""
+    bits = quantized.scheme.bits
+    rows, cols = quantized.qweight.shape
+    out = {
+        "weight_packed": pack_int32(quantized.qweight.detach().cpu(), bits),
+        "weight_scale": quantized.scale.detach().cpu(),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
+    }
+    if quantized.zero_point is not None:
+        # compressed-tensors packs zero points along the output dimension (dim 0).
+        zp = quantized.zero_point.detach().cpu()
+        out["weight_zero_point"] = pack_int32(zp.T.contiguous(), bits).T.contiguous()
+    if bias is not None:
+        out["bias"] = bias.detach().cpu()
+    return out
+
+
+def is_quantized_checkpoint(config: dict | None) -> bool:
+    """Whether a ``config.json`` dict describes a compressed-tensors quantized checkpoint."""
+    qc = (config or {}).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def config_groups(qc: dict, path: Path) -> tuple[list[tuple[str, list[str], QuantScheme]], list[str]]:
+    """``[(group name, targets, scheme)]`` and the ignore list of a pack-quantized quantization_config."""
+    where = f"{path / 'config.json'} quantization_config"
+    fmt = qc.get("format")
+    groups = []
+    for group_name, group in (qc.get("config_groups") or {}).items():
+        group_format = group.get("format") or fmt
+        if group_format != "pack-quantized":
+            raise WeightkitError(
+                f"{where} group {group_name}: format {group_format!r} is not supported by weightkit.load "
+                f"(it reads 'pack-quantized'); load it with transformers instead"
+            )
+        if group.get("input_activations") or group.get("output_activations"):
+            raise WeightkitError(f"{where} group {group_name}: activation quantization is not supported")
+        if not group.get("weights"):
+            raise WeightkitError(f"{where} group {group_name} has no weights scheme")
+        scheme = scheme_from_weights_args(group["weights"], f"{where} group {group_name}")
+        groups.append((group_name, list(group.get("targets") or []), scheme))
+    if not groups:
+        raise WeightkitError(f"{where} has no config_groups")
+    return groups, list(qc.get("ignore") or [])
+
+
+def scheme_of(name: str, module: nn.Module, groups, ignore: list[str], path: Path) -> QuantScheme:
+    """The scheme of the first config group whose targets match the module (compressed-tensors' rules)."""
+    from compressed_tensors.utils.match import is_match
+
+    if is_match(name, module, ignore):
+        raise WeightkitError(
+            f"{path}: {name} is stored packed but its quantization_config lists it in ignore"
+        )
+    for _, targets, scheme in groups:
+        if is_match(name, module, targets):
+            return scheme
+    raise WeightkitError(
+        f"{path}: {name}.weight_packed is stored but no quantization_config group targets {name}"
+    )

@@ -1,0 +1,46 @@
+"""The package's layering (DESIGN.md): an import never points up, and one verb never imports another.
+
+Layers, top to bottom: the CLI, the demo and the package root; the verbs (adapt, compress, merge, eval,
+train, inspect); what several verbs share (models, quantized, runtime, recipe, registry, select, data,
+testing); and at the bottom checkpoint, errors and progress. Function-local imports count too: they
+are where an upward import used to hide.
+"""
+
+import ast
+from pathlib import Path
+
+import weightkit
+
+SRC = Path(weightkit.__file__).parent
+BOTTOM = {"errors", "progress", "checkpoint"}
+SHARED = {"quantized", "registry", "select", "data", "recipe", "models", "runtime", "testing"}
+VERBS = {"adapt", "compress", "merge", "eval", "train", "inspect"}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    return 0 if top in BOTTOM else 1 if top in SHARED else 2 if top in VERBS else 3
+
+
+def _imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+    return [name for name in found if name.startswith("weightkit.")]
+
+
+def test_no_import_points_up_or_across_verbs():
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        module = ".".join(("weightkit", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for target in _imports(path):
+            here, there = _layer(module), _layer(target)
+            across = here == there == 2 and module.split(".")[1] != target.split(".")[1]
+            if there > here or across:
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "\n".join(wrong)
