@@ -38,7 +38,7 @@ def test_compress_gptq_writes_a_checkpoint_transformers_loads(tmp_path, capsys, 
 
 def test_compress_from_a_recipe_matches_the_same_flags(tmp_path, capsys, llama_dir, text_file):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("stages:\n  - method: awq\n    bits: 3\n    group_size: 32\n    calib_samples: 8\n")
+    recipe.write_text("method: awq\nbits: 3\ngroup_size: 32\ncalib_samples: 8\n")
     code, _, _ = run(
         capsys, "compress", llama_dir, "-o", tmp_path / "a", "--recipe", recipe, "--calib", text_file
     )
@@ -71,6 +71,37 @@ def test_eval_reports_perplexity_and_fidelity(tmp_path, capsys, llama_dir, bert_
     assert run(capsys, "compress", bert_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0
     code, stdout, _ = run(capsys, "eval", out, "--reference", bert_dir, "--data", text_file, "--json")
     assert code == 0 and 0.9 < json.loads(stdout)["embedding_fidelity"] < 1.0
+
+
+def test_eval_runs_on_the_device_asked(capsys, monkeypatch, llama_dir, text_file):
+    import weightkit.eval
+
+    seen = []
+
+    def fake_perplexity(model, tokenizer, texts, **kwargs):
+        seen.append({p.device.type for p in model.parameters()})
+        return 1.0
+
+    monkeypatch.setattr(weightkit.eval, "perplexity", fake_perplexity)
+    # meta: the placement is visible without a GPU (the real computation would need data).
+    code, stdout, _ = run(capsys, "eval", llama_dir, "--data", text_file, "--device", "meta", "--json")
+    assert code == 0 and seen == [{"meta"}] and json.loads(stdout)["device"] == "meta"
+
+
+def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, capsys, llama_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _assert_fails(capsys, tmp_path, ["eval", llama_dir, "--device", "cuda"], "--device cuda", "no CUDA GPU")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eval_on_cuda_matches_the_cpu(capsys, llama_dir, text_file):
+    values = []
+    for device in ("cpu", "cuda"):
+        code, stdout, _ = run(capsys, "eval", llama_dir, "--data", text_file, "--device", device, "--json")
+        assert code == 0
+        values.append(json.loads(stdout)["perplexity"])
+    assert values[1] == pytest.approx(values[0], rel=1e-4)
 
 
 def _assert_fails(capsys, tmp_path, argv, *fragments):
@@ -193,6 +224,12 @@ def test_existing_output_needs_force(tmp_path, capsys, llama_dir):
     (out / "keep.txt").write_text("mine")
     code, _, err = run(capsys, "compress", llama_dir, "-o", out, "--method", "rtn", "--group-size", "32")
     assert code == 1 and "--force" in err and (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_stages_list_is_refused_by_name(tmp_path, capsys, llama_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n  - method: rtn\n")
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "not a 'stages' list")
 
 
 def test_unknown_method_in_a_recipe_suggests_the_right_one(tmp_path, capsys, llama_dir):

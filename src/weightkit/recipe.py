@@ -1,14 +1,14 @@
-"""Recipes: a YAML (or JSON) file holding an ordered list of method configs, validated before anything runs.
+"""Recipes: a YAML (or JSON) file holding one method config, validated before anything runs.
 
 ```yaml
-stages:
-  - method: gptq
-    bits: 4
-    group_size: 128
-    act_order: true
+method: gptq
+bits: 4
+group_size: 128
+act_order: true
 ```
 
-A file holding a single mapping with a ``method`` key is a one-stage recipe.
+A compress recipe is one config, not a list of stages: one call runs one method (mixed grids per layer
+are the config's ``overrides``). A ``stages:`` list is refused by name rather than half-run.
 """
 
 from pathlib import Path
@@ -19,7 +19,7 @@ import yaml
 from weightkit.errors import WeightkitError
 from weightkit.registry import config_from_dict, config_to_dict
 
-__all__ = ["load_recipe", "dump_recipe", "read_yaml"]
+__all__ = ["load_config", "dump_config", "read_yaml"]
 
 
 def read_yaml(path: Path) -> Any:
@@ -32,31 +32,28 @@ def read_yaml(path: Path) -> Any:
         raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
 
 
-def load_recipe(path: str | Path, kind: str = "compress") -> list[Any]:
-    """The validated configs of the recipe at ``path``, in order.
+def load_config(path: str | Path, kind: str = "compress") -> Any:
+    """The validated config of the recipe at ``path``.
 
     Raises:
-        WeightkitError: missing/unparsable file, no stages, or a stage that fails validation
-            (the message names the stage and the field).
+        WeightkitError: a missing/unparsable file, a document that is not one mapping with a ``method``
+            (a ``stages`` list included), or a field that fails validation (the message names it).
     """
     path = Path(path)
     doc = read_yaml(path)
-    stages = doc.get("stages") if isinstance(doc, dict) and "method" not in doc else [doc]
-    if not isinstance(stages, list) or not stages:
-        raise WeightkitError(f"recipe {path}: expected a 'stages' list of method configs (or one config)")
-    configs = []
-    for i, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            raise WeightkitError(
-                f"recipe {path}, stage {i + 1}: expected a mapping, got {type(stage).__name__}"
-            )
-        try:
-            configs.append(config_from_dict(kind, stage))
-        except WeightkitError as err:
-            raise WeightkitError(f"recipe {path}, stage {i + 1}: {err}") from None
-    return configs
+    if isinstance(doc, dict) and "stages" in doc:
+        raise WeightkitError(
+            f"recipe {path}: a {kind} recipe is one method config (method: ..., bits: ...), not a 'stages' "
+            "list; one call runs one method (mixed grids: use 'overrides')"
+        )
+    if not isinstance(doc, dict):
+        raise WeightkitError(f"recipe {path}: expected a mapping with 'method' and its options")
+    try:
+        return config_from_dict(kind, doc)
+    except WeightkitError as err:
+        raise WeightkitError(f"recipe {path}: {err}") from None
 
 
-def dump_recipe(configs: list[Any]) -> str:
-    """YAML text of ``configs`` that :func:`load_recipe` reads back to equal configs."""
-    return yaml.safe_dump({"stages": [config_to_dict(c) for c in configs]}, sort_keys=False)
+def dump_config(config: Any) -> str:
+    """YAML text of ``config`` that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import forward_batch
 from weightkit.errors import WeightkitError
+from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
 
 __all__ = [
@@ -91,13 +92,6 @@ class SVDState:
         return (self.singular_values.double() ** 2 / total).to(self.singular_values.dtype)
 
 
-def _canonical_signs(components: Tensor) -> Tensor:
-    """Flip each row so its largest-magnitude entry is positive (PEFT's ``svd_flip`` on ``V``)."""
-    largest = components.abs().argmax(dim=1)
-    signs = torch.sign(components.gather(1, largest[:, None]))
-    return components * torch.where(signs == 0, 1.0, signs)
-
-
 def incremental_svd(state: SVDState | None, rows: Tensor, n_components: int) -> SVDState:
     """Fold a batch of rows into the running centred SVD (incremental PCA, Ross et al. 2008).
 
@@ -135,7 +129,8 @@ def incremental_svd(state: SVDState | None, rows: Tensor, n_components: int) -> 
         stacked = torch.cat([previous.to(rows.dtype), centred, correction])
     _, singular_values, components = torch.linalg.svd(stacked, full_matrices=False)
     return SVDState(
-        components=_canonical_signs(components[:n_components]),
+        # Each row's largest-magnitude entry positive (PEFT's ``svd_flip`` on ``V``).
+        components=components[:n_components] * largest_entry_signs(components[:n_components], dim=1)[:, None],
         singular_values=singular_values[:n_components],
         mean=mean,
         n_rows=n_rows,

@@ -82,6 +82,7 @@ from weightkit.adapt.layer import (
     adapter_configs,
     adapter_layers,
     finish_adapter,
+    is_int,
     merge_deltas,
     unmerge_deltas,
     wrap_targets,
@@ -106,10 +107,6 @@ __all__ = [
 RESERVE_VALUE = 1e-5
 # The std of the Gaussian initialisation of A and B, as in the authors' code (and AdaLoRA's).
 INIT_STD = 0.02
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -161,16 +158,16 @@ class IncreLoRAConfig:
     def __post_init__(self):
         for name, low in (("init_rank", 1), ("rank_step", 1), ("top_h", 1), ("interval", 1), ("warmup", 0)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise WeightkitError(f"increlora: {name} must be an integer >= {low}, got {value!r}")
         if self.target_total_rank is not None and (
-            not _is_int(self.target_total_rank) or self.target_total_rank < self.init_rank
+            not is_int(self.target_total_rank) or self.target_total_rank < self.init_rank
         ):
             raise WeightkitError(
                 f"increlora: target_total_rank must be an integer >= init_rank ({self.init_rank}) or None, "
                 f"got {self.target_total_rank!r}"
             )
-        if self.max_rank is not None and (not _is_int(self.max_rank) or self.max_rank < self.init_rank):
+        if self.max_rank is not None and (not is_int(self.max_rank) or self.max_rank < self.init_rank):
             raise WeightkitError(
                 f"increlora: max_rank must be an integer >= init_rank ({self.init_rank}) or None, "
                 f"got {self.max_rank!r}"
@@ -186,7 +183,7 @@ class IncreLoRAConfig:
             raise WeightkitError(f"increlora: dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise WeightkitError("increlora: targets is empty; name the modules to adapt")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise WeightkitError(f"increlora: seed must be an integer, got {self.seed!r}")
 
 

@@ -28,6 +28,7 @@ from weightkit.registry import entry_for_config
 from weightkit.select import select_modules
 
 __all__ = [
+    "is_int",
     "AdapterLayer",
     "BufferDict",
     "adapter_layers",
@@ -50,6 +51,11 @@ __all__ = [
 ]
 
 _CONFIGS_ATTR = "weightkit_adapters"
+
+
+def is_int(value) -> bool:
+    """Whether a config value is an integer (``True``/``False`` are not, though Python says they are)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class BufferDict(nn.Module):

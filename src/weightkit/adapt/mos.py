@@ -48,15 +48,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from weightkit.adapt.layer import BufferDict, finish_adapter, merge_deltas, unmerge_deltas, wrap_targets
+from weightkit.adapt.layer import (
+    BufferDict,
+    finish_adapter,
+    is_int,
+    merge_deltas,
+    unmerge_deltas,
+    wrap_targets,
+)
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 
 __all__ = ["MoSConfig", "MoSLinear", "add_mos", "draw_shard_indices", "assemble_A", "assemble_B"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -96,9 +99,9 @@ class MoSConfig:
     def __post_init__(self):
         for name in ("rank", "budget_rank", "shards_per_vector"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise WeightkitError(f"mos: {name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.private_rank) or self.private_rank < 0:
+        if not is_int(self.private_rank) or self.private_rank < 0:
             raise WeightkitError(f"mos: private_rank must be an integer >= 0, got {self.private_rank!r}")
         if self.budget_rank > self.rank:
             raise WeightkitError(
@@ -114,7 +117,7 @@ class MoSConfig:
             raise WeightkitError(f"mos: dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise WeightkitError("mos: targets is empty; name the modules to adapt")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise WeightkitError(f"mos: seed must be an integer, got {self.seed!r}")
 
     @property

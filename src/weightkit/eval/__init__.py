@@ -8,6 +8,7 @@ import torch
 from weightkit.errors import WeightkitError
 from weightkit.eval.embedding import embedding_fidelity, mean_pool, sentence_embeddings
 from weightkit.eval.perplexity import perplexity, token_nll
+from weightkit.runtime.device import resolve_device
 
 __all__ = [
     "perplexity",
@@ -27,6 +28,7 @@ def evaluate(
     reference: torch.nn.Module | None = None,
     *,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """The quality measure that fits the model: what ``weightkit eval`` reports.
 
@@ -37,6 +39,7 @@ def evaluate(
         texts: The evaluation passages (e.g. ``weightkit.data.stdlib_docstrings("eval")``).
         reference: The original encoder; required for ``"encoder"``, ignored for ``"causal-lm"``.
         progress: Show a progress bar (perplexity only).
+        device: Move ``model`` (and ``reference``) there first (in place); ``None`` runs them where they are.
 
     Returns:
         ``{"perplexity": float}`` or ``{"embedding_fidelity": float}``.
@@ -46,6 +49,11 @@ def evaluate(
     """
     if not texts:
         raise WeightkitError("no evaluation texts")
+    if device is not None:
+        device = resolve_device(device)
+        for each in (model, reference):
+            if each is not None:
+                each.to(device)
     if kind == "causal-lm":
         return {"perplexity": perplexity(model, tokenizer, texts, progress=progress)}
     if kind == "encoder":

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.linalg import largest_entry_signs
 from weightkit.merge.engine import check_architectures
 from weightkit.progress import track
 
@@ -77,17 +78,6 @@ def _randomized_svd(
         basis = torch.linalg.qr(matrix @ basis).Q
     small_u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
     return basis @ small_u[:, :rank], s[:rank], vh[:rank]
-
-
-def _canonical_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
-    # A singular pair is defined up to a common sign, and LAPACK builds may pick either; fixing the
-    # largest-magnitude entry of each left vector positive makes the factors a function of the delta.
-    if u.shape[1] == 0:
-        return u, vh
-    rows = u.abs().argmax(dim=0)
-    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])
-    signs[signs == 0] = 1
-    return u * signs, vh * signs[:, None]
 
 
 def lowrank_delta(
@@ -165,7 +155,9 @@ def lowrank_delta(
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:
         u, s, vh = _randomized_svd(matrix, r, width, niter, seed)
-    u, vh = _canonical_signs(u, vh)
+    # A singular pair is defined up to a common sign; fixing it makes the factors a function of the delta.
+    signs = largest_entry_signs(u, dim=0)
+    u, vh = u * signs, vh * signs[:, None]
     root = s.clamp_min(0).sqrt()
     lora_b = (u * root).contiguous()
     lora_a = (root[:, None] * vh).contiguous()

@@ -1,0 +1,112 @@
+"""``weightkit adapt``: train an adapter and save it in PEFT's format."""
+
+import argparse
+import json
+from typing import Any
+
+from weightkit.cli.common import common_options, print_table
+from weightkit.errors import WeightkitError
+
+
+def _option_value(text: str) -> Any:
+    """``--option`` values: JSON (numbers, true/false, lists, objects) or else a plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from weightkit.adapt.trainer import TrainConfig, finetune
+    from weightkit.registry import config_from_dict, lookup
+
+    entry = lookup("adapt", args.method)
+    fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+    values: dict[str, Any] = {"method": args.method}
+    for flag, field in (("rank", "rank"), ("alpha", "alpha"), ("target", "targets"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None and field in fields:
+            values[field] = value
+        elif value is not None and flag != "seed":
+            raise WeightkitError(f"--{flag} does not apply to method {args.method}")
+    for option in args.option:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise WeightkitError(f"--option takes KEY=VALUE, got {option!r}")
+        values[key.replace("-", "_")] = _option_value(value)
+    adapter_config = config_from_dict("adapt", values)
+    train = TrainConfig(
+        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        max_length=args.seq_len, warmup_steps=args.warmup_steps, save_every=args.save_every,
+        seed=args.seed if args.seed is not None else 0,
+    )  # fmt: skip
+    summary = finetune(
+        args.model, adapter_config, args.output, train, data=args.data, eval_data=args.eval_data,
+        overwrite=args.force, progress=not args.json,
+    )  # fmt: skip
+    if not args.json:
+        rows = [{"setting": "method", "value": args.method}]
+        rows += [
+            {"setting": k, "value": summary[k]} for k in ("steps", "trainable_parameters", "total_parameters")
+        ]
+        rows.append({"setting": "train loss (last 10 steps)", "value": f"{summary['train_loss']:.4f}"})
+        rows += [{"setting": k, "value": f"{v:.4f}"} for k, v in summary["eval"].items()]
+        print_table(f"adapter saved to {summary['output']}", rows)
+    return summary
+
+
+def add_parsers(sub) -> None:
+    """Add ``adapt`` to the ``weightkit`` subcommands."""
+    t = sub.add_parser(
+        "adapt",
+        help="fine-tune an adapter (LoRA, DoRA, EVA, LoRA-SB, Bone, MoS ...) and save it in PEFT's format",
+        description=(
+            "Add an adapter to a Hugging Face model directory, train it and save it in PEFT's format "
+            "(adapter_config.json + adapter_model.safetensors). Decoders learn the texts (causal-LM loss); "
+            "encoders learn to classify: give a .jsonl file with 'text' and 'label'. Evaluates on held-out "
+            "examples (perplexity or accuracy). Several processes: "
+            "torchrun --nproc-per-node N -m weightkit.cli adapt ... (DistributedDataParallel)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  weightkit adapt ./llama -o ./adapter --rank 8 --data train.jsonl --max-steps 500\n"
+            "  weightkit adapt ./minilm -o ./cls --method eva --rank 8 --data reviews.jsonl --epochs 3\n"
+            "  weightkit adapt ./llama -o ./out --method lora --option dora=true --target 're:.*proj'"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("model", help="Hugging Face model directory (safetensors, with its tokenizer)")
+    t.add_argument("-o", "--output", required=True, help="adapter directory to write")
+    t.add_argument(
+        "--method",
+        default="lora",
+        help="adapter method: lora, dora, pissa, eva, lora_sb, lora_xs, svfit, bone, mos, increlora, did, "
+        "said (intrinsic-dimension subspaces; their size is --option dim=N) (default: lora)",
+    )
+    t.add_argument("--rank", type=int, help="adapter rank (method default if not given; not for did/said)")
+    t.add_argument("--alpha", type=float, help="LoRA-style scaling numerator alpha (method default)")
+    t.add_argument(
+        "--target",
+        action="append",
+        help="module to adapt: exact name or 're:' regex over full names; repeat for several "
+        "(default: the attention query and value projections)",
+    )
+    t.add_argument("--option", action="append", default=[], help="any other method option, KEY=VALUE")
+    t.add_argument(
+        "--data",
+        help="training examples: .txt (passages split by blank lines), .jsonl/.json with 'text' (and 'label' "
+        "for encoders) (default for decoders: Python standard-library docstrings)",
+    )
+    t.add_argument("--eval-data", help="held-out examples (default: 10%% of --data)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs passes)")
+    t.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
+    t.add_argument("--batch-size", type=int, default=8, help="examples per step and process (default: 8)")
+    t.add_argument("--seq-len", type=int, default=256, help="max tokens per example (default: 256)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
+    t.add_argument("--seed", type=int, help="seed of initialisation, shuffling and split (default: 0)")
+    t.set_defaults(run=_cmd_adapt)
+    common_options(t, force=True)

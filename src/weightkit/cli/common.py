@@ -1,0 +1,81 @@
+"""What the subcommands share: argument types, the output check, tables and the common options."""
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from weightkit.errors import WeightkitError
+from weightkit.progress import console
+
+__all__ = ["size_arg", "refuse_existing", "mb", "print_table", "common_options"]
+
+
+def size_arg(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count."""
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    t = text.strip().lower()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5GB or 500MB)") from None
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """Stop before any work when the output exists (the writers would refuse only at the end)."""
+    if out.exists() and not force:
+        raise WeightkitError(f"{out} exists; pass --force to overwrite it")
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(
+            key, justify="left" if key in ("method", "setting", "model", "metric", "parameters") else "right"
+        )
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+def common_options(
+    parser: argparse.ArgumentParser,
+    *,
+    force: bool = False,
+    max_shard_size: bool = False,
+    allow_pickle: bool = False,
+    device: bool = False,
+) -> None:
+    """Add ``--json`` and, where asked, the options several subcommands share, worded the same everywhere."""
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON summary on stdout (no progress bars)"
+    )
+    if force:
+        parser.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    if max_shard_size:
+        parser.add_argument(
+            "--max-shard-size", type=size_arg, default=5 * 10**9, help="output shard size (default: 5GB)"
+        )
+    if allow_pickle:
+        parser.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="allow loading .bin/.pt pickle checkpoints (trusted only)",
+        )
+    if device:
+        parser.add_argument(
+            "--device",
+            help="where to compute: cuda, cuda:1, cpu, mps ... (default: cuda when available, else cpu; "
+            "under torchrun each process takes cuda:LOCAL_RANK)",
+        )

@@ -1,0 +1,280 @@
+"""``weightkit merge``, ``extract-lora``, ``align`` and ``fisher``: the merging subcommands."""
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from weightkit.cli.common import common_options, mb, print_table, refuse_existing
+from weightkit.progress import console
+
+
+def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge import merge, prepare_merge
+    from weightkit.merge.engine import close_plan
+    from weightkit.merge.recipe import DTYPES, load_merge_recipe
+    from weightkit.registry import config_to_dict
+
+    recipe = load_merge_recipe(args.recipe)
+    dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
+    out = Path(args.output)
+    if not args.dry_run:
+        refuse_existing(out, args.force)
+    config = config_to_dict(recipe.config)
+    if args.dry_run:
+        plan, models = prepare_merge(
+            recipe.base, recipe.models, recipe.config, allow_pickle=args.allow_pickle
+        )
+        try:
+            summary = _merge_plan_summary(plan, models, config, dtype)
+        finally:
+            close_plan(plan, models)
+        if not args.json:
+            print_table("merge plan (dry run: nothing written)", summary["models"])
+            console.print(
+                f"{summary['method']}: {summary['tensors']} tensors, reads {mb(summary['input_bytes'])}, "
+                f"writes ~{mb(summary['output_bytes'])} to {out}",
+                highlight=False,
+            )
+        return {"dry_run": True, "output": str(out), **summary}
+    summary = merge(
+        recipe.base,
+        recipe.models,
+        recipe.config,
+        out,
+        dtype=dtype,
+        max_shard_bytes=args.max_shard_size,
+        overwrite=args.force,
+        progress=not args.json,
+        allow_pickle=args.allow_pickle,
+    )
+    summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
+    if not args.json:
+        row = {
+            "method": summary["method"],
+            "models": str(len(summary["models"])),
+            "tensors": str(summary["tensors"]),
+            "output size": mb(summary["output_bytes"]),
+            "time (s)": f"{summary['seconds']:.1f}",
+        }
+        if "sign_conflict_rate" in summary:
+            row["sign conflicts"] = f"{summary['sign_conflict_rate']:.1%}"
+        print_table("weightkit merge", [row])
+        console.print(f"saved to [bold]{out}[/bold]")
+    return summary
+
+
+def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge.fisher import fisher_checkpoint
+
+    start = time.perf_counter()
+    out = fisher_checkpoint(
+        args.model,
+        args.data,
+        args.output,
+        samples=args.samples,
+        max_length=args.seq_len,
+        seed=args.seed,
+        mode=args.mode,
+        overwrite=args.force,
+        progress=not args.json,
+    )
+    summary = {
+        "model": str(args.model),
+        "output": str(out),
+        "mode": args.mode,
+        "bytes": out.stat().st_size,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if not args.json:
+        console.print(f"Fisher of {args.model} saved to [bold]{out}[/bold] ({mb(summary['bytes'])})")
+    return summary
+
+
+def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge.extract_lora import extract_lora
+    from weightkit.merge.recipe import DTYPES
+
+    out = Path(args.output)
+    refuse_existing(out, args.force)
+    summary = extract_lora(
+        args.base,
+        args.finetuned,
+        out,
+        rank=args.rank,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.force,
+        progress=not args.json,
+    )
+    summary = {**summary, "seconds": round(summary["seconds"], 2)}
+    if not args.json:
+        rows = [
+            {"module": m["module"], "shape": "x".join(map(str, m["shape"])), "rank": m["rank"],
+             "relative error": f"{m['relative_error']:.4f}"}
+            for m in summary["modules"]
+        ]  # fmt: skip
+        print_table(f"weightkit extract-lora (rank {args.rank})", rows)
+        for item in summary["skipped"]:
+            change = item.get("relative_change")
+            changed = f"changed by {change:.2%}" if change is not None else "changed"
+            console.print(
+                f"[yellow]not in the adapter[/yellow]: {item['tensor']} ({changed}; {item['reason']})"
+            )
+        console.print(
+            f"{len(rows)} modules, max relative error {summary['max_relative_error']:.4f}, "
+            f"{mb(summary['adapter_bytes'])}; saved to [bold]{out}[/bold]"
+        )
+    return summary
+
+
+def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.merge.rebasin import align_checkpoint
+
+    out = Path(args.output)
+    refuse_existing(out, args.force)
+    summary = align_checkpoint(
+        args.reference, args.model, out, overwrite=args.force, progress=not args.json, seed=args.seed
+    )
+    summary = {**summary, "seconds": round(summary["seconds"], 2)}
+    if not args.json:
+        rows = [
+            {"block": b["layer"], "heads moved": f"{b['heads_moved']:.0%}",
+             "neurons moved": f"{b['mlp_moved']:.0%}", "cosine before": f"{b['cosine_before']:.4f}",
+             "cosine after": f"{b['cosine_after']:.4f}"}
+            for b in summary["layers"]
+        ]  # fmt: skip
+        print_table("weightkit align (weight matching to the reference)", rows)
+        console.print(f"saved to [bold]{out}[/bold]")
+    return summary
+
+
+def _merge_plan_summary(plan, models, config: dict[str, Any], dtype) -> dict[str, Any]:
+    """What a merge would do: method, inputs and their parameters, tensors, bytes in and out."""
+    rows = []
+    if plan.has_base:
+        rows.append({"model": f"{plan.reference.path} (base)", "parameters": "-"})
+    for model in models:
+        given = ", ".join(f"{k}={v}" for k, v in model.overrides.items()) or "method defaults"
+        rows.append({"model": str(model.path), "parameters": given})
+    out_bytes = 0
+    for job in plan.jobs:
+        element = (dtype or plan.reference.dtype(job.sources[0])).itemsize
+        out_bytes += element * math.prod(job.shape)
+    return {
+        "method": config["method"],
+        "config": config,
+        "models": rows,
+        "tensors": len(plan.jobs),
+        "input_bytes": sum(r.nbytes() for r in plan.readers),
+        "output_bytes": out_bytes,
+    }
+
+
+def add_parsers(sub) -> None:
+    """Add ``merge``, ``extract-lora``, ``align`` and ``fisher`` to the ``weightkit`` subcommands."""
+    m = sub.add_parser(
+        "merge",
+        help="merge fine-tunes of one base model from a mergekit-style YAML recipe",
+        description=(
+            "Merge models with TIES, DARE, task arithmetic, SLERP, Model Stock, Breadcrumbs, DELLA, linear "
+            "averaging and more, streamed tensor by tensor. The recipe uses mergekit's YAML schema "
+            "(models, base_model, merge_method, parameters, dtype), so mergekit recipes run unchanged."
+        ),
+        epilog=(
+            "recipe example:\n"
+            "  models:\n"
+            "    - model: ./math-ft\n"
+            "      parameters: {weight: 0.5, density: 0.5}\n"
+            "    - model: ./code-ft\n"
+            "      parameters: {weight: 0.5, density: 0.5}\n"
+            "  base_model: ./base\n"
+            "  merge_method: ties\n"
+            "  dtype: bfloat16\n\n"
+            "examples:\n"
+            "  weightkit merge recipe.yaml -o ./merged\n"
+            "  weightkit merge recipe.yaml -o ./merged --dry-run"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("recipe", help="YAML merge recipe (mergekit schema)")
+    m.add_argument(
+        "-o", "--output", required=True, help="output model directory (must not exist unless --force)"
+    )
+    m.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="output dtype (default: the recipe's out_dtype/dtype, else each tensor's input dtype)",
+    )
+    m.add_argument(
+        "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
+    )
+    m.set_defaults(run=_cmd_merge)
+
+    x = sub.add_parser(
+        "extract-lora",
+        help="approximate a fine-tune as a LoRA adapter of its base model (PEFT format)",
+        description=(
+            "Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose layers are "
+            "the truncated SVD of each changed Linear weight's difference, fine-tuned minus base. The "
+            "summary gives each layer's relative error ||dW - BA|| / ||dW||; changed tensors a LoRA "
+            "cannot hold (norms, biases, embeddings) are listed. Load it with "
+            "peft.PeftModel.from_pretrained(base_model, OUT)."
+        ),
+    )
+    x.add_argument("base", help="the base model directory")
+    x.add_argument("finetuned", help="the fine-tuned model directory (same architecture)")
+    x.add_argument("-r", "--rank", type=int, required=True, help="LoRA rank (capped at each layer's size)")
+    x.add_argument("-o", "--output", required=True, help="adapter directory (must not exist unless --force)")
+    x.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of the stored factors (default: the fine-tuned weights' dtype)",
+    )
+    x.set_defaults(run=_cmd_extract_lora)
+
+    a = sub.add_parser(
+        "align",
+        help="permute a model's heads and MLP neurons to match a reference (Git Re-Basin), before merging",
+        description=(
+            "Weight matching from 'Git Re-Basin' (arXiv 2209.04836): in every transformer block of MODEL, "
+            "permute the attention heads (whole heads; key/value groups with their query heads) and the MLP "
+            "neurons to best match REFERENCE. Permutations inside a block leave the model's function "
+            "unchanged, so the output computes exactly what MODEL does, but its weights line up with the "
+            "reference's: merge models trained from different seeds after aligning them. Llama-style and "
+            "BERT-style models."
+        ),
+    )
+    a.add_argument("reference", help="the model to align to (e.g. the first of the models to merge)")
+    a.add_argument("model", help="the model to permute")
+    a.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the order in which permutations are solved")
+    a.set_defaults(run=_cmd_align)
+
+    f = sub.add_parser(
+        "fisher",
+        help="compute a causal LM's diagonal Fisher on text, for Fisher merging",
+        description=(
+            "Estimate the diagonal Fisher information of a Hugging Face causal LM on text (per sequence, "
+            "labels sampled from the model's own predictions: the Fisher of 'Merging Models with "
+            "Fisher-Weighted Averaging') and save it as a .safetensors file with the checkpoint's tensor "
+            "names. A merge recipe then names it per model: {model: DIR, parameters: {fisher: FILE}} with "
+            "merge_method: fisher."
+        ),
+    )
+    f.add_argument("model", help="Hugging Face causal-LM directory with a tokenizer")
+    f.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    f.add_argument("--data", help="text: .txt, .jsonl or .json (default: Python standard-library docstrings)")
+    f.add_argument("--samples", type=int, default=128, help="texts used (default: 128)")
+    f.add_argument("--seq-len", type=int, default=512, help="max tokens per text (default: 512)")
+    f.add_argument(
+        "--mode",
+        choices=("sample", "empirical"),
+        default="sample",
+        help="labels sampled from the model (the Fisher, default) or the texts' own next tokens",
+    )
+    f.add_argument("--seed", type=int, default=0, help="seed for the text choice and label sampling")
+    f.set_defaults(run=_cmd_fisher)
+    common_options(m, force=True, max_shard_size=True, allow_pickle=True)
+    for p in (x, a, f):
+        common_options(p, force=True)

@@ -1,0 +1,1 @@
+"""What several verbs share at run time: device placement, torch.distributed set-up, the training loop."""
