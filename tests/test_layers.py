@@ -2,7 +2,7 @@
 
 Layers, top to bottom: the CLI, the demo and the package root; the verbs (adapt, compress, merge, eval,
 train, inspect); what several verbs share (models, quantized, runtime, recipe, registry, select, data,
-testing); and at the bottom checkpoint, errors and progress. Function-local imports count too: they
+linalg, testing); and at the bottom checkpoint, errors and progress. Function-local imports count too: they
 are where an upward import used to hide.
 """
 
@@ -13,7 +13,7 @@ import weightkit
 
 SRC = Path(weightkit.__file__).parent
 BOTTOM = {"errors", "progress", "checkpoint"}
-SHARED = {"quantized", "registry", "select", "data", "recipe", "models", "runtime", "testing"}
+SHARED = {"quantized", "registry", "select", "data", "recipe", "models", "runtime", "testing", "linalg"}
 VERBS = {"adapt", "compress", "merge", "eval", "train", "inspect"}
 
 
