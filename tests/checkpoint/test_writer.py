@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, weights_size
+from weightkit.checkpoint.writer import atomic_file
 from weightkit.errors import WeightkitError
 from weightkit.testing import tiny_llama
 
@@ -61,6 +62,70 @@ def test_output_has_the_modes_of_a_plain_mkdir_and_open(tmp_path):
         "out/model-00001-of-00002.safetensors": 0o644, "out/model-00002-of-00002.safetensors": 0o644,
         "out/model.safetensors.index.json": 0o644,
     }  # fmt: skip
+
+
+def test_every_file_is_synced_before_the_rename_and_the_umask_is_never_touched(tmp_path, monkeypatch):
+    # A copied tokenizer or config that is still in the page cache when the directory is renamed could
+    # be empty after a power cut; and os.umask is process-wide, so flipping it races other threads.
+    src = tmp_path / "src"
+    (src / "1_Pooling").mkdir(parents=True)
+    (src / "tokenizer.json").write_text("{}")
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    synced, events = set(), []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def rename(a, b):
+        events.append(("rename", Path(a).name, Path(b).name, set(synced)))
+        real_rename(a, b)
+
+    def umask(mask):
+        raise AssertionError("os.umask was called")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "umask", umask)
+    with CheckpointWriter(tmp_path / "out", max_shard_bytes=8) as writer:
+        writer.add("a", torch.zeros(4))
+        writer.add("b", torch.zeros(4))
+        writer.copy_files(src)
+        writer.write_json("config.json", {})
+    publish = next(e for e in events if e[2] == "out")
+    tmp = tmp_path / publish[1]
+    written = {str(tmp / p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")}
+    assert written | {str(tmp)} <= publish[3]  # files and directories, all before the rename
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == "{}"
+
+
+def test_atomic_file_publishes_a_synced_file_or_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real_fsync(fd))
+    )
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and str(tmp) in synced and str(tmp_path) in synced
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    with pytest.raises(WeightkitError, match="exists"), atomic_file(target):
+        pass
+    with atomic_file(target, overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_custom_metadata_and_weights_name(tmp_path):

@@ -307,7 +307,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert all(torch.equal(tensors[n], fisher[n]) and tensors[n].dtype == fisher[n].dtype for n in fisher)
     assert metadata["weightkit"] == "fisher" and metadata["examples"] == "12" and metadata["format"] == "pt"
     assert [p.name for p in path.parent.iterdir()] == ["fisher.safetensors"]  # no temporary file left
-    with pytest.raises(WeightkitError, match="already exists"):
+    with pytest.raises(WeightkitError, match="exists; pass --force"):
         save_fisher(fisher, path)
     save_fisher({"x": torch.ones(1)}, path, overwrite=True)
     assert set(load_fisher(path)[0]) == {"x"}
@@ -387,7 +387,7 @@ def test_fisher_checkpoint_errors(tmp_path, bert_dir, llama_dir):
     with pytest.raises(WeightkitError, match=r"\.safetensors"):
         fisher_checkpoint(llama_dir, None, tmp_path / "f.pt", progress=False)
     (tmp_path / "exists.safetensors").write_bytes(b"")
-    with pytest.raises(WeightkitError, match="already exists"):
+    with pytest.raises(WeightkitError, match="exists; pass --force"):
         fisher_checkpoint(llama_dir, None, tmp_path / "exists.safetensors", progress=False)
     assert not (tmp_path / "f.safetensors").exists()
 

@@ -1,16 +1,21 @@
-"""Atomic, streamed writing of Hugging Face model directories in safetensors shards.
+"""Atomic, streamed writing of Hugging Face model directories in safetensors shards, and of single files.
 
 Everything is written into a hidden temporary directory beside the target (same filesystem, so the
 final step is a rename). Only a successful :meth:`CheckpointWriter.close` moves it into place; any
 exception, Ctrl-C included, removes it. So a directory at the target path is always complete: a crash
-never leaves something that looks like a finished model but loads garbage.
+never leaves something that looks like a finished model but loads garbage. Every file and directory in
+it is fsynced before the rename, so a power cut cannot publish a complete-looking directory of empty
+files. :func:`atomic_file` does the same for one file (a Fisher, a report). Every output of weightkit
+is written through one of the two.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
@@ -22,7 +27,7 @@ from safetensors.torch import save_file
 from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.errors import WeightkitError
 
-__all__ = ["CheckpointWriter", "default_permissions"]
+__all__ = ["CheckpointWriter", "atomic_file", "default_permissions"]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
@@ -37,6 +42,14 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory (deepest first) under ``root``, ``root`` included."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for file in files:
+            _fsync(Path(directory, file))
+        _fsync(Path(directory))
 
 
 def _safe_relpath(relpath: str) -> PurePosixPath:
@@ -292,7 +305,6 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
         index_path = self._tmp / f"{self.weights_name}.index.json"
         index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        _fsync(index_path)
 
     def _publish(self) -> None:
         out = self._target
@@ -331,7 +343,7 @@ class CheckpointWriter:
             self._flush()
             self._finalize_shards()
             default_permissions(self._tmp)
-            _fsync(self._tmp)
+            _fsync_tree(self._tmp)  # configs, tokenizer files and the index too, not only the shards
             self._publish()
         except BaseException:
             self.abort()
@@ -367,15 +379,72 @@ class CheckpointWriter:
             self.abort()
 
 
+def _plain_modes(directory: Path) -> tuple[int, int]:
+    """``(directory mode, file mode)`` that a plain ``mkdir`` / ``open`` gives in ``directory``.
+
+    Learnt by making a probe directory there, not by reading the umask: ``os.umask`` can only be read
+    by setting it, and setting the process-wide umask races with every other thread creating files.
+    """
+    probe = Path(tempfile.mkdtemp(prefix=".mode-probe-", dir=directory))  # mode 0700, then:
+    try:
+        os.rmdir(probe)
+        os.mkdir(probe, 0o777)  # 0777 less the umask (and any default ACL)
+        mode = os.stat(probe).st_mode & 0o777
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(probe)
+    return mode, mode & 0o666
+
+
 def default_permissions(path: str | os.PathLike) -> None:
     """Give a finished output (a file, or a directory and everything in it) the modes a plain ``mkdir`` /
     ``open`` would: 0777 / 0666 less the umask. ``mkdtemp``/``mkstemp`` make 0700 / 0600 and safetensors
     writes 0600, which would hide a shared model from other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    if not os.path.isdir(path):
-        os.chmod(path, 0o666 & ~umask)
+    path = Path(path)
+    dir_mode, file_mode = _plain_modes(path.parent)
+    if not path.is_dir():
+        os.chmod(path, file_mode)
     for directory, _, files in os.walk(path):
-        os.chmod(directory, 0o777 & ~umask)
+        os.chmod(directory, dir_mode)
         for file in files:
-            os.chmod(os.path.join(directory, file), 0o666 & ~umask)
+            os.chmod(os.path.join(directory, file), file_mode)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write one file atomically: yields a temporary path beside ``path`` to write to.
+
+    On leaving the block without an exception the file gets plain permissions, is fsynced and renamed
+    to ``path`` (and the directory fsynced); on an exception, Ctrl-C included, it is removed and
+    nothing at ``path`` changes.
+
+    Example::
+
+        with atomic_file("fisher.safetensors") as tmp:
+            save_file(tensors, tmp)
+
+    Raises:
+        WeightkitError: ``path`` exists and ``overwrite`` is False, or is a directory; or the write
+            failed (disk full ...), with nothing left behind.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise WeightkitError(f"{path} is a directory; refusing to replace it with a file")
+    if path.exists() and not overwrite:
+        raise WeightkitError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        default_permissions(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        raise WeightkitError(f"writing {path} failed: {err}. Nothing was written to {path}") from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

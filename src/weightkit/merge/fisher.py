@@ -54,7 +54,6 @@ checkpoint does not store gets no entry either.
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +62,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from weightkit.checkpoint.writer import default_permissions
+from weightkit.checkpoint.writer import atomic_file
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.params import Spec, check_range
 from weightkit.progress import track
@@ -475,7 +474,7 @@ def save_fisher(
     if not fisher:
         raise WeightkitError("refusing to write an empty Fisher (no tensors)")
     if path.exists() and not overwrite:
-        raise WeightkitError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise WeightkitError(f"{path} exists; pass --force (overwrite=True) to overwrite it")
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for name, tensor in fisher.items():
@@ -494,16 +493,8 @@ def save_fisher(
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": "pt", "weightkit": "fisher"})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite=overwrite) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -602,9 +593,7 @@ def fisher_checkpoint(
     if out_path.suffix != ".safetensors":
         raise WeightkitError(f"{out_path}: a Fisher file must end in .safetensors")
     if out_path.exists() and not overwrite:
-        raise WeightkitError(
-            f"{out_path} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
+        raise WeightkitError(f"{out_path} exists; pass --force (overwrite=True) to overwrite it")
     if mode not in ("sample", "empirical"):
         raise WeightkitError(
             f"Fisher mode for a language model must be 'sample' or 'empirical', got {mode!r}"
