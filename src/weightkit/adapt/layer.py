@@ -6,6 +6,13 @@ adapter's name (``lora_A.<name>``, as PEFT does), so one rule finds an adapter's
 the key has the adapter's name as one dotted segment (:func:`adapter_state`). Trainable adapter tensors
 are parameters; frozen ones (fixed projections, saved singular vectors) are buffers.
 
+Adapter precision (:func:`adapter_dtype`): as PEFT's ``autocast_adapter_dtype=True`` (its default), an
+adapter on a float16/bfloat16 (or float8) layer keeps its floating tensors, trained and frozen, in float32;
+the forward casts the input to the adapter's dtype, adds the adapter's output to the base output in that
+dtype and casts the sum back to the base output's dtype. In bfloat16 an AdamW step of 1e-4 on a weight of
+0.05 is below half a unit in the last place and would be lost; float32 keeps it. ``False`` keeps the
+layer's own dtype (half the adapter memory, for inference-only adapters).
+
 The methods' layers differ only in their math; this module holds what is common, written once:
 
 - :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
@@ -29,6 +36,7 @@ from weightkit.select import select_modules
 
 __all__ = [
     "is_int",
+    "adapter_dtype",
     "AdapterLayer",
     "BufferDict",
     "adapter_layers",
@@ -56,6 +64,25 @@ _CONFIGS_ATTR = "weightkit_adapters"
 def is_int(value) -> bool:
     """Whether a config value is an integer (``True``/``False`` are not, though Python says they are)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The dtypes PEFT's autocast_adapter_dtype upcasts to float32 (the float8 ones where torch has them).
+_UPCAST = {torch.float16, torch.bfloat16} | {
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name)
+}
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a new adapter's floating tensors on a layer whose weight has ``base_dtype``.
+
+    Args:
+        base_dtype: the adapted layer's weight dtype.
+        autocast_adapter_dtype: PEFT's option of that name: float16, bfloat16 and float8 become float32
+            (other dtypes are kept); ``False`` keeps ``base_dtype``.
+    """
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
 
 
 class BufferDict(nn.Module):
@@ -99,7 +126,7 @@ def merge_deltas(layer: nn.Module) -> None:
         weight = layer.base_layer.weight
         for name in layer.active:
             if name not in layer.merged:
-                weight += layer.delta_weight(name).to(weight.dtype)
+                weight += layer.delta_weight(name)  # computed in the wider dtype, rounded once
                 layer.merged.append(name)
 
 
@@ -108,7 +135,7 @@ def unmerge_deltas(layer: nn.Module) -> None:
     with torch.no_grad():
         weight = layer.base_layer.weight
         while layer.merged:
-            weight -= layer.delta_weight(layer.merged.pop()).to(weight.dtype)
+            weight -= layer.delta_weight(layer.merged.pop())
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

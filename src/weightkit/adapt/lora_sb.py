@@ -36,7 +36,8 @@ Deliberate deviations:
 
 The layer's tensors: ``lora_A.<name>`` (r x in) and ``lora_B.<name>`` (out x r) are persistent buffers
 (saved with the adapter, so loading needs neither the data nor an SVD); ``lora_R.<name>`` (r x r) is the
-one trained parameter. ``B R A`` is an ordinary rank-r update, so :func:`to_lora_factors` turns it into
+one trained parameter. On a 16-bit layer all three are float32 unless ``autocast_adapter_dtype=False``
+(PEFT's adapter precision). ``B R A`` is an ordinary rank-r update, so :func:`to_lora_factors` turns it into
 plain LoRA factors (``lora_A = R A``, ``lora_B = B``, ``lora_alpha = r``) for PEFT or vLLM.
 """
 
@@ -51,6 +52,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
     BufferDict,
+    adapter_dtype,
     batch_loss,
     finish_adapter,
     merge_deltas,
@@ -137,10 +139,10 @@ def svd_init(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """LoRA-XS's frozen factors of ``weight`` (out x in): ``(B, A) = (U_r, S_r V_r^T)``.
 
     ``B`` (out x rank) has orthonormal columns and ``B @ A`` is the best rank-``rank`` approximation of
-    ``weight``. Computed in float32 (exact SVD), returned in ``weight``'s dtype and device.
+    ``weight``. Computed in float32 (exact SVD) and returned in float32, on ``weight``'s device.
     """
     U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
-    return U[:, :rank].to(weight.dtype), (S[:rank, None] * Vh[:rank]).to(weight.dtype)
+    return U[:, :rank], S[:rank, None] * Vh[:rank]
 
 
 def first_step_update(grad: Tensor, *, lr: float, first_step: str) -> Tensor:
@@ -218,9 +220,11 @@ class LoRASBLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_R)
 
-    def add_adapter(self, name: str, B: Tensor, R: Tensor, A: Tensor) -> None:
+    def add_adapter(
+        self, name: str, B: Tensor, R: Tensor, A: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         """Add adapter ``name`` with factors ``B`` (out x r), ``R`` (r x r, trained) and ``A`` (r x in),
-        stored in the base weight's dtype and on its device."""
+        stored in ``dtype`` (default: the base weight's) on the base weight's device."""
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         rank = R.shape[0]
@@ -231,7 +235,7 @@ class LoRASBLinear(nn.Module):
             )
         # Contiguous copies: SVD factors come column-major, which would make the same adapter
         # compute differently (last-bit rounding) before and after a save/load round trip.
-        kwargs = {"dtype": weight.dtype, "device": weight.device}
+        kwargs = {"dtype": dtype or weight.dtype, "device": weight.device}
         self.lora_B[name] = B.detach().to(**kwargs).contiguous()
         self.lora_A[name] = A.detach().to(**kwargs).contiguous()
         self.lora_R[name] = nn.Parameter(R.detach().to(**kwargs).contiguous())
@@ -250,14 +254,15 @@ class LoRASBLinear(nn.Module):
         unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
             # x -> A x -> R A x -> B R A x through r-dimensional coordinates, never an out x in matrix.
             coords = F.linear(x.to(self.lora_A[name].dtype), self.lora_A[name])
-            out = out + F.linear(F.linear(coords, self.lora_R[name]), self.lora_B[name]).to(out.dtype)
-        return out
+            out = out + F.linear(F.linear(coords, self.lora_R[name]), self.lora_B[name])
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def to_lora_factors(layer: LoRASBLinear, name: str) -> tuple[Tensor, Tensor]:
@@ -270,8 +275,9 @@ def to_lora_factors(layer: LoRASBLinear, name: str) -> tuple[Tensor, Tensor]:
 
 
 def add_lora_sb(
-    model: nn.Module, config: LoRASBConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: LoRASBConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` a LoRA-SB / LoRA-XS adapter ``name``; freeze the rest.
 
     Args:
@@ -282,6 +288,8 @@ def add_lora_sb(
         data: (``init="gradient"``) an iterable of batches; the first ``config.calib_batches`` are used.
         initialize: compute the initialisation; ``False`` builds zero tensors of the right shapes (to be
             loaded from a saved adapter) and needs no data.
+        autocast_adapter_dtype: ``B``, ``R``, ``A`` in float32 on 16-bit layers (PEFT's default); ``False``
+            keeps each layer's dtype.
 
     Returns:
         ``model``, modified in place.
@@ -327,7 +335,7 @@ def add_lora_sb(
             require_finite(grads[module_name], f"the loss gradient of {module_name}.weight")
             update = first_step_update(grads[module_name], lr=config.init_lr, first_step=config.first_step)
             B, R, A = update_init(update, rank)
-        layer.add_adapter(name, B, R, A)
+        layer.add_adapter(name, B, R, A, dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype))
     return finish_adapter(model, name, config)
 
 

@@ -12,6 +12,11 @@ PEFT stores an adapter's tensors under the model's key with the adapter's name d
   MiSS) saves as that PEFT type.
 - Every other (weightkit-only) method saves in the same layout with its own ``peft_type`` (the method's
   registered name in capitals) and its config fields; weightkit loads it back.
+
+Tensors are saved in the dtype they have, as PEFT's ``save_pretrained`` does: float32 for an adapter on a
+16-bit model made with the default ``autocast_adapter_dtype=True`` (PEFT's default too), the model's dtype
+with ``False``. Loading follows ``PeftModel.from_pretrained``: the adapter gets the dtype its layers call for
+(:func:`weightkit.adapt.layer.adapter_dtype`), whatever dtype it was saved in.
 """
 
 import dataclasses
@@ -184,8 +189,14 @@ def _config_from_saved(saved: dict, modules: list[str], where: Path):
     raise WeightkitError(f"{where}: adapters of type {peft_type} are not supported by weightkit")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, *, name: str = "default", autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Add the adapter saved in ``adapter_dir`` (PEFT's format, by weightkit or PEFT) as adapter ``name``.
+
+    ``autocast_adapter_dtype`` as in PEFT's ``PeftModel.from_pretrained``: on 16-bit layers the adapter's
+    tensors are float32 whatever dtype they were saved in; ``False`` gives them the layers' dtype (saved
+    float32 values are rounded to it).
 
     Raises:
         WeightkitError: an adapter type weightkit does not know, an adapter for modules the model does not
@@ -212,7 +223,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "defa
     config = _config_from_saved(saved, targets, adapter_dir)
     entry = entry_for_config(config)
     try:
-        entry.fn(model, config, name=name, initialize=False)
+        entry.fn(model, config, name=name, initialize=False, autocast_adapter_dtype=autocast_adapter_dtype)
     except WeightkitError as err:
         raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
     full_keys = adapter_keys(model, name)
