@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from weightkit.adapt import LoRAConfig, adapt, load_adapter
-from weightkit.adapt.trainer import TrainConfig, evaluate, make_batches, train_adapter
+from weightkit.adapt.trainer import TrainConfig, evaluate, make_batches, split_examples, train_adapter
 from weightkit.cli import main
 from weightkit.errors import WeightkitError
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
@@ -56,10 +56,8 @@ def test_cli_trains_a_causal_lm_adapter_that_peft_loads(llama_dir, tmp_path, cap
 
 def _perplexity(model, tmp_path):
     # The trainer's own held-out split of TEXTS (10%, seed 0) is reproduced with the same tokenizer.
-    from weightkit.adapt.trainer import _split
-
-    _, eval_idx = _split(len(TEXTS), 0.1, 0)
-    batches = make_batches(tiny_tokenizer(), [TEXTS[i] for i in eval_idx], None, batch_size=8, max_length=256)
+    _, _, eval_texts, _ = split_examples(TEXTS, None, 0.1, 0)
+    batches = make_batches(tiny_tokenizer(), eval_texts, None, batch_size=8, max_length=256)
     return evaluate(model, batches, classification=False)["perplexity"]
 
 
@@ -158,3 +156,76 @@ def test_torchrun_ddp_equals_one_process_with_the_combined_batch(tmp_path):
     assert ddp.keys() == one.keys()
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _spy_on_adapt(monkeypatch):
+    """Record the config and initialisation batches ``weightkit adapt`` passes to ``adapt``."""
+    import weightkit.adapt
+
+    calls, real = [], weightkit.adapt.adapt
+
+    def spy(model, config, **kwargs):
+        calls.append({"config": config, "data": kwargs.get("data")})
+        return real(model, config, **kwargs)
+
+    monkeypatch.setattr(weightkit.adapt, "adapt", spy)
+    return calls
+
+
+def _token_rows(batches):
+    return {
+        tuple(ids[mask == 1].tolist())
+        for b in batches
+        for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True)
+    }
+
+
+@pytest.mark.parametrize("method", ["eva", "lora_sb"])
+def test_initialisation_data_holds_no_held_out_example(llama_dir, tmp_path, monkeypatch, method):
+    # EVA's activations and LoRA-SB's gradient come from the training part; the held-out 10% is split first.
+    calls = _spy_on_adapt(monkeypatch)
+    # 40 distinct texts (the tiny tokenizer has no digits: words tell them apart).
+    animals, places = (
+        ["cat", "dog", "fox", "bird", "fish"],
+        ["mat", "park", "river", "sun", "road", "tree", "lake", "hill"],
+    )
+    texts = [f"the {a} sat by the {p} while the model learned" for a in animals for p in places]
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(texts))
+    code = main([
+        "adapt", str(llama_dir), "-o", str(tmp_path / "out"), "--method", method, "--data", str(data),
+        "--rank", "2", "--max-steps", "1", "--batch-size", "4", "--json",
+    ])  # fmt: skip
+    assert code == 0
+    _, _, eval_texts, _ = split_examples(texts, None, 0.1, 0)
+    held_out = _token_rows(make_batches(tiny_tokenizer(128), eval_texts, None, batch_size=4, max_length=256))
+    init_rows = _token_rows(calls[0]["data"])
+    assert len(held_out) == 4 and len(init_rows) == 32 and not init_rows & held_out
+
+
+@pytest.mark.parametrize(("lr", "warmup", "expected"), [(3e-3, 0, 3e-3), (4e-3, 3, 1e-3)])
+def test_lora_sb_takes_the_runs_first_step_learning_rate(
+    llama_dir, tmp_path, monkeypatch, lr, warmup, expected
+):
+    # As the authors' scripts: the simulated first step uses the learning rate the run starts with.
+    calls = _spy_on_adapt(monkeypatch)
+    args = ["adapt", str(llama_dir), "-o", str(tmp_path / "out"), "--method", "lora_sb", "--rank", "2"]
+    args += [
+        "--lr",
+        str(lr),
+        "--warmup-steps",
+        str(warmup),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--json",
+    ]
+    assert main(args) == 0
+    assert calls[0]["config"].init_lr == pytest.approx(expected)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["init_lr"] == pytest.approx(expected)
+    # An init_lr the user gives is kept.
+    args[3] = str(tmp_path / "given")
+    assert main([*args, "--option", "init_lr=5e-4"]) == 0
+    assert calls[1]["config"].init_lr == 5e-4

@@ -21,11 +21,21 @@ bias-corrected step ``-lr * m / sqrt(v) = -lr * G / |G|`` (``first_step="sgd"`` 
 The initial ``B R A`` is *added* to the frozen weight, as the authors do: the adapted model starts at the
 best rank-r approximation of that first step, not at the pre-trained model.
 
+The step size ``init_lr`` is the training run's first learning rate, and the gradient comes from training
+examples only. What we verified in the authors' released code (github.com/RaghavSinghal10/lora-sb,
+``train_glue.py``, ``train_cr.py``, ``utils/gradient_utils.py``): the gradient is estimated on the training
+loader (2 examples for GLUE, 170 for commonsense reasoning), the step is ``-eff_lr * sign(sum of
+gradients)`` with ``eff_lr = lr / (warmup_ratio * total_steps)``, i.e. the learning rate divided by the
+number of warm-up steps: the first non-zero rate of the linear warm-up (``get_linear_schedule_with_warmup``
+starts at 0) that the run then trains with. :func:`weightkit.adapt.finetune` applies the same rule to its own
+schedule, whose first step already runs at ``lr / (warmup_steps + 1)`` (``lr`` without warm-up).
+
 Deliberate deviations:
 
 - We could not read the LoRA-SB paper's method section from here (only its abstract); the update formula
-  above, ``R = S_r`` and the choice to start from the approximated step are taken from the authors' public
-  code (``lora-sb``'s gradient utilities and the initialisation of the same authors' Fed-SB code).
+  above, the step size, ``R = S_r`` and the choice to start from the approximated step are taken from the
+  authors' public code (``lora-sb``'s training scripts and gradient utilities, and the initialisation of
+  the same authors' Fed-SB code).
 - No scaling factor: the update is ``B R A`` (scale 1). LoRA-SB is scale-free by design (the authors set
   ``alpha = r``); LoRA-XS's ``alpha / r`` only rescales ``R`` (equivalently its learning rate).
 - LoRA-XS starts from ``R = 0`` (its code draws ``R`` from N(0, 1e-5^2)): outputs are exactly unchanged
@@ -91,9 +101,12 @@ class LoRASBConfig:
         first_step: (``"gradient"`` only) the full fine-tuning step being approximated: ``"adam"``,
             Adam's first step ``-init_lr * sign(G)`` (the paper trains with AdamW), or ``"sgd"``,
             ``-init_lr * G``, where ``G`` is the loss gradient averaged over the calibration batches.
-        init_lr: (``"gradient"`` only) the learning rate of that simulated step: the learning rate full
-            fine-tuning would use on its first step (after warm-up scaling, if any). It sets how far the
-            model moves at initialisation; it does not change the gradients ``R`` gets later.
+        init_lr: (``"gradient"`` only) the learning rate of that simulated step: the learning rate of the
+            training run's first step, after warm-up scaling (the authors' scripts pass
+            ``lr / warm-up steps``). It sets how far the model moves at initialisation; it does not change
+            the gradients ``R`` gets later. ``None``: ``weightkit adapt`` (:func:`weightkit.adapt.finetune`)
+            derives it from the run's ``--lr`` and ``--warmup-steps``; calling :func:`adapt` directly with
+            ``init="gradient"`` needs a number.
         calib_batches: (``"gradient"`` only) at most this many batches of ``data`` are used to estimate
             ``G`` (the authors use about 50 examples).
         targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
@@ -104,7 +117,7 @@ class LoRASBConfig:
     rank: int = 8
     init: str = "gradient"
     first_step: str = "adam"
-    init_lr: float = 1e-4
+    init_lr: float | None = None
     calib_batches: int = 16
     targets: list[str] = field(default_factory=lambda: ["re:.*\\.(q_proj|v_proj|query|value)"])
 
@@ -117,7 +130,7 @@ class LoRASBConfig:
             raise WeightkitError(
                 f"lora_sb: first_step must be one of {', '.join(_FIRST_STEPS)}, got {self.first_step!r}"
             )
-        if (
+        if self.init_lr is not None and (
             isinstance(self.init_lr, bool)
             or not isinstance(self.init_lr, int | float)
             or not 0 < self.init_lr < math.inf
@@ -303,6 +316,11 @@ def add_lora_sb(
         raise WeightkitError(
             "lora_sb: init='gradient' needs data: batches the model computes a loss for (Hugging Face "
             "models: dicts with input_ids and labels); or use init='svd' (LoRA-XS), which needs none"
+        )
+    if initialize and config.init == "gradient" and config.init_lr is None:
+        raise WeightkitError(
+            "lora_sb: init='gradient' needs init_lr, the learning rate of your training run's first step "
+            "(after warm-up scaling); weightkit adapt sets it from --lr and --warmup-steps"
         )
     layers = wrap_targets(model, config.targets, LoRASBLinear)
     for module_name, layer in layers.items():

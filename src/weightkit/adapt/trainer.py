@@ -14,6 +14,7 @@ A loss or gradient that is NaN/Inf stops training before the bad step is applied
 (the last good state) is saved to ``OUT-checkpoints/last-good`` and the error names the step.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -105,11 +106,31 @@ def make_batches(
     return batches
 
 
-def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_examples(
+    texts: list[str], labels: list | None, fraction: float, seed: int
+) -> tuple[list[str], list | None, list[str], list | None]:
+    """Hold out ``fraction`` of the examples (at least one, never all), drawn by ``seed``:
+    ``(train_texts, train_labels, eval_texts, eval_labels)``, each part in the original order."""
+    n = len(texts)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_eval = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+    train_idx, eval_idx = sorted(order[n_eval:]), sorted(order[:n_eval])
+
+    def pick(values, indices):
+        return [values[i] for i in indices] if values is not None else None
+
+    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, eval_idx), pick(labels, eval_idx)
+
+
+def first_step_lr(config: "TrainConfig") -> float:
+    """The learning rate of the first optimizer step: ``lr`` scaled by the warm-up."""
+    return config.lr * _warmup_factor(0, config.warmup_steps)
+
+
+def _warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: step ``s`` (from 0) runs at ``(s + 1) / (warmup_steps + 1)`` of ``lr``, then ``lr``."""
+    return min(1.0, (step + 1) / (max(warmup_steps, 0) + 1))
 
 
 @torch.no_grad()
@@ -180,11 +201,9 @@ def train_adapter(
     out_dir = Path(out_dir)
     checkpoints = out_dir.with_name(out_dir.name + "-checkpoints")
     if eval_texts is None:
-        train_idx, eval_idx = _split(len(texts), config.eval_fraction, config.seed)
-        eval_texts = [texts[i] for i in eval_idx]
-        eval_labels = [labels[i] for i in eval_idx] if labels is not None else None
-        texts = [texts[i] for i in train_idx]
-        labels = [labels[i] for i in train_idx] if labels is not None else None
+        texts, labels, eval_texts, eval_labels = split_examples(
+            texts, labels, config.eval_fraction, config.seed
+        )
     if not texts:
         raise WeightkitError("no training examples")
     classification = labels is not None
@@ -216,8 +235,9 @@ def train_adapter(
         # A schedule may leave some adapter parameters out of a step (IncreLoRA's unused components).
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=schedule is not None)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    warmup = max(config.warmup_steps, 0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _warmup_factor(s, config.warmup_steps)
+    )
     model.train()
     step, losses, history = 0, [], []
     save_kwargs = {"name": name, "modules_to_save": list(head)}
@@ -329,11 +349,16 @@ def finetune(
     Encoders need a ``.jsonl``/``.json`` file whose records have ``text`` and ``label``: a classification head
     (``AutoModelForSequenceClassification``) is trained with the adapter and saved with it; the label names
     go to ``out_dir/labels.json``.
+
+    Without ``eval_data`` the held-out examples are split off first, so data-driven initialisations (EVA's
+    activations, LoRA-SB's gradient) see training examples only. LoRA-SB without an ``init_lr`` takes the
+    run's first-step learning rate (``train.lr`` after warm-up scaling), as its authors do.
     """
     from transformers import AutoModelForSequenceClassification
 
     from weightkit.adapt import adapt
     from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
+    from weightkit.adapt.lora_sb import LoRASBConfig
     from weightkit.data import stdlib_docstrings
     from weightkit.models import load_model, load_tokenizer, model_kind
 
@@ -369,6 +394,13 @@ def finetune(
         head = ["classifier"]
     if tokenizer is None:
         raise WeightkitError(f"{model_dir} has no tokenizer files; training needs the model's tokenizer")
+    if eval_texts is None:
+        texts, labels, eval_texts, eval_labels = split_examples(
+            texts, labels, train.eval_fraction, train.seed
+        )
+    lora_sb = isinstance(adapter_config, LoRASBConfig) and adapter_config.init == "gradient"
+    if lora_sb and adapter_config.init_lr is None:
+        adapter_config = dataclasses.replace(adapter_config, init_lr=first_step_lr(train))
     init_data = make_batches(
         tokenizer, texts[: 8 * train.batch_size], labels[: 8 * train.batch_size] if labels else None,
         batch_size=train.batch_size, max_length=train.max_length,
