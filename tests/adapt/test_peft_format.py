@@ -204,3 +204,12 @@ def test_a_bf16_models_adapter_saves_the_dtypes_peft_saves_and_round_trips_with_
             torch.float32 if autocast else torch.bfloat16
         }
         torch.testing.assert_close(mine(IDS).logits, peft(IDS).logits, **BF16_LOGITS)
+
+
+def test_extra_json_files_are_written_inside_the_adapter_directory_and_cannot_replace_its_own(tmp_path):
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "a", extra_json={"labels.json": ["no", "yes"]})
+    assert (tmp_path / "a" / "labels.json").read_text().strip().startswith("[")
+    with pytest.raises(WeightkitError, match="cannot replace the adapter's own adapter_config.json"):
+        save_adapter(model, tmp_path / "b", extra_json={"adapter_config.json": {}})
+    assert not (tmp_path / "b").exists()

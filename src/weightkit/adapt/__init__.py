@@ -27,9 +27,10 @@ from weightkit.adapt.mos import MoSConfig
 from weightkit.adapt.peft_format import load_adapter, save_adapter
 from weightkit.adapt.subspace import SubspaceConfig
 from weightkit.adapt.svfit import SVFitConfig
-from weightkit.adapt.trainer import TrainConfig, finetune, train_adapter
+from weightkit.adapt.trainer import finetune, train_adapter
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
+from weightkit.runtime.training import TrainConfig
 
 __all__ = [
     "adapt",

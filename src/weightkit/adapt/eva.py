@@ -47,10 +47,10 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import forward_batch
 from weightkit.errors import WeightkitError
 from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
+from weightkit.runtime.training import forward_batch
 
 __all__ = [
     "SVDState",

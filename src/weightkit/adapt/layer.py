@@ -21,10 +21,10 @@ The methods' layers differ only in their math; this module holds what is common,
   :func:`merge_and_unload`,
   :func:`trainable_parameters`, :func:`adapter_summary`;
 - :func:`adapter_configs`: the config each named adapter was made with (for saving);
-- :func:`forward_batch` / :func:`batch_loss`: run one batch of user data (for data-driven initialisations).
+- :func:`batch_loss`: the loss of one batch of user data (for data-driven initialisations).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
+from weightkit.runtime.training import forward_batch
 from weightkit.select import select_modules
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "merge_and_unload",
     "trainable_parameters",
     "adapter_summary",
-    "forward_batch",
     "batch_loss",
 ]
 
@@ -292,15 +292,6 @@ def adapter_summary(model: nn.Module) -> list[dict[str, Any]]:
             "merged": any(name in getattr(layer, "merged", ()) for layer in holding),
         })  # fmt: skip
     return rows
-
-
-def forward_batch(model: nn.Module, batch) -> Any:
-    """Run ``model`` on one batch: a dict is passed as keyword arguments, anything else positionally.
-    Tensors are moved to the model's device."""
-    device = next(model.parameters()).device
-    if isinstance(batch, Mapping):
-        return model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
-    return model(batch.to(device) if isinstance(batch, Tensor) else batch)
 
 
 def batch_loss(model: nn.Module, batch) -> Tensor:

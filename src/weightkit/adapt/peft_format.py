@@ -24,6 +24,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ _EMBEDDING_TABLE = ".base_layer.weight"
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
-    modules_to_save: list[str] = (), overwrite: bool = False,
+    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
@@ -58,6 +59,8 @@ def save_adapter(
             ``config.name_or_path`` when it has one).
         modules_to_save: modules trained in full alongside the adapter (a new classification head), saved
             whole as PEFT's ``modules_to_save``.
+        extra_json: more files for the directory, ``{file name: JSON value}`` (a classifier's
+            ``labels.json``), written with the adapter before the directory is published.
         overwrite: replace an existing ``out_dir``.
     """
     configs = adapter_configs(model)
@@ -65,6 +68,10 @@ def save_adapter(
         raise WeightkitError(
             f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
         )
+    extra_json = dict(extra_json or {})
+    taken = {"adapter_config.json", _WEIGHTS} & set(extra_json)
+    if taken:
+        raise WeightkitError(f"extra_json cannot replace the adapter's own {', '.join(sorted(taken))}")
     config = configs[name]
     targets = sorted(n for n, layer in adapter_layers(model).items() if name in layer.adapter_names())
     if isinstance(config, LoRAConfig):
@@ -94,6 +101,8 @@ def save_adapter(
         for key, tensor in tensors.items():
             writer.add(_PREFIX + key, tensor.detach().cpu().contiguous().clone())
         writer.write_json("adapter_config.json", settings)
+        for file_name, value in extra_json.items():
+            writer.write_json(file_name, value)
     return Path(out_dir)
 
 
