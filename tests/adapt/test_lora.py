@@ -83,8 +83,9 @@ def test_two_named_adapters_add_up():
 def test_the_forward_is_the_base_plus_the_scaled_update_for_any_input_shape_and_adapter_dtype(
     shape, adapter_dtype
 ):
-    # Same dtypes take the fused addmm path; an adapter kept in another dtype (as PEFT keeps fp32 adapters
-    # on a bf16 base) and unbatched inputs take the plain one. Both compute W x + s B A x, with gradients.
+    # Batched inputs take the fused addmm path, unbatched ones the plain one. Both compute W x + s B A x,
+    # with gradients; an adapter in a wider dtype (PEFT's fp32 adapters on a bf16 base) sums in its dtype and
+    # the result is rounded to the base output's dtype once, as PEFT's forward does.
     layer = LoRALinear(torch.nn.Linear(32, 16))
     layer.add_adapter("default", rank=4, scaling=0.7)
     layer.lora_A.to(adapter_dtype)
@@ -94,7 +95,7 @@ def test_the_forward_is_the_base_plus_the_scaled_update_for_any_input_shape_and_
     x = torch.randn(shape, requires_grad=True)
     out = layer(x)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expected = layer.base_layer(x) + (0.7 * x.to(adapter_dtype) @ a.T @ b.T).float()
+    expected = (layer.base_layer(x) + 0.7 * x.to(adapter_dtype) @ a.T @ b.T).float()
     assert out.dtype == torch.float32 and out.shape == (*shape[:-1], 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), [x, b])

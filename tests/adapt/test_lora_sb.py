@@ -168,7 +168,7 @@ def test_lora_sb_starts_at_the_best_rank_r_approximation_of_the_first_step():
 def test_gradient_init_is_deterministic():
     tensors = []
     for _ in range(2):
-        model = add_lora_sb(tiny_llama(seed=0), LoRASBConfig(rank=3), data=_batches())
+        model = add_lora_sb(tiny_llama(seed=0), LoRASBConfig(rank=3, init_lr=1e-4), data=_batches())
         tensors.append({k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k})
     assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) == 3 * len(TARGETS)
     for key, value in tensors[0].items():
@@ -320,10 +320,12 @@ def test_bad_config_is_refused(kwargs, message):
 def test_bad_input_gives_clear_errors():
     with pytest.raises(WeightkitError, match="needs data"):
         add_lora_sb(tiny_llama(seed=0), LoRASBConfig())
+    with pytest.raises(WeightkitError, match="needs init_lr, the learning rate of your training run's first"):
+        add_lora_sb(tiny_llama(seed=0), LoRASBConfig(), data=_batches())
     with pytest.raises(WeightkitError, match="gave no batches"):
-        add_lora_sb(tiny_llama(seed=0), LoRASBConfig(), data=[])
+        add_lora_sb(tiny_llama(seed=0), LoRASBConfig(init_lr=1e-4), data=[])
     with pytest.raises(WeightkitError, match="needs a loss"):
-        add_lora_sb(tiny_llama(seed=0), LoRASBConfig(), data=[{"input_ids": IDS}])
+        add_lora_sb(tiny_llama(seed=0), LoRASBConfig(init_lr=1e-4), data=[{"input_ids": IDS}])
     with pytest.raises(WeightkitError, match="rank 17 is larger than"):
         add_lora_sb(tiny_llama(seed=0), LoRASBConfig(rank=17, init="svd"))
     model = add_lora_sb(tiny_llama(seed=0), LoRASBConfig(rank=2, init="svd"))

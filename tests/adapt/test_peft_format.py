@@ -147,3 +147,69 @@ def test_an_eva_adapter_has_eva_ranks_and_loads_in_peft(tmp_path):
     torch.testing.assert_close(_peft_model(base_dir, tmp_path / "eva")(IDS).logits, model(IDS).logits)
     with pytest.raises(WeightkitError, match="needs calibration batches"):
         adapt(tiny_llama(seed=0), config)
+
+
+# weightkit config and the PEFT LoraConfig fields for the same adapter.
+SAME_LORA = {
+    "lora": (LoRAConfig(rank=4, alpha=8), {}),
+    "dora": (LoRAConfig(rank=4, alpha=8, dora=True), {"use_dora": True}),
+    "pissa": (LoRAConfig(rank=4, alpha=8, init="pissa"), {"init_lora_weights": "pissa"}),
+    "embedding": (
+        LoRAConfig(rank=4, alpha=8, targets=["model.embed_tokens"]),
+        {"target_modules": ["embed_tokens"]},
+    ),
+}
+
+
+def _bf16_llama():
+    return tiny_llama(seed=0).to(torch.bfloat16)
+
+
+# Two bf16 units in the last place at these logits' scale (|logit| < 0.5): the two libraries round the
+# same sums in different orders (PEFT rounds each step of a bf16 adapter's sum, weightkit fuses them).
+BF16_LOGITS = {"rtol": 0, "atol": 2**-8}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("kind", list(SAME_LORA))
+def test_a_bf16_models_adapter_saves_the_dtypes_peft_saves_and_round_trips_with_peft(
+    tmp_path, kind, autocast
+):
+    from safetensors.torch import load_file
+
+    config, peft_fields = SAME_LORA[kind]
+    ours = adapt(_bf16_llama(), config, autocast_adapter_dtype=autocast)
+    _randomise(ours)
+    save_adapter(ours, tmp_path / "ours")
+    peft_config = PeftLoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **peft_fields}
+    )
+    peft = get_peft_model(_bf16_llama(), peft_config, autocast_adapter_dtype=autocast)
+    _randomise(peft, seed=1)
+    peft.save_pretrained(tmp_path / "peft")
+    ours_saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    peft_saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    # PEFT also saves an adapted embedding's whole table (save_embedding_layers); weightkit saves the adapter.
+    peft_saved = {k: v for k, v in peft_saved.items() if not k.endswith(".base_layer.weight")}
+    assert {k: v.dtype for k, v in ours_saved.items()} == {k: v.dtype for k, v in peft_saved.items()}
+    assert {v.dtype for v in ours_saved.values()} == {torch.float32 if autocast else torch.bfloat16}
+
+    loaded = PeftModel.from_pretrained(
+        _bf16_llama(), tmp_path / "ours", autocast_adapter_dtype=autocast
+    ).eval()
+    torch.testing.assert_close(loaded(IDS).logits, ours(IDS).logits, **BF16_LOGITS)
+    if kind != "pissa":  # PEFT saved its PiSSA adapter against its residual base, not the original model
+        mine = load_adapter(_bf16_llama(), tmp_path / "peft", autocast_adapter_dtype=autocast)
+        assert {p.dtype for n, p in mine.named_parameters() if "lora" in n} == {
+            torch.float32 if autocast else torch.bfloat16
+        }
+        torch.testing.assert_close(mine(IDS).logits, peft(IDS).logits, **BF16_LOGITS)
+
+
+def test_extra_json_files_are_written_inside_the_adapter_directory_and_cannot_replace_its_own(tmp_path):
+    model = adapt(tiny_llama(seed=0), LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "a", extra_json={"labels.json": ["no", "yes"]})
+    assert (tmp_path / "a" / "labels.json").read_text().strip().startswith("[")
+    with pytest.raises(WeightkitError, match="cannot replace the adapter's own adapter_config.json"):
+        save_adapter(model, tmp_path / "b", extra_json={"adapter_config.json": {}})
+    assert not (tmp_path / "b").exists()

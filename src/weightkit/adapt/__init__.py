@@ -27,9 +27,10 @@ from weightkit.adapt.mos import MoSConfig
 from weightkit.adapt.peft_format import load_adapter, save_adapter
 from weightkit.adapt.subspace import SubspaceConfig
 from weightkit.adapt.svfit import SVFitConfig
-from weightkit.adapt.trainer import TrainConfig, finetune, train_adapter
+from weightkit.adapt.trainer import finetune, train_adapter
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
+from weightkit.runtime.training import TrainConfig
 
 __all__ = [
     "adapt",
@@ -59,7 +60,9 @@ __all__ = [
 ]
 
 
-def adapt(model: nn.Module, config, *, name: str = "default", data=None) -> nn.Module:
+def adapt(
+    model: nn.Module, config, *, name: str = "default", data=None, autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Add adapter ``name`` of the method ``config`` names to ``model`` (in place) and freeze the rest.
 
     Args:
@@ -68,6 +71,11 @@ def adapt(model: nn.Module, config, *, name: str = "default", data=None) -> nn.M
         name: the adapter's name (several adapters can live on one model); a Python identifier.
         data: batches for data-driven initialisations (EVA's activations, LoRA-SB's gradient): an
             iterable of dicts the model takes as keyword arguments (with ``labels`` where a loss is needed).
+            They run where the model is (move the model to its device first).
+        autocast_adapter_dtype: PEFT's option of that name (``get_peft_model``), and its default: on
+            float16/bfloat16 (and float8) layers the adapter's tensors are float32, so small optimizer steps
+            are not rounded away; the forward casts inputs to float32 for the adapter and the sum back.
+            ``False`` keeps each layer's dtype (half the adapter memory; for adapters that are not trained).
 
     Returns:
         ``model``.
@@ -76,7 +84,9 @@ def adapt(model: nn.Module, config, *, name: str = "default", data=None) -> nn.M
         raise WeightkitError(f"an adapter name must be a Python identifier, got {name!r}")
     if name in adapter_configs(model):
         raise WeightkitError(f"the model already has an adapter named {name!r}")
-    return entry_for_config(config).fn(model, config, name=name, data=data)
+    return entry_for_config(config).fn(
+        model, config, name=name, data=data, autocast_adapter_dtype=autocast_adapter_dtype
+    )
 
 
 _callable_package(__name__, adapt)

@@ -17,7 +17,9 @@ A weight ``W`` (``out x in``) is cut into shards of ``r`` input columns. With ``
   ``W'_ij = W_ij + W_ij @ D_i + D_i``. The update depends on the frozen weight, so the forward runs with
   the updated weight.
 
-Both train ``r * out`` numbers per layer and start from ``D = 0`` (the model is unchanged at first).
+Both train ``r * out`` numbers per layer and start from ``D = 0`` (the model is unchanged at first). On a
+16-bit layer ``D`` is float32 unless ``autocast_adapter_dtype=False`` (PEFT's adapter precision); Bat then
+builds the adapted weight in float32, as PEFT's MiSS does.
 
 Interoperability: the blocks live in ``miss_block.<adapter>`` (PEFT's MiSS module name), so the saved
 tensor of a layer is ``<module>.miss_block`` exactly as PEFT writes it; :meth:`BoneConfig.peft_config`
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import finish_adapter, wrap_targets
+from weightkit.adapt.layer import adapter_dtype, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 
@@ -245,22 +247,28 @@ class BoneLinear(nn.Module):
                 f"divide {where} ({out_features}x{in_features})"
             )
 
-    def add_adapter(self, name: str, config: BoneConfig) -> None:
-        """Add adapter ``name`` (zero blocks: the layer's output is unchanged) and make it active."""
+    def add_adapter(self, name: str, config: BoneConfig, dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` (zero blocks in ``dtype``, default the weight's: the layer's output is
+        unchanged) and make it active."""
         self.check_fits(name, config)
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         r = config.rank
         shape = (r, out_features) if config.variant == "bone" else (out_features // r, r, r)
-        self.miss_block[name] = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=weight.dtype))
+        self.miss_block[name] = nn.Parameter(
+            torch.zeros(shape, device=weight.device, dtype=dtype or weight.dtype)
+        )
         self.bone_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.bone_dropout[name].train(self.training)
         self.variant[name] = config.variant
         self.active.append(name)
 
     def updated_weight(self, weight: Tensor, name: str) -> Tensor:
-        """``weight`` with adapter ``name``'s update applied (Bat's update depends on ``weight``)."""
-        block = self.miss_block[name].to(weight.dtype)
+        """``weight`` with adapter ``name``'s update applied (Bat's update depends on ``weight``), in the
+        wider of the two dtypes."""
+        block = self.miss_block[name]
+        dtype = torch.promote_types(weight.dtype, block.dtype)
+        weight, block = weight.to(dtype), block.to(dtype)
         if self.variant[name] == "bat":
             return weight + bat_delta(weight, block)
         return weight + bone_delta(block, weight.shape[1])
@@ -291,26 +299,30 @@ class BoneLinear(nn.Module):
         pending = [name for name in self.active if name not in self.merged]
         if any(self.variant[name] == "bat" for name in pending):
             # Bat transforms the weight itself: build the adapted weight, in order, and run with it.
-            weight = self.base_layer.weight
+            weight, bias = self.base_layer.weight, self.base_layer.bias
             for name in pending:
                 weight = self.updated_weight(weight, name)
-            return F.linear(x.to(weight.dtype), weight, self.base_layer.bias).to(x.dtype)
-        out = self.base_layer(x)
+            bias = bias.to(weight.dtype) if bias is not None else None
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in pending:
             block = self.miss_block[name]
             bone_x = self.bone_dropout[name](x).to(block.dtype)
-            out = out + bone_forward(bone_x, block).to(out.dtype)
-        return out
+            out = out + bone_forward(bone_x, block)
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def add_bone(
-    model: nn.Module, config: BoneConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: BoneConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` a Bone (or Bat) adapter ``name``; freeze the rest.
 
     The blocks start at zero, so the model's outputs are unchanged until training (``initialize`` and
     ``data`` change nothing: the initialisation is already free and data-free). Calling it again with
-    another ``name`` adds a second adapter to the same layers.
+    another ``name`` adds a second adapter to the same layers. ``autocast_adapter_dtype``: float32 blocks on
+    16-bit layers (PEFT's default; ``False`` keeps each layer's dtype).
 
     Returns:
         ``model``, modified in place.
@@ -323,7 +335,9 @@ def add_bone(
     for module_name, layer in layers.items():  # check every layer before changing any
         layer.check_fits(name, config, where=module_name)
     for layer in layers.values():
-        layer.add_adapter(name, config)
+        layer.add_adapter(
+            name, config, dtype=adapter_dtype(layer.base_layer.weight.dtype, autocast_adapter_dtype)
+        )
     return finish_adapter(model, name, config)
 
 

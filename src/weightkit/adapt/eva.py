@@ -47,10 +47,10 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import forward_batch
 from weightkit.errors import WeightkitError
 from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
+from weightkit.runtime.training import forward_batch
 
 __all__ = [
     "SVDState",
@@ -256,7 +256,8 @@ def eva_components(
 
     Returns:
         ``{module name: A}`` with ``A`` of shape ``[r_i, in_features]`` (orthonormal rows unless ``whiten``)
-        in the layer weight's dtype and device; ``r_i`` may be 0 (no adapter for that layer).
+        in float32 (the caller rounds to the adapter's dtype) on the layer weight's device; ``r_i`` may be 0
+        (no adapter for that layer).
 
     Raises:
         WeightkitError: bad ``rank``/``rho``/``tau``/``max_batches``, an unknown or non-linear module, no
@@ -352,7 +353,7 @@ def eva_components(
         if whiten:
             a = a / state.singular_values[: ranks[name], None].sqrt()
         weight = linears[name].weight
-        components[name] = a.to(device=weight.device, dtype=weight.dtype)
+        components[name] = a.to(device=weight.device, dtype=torch.float32)
     return components
 
 

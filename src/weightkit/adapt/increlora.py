@@ -48,7 +48,8 @@ backward pass forms ``dL/d(delta W)`` (``out x in``) of one layer at a time for 
 does; once the budget is spent that stops. Under ``DistributedDataParallel`` pass
 ``find_unused_parameters=True`` (components not yet in use get no gradient); the controller averages
 the scores over the processes so they all grow the same layers. The saved adapter holds every component
-and each layer's rank counters (``lora_ranknum``), so loading rebuilds the grown ranks.
+and each layer's rank counters (``lora_ranknum``), so loading rebuilds the grown ranks. On 16-bit layers
+the components are float32 unless ``autocast_adapter_dtype=False`` (PEFT's adapter precision).
 
 Deviations from the authors' code:
 
@@ -80,6 +81,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
     adapter_configs,
+    adapter_dtype,
     adapter_layers,
     finish_adapter,
     is_int,
@@ -302,9 +304,10 @@ class IncreLoRALinear(nn.Module):
 
     def add_adapter(
         self, name: str, config: IncreLoRAConfig, *, capacity: int, reserve: int,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None, dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
-        """Add adapter ``name`` holding ``capacity`` components, ``config.init_rank`` of them active.
+        """Add adapter ``name`` holding ``capacity`` components, ``config.init_rank`` of them active, in
+        ``dtype`` (default: the base weight's).
 
         ``generator`` draws ``A`` and ``B`` (std 0.02); ``None`` fills zeros (the tensors are loaded next).
         """
@@ -320,7 +323,7 @@ class IncreLoRALinear(nn.Module):
         # Components past the initial ones start at the reserve value, which they keep until activated.
         later = RESERVE_VALUE if config.advance_learning else 0.0
         e = torch.tensor([0.0] * config.init_rank + [later] * (capacity - config.init_rank))
-        kwargs = {"device": weight.device, "dtype": weight.dtype}
+        kwargs = {"device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A[name] = nn.ParameterList([nn.Parameter(row.to(**kwargs)) for row in a])
         self.lora_E[name] = nn.ParameterList([nn.Parameter(value.reshape(1).to(**kwargs)) for value in e])
         self.lora_B[name] = nn.ParameterList([nn.Parameter(col.to(**kwargs)) for col in b.T])
@@ -391,7 +394,8 @@ class IncreLoRALinear(nn.Module):
         self._sensitivity[name] = (total + value, count + 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
@@ -400,8 +404,8 @@ class IncreLoRALinear(nn.Module):
             h = F.linear(F.linear(lora_x, e[:, None] * a), b) * scale
             if name in self.tracked and h.requires_grad:
                 h.register_hook(partial(self._record_sensitivity, name, lora_x.detach()))
-            out = out + h.to(out.dtype)
-        return out
+            out = out + h
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def lora_factors(layer: IncreLoRALinear, name: str) -> tuple[Tensor, Tensor]:
@@ -433,8 +437,9 @@ def _layer_limit(config: IncreLoRAConfig, n_layers: int) -> int:
 
 
 def add_increlora(
-    model: nn.Module, config: IncreLoRAConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: IncreLoRAConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` an IncreLoRA adapter ``name``; freeze everything else.
 
     Train it with an :class:`IncreLoRAController` (its ``step()`` after every optimizer step), which grows
@@ -447,6 +452,8 @@ def add_increlora(
         name: the adapter's name; calling again with another name adds a second adapter.
         data: unused (no data-driven initialisation).
         initialize: ``False`` builds the same structure with zeros, for loading saved tensors next.
+        autocast_adapter_dtype: float32 components on 16-bit layers (PEFT's default); ``False`` keeps each
+            layer's dtype.
 
     Returns:
         ``model``, modified in place.
@@ -470,7 +477,8 @@ def add_increlora(
                 f"layer {module_name} allows"
             )
         reserve = min(config.rank_step, capacity - config.init_rank) if has_reserve else 0
-        layer.add_adapter(name, config, capacity=capacity, reserve=reserve, generator=generator)
+        dtype = adapter_dtype(layer.base_layer.weight.dtype, autocast_adapter_dtype)
+        layer.add_adapter(name, config, capacity=capacity, reserve=reserve, generator=generator, dtype=dtype)
     return finish_adapter(model, name, config)
 
 

@@ -6,6 +6,13 @@ adapter's name (``lora_A.<name>``, as PEFT does), so one rule finds an adapter's
 the key has the adapter's name as one dotted segment (:func:`adapter_state`). Trainable adapter tensors
 are parameters; frozen ones (fixed projections, saved singular vectors) are buffers.
 
+Adapter precision (:func:`adapter_dtype`): as PEFT's ``autocast_adapter_dtype=True`` (its default), an
+adapter on a float16/bfloat16 (or float8) layer keeps its floating tensors, trained and frozen, in float32;
+the forward casts the input to the adapter's dtype, adds the adapter's output to the base output in that
+dtype and casts the sum back to the base output's dtype. In bfloat16 an AdamW step of 1e-4 on a weight of
+0.05 is below half a unit in the last place and would be lost; float32 keeps it. ``False`` keeps the
+layer's own dtype (half the adapter memory, for inference-only adapters).
+
 The methods' layers differ only in their math; this module holds what is common, written once:
 
 - :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
@@ -14,10 +21,10 @@ The methods' layers differ only in their math; this module holds what is common,
   :func:`merge_and_unload`,
   :func:`trainable_parameters`, :func:`adapter_summary`;
 - :func:`adapter_configs`: the config each named adapter was made with (for saving);
-- :func:`forward_batch` / :func:`batch_loss`: run one batch of user data (for data-driven initialisations).
+- :func:`batch_loss`: the loss of one batch of user data (for data-driven initialisations).
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -25,10 +32,12 @@ from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
+from weightkit.runtime.training import forward_batch
 from weightkit.select import select_modules
 
 __all__ = [
     "is_int",
+    "adapter_dtype",
     "AdapterLayer",
     "BufferDict",
     "adapter_layers",
@@ -46,7 +55,6 @@ __all__ = [
     "merge_and_unload",
     "trainable_parameters",
     "adapter_summary",
-    "forward_batch",
     "batch_loss",
 ]
 
@@ -56,6 +64,25 @@ _CONFIGS_ATTR = "weightkit_adapters"
 def is_int(value) -> bool:
     """Whether a config value is an integer (``True``/``False`` are not, though Python says they are)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The dtypes PEFT's autocast_adapter_dtype upcasts to float32 (the float8 ones where torch has them).
+_UPCAST = {torch.float16, torch.bfloat16} | {
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name)
+}
+
+
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a new adapter's floating tensors on a layer whose weight has ``base_dtype``.
+
+    Args:
+        base_dtype: the adapted layer's weight dtype.
+        autocast_adapter_dtype: PEFT's option of that name: float16, bfloat16 and float8 become float32
+            (other dtypes are kept); ``False`` keeps ``base_dtype``.
+    """
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
 
 
 class BufferDict(nn.Module):
@@ -99,7 +126,7 @@ def merge_deltas(layer: nn.Module) -> None:
         weight = layer.base_layer.weight
         for name in layer.active:
             if name not in layer.merged:
-                weight += layer.delta_weight(name).to(weight.dtype)
+                weight += layer.delta_weight(name)  # computed in the wider dtype, rounded once
                 layer.merged.append(name)
 
 
@@ -108,7 +135,7 @@ def unmerge_deltas(layer: nn.Module) -> None:
     with torch.no_grad():
         weight = layer.base_layer.weight
         while layer.merged:
-            weight -= layer.delta_weight(layer.merged.pop()).to(weight.dtype)
+            weight -= layer.delta_weight(layer.merged.pop())
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -265,15 +292,6 @@ def adapter_summary(model: nn.Module) -> list[dict[str, Any]]:
             "merged": any(name in getattr(layer, "merged", ()) for layer in holding),
         })  # fmt: skip
     return rows
-
-
-def forward_batch(model: nn.Module, batch) -> Any:
-    """Run ``model`` on one batch: a dict is passed as keyword arguments, anything else positionally.
-    Tensors are moved to the model's device."""
-    device = next(model.parameters()).device
-    if isinstance(batch, Mapping):
-        return model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()})
-    return model(batch.to(device) if isinstance(batch, Tensor) else batch)
 
 
 def batch_loss(model: nn.Module, batch) -> Tensor:

@@ -14,6 +14,10 @@ the paper treats dense layers only): the embedding's ``A`` starts at zero and ``
 dropout; the convolution's ``A`` is a convolution with the base layer's kernel, ``B`` a 1x1 convolution.
 DoRA works on all three. PiSSA and EVA initialise linear layers only. Grouped, dilated or non-zero-padded
 convolutions and embeddings with ``max_norm`` are refused: PEFT's layout cannot merge their updates exactly.
+
+On a float16/bfloat16 layer the factors (and DoRA's magnitudes) are float32 unless
+``autocast_adapter_dtype=False`` (:func:`weightkit.adapt.layer.adapter_dtype`, PEFT's default); the forward
+runs the adapter in its dtype and rounds the sum to the base output's dtype once, as PEFT's does.
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.dora import dora_extra_output, dora_merged_weight, dora_unmerged_weight, row_norms
 from weightkit.adapt.eva import eva_components
-from weightkit.adapt.layer import adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
@@ -128,13 +132,14 @@ class LoRALinear(nn.Module):
 
     def add_adapter(
         self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
-        init: str = "kaiming",
+        init: str = "kaiming", dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
-        """Add adapter ``name`` (active). ``init="pissa"`` also replaces the base weight by its residual."""
+        """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the base weight's).
+        ``init="pissa"`` also replaces the base weight by its residual."""
         _check_new_adapter(self, name, rank)
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
-        kwargs = {"bias": False, "device": weight.device, "dtype": weight.dtype}
+        kwargs = {"bias": False, "device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
         self.lora_B[name] = nn.Linear(rank, out_features, **kwargs)
         with torch.no_grad():
@@ -143,7 +148,10 @@ class LoRALinear(nn.Module):
                 self.lora_A[name].weight.copy_(a)
                 self.lora_B[name].weight.copy_(b)
                 weight.copy_(residual)
-                self.pissa_initial[name] = (a.clone(), b.clone())
+                self.pissa_initial[name] = (
+                    self.lora_A[name].weight.clone(),
+                    self.lora_B[name].weight.clone(),
+                )
             else:
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B[name].weight)
@@ -178,16 +186,17 @@ class LoRALinear(nn.Module):
             lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
             hidden = lora_A(lora_x)
             if name in self.lora_magnitude_vector:
-                lora_out = self._dora_output(name, x, lora_x, base_out, lora_B(hidden) * self.scaling[name])
-                out = out + lora_out.to(out.dtype)
-            elif out.dtype == hidden.dtype and out.dim() > 1:
-                # out + scaling * hidden B^T as one GEMM: no separate passes over the output to scale and add.
-                rows = out.reshape(-1, out.shape[-1])
-                out = torch.addmm(rows, hidden.reshape(-1, hidden.shape[-1]), lora_B.weight.T,
+                out = out + self._dora_output(name, x, lora_x, base_out, lora_B(hidden) * self.scaling[name])
+            elif out.dim() > 1:
+                # out + scaling * hidden B^T as one GEMM (in the wider of the two dtypes, as PEFT's sum is):
+                # no separate passes over the output to scale and add.
+                dtype = torch.promote_types(out.dtype, hidden.dtype)
+                rows, hidden = out.reshape(-1, out.shape[-1]).to(dtype), hidden.reshape(-1, hidden.shape[-1])
+                out = torch.addmm(rows, hidden.to(dtype), lora_B.weight.T.to(dtype),
                                   alpha=self.scaling[name]).view(out.shape)  # fmt: skip
             else:
-                out = out + (lora_B(hidden) * self.scaling[name]).to(out.dtype)
-        return out
+                out = out + lora_B(hidden) * self.scaling[name]
+        return out.to(base_out.dtype)  # one rounding to the base layer's dtype
 
     def _dora_output(
         self, name: str, x: Tensor, lora_x: Tensor, base_out: Tensor, lora_out: Tensor
@@ -234,12 +243,14 @@ class LoRAEmbedding(nn.Module):
         """A table-shaped tensor as the ``embedding_dim x num_embeddings`` map of one-hot tokens (a view)."""
         return tensor.T
 
-    def add_adapter(self, name: str, *, rank: int, scaling: float, dora: bool = False) -> None:
-        """Add adapter ``name`` (active)."""
+    def add_adapter(
+        self, name: str, *, rank: int, scaling: float, dora: bool = False, dtype: torch.dtype | None = None
+    ) -> None:
+        """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the table's)."""
         _check_new_adapter(self, name, rank)
         weight = self.base_layer.weight
         num_embeddings, embedding_dim = weight.shape
-        kwargs = {"device": weight.device, "dtype": weight.dtype}
+        kwargs = {"device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(rank, num_embeddings, **kwargs))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(embedding_dim, rank, **kwargs))
         self.scaling[name] = scaling
@@ -283,8 +294,8 @@ class LoRAEmbedding(nn.Module):
                     base_out.to(lora_out.dtype), lora_out, self.lora_magnitude_vector[name],
                     self.as_matrix(base.weight), self.as_matrix(self._lora_delta(name)),
                 )  # fmt: skip
-            out = out + lora_out.to(out.dtype)
-        return out
+            out = out + lora_out
+        return out.to(base_out.dtype)
 
 
 class LoRAConv2d(nn.Module):
@@ -318,12 +329,13 @@ class LoRAConv2d(nn.Module):
         return tensor.view(tensor.shape[0], -1)
 
     def add_adapter(
-        self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False
-    ) -> None:
-        """Add adapter ``name`` (active)."""
+        self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the kernel's)."""
         _check_new_adapter(self, name, rank)
         base = self.base_layer
-        kwargs = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
+        kwargs = {"bias": False, "device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A[name] = nn.Conv2d(
             base.in_channels, rank, base.kernel_size, base.stride, base.padding, **kwargs
         )
@@ -374,8 +386,8 @@ class LoRAConv2d(nn.Module):
                     self.lora_magnitude_vector[name].flatten(), self.as_matrix(base.weight),
                     self.as_matrix(self._lora_delta(name)),
                 ).movedim(-1, -3)  # fmt: skip
-            out = out + lora_out.to(out.dtype)
-        return out
+            out = out + lora_out
+        return out.to(base_out.dtype)
 
 
 # What the LoRA layers share. A layer has ``base_layer``, ``active``, ``merged``, ``scaling``,
@@ -392,12 +404,13 @@ def _check_new_adapter(layer: nn.Module, name: str, rank: int) -> None:
 
 
 def _initial_magnitude(layer: nn.Module, name: str, shape: tuple[int, ...] = (-1,)) -> nn.Parameter:
-    """DoRA's magnitudes at the start: the row norms of ``W + delta``, so the adapter starts as the base."""
+    """DoRA's magnitudes at the start: the row norms of ``W + delta``, so the adapter starts as the base;
+    in the dtype of the adapter's factors."""
     weight = layer.base_layer.weight
     with torch.no_grad():
         delta = layer._lora_delta(name)
         norms = row_norms(layer.as_matrix(weight).float(), layer.as_matrix(delta).float())
-    return nn.Parameter(norms.reshape(shape).to(weight.dtype))
+    return nn.Parameter(norms.reshape(shape).to(delta.dtype))
 
 
 def _delta_weight(layer: nn.Module, name: str) -> Tensor:
@@ -407,7 +420,7 @@ def _delta_weight(layer: nn.Module, name: str) -> Tensor:
     weight = layer.base_layer.weight
     magnitude = layer.lora_magnitude_vector[name].flatten()
     merged, _ = dora_merged_weight(layer.as_matrix(weight), layer.as_matrix(delta), magnitude)
-    merged_weight = torch.empty_like(weight)
+    merged_weight = torch.empty_like(weight, dtype=merged.dtype)
     layer.as_matrix(merged_weight).copy_(merged)
     return merged_weight - weight
 
@@ -418,7 +431,7 @@ def _merge(layer: nn.Module) -> None:
         for name in layer.active:
             if name in layer.merged:
                 continue
-            delta = layer._lora_delta(name).to(weight.dtype)
+            delta = layer._lora_delta(name)  # in the adapter's dtype: the weight is rounded once
             if name in layer.lora_magnitude_vector:
                 matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
                 merged, layer._merged_norms[name] = dora_merged_weight(
@@ -435,7 +448,7 @@ def _unmerge(layer: nn.Module) -> None:
         weight = layer.base_layer.weight
         while layer.merged:
             name = layer.merged.pop()
-            delta = layer._lora_delta(name).to(weight.dtype)
+            delta = layer._lora_delta(name)
             if name in layer.lora_magnitude_vector:
                 matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
                 norms = layer._merged_norms.pop(name)
@@ -449,13 +462,15 @@ LORA_LAYERS = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: Lo
 
 
 def add_lora(
-    model: nn.Module, config: LoRAConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: LoRAConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model`` a LoRA adapter
     ``name``; freeze everything else.
 
     Calling it again with another ``name`` adds a second adapter to the same layers (several named
-    adapters on one model); layers already wrapped keep their wrapper.
+    adapters on one model); layers already wrapped keep their wrapper. ``autocast_adapter_dtype``: float32
+    factors on 16-bit layers (PEFT's default; ``False`` keeps each layer's dtype).
 
     Returns:
         ``model``, modified in place.
@@ -481,11 +496,14 @@ def add_lora(
         selected = {n: m for n, m in selected.items() if n in eva_a}
     for module_name, layer in _wrap(model, selected).items():
         rank, scaling = config.rank_for(module_name), config.scaling_for(module_name)
+        dtype = adapter_dtype(layer.base_layer.weight.dtype, autocast_adapter_dtype)
         if isinstance(layer, LoRAEmbedding):
-            layer.add_adapter(name, rank=rank, scaling=scaling, dora=config.dora)
+            layer.add_adapter(name, rank=rank, scaling=scaling, dora=config.dora, dtype=dtype)
             continue
         if isinstance(layer, LoRAConv2d):
-            layer.add_adapter(name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora)
+            layer.add_adapter(
+                name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora, dtype=dtype
+            )
             continue
         if module_name in eva_a:
             rank, alpha = (
@@ -495,7 +513,7 @@ def add_lora(
             scaling = alpha * rank / config.rank / (math.sqrt(rank) if config.rslora else rank)
         layer.add_adapter(
             name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora,
-            init="kaiming" if init == "eva" else init,
+            init="kaiming" if init == "eva" else init, dtype=dtype,
         )  # fmt: skip
         if module_name in eva_a:
             with torch.no_grad():

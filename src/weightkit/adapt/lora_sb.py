@@ -21,11 +21,21 @@ bias-corrected step ``-lr * m / sqrt(v) = -lr * G / |G|`` (``first_step="sgd"`` 
 The initial ``B R A`` is *added* to the frozen weight, as the authors do: the adapted model starts at the
 best rank-r approximation of that first step, not at the pre-trained model.
 
+The step size ``init_lr`` is the training run's first learning rate, and the gradient comes from training
+examples only. What we verified in the authors' released code (github.com/RaghavSinghal10/lora-sb,
+``train_glue.py``, ``train_cr.py``, ``utils/gradient_utils.py``): the gradient is estimated on the training
+loader (2 examples for GLUE, 170 for commonsense reasoning), the step is ``-eff_lr * sign(sum of
+gradients)`` with ``eff_lr = lr / (warmup_ratio * total_steps)``, i.e. the learning rate divided by the
+number of warm-up steps: the first non-zero rate of the linear warm-up (``get_linear_schedule_with_warmup``
+starts at 0) that the run then trains with. :func:`weightkit.adapt.finetune` applies the same rule to its own
+schedule, whose first step already runs at ``lr / (warmup_steps + 1)`` (``lr`` without warm-up).
+
 Deliberate deviations:
 
 - We could not read the LoRA-SB paper's method section from here (only its abstract); the update formula
-  above, ``R = S_r`` and the choice to start from the approximated step are taken from the authors' public
-  code (``lora-sb``'s gradient utilities and the initialisation of the same authors' Fed-SB code).
+  above, the step size, ``R = S_r`` and the choice to start from the approximated step are taken from the
+  authors' public code (``lora-sb``'s training scripts and gradient utilities, and the initialisation of
+  the same authors' Fed-SB code).
 - No scaling factor: the update is ``B R A`` (scale 1). LoRA-SB is scale-free by design (the authors set
   ``alpha = r``); LoRA-XS's ``alpha / r`` only rescales ``R`` (equivalently its learning rate).
 - LoRA-XS starts from ``R = 0`` (its code draws ``R`` from N(0, 1e-5^2)): outputs are exactly unchanged
@@ -36,7 +46,8 @@ Deliberate deviations:
 
 The layer's tensors: ``lora_A.<name>`` (r x in) and ``lora_B.<name>`` (out x r) are persistent buffers
 (saved with the adapter, so loading needs neither the data nor an SVD); ``lora_R.<name>`` (r x r) is the
-one trained parameter. ``B R A`` is an ordinary rank-r update, so :func:`to_lora_factors` turns it into
+one trained parameter. On a 16-bit layer all three are float32 unless ``autocast_adapter_dtype=False``
+(PEFT's adapter precision). ``B R A`` is an ordinary rank-r update, so :func:`to_lora_factors` turns it into
 plain LoRA factors (``lora_A = R A``, ``lora_B = B``, ``lora_alpha = r``) for PEFT or vLLM.
 """
 
@@ -51,6 +62,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
     BufferDict,
+    adapter_dtype,
     batch_loss,
     finish_adapter,
     merge_deltas,
@@ -89,9 +101,12 @@ class LoRASBConfig:
         first_step: (``"gradient"`` only) the full fine-tuning step being approximated: ``"adam"``,
             Adam's first step ``-init_lr * sign(G)`` (the paper trains with AdamW), or ``"sgd"``,
             ``-init_lr * G``, where ``G`` is the loss gradient averaged over the calibration batches.
-        init_lr: (``"gradient"`` only) the learning rate of that simulated step: the learning rate full
-            fine-tuning would use on its first step (after warm-up scaling, if any). It sets how far the
-            model moves at initialisation; it does not change the gradients ``R`` gets later.
+        init_lr: (``"gradient"`` only) the learning rate of that simulated step: the learning rate of the
+            training run's first step, after warm-up scaling (the authors' scripts pass
+            ``lr / warm-up steps``). It sets how far the model moves at initialisation; it does not change
+            the gradients ``R`` gets later. ``None``: ``weightkit adapt`` (:func:`weightkit.adapt.finetune`)
+            derives it from the run's ``--lr`` and ``--warmup-steps``; calling :func:`adapt` directly with
+            ``init="gradient"`` needs a number.
         calib_batches: (``"gradient"`` only) at most this many batches of ``data`` are used to estimate
             ``G`` (the authors use about 50 examples).
         targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
@@ -102,7 +117,7 @@ class LoRASBConfig:
     rank: int = 8
     init: str = "gradient"
     first_step: str = "adam"
-    init_lr: float = 1e-4
+    init_lr: float | None = None
     calib_batches: int = 16
     targets: list[str] = field(default_factory=lambda: ["re:.*\\.(q_proj|v_proj|query|value)"])
 
@@ -115,7 +130,7 @@ class LoRASBConfig:
             raise WeightkitError(
                 f"lora_sb: first_step must be one of {', '.join(_FIRST_STEPS)}, got {self.first_step!r}"
             )
-        if (
+        if self.init_lr is not None and (
             isinstance(self.init_lr, bool)
             or not isinstance(self.init_lr, int | float)
             or not 0 < self.init_lr < math.inf
@@ -137,10 +152,10 @@ def svd_init(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """LoRA-XS's frozen factors of ``weight`` (out x in): ``(B, A) = (U_r, S_r V_r^T)``.
 
     ``B`` (out x rank) has orthonormal columns and ``B @ A`` is the best rank-``rank`` approximation of
-    ``weight``. Computed in float32 (exact SVD), returned in ``weight``'s dtype and device.
+    ``weight``. Computed in float32 (exact SVD) and returned in float32, on ``weight``'s device.
     """
     U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
-    return U[:, :rank].to(weight.dtype), (S[:rank, None] * Vh[:rank]).to(weight.dtype)
+    return U[:, :rank], S[:rank, None] * Vh[:rank]
 
 
 def first_step_update(grad: Tensor, *, lr: float, first_step: str) -> Tensor:
@@ -218,9 +233,11 @@ class LoRASBLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.lora_R)
 
-    def add_adapter(self, name: str, B: Tensor, R: Tensor, A: Tensor) -> None:
+    def add_adapter(
+        self, name: str, B: Tensor, R: Tensor, A: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         """Add adapter ``name`` with factors ``B`` (out x r), ``R`` (r x r, trained) and ``A`` (r x in),
-        stored in the base weight's dtype and on its device."""
+        stored in ``dtype`` (default: the base weight's) on the base weight's device."""
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         rank = R.shape[0]
@@ -231,7 +248,7 @@ class LoRASBLinear(nn.Module):
             )
         # Contiguous copies: SVD factors come column-major, which would make the same adapter
         # compute differently (last-bit rounding) before and after a save/load round trip.
-        kwargs = {"dtype": weight.dtype, "device": weight.device}
+        kwargs = {"dtype": dtype or weight.dtype, "device": weight.device}
         self.lora_B[name] = B.detach().to(**kwargs).contiguous()
         self.lora_A[name] = A.detach().to(**kwargs).contiguous()
         self.lora_R[name] = nn.Parameter(R.detach().to(**kwargs).contiguous())
@@ -250,14 +267,15 @@ class LoRASBLinear(nn.Module):
         unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
             # x -> A x -> R A x -> B R A x through r-dimensional coordinates, never an out x in matrix.
             coords = F.linear(x.to(self.lora_A[name].dtype), self.lora_A[name])
-            out = out + F.linear(F.linear(coords, self.lora_R[name]), self.lora_B[name]).to(out.dtype)
-        return out
+            out = out + F.linear(F.linear(coords, self.lora_R[name]), self.lora_B[name])
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def to_lora_factors(layer: LoRASBLinear, name: str) -> tuple[Tensor, Tensor]:
@@ -270,8 +288,9 @@ def to_lora_factors(layer: LoRASBLinear, name: str) -> tuple[Tensor, Tensor]:
 
 
 def add_lora_sb(
-    model: nn.Module, config: LoRASBConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: LoRASBConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` a LoRA-SB / LoRA-XS adapter ``name``; freeze the rest.
 
     Args:
@@ -282,6 +301,8 @@ def add_lora_sb(
         data: (``init="gradient"``) an iterable of batches; the first ``config.calib_batches`` are used.
         initialize: compute the initialisation; ``False`` builds zero tensors of the right shapes (to be
             loaded from a saved adapter) and needs no data.
+        autocast_adapter_dtype: ``B``, ``R``, ``A`` in float32 on 16-bit layers (PEFT's default); ``False``
+            keeps each layer's dtype.
 
     Returns:
         ``model``, modified in place.
@@ -295,6 +316,11 @@ def add_lora_sb(
         raise WeightkitError(
             "lora_sb: init='gradient' needs data: batches the model computes a loss for (Hugging Face "
             "models: dicts with input_ids and labels); or use init='svd' (LoRA-XS), which needs none"
+        )
+    if initialize and config.init == "gradient" and config.init_lr is None:
+        raise WeightkitError(
+            "lora_sb: init='gradient' needs init_lr, the learning rate of your training run's first step "
+            "(after warm-up scaling); weightkit adapt sets it from --lr and --warmup-steps"
         )
     layers = wrap_targets(model, config.targets, LoRASBLinear)
     for module_name, layer in layers.items():
@@ -327,7 +353,7 @@ def add_lora_sb(
             require_finite(grads[module_name], f"the loss gradient of {module_name}.weight")
             update = first_step_update(grads[module_name], lr=config.init_lr, first_step=config.first_step)
             B, R, A = update_init(update, rank)
-        layer.add_adapter(name, B, R, A)
+        layer.add_adapter(name, B, R, A, dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype))
     return finish_adapter(model, name, config)
 
 

@@ -29,7 +29,8 @@ reference), so ``model.parameters()`` and the state dict hold each pool once and
 separate the copies. The index matrices are persistent integer buffers (``mos_A_index.<adapter>``), saved
 with the adapter. Initialisation follows LoRA and the authors' code: A-shards (shared and private) uniform
 in ``±1/sqrt(in)`` (LoRA's Kaiming bound for the full row), B-shards zero, so a fresh adapter leaves the
-model's outputs unchanged.
+model's outputs unchanged. On 16-bit layers pools and private rows are float32 unless
+``autocast_adapter_dtype=False`` (PEFT's adapter precision).
 
 Deliberate deviations from the authors' code:
 
@@ -50,6 +51,7 @@ from torch.nn import functional as F
 
 from weightkit.adapt.layer import (
     BufferDict,
+    adapter_dtype,
     finish_adapter,
     is_int,
     merge_deltas,
@@ -188,14 +190,16 @@ class MoSLinear(nn.Module):
         return list(self.mos_A_index)
 
     def add_pools(
-        self, name: str, shards: int, config: MoSConfig, generator: torch.Generator, initialize: bool
-    ):
-        """Create the shared pools of adapter ``name`` for this layer's group (``shards`` A- and B-shards)."""
+        self, name: str, shards: int, config: MoSConfig, generator: torch.Generator, initialize: bool,
+        dtype: torch.dtype,
+    ):  # fmt: skip
+        """Create the shared pools of adapter ``name`` for this layer's group (``shards`` A- and B-shards,
+        in ``dtype``)."""
         out_features, in_features = self.base_layer.weight.shape
         a_length, b_length = in_features // config.shards_per_vector, out_features // config.shards_per_vector
         a_pool = _uniform((shards, a_length), 1 / math.sqrt(in_features), generator, initialize)
-        self.mos_A_pool[name] = nn.Parameter(self._like_weight(a_pool))
-        self.mos_B_pool[name] = nn.Parameter(self._like_weight(torch.zeros(shards, b_length)))
+        self.mos_A_pool[name] = nn.Parameter(self._on_device(a_pool, dtype))
+        self.mos_B_pool[name] = nn.Parameter(self._on_device(torch.zeros(shards, b_length), dtype))
 
     def add_adapter(
         self,
@@ -206,9 +210,10 @@ class MoSLinear(nn.Module):
         pool_size: int,
         generator: torch.Generator,
         initialize: bool,
+        dtype: torch.dtype,
     ) -> None:
         """Add adapter ``name``: draw this layer's A and B index matrices from the pools ``owner`` holds
-        (``pool_size`` shards each) and create its private rows."""
+        (``pool_size`` shards each) and create its private rows (in ``dtype``, the pools')."""
         out_features, in_features = self.base_layer.weight.shape
         shared_rank, private_rank = config.rank - config.private_rank, config.private_rank
         index_A = draw_shard_indices(pool_size, shared_rank, config.shards_per_vector, generator)
@@ -216,16 +221,17 @@ class MoSLinear(nn.Module):
         private_A = _uniform((private_rank, in_features), 1 / math.sqrt(in_features), generator, initialize)
         self.mos_A_index[name] = index_A.to(self.base_layer.weight.device)
         self.mos_B_index[name] = index_B.to(self.base_layer.weight.device)
-        self.mos_A_private[name] = nn.Parameter(self._like_weight(private_A))
-        self.mos_B_private[name] = nn.Parameter(self._like_weight(torch.zeros(out_features, private_rank)))
+        self.mos_A_private[name] = nn.Parameter(self._on_device(private_A, dtype))
+        self.mos_B_private[name] = nn.Parameter(
+            self._on_device(torch.zeros(out_features, private_rank), dtype)
+        )
         self.mos_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.pool_owner[name] = owner
         self.scaling[name] = config.scaling
         self.active.append(name)
 
-    def _like_weight(self, tensor: Tensor) -> Tensor:
-        weight = self.base_layer.weight
-        return tensor.to(device=weight.device, dtype=weight.dtype)
+    def _on_device(self, tensor: Tensor, dtype: torch.dtype) -> Tensor:
+        return tensor.to(device=self.base_layer.weight.device, dtype=dtype)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """This layer's ``(A, B)`` of adapter ``name``, assembled from the shared pools and private rows."""
@@ -248,14 +254,15 @@ class MoSLinear(nn.Module):
         unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
             a, b = self.factors(name)
             mos_x = self.mos_dropout[name](x).to(a.dtype)
-            out = out + (F.linear(F.linear(mos_x, a), b) * self.scaling[name]).to(out.dtype)
-        return out
+            out = out + F.linear(F.linear(mos_x, a), b) * self.scaling[name]
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator, initialize: bool) -> Tensor:
@@ -266,8 +273,9 @@ def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator, i
 
 
 def add_mos(
-    model: nn.Module, config: MoSConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: MoSConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` a MoS adapter ``name``; freeze everything else.
 
     The targets are grouped by role and shape (the last segment of the module name, e.g. ``q_proj``, and
@@ -279,6 +287,8 @@ def add_mos(
         name: the adapter's name (several named adapters can share the layers).
         data: unused (MoS needs no data).
         initialize: ``False`` builds the structure with zero pools, for loading saved tensors next.
+        autocast_adapter_dtype: float32 pools and private rows on 16-bit layers (PEFT's default); ``False``
+            keeps the layers' dtype.
 
     Returns:
         ``model``.
@@ -309,11 +319,14 @@ def add_mos(
         # The shared part of the budget over the whole group, cut into shards (as the authors' code).
         pool_size = (config.budget_rank - config.private_rank) * len(members) * config.shards_per_vector
         owner = members[0]
-        owner.add_pools(name, pool_size, config, generator, initialize)
+        # One dtype per group: its layers share the pools (same role and shape; their weights' dtype).
+        dtype = adapter_dtype(owner.base_layer.weight.dtype, autocast_adapter_dtype)
+        owner.add_pools(name, pool_size, config, generator, initialize, dtype)
         for layer in members:
             layer.add_adapter(
-                name, config, owner=owner, pool_size=pool_size, generator=generator, initialize=initialize
-            )
+                name, config, owner=owner, pool_size=pool_size, generator=generator, initialize=initialize,
+                dtype=dtype,
+            )  # fmt: skip
     return finish_adapter(model, name, config)
 
 

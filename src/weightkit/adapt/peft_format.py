@@ -12,6 +12,11 @@ PEFT stores an adapter's tensors under the model's key with the adapter's name d
   MiSS) saves as that PEFT type.
 - Every other (weightkit-only) method saves in the same layout with its own ``peft_type`` (the method's
   registered name in capitals) and its config fields; weightkit loads it back.
+
+Tensors are saved in the dtype they have, as PEFT's ``save_pretrained`` does: float32 for an adapter on a
+16-bit model made with the default ``autocast_adapter_dtype=True`` (PEFT's default too), the model's dtype
+with ``False``. Loading follows ``PeftModel.from_pretrained``: the adapter gets the dtype its layers call for
+(:func:`weightkit.adapt.layer.adapter_dtype`), whatever dtype it was saved in.
 """
 
 import dataclasses
@@ -19,6 +24,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +47,7 @@ _EMBEDDING_TABLE = ".base_layer.weight"
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
-    modules_to_save: list[str] = (), overwrite: bool = False,
+    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
@@ -53,6 +59,8 @@ def save_adapter(
             ``config.name_or_path`` when it has one).
         modules_to_save: modules trained in full alongside the adapter (a new classification head), saved
             whole as PEFT's ``modules_to_save``.
+        extra_json: more files for the directory, ``{file name: JSON value}`` (a classifier's
+            ``labels.json``), written with the adapter before the directory is published.
         overwrite: replace an existing ``out_dir``.
     """
     configs = adapter_configs(model)
@@ -60,6 +68,10 @@ def save_adapter(
         raise WeightkitError(
             f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
         )
+    extra_json = dict(extra_json or {})
+    taken = {"adapter_config.json", _WEIGHTS} & set(extra_json)
+    if taken:
+        raise WeightkitError(f"extra_json cannot replace the adapter's own {', '.join(sorted(taken))}")
     config = configs[name]
     targets = sorted(n for n, layer in adapter_layers(model).items() if name in layer.adapter_names())
     if isinstance(config, LoRAConfig):
@@ -89,6 +101,8 @@ def save_adapter(
         for key, tensor in tensors.items():
             writer.add(_PREFIX + key, tensor.detach().cpu().contiguous().clone())
         writer.write_json("adapter_config.json", settings)
+        for file_name, value in extra_json.items():
+            writer.write_json(file_name, value)
     return Path(out_dir)
 
 
@@ -184,8 +198,14 @@ def _config_from_saved(saved: dict, modules: list[str], where: Path):
     raise WeightkitError(f"{where}: adapters of type {peft_type} are not supported by weightkit")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, *, name: str = "default", autocast_adapter_dtype: bool = True
+) -> nn.Module:
     """Add the adapter saved in ``adapter_dir`` (PEFT's format, by weightkit or PEFT) as adapter ``name``.
+
+    ``autocast_adapter_dtype`` as in PEFT's ``PeftModel.from_pretrained``: on 16-bit layers the adapter's
+    tensors are float32 whatever dtype they were saved in; ``False`` gives them the layers' dtype (saved
+    float32 values are rounded to it).
 
     Raises:
         WeightkitError: an adapter type weightkit does not know, an adapter for modules the model does not
@@ -212,7 +232,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, *, name: str = "defa
     config = _config_from_saved(saved, targets, adapter_dir)
     entry = entry_for_config(config)
     try:
-        entry.fn(model, config, name=name, initialize=False)
+        entry.fn(model, config, name=name, initialize=False, autocast_adapter_dtype=autocast_adapter_dtype)
     except WeightkitError as err:
         raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
     full_keys = adapter_keys(model, name)

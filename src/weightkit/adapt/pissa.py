@@ -13,8 +13,10 @@ subspace iterations, PEFT's fast SVD) on the same weight: the singular values ar
 before the square root, so ``scaling * B @ A`` is the rank-r truncation itself.
 
 Deviations from PEFT: the fast SVD draws its random test matrix from ``seed`` (PEFT draws from the global
-torch RNG, whatever its state), so the same inputs give the same factors; and the factors are returned in
-the weight's dtype (PEFT keeps ``A`` and ``B`` in float32 even for a 16-bit base).
+torch RNG, whatever its state), so the same inputs give the same factors. The factors are returned in
+float32 and only the residual is rounded to the weight's dtype, so on a 16-bit weight kept with float32
+factors (the default adapter precision) ``residual + scaling * B @ A`` is the weight up to the residual's
+rounding alone (PEFT rounds the factors to the weight's dtype before its autocast upcasts them).
 """
 
 import torch
@@ -43,8 +45,8 @@ def principal_factors(
         seed: seeds the randomised SVD's test matrix (unused with the exact SVD); the global RNG is untouched.
 
     Returns:
-        ``(A, B, residual)``: ``A`` is r x in, ``B`` is out x r, ``residual`` is out x in, all in
-        ``weight``'s dtype and on its device (computed in float32).
+        ``(A, B, residual)``: ``A`` is r x in and ``B`` is out x r in float32, ``residual`` is out x in in
+        ``weight``'s dtype; all on ``weight``'s device (computed in float32).
 
     Raises:
         WeightkitError: a weight that is not a floating-point matrix, or a bad rank, scaling or niter.
@@ -77,7 +79,7 @@ def principal_factors(
     B = U_r * root
     # (scaling * B) @ A, in PEFT's order of operations, so the residual matches PEFT's bit for bit.
     residual = matrix - (scaling * B) @ A
-    return A.to(weight.dtype), B.to(weight.dtype), residual.to(weight.dtype)
+    return A, B, residual.to(weight.dtype)
 
 
 def pissa_to_lora(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:

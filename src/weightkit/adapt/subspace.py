@@ -24,6 +24,11 @@ is one parameter shared by all layers of an adapter: it is registered in the fir
 layer>.subspace_theta.<adapter>``) and the others reach it through a plain reference, so the model counts it
 once. Each layer's update is computed once per forward from the current ``theta_d``.
 
+Precision: on 16-bit modules ``theta_d``, SAID's scales and the projections are float32 unless
+``autocast_adapter_dtype=False`` (PEFT's adapter precision), so every optimizer step is kept in
+``theta_d``. The module itself still runs in its own dtype: the moved parameter ``theta_0 + P theta_d`` is
+rounded to it in the forward (as a merged update would be).
+
 Deliberate deviations:
 
 - Fastfood's row-scaling diagonal ``S`` and its ``1 / (sigma sqrt(d))`` are kernel-approximation devices (they
@@ -52,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 from weightkit.select import select_modules
@@ -234,24 +239,27 @@ class SubspaceLayer(nn.Module):
 
     def add_adapter(
         self, name: str, theta_home: nn.ParameterDict, owners: dict[int, tuple["SubspaceLayer", str]], *,
-        said: bool, generator: torch.Generator,
+        said: bool, generator: torch.Generator, autocast_adapter_dtype: bool = True,
     ) -> None:  # fmt: skip
         """Attach adapter ``name`` whose ``theta_d`` is ``theta_home[name]``: draw a projection from
         ``generator`` for each of the base module's parameters not yet in ``owners`` (``id(parameter)`` ->
-        owning layer and name, updated here), and follow the owner for the others."""
+        owning layer and name, updated here), and follow the owner for the others. Projections and scales
+        are in :func:`~weightkit.adapt.layer.adapter_dtype` of the parameters' dtype."""
         d = theta_home[name].numel()
         projections, tied = nn.ModuleDict(), {}
         for param_name, param in self.base_layer.named_parameters(recurse=False):
             if id(param) in owners:
                 tied[param_name] = owners[id(param)]
                 continue
-            params = fastfood_params(d, param.numel(), generator=generator, dtype=param.dtype)
+            dtype = adapter_dtype(param.dtype, autocast_adapter_dtype)
+            params = fastfood_params(d, param.numel(), generator=generator, dtype=dtype)
             projections[param_name] = _Fastfood(params, param.numel(), param.device)
             owners[id(param)] = (self, param_name)
         self.subspace_proj[name] = projections
         if said and projections:
             weight = next(iter(self.base_layer.parameters()))
-            ones = torch.ones(len(projections), device=weight.device, dtype=weight.dtype)
+            dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
+            ones = torch.ones(len(projections), device=weight.device, dtype=dtype)
             self.subspace_lambda[name] = nn.Parameter(ones)
         self.theta_home[name] = theta_home
         self.tied[name] = tied
@@ -292,7 +300,9 @@ class SubspaceLayer(nn.Module):
     def _add(self, name: str, *, sign: int) -> None:
         for param_name in self.subspace_proj[name]:  # tied parameters are the owner's to merge
             param = getattr(self.base_layer, param_name)
-            param += sign * self.param_delta(name, param_name).to(param.dtype)
+            param += sign * self.param_delta(
+                name, param_name
+            )  # computed in the adapter's dtype, rounded once
 
     def forward(self, *args, **kwargs):
         params = dict(self.base_layer.named_parameters(recurse=False))
@@ -330,13 +340,16 @@ def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def add_subspace(
-    model: nn.Module, config: SubspaceConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: SubspaceConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Reparameterise the parameters of every targeted module of ``model`` in one shared random subspace
     (adapter ``name``); freeze everything else, so exactly ``config.dim`` numbers train.
 
     ``theta_d`` starts at zero, so a fresh adapter leaves the outputs unchanged. ``data`` and ``initialize``
     are accepted for the common signature: the initialisation needs no data and is already cheap.
+    ``autocast_adapter_dtype``: float32 ``theta_d``, scales and projections on 16-bit modules (PEFT's
+    default); ``False`` keeps the modules' dtype.
 
     Returns:
         ``model``, modified in place.
@@ -363,11 +376,15 @@ def add_subspace(
         )
     home = layers[0]
     weight = next(iter(home.base_layer.parameters()))
-    home.subspace_theta[name] = nn.Parameter(torch.zeros(size, device=weight.device, dtype=weight.dtype))
+    dtype = adapter_dtype(weight.dtype, autocast_adapter_dtype)
+    home.subspace_theta[name] = nn.Parameter(torch.zeros(size, device=weight.device, dtype=dtype))
     generator = torch.Generator().manual_seed(config.seed)
     owners: dict[int, tuple[SubspaceLayer, str]] = {}
     for layer in layers:
-        layer.add_adapter(name, home.subspace_theta, owners, said=config.said, generator=generator)
+        layer.add_adapter(
+            name, home.subspace_theta, owners, said=config.said, generator=generator,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )  # fmt: skip
     return finish_adapter(model, name, config)
 
 

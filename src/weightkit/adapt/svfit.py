@@ -19,7 +19,8 @@ values in W_r while freezing W_e and the associated subspaces".)
 
 The layer's tensors: ``svfit_U.<name>`` (out x r left singular vectors) and ``svfit_Vh.<name>`` (r x in,
 right singular vectors as rows) are persistent buffers, saved with the adapter so it does not depend on
-an SVD's sign choices on another machine; ``svfit_delta.<name>`` (r) is the trained parameter.
+an SVD's sign choices on another machine; ``svfit_delta.<name>`` (r) is the trained parameter. On a
+16-bit layer all three are float32 unless ``autocast_adapter_dtype=False`` (PEFT's adapter precision).
 """
 
 from dataclasses import dataclass, field
@@ -27,7 +28,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import BufferDict, finish_adapter, merge_deltas, unmerge_deltas, wrap_targets
+from weightkit.adapt.layer import (
+    BufferDict,
+    adapter_dtype,
+    finish_adapter,
+    merge_deltas,
+    unmerge_deltas,
+    wrap_targets,
+)
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.registry import register
 
@@ -60,11 +68,11 @@ def top_singular_vectors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The ``rank`` leading singular vectors of ``weight`` (out x in): ``(U_r, Vh_r)``.
 
     ``U_r`` is out x rank, ``Vh_r`` is rank x in (right singular vectors as rows), so that
-    ``weight ~ U_r @ diag(S_r) @ Vh_r``. Computed in float32 (full SVD, deterministic), returned in
-    ``weight``'s dtype and device.
+    ``weight ~ U_r @ diag(S_r) @ Vh_r``. Computed and returned in float32 (full SVD, deterministic), on
+    ``weight``'s device.
     """
     U, _, Vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
-    return U[:, :rank].to(weight.dtype), Vh[:rank].to(weight.dtype)
+    return U[:, :rank], Vh[:rank]
 
 
 def svfit_delta_weight(U_r: Tensor, delta_s: Tensor, Vh_r: Tensor) -> Tensor:
@@ -87,9 +95,12 @@ class SVFitLinear(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.svfit_delta)
 
-    def add_adapter(self, name: str, config: SVFitConfig, *, initialize: bool = True) -> None:
+    def add_adapter(
+        self, name: str, config: SVFitConfig, *, initialize: bool = True, dtype: torch.dtype | None = None
+    ) -> None:
         """Add adapter ``name``: the base weight's top-``rank`` singular vectors (zeros when not
-        ``initialize``: they are about to be loaded) and ``delta_s = 0``."""
+        ``initialize``: they are about to be loaded) and ``delta_s = 0``, in ``dtype`` (default: the
+        weight's)."""
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         if config.rank > min(out_features, in_features):
@@ -101,14 +112,15 @@ class SVFitLinear(nn.Module):
         if self.merged:
             # The singular vectors must be the base weight's, not those of the base plus merged updates.
             raise WeightkitError("svfit: unmerge this layer's adapters before adding another")
+        dtype = dtype or weight.dtype
         if initialize:
             U_r, Vh_r = top_singular_vectors(weight, config.rank)
         else:
             U_r = weight.new_zeros(out_features, config.rank)
             Vh_r = weight.new_zeros(config.rank, in_features)
-        self.svfit_U[name] = U_r
-        self.svfit_Vh[name] = Vh_r
-        self.svfit_delta[name] = nn.Parameter(weight.new_zeros(config.rank))
+        self.svfit_U[name] = U_r.to(dtype)
+        self.svfit_Vh[name] = Vh_r.to(dtype)
+        self.svfit_delta[name] = nn.Parameter(weight.new_zeros(config.rank, dtype=dtype))
         self.active.append(name)
 
     def delta_weight(self, name: str) -> Tensor:
@@ -124,19 +136,21 @@ class SVFitLinear(nn.Module):
         unmerge_deltas(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        base_out = self.base_layer(x)
+        out = base_out
         for name in self.active:
             if name in self.merged:
                 continue
             # Through the r-dimensional coordinates (x V_r) rather than a materialised out x in update.
             coords = x.to(self.svfit_Vh[name].dtype) @ self.svfit_Vh[name].T
-            out = out + ((coords * self.svfit_delta[name]) @ self.svfit_U[name].T).to(out.dtype)
-        return out
+            out = out + (coords * self.svfit_delta[name]) @ self.svfit_U[name].T
+        return out.to(base_out.dtype)  # summed in the adapter's dtype, rounded once
 
 
 def add_svfit(
-    model: nn.Module, config: SVFitConfig, *, name: str = "default", data=None, initialize: bool = True
-) -> nn.Module:
+    model: nn.Module, config: SVFitConfig, *, name: str = "default", data=None, initialize: bool = True,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:  # fmt: skip
     """Give every targeted ``nn.Linear`` of ``model`` an SVFit adapter ``name``; freeze everything else.
 
     Args:
@@ -145,6 +159,8 @@ def add_svfit(
         name: the adapter's name; calling again with another name adds a second adapter to the same layers.
         data: unused (SVFit's initialisation needs only the weights).
         initialize: compute the SVDs; ``False`` builds zero buffers of the right shapes, to be loaded.
+        autocast_adapter_dtype: float32 adapter tensors on 16-bit layers (PEFT's default); ``False`` keeps
+            each layer's dtype.
 
     Returns:
         ``model``, modified in place.
@@ -156,7 +172,8 @@ def add_svfit(
     for module_name, layer in wrap_targets(model, config.targets, SVFitLinear).items():
         if initialize:
             require_finite(layer.base_layer.weight, f"{module_name}.weight")
-        layer.add_adapter(name, config, initialize=initialize)
+        dtype = adapter_dtype(layer.base_layer.weight.dtype, autocast_adapter_dtype)
+        layer.add_adapter(name, config, initialize=initialize, dtype=dtype)
     return finish_adapter(model, name, config)
 
 

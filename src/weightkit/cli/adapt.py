@@ -19,8 +19,9 @@ def _option_value(text: str) -> Any:
 def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
-    from weightkit.adapt.trainer import TrainConfig, finetune
+    from weightkit.adapt.trainer import finetune
     from weightkit.registry import config_from_dict, lookup
+    from weightkit.runtime.training import TrainConfig
 
     entry = lookup("adapt", args.method)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
@@ -44,7 +45,8 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     summary = finetune(
         args.model, adapter_config, args.output, train, data=args.data, eval_data=args.eval_data,
-        overwrite=args.force, progress=not args.json,
+        device=args.device, autocast_adapter_dtype=args.autocast_adapter_dtype, overwrite=args.force,
+        progress=not args.json,
     )  # fmt: skip
     if not args.json:
         rows = [{"setting": "method", "value": args.method}]
@@ -66,8 +68,9 @@ def add_parsers(sub) -> None:
             "Add an adapter to a Hugging Face model directory, train it and save it in PEFT's format "
             "(adapter_config.json + adapter_model.safetensors). Decoders learn the texts (causal-LM loss); "
             "encoders learn to classify: give a .jsonl file with 'text' and 'label'. Evaluates on held-out "
-            "examples (perplexity or accuracy). Several processes: "
-            "torchrun --nproc-per-node N -m weightkit.cli adapt ... (DistributedDataParallel)."
+            "examples (perplexity or accuracy). Trains on the GPU when there is one (--device). Several "
+            "processes: torchrun --nproc-per-node N -m weightkit.cli adapt ... (DistributedDataParallel, one "
+            "GPU each)."
         ),
         epilog=(
             "examples:\n"
@@ -108,5 +111,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
     t.add_argument("--seed", type=int, help="seed of initialisation, shuffling and split (default: 0)")
+    t.add_argument(
+        "--autocast-adapter-dtype",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the adapter in float32 on a bfloat16/float16 model, as PEFT's autocast_adapter_dtype "
+        "(default); --no-autocast-adapter-dtype keeps the model's dtype",
+    )
     t.set_defaults(run=_cmd_adapt)
-    common_options(t, force=True)
+    common_options(t, force=True, device=True)
