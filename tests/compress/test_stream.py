@@ -72,3 +72,29 @@ def test_nan_weight_stops_streaming_with_nothing_written(tmp_path):
             compress_checkpoint(model_dir, tmp_path / "out", CONFIGS[method], data=TEXTS[:8], progress=False)
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_tied_embeddings_quantize_with_every_method_and_load_in_transformers(tmp_path, method):
+    import transformers
+
+    model = tiny_llama(seed=0, tie_word_embeddings=True)
+    model_dir = save_tiny(model, tmp_path / "model", tiny_tokenizer(128))
+    config = {
+        "rtn": RTNConfig(bits=4, group_size=16),
+        "gptq": GPTQConfig(bits=4, group_size=16, calib_max_length=64),
+        "awq": AWQConfig(bits=4, group_size=16, calib_max_length=64),
+    }[method]
+    out = compress_checkpoint(model_dir, tmp_path / "out", config, data=TEXTS[:16], progress=False)
+
+    with CheckpointReader(out) as reader:
+        assert "model.embed_tokens.weight" in reader and "lm_head.weight" not in reader
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    reference, tokenizer, _ = load_model(model_dir)
+    compress(reference, config, data=TEXTS[:16], tokenizer=tokenizer, progress=False)
+    ids = torch.tensor([[1, 5, 17, 33, 64, 99, 127, 3, 8, 21, 40, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0
+        )

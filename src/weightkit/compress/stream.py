@@ -61,6 +61,10 @@ class _StreamedModel:
             if tensor is not None:
                 state[name] = tensor
         module.load_state_dict(state, strict=False, assign=True)
+        if module is self.model:
+            # A tied lm_head is stored once, as the embeddings: point it at them before checking
+            # what is missing (it is the same tensor, not a lack of one).
+            self.model.tie_weights()
         missing = [head + n for n, p in module.named_parameters() if p.is_meta and not n.startswith(skip)]
         if missing:
             raise WeightkitError(
@@ -142,7 +146,6 @@ def compress_checkpoint(
             else:
                 blocks = transformer_blocks_name(model, kind)
                 streamed.load("", model, skip=(blocks,))
-                model.tie_weights()
                 entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress, store=streamed)
                 for name, tensor in export_tensors(model, skip=(blocks,)):
                     writer.add(name, tensor)
