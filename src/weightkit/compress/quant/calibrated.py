@@ -11,7 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.compress.quant.awq import CLIP_SAMPLE_TOKENS, awq_search_clip, awq_search_scales, even_sample
-from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
+from weightkit.compress.quant.blockwise import (
+    block_on,
+    borrowed,
+    capture_block_inputs,
+    input_groups,
+    run_batches,
+)
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.hessian import Hessian
@@ -131,25 +137,58 @@ def _blocks_with_linears(
     return out
 
 
-def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store) -> nn.Module:
+def _front(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """The parts of the backbone outside its blocks (embeddings, rotary embeddings, final norm ...):
+    what computes block 0's inputs, without the blocks or the head."""
+    base = getattr(model, "base_model", model)
+
+    def outside(module: nn.Module) -> list[nn.Module]:
+        parts = []
+        for child in module.children():
+            if child is blocks:
+                continue
+            parts += outside(child) if any(m is blocks for m in child.modules()) else [child]
+        return parts
+
+    return outside(base)
+
+
+def _device_of(modules: list[nn.Module]) -> torch.device:
+    tensors = (t for m in modules for t in (*m.parameters(), *m.buffers()))
+    return next((t.device for t in tensors), torch.device("cpu"))
+
+
+def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store, device) -> nn.Module:
     """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
-    ``quantize_block(prefix, block, groups, inputs)`` gets the block's selected layers as a list of
-    input groups (``{relative name: linear}``, in call order) and returns ``(quantized, outputs)``:
-    each layer's quantized weight and the block's outputs for the next block. A ``store`` (see
-    :class:`BlockStore`) fills each block's weights just before it is needed and takes it away after.
+    ``quantize_block(prefix, block, groups, inputs, device, last)`` gets the block's selected layers as
+    a list of input groups (``{relative name: linear}``, in call order) and returns ``(quantized,
+    outputs)``: each layer's quantized weight and the block's outputs for the next block (``None`` for
+    the ``last`` block, whose outputs nobody needs). A ``store`` (see :class:`BlockStore`) fills each
+    block's weights just before it is needed and takes it away after.
+
+    With a ``device``, the front part of the model runs there to capture block 0's inputs, and each
+    block is moved there while it is calibrated; the model is left where it was. Without one, each
+    part runs where it is.
     """
     linears = selected_linears(model, config)
     plan = _blocks_with_linears(model, linears)
     batches = calibration_batches(config, data, tokenizer)
-    inputs = capture_block_inputs(model, plan[0][1], batches)
-    for prefix, block, inner in track(plan, label, enabled=progress):
+    front = _front(model, transformer_blocks(model, model_kind(model.config.to_dict())))
+    capture_on = device or _device_of(front)
+    with borrowed(front, capture_on):
+        inputs = capture_block_inputs(model, plan[0][1], batches, capture_on)
+    for i, (prefix, block, inner) in enumerate(track(plan, label, enabled=progress)):
         if store is not None:
             store.load(prefix, block)
-        groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)] if inner else []
-        done, inputs.hidden = quantize_block(prefix, block, groups, inputs)
-        for rel, quantized in done.items():
-            quantize_linear(block, rel, quantized)
+        here = device or _device_of([block])
+        with block_on(block, here):
+            groups = (
+                [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)] if inner else []
+            )
+            done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, i == len(plan) - 1)
+            for rel, quantized in done.items():
+                quantize_linear(block, rel, quantized)
         if store is not None:
             store.save(prefix, block)
     return model
@@ -204,31 +243,35 @@ def quantize_gptq(
     tokenizer=None,
     progress: bool = True,
     store: "BlockStore | None" = None,
+    device: torch.device | None = None,
 ):
     """Quantize ``model`` in place with GPTQ on calibration ``data`` (see :func:`calibration_batches`).
 
     Groups are quantized in call order, each calibrated on the inputs the already-rounded groups
-    before it produce, so later layers compensate earlier layers' error; one forward pass per block
-    (:func:`~weightkit.compress.quant.blockwise.calibrate_block`).
+    before it produce, so later layers compensate earlier layers' error ("true sequential" in the
+    paper's code). For each group every batch runs through the block, one batch at a time, only up
+    to the group's first layer; a last pass gives the block's outputs. Memory therefore does not
+    grow with the number of batches beyond the captured hidden states (measured cost of the partial
+    passes: see ``bench/README.md``).
+
+    Args:
+        device: where to calibrate (see :func:`_walk_blocks`); ``None``: where the model is.
     """
 
-    def quantize_block(prefix, block, groups, inputs):
-        hessians = [Hessian() for _ in groups]
+    def quantize_block(prefix, block, groups, inputs, here, last):
         done = {}
-
-        def accumulate(i, x):
-            hessians[i].add(x)
-
-        def quantize_group(i):
-            hessian, hessians[i] = hessians[i], None  # freed once used
+        for group in groups:
+            first = next(iter(group.values()))
+            hessian = Hessian()
+            run_batches(
+                block, inputs, here, modules=[first], on_input=lambda _i, x, h=hessian: h.add(x), until=first
+            )
             if not hessian.count:
                 raise _no_tokens()
-            done.update(_gptq_group(prefix, groups[i], hessian.value(), config))
+            done.update(_gptq_group(prefix, group, hessian.value(), config))
+        return done, None if last else run_batches(block, inputs, here)
 
-        outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group)
-        return done, outputs
-
-    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store)
+    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store, device)
 
 
 # The op whose output is exactly a group's input, with every layer reading it. AWQ's scale folds into
@@ -293,6 +336,7 @@ def quantize_awq(
     tokenizer=None,
     progress: bool = True,
     store: "BlockStore | None" = None,
+    device: torch.device | None = None,
 ):
     """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`).
 
@@ -302,12 +346,13 @@ def quantize_awq(
     o_proj, so nothing may be rounded yet), and every layer is clipped and rounded.
     """
 
-    def quantize_block(prefix, block, groups, inputs):
+    def quantize_block(prefix, block, groups, inputs, here, last):
         tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
         sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
         folds = [_fold_target(block, group) for group in groups]
         stats = [_AWQInputStats(sample_at, scaled=op is not None) for op in folds]
-        outputs = calibrate_block(block, _first_layers(groups), inputs, lambda i, x: stats[i].add(x))
+        firsts = _first_layers(groups)
+        outputs = run_batches(block, inputs, here, modules=firsts, on_input=lambda i, x: stats[i].add(x))
         if tokens == 0:
             raise _no_tokens()
         samples = [torch.cat(st.sample) for st in stats]
@@ -336,7 +381,7 @@ def quantize_awq(
                 _round_in_place(linear, done[rel])
         return done, outputs
 
-    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store)
+    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store, device)
 
 
 register("compress", "gptq", GPTQConfig, quantize_gptq)
