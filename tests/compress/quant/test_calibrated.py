@@ -206,7 +206,7 @@ def test_awq_statistics_streamed_by_batch_equal_those_of_all_tokens():
     g = torch.Generator().manual_seed(0)
     chunks = [torch.randn(n, 8, generator=g) for n in (7, 0, 30, 12, 1)]
     everything = torch.cat(chunks)
-    stats = _AWQInputStats(even_sample(len(everything), 10), scaled=True)
+    stats = _AWQInputStats(even_sample(len(everything), 10), scaled=True, needs_hessian=True)
     for chunk in chunks:
         stats.add(chunk)
     assert stats.count == len(everything)
@@ -248,6 +248,7 @@ class _LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.filterwarnings("ignore:GPTQ. the calibration data has")
 def test_gptq_calibration_memory_does_not_grow_with_the_number_of_batches():
     # A wide MLP (512) next to narrow hidden states (32): what a batch's forward pass holds is far
     # more than what is captured per batch, so holding every batch's pass at once (as calibration
@@ -414,3 +415,100 @@ def test_scarce_calibration_warns_with_the_tokens_needed_and_is_not_worse_than_r
         for name, model in (("rtn", rtn), ("calibrated", calibrated))
     }
     assert fidelity["calibrated"] > fidelity["rtn"] - 0.01, fidelity
+
+
+def test_awq_scores_q_k_v_at_the_attention_output_and_gate_up_at_the_mlp_output():
+    from weightkit.compress.quant.calibrated import _inspected
+
+    block = tiny_llama(seed=0).model.layers[0]
+    group = {n: block.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    assert _inspected(block, group) is block.self_attn
+    assert (
+        _inspected(block, {n: block.get_submodule(n) for n in ("mlp.gate_proj", "mlp.up_proj")}) is block.mlp
+    )
+    assert _inspected(block, {"mlp.down_proj": block.mlp.down_proj}) is None  # scored by its own output
+
+
+@torch.no_grad()
+def test_awq_module_losses_equal_a_plain_loop_over_the_batches(monkeypatch):
+    # The streamed scoring (every candidate run inside the forward pass, batch by batch) must give,
+    # per candidate, the squared error of the inspected module's output over all real tokens.
+    from weightkit.compress.quant import calibrated
+
+    calls = []
+    module_losses = calibrated._module_losses
+
+    def record(block, inputs, here, module, layers, candidates):
+        losses = module_losses(block, inputs, here, module, layers, candidates)
+        names = {m: n for n, m in block.named_modules()}
+        # The inputs' hidden states are replaced when the block is done: keep this block's.
+        calls.append((copy.copy(inputs), names[module], [names[m] for m in layers], candidates, losses))
+        return losses
+
+    monkeypatch.setattr(calibrated, "_module_losses", record)
+    model, tokenizer = tiny_llama(seed=2, num_hidden_layers=1), tiny_tokenizer(128)
+    reference_block = copy.deepcopy(model.model.layers[0])
+    compress(model, AWQConfig(bits=3, group_size=16), data=_batches(tokenizer, CALIB), progress=False)
+    assert [(module, layers) for _, module, layers, *_ in calls] == [
+        ("self_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("mlp", ["mlp.gate_proj", "mlp.up_proj"]),
+    ]
+    for inputs, module, layers, candidates, losses in calls:
+        inspected = reference_block.get_submodule(module)
+        copies = [reference_block.get_submodule(n) for n in layers]
+        originals = [m.weight.data for m in copies]
+        expected = torch.zeros(len(candidates), dtype=torch.float64)
+        for b in range(len(inputs)):
+            seen = {}
+
+            def grab(_m, args, kwargs, seen=seen):
+                seen["args"], seen["kwargs"] = args, kwargs
+
+            handle = inspected.register_forward_pre_hook(grab, with_kwargs=True)
+            hidden, args, kwargs = inputs.batch(b, CPU)
+            reference_block(hidden, *args, **kwargs)
+            handle.remove()
+            mask = inputs.token_masks[b]
+            reference = _first_output(inspected(*seen["args"], **seen["kwargs"]))[mask]
+            for k, weights in enumerate(candidates):
+                for m, w in zip(copies, weights, strict=True):
+                    m.weight.data = w
+                out = _first_output(inspected(*seen["args"], **seen["kwargs"]))[mask]
+                expected[k] += float((out - reference).double().square().sum())
+            for m, w in zip(copies, originals, strict=True):
+                m.weight.data = w
+        torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-9)
+
+
+def _first_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def test_awq_searches_each_layer_on_its_own_grid_and_never_clips_query_or_key(monkeypatch):
+    from weightkit.compress.quant import calibrated
+
+    model, tokenizer = tiny_llama(seed=0), tiny_tokenizer(128)
+    attention = model.model.layers[0].self_attn
+    names = {attention.get_submodule(n).weight.data_ptr(): n for n in ("q_proj", "k_proj", "v_proj")}
+    searched, clipped = {}, []
+    scaled_rtn, search_clip = calibrated.scaled_rtn, calibrated.awq_search_clip
+
+    def record_search(w, s, scheme, *args):
+        if w.data_ptr() in names:
+            searched.setdefault(names[w.data_ptr()], set()).add(scheme.bits)
+        return scaled_rtn(w, s, scheme, *args)
+
+    def record_clip(w, x, scheme, **kwargs):
+        clipped.append(kwargs["name"])
+        return search_clip(w, x, scheme, **kwargs)
+
+    monkeypatch.setattr(calibrated, "scaled_rtn", record_search)
+    monkeypatch.setattr(calibrated, "awq_search_clip", record_clip)
+    config = AWQConfig(bits=3, group_size=16, overrides={"re:.*k_proj": {"bits": 8}})
+    compress(model, config, data=CALIB, tokenizer=tokenizer, progress=False)
+    assert searched == {"q_proj": {3}, "k_proj": {8}, "v_proj": {3}}
+    assert attention.k_proj.scheme.bits == 8
+    layers = {
+        name.removeprefix("model.layers.0.").removesuffix(".weight") for name in clipped if ".0." in name
+    }
+    assert layers == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}

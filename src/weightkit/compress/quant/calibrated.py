@@ -11,7 +11,16 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from weightkit.compress.quant.awq import CLIP_SAMPLE_TOKENS, awq_search_clip, awq_search_scales, even_sample
+from weightkit.compress.quant.awq import (
+    CLIP_SAMPLE_TOKENS,
+    awq_search_clip,
+    awq_search_scales,
+    clip_weight,
+    even_sample,
+    scale_candidates,
+    scaled_rtn,
+    weight_magnitude,
+)
 from weightkit.compress.quant.blockwise import (
     block_on,
     borrowed,
@@ -69,23 +78,30 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
 class AWQConfig(WeightQuantFields, CalibrationFields):
     """AWQ (arXiv 2306.00978): scale up the input channels that carry large activations before
     rounding (the inverse scale folds into the preceding op, so the model's function is unchanged),
-    then search a clipping range per group.
+    then search a clipping range per group. Follows the reference code (llm-awq, AutoAWQ,
+    llm-compressor); see :mod:`weightkit.compress.quant.awq`.
 
     Attributes (besides the grid and calibration fields):
-        n_grid: points of the grid search over the scaling exponent alpha in [0, 1) and over clip ratios.
-        clip: search a per-group clipping ratio after scaling (AWQ's weight clipping).
-        max_shrink: the clip search tries ranges down to ``1 - max_shrink`` of the full range.
+        n_grid: points of the scale grid search (alpha from 0 to 1) and step ``1 / n_grid`` of the
+            clip search.
+        duo_scaling: candidates ``x^alpha / w^(1 - alpha)`` (input and weight magnitudes) instead of
+            the paper's ``x^alpha``; the default, as in llm-compressor and AutoAWQ.
+        clip: search a per-group clipping ratio after scaling (AWQ's weight clipping; query and key
+            projections are never clipped, as in every reference).
+        max_shrink: the clip search tries ``max_shrink * n_grid`` ratios from 1 down in steps of
+            ``1 / n_grid`` (to 0.55 for the defaults).
     """
 
     n_grid: int = 20
+    duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
 
     def __post_init__(self):
         WeightQuantFields.__post_init__(self)
         CalibrationFields.__post_init__(self)
-        if self.n_grid < 1:
-            raise WeightkitError(f"n_grid must be at least 1, got {self.n_grid}")
+        if self.n_grid < 3:
+            raise WeightkitError(f"n_grid must be at least 3, got {self.n_grid}")
         if not 0 <= self.max_shrink < 1:
             raise WeightkitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
 
@@ -334,12 +350,34 @@ def _divide_output(op: nn.Module, s: Tensor) -> None:
         op.bias.data.div_(s.to(op.bias.dtype))
 
 
+# Layers whose outputs meet in the attention scores q . k: a per-layer output error cannot judge their
+# clipping, so (as every reference does) they are not clipped.
+_NOT_CLIPPED = ("q_proj", "k_proj", "query", "key")
+
+
+def _inspected(block: nn.Module, group: dict[str, nn.Module]) -> nn.Module | None:
+    """The module whose output scores a group's scales: the lowest common parent of its layers
+    (``self_attn`` for q/k/v, ``mlp`` for gate/up), or ``None`` for a layer alone in its group,
+    which is scored by its own output."""
+    if len(group) == 1:
+        return None
+    parts = [name.split(".") for name in group]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return block.get_submodule(".".join(common))
+
+
 @dataclass
 class _AWQInputStats:
-    """What AWQ keeps of one group's inputs: their Hessian, mean magnitude and a token sample."""
+    """What AWQ keeps of one group's inputs: mean magnitude, Hessian (when the group is scored by its
+    own outputs) and a token sample for the clip search."""
 
     sample_at: Tensor  # indices, over all calibration tokens, of the tokens kept for the clip search
-    scaled: bool  # whether the group gets a scale search (which needs the Hessian and magnitudes)
+    scaled: bool  # whether the group gets a scale search (needs the input magnitudes)
+    needs_hessian: bool  # scored through its inputs' Hessian (a layer alone in its group)
     hessian: Hessian = field(default_factory=Hessian)
     count: int = 0
     abs_sum: Tensor | float = 0.0
@@ -349,10 +387,65 @@ class _AWQInputStats:
         start = self.count
         self.count += x.shape[0]
         if self.scaled:
-            self.hessian.add(x)
             self.abs_sum = self.abs_sum + x.float().abs().sum(dim=0)
+        if self.needs_hessian:
+            self.hessian.add(x)
         at = self.sample_at[(self.sample_at >= start) & (self.sample_at < self.count)] - start
         self.sample.append(x[at.to(x.device)].float())
+
+
+def _real(output, rows: Tensor) -> Tensor:
+    """A module's (first) output as ``[real tokens, features]`` in float32."""
+    out = output[0] if isinstance(output, tuple) else output
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows).float()
+
+
+def _module_losses(
+    block: nn.Module,
+    inputs,
+    here: torch.device,
+    module: nn.Module,
+    layers: list[nn.Module],
+    candidates: list[list[Tensor]],
+) -> Tensor:
+    """Output errors of a group's scale candidates, measured at the output of ``module``.
+
+    ``candidates[k]`` holds the weights (``RTN(W * s) / s`` for candidate ``k``) of the group's
+    ``layers``. Every batch runs through the block in full precision up to ``module``, which then runs
+    on the batch's inputs once as it is and once per candidate with the layers holding the candidate
+    weights; the squared differences on real tokens are summed. That is the reference code's loss over
+    all calibration samples, with one batch's activations alive at a time.
+    """
+    losses = torch.zeros(len(candidates), dtype=torch.float64)
+    batch = [-1]
+
+    def next_batch(_module, _args):
+        batch[0] += 1
+
+    def score(_module, args, kwargs):
+        rows = inputs.token_rows(batch[0], here)
+        # forward() rather than the module itself: its hooks (this one) must not run again.
+        reference = _real(module.forward(*args, **kwargs), rows)
+        originals = [m.weight.data for m in layers]
+        try:
+            for k, weights in enumerate(candidates):
+                for m, w in zip(layers, weights, strict=True):
+                    m.weight.data = w
+                losses[k] += float((_real(module.forward(*args, **kwargs), rows) - reference).square().sum())
+        finally:
+            for m, w in zip(layers, originals, strict=True):
+                m.weight.data = w
+
+    handles = [
+        block.register_forward_pre_hook(next_batch),
+        module.register_forward_pre_hook(score, with_kwargs=True),
+    ]
+    try:
+        run_batches(block, inputs, here, until=module)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return losses
 
 
 @torch.no_grad()
@@ -368,44 +461,93 @@ def quantize_awq(
 ):
     """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`).
 
-    As in the paper's reference code, each block runs once in full precision: that pass gives every
-    group's input statistics and the block's outputs for the next block. Then the scales of every
-    group are searched and folded (a fold may reach into an earlier group's layer, e.g. v_proj for
-    o_proj, so nothing may be rounded yet), and every layer is clipped and rounded.
+    Per block, as the reference code: one pass in full precision gives every group's input
+    statistics and the block's outputs for the next block (the full-precision outputs, as in the
+    references). The scales of each group are searched by the error at the output of the module
+    the group feeds (:func:`_inspected`; a second full-precision pass runs those modules per
+    candidate, one batch at a time) or, for a layer alone, through its inputs' Hessian; all scales
+    are searched on the unscaled block and then folded (a fold may reach into another group's layer,
+    e.g. v_proj for o_proj, so nothing may be rounded before). Then every layer but the query and
+    key projections gets the clip search, and every layer is rounded.
+
+    Args:
+        device: where to calibrate (see :func:`_walk_blocks`); ``None``: where the model is.
     """
 
     def quantize_block(prefix, block, groups, inputs, here, last):
         tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
-        sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
-        folds = [_fold_target(block, group) for group in groups]
-        stats = [_AWQInputStats(sample_at, scaled=op is not None) for op in folds]
-        firsts = _first_layers(groups)
-        outputs = run_batches(block, inputs, here, modules=firsts, on_input=lambda i, x: stats[i].add(x))
         if tokens == 0:
             raise _no_tokens()
-        samples = [torch.cat(st.sample) for st in stats]
-        for i, (group, op) in enumerate(zip(groups, folds, strict=True)):
+        if not groups:
+            return {}, None if last else run_batches(block, inputs, here)
+        folds = [_fold_target(block, group) for group in groups]
+        parents = [None if op is None else _inspected(block, g) for g, op in zip(groups, folds, strict=True)]
+        sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
+        stats = [
+            _AWQInputStats(sample_at, scaled=op is not None, needs_hessian=op is not None and parent is None)
+            for op, parent in zip(folds, parents, strict=True)
+        ]
+        firsts = _first_layers(groups)
+        outputs = run_batches(
+            block,
+            inputs,
+            here,
+            modules=firsts,
+            on_input=lambda i, x: stats[i].add(x),
+            until=firsts[-1] if last else None,
+        )
+        schemes = [[config.scheme_for(f"{prefix}.{rel}") for rel in group] for group in groups]
+
+        chosen = {}
+        for i, (group, op, parent) in enumerate(zip(groups, folds, parents, strict=True)):
             if op is None:
                 continue
-            scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
             weights = [m.weight.detach() for m in group.values()]
             magnitude = stats[i].abs_sum / stats[i].count
-            h = stats[i].hessian.value()
-            s, _alpha = awq_search_scales(h, magnitude, weights, scheme, n_grid=config.n_grid)
-            _divide_output(op, s)
-            for m in group.values():
+            name = f"{prefix}.{' + '.join(group)}"
+            if parent is None:
+                chosen[i] = awq_search_scales(
+                    stats[i].hessian.value(),
+                    magnitude,
+                    weights,
+                    schemes[i],
+                    n_grid=config.n_grid,
+                    duo_scaling=config.duo_scaling,
+                    name=name,
+                ).scales
+                continue
+            # Scored at the module's output, one group at a time: its n_grid candidates' weights are
+            # rounded once and held (one group's weights n_grid times), the calibration batches streamed.
+            w_magnitude = weight_magnitude(weights, schemes[i]) if config.duo_scaling else None
+            scales = [c.scales for c in scale_candidates(magnitude, w_magnitude, n_grid=config.n_grid)]
+            candidates = [
+                [
+                    scaled_rtn(w, s, scheme, name).to(w.dtype)
+                    for w, scheme in zip(weights, schemes[i], strict=True)
+                ]
+                for s in scales
+            ]
+            losses = _module_losses(block, inputs, here, parent, list(group.values()), candidates)
+            chosen[i] = scales[int(losses.argmin())]  # argmin: the first of equal minima
+            del candidates
+
+        samples = [torch.cat(st.sample) for st in stats]
+        for i, s in chosen.items():
+            _divide_output(folds[i], s)
+            for m in groups[i].values():
                 m.weight.data.mul_(s.to(m.weight.dtype))
             samples[i] = samples[i] / s
         done = {}
-        for x, group in zip(samples, groups, strict=True):
-            for rel, linear in group.items():
-                name = f"{prefix}.{rel}"
-                scheme = config.scheme_for(name)
+        for x, group, group_schemes in zip(samples, groups, schemes, strict=True):
+            for (rel, linear), scheme in zip(group.items(), group_schemes, strict=True):
+                name = f"{prefix}.{rel}.weight"
                 w = linear.weight.detach()
-                ratio = None
-                if config.clip:
-                    ratio = awq_search_clip(w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink)
-                done[rel] = rtn_quantize(w, scheme, clip_ratio=ratio, name=f"{name}.weight")
+                if config.clip and not rel.endswith(_NOT_CLIPPED):
+                    ratio = awq_search_clip(
+                        w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink, name=name
+                    )
+                    w = clip_weight(w, ratio, scheme)
+                done[rel] = rtn_quantize(w, scheme, name=name)
                 _round_in_place(linear, done[rel])
         return done, outputs
 
