@@ -94,6 +94,25 @@ def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, capsys, llama_
     _assert_fails(capsys, tmp_path, ["eval", llama_dir, "--device", "cuda"], "--device cuda", "no CUDA GPU")
 
 
+def test_compress_runs_on_the_device_asked(tmp_path, capsys, monkeypatch, llama_dir):
+    from weightkit.compress import stream
+    from weightkit.quantized.grid import rtn_quantize
+
+    seen = []
+
+    def record(w, scheme, **kwargs):
+        seen.append(w.device.type)
+        return rtn_quantize(torch.zeros(w.shape), scheme, **kwargs)  # meta holds no values to round
+
+    monkeypatch.setattr(stream, "rtn_quantize", record)
+    argv = ["compress", llama_dir, "-o", tmp_path / "on-meta", "--method", "rtn", "--group-size", "32"]
+    code, stdout, _ = run(capsys, *argv, "--device", "meta", "--json")
+    assert code == 0 and set(seen) == {"meta"} and json.loads(stdout)["device"] == "meta"
+    argv = ["compress", llama_dir, "--method", "rtn", "--group-size", "32", "--device", "cuda"]
+    if not torch.cuda.is_available():
+        _assert_fails(capsys, tmp_path, argv, "--device cuda", "no CUDA GPU")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_eval_on_cuda_matches_the_cpu(capsys, llama_dir, text_file):
     values = []

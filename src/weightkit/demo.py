@@ -20,6 +20,7 @@ from weightkit.eval import embedding_fidelity
 from weightkit.models import default_model_path, load_model
 from weightkit.progress import console
 from weightkit.registry import config_to_dict
+from weightkit.runtime.device import resolve_device
 
 __all__ = ["run_demo"]
 
@@ -30,10 +31,18 @@ DEMO_CONFIGS = {
 }
 
 
-def run_demo(output: Path, *, quiet: bool = False, eval_texts: int = 256) -> dict[str, Any]:
-    """Run the demo; the best model (highest embedding fidelity) is saved to ``output`` (replaced)."""
+def run_demo(
+    output: Path, *, quiet: bool = False, eval_texts: int = 256, device: str | None = None
+) -> dict[str, Any]:
+    """Run the demo; the best model (highest embedding fidelity) is saved to ``output`` (replaced).
+
+    ``device``: where the model, its quantization and the evaluation run (default: the GPU when
+    there is one, else the CPU).
+    """
+    device = resolve_device(device)
     source = default_model_path()
     reference, tokenizer, _ = load_model(source)
+    reference.to(device)
     calib = stdlib_docstrings("calib")
     held_out = stdlib_docstrings("eval")[:eval_texts]
     if not quiet:

@@ -72,3 +72,68 @@ def test_nan_weight_stops_streaming_with_nothing_written(tmp_path):
             compress_checkpoint(model_dir, tmp_path / "out", CONFIGS[method], data=TEXTS[:8], progress=False)
         assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_tied_embeddings_quantize_with_every_method_and_load_in_transformers(tmp_path, method):
+    import transformers
+
+    model = tiny_llama(seed=0, tie_word_embeddings=True)
+    model_dir = save_tiny(model, tmp_path / "model", tiny_tokenizer(128))
+    config = {
+        "rtn": RTNConfig(bits=4, group_size=16),
+        "gptq": GPTQConfig(bits=4, group_size=16, calib_max_length=64),
+        "awq": AWQConfig(bits=4, group_size=16, calib_max_length=64),
+    }[method]
+    out = compress_checkpoint(model_dir, tmp_path / "out", config, data=TEXTS[:16], progress=False)
+
+    with CheckpointReader(out) as reader:
+        assert "model.embed_tokens.weight" in reader and "lm_head.weight" not in reader
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    reference, tokenizer, _ = load_model(model_dir)
+    compress(reference, config, data=TEXTS[:16], tokenizer=tokenizer, progress=False)
+    ids = torch.tensor([[1, 5, 17, 33, 64, 99, 127, 3, 8, 21, 40, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_streamed_rtn_rounds_each_weight_on_the_device(tmp_path, monkeypatch, llama_dir):
+    from weightkit.quantized.grid import rtn_quantize
+
+    placements = []
+
+    def record(w, scheme, **kwargs):
+        placements.append(w.device.type)
+        return rtn_quantize(torch.zeros(w.shape), scheme, **kwargs)  # meta holds no values to round
+
+    monkeypatch.setattr(stream_module, "rtn_quantize", record)
+    compress_checkpoint(llama_dir, tmp_path / "out", CONFIGS["rtn"], progress=False, device="meta")
+    assert placements == ["meta"] * 14
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streamed_calibration_runs_on_the_device(tmp_path, monkeypatch, llama_dir, method):
+    from weightkit.compress.quant import calibrated
+
+    class Seen(Exception):
+        pass
+
+    def record(model, block, batches, device):
+        raise Seen(device)
+
+    monkeypatch.setattr(calibrated, "capture_block_inputs", record)
+    with pytest.raises(Seen) as seen:
+        compress_checkpoint(llama_dir, tmp_path / "out", CONFIGS[method], data=TEXTS[:8], device="meta")
+    assert seen.value.args == (torch.device("meta"),)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_read(tmp_path, llama_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(WeightkitError, match="no CUDA GPU"):
+        compress_checkpoint(llama_dir, tmp_path / "out", CONFIGS["rtn"], device="cuda")
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ _WITHOUT_TRANSFORMERS = ("merge", "align")
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.demo import run_demo
 
-    return run_demo(Path(args.output), quiet=args.json)
+    return run_demo(Path(args.output), quiet=args.json, device=args.device)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
     d.set_defaults(run=_cmd_demo)
-    common_options(d)
+    common_options(d, device=True)
     return parser
 
 

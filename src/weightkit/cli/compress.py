@@ -49,8 +49,10 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.checkpoint import weights_size
     from weightkit.compress import compress_checkpoint
     from weightkit.registry import config_to_dict
+    from weightkit.runtime.device import resolve_device
 
     config = _config_from_args(args)
+    device = resolve_device(args.device)
     out = Path(args.output)
     refuse_existing(out, args.force)
     start = time.perf_counter()
@@ -63,6 +65,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.force,
         max_shard_bytes=args.max_shard_size,
         allow_pickle=args.allow_pickle,
+        device=device,
     )
     seconds = time.perf_counter() - start
     before, after = weights_size(args.model), weights_size(out)
@@ -70,6 +73,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model),
         "output": str(out),
         "config": config_to_dict(config),
+        "device": str(device),
         "seconds": round(seconds, 2),
         "size_before_bytes": before,
         "size_after_bytes": after,
@@ -147,4 +151,4 @@ def add_parsers(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed for picking calibration texts (default: 0)")
     c.add_argument("--recipe", help="YAML recipe holding the method config (replaces the method flags)")
     c.set_defaults(run=_cmd_compress)
-    common_options(c, force=True, max_shard_size=True, allow_pickle=True)
+    common_options(c, force=True, max_shard_size=True, allow_pickle=True, device=True)

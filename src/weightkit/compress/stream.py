@@ -32,6 +32,7 @@ from weightkit.quantized.compressed_tensors import export_tensors, packed_tensor
 from weightkit.quantized.grid import rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config
+from weightkit.runtime.device import resolve_device
 
 __all__ = ["compress_checkpoint"]
 
@@ -61,6 +62,10 @@ class _StreamedModel:
             if tensor is not None:
                 state[name] = tensor
         module.load_state_dict(state, strict=False, assign=True)
+        if module is self.model:
+            # A tied lm_head is stored once, as the embeddings: point it at them before checking
+            # what is missing (it is the same tensor, not a lack of one).
+            self.model.tie_weights()
         missing = [head + n for n, p in module.named_parameters() if p.is_meta and not n.startswith(skip)]
         if missing:
             raise WeightkitError(
@@ -75,8 +80,10 @@ class _StreamedModel:
         block.to("meta")
 
 
-def _stream_rtn(model: nn.Module, config: RTNConfig, streamed: _StreamedModel, progress: bool) -> None:
-    """RTN one tensor at a time: each selected weight is read, rounded, packed and written."""
+def _stream_rtn(
+    model: nn.Module, config: RTNConfig, streamed: _StreamedModel, progress: bool, device: torch.device
+) -> None:
+    """RTN one tensor at a time: each selected weight is read, rounded on ``device``, packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
     for name in track(list(model.state_dict()), "RTN", enabled=progress):
@@ -88,7 +95,7 @@ def _stream_rtn(model: nn.Module, config: RTNConfig, streamed: _StreamedModel, p
             streamed.writer.add(name, tensor)
             continue
         linear = linears[module_name]
-        quantized = rtn_quantize(tensor, config.scheme_for(module_name), name=name)
+        quantized = rtn_quantize(tensor.to(device), config.scheme_for(module_name), name=name)
         # The bias is a tensor of its own in the checkpoint (written under the same name); the
         # meta-device layer stays in the model so the config can describe it.
         for suffix, packed in packed_tensors(quantized, None).items():
@@ -106,6 +113,7 @@ def compress_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     allow_pickle: bool = False,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Compress the model in ``model_dir`` with ``config`` into the directory ``out_dir``, streamed.
 
@@ -118,6 +126,10 @@ def compress_checkpoint(
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
         allow_pickle: accept ``.bin`` pickle weights (read with ``weights_only``).
+        device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
+            :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN moves
+            one weight at a time to ``device``, GPTQ/AWQ the embeddings (to capture the first block's
+            inputs) and then one block at a time.
 
     Returns:
         ``out_dir``.
@@ -127,6 +139,7 @@ def compress_checkpoint(
             shapes the grid cannot take, no calibration text ...); nothing is left at ``out_dir``.
     """
     entry = entry_for_config(config)
+    device = resolve_device(device)
     model_dir = Path(model_dir)
     with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
         if reader.config is None:
@@ -138,12 +151,19 @@ def compress_checkpoint(
             writer.copy_files(model_dir)
             streamed = _StreamedModel(model, reader, writer)
             if isinstance(config, RTNConfig):
-                _stream_rtn(model, config, streamed, progress)
+                _stream_rtn(model, config, streamed, progress, device)
             else:
                 blocks = transformer_blocks_name(model, kind)
                 streamed.load("", model, skip=(blocks,))
-                model.tie_weights()
-                entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress, store=streamed)
+                entry.fn(
+                    model,
+                    config,
+                    data=data,
+                    tokenizer=tokenizer,
+                    progress=progress,
+                    store=streamed,
+                    device=device,
+                )
                 for name, tensor in export_tensors(model, skip=(blocks,)):
                     writer.add(name, tensor)
             write_generation_config(writer, model, model_dir)

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from weightkit.compress.quant.gptq import gptq_quantize
+from weightkit.compress.quant.gptq import gptq_quantize, shrink_hessian
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantScheme, compute_qparams, rtn_quantize
@@ -261,3 +261,27 @@ def test_bad_input_raises_naming_tensor():
         )
     with pytest.raises(WeightkitError, match="layer.weight.*group size 4"):
         gptq_quantize(torch.randn(4, 6), torch.eye(6), QuantScheme(4, 4), name="layer.weight")
+
+
+def test_hessian_shrinkage_is_the_token_weighted_mix_with_the_diagonal():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    h = 2 * x.T @ x / 5
+    shrunk = shrink_hessian(h, tokens=5)
+    for i in range(8):
+        for j in range(8):
+            expected = h[i, j] if i == j else h[i, j] * 5 / (5 + 8)
+            torch.testing.assert_close(shrunk[i, j], expected)
+    assert torch.linalg.matrix_rank(h) == 5 and torch.linalg.matrix_rank(shrunk) == 8
+    torch.testing.assert_close(shrink_hessian(h, tokens=10**9), h, rtol=1e-7, atol=0)
+
+
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
+    # What the shrinkage leans toward when tokens are scarce: no error is moved between columns.
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    h = torch.diag(torch.rand(64, generator=g) + 0.1)
+    for scheme in (QuantScheme(4, 16, True), QuantScheme(3, None, False)):
+        for act_order in (False, True):
+            got = gptq_quantize(w, h, scheme, act_order=act_order, damp=0.0)
+            assert torch.equal(got.dequantize(), rtn_quantize(w, scheme).dequantize())

@@ -3,58 +3,162 @@
 GPTQ and AWQ need the activations that reach each linear layer. Running the whole model for every
 layer would cost memory and time, so (as both papers' reference code does) the inputs of the first
 block are captured once, each block is calibrated and quantized on its captured inputs, and the
-quantized block's outputs become the next block's inputs. Peak memory is the model plus one block's
-activations for the calibration set.
+quantized block's outputs become the next block's inputs.
 
-Inside a block, linear layers that read the *same* input tensor form a group (q/k/v; gate/up) and are
-processed in call order. Groups are quantized sequentially: a later group is calibrated on the
-inputs produced by the already-quantized earlier groups, so it can compensate their error
-("true sequential" in GPTQ's reference code).
+Inside a block, linear layers that read the *same* input tensor form a group (q/k/v; gate/up), found
+in call order by :func:`input_groups`.
+
+Memory: the calibration batches run through a block one at a time (:func:`run_batches`), so besides
+the model's resident part and the block, only the captured inputs (the hidden states entering and
+leaving the block, one tensor per batch) grow with the calibration set; one batch's activations are
+alive at any time. On a GPU the captured inputs stay on the CPU and move to the GPU batch by batch
+(:func:`storage_device`), and only the block being calibrated (plus, once, the small front part of
+the model that computes block 0's inputs) is moved to the GPU (:func:`borrowed`, :func:`block_on`).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
-import greenlet
 import torch
 from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["BlockInputs", "capture_block_inputs", "input_groups", "calibrate_block"]
+__all__ = [
+    "BlockInputs",
+    "block_on",
+    "borrowed",
+    "capture_block_inputs",
+    "input_groups",
+    "run_batches",
+    "storage_device",
+]
 
 
 class _Stop(Exception):
     """Raised from a hook to end a forward pass once the activations needed were seen."""
 
 
+def storage_device(device: torch.device) -> torch.device:
+    """Where captured activations live when computing on ``device``: the CPU for an accelerator (its
+    memory is kept for the block), else ``device`` itself (the CPU, or ``meta`` for shape-only runs)."""
+    return device if device.type in ("cpu", "meta") else torch.device("cpu")
+
+
+def _to(value, device: torch.device):
+    """``value`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class BlockInputs:
-    """What one transformer block receives for every calibration batch."""
+    """What one transformer block receives for every calibration batch, kept on :attr:`store`."""
 
     hidden: list[Tensor]  # per batch: the hidden states, the block's first positional argument
     args: list[tuple]  # per batch: the other positional arguments
     kwargs: list[dict]  # per batch: keyword arguments (attention mask, rotary embeddings ...)
     token_masks: list[Tensor]  # per batch: bool [batch, seq], False at padding (kept out of statistics)
+    store: torch.device  # where the tensors above live
 
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def batch(self, b: int, device: torch.device) -> tuple[Tensor, tuple, dict]:
+        """Batch ``b``'s ``(hidden, args, kwargs)`` on ``device``."""
+        return _to(self.hidden[b], device), _to(self.args[b], device), _to(self.kwargs[b], device)
+
+    def token_rows(self, b: int, device: torch.device) -> Tensor:
+        """Flat positions of batch ``b``'s real tokens (index_select is ~6x faster than a bool mask)."""
+        return self.token_masks[b].flatten().nonzero().squeeze(1).to(device)
+
+
+def _tensors(module: nn.Module) -> dict[tuple[nn.Module, str, bool], Tensor]:
+    """Every parameter and buffer of ``module`` and its children, keyed by (owner, name, is_parameter)."""
+    found = {}
+    for owner in module.modules():
+        for name, p in owner._parameters.items():
+            if p is not None:
+                found[(owner, name, True)] = p
+        for name, b in owner._buffers.items():
+            if b is not None:
+                found[(owner, name, False)] = b
+    return found
+
+
+def _put(tensors: dict[tuple[nn.Module, str, bool], Tensor], device: torch.device | None = None) -> None:
+    """Give each owner the tensor listed for it (``device=None``: the very objects, e.g. to restore
+    them) or a copy on ``device``: a new ``Parameter`` for a parameter, one per original, so weights
+    tied within ``tensors`` stay tied (replacing the object, unlike ``.data =``, also works for a
+    device of another tensor type such as ``meta``)."""
+    copies: dict[int, nn.Parameter] = {}
+    for (owner, name, is_param), tensor in tensors.items():
+        if device is None:
+            value = tensor
+        elif is_param:
+            if id(tensor) not in copies:
+                copies[id(tensor)] = nn.Parameter(tensor.detach().to(device), tensor.requires_grad)
+            value = copies[id(tensor)]
+        else:
+            value = tensor.to(device)
+        (owner._parameters if is_param else owner._buffers)[name] = value
+
+
+@contextmanager
+def borrowed(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Run with copies of ``modules``' parameters and buffers on ``device``; afterwards (also after an
+    error) the modules hold their original tensors again. For read-only use: changes are dropped."""
+    originals = {}
+    for module in modules:
+        originals.update(_tensors(module))
+    try:
+        _put(originals, device)
+        yield
+    finally:
+        _put(originals)
+
+
+@contextmanager
+def block_on(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run with ``block`` on ``device``. When it was elsewhere, it goes back to its own device
+    afterwards with whatever changed (quantized layers, folded scales); after an error its original
+    tensors are put back, so a block that failed is left as it was."""
+    originals = _tensors(block)
+    home = next((t.device for t in originals.values()), device)
+    if home == device:
+        yield
+        return
+    try:
+        _put(originals, device)
+        yield
+    except BaseException:
+        _put(originals)
+        raise
+    block.to(home)
+
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, Tensor]]) -> BlockInputs:
-    """Run the model on each batch up to ``block`` and record what the block is called with."""
-    captured = BlockInputs([], [], [], [])
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, batches: list[dict[str, Tensor]], device: torch.device
+) -> BlockInputs:
+    """Run the model on each batch (on ``device``) up to ``block`` and record what the block is called
+    with, on :func:`storage_device` of ``device``."""
+    store = storage_device(device)
+    captured = BlockInputs([], [], [], [], store)
 
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.args.append(tuple(args[1:]))
-        captured.kwargs.append(dict(kwargs))
+        captured.hidden.append(_to(hidden, store))
+        captured.args.append(_to(tuple(args[1:]), store))
+        captured.kwargs.append(_to(dict(kwargs), store))
         raise _Stop
 
-    device = next(model.parameters()).device
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     # A KV cache would grow every time a block is re-run on the same inputs.
     use_cache = getattr(model.config, "use_cache", None)
@@ -62,14 +166,13 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict[
         model.config.use_cache = False
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
             try:
-                model(**batch)
+                model(**_to(batch, device))
             except _Stop:
                 pass
             else:
                 raise WeightkitError("calibration forward pass never reached the first transformer block")
-            captured.token_masks.append(batch["attention_mask"].bool())
+            captured.token_masks.append(batch["attention_mask"].bool().to(store))
     finally:
         handle.remove()
         if use_cache is not None:
@@ -82,7 +185,9 @@ def _first(output):
 
 
 @torch.no_grad()
-def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]]:
+def input_groups(
+    block: nn.Module, linears: dict[str, nn.Module], inputs: BlockInputs, device: torch.device
+) -> list[list[str]]:
     """Names of ``linears`` (relative to ``block``) grouped by shared input, in call order."""
     # The input tensors are kept alive until the grouping is done, so equal data pointers really
     # mean a shared input and not memory reused by the allocator.
@@ -92,8 +197,9 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
         m.register_forward_pre_hook(lambda mod, args: calls.append((names[id(mod)], args[0])))
         for m in linears.values()
     ]
+    hidden, args, kwargs = inputs.batch(0, device)
     try:
-        block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0])
+        block(hidden, *args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -113,105 +219,51 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Module], inputs: BlockI
     return groups
 
 
-def _token_rows(inputs: BlockInputs) -> list[Tensor]:
-    # Flat positions of the real tokens: index_select is ~6x faster than boolean-mask indexing.
-    return [mask.flatten().nonzero().squeeze(1) for mask in inputs.token_masks]
+@torch.no_grad()
+def run_batches(
+    block: nn.Module,
+    inputs: BlockInputs,
+    device: torch.device,
+    *,
+    modules: list[nn.Module] = (),
+    on_input: Callable[[int, Tensor], None] | None = None,
+    until: nn.Module | None = None,
+) -> list[Tensor] | None:
+    """Run ``block`` on ``device`` on every calibration batch, one batch at a time.
 
+    Each time one of ``modules`` is about to run, ``on_input(i, x)`` gets its input as
+    ``[tokens, features]`` without padding tokens (``i`` indexes ``modules``). With ``until``, each
+    pass stops right before ``until`` would run (after its ``on_input``), and nothing is returned:
+    the cheap way to see what one layer receives, since nothing after it runs.
 
-def _real_tokens(x: Tensor, rows: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1]).index_select(0, rows.to(x.device))
-
-
-def _run_batches(
-    block: nn.Module, modules: list[nn.Module], inputs: BlockInputs, on_input: Callable[[int, Tensor], None]
-) -> list[Tensor]:
-    """:func:`calibrate_block` without pauses: one batch after the other, in this thread."""
+    Returns:
+        Without ``until``: the block's output hidden states for every batch, on ``inputs.store``.
+    """
     index = {id(m): i for i, m in enumerate(modules)}
-    token_rows = _token_rows(inputs)
-    current = [0]
-    handles = [
-        m.register_forward_pre_hook(
-            lambda mod, args: on_input(index[id(mod)], _real_tokens(args[0], token_rows[current[0]]))
-        )
-        for m in modules
-    ]
+    rows = [None]
+
+    def seen(module, args):
+        i = index.get(id(module))
+        if i is not None and on_input is not None:
+            on_input(i, args[0].reshape(-1, args[0].shape[-1]).index_select(0, rows[0]))
+        if module is until:
+            raise _Stop
+
+    hooked = list(modules) + ([until] if until is not None and id(until) not in index else [])
+    handles = [m.register_forward_pre_hook(seen) for m in hooked]
     outputs = []
     try:
         for b in range(len(inputs)):
-            current[0] = b
-            outputs.append(_first(block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b])))
+            rows[0] = inputs.token_rows(b, device)
+            hidden, args, kwargs = inputs.batch(b, device)
+            try:
+                out = block(hidden, *args, **kwargs)
+            except _Stop:
+                continue
+            if until is not None:
+                raise WeightkitError(f"calibration batch {b}: the block never called {type(until).__name__}")
+            outputs.append(_first(out).to(inputs.store))
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
-
-
-@torch.no_grad()
-def calibrate_block(
-    block: nn.Module,
-    modules: list[nn.Module],
-    inputs: BlockInputs,
-    on_input: Callable[[int, Tensor], None],
-    on_all_reached: Callable[[int], None] | None = None,
-) -> list[Tensor]:
-    """Run ``block`` once on every batch, holding all batches at each of ``modules`` in turn.
-
-    For ``i = 0, 1, ...`` (``modules`` in call order): every batch's forward pass runs until it is
-    about to call ``modules[i]`` and hands its input to ``on_input(i, x)`` as ``[tokens, features]``
-    without padding tokens; when all batches are there, ``on_all_reached(i)`` runs (e.g. to quantize
-    the layers reading that input in place), and only then do the passes go on, so everything after
-    ``modules[i]`` sees its new weights.
-
-    Returns:
-        The block's output hidden states for every batch.
-
-    This is GPTQ's sequential calibration in one forward pass per block instead of one partial pass
-    per group. Each batch's pass is a greenlet (a coroutine with its own stack, in this thread),
-    paused in a hook. The price is memory: every batch's in-flight activations are alive at once.
-    Greenlets rather than threads: a thread per pass made MiniLM GPTQ ~15% slower (each thread has its
-    own malloc arena, OpenMP team and BLAS buffers, and hand-overs wake sleeping threads). Thread-local
-    state (grad mode, autocast) is shared by the passes, which is sound because every pass runs the
-    same code between the same pauses.
-    """
-    if on_all_reached is None or not modules:  # nothing changes between batches: no need to hold them
-        return _run_batches(block, modules, inputs, on_input)
-    index = {id(m): i for i, m in enumerate(modules)}
-    token_rows = _token_rows(inputs)
-    caller = greenlet.getcurrent()
-    batch_of: dict[greenlet.greenlet, int] = {}
-
-    def pause_at(module, args):
-        b = batch_of[greenlet.getcurrent()]
-        caller.switch((index[id(module)], _real_tokens(args[0], token_rows[b])))
-
-    def forward(b: int) -> tuple:
-        return "output", _first(block(inputs.hidden[b], *inputs.args[b], **inputs.kwargs[b]))
-
-    passes = [greenlet.greenlet(partial(forward, b), parent=caller) for b in range(len(inputs))]
-    batch_of.update((g, b) for b, g in enumerate(passes))
-    handles = [m.register_forward_pre_hook(pause_at) for m in modules]
-    try:
-        for i in range(len(modules)):
-            for b, running in enumerate(passes):
-                kind, x = running.switch()  # runs pass b to its next pause; its errors raise here
-                if kind != i:
-                    seen = "returned" if kind == "output" else f"called layer number {kind}"
-                    raise WeightkitError(
-                        f"calibration batch {b}: expected the block to call layer number {i} next, but it "
-                        f"{seen} (each layer must be called once per pass, in the order first seen)"
-                    )
-                on_input(i, x)
-            on_all_reached(i)
-        outputs = []
-        for b, running in enumerate(passes):
-            kind, out = running.switch()
-            if kind != "output":
-                raise WeightkitError(f"calibration batch {b}: a layer was called again after its turn")
-            outputs.append(out)
-        return outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-        for running in passes:
-            if running:  # started and paused: unwind its stack (raises GreenletExit inside it)
-                running.throw()
+    return None if until is not None else outputs

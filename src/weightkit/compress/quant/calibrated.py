@@ -4,16 +4,32 @@ The math is in ``gptq.py`` and ``awq.py`` (pure functions over tensors); this mo
 activations each linear layer sees (``blockwise.py``) and swaps the layers for ``QuantizedLinear``.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from weightkit.compress.quant.awq import CLIP_SAMPLE_TOKENS, awq_search_clip, awq_search_scales, even_sample
-from weightkit.compress.quant.blockwise import calibrate_block, capture_block_inputs, input_groups
+from weightkit.compress.quant.awq import (
+    CLIP_SAMPLE_TOKENS,
+    awq_search_clip,
+    awq_search_scales,
+    clip_weight,
+    even_sample,
+    scale_candidates,
+    scaled_rtn,
+    weight_magnitude,
+)
+from weightkit.compress.quant.blockwise import (
+    block_on,
+    borrowed,
+    capture_block_inputs,
+    input_groups,
+    run_batches,
+)
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
-from weightkit.compress.quant.gptq import gptq_quantize
+from weightkit.compress.quant.gptq import gptq_quantize, shrink_hessian
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
@@ -38,11 +54,16 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
         act_order: quantize the most-activated input columns first, while the columns left can
             still absorb their error. On by default (as in llm-compressor): on MiniLM at 4 bits g128
             it lifts held-out embedding cosine from 0.9766 to 0.9799 at no measurable cost.
+        hessian_shrinkage: shrink each Hessian's off-diagonal part by ``n / (n + d)`` for ``n``
+            calibration tokens and ``d`` input features (``gptq.shrink_hessian``), so scarce
+            calibration data leads toward round-to-nearest instead of below it. A deviation from
+            the paper, negligible with the usual amounts of data; ``False`` is the paper.
     """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    hessian_shrinkage: bool = True
 
     def __post_init__(self):
         WeightQuantFields.__post_init__(self)
@@ -57,23 +78,30 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
 class AWQConfig(WeightQuantFields, CalibrationFields):
     """AWQ (arXiv 2306.00978): scale up the input channels that carry large activations before
     rounding (the inverse scale folds into the preceding op, so the model's function is unchanged),
-    then search a clipping range per group.
+    then search a clipping range per group. Follows the reference code (llm-awq, AutoAWQ,
+    llm-compressor); see :mod:`weightkit.compress.quant.awq`.
 
     Attributes (besides the grid and calibration fields):
-        n_grid: points of the grid search over the scaling exponent alpha in [0, 1) and over clip ratios.
-        clip: search a per-group clipping ratio after scaling (AWQ's weight clipping).
-        max_shrink: the clip search tries ranges down to ``1 - max_shrink`` of the full range.
+        n_grid: points of the scale grid search (alpha from 0 to 1) and step ``1 / n_grid`` of the
+            clip search.
+        duo_scaling: candidates ``x^alpha / w^(1 - alpha)`` (input and weight magnitudes) instead of
+            the paper's ``x^alpha``; the default, as in llm-compressor and AutoAWQ.
+        clip: search a per-group clipping ratio after scaling (AWQ's weight clipping; query and key
+            projections are never clipped, as in every reference).
+        max_shrink: the clip search tries ``max_shrink * n_grid`` ratios from 1 down in steps of
+            ``1 / n_grid`` (to 0.55 for the defaults).
     """
 
     n_grid: int = 20
+    duo_scaling: bool = True
     clip: bool = True
     max_shrink: float = 0.5
 
     def __post_init__(self):
         WeightQuantFields.__post_init__(self)
         CalibrationFields.__post_init__(self)
-        if self.n_grid < 1:
-            raise WeightkitError(f"n_grid must be at least 1, got {self.n_grid}")
+        if self.n_grid < 3:
+            raise WeightkitError(f"n_grid must be at least 3, got {self.n_grid}")
         if not 0 <= self.max_shrink < 1:
             raise WeightkitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
 
@@ -131,25 +159,77 @@ def _blocks_with_linears(
     return out
 
 
-def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store) -> nn.Module:
+def _front(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """The parts of the backbone outside its blocks (embeddings, rotary embeddings, final norm ...):
+    what computes block 0's inputs, without the blocks or the head."""
+    base = getattr(model, "base_model", model)
+
+    def outside(module: nn.Module) -> list[nn.Module]:
+        parts = []
+        for child in module.children():
+            if child is blocks:
+                continue
+            parts += outside(child) if any(m is blocks for m in child.modules()) else [child]
+        return parts
+
+    return outside(base)
+
+
+def _device_of(modules: list[nn.Module]) -> torch.device:
+    tensors = (t for m in modules for t in (*m.parameters(), *m.buffers()))
+    return next((t.device for t in tensors), torch.device("cpu"))
+
+
+def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[str, nn.Module]) -> None:
+    """Warn when the calibration tokens are fewer than the widest selected layer's input features.
+
+    Below that, a layer's input statistics have rank at most the token count: they cannot tell which
+    input directions matter for every weight, so the method leans on its fallback (GPTQ's Hessian
+    shrinkage, AWQ's identity scale and unclipped range), i.e. toward round-to-nearest.
+    """
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    name, widest = max(((n, m.in_features) for n, m in linears.items()), key=lambda item: item[1])
+    if tokens < widest:
+        warnings.warn(
+            f"{label}: the calibration data has {tokens} tokens, fewer than the {widest} inputs of {name}; "
+            f"give at least {widest} tokens (more or longer texts). With fewer, its input statistics are "
+            f"rank-deficient and the result stays close to round-to-nearest.",
+            stacklevel=6,  # the caller of compress() or compress_checkpoint()
+        )
+
+
+def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store, device) -> nn.Module:
     """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
-    ``quantize_block(prefix, block, groups, inputs)`` gets the block's selected layers as a list of
-    input groups (``{relative name: linear}``, in call order) and returns ``(quantized, outputs)``:
-    each layer's quantized weight and the block's outputs for the next block. A ``store`` (see
-    :class:`BlockStore`) fills each block's weights just before it is needed and takes it away after.
+    ``quantize_block(prefix, block, groups, inputs, device, last)`` gets the block's selected layers as
+    a list of input groups (``{relative name: linear}``, in call order) and returns ``(quantized,
+    outputs)``: each layer's quantized weight and the block's outputs for the next block (``None`` for
+    the ``last`` block, whose outputs nobody needs). A ``store`` (see :class:`BlockStore`) fills each
+    block's weights just before it is needed and takes it away after.
+
+    With a ``device``, the front part of the model runs there to capture block 0's inputs, and each
+    block is moved there while it is calibrated; the model is left where it was. Without one, each
+    part runs where it is.
     """
     linears = selected_linears(model, config)
     plan = _blocks_with_linears(model, linears)
     batches = calibration_batches(config, data, tokenizer)
-    inputs = capture_block_inputs(model, plan[0][1], batches)
-    for prefix, block, inner in track(plan, label, enabled=progress):
+    _warn_if_scarce(label, batches, linears)
+    front = _front(model, transformer_blocks(model, model_kind(model.config.to_dict())))
+    capture_on = device or _device_of(front)
+    with borrowed(front, capture_on):
+        inputs = capture_block_inputs(model, plan[0][1], batches, capture_on)
+    for i, (prefix, block, inner) in enumerate(track(plan, label, enabled=progress)):
         if store is not None:
             store.load(prefix, block)
-        groups = [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs)] if inner else []
-        done, inputs.hidden = quantize_block(prefix, block, groups, inputs)
-        for rel, quantized in done.items():
-            quantize_linear(block, rel, quantized)
+        here = device or _device_of([block])
+        with block_on(block, here):
+            groups = (
+                [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)] if inner else []
+            )
+            done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, i == len(plan) - 1)
+            for rel, quantized in done.items():
+                quantize_linear(block, rel, quantized)
         if store is not None:
             store.save(prefix, block)
     return model
@@ -204,31 +284,38 @@ def quantize_gptq(
     tokenizer=None,
     progress: bool = True,
     store: "BlockStore | None" = None,
+    device: torch.device | None = None,
 ):
     """Quantize ``model`` in place with GPTQ on calibration ``data`` (see :func:`calibration_batches`).
 
     Groups are quantized in call order, each calibrated on the inputs the already-rounded groups
-    before it produce, so later layers compensate earlier layers' error; one forward pass per block
-    (:func:`~weightkit.compress.quant.blockwise.calibrate_block`).
+    before it produce, so later layers compensate earlier layers' error ("true sequential" in the
+    paper's code). For each group every batch runs through the block, one batch at a time, only up
+    to the group's first layer; a last pass gives the block's outputs. Memory therefore does not
+    grow with the number of batches beyond the captured hidden states (measured cost of the partial
+    passes: see ``bench/README.md``).
+
+    Args:
+        device: where to calibrate (see :func:`_walk_blocks`); ``None``: where the model is.
     """
 
-    def quantize_block(prefix, block, groups, inputs):
-        hessians = [Hessian() for _ in groups]
+    def quantize_block(prefix, block, groups, inputs, here, last):
         done = {}
-
-        def accumulate(i, x):
-            hessians[i].add(x)
-
-        def quantize_group(i):
-            hessian, hessians[i] = hessians[i], None  # freed once used
+        for group in groups:
+            first = next(iter(group.values()))
+            hessian = Hessian()
+            run_batches(
+                block, inputs, here, modules=[first], on_input=lambda _i, x, h=hessian: h.add(x), until=first
+            )
             if not hessian.count:
                 raise _no_tokens()
-            done.update(_gptq_group(prefix, groups[i], hessian.value(), config))
+            h = hessian.value()
+            if config.hessian_shrinkage:
+                h = shrink_hessian(h, hessian.count)
+            done.update(_gptq_group(prefix, group, h, config))
+        return done, None if last else run_batches(block, inputs, here)
 
-        outputs = calibrate_block(block, _first_layers(groups), inputs, accumulate, quantize_group)
-        return done, outputs
-
-    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store)
+    return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store, device)
 
 
 # The op whose output is exactly a group's input, with every layer reading it. AWQ's scale folds into
@@ -263,12 +350,34 @@ def _divide_output(op: nn.Module, s: Tensor) -> None:
         op.bias.data.div_(s.to(op.bias.dtype))
 
 
+# Layers whose outputs meet in the attention scores q . k: a per-layer output error cannot judge their
+# clipping, so (as every reference does) they are not clipped.
+_NOT_CLIPPED = ("q_proj", "k_proj", "query", "key")
+
+
+def _inspected(block: nn.Module, group: dict[str, nn.Module]) -> nn.Module | None:
+    """The module whose output scores a group's scales: the lowest common parent of its layers
+    (``self_attn`` for q/k/v, ``mlp`` for gate/up), or ``None`` for a layer alone in its group,
+    which is scored by its own output."""
+    if len(group) == 1:
+        return None
+    parts = [name.split(".") for name in group]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return block.get_submodule(".".join(common))
+
+
 @dataclass
 class _AWQInputStats:
-    """What AWQ keeps of one group's inputs: their Hessian, mean magnitude and a token sample."""
+    """What AWQ keeps of one group's inputs: mean magnitude, Hessian (when the group is scored by its
+    own outputs) and a token sample for the clip search."""
 
     sample_at: Tensor  # indices, over all calibration tokens, of the tokens kept for the clip search
-    scaled: bool  # whether the group gets a scale search (which needs the Hessian and magnitudes)
+    scaled: bool  # whether the group gets a scale search (needs the input magnitudes)
+    needs_hessian: bool  # scored through its inputs' Hessian (a layer alone in its group)
     hessian: Hessian = field(default_factory=Hessian)
     count: int = 0
     abs_sum: Tensor | float = 0.0
@@ -278,10 +387,65 @@ class _AWQInputStats:
         start = self.count
         self.count += x.shape[0]
         if self.scaled:
-            self.hessian.add(x)
             self.abs_sum = self.abs_sum + x.float().abs().sum(dim=0)
+        if self.needs_hessian:
+            self.hessian.add(x)
         at = self.sample_at[(self.sample_at >= start) & (self.sample_at < self.count)] - start
         self.sample.append(x[at.to(x.device)].float())
+
+
+def _real(output, rows: Tensor) -> Tensor:
+    """A module's (first) output as ``[real tokens, features]`` in float32."""
+    out = output[0] if isinstance(output, tuple) else output
+    return out.reshape(-1, out.shape[-1]).index_select(0, rows).float()
+
+
+def _module_losses(
+    block: nn.Module,
+    inputs,
+    here: torch.device,
+    module: nn.Module,
+    layers: list[nn.Module],
+    candidates: list[list[Tensor]],
+) -> Tensor:
+    """Output errors of a group's scale candidates, measured at the output of ``module``.
+
+    ``candidates[k]`` holds the weights (``RTN(W * s) / s`` for candidate ``k``) of the group's
+    ``layers``. Every batch runs through the block in full precision up to ``module``, which then runs
+    on the batch's inputs once as it is and once per candidate with the layers holding the candidate
+    weights; the squared differences on real tokens are summed. That is the reference code's loss over
+    all calibration samples, with one batch's activations alive at a time.
+    """
+    losses = torch.zeros(len(candidates), dtype=torch.float64)
+    batch = [-1]
+
+    def next_batch(_module, _args):
+        batch[0] += 1
+
+    def score(_module, args, kwargs):
+        rows = inputs.token_rows(batch[0], here)
+        # forward() rather than the module itself: its hooks (this one) must not run again.
+        reference = _real(module.forward(*args, **kwargs), rows)
+        originals = [m.weight.data for m in layers]
+        try:
+            for k, weights in enumerate(candidates):
+                for m, w in zip(layers, weights, strict=True):
+                    m.weight.data = w
+                losses[k] += float((_real(module.forward(*args, **kwargs), rows) - reference).square().sum())
+        finally:
+            for m, w in zip(layers, originals, strict=True):
+                m.weight.data = w
+
+    handles = [
+        block.register_forward_pre_hook(next_batch),
+        module.register_forward_pre_hook(score, with_kwargs=True),
+    ]
+    try:
+        run_batches(block, inputs, here, until=module)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return losses
 
 
 @torch.no_grad()
@@ -293,50 +457,101 @@ def quantize_awq(
     tokenizer=None,
     progress: bool = True,
     store: "BlockStore | None" = None,
+    device: torch.device | None = None,
 ):
     """Quantize ``model`` in place with AWQ on calibration ``data`` (see :func:`calibration_batches`).
 
-    As in the paper's reference code, each block runs once in full precision: that pass gives every
-    group's input statistics and the block's outputs for the next block. Then the scales of every
-    group are searched and folded (a fold may reach into an earlier group's layer, e.g. v_proj for
-    o_proj, so nothing may be rounded yet), and every layer is clipped and rounded.
+    Per block, as the reference code: one pass in full precision gives every group's input
+    statistics and the block's outputs for the next block (the full-precision outputs, as in the
+    references). The scales of each group are searched by the error at the output of the module
+    the group feeds (:func:`_inspected`; a second full-precision pass runs those modules per
+    candidate, one batch at a time) or, for a layer alone, through its inputs' Hessian; all scales
+    are searched on the unscaled block and then folded (a fold may reach into another group's layer,
+    e.g. v_proj for o_proj, so nothing may be rounded before). Then every layer but the query and
+    key projections gets the clip search, and every layer is rounded.
+
+    Args:
+        device: where to calibrate (see :func:`_walk_blocks`); ``None``: where the model is.
     """
 
-    def quantize_block(prefix, block, groups, inputs):
+    def quantize_block(prefix, block, groups, inputs, here, last):
         tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
-        sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
-        folds = [_fold_target(block, group) for group in groups]
-        stats = [_AWQInputStats(sample_at, scaled=op is not None) for op in folds]
-        outputs = calibrate_block(block, _first_layers(groups), inputs, lambda i, x: stats[i].add(x))
         if tokens == 0:
             raise _no_tokens()
-        samples = [torch.cat(st.sample) for st in stats]
-        for i, (group, op) in enumerate(zip(groups, folds, strict=True)):
+        if not groups:
+            return {}, None if last else run_batches(block, inputs, here)
+        folds = [_fold_target(block, group) for group in groups]
+        parents = [None if op is None else _inspected(block, g) for g, op in zip(groups, folds, strict=True)]
+        sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
+        stats = [
+            _AWQInputStats(sample_at, scaled=op is not None, needs_hessian=op is not None and parent is None)
+            for op, parent in zip(folds, parents, strict=True)
+        ]
+        firsts = _first_layers(groups)
+        outputs = run_batches(
+            block,
+            inputs,
+            here,
+            modules=firsts,
+            on_input=lambda i, x: stats[i].add(x),
+            until=firsts[-1] if last else None,
+        )
+        schemes = [[config.scheme_for(f"{prefix}.{rel}") for rel in group] for group in groups]
+
+        chosen = {}
+        for i, (group, op, parent) in enumerate(zip(groups, folds, parents, strict=True)):
             if op is None:
                 continue
-            scheme = config.scheme_for(f"{prefix}.{next(iter(group))}")
             weights = [m.weight.detach() for m in group.values()]
             magnitude = stats[i].abs_sum / stats[i].count
-            h = stats[i].hessian.value()
-            s, _alpha = awq_search_scales(h, magnitude, weights, scheme, n_grid=config.n_grid)
-            _divide_output(op, s)
-            for m in group.values():
+            name = f"{prefix}.{' + '.join(group)}"
+            if parent is None:
+                chosen[i] = awq_search_scales(
+                    stats[i].hessian.value(),
+                    magnitude,
+                    weights,
+                    schemes[i],
+                    n_grid=config.n_grid,
+                    duo_scaling=config.duo_scaling,
+                    name=name,
+                ).scales
+                continue
+            # Scored at the module's output, one group at a time: its n_grid candidates' weights are
+            # rounded once and held (one group's weights n_grid times), the calibration batches streamed.
+            w_magnitude = weight_magnitude(weights, schemes[i]) if config.duo_scaling else None
+            scales = [c.scales for c in scale_candidates(magnitude, w_magnitude, n_grid=config.n_grid)]
+            candidates = [
+                [
+                    scaled_rtn(w, s, scheme, name).to(w.dtype)
+                    for w, scheme in zip(weights, schemes[i], strict=True)
+                ]
+                for s in scales
+            ]
+            losses = _module_losses(block, inputs, here, parent, list(group.values()), candidates)
+            chosen[i] = scales[int(losses.argmin())]  # argmin: the first of equal minima
+            del candidates
+
+        samples = [torch.cat(st.sample) for st in stats]
+        for i, s in chosen.items():
+            _divide_output(folds[i], s)
+            for m in groups[i].values():
                 m.weight.data.mul_(s.to(m.weight.dtype))
             samples[i] = samples[i] / s
         done = {}
-        for x, group in zip(samples, groups, strict=True):
-            for rel, linear in group.items():
-                name = f"{prefix}.{rel}"
-                scheme = config.scheme_for(name)
+        for x, group, group_schemes in zip(samples, groups, schemes, strict=True):
+            for (rel, linear), scheme in zip(group.items(), group_schemes, strict=True):
+                name = f"{prefix}.{rel}.weight"
                 w = linear.weight.detach()
-                ratio = None
-                if config.clip:
-                    ratio = awq_search_clip(w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink)
-                done[rel] = rtn_quantize(w, scheme, clip_ratio=ratio, name=f"{name}.weight")
+                if config.clip and not rel.endswith(_NOT_CLIPPED):
+                    ratio = awq_search_clip(
+                        w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink, name=name
+                    )
+                    w = clip_weight(w, ratio, scheme)
+                done[rel] = rtn_quantize(w, scheme, name=name)
                 _round_in_place(linear, done[rel])
         return done, outputs
 
-    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store)
+    return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store, device)
 
 
 register("compress", "gptq", GPTQConfig, quantize_gptq)

@@ -58,8 +58,8 @@ class CalibrationFields:
     Attributes:
         calib_samples: number of calibration texts (passages) used.
         calib_max_length: tokens per text at most (longer texts are truncated).
-        calib_batch_size: texts per forward pass; memory grows with it (except GPTQ's, which holds
-            every batch's pass at once, so its activation memory grows with all calibration tokens).
+        calib_batch_size: texts per forward pass. Batches run through a block one at a time, so the
+            activation memory grows with this, not with ``calib_samples``.
         seed: picks and orders the calibration texts.
     """
 

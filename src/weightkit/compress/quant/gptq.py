@@ -28,7 +28,7 @@ from torch import Tensor
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams
 
-__all__ = ["gptq_quantize"]
+__all__ = ["gptq_quantize", "shrink_hessian"]
 
 _CHOLESKY_RETRIES = 4
 
@@ -68,6 +68,34 @@ def _factor_inverse_hessian(h: Tensor, damp: float, name: str) -> Tensor:
         f"{name}: the Hessian is not positive definite even with damping {lam / 10:.3g} "
         f"({_CHOLESKY_RETRIES} tries); use more or more varied calibration data, or a larger damp"
     )
+
+
+def shrink_hessian(h: Tensor, tokens: int) -> Tensor:
+    """``(n H + d diag(H)) / (n + d)``: the Hessian of ``n`` calibration tokens with its off-diagonal part
+    shrunk toward zero by ``n / (n + d)``, ``d`` being its size (the layer's input features).
+
+    Why: ``H`` estimates the second moment of the layer's inputs from ``n`` tokens, and GPTQ moves
+    each column's rounding error into the directions ``H`` says carry little input. With fewer tokens
+    than features, ``H`` has rank at most ``n`` and calls whole directions empty that held-out inputs do
+    use, so the error lands there: on the bundled MiniLM with 36 calibration tokens the paper's GPTQ
+    gives held-out embedding cosine 0.881 where round-to-nearest gives 0.934. The diagonal is the
+    target because GPTQ with a diagonal Hessian *is* round-to-nearest (no error is moved). The weight
+    ``d / (n + d)`` counts the diagonal as ``d`` pseudo-tokens (the posterior mean of an inverse-Wishart
+    prior centred on the diagonal): a full-rank estimate at any ``n``, half prior at ``n = d``, and
+    ~1% at the usual 65k tokens for a 4096-wide layer. Measured on MiniLM (4-bit g128, cosine on
+    128 held-out docstrings; round-to-nearest 0.934): 36 / 138 / 412 / 3 248 / 18 009 tokens give
+    0.930 / 0.959 / 0.966 / 0.975 / 0.981 against the paper's 0.881 / 0.934 / 0.952 / 0.975 / 0.981.
+    The paper's damping (``damp``) is applied on top, as before.
+
+    Args:
+        h: ``[d, d]`` Hessian from :class:`~weightkit.compress.quant.hessian.Hessian`.
+        tokens: how many input rows (tokens) it was accumulated from.
+    """
+    if tokens < 1:
+        raise WeightkitError(f"a Hessian needs at least one token, got {tokens}")
+    d = h.shape[0]
+    keep = tokens / (tokens + d)
+    return h * keep + torch.diag_embed(h.diagonal() * (1 - keep))
 
 
 def _params(w: Tensor, scheme: QuantScheme, clip: Tensor | None, store_dtype: torch.dtype, name: str):

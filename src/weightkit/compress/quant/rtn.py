@@ -6,6 +6,7 @@ Each selected linear weight is put on a min/max grid per group and rounded indep
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from weightkit.compress.quant.config import WeightQuantFields
@@ -22,11 +23,26 @@ class RTNConfig(WeightQuantFields):
     """Round-to-nearest weight quantization (see ``WeightQuantFields`` for the fields)."""
 
 
-def quantize_rtn(model: nn.Module, config: RTNConfig, *, progress: bool = True, **_unused) -> nn.Module:
-    """Replace each selected ``nn.Linear`` of ``model`` by a ``QuantizedLinear`` holding its RTN grid."""
+def quantize_rtn(
+    model: nn.Module,
+    config: RTNConfig,
+    *,
+    progress: bool = True,
+    device: torch.device | None = None,
+    **_unused,
+) -> nn.Module:
+    """Replace each selected ``nn.Linear`` of ``model`` by a ``QuantizedLinear`` holding its RTN grid.
+
+    With a ``device``, each weight is rounded there, one at a time, and its quantized layer moved back
+    to where the weight was; without one, where the weight is.
+    """
     linears = selected_linears(model, config)
     for name, linear in track(linears.items(), "RTN", total=len(linears), enabled=progress):
-        quantize_linear(model, name, rtn_quantize(linear.weight.detach(), config.scheme_for(name)))
+        weight = linear.weight.detach()
+        quantized = rtn_quantize(
+            weight.to(device or weight.device), config.scheme_for(name), name=f"{name}.weight"
+        )
+        quantize_linear(model, name, quantized).to(weight.device)
     return model
 
 
