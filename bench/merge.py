@@ -368,19 +368,20 @@ def inner_weightkit(timing_file: str, cli_args: list[str]) -> int:
     from weightkit.cli import main as weightkit_main
 
     real_merge = weightkit.merge.merge
-    seconds: list[float] = []
+    seconds: list[tuple[float, float]] = []
 
     def timed_merge(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return real_merge(*args, **kwargs)
         finally:
-            seconds.append(time.perf_counter() - start)
+            seconds.append((time.perf_counter() - start, time.process_time() - cpu))
 
     # The CLI looks `merge` up on the package when it runs (`from weightkit.merge import merge`).
     weightkit.merge.merge = timed_merge
     code = weightkit_main(cli_args)
-    _write_timing(timing_file, {"work_seconds": seconds[0] if seconds else None, "returncode": code})
+    work, cpu = seconds[0] if seconds else (None, None)
+    _write_timing(timing_file, {"work_seconds": work, "work_cpu_seconds": cpu, "returncode": code})
     return code
 
 
@@ -395,7 +396,7 @@ def inner_eager(timing_file: str, recipe_path: str, out_dir: str) -> int:
     method = recipe["merge_method"]
     weights = [float(m["parameters"]["weight"]) for m in recipe["models"]]
     dtype = getattr(torch, recipe.get("out_dtype") or recipe["dtype"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     def open_model(model_dir: str) -> dict:
         handles = [safe_open(str(p), framework="pt") for p in sorted(Path(model_dir).glob("*.safetensors"))]
@@ -416,7 +417,8 @@ def inner_eager(timing_file: str, recipe_path: str, out_dir: str) -> int:
         merged[name] = total.to(dtype)
     os.makedirs(out_dir)
     save_file(merged, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    _write_timing(timing_file, {"work_seconds": time.perf_counter() - start, "returncode": 0})
+    work = {"work_seconds": time.perf_counter() - start, "work_cpu_seconds": time.process_time() - cpu}
+    _write_timing(timing_file, {**work, "returncode": 0})
     return 0
 
 
@@ -497,7 +499,8 @@ def run_measured(cmd: list[str], log_stem: Path) -> dict:
         raise RuntimeError(f"{' '.join(cmd[:3])} exited {m['returncode']}:\n{err.read_text()[-4000:]}")
     m["stdout"] = out.read_text()
     if timing.exists():
-        m["work_seconds"] = json.loads(timing.read_text())["work_seconds"]
+        inner = json.loads(timing.read_text())
+        m["work_seconds"], m["work_cpu_seconds"] = inner["work_seconds"], inner["work_cpu_seconds"]
     return m
 
 
@@ -806,6 +809,7 @@ def _summary(runs: list[dict], moved: int) -> dict:
     if work:
         summary["work_seconds"] = round(_median(work), 3)
         summary["runs_work_seconds"] = [round(w, 3) for w in work]
+        summary["work_cpu_seconds"] = round(_median([r["work_cpu_seconds"] for r in runs]), 3)
         summary["startup_and_exit_seconds"] = round(seconds - _median(work), 2)
         summary["gb_per_s_work"] = round(moved / _median(work) / 1e9, 3)
     if isinstance(runs[-1].get("json"), dict):  # what weightkit printed (--json), last run

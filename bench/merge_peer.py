@@ -10,10 +10,10 @@ Runs under the mergekit venv's python (``bench/.venv-mergekit``, from ``bash ben
 This is the ``mergekit-yaml`` command: its ``main``, with the same arguments, in this process. So the
 process's wall time is the command's end to end.
 
-``--time-work FILE`` writes ``{"work_seconds": ...}`` to ``FILE``: the time of the ``run_merge(...)``
-call that ``mergekit-yaml`` makes after parsing its options and the recipe (loading, planning, merging,
-writing), measured with a timer around it. That is the merge work, without the interpreter start and
-imports (~10 s here).
+``--time-work FILE`` writes ``{"work_seconds": ..., "work_cpu_seconds": ...}`` to ``FILE``: the wall
+and CPU time (all threads) of the ``run_merge(...)`` call that ``mergekit-yaml`` makes after parsing its
+options and the recipe (loading, planning, merging, writing), measured around it. That is the merge
+work, without the interpreter start and imports (~10 s here).
 
 ``--stable-topk`` exists for one check only: TIES keeps the ``k`` largest ``|delta|`` entries, and
 in bfloat16 checkpoints many entries share a magnitude at the cut. mergekit picks among them with
@@ -57,23 +57,24 @@ def main(argv: list[str]) -> int:
         argv = argv[1:]
     from mergekit.scripts import run_yaml
 
-    seconds: list[float] = []
+    seconds: list[tuple[float, float]] = []
     real_run_merge = run_yaml.run_merge
 
     def timed_run_merge(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return real_run_merge(*args, **kwargs)
         finally:
-            seconds.append(time.perf_counter() - start)
+            seconds.append((time.perf_counter() - start, time.process_time() - cpu))
 
     # mergekit-yaml's main calls the run_merge it imported into its own module.
     run_yaml.run_merge = timed_run_merge
     # standalone_mode=False: return (and let errors propagate) instead of calling sys.exit.
     run_yaml.main.main(args=argv, prog_name="mergekit-yaml", standalone_mode=False)
     if timing_file is not None:
+        work, cpu = seconds[0] if seconds else (None, None)
         with open(timing_file, "w") as f:
-            f.write(json.dumps({"work_seconds": seconds[0] if seconds else None}) + "\n")
+            f.write(json.dumps({"work_seconds": work, "work_cpu_seconds": cpu}) + "\n")
     return 0
 
 

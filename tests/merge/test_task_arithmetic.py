@@ -407,3 +407,21 @@ def test_task_arithmetic_scale_and_validation():
         task_arithmetic(base, [delta, delta], [0.5, -0.5], normalize=True)
     # With sign consensus the divisor is per entry (the agreeing weights), so this is defined.
     task_arithmetic(base, [delta, delta], [0.5, -0.5], normalize=True, sign_consensus=True)
+
+
+@pytest.mark.parametrize("sign_consensus", [False, True])
+def test_task_arithmetic_can_write_into_the_base_over_several_chunks(monkeypatch, sign_consensus):
+    # Chunks of 7 entries over 30: the base is read chunk by chunk as the result overwrites it.
+    monkeypatch.setattr("weightkit.merge.task_arithmetic._CHUNK", 7)
+    base = randn(6, 5, seed=60)
+    deltas = [randn(6, 5, seed=61 + i) for i in range(3)]
+    weights = [0.7, -0.4, 1.3]
+    expected = task_arithmetic_reference(base, deltas, weights, sign_consensus, True, 0.5)
+    target = base.clone()
+    out = task_arithmetic(
+        target, deltas, weights, sign_consensus=sign_consensus, normalize=True, scale=0.5, out=target
+    )
+    assert out.data_ptr() == target.data_ptr()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(WeightkitError, match="out must be a contiguous torch.float32 tensor"):
+        task_arithmetic(base, deltas, weights, out=torch.empty(5, 6).T)

@@ -315,6 +315,7 @@ def task_arithmetic(
     sign_consensus: bool = False,
     normalize: bool = False,
     scale: float = 1.0,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Add a weighted combination of task vectors to the base: the core of every task-vector preset.
 
@@ -334,13 +335,17 @@ def task_arithmetic(
         sign_consensus: drop entries whose weighted sign disagrees with the elected sign (TIES).
         normalize: divide by the sum of the weights that contributed (TIES's disjoint mean).
         scale: multiplies the combined task vector (mergekit's ``lambda``).
+        out: where to write the result (contiguous, ``base``'s shape and dtype); may be ``base`` itself,
+            which saves allocating a tensor (each chunk of ``base`` is read before that chunk of the result
+            is written).
 
     Returns:
-        A new tensor of ``base``'s shape and dtype (a copy of ``base`` when ``deltas`` is empty).
+        A tensor of ``base``'s shape and dtype: new, or ``out`` (a copy of ``base`` when ``deltas`` is empty).
 
     Raises:
-        WeightkitError: a delta/weight count mismatch, a delta whose shape differs from ``base``, or
-            ``normalize`` without sign consensus on weights that sum to zero.
+        WeightkitError: a delta/weight count mismatch, a delta whose shape differs from ``base``, an
+            ``out`` of another shape or dtype or not contiguous, or ``normalize`` without sign consensus on
+            weights that sum to zero.
     """
     if len(deltas) != len(weights):
         raise WeightkitError(f"task_arithmetic got {len(deltas)} task vectors but {len(weights)} weights")
@@ -350,21 +355,29 @@ def task_arithmetic(
                 f"task_arithmetic: task vector {i} has shape {tuple(delta.shape)}, the base has "
                 f"{tuple(base.shape)}"
             )
+    if out is not None and (out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous()):
+        raise WeightkitError(
+            f"task_arithmetic: out must be a contiguous {base.dtype} tensor of the base's shape "
+            f"{tuple(base.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
     if not deltas:
-        return base.clone()
+        return base.clone() if out is None else out.copy_(base)
 
     weights = [float(w) for w in weights]
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_deltas = [d.reshape(-1) for d in deltas]
     # Chunks of the flattened tensors: every step is elementwise, so the result is the same, and the
     # temporaries (elected signs, sums, divisor) are a few MB instead of copies of a 32000x4096 embedding.
+    # One buffer receives every chunk's weighted sum: fresh memory per chunk would be page-faulted in anew.
+    mixed_buffer = torch.empty(min(_CHUNK, flat_base.numel()), dtype=base.dtype, device=base.device)
     for start in range(0, flat_base.numel(), _CHUNK):
         part = slice(start, start + _CHUNK)
-        mixed = _mix([d[part] for d in flat_deltas], weights, sign_consensus, normalize)
+        chunks = [d[part] for d in flat_deltas]
+        mixed = _mix(chunks, weights, sign_consensus, normalize, mixed_buffer[: chunks[0].numel()])
         if scale != 1:
             mixed.mul_(scale)
-        flat_out[part] = mixed.add_(flat_base[part])
+        torch.add(flat_base[part], mixed, out=flat_out[part])
     return out
 
 
@@ -372,17 +385,19 @@ def task_arithmetic(
 _CHUNK = 2**22
 
 
-def _mix(deltas: list[Tensor], weights: list[float], sign_consensus: bool, normalize: bool) -> Tensor:
-    """The combined task vector of flat chunks (see :func:`task_arithmetic`)."""
+def _mix(
+    deltas: list[Tensor], weights: list[float], sign_consensus: bool, normalize: bool, out: Tensor
+) -> Tensor:
+    """The combined task vector of flat chunks (see :func:`task_arithmetic`), written to ``out``."""
     if not sign_consensus:
-        return linear(deltas, weights, normalize=normalize)  # refuses weights that sum to zero
+        return linear(deltas, weights, normalize=normalize, out=out)  # refuses weights that sum to zero
     # Streaming one model at a time gives exactly elect_signs on the stacked weighted deltas, without an
     # [n_models, ...] stack and mask. With the elected sign s = +-1, an entry agrees when
     # s * w_i * delta_i > 0, so clamp(s * w_i * delta_i, min=0) is the agreeing part (times s) and its
     # sign (0 or 1) marks it: float arithmetic only, which runs several times faster than bool masks.
     elected = linear(deltas, weights, normalize=False)
     elected = torch.where(elected >= 0, 1.0, -1.0).to(elected.dtype)
-    mixed = torch.zeros_like(elected)
+    mixed = out.zero_()
     divisor = torch.zeros_like(elected) if normalize else None
     for delta, weight in zip(deltas, weights, strict=True):
         agreeing = (delta * weight).mul_(elected).clamp_(min=0.0)
@@ -615,6 +630,7 @@ class _TaskArithmeticMerger:
             sign_consensus=self.config.sign_consensus,
             normalize=self.config.normalize,
             scale=inputs.values["scale"],
+            out=inputs.base,  # ours too: the result goes into the base's buffer
         )
 
     def report(self) -> dict:
