@@ -385,7 +385,7 @@ def test_a_full_disk_stops_the_merge_with_a_clear_message_and_leaves_nothing(mod
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", no_space)
+    monkeypatch.setattr(writer, "_save_safetensors", no_space)
     base, tuned = models
     with pytest.raises(WeightkitError, match="No space left on device. Nothing was written"):
         merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "out", progress=False)
