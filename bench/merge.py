@@ -42,6 +42,11 @@ Start-up, timed each repetition: a bare ``python -c "import torch"`` (weightkit'
 ``weightkit merge RECIPE -o OUT --dry-run`` (imports, headers, plan; nothing written) and ``mergekit-yaml
 --help`` (mergekit's imports).
 
+Every runner runs with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep between operations instead of
+spinning): weightkit's merge command sets it for itself, and mergekit and the eager loop get it too, so
+the comparison is not about spinning, which on a shared machine costs more the more operations a tool
+runs (measured on the 1B task arithmetic under load 4-5: weightkit 23-26 s spinning, 19-20 s passive).
+
 Each command's wall time and peak RSS come from the wrapper (``getrusage(RUSAGE_CHILDREN).ru_maxrss``:
 anonymous and file-backed resident pages), which also samples ``/proc/PID/status`` every 20 ms for a rough
 split of the peak into anonymous and file-backed pages. Repetitions are interleaved (rep 1: every method x
@@ -363,22 +368,34 @@ def _write_timing(path: str, data: dict) -> None:
 
 
 def inner_weightkit(timing_file: str, cli_args: list[str]) -> int:
-    """``weightkit CLI_ARGS`` in this process, timing the ``weightkit.merge(...)`` call the CLI makes."""
-    import weightkit.merge
+    """``weightkit CLI_ARGS`` in this process, timing the ``weightkit.merge(...)`` call the CLI makes.
+
+    Nothing here imports torch before the CLI does, so the process is the ``weightkit`` command's (the
+    CLI sets OpenMP's wait policy before its command imports torch).
+    """
+    import weightkit.cli.merge as cli_merge
     from weightkit.cli import main as weightkit_main
 
-    real_merge = weightkit.merge.merge
+    real_command = cli_merge._cmd_merge
     seconds: list[tuple[float, float]] = []
 
-    def timed_merge(*args, **kwargs):
-        start, cpu = time.perf_counter(), time.process_time()
-        try:
-            return real_merge(*args, **kwargs)
-        finally:
-            seconds.append((time.perf_counter() - start, time.process_time() - cpu))
+    def timed_command(args):
+        import weightkit.merge
 
-    # The CLI looks `merge` up on the package when it runs (`from weightkit.merge import merge`).
-    weightkit.merge.merge = timed_merge
+        real_merge = weightkit.merge.merge
+
+        def timed_merge(*a, **k):
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                return real_merge(*a, **k)
+            finally:
+                seconds.append((time.perf_counter() - start, time.process_time() - cpu))
+
+        # The command looks `merge` up on the package when it runs (`from weightkit.merge import merge`).
+        weightkit.merge.merge = timed_merge
+        return real_command(args)
+
+    cli_merge._cmd_merge = timed_command  # the parser, built by main(), takes the module's function
     code = weightkit_main(cli_args)
     work, cpu = seconds[0] if seconds else (None, None)
     _write_timing(timing_file, {"work_seconds": work, "work_cpu_seconds": cpu, "returncode": code})
@@ -475,6 +492,10 @@ def _env() -> dict[str, str]:
     # No hub lookups (there is no network): both tools see local directories only.
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # OpenMP threads sleep between operations in every runner: what weightkit's merge command chooses
+    # for itself, given to mergekit and the eager loop too. Spinning (libgomp's default) costs a tool with
+    # more operations more, and on this shared machine the spin occupies the core the other thread needs.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
     # weightkit from the source beside this bench (an editable install may point at another checkout).
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_SRC), *filter(None, [env.get("PYTHONPATH")])])
     return env
@@ -1025,7 +1046,8 @@ TIMING = (
     "loop's. startup: median seconds of a bare `python -c 'import torch'`, of `weightkit merge RECIPE -o OUT "
     "--dry-run` (imports + headers + plan) and of `mergekit-yaml --help` (imports); "
     "dry_run_minus_import_torch_seconds is the median over repetitions of the difference between the dry run "
-    "and the bare import, run back to back. load_average_1min: the machine's load before each run (2 cores; "
+    "and the bare import, run back to back. Every runner has OMP_WAIT_POLICY=PASSIVE. "
+    "load_average_1min: the machine's load before each run (2 cores; "
     "other work was running)."
 )
 
