@@ -8,7 +8,7 @@ from weightkit.errors import WeightkitError
 from weightkit.merge import merge
 from weightkit.merge.pcb import pcb_merge, pcb_model_stats
 from weightkit.merge.recipe import load_merge_recipe
-from weightkit.merge.task_arithmetic import magnitude_prune, model_magnitude_thresholds, threshold_prune
+from weightkit.merge.sparsify import magnitude_prune, model_magnitude_thresholds, threshold_prune
 from weightkit.registry import config_from_dict, config_to_dict
 from weightkit.testing import save_tiny, tiny_llama
 
