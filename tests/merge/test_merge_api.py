@@ -321,7 +321,8 @@ def test_recipe_errors_name_the_field(models, tmp_path):
 
 
 def test_fisher_merge_through_the_engine_reads_each_models_fisher_file(models, tmp_path):
-    from weightkit.merge.fisher import fisher_merge, save_fisher
+    from weightkit.merge.fisher import fisher_merge
+    from weightkit.merge.fisher_file import save_fisher
 
     _, tuned = models
     weights = [_weights(t) for t in tuned[:2]]

@@ -66,7 +66,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
-    from weightkit.merge.fisher import fisher_checkpoint
+    from weightkit.merge.fisher_compute import fisher_checkpoint
 
     start = time.perf_counter()
     out = fisher_checkpoint(
