@@ -129,7 +129,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
-    from weightkit.merge.rebasin import align_checkpoint
+    from weightkit.merge.align import align_checkpoint
 
     out = Path(args.output)
     refuse_existing(out, args.force)
