@@ -1,11 +1,14 @@
 """``weightkit merge``, ``extract-lora``, ``align`` and ``fisher`` (weightkit.cli.merge) as commands."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from weightkit.cli import main
 from weightkit.testing import save_tiny, tiny_llama
 
 
@@ -42,3 +45,34 @@ def test_merge_lets_openmp_threads_sleep_unless_told_otherwise(tmp_path, linear_
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["0", expected]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(("method", "where"), [("ties", "meta"), ("linear", "cpu")])
+def test_merge_dry_run_says_where_it_would_merge(tmp_path, capsys, linear_recipe, method, where):
+    recipe = linear_recipe
+    if method == "ties":
+        save_tiny(tiny_llama(seed=0), tmp_path / "base")
+        recipe.write_text(recipe.read_text().replace("linear", "ties") + "base_model: base\n")
+    code, stdout, _ = run(
+        capsys, "merge", recipe, "-o", tmp_path / "o", "--dry-run", "--json", "--device", "meta"
+    )
+    assert code == 0 and json.loads(stdout)["device"] == where
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a missing GPU")
+@pytest.mark.parametrize("command", ["merge", "align", "fisher"])
+def test_a_missing_device_is_refused_by_name(tmp_path, capsys, linear_recipe, llama_dir, command):
+    args = {
+        "merge": ["merge", linear_recipe, "-o", tmp_path / "o"],
+        "align": ["align", llama_dir, llama_dir, "-o", tmp_path / "o"],
+        "fisher": ["fisher", llama_dir, "-o", tmp_path / "f.safetensors"],
+    }[command]
+    code, _, err = run(capsys, *args, "--device", "cuda")
+    assert code == 1 and "--device cuda: this machine has no CUDA GPU" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "f.safetensors").exists()

@@ -292,3 +292,33 @@ def test_align_checkpoint_refuses_mismatched_or_unsupported_models(llama_pair, t
     with pytest.raises(WeightkitError, match="does not support model_type 'gpt2'"):
         align_checkpoint(*gpt2_dirs, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what it looks for."""
+
+
+def test_align_checkpoint_matches_on_the_device_asked(llama_pair, tmp_path, monkeypatch):
+    import weightkit.merge.align as align
+
+    seen = []
+
+    def spy(reference, other, spec, **kwargs):
+        seen.extend({t.device.type for t in [*reference.values(), *other.values()]})
+        raise _Stop
+
+    monkeypatch.setattr(align, "weight_matching", spy)
+    with pytest.raises(_Stop):
+        align_checkpoint(*llama_pair, tmp_path / "out", progress=False, device="meta")
+    assert seen == ["meta"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_align_checkpoint_on_cuda_matches_the_cpu(llama_pair, tmp_path):
+    gpu = align_checkpoint(*llama_pair, tmp_path / "gpu", progress=False, device="cuda")
+    cpu = align_checkpoint(*llama_pair, tmp_path / "cpu", progress=False, device="cpu")
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    assert_states_equal(
+        load_file(tmp_path / "gpu" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    )

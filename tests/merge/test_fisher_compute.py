@@ -231,3 +231,48 @@ def test_fisher_checkpoint_errors(tmp_path, bert_dir, llama_dir):
     with pytest.raises(WeightkitError, match="exists; pass --force"):
         fisher_checkpoint(llama_dir, None, tmp_path / "exists.safetensors", progress=False)
     assert not (tmp_path / "f.safetensors").exists()
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what it looks for."""
+
+
+@pytest.mark.parametrize(
+    ("device", "where"), [("meta", "meta"), (None, "cuda" if torch.cuda.is_available() else "cpu")]
+)
+def test_fisher_checkpoint_runs_the_model_on_the_device_asked(
+    tmp_path, llama_dir, text_file, monkeypatch, device, where
+):
+    import weightkit.merge.fisher_compute as fisher_compute
+
+    seen = []
+
+    def spy(model, batches, **kwargs):
+        seen.append(next(model.parameters()).device.type)
+        raise _Stop
+
+    monkeypatch.setattr(fisher_compute, "_accumulate_fisher", spy)
+    with pytest.raises(_Stop):
+        fisher_checkpoint(
+            llama_dir, text_file, tmp_path / "f.safetensors", samples=2, device=device, progress=False
+        )
+    assert seen == [where]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a missing GPU")
+def test_fisher_checkpoint_refuses_a_missing_device_before_loading(tmp_path, llama_dir, text_file):
+    with pytest.raises(WeightkitError, match="--device cuda: this machine has no CUDA GPU"):
+        fisher_checkpoint(llama_dir, text_file, tmp_path / "f.safetensors", device="cuda", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fisher_checkpoint_on_cuda_is_close_to_the_cpu(tmp_path, llama_dir, text_file):
+    kwargs = dict(samples=3, max_length=16, seed=1, progress=False)
+    gpu = load_fisher(
+        fisher_checkpoint(llama_dir, text_file, tmp_path / "g.safetensors", device="cuda", **kwargs)
+    )[0]
+    cpu = load_fisher(
+        fisher_checkpoint(llama_dir, text_file, tmp_path / "c.safetensors", device="cpu", **kwargs)
+    )[0]
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-3, atol=1e-7)

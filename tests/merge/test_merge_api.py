@@ -413,3 +413,87 @@ def test_an_interrupted_merge_leaves_nothing(models, tmp_path, monkeypatch):
             base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False, max_shard_bytes=1
         )
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
+
+
+# -- devices ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what it looks for."""
+
+
+# Heavy per-tensor work (sparsifiers, PCB) runs on the device asked; weighted sums stay on the CPU.
+@pytest.mark.parametrize(
+    ("method", "fields", "where"),
+    [
+        ("ties", {"density": 0.5}, "meta"),
+        ("dare_ties", {"density": 0.5}, "meta"),
+        ("della", {"density": 0.5, "epsilon": 0.1}, "meta"),
+        ("pcb", {"density": 0.5}, "meta"),
+        ("task_arithmetic", {}, "cpu"),
+        ("linear", {}, "cpu"),
+        ("model_stock", {}, "cpu"),
+    ],
+)
+def test_merge_reads_and_merges_on_the_device_of_heavy_methods_only(
+    models, tmp_path, monkeypatch, method, fields, where
+):
+    from weightkit.checkpoint import CheckpointReader
+
+    seen = []
+
+    def spy(self, name, out):
+        seen.append(out.device.type)
+        raise _Stop
+
+    monkeypatch.setattr(CheckpointReader, "read_into", spy)
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method, **fields})
+    with pytest.raises(_Stop):
+        merge(
+            None if method == "linear" else base,
+            tuned,
+            config,
+            tmp_path / "out",
+            progress=False,
+            device="meta",
+        )
+    assert seen == [where]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_reports_its_device_and_defaults_to_the_best_one(models, tmp_path):
+    base, tuned = models
+    summary = merge(
+        base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "o", progress=False
+    )
+    assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    linear = merge(
+        None, tuned, config_from_dict("merge", {"method": "linear"}), tmp_path / "l", progress=False
+    )
+    assert linear["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a missing GPU")
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_a_missing_device_is_refused_even_for_a_method_that_stays_on_the_cpu(models, tmp_path, method):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method})
+    with pytest.raises(WeightkitError, match="--device cuda: this machine has no CUDA GPU"):
+        merge(
+            None if method == "linear" else base, tuned, config, tmp_path / "o", progress=False, device="cuda"
+        )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("method", "fields"), [("ties", {"density": 0.5}), ("pcb", {"density": 0.5})])
+def test_merging_on_cuda_matches_the_cpu(models, tmp_path, method, fields):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method, **fields})
+    on_gpu = merge(base, tuned, config, tmp_path / "gpu", progress=False, device="cuda")
+    merge(base, tuned, config, tmp_path / "cpu", progress=False, device="cpu")
+    assert on_gpu["device"].startswith("cuda")
+    gpu, cpu = _weights(tmp_path / "gpu"), _weights(tmp_path / "cpu")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)

@@ -42,6 +42,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError
 from weightkit.merge.rebasin import PermutationSpec, apply_permutation, matching_objective, weight_matching
 from weightkit.progress import track
+from weightkit.runtime.device import resolve_device
 
 __all__ = [
     "llama_spec",
@@ -332,6 +333,7 @@ def align_checkpoint(
     progress: bool = True,
     max_iter: int = 100,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Write ``model_dir`` with its heads and MLP neurons permuted to match ``reference_dir``.
 
@@ -350,19 +352,24 @@ def align_checkpoint(
         progress: show a progress bar.
         max_iter: maximum coordinate-descent rounds per block.
         seed: seed of the visiting order.
+        device: where each block's similarity matrices and permutations are computed: None for the GPU
+            when there is one (:func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"``
+            ... The assignment problems are solved on the CPU (scipy) either way.
 
     Returns:
         A summary: ``layers`` (one dict per block: ``layer``, ``heads_moved`` and ``mlp_moved`` = fraction
         of heads / neurons not at their original position, ``objective_before``/``objective_after`` = the
         block's ``sum <W_reference, W_model>`` before and after, ``cosine_before``/``cosine_after`` = the
-        same divided by both blocks' norms), ``tensors``, ``output_bytes``, ``seconds``, ``out_dir``.
+        same divided by both blocks' norms), ``tensors``, ``output_bytes``, ``seconds``, ``out_dir``,
+        ``device``.
 
     Raises:
         WeightkitError: an unsupported architecture, missing config.json, configs or block shapes that
-            differ, a missing tensor, NaN/Inf weights in a block, or an existing ``out_dir`` without
-            ``overwrite``. Nothing is written then.
+            differ, a missing tensor, NaN/Inf weights in a block, an existing ``out_dir`` without
+            ``overwrite``, or a device this machine does not have. Nothing is written then.
     """
     start = time.perf_counter()
+    device = resolve_device(device)
     readers: list[CheckpointReader] = []
     try:
         reference = CheckpointReader(reference_dir)
@@ -386,8 +393,8 @@ def align_checkpoint(
                 ref_block = transformer_spec(reference.config, ref_shapes, layers=[layer])
                 # Both specs list the same entries in the same order; only the name prefix may differ.
                 pairs = list(zip(ref_block.axes, block.axes, strict=True))
-                ref_state = {name: reference.get_finite(ref_name) for ref_name, name in pairs}
-                state = {name: model.get_finite(name) for _, name in pairs}
+                ref_state = {name: reference.get_finite(ref_name).to(device) for ref_name, name in pairs}
+                state = {name: model.get_finite(name).to(device) for _, name in pairs}
                 perms = weight_matching(ref_state, state, block, max_iter=max_iter, seed=seed)
                 before = matching_objective(ref_state, state, block)
                 after = matching_objective(ref_state, state, block, perms)
@@ -428,4 +435,5 @@ def align_checkpoint(
         "output_bytes": total_bytes,
         "seconds": time.perf_counter() - start,
         "out_dir": str(out_dir),
+        "device": str(device),
     }

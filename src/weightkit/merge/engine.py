@@ -34,6 +34,7 @@ from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.params import value_for
 from weightkit.progress import track
 from weightkit.registry import entry_for_config
+from weightkit.runtime.device import resolve_device
 
 __all__ = [
     "MergePlan",
@@ -47,6 +48,7 @@ __all__ = [
     "run_merge",
     "prepare_merge",
     "merge",
+    "merge_device",
     "close_plan",
 ]
 
@@ -69,6 +71,7 @@ class MergePlan:
     has_base: bool
     jobs: list[TensorJob] = field(default_factory=list)
     num_layers: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where tensors are merged
 
     @property
     def reference(self) -> CheckpointReader:
@@ -213,9 +216,9 @@ def task_vectors(plan: MergePlan) -> Iterator[list[Tensor]]:
     """Stream the plan's task vectors, one tensor at a time: ``[model_i - base for each model]``.
 
     For methods that need statistics over the whole model before merging (a pass of their own). The
-    tensors are reused buffers, valid until the next step of the iteration.
+    tensors are reused buffers on ``plan.device``, valid until the next step of the iteration.
     """
-    buffers = WorkBuffers()
+    buffers = WorkBuffers(plan.device)
     for job in plan.jobs:
         base, *tensors = read_job(plan, job, buffers)
         yield [t.sub_(base) for t in tensors]
@@ -233,6 +236,9 @@ def run_merge(
 ) -> dict:
     """Stream the plan: for each job, read every model's tensor, merge it and write the result.
 
+    Tensors are read into float32 buffers on ``plan.device`` and merged there; the writer brings the
+    results back to the CPU.
+
     Args:
         plan: from :func:`plan_merge` (its readers are closed at the end).
         merge_tensor: ``merge_tensor(name, tensors) -> Tensor`` with ``tensors`` in float32, base first
@@ -246,7 +252,7 @@ def run_merge(
     """
     start = time.perf_counter()
     total = 0
-    buffers = WorkBuffers()
+    buffers = WorkBuffers(plan.device)
     try:
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             _write_config(writer, plan, dtype)  # before copy_files, which keeps files already written
@@ -254,7 +260,9 @@ def run_merge(
                 merged = merge_tensor(job.name, read_job(plan, job, buffers))
                 reference = plan.reference.get(job.sources[0]) if job.merged_rows is not None else None
                 if reference is not None and job.shape[0] > job.merged_rows:
-                    merged = torch.cat([merged, reference[job.merged_rows :].float()])
+                    merged = torch.cat(
+                        [merged, reference[job.merged_rows :].to(merged.device, torch.float32)]
+                    )
                 require_finite(merged, f"{job.name} (merged)")
                 merged = merged.to(dtype or plan.reference.dtype(job.sources[0]))
                 if buffers.holds(merged):  # the writer keeps it; the next read would overwrite it
@@ -383,7 +391,7 @@ def _tensor_inputs(
         values: dict[str, Any] = {}
         for key in getattr(config, "per_model", ()):
             if key in model.files:  # stored under the model's own name (its embedding for a tied lm_head)
-                values[key] = model.files[key].get(source).float()
+                values[key] = model.files[key].get(source).to(plan.device, torch.float32)
                 continue
             own, default = model.overrides.get(key), getattr(config, key)
             value = None if own is None else value_for(own, name, plan.num_layers)
@@ -409,8 +417,17 @@ def merge(
     overwrite: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
+
+    Methods whose per-tensor work is heavy (the sparsifying ones: TIES, DARE, Breadcrumbs, DELLA, and PCB:
+    sorts, selections, random masks, many products) merge each tensor on ``device``. The others (linear,
+    task arithmetic without a sparsifier, SLERP, Model Stock, Fisher, MWA) always merge on the CPU: their
+    work is a few passes of elementwise arithmetic, cheaper than moving the tensors to a GPU and back (on
+    the 134M bench set, 1 thread, task arithmetic's arithmetic is 0.36 s of 1.2 s and linear's 0.10 of
+    0.81 s, where copying the float32 inputs over PCIe alone would take ~0.2-0.4 s; TIES's is 7.3 of 8.1 s
+    and DARE's 3.5 of 4.5 s). The summary's ``device`` says where the tensors were merged.
 
     Args:
         base: the base model directory (task-vector methods, SLERP, Model Stock), or None.
@@ -420,13 +437,21 @@ def merge(
             {"method": "ties", "density": 0.5})``.
         out_dir: the output model directory, written atomically.
         dtype: output dtype (default: each tensor's dtype in the reference model).
+        device: where heavy methods merge (see above): None for the GPU when there is one (see
+            :func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"`` ...
 
     Returns:
-        A summary: method, models, tensors, output bytes, seconds, and what the method reports
+        A summary: method, models, tensors, output bytes, seconds, device, and what the method reports
         (e.g. the sign-conflict rate of TIES-like methods).
+
+    Raises:
+        WeightkitError: bad models or parameters (see :func:`prepare_merge`), NaN/Inf in a tensor, or a
+            device this machine does not have.
     """
     entry = entry_for_config(config)
+    compute = merge_device(config, device)
     plan, parsed = prepare_merge(base, models, config, allow_pickle=allow_pickle)
+    plan.device = compute
     model_params = [
         {k: m.overrides.get(k, getattr(config, k)) for k in getattr(config, "per_model", ())} for m in parsed
     ]
@@ -459,8 +484,22 @@ def merge(
         "models": [str(m.path) for m in parsed],
         "base": str(base) if base is not None and plan.has_base else None,
         **summary,
+        "device": str(plan.device),
         **(report() if report else {}),
     }
+
+
+def merge_device(config: Any, device: str | torch.device | None) -> torch.device:
+    """Where :func:`merge` merges each tensor with ``config``'s method.
+
+    ``device`` resolved (None: the GPU when there is one) for methods whose per-tensor work is heavy
+    (``config.computes_on_device``), else the CPU.
+
+    Raises:
+        WeightkitError: a device this machine does not have (even for a method that stays on the CPU).
+    """
+    resolved = resolve_device(device)
+    return resolved if getattr(config, "computes_on_device", False) else torch.device("cpu")
 
 
 def prepare_merge(

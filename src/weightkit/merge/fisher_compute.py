@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from weightkit.errors import WeightkitError
 from weightkit.merge.fisher_file import save_fisher
 from weightkit.progress import track
+from weightkit.runtime.device import resolve_device
 
 __all__ = ["FISHER_MODES", "compute_fisher", "fisher_checkpoint"]
 
@@ -319,7 +320,7 @@ def fisher_checkpoint(
     mode: str = "sample",
     batch_size: int = 8,
     dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -340,7 +341,8 @@ def fisher_checkpoint(
         mode: ``"sample"`` (default, the paper's Fisher) or ``"empirical"`` (the texts' own next tokens).
         batch_size: texts per tokenized batch (gradients are per text whatever this is).
         dtype: dtype to load the weights in (``None``: the checkpoint's own); Fishers accumulate in float32.
-        device: where to run the model.
+        device: where to run the model: None for the GPU when there is one
+            (:func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"`` ...
         overwrite: replace an existing ``out_path``.
         progress: show a progress bar.
 
@@ -348,8 +350,8 @@ def fisher_checkpoint(
         ``out_path``.
 
     Raises:
-        WeightkitError: not a causal-LM directory, no tokenizer, no usable text, bad arguments, or an
-            existing output without ``overwrite``.
+        WeightkitError: not a causal-LM directory, no tokenizer, no usable text, bad arguments, an
+            existing output without ``overwrite``, or a device this machine does not have.
     """
     from weightkit.checkpoint import CheckpointReader
     from weightkit.data import calibration_texts, tokenize_batches
@@ -367,6 +369,7 @@ def fisher_checkpoint(
     if samples < 1 or max_length < 2:
         raise WeightkitError(f"need samples >= 1 and max_length >= 2, got {samples} and {max_length}")
 
+    device = resolve_device(device)
     model, tokenizer, kind = load_model(model_dir, dtype=dtype)
     if kind != "causal-lm":
         raise WeightkitError(

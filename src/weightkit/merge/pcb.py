@@ -436,6 +436,7 @@ class PCBConfig:
 
     per_tensor: ClassVar[tuple[str, ...]] = ("scale",)
     model_count: ClassVar[tuple[int, int | None]] = (2, None)
+    computes_on_device: ClassVar[bool] = True  # N**2 products and exponentials per tensor (see merge)
 
     def __post_init__(self):
         if isinstance(self.density, bool) or not isinstance(self.density, int | float):

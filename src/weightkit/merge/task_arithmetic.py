@@ -236,7 +236,9 @@ class TaskArithmeticConfig:
             ``density``; "model" trims each model's whole task vector to its top ``density``, as in the
             TIES paper, at the cost of two extra read passes over all models.
         seed: random sparsifiers: the seed; each tensor and model gets its own stream derived from it
-            and the tensor's name, so results do not depend on tensor order.
+            and the tensor's name, so results do not depend on tensor order. The stream is that of the
+            device the tensors are merged on: the same seed gives the same masks on the same kind of
+            device, other masks on a GPU than on the CPU.
         int8_mask: accepted so mergekit recipes run unchanged; no effect (masks here are already 1 byte).
     """
 
@@ -255,6 +257,11 @@ class TaskArithmeticConfig:
 
     per_model: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon")
     per_tensor: ClassVar[tuple[str, ...]] = ("scale",)
+
+    @property
+    def computes_on_device(self) -> bool:
+        """Sparsifying (selections, sorts, random masks) is worth a GPU; a weighted sum is not (see merge)."""
+        return self.sparsify is not None
 
     def __post_init__(self):
         if self.sparsify not in _SPARSIFIERS:
