@@ -850,7 +850,7 @@ def _json_output(text: str) -> dict | None:
     return None
 
 
-def _row(method: str, runs: dict, kept: dict, models: dict[str, Path], moved: int, limit: float) -> dict:
+def _row(method: str, runs: dict, quality: dict, moved: int, limit: float) -> dict:
     placeholders = {"base": Path("BASE"), **{f"ft{i}": Path(f"FT{i}") for i in range(1, FINE_TUNES + 1)}}
     row: dict = {"method": method, "recipe": recipe_yaml(method, placeholders)}
     for runner in RUNNERS:
@@ -881,6 +881,13 @@ def _row(method: str, runs: dict, kept: dict, models: dict[str, Path], moved: in
     if "weightkit" in row and "eager" in row:
         row["eager_ratio"] = round(row["weightkit"]["work_seconds"] / row["eager"]["work_seconds"], 3)
         row.setdefault("targets", {})["work_le_1.2x_eager"] = row["eager_ratio"] <= 1.2
+    row.update(quality)
+    return row
+
+
+def _quality(method: str, kept: dict[str, Path], models: dict[str, Path]) -> dict:
+    """Compare the outputs of one method's runners (see the module docstring)."""
+    row: dict = {}
     if method in DETERMINISTIC and f"{method}/weightkit" in kept:
         diffs = {}
         for runner in ("mergekit_f32_compute", "mergekit_f32_stable_topk", "mergekit_bf16_compute", "eager"):
@@ -907,7 +914,7 @@ def _row(method: str, runs: dict, kept: dict, models: dict[str, Path], moved: in
         row["max_abs_diff_vs"] = (
             "not comparable entry by entry: random drop masks from different random streams"
         )
-        names = ("weightkit", "weightkit_seed1", *peers)
+        names = ("weightkit", "weightkit_seed1", *PEER_CONFIGS)
         outputs = {r: kept[f"{method}/{r}"] for r in names if f"{method}/{r}" in kept}
         row["task_vector_stats"] = task_vector_stats(outputs, models["base"])
     return row
@@ -935,7 +942,8 @@ def _startup_summary(startup_runs: dict[str, list[dict]]) -> dict:
 def run_size(
     size: str, models: dict[str, Path], methods: list[str], runners: list[str], args, work: Path
 ) -> dict:
-    """Every repetition of every (method, runner) on one checkpoint set, then the output comparisons."""
+    """Every repetition of every (method, runner) on one checkpoint set; the last repetition's outputs are
+    compared as soon as a method's runs are done, then deleted (unless ``--keep``)."""
     input_bytes = sum(weight_bytes(models[k]) for k in models)
     output_bytes = weight_bytes(models["base"])  # the same tensors in the same dtype
     moved = input_bytes + output_bytes
@@ -951,18 +959,21 @@ def run_size(
 
     jobs = [(m, r) for m in methods for r in runners if r != "eager" or m in EAGER_METHODS]
     if not args.no_extra_runs:
-        # Each only where what it is compared with runs too.
+        # Each only where what it is compared with runs too; in the last repetition, beside what it is
+        # compared with.
         needs = {"mergekit_f32_stable_topk": "mergekit_f32_compute", "weightkit_seed1": "weightkit"}
         jobs += [(m, r) for r, m in ONCE.items() if m in methods and needs[r] in runners]
+        jobs.sort(key=lambda job: methods.index(job[0]))
     startup_kinds = [
         k for k in STARTUPS if k != "mergekit_help" or any(r.startswith("mergekit") for r in runners)
     ]
     startup_runs: dict[str, list[dict]] = {k: [] for k in startup_kinds}
-    warm_up(models)
     baseline_runs: dict[str, list[dict]] = {"read_write": [], "read_write_fsync": []}
     runs: dict[str, list[dict]] = {}
-    kept: dict[str, Path] = {}  # the last output of each (method, runner), for the comparisons
+    quality: dict[str, dict] = {}
     for rep in range(args.reps):
+        last = rep == args.reps - 1
+        warm_up(models)
         for fsync, key in ((False, "read_write"), (True, "read_write_fsync")):
             baseline_runs[key].append(copy_baseline(models, work, fsync=fsync))
         for kind in startup_kinds:
@@ -973,13 +984,16 @@ def run_size(
             "startup " + ", ".join(f"{k} {startup_runs[k][-1]['seconds']:.2f} s" for k in startup_kinds),
             flush=True,
         )
-        for method, runner in jobs:
-            if runner in ONCE and rep > 0:
+        kept: dict[str, Path] = {}  # the last repetition's outputs, compared once a method's runs are done
+        for i, (method, runner) in enumerate(jobs):
+            if runner in ONCE and not last:
                 continue
             key = f"{method}/{runner}"
-            out = work / f"out-{size}-{method}-{runner}-{rep}"
-            shutil.rmtree(out, ignore_errors=True)  # a kept directory from an earlier run
+            out = work / f"out-{size}-{method}-{runner}"
+            shutil.rmtree(out, ignore_errors=True)
             cmd = runner_cmd(runner, recipes[method, RUNNERS[runner]], out)
+            # Every run starts on a warm page cache: outputs written meanwhile may have pushed inputs out.
+            warm_up(models)
             load = os.getloadavg()[0]
             m = run_measured(cmd, work / f"log-{size}-{method}-{runner}-{rep}")
             m["load_before"] = load
@@ -991,9 +1005,18 @@ def run_size(
                 f"{m['peak_rss_mib']:.0f} MiB (load {load:.1f})",
                 flush=True,
             )
-            if key in kept:
-                shutil.rmtree(kept[key])
+            if not last:
+                if args.keep is None:
+                    shutil.rmtree(out)  # only the last repetition's outputs are compared
+                continue
             kept[key] = out
+            if i + 1 == len(jobs) or jobs[i + 1][0] != method:
+                # The method's last run: compare its outputs, then free the disk and page cache they hold.
+                quality[method] = _quality(method, kept, models)
+                if args.keep is None:
+                    for path in kept.values():
+                        shutil.rmtree(path, ignore_errors=True)
+                kept = {}
 
     baseline = {}
     for key, bruns in baseline_runs.items():
@@ -1008,14 +1031,11 @@ def run_size(
         }
     results = []
     for method in methods:
-        row = _row(method, runs, kept, models, moved, baseline["read_write"]["gb_per_s"])
+        row = _row(method, runs, quality.get(method, {}), moved, baseline["read_write"]["gb_per_s"])
         results.append(row)
         print(
             json.dumps({k: v for k, v in row.items() if k not in ("diffs", "recipe")}, indent=1), flush=True
         )
-        for key in [k for k in kept if k.startswith(f"{method}/")]:
-            if args.keep is None:
-                shutil.rmtree(kept.pop(key), ignore_errors=True)
     build = json.loads((CHECKPOINT_DIRS[size] / "build.json").read_text())
     return {
         "checkpoints": {
