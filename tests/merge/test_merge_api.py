@@ -497,3 +497,54 @@ def test_merging_on_cuda_matches_the_cpu(models, tmp_path, method, fields):
     gpu, cpu = _weights(tmp_path / "gpu"), _weights(tmp_path / "cpu")
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)
+
+
+# -- NaN/Inf checks of weighted sums -----------------------------------------------------------------------
+
+
+def _broken_copy(tmp_path, value):
+    """A copy of the base with one non-finite entry in an MLP weight."""
+    broken = save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), tmp_path / "broken")
+    weights = _weights(broken)
+    weights["model.layers.1.mlp.up_proj.weight"][2, 3] = value
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+# Weighted sums check only their result (every NaN/Inf of an input reaches it); an input's NaN or Inf, even
+# under a zero weight or in the base, must still be refused with the input named.
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("method", "role"), [("linear", "model"), ("task_arithmetic", "model"), ("task_arithmetic", "base")]
+)
+def test_a_non_finite_input_of_a_weighted_sum_is_named(models, tmp_path, value, method, role):
+    base, tuned = models
+    broken = _broken_copy(tmp_path, value)
+    zero = {"model": broken, "parameters": {"weight": 0.0}}
+    if role == "base":
+        base_dir, entries = broken, tuned
+    else:
+        base_dir, entries = (None if method == "linear" else base), [tuned[0], zero, tuned[1]]
+    with pytest.raises(
+        WeightkitError, match=r"model.layers.1.mlp.up_proj.weight of .*broken contains 1 NaN/Inf"
+    ):
+        merge(
+            base_dir, entries, config_from_dict("merge", {"method": method}), tmp_path / "out", progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_weighted_sums_check_their_results_and_the_others_their_inputs(models, tmp_path, monkeypatch):
+    import weightkit.merge.engine as engine
+
+    checked = []
+    real = engine.require_finite
+    monkeypatch.setattr(engine, "require_finite", lambda t, name: (checked.append(name), real(t, name)))
+    base, tuned = models
+    merge(
+        base, tuned, config_from_dict("merge", {"method": "task_arithmetic"}), tmp_path / "ta", progress=False
+    )
+    assert checked and all(name.endswith("(merged)") for name in checked)
+    checked.clear()
+    merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "ties", progress=False)
+    assert any(name.endswith(f"of {base}") for name in checked)

@@ -196,10 +196,13 @@ class WorkBuffers:
         return any(flat.numel() and flat.untyped_storage().data_ptr() == pointer for flat in self._flat)
 
 
-def read_job(plan: MergePlan, job: TensorJob, buffers: WorkBuffers) -> list[Tensor]:
+def read_job(plan: MergePlan, job: TensorJob, buffers: WorkBuffers, *, check: bool = True) -> list[Tensor]:
     """Each model's version of the job's tensor in float32 (base first), cut to the merged vocabulary rows.
 
     The tensors are views of ``buffers``: valid until the next read into them.
+
+    Args:
+        check: refuse a tensor holding NaN or Inf (False: the caller checks, see :func:`run_merge`).
 
     Raises:
         WeightkitError: a tensor holds NaN or Inf (the message names it and its checkpoint).
@@ -207,9 +210,16 @@ def read_job(plan: MergePlan, job: TensorJob, buffers: WorkBuffers) -> list[Tens
     work = []
     for slot, (reader, source) in enumerate(zip(plan.readers, job.sources, strict=True)):
         tensor = reader.read_into(source, buffers.take(slot, math.prod(reader.shape(source))))
-        require_finite(tensor, f"{source} of {reader.path}")
+        if check:
+            require_finite(tensor, f"{source} of {reader.path}")
         work.append(tensor if job.merged_rows is None else tensor[: job.merged_rows])
     return work
+
+
+def _require_finite_inputs(plan: MergePlan, job: TensorJob) -> None:
+    """Read the job's tensors again, as stored, and refuse the first one holding NaN or Inf."""
+    for reader, source in zip(plan.readers, job.sources, strict=True):
+        require_finite(reader.get(source), f"{source} of {reader.path}")
 
 
 def task_vectors(plan: MergePlan) -> Iterator[list[Tensor]]:
@@ -233,6 +243,7 @@ def run_merge(
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
     progress: bool = True,
+    propagates_non_finite: bool = False,
 ) -> dict:
     """Stream the plan: for each job, read every model's tensor, merge it and write the result.
 
@@ -246,9 +257,17 @@ def run_merge(
             modify them, but must not keep them after it returns.
         out_dir: the output model directory (written atomically).
         dtype: output dtype (default: the reference model's dtype of each tensor).
+        propagates_non_finite: ``merge_tensor`` carries every NaN/Inf of its inputs into its result (a
+            weighted sum does: ``NaN * w``, ``Inf * 0`` and ``Inf - Inf`` are NaN), so the inputs are not
+            checked one by one: when a result is not finite, they are read again to name the one at fault,
+            with the same message. Inputs with rows beyond the merged vocabulary are checked as they are
+            read (their extra rows are not merged).
 
     Returns:
         A summary: tensors merged, output bytes, seconds.
+
+    Raises:
+        WeightkitError: an input or a merged tensor holds NaN or Inf (the message names it).
     """
     start = time.perf_counter()
     total = 0
@@ -257,13 +276,19 @@ def run_merge(
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             _write_config(writer, plan, dtype)  # before copy_files, which keeps files already written
             for job in track(plan.jobs, "merging", enabled=progress):
-                merged = merge_tensor(job.name, read_job(plan, job, buffers))
+                checked = not propagates_non_finite or job.merged_rows is not None
+                merged = merge_tensor(job.name, read_job(plan, job, buffers, check=checked))
                 reference = plan.reference.get(job.sources[0]) if job.merged_rows is not None else None
                 if reference is not None and job.shape[0] > job.merged_rows:
                     merged = torch.cat(
                         [merged, reference[job.merged_rows :].to(merged.device, torch.float32)]
                     )
-                require_finite(merged, f"{job.name} (merged)")
+                try:
+                    require_finite(merged, f"{job.name} (merged)")
+                except WeightkitError:
+                    if not checked:
+                        _require_finite_inputs(plan, job)  # name the input at fault, if one is
+                    raise
                 merged = merged.to(dtype or plan.reference.dtype(job.sources[0]))
                 if buffers.holds(merged):  # the writer keeps it; the next read would overwrite it
                     merged = merged.clone()
@@ -475,6 +500,7 @@ def merge(
             max_shard_bytes=max_shard_bytes,
             overwrite=overwrite,
             progress=progress,
+            propagates_non_finite=getattr(config, "propagates_non_finite", False),
         )
     finally:
         close_plan(plan, parsed)

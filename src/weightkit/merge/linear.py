@@ -99,6 +99,8 @@ class LinearConfig:
     per_model: ClassVar[tuple[str, ...]] = ("weight",)
     needs_base: ClassVar[bool] = False
     model_count: ClassVar[tuple[int, int | None]] = (2, None)
+    # A weighted sum carries every NaN/Inf of its inputs into the result: the engine checks only the result.
+    propagates_non_finite: ClassVar[bool] = True
 
     def __post_init__(self):
         check_spec(self.weight, "linear: weight")

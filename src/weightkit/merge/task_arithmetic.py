@@ -259,6 +259,12 @@ class TaskArithmeticConfig:
     per_tensor: ClassVar[tuple[str, ...]] = ("scale",)
 
     @property
+    def propagates_non_finite(self) -> bool:
+        """Plain task arithmetic is a weighted sum: every NaN/Inf of an input reaches the result, so the
+        engine checks only the result. A sparsifier may drop one, and the sign election may hide one."""
+        return self.sparsify is None and not self.sign_consensus
+
+    @property
     def computes_on_device(self) -> bool:
         """Sparsifying (selections, sorts, random masks) is worth a GPU; a weighted sum is not (see merge)."""
         return self.sparsify is not None
