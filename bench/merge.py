@@ -1,55 +1,67 @@
-"""Merge benchmark: weightkit vs mergekit on the same recipes and checkpoints, in one run.
+"""Merge benchmark: weightkit vs mergekit (and a plain eager-torch loop) on the same recipes, in one run.
 
-    .venv/bin/python bench/merge.py                 # writes bench/results/merge.json (~15 min on 2 cores)
-    .venv/bin/python bench/merge.py --build-only    # only make (or check) the cached checkpoints
-    .venv/bin/python bench/merge.py --methods ties --reps 1 --no-write --keep /tmp/m   # a quick look
+    .venv/bin/python bench/merge.py                       # both sizes, writes bench/results/merge.json
+    .venv/bin/python bench/merge.py --sizes 134m          # the small set only (~15 min on 2 cores)
+    .venv/bin/python bench/merge.py --build-only          # only make (or check) the cached checkpoints
+    .venv/bin/python bench/merge.py --sizes 134m --methods ties --reps 1 --no-write   # a quick look
 
-Job: task arithmetic, TIES and DARE-TIES of three fine-tunes onto their base; all four are
-~134M-parameter Llama-architecture checkpoints (hidden 768, 12 layers, intermediate 2048, vocabulary
-32000, untied ``lm_head``) in bfloat16 safetensors. They are made here, deterministically, not
-trained: Llama's init for the base, and base + a fine-tune-like delta for each fine-tune (see
-:func:`build_checkpoints`). Merging speed and memory do not depend on what the weights mean, and the
-tensor names, shapes, dtypes and files are those of a ``save_pretrained`` Llama. One fine-tune is
-saved in two shards, so both tools read a sharded input too.
+Run timed benchmarks under the shared lock: ``flock /tmp/weightkit-bench.lock .venv/bin/python ...``.
 
-Runners, each its own command-line program in a fresh process:
+Job: task arithmetic, TIES, DARE-TIES and a linear average of three fine-tunes (onto their base for the
+task-vector methods). Two sets of Llama-architecture checkpoints in bfloat16 safetensors, untied
+``lm_head``, made here deterministically, not trained (:func:`build_checkpoints`): ``134m`` (hidden 768,
+12 layers, intermediate 2048, vocabulary 32000: 134M parameters, 268 MB each) and ``1b`` (TinyLlama-1.1B's
+shape: hidden 2048, 22 layers, 32 heads with 4 key/value heads, intermediate 5632: 1.1B parameters, 2.2 GB
+each), both from the same generator: Llama's init for the base, base + a fine-tune-like delta for each
+fine-tune. Merging cost does not depend on what the weights mean, and the tensor names, shapes, dtypes
+and files are those of a ``save_pretrained`` Llama. One fine-tune is saved in two shards.
 
-- ``weightkit``: ``.venv/bin/weightkit merge RECIPE -o OUT --json`` on the recipe as written
-  (``dtype: bfloat16``).
-- ``mergekit_bf16_compute``: ``mergekit-yaml`` (its own venv, ``bash bench/peer_env.sh mergekit``) with
-  :data:`MERGEKIT_FLAGS` on the *same file*. mergekit reads ``dtype`` as the dtype to compute in.
-- ``mergekit_f32_compute``: the same recipe with ``dtype: float32, out_dtype: bfloat16``, which is
-  what weightkit does with ``dtype: bfloat16`` (float32 arithmetic, bfloat16 output) and is mergekit's
-  faster configuration on a CPU without bfloat16 arithmetic.
-- ``mergekit_f32_stable_topk`` (TIES only, once, not in the ratios): ``bench/merge_peer.py
-  --stable-topk``, mergekit with a stable sort in its top-k, i.e. weightkit's tie-break.
-- ``weightkit_seed1`` (DARE-TIES only, once, not in the ratios): weightkit with ``seed: 1``, a second
-  draw of the random masks, to show how far apart two draws of the *same* tool are.
+Runners, each a fresh process started by a small timing wrapper:
 
-Each command is started by a tiny wrapper (``python -I``, ~10 MB) that times it and takes its peak RSS
-from ``getrusage(RUSAGE_CHILDREN)`` (``ru_maxrss``: resident anonymous *and* file-backed pages, so
-mmap-ed safetensors pages a tool has touched count). The wrapper also samples ``/proc/PID/status``
-every 20 ms for a rough split of the peak into anonymous and file-backed pages. Wall time is the
-whole command: interpreter start, imports, planning, reading, merging and writing. Repetitions are
-interleaved (rep 1: every method x runner, then rep 2 ...), all on a warm page cache (the inputs are
-read once before the first run and stay cached: 1.1 GB on a 24 GB machine; dropping the cache needs
-root); medians are reported. time_ratio and rss_ratio divide weightkit's by the faster / leaner of
-mergekit's two configurations. Each repetition also times each tool's start alone (weightkit: ``merge
---dry-run``, i.e. imports, headers and plan; mergekit: ``mergekit-yaml --help``, its imports), so the
-merge work itself can be compared too (``seconds_minus_startup``, ``time_ratio_minus_startup``).
+- ``weightkit``: ``weightkit merge RECIPE -o OUT --json`` on the recipe as written (``dtype: bfloat16``),
+  run as ``python bench/merge.py --inner weightkit ...``: weightkit's own CLI ``main`` in-process, with a
+  timer around the ``weightkit.merge(...)`` call it makes (the work: planning, reading, merging,
+  writing, fsync and rename). The process is otherwise the ``weightkit`` command (same imports, same
+  arguments), so its wall time is the command's end to end.
+- ``mergekit_bf16_compute``: mergekit 0.1.5 (its own venv, ``bash bench/peer_env.sh mergekit``) on the
+  *same file*, through ``bench/merge_peer.py --time-work``: ``mergekit-yaml``'s own ``main`` in-process
+  with a timer around the ``run_merge(...)`` call it makes (the work: loading, planning, merging,
+  writing). mergekit reads ``dtype`` as the dtype to compute in.
+- ``mergekit_f32_compute``: the same with ``dtype: float32, out_dtype: bfloat16``, which is what
+  weightkit does with ``dtype: bfloat16`` (float32 arithmetic, bfloat16 output).
+- ``eager`` (task arithmetic and linear): the simplest eager-torch loop, ``python bench/merge.py --inner
+  eager RECIPE OUT``: for each tensor, ``safe_open(...).get_tensor`` of every model, float32 arithmetic
+  (``base + sum_i w_i (t_i - base)``, or ``sum_i w_i t_i / sum_i w_i``), cast to bfloat16, and one
+  ``save_file`` of the whole output at the end (no checks, no fsync, no atomic rename). Timed around the
+  loop, after its imports.
+- Comparison only, once each, not in the ratios: ``mergekit_f32_stable_topk`` (TIES: mergekit with a
+  stable sort in its top-k, i.e. weightkit's tie-break) and ``weightkit_seed1`` (DARE-TIES with
+  ``seed: 1``, a second draw of weightkit's random masks).
 
-Quality: task arithmetic and TIES outputs are compared entry by entry in float32 with every mergekit
-output (max / mean absolute difference, fraction of entries that differ); ``max_abs_diff`` is the one
-where both tools define the method the same way (task arithmetic: float32 compute; TIES: float32
-compute and the same tie-break). DARE draws its drop masks from different random streams in the two
-tools, so its outputs are not compared entry by entry; the statistics of each output's merged task
-vector (``output - base``) are reported instead: fraction of entries changed, L2 norm, and the cosine
-and L2 ratio between every two outputs, including two draws of weightkit's (seeds 0 and 1).
+Start-up, timed each repetition: a bare ``python -c "import torch"`` (weightkit's venv),
+``weightkit merge RECIPE -o OUT --dry-run`` (imports, headers, plan; nothing written) and ``mergekit-yaml
+--help`` (mergekit's imports).
 
-Throughput: (bytes of every input safetensors file + bytes of the output) / wall time, against the
-same bytes moved by a plain read + write in a fresh process (every input file read into memory in
-16 MiB chunks, the base's bytes written once; with and without fsync, since weightkit fsyncs its
-output and mergekit does not): the machine's limit for a merge that reads each input once.
+Every runner runs with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep between operations instead of
+spinning): weightkit's merge command sets it for itself, and mergekit and the eager loop get it too, so
+the comparison is not about spinning, which on a shared machine costs more the more operations a tool
+runs (measured on the 1B task arithmetic under load 4-5: weightkit 23-26 s spinning, 19-20 s passive).
+
+Each command's wall time and peak RSS come from the wrapper (``getrusage(RUSAGE_CHILDREN).ru_maxrss``:
+anonymous and file-backed resident pages), which also samples ``/proc/PID/status`` every 20 ms for a rough
+split of the peak into anonymous and file-backed pages. Repetitions are interleaved (rep 1: every method x
+runner, then rep 2 ...), each set on a warm page cache (its inputs are read once first); medians are
+reported with every run's value and the 1-minute load average before it.
+
+Quality: deterministic methods (task arithmetic, TIES, linear) are compared entry by entry in float32 with
+every mergekit output and the eager loop's (max / mean absolute difference, fraction of entries that
+differ); ``max_abs_diff`` is the one where both tools define the method the same way (float32 compute;
+for TIES also the same tie-break). DARE draws its drop masks from different random streams in the two
+tools, so the statistics of each output's merged task vector are compared instead (fraction changed, L2
+norm, cosine and L2 ratio between outputs, including two draws of weightkit's).
+
+Throughput: (input + output bytes) / seconds, against a plain read + write of the same bytes in a fresh
+process (every input file read in 16 MiB chunks, the base's bytes written once, with and without fsync).
 """
 
 from __future__ import annotations
@@ -70,8 +82,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import BENCH_DIR, CACHE_ROOT, write_result  # noqa: E402
 
-CHECKPOINT_DIR = CACHE_ROOT / "bench-merge"
+REPO_SRC = BENCH_DIR.parent / "src"
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTKIT_MERGEKIT_VENV", BENCH_DIR / ".venv-mergekit"))
+MERGEKIT_PYTHON = MERGEKIT_VENV / "bin" / "python"
 PEER_ENV_SCRIPT = BENCH_DIR / "peer_env.sh"
 WEIGHTKIT_CLI = Path(sys.executable).parent / "weightkit"
 
@@ -81,8 +94,10 @@ WEIGHTKIT_CLI = Path(sys.executable).parent / "weightkit"
 # need a GPU. There is no tokenizer to copy, and --random-seed makes DARE reproducible.
 MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--random-seed", "0", "--quiet"]
 
-METHODS = ("task_arithmetic", "ties", "dare_ties")
-DETERMINISTIC = ("task_arithmetic", "ties")
+METHODS = ("task_arithmetic", "ties", "dare_ties", "linear")
+DETERMINISTIC = ("task_arithmetic", "ties", "linear")
+EAGER_METHODS = ("task_arithmetic", "linear")
+SIZES = ("134m", "1b")
 
 # ------------------------------------------------------------------------------------ checkpoints
 
@@ -116,39 +131,57 @@ BUILD_RECIPE = {
     "frozen_embeddings": [False, False, True],  # ... and fine-tune 3 kept its input embeddings frozen
     "sharded": [False, True, False],  # fine-tune 2 is saved in two shards
 }
+# The 1B set: the same generator and recipe at TinyLlama-1.1B's shape (grouped-query attention, 4 key/value
+# heads), 1.1B parameters, 2.2 GB each in bfloat16.
+BUILD_RECIPES = {
+    "134m": BUILD_RECIPE,
+    "1b": {
+        **BUILD_RECIPE,
+        "config": {
+            "vocab_size": 32000,
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+        },
+    },
+}
+CHECKPOINT_DIRS = {"134m": CACHE_ROOT / "bench-merge", "1b": CACHE_ROOT / "bench-merge-1b"}
 FINE_TUNES = len(BUILD_RECIPE["shared_coef"])
 
 
-def _tensor_seed(model: int, index: int) -> int:
-    return BUILD_RECIPE["seed"] * 1_000_003 + model * 10_007 + index
+def _tensor_seed(r: dict, model: int, index: int) -> int:
+    return r["seed"] * 1_000_003 + model * 10_007 + index
 
 
-def _param_shapes() -> dict[str, tuple[int, ...]]:
+def _param_shapes(r: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of ``LlamaForCausalLM``'s state dict, from a model on the meta device."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**BUILD_RECIPE["config"]))
+        model = LlamaForCausalLM(LlamaConfig(**r["config"]))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _base_tensor(name: str, shape: tuple[int, ...], index: int):
+def _base_tensor(r: dict, shape: tuple[int, ...], index: int):
     import torch
 
-    g = torch.Generator().manual_seed(_tensor_seed(0, index))
+    g = torch.Generator().manual_seed(_tensor_seed(r, 0, index))
     if len(shape) == 1:  # RMSNorm
-        return 1 + BUILD_RECIPE["norm_std"] * torch.randn(shape, generator=g)
-    return BUILD_RECIPE["init_std"] * torch.randn(shape, generator=g)
+        return 1 + r["norm_std"] * torch.randn(shape, generator=g)
+    return r["init_std"] * torch.randn(shape, generator=g)
 
 
-def _delta(name: str, shape: tuple[int, ...], index: int, model: int):
+def _delta(r: dict, name: str, shape: tuple[int, ...], index: int, model: int):
     """Fine-tune ``model``'s (1-based) delta for one tensor, float32."""
     import torch
 
-    r = BUILD_RECIPE
     s = r["init_std"]
-    g = torch.Generator().manual_seed(_tensor_seed(model, index))
+    g = torch.Generator().manual_seed(_tensor_seed(r, model, index))
     if len(shape) == 1:
         return r["norm_delta_std"] * torch.randn(shape, generator=g)
     if "embed_tokens" in name or name == "lm_head.weight":
@@ -159,7 +192,7 @@ def _delta(name: str, shape: tuple[int, ...], index: int, model: int):
         return delta.mul_(rows.unsqueeze(1))
     delta = r["dense_rms"] * s * torch.randn(shape, generator=g)
     # The shared direction: the same generator seed for every fine-tune (model 0 = "the task").
-    gs = torch.Generator().manual_seed(_tensor_seed(0, index) + 7)
+    gs = torch.Generator().manual_seed(_tensor_seed(r, 0, index) + 7)
     rank = r["shared_rank"]
     u = torch.randn(shape[0], rank, generator=gs)
     v = torch.randn(rank, shape[1], generator=gs)
@@ -204,12 +237,20 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def _cached(root: Path) -> dict | None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached(root: Path, recipe: dict) -> dict | None:
     info_path = root / "build.json"
     if not info_path.exists():
         return None
     info = json.loads(info_path.read_text())
-    if info.get("recipe") != BUILD_RECIPE:
+    if info.get("recipe") != recipe:
         return None
     for name, files in info["files"].items():
         for file, size in files.items():
@@ -219,8 +260,8 @@ def _cached(root: Path) -> dict | None:
     return info
 
 
-def build_checkpoints(root: Path = CHECKPOINT_DIR, *, force: bool = False, log=print) -> dict[str, Path]:
-    """Make (once) and return ``{"base": dir, "ft1": dir, "ft2": dir, "ft3": dir}`` under ``root``.
+def build_checkpoints(size: str = "134m", *, force: bool = False, log=print) -> dict[str, Path]:
+    """Make (once) and return ``{"base": dir, "ft1": dir, "ft2": dir, "ft3": dir}`` for ``size``.
 
     Base: every matrix N(0, 0.02^2) (Llama's init), RMSNorm weights 1 + N(0, 0.05^2). Fine-tune i =
     base + delta_i rounded to bfloat16, where delta_i on a matrix is a low-rank direction shared by
@@ -233,14 +274,15 @@ def build_checkpoints(root: Path = CHECKPOINT_DIR, *, force: bool = False, log=p
     import torch
     from transformers import LlamaConfig
 
-    if not force and (info := _cached(root)) is not None:
+    r, root = BUILD_RECIPES[size], CHECKPOINT_DIRS[size]
+    if not force and (info := _cached(root, r)) is not None:
         log(f"checkpoints: reusing {root} ({info['parameters'] / 1e6:.1f}M parameters each)")
         return {name: root / name for name in info["files"]}
     start = time.perf_counter()
-    shapes = _param_shapes()
+    shapes = _param_shapes(r)
     params = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    dtype = getattr(torch, BUILD_RECIPE["dtype"])
-    config = LlamaConfig(**BUILD_RECIPE["config"], dtype=BUILD_RECIPE["dtype"])
+    dtype = getattr(torch, r["dtype"])
+    config = LlamaConfig(**r["config"], dtype=r["dtype"])
     config.architectures = ["LlamaForCausalLM"]
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -253,19 +295,19 @@ def build_checkpoints(root: Path = CHECKPOINT_DIR, *, force: bool = False, log=p
         config.save_pretrained(out)
         tensors = {}
         for index, (tensor_name, shape) in enumerate(shapes.items()):
-            w = _base_tensor(tensor_name, shape, index)
+            w = _base_tensor(r, shape, index)
             if model:
-                w += _delta(tensor_name, shape, index, model)
+                w += _delta(r, tensor_name, shape, index, model)
             tensors[tensor_name] = w.to(dtype)
-        _save(tensors, out, sharded=bool(model) and BUILD_RECIPE["sharded"][model - 1])
+        _save(tensors, out, sharded=bool(model) and r["sharded"][model - 1])
         del tensors
         files[name] = {}
         for path in _weight_files(out):
             files[name][path.name] = path.stat().st_size
-            sha[f"{name}/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            sha[f"{name}/{path.name}"] = _sha256(path)
         log(f"checkpoints: {name} done ({time.perf_counter() - start:.0f} s)")
     info = {
-        "recipe": BUILD_RECIPE,
+        "recipe": r,
         "parameters": params,
         "files": files,
         "sha256": sha,
@@ -282,11 +324,12 @@ def build_checkpoints(root: Path = CHECKPOINT_DIR, *, force: bool = False, log=p
 # ---------------------------------------------------------------------------------------- recipes
 
 # Per fine-tune (weight, density); the same for both tools. Normalize is written out, so neither
-# tool's default decides it.
+# tool's default decides it. Linear averages the three fine-tunes (no base).
 RECIPES = {
     "task_arithmetic": {"weights": [0.5, 0.3, 0.2], "densities": None, "normalize": False},
     "ties": {"weights": [1.0, 0.7, 0.5], "densities": [0.5, 0.4, 0.6], "normalize": True},
     "dare_ties": {"weights": [0.5, 0.4, 0.3], "densities": [0.5, 0.4, 0.6], "normalize": False},
+    "linear": {"weights": [0.5, 0.3, 0.2], "densities": None, "normalize": True},
 }
 
 
@@ -303,8 +346,9 @@ def recipe_yaml(
         if r["densities"]:
             params += f", density: {r['densities'][i]}"
         lines += [f"  - model: {models[f'ft{i + 1}']}", f"    parameters: {{{params}}}"]
+    if method != "linear":
+        lines.append(f"base_model: {models['base']}")
     lines += [
-        f"base_model: {models['base']}",
         f"merge_method: {method}",
         "parameters:",
         f"  normalize: {str(r['normalize']).lower()}",
@@ -314,6 +358,95 @@ def recipe_yaml(
     if compute_dtype != "bfloat16":
         lines.append("out_dtype: bfloat16")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ in-process runners
+
+
+def _write_timing(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data) + "\n")
+
+
+def inner_weightkit(timing_file: str, cli_args: list[str]) -> int:
+    """``weightkit CLI_ARGS`` in this process, timing the ``weightkit.merge(...)`` call the CLI makes.
+
+    Nothing here imports torch before the CLI does, so the process is the ``weightkit`` command's (the
+    CLI sets OpenMP's wait policy before its command imports torch).
+    """
+    import weightkit.cli.merge as cli_merge
+    from weightkit.cli import main as weightkit_main
+
+    real_command = cli_merge._cmd_merge
+    seconds: list[tuple[float, float]] = []
+
+    def timed_command(args):
+        import weightkit.merge
+
+        real_merge = weightkit.merge.merge
+
+        def timed_merge(*a, **k):
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                return real_merge(*a, **k)
+            finally:
+                seconds.append((time.perf_counter() - start, time.process_time() - cpu))
+
+        # The command looks `merge` up on the package when it runs (`from weightkit.merge import merge`).
+        weightkit.merge.merge = timed_merge
+        return real_command(args)
+
+    cli_merge._cmd_merge = timed_command  # the parser, built by main(), takes the module's function
+    code = weightkit_main(cli_args)
+    work, cpu = seconds[0] if seconds else (None, None)
+    _write_timing(timing_file, {"work_seconds": work, "work_cpu_seconds": cpu, "returncode": code})
+    return code
+
+
+def inner_eager(timing_file: str, recipe_path: str, out_dir: str) -> int:
+    """The simplest eager-torch merge of a task-arithmetic or linear recipe (see the module docstring)."""
+    import torch
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    recipe = yaml.safe_load(Path(recipe_path).read_text())
+    method = recipe["merge_method"]
+    weights = [float(m["parameters"]["weight"]) for m in recipe["models"]]
+    dtype = getattr(torch, recipe.get("out_dtype") or recipe["dtype"])
+    start, cpu = time.perf_counter(), time.process_time()
+
+    def open_model(model_dir: str) -> dict:
+        handles = [safe_open(str(p), framework="pt") for p in sorted(Path(model_dir).glob("*.safetensors"))]
+        return {name: h for h in handles for name in h.keys()}  # noqa: SIM118 - not a dict
+
+    models = [open_model(m["model"]) for m in recipe["models"]]
+    base = open_model(recipe["base_model"]) if method == "task_arithmetic" else None
+    merged = {}
+    for name in base or models[0]:
+        if base is not None:
+            b = base[name].get_tensor(name).float()
+            total = b.clone()
+            for weight, model in zip(weights, models, strict=True):
+                total += weight * (model[name].get_tensor(name).float() - b)
+        else:
+            total = sum(w * m[name].get_tensor(name).float() for w, m in zip(weights, models, strict=True))
+            total /= sum(weights)
+        merged[name] = total.to(dtype)
+    os.makedirs(out_dir)
+    save_file(merged, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    work = {"work_seconds": time.perf_counter() - start, "work_cpu_seconds": time.process_time() - cpu}
+    _write_timing(timing_file, {**work, "returncode": 0})
+    return 0
+
+
+def inner_main(argv: list[str]) -> int:
+    """``--inner weightkit TIMING -- CLI_ARGS`` or ``--inner eager TIMING RECIPE OUT``."""
+    kind, timing_file, *rest = argv
+    if kind == "weightkit":
+        return inner_weightkit(timing_file, rest[1:] if rest[:1] == ["--"] else rest)
+    if kind == "eager":
+        return inner_eager(timing_file, *rest)
+    raise SystemExit(f"unknown inner runner {kind!r}")
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -359,14 +492,24 @@ def _env() -> dict[str, str]:
     # No hub lookups (there is no network): both tools see local directories only.
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # OpenMP threads sleep between operations in every runner: what weightkit's merge command chooses
+    # for itself, given to mergekit and the eager loop too. Spinning (libgomp's default) costs a tool with
+    # more operations more, and on this shared machine the spin occupies the core the other thread needs.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    # weightkit from the source beside this bench (an editable install may point at another checkout).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_SRC), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
 def run_measured(cmd: list[str], log_stem: Path) -> dict:
-    """Run ``cmd`` in a fresh wrapper process; return its seconds, peak RSS and stdout."""
+    """Run ``cmd`` in a fresh wrapper process; return its seconds, peak RSS, stdout and, when the command
+    writes one to ``log_stem.timing.json``, its inner timing (``work_seconds``)."""
     out, err = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
+    timing = log_stem.with_suffix(".timing.json")
+    timing.unlink(missing_ok=True)
+    cmd = [str(c).replace("{TIMING}", str(timing)) for c in cmd]
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", _WRAPPER, str(out), str(err), *map(str, cmd)],
+        [sys.executable, "-I", "-c", _WRAPPER, str(out), str(err), *cmd],
         stdout=subprocess.PIPE,
         text=True,
         env=_env(),
@@ -374,21 +517,12 @@ def run_measured(cmd: list[str], log_stem: Path) -> dict:
     )
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     if m["returncode"] != 0:
-        raise RuntimeError(
-            f"{' '.join(map(str, cmd[:3]))} exited {m['returncode']}:\n{err.read_text()[-4000:]}"
-        )
+        raise RuntimeError(f"{' '.join(cmd[:3])} exited {m['returncode']}:\n{err.read_text()[-4000:]}")
     m["stdout"] = out.read_text()
+    if timing.exists():
+        inner = json.loads(timing.read_text())
+        m["work_seconds"], m["work_cpu_seconds"] = inner["work_seconds"], inner["work_cpu_seconds"]
     return m
-
-
-def _json_output(text: str) -> dict | None:
-    """The JSON a command printed: all of stdout (weightkit indents it), else its last line."""
-    for candidate in (text, (text.strip().splitlines() or [""])[-1]):
-        try:
-            return json.loads(candidate)
-        except json.JSONDecodeError:
-            pass
-    return None
 
 
 # Each runner and the recipe variant it reads: "bf16" is the recipe as written (dtype: bfloat16), "f32"
@@ -397,6 +531,7 @@ RUNNERS = {
     "weightkit": "bf16",
     "mergekit_f32_compute": "f32",
     "mergekit_bf16_compute": "bf16",
+    "eager": "bf16",  # task arithmetic and linear only
     # Once each, for the comparisons only (never in the ratios):
     "mergekit_f32_stable_topk": "f32",  # TIES: mergekit with weightkit's tie-break
     "weightkit_seed1": "bf16-seed1",  # DARE-TIES: another draw of weightkit's random masks
@@ -406,27 +541,40 @@ PEER_CONFIGS = ("mergekit_f32_compute", "mergekit_bf16_compute")
 
 
 def runner_cmd(runner: str, recipe: Path, out: Path) -> list[str]:
+    """The command of one runner; ``{TIMING}`` is where it writes its inner timing."""
     if runner.startswith("weightkit"):
-        return [str(WEIGHTKIT_CLI), "merge", str(recipe), "-o", str(out), "--json"]
-    if runner == "mergekit_f32_stable_topk":
-        python = MERGEKIT_VENV / "bin" / "python"
+        cli = ["merge", str(recipe), "-o", str(out), "--json"]
+        return [sys.executable, str(Path(__file__).resolve()), "--inner", "weightkit", "{TIMING}", "--", *cli]
+    if runner == "eager":
         return [
-            str(python),
-            str(BENCH_DIR / "merge_peer.py"),
-            "--stable-topk",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--inner",
+            "eager",
+            "{TIMING}",
             str(recipe),
             str(out),
-            *MERGEKIT_FLAGS,
         ]
-    return [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(recipe), str(out), *MERGEKIT_FLAGS]
+    stable = ["--stable-topk"] if runner == "mergekit_f32_stable_topk" else []
+    peer = [str(MERGEKIT_PYTHON), str(BENCH_DIR / "merge_peer.py"), "--time-work", "{TIMING}", *stable]
+    return [*peer, str(recipe), str(out), *MERGEKIT_FLAGS]
 
 
-def startup_cmd(tool: str, recipe: Path, out: Path) -> list[str]:
-    """What each tool costs before it touches a tensor: weightkit's dry run (imports, headers, plan,
-    nothing written); mergekit has no dry run, so ``mergekit-yaml --help`` (its imports alone)."""
-    if tool == "weightkit":
+STARTUPS = ("import_torch", "weightkit_dry_run", "mergekit_help")
+
+
+def startup_cmd(kind: str, recipe: Path, out: Path) -> list[str]:
+    """What a command costs before it touches a tensor: a bare torch import; weightkit's dry run (imports,
+    headers, plan, nothing written); mergekit has no dry run, so ``mergekit-yaml --help`` (its imports)."""
+    if kind == "import_torch":
+        return [sys.executable, "-c", "import torch"]
+    if kind == "weightkit_dry_run":
         return [str(WEIGHTKIT_CLI), "merge", str(recipe), "-o", str(out), "--dry-run"]
     return [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), "--help"]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
 
 
 def weight_bytes(model_dir: Path) -> int:
@@ -643,7 +791,7 @@ def mergekit_versions() -> dict[str, str]:
 
 
 def weightkit_source_state() -> str | None:
-    """The commit of weightkit's (editable) source plus a hash of its uncommitted changes under src/."""
+    """The commit of weightkit's source plus a hash of its uncommitted changes under src/."""
     git = ["git", "-C", str(BENCH_DIR.parent)]
     try:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
@@ -656,114 +804,287 @@ def weightkit_source_state() -> str | None:
 def weightkit_versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("weightkit", "torch", "safetensors", "transformers")}
+    versions = {name: version(name) for name in ("torch", "safetensors", "transformers")}
+    versions["weightkit_source"] = str(REPO_SRC)
+    return versions
 
 
-def _median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def _summary(runs: list[dict], moved: int) -> dict:
-    seconds = _median(runs, "seconds")
+    seconds = _median([r["seconds"] for r in runs])
     summary = {
         "seconds": round(seconds, 2),
-        "peak_rss_mib": round(_median(runs, "peak_rss_mib"), 1),
-        "sampled_peak_rss_anon_mib": round(_median(runs, "sampled_peak_rss_anon_mib"), 1),
-        "sampled_peak_rss_file_mib": round(_median(runs, "sampled_peak_rss_file_mib"), 1),
-        "cpu_seconds": round(_median(runs, "cpu_seconds"), 2),
+        "peak_rss_mib": round(_median([r["peak_rss_mib"] for r in runs]), 1),
+        "sampled_peak_rss_anon_mib": round(_median([r["sampled_peak_rss_anon_mib"] for r in runs]), 1),
+        "sampled_peak_rss_file_mib": round(_median([r["sampled_peak_rss_file_mib"] for r in runs]), 1),
+        "cpu_seconds": round(_median([r["cpu_seconds"] for r in runs]), 2),
         "gb_per_s": round(moved / seconds / 1e9, 3),
         "runs_seconds": [round(r["seconds"], 2) for r in runs],
         "runs_peak_rss_mib": [round(r["peak_rss_mib"], 1) for r in runs],
         "load_average_1min": [round(r["load_before"], 2) for r in runs],
     }
-    reported = [
-        r["json"]["seconds"] for r in runs if isinstance(r.get("json"), dict) and "seconds" in r["json"]
-    ]
+    work = [r["work_seconds"] for r in runs if r.get("work_seconds") is not None]
+    if work:
+        summary["work_seconds"] = round(_median(work), 3)
+        summary["runs_work_seconds"] = [round(w, 3) for w in work]
+        summary["work_cpu_seconds"] = round(_median([r["work_cpu_seconds"] for r in runs]), 3)
+        summary["startup_and_exit_seconds"] = round(seconds - _median(work), 2)
+        summary["gb_per_s_work"] = round(moved / _median(work) / 1e9, 3)
     if isinstance(runs[-1].get("json"), dict):  # what weightkit printed (--json), last run
         summary["printed"] = {
             k: v for k, v in runs[-1]["json"].items() if k not in ("models", "base", "output")
         }
-    if reported:  # weightkit's own timing of its read + merge + write (no interpreter start, imports, plan)
-        summary["reported_seconds"] = round(statistics.median(reported), 2)
-        summary["gb_per_s_reported"] = round(moved / statistics.median(reported) / 1e9, 3)
     return summary
 
 
-def _row(
-    method: str, runs: dict, kept: dict, models: dict[str, Path], moved: int, limit: float, startup: dict
-) -> dict:
+def _json_output(text: str) -> dict | None:
+    """The JSON a command printed: all of stdout (weightkit indents it), else its last line."""
+    for candidate in (text, (text.strip().splitlines() or [""])[-1]):
+        try:
+            return json.loads(candidate)
+        except json.JSONDecodeError:
+            pass
+    return None
+
+
+def _row(method: str, runs: dict, quality: dict, moved: int, limit: float) -> dict:
     placeholders = {"base": Path("BASE"), **{f"ft{i}": Path(f"FT{i}") for i in range(1, FINE_TUNES + 1)}}
     row: dict = {"method": method, "recipe": recipe_yaml(method, placeholders)}
     for runner in RUNNERS:
         if f"{method}/{runner}" in runs and runner not in ONCE:
             row[runner] = summary = _summary(runs[f"{method}/{runner}"], moved)
             summary["fraction_of_read_write_limit"] = round(summary["gb_per_s"] / limit, 3)
-            tool = "weightkit" if runner == "weightkit" else "mergekit"
-            if tool in startup:
-                summary["seconds_minus_startup"] = round(summary["seconds"] - startup[tool]["seconds"], 2)
     peers = [c for c in PEER_CONFIGS if c in row]
     if "weightkit" in row and peers:
         wk = row["weightkit"]
         fastest = min(peers, key=lambda c: row[c]["seconds"])
+        fastest_work = min(peers, key=lambda c: row[c]["work_seconds"])
         leanest = min(peers, key=lambda c: row[c]["peak_rss_mib"])
-        row["time_ratio"] = round(wk["seconds"] / row[fastest]["seconds"], 3)
-        row["time_ratio_vs"] = fastest
+        row["e2e_ratio"] = round(wk["seconds"] / row[fastest]["seconds"], 3)
+        row["e2e_ratio_vs"] = fastest
+        row["work_ratio"] = round(wk["work_seconds"] / row[fastest_work]["work_seconds"], 3)
+        row["work_ratio_vs"] = fastest_work
         row["rss_ratio"] = round(wk["peak_rss_mib"] / row[leanest]["peak_rss_mib"], 3)
         row["rss_ratio_vs"] = leanest
         row["ratios_per_config"] = {
             c: {
-                "time": round(wk["seconds"] / row[c]["seconds"], 3),
+                "e2e": round(wk["seconds"] / row[c]["seconds"], 3),
+                "work": round(wk["work_seconds"] / row[c]["work_seconds"], 3),
                 "rss": round(wk["peak_rss_mib"] / row[c]["peak_rss_mib"], 3),
             }
             for c in peers
         }
-        row["meets_targets"] = {"time_le_0.5": row["time_ratio"] <= 0.5, "rss_le_1": row["rss_ratio"] <= 1.0}
-        if "seconds_minus_startup" in wk and "seconds_minus_startup" in row[fastest]:
-            # The merge work alone: imports (and weightkit's planning) taken off both sides.
-            row["time_ratio_minus_startup"] = round(
-                wk["seconds_minus_startup"] / row[fastest]["seconds_minus_startup"], 3
-            )
-        if method in DETERMINISTIC:
-            diffs = {}
-            for runner in ("mergekit_f32_compute", "mergekit_f32_stable_topk", "mergekit_bf16_compute"):
-                if f"{method}/{runner}" in kept:
-                    diffs[f"vs_{runner}"] = compare_outputs(
-                        kept[f"{method}/weightkit"], kept[f"{method}/{runner}"]
-                    )
-            # The comparison where both define the method the same way (see README): float32 compute, and
-            # for TIES the same tie-break among equal magnitudes.
-            same = "vs_mergekit_f32_stable_topk" if method == "ties" else "vs_mergekit_f32_compute"
-            if same in diffs:
-                row["max_abs_diff"] = diffs[same]["max_abs_diff"]
-                row["max_abs_diff_vs"] = same.removeprefix("vs_")
-                if method == "ties" and diffs[same]["most_differing_tensors"]:
-                    tensors = list(diffs[same]["most_differing_tensors"])
-                    if diffs[same]["max_abs_diff_tensor"] not in tensors:
-                        tensors.append(diffs[same]["max_abs_diff_tensor"])
-                    row["ties_differences_explained"] = explain_ties_differences(
-                        kept["ties/weightkit"], kept["ties/mergekit_f32_stable_topk"], models, tensors
-                    )
-            row["diffs"] = diffs
-        else:
-            row["max_abs_diff"] = None
-            row["max_abs_diff_vs"] = (
-                "not comparable entry by entry: random drop masks from different random streams"
-            )
-            names = ("weightkit", "weightkit_seed1", *peers)
-            outputs = {r: kept[f"{method}/{r}"] for r in names if f"{method}/{r}" in kept}
-            row["task_vector_stats"] = task_vector_stats(outputs, models["base"])
+        row["targets"] = {"work_le_mergekit": row["work_ratio"] <= 1.0}
+    if "weightkit" in row and "eager" in row:
+        row["eager_ratio"] = round(row["weightkit"]["work_seconds"] / row["eager"]["work_seconds"], 3)
+        row.setdefault("targets", {})["work_le_1.2x_eager"] = row["eager_ratio"] <= 1.2
+    row.update(quality)
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def _quality(method: str, kept: dict[str, Path], models: dict[str, Path]) -> dict:
+    """Compare the outputs of one method's runners (see the module docstring)."""
+    row: dict = {}
+    if method in DETERMINISTIC and f"{method}/weightkit" in kept:
+        diffs = {}
+        for runner in ("mergekit_f32_compute", "mergekit_f32_stable_topk", "mergekit_bf16_compute", "eager"):
+            if f"{method}/{runner}" in kept:
+                diffs[f"vs_{runner}"] = compare_outputs(
+                    kept[f"{method}/weightkit"], kept[f"{method}/{runner}"]
+                )
+        # The comparison where both define the method the same way (see README): float32 compute, and
+        # for TIES the same tie-break among equal magnitudes.
+        same = "vs_mergekit_f32_stable_topk" if method == "ties" else "vs_mergekit_f32_compute"
+        if same in diffs:
+            row["max_abs_diff"] = diffs[same]["max_abs_diff"]
+            row["max_abs_diff_vs"] = same.removeprefix("vs_")
+            if method == "ties" and diffs[same]["most_differing_tensors"]:
+                tensors = list(diffs[same]["most_differing_tensors"])
+                if diffs[same]["max_abs_diff_tensor"] not in tensors:
+                    tensors.append(diffs[same]["max_abs_diff_tensor"])
+                row["ties_differences_explained"] = explain_ties_differences(
+                    kept["ties/weightkit"], kept["ties/mergekit_f32_stable_topk"], models, tensors
+                )
+        row["diffs"] = diffs
+    elif f"{method}/weightkit" in kept:
+        row["max_abs_diff"] = None
+        row["max_abs_diff_vs"] = (
+            "not comparable entry by entry: random drop masks from different random streams"
+        )
+        names = ("weightkit", "weightkit_seed1", *PEER_CONFIGS)
+        outputs = {r: kept[f"{method}/{r}"] for r in names if f"{method}/{r}" in kept}
+        row["task_vector_stats"] = task_vector_stats(outputs, models["base"])
+    return row
+
+
+def _startup_summary(startup_runs: dict[str, list[dict]]) -> dict:
+    out: dict = {}
+    for kind, sruns in startup_runs.items():
+        out[kind] = {
+            "seconds": round(_median([r["seconds"] for r in sruns]), 3),
+            "runs_seconds": [round(r["seconds"], 3) for r in sruns],
+            "peak_rss_mib": round(_median([r["peak_rss_mib"] for r in sruns]), 1),
+            "command": " ".join(Path(c).name for c in startup_cmd(kind, Path("RECIPE"), Path("OUT"))),
+        }
+    if "import_torch" in startup_runs and "weightkit_dry_run" in startup_runs:
+        # Each repetition's pair ran back to back: the median of their differences is steadier under load
+        # than the difference of the medians.
+        pairs = zip(startup_runs["weightkit_dry_run"], startup_runs["import_torch"], strict=True)
+        delta = _median([a["seconds"] - b["seconds"] for a, b in pairs])
+        out["dry_run_minus_import_torch_seconds"] = round(delta, 3)
+        out["targets"] = {"dry_run_within_0.7s_of_import_torch": delta <= 0.7}
+    return out
+
+
+def run_size(
+    size: str, models: dict[str, Path], methods: list[str], runners: list[str], args, work: Path
+) -> dict:
+    """Every repetition of every (method, runner) on one checkpoint set; the last repetition's outputs are
+    compared as soon as a method's runs are done, then deleted (unless ``--keep``)."""
+    input_bytes = sum(weight_bytes(models[k]) for k in models)
+    output_bytes = weight_bytes(models["base"])  # the same tensors in the same dtype
+    moved = input_bytes + output_bytes
+    recipes = {}
+    for method in methods:
+        for variant, dtype, seed in (
+            ("bf16", "bfloat16", None),
+            ("f32", "float32", None),
+            ("bf16-seed1", "bfloat16", 1),
+        ):
+            recipes[method, variant] = work / f"{size}-{method}-{variant}.yml"
+            recipes[method, variant].write_text(recipe_yaml(method, models, compute_dtype=dtype, seed=seed))
+
+    jobs = [(m, r) for m in methods for r in runners if r != "eager" or m in EAGER_METHODS]
+    if not args.no_extra_runs:
+        # Each only where what it is compared with runs too; in the last repetition, beside what it is
+        # compared with.
+        needs = {"mergekit_f32_stable_topk": "mergekit_f32_compute", "weightkit_seed1": "weightkit"}
+        jobs += [(m, r) for r, m in ONCE.items() if m in methods and needs[r] in runners]
+        jobs.sort(key=lambda job: methods.index(job[0]))
+    startup_kinds = [
+        k for k in STARTUPS if k != "mergekit_help" or any(r.startswith("mergekit") for r in runners)
+    ]
+    startup_runs: dict[str, list[dict]] = {k: [] for k in startup_kinds}
+    baseline_runs: dict[str, list[dict]] = {"read_write": [], "read_write_fsync": []}
+    runs: dict[str, list[dict]] = {}
+    quality: dict[str, dict] = {}
+    for rep in range(args.reps):
+        last = rep == args.reps - 1
+        warm_up(models)
+        for fsync, key in ((False, "read_write"), (True, "read_write_fsync")):
+            baseline_runs[key].append(copy_baseline(models, work, fsync=fsync))
+        for kind in startup_kinds:
+            cmd = startup_cmd(kind, recipes[methods[0], "bf16"], work / "dry-run-out")
+            startup_runs[kind].append(run_measured(cmd, work / f"startup-{kind}"))
+        print(
+            f"[{size}] rep {rep + 1}: read+write {baseline_runs['read_write'][-1]['gb_per_s']:.2f} GB/s; "
+            "startup " + ", ".join(f"{k} {startup_runs[k][-1]['seconds']:.2f} s" for k in startup_kinds),
+            flush=True,
+        )
+        kept: dict[str, Path] = {}  # the last repetition's outputs, compared once a method's runs are done
+        for i, (method, runner) in enumerate(jobs):
+            if runner in ONCE and not last:
+                continue
+            key = f"{method}/{runner}"
+            out = work / f"out-{size}-{method}-{runner}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = runner_cmd(runner, recipes[method, RUNNERS[runner]], out)
+            # Every run starts on a warm page cache: outputs written meanwhile may have pushed inputs out.
+            warm_up(models)
+            load = os.getloadavg()[0]
+            m = run_measured(cmd, work / f"log-{size}-{method}-{runner}-{rep}")
+            m["load_before"] = load
+            m["json"] = _json_output(m.pop("stdout")) if runner.startswith("weightkit") else None
+            runs.setdefault(key, []).append(m)
+            work_s = f", work {m['work_seconds']:.2f} s" if m.get("work_seconds") is not None else ""
+            print(
+                f"[{size}] rep {rep + 1} {key}: {m['seconds']:.1f} s{work_s}, peak RSS "
+                f"{m['peak_rss_mib']:.0f} MiB (load {load:.1f})",
+                flush=True,
+            )
+            if not last:
+                if args.keep is None:
+                    shutil.rmtree(out)  # only the last repetition's outputs are compared
+                continue
+            kept[key] = out
+            if i + 1 == len(jobs) or jobs[i + 1][0] != method:
+                # The method's last run: compare its outputs, then free the disk and page cache they hold.
+                quality[method] = _quality(method, kept, models)
+                if args.keep is None:
+                    for path in kept.values():
+                        shutil.rmtree(path, ignore_errors=True)
+                kept = {}
+
+    baseline = {}
+    for key, bruns in baseline_runs.items():
+        seconds = _median([b["seconds"] for b in bruns])
+        inner = _median([b["inner_seconds"] for b in bruns])
+        baseline[key] = {
+            "seconds": round(seconds, 3),
+            "inner_seconds": round(inner, 3),
+            "bytes": bruns[0]["bytes"],
+            "gb_per_s": round(bruns[0]["bytes"] / seconds / 1e9, 3),
+            "gb_per_s_inner": round(bruns[0]["bytes"] / inner / 1e9, 3),
+        }
+    results = []
+    for method in methods:
+        row = _row(method, runs, quality.get(method, {}), moved, baseline["read_write"]["gb_per_s"])
+        results.append(row)
+        print(
+            json.dumps({k: v for k, v in row.items() if k not in ("diffs", "recipe")}, indent=1), flush=True
+        )
+    build = json.loads((CHECKPOINT_DIRS[size] / "build.json").read_text())
+    return {
+        "checkpoints": {
+            "dir": str(CHECKPOINT_DIRS[size]),
+            "parameters_each": build["parameters"],
+            "config": build["recipe"]["config"],
+            "sha256": build["sha256"],
+        },
+        "bytes": {"inputs": input_bytes, "output": output_bytes, "moved": moved},
+        "baseline": baseline,
+        "startup": _startup_summary(startup_runs),
+        "results": results,
+    }
+
+
+TIMING = (
+    "seconds: median wall time of the whole command (interpreter start, imports, the work, exit) over "
+    "interleaved repetitions on a warm page cache. work_seconds: measured inside the process around the "
+    "merge call alone (weightkit: weightkit.merge(...) as its CLI calls it, i.e. planning, reading, float32 "
+    "merging, NaN/Inf checks, writing, fsync and rename; mergekit: run_merge(...) as mergekit-yaml calls "
+    "it, i.e. loading, planning, merging, writing; eager: the plain loop, from opening the files to "
+    "save_file). "
+    "startup_and_exit_seconds: seconds - work_seconds. peak_rss_mib: ru_maxrss of the command's process "
+    "(anonymous + touched file-backed pages); the sampled_* fields split it roughly (20 ms sampling). "
+    "gb_per_s: (input + output bytes) / seconds (gb_per_s_work: / work_seconds). e2e_ratio, work_ratio, "
+    "rss_ratio: weightkit's over the faster (leaner) of mergekit's two compute-dtype configurations, also "
+    "given per configuration in ratios_per_config. eager_ratio: weightkit's work_seconds over the eager "
+    "loop's. startup: median seconds of a bare `python -c 'import torch'`, of `weightkit merge RECIPE -o OUT "
+    "--dry-run` (imports + headers + plan) and of `mergekit-yaml --help` (imports); "
+    "dry_run_minus_import_torch_seconds is the median over repetitions of the difference between the dry run "
+    "and the bare import, run back to back. Every runner has OMP_WAIT_POLICY=PASSIVE. "
+    "load_average_1min: the machine's load before each run (2 cores; "
+    "other work was running)."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inner"]:
+        return inner_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES))
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
     p.add_argument(
         "--runners",
-        default="weightkit," + ",".join(PEER_CONFIGS),
-        help="comma-separated: weightkit, mergekit_f32_compute, mergekit_bf16_compute",
+        default="weightkit,eager," + ",".join(PEER_CONFIGS),
+        help="comma-separated: weightkit, eager, mergekit_f32_compute, mergekit_bf16_compute",
     )
     p.add_argument(
         "--reps", type=int, default=3, help="runs per runner and method, interleaved (median reported)"
@@ -780,131 +1101,49 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-write", action="store_true", help="print the results instead of writing merge.json")
     args = p.parse_args(argv)
-    methods, runners = args.methods.split(","), args.runners.split(",")
+    sizes, methods, runners = args.sizes.split(","), args.methods.split(","), args.runners.split(",")
+    if bad := [s for s in sizes if s not in SIZES]:
+        p.error(f"unknown size(s) {bad} (choose from {', '.join(SIZES)})")
     if bad := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
-    if bad := [r for r in runners if r not in ("weightkit", *PEER_CONFIGS)]:
-        p.error(f"unknown runner(s) {bad} (choose from weightkit, {', '.join(PEER_CONFIGS)})")
+    if bad := [r for r in runners if r not in ("weightkit", "eager", *PEER_CONFIGS)]:
+        p.error(f"unknown runner(s) {bad} (choose from weightkit, eager, {', '.join(PEER_CONFIGS)})")
 
-    models = build_checkpoints(force=args.rebuild)
+    models = {size: build_checkpoints(size, force=args.rebuild) for size in sizes}
     if args.build_only:
-        return
-    if any(r != "weightkit" for r in runners):
+        return 0
+    if any(r.startswith("mergekit") for r in runners):
         ensure_mergekit_env()
-    input_bytes = sum(weight_bytes(d) for d in models.values())
-    output_bytes = weight_bytes(models["base"])  # the same tensors in the same dtype
-    moved = input_bytes + output_bytes
-
-    # Before the runs: the weightkit source is an editable install that may change while this runs.
+    # Before the runs: the weightkit source may change while this runs.
     versions = {"weightkit_venv": weightkit_versions(), "mergekit_venv": mergekit_versions()}
     source_before = weightkit_source_state()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    per_size = {}
     try:
-        recipes = {}
-        for method in methods:
-            for variant, dtype, seed in (
-                ("bf16", "bfloat16", None),
-                ("f32", "float32", None),
-                ("bf16-seed1", "bfloat16", 1),
-            ):
-                recipes[method, variant] = work / f"{method}-{variant}.yml"
-                recipes[method, variant].write_text(
-                    recipe_yaml(method, models, compute_dtype=dtype, seed=seed)
-                )
-
-        jobs = [(m, r) for m in methods for r in runners]
-        if not args.no_extra_runs:
-            # Each only where what it is compared with runs too.
-            needs = {"mergekit_f32_stable_topk": "mergekit_f32_compute", "weightkit_seed1": "weightkit"}
-            jobs += [(m, r) for r, m in ONCE.items() if m in methods and needs[r] in runners]
-        startup_tools = [t for t in ("weightkit", "mergekit") if any(r.startswith(t) for r in runners)]
-        startup_runs: dict[str, list[dict]] = {t: [] for t in startup_tools}
-        warm_up(models)
-        baseline_runs: dict[str, list[dict]] = {"read_write": [], "read_write_fsync": []}
-        runs: dict[str, list[dict]] = {}
-        kept: dict[str, Path] = {}  # the last output of each (method, runner), for the comparisons
-        for rep in range(args.reps):
-            for fsync, key in ((False, "read_write"), (True, "read_write_fsync")):
-                baseline_runs[key].append(copy_baseline(models, work, fsync=fsync))
-            print(
-                f"rep {rep + 1} read+write: {baseline_runs['read_write'][-1]['gb_per_s']:.2f} GB/s",
-                flush=True,
-            )
-            for tool in startup_tools:
-                cmd = startup_cmd(tool, recipes[methods[0], "bf16"], work / "dry-run-out")
-                startup_runs[tool].append(run_measured(cmd, work / f"startup-{tool}"))
-            print(
-                f"rep {rep + 1} startup: "
-                + ", ".join(f"{t} {startup_runs[t][-1]['seconds']:.1f} s" for t in startup_tools),
-                flush=True,
-            )
-            for method, runner in jobs:
-                if runner in ONCE and rep > 0:
-                    continue
-                key = f"{method}/{runner}"
-                out = work / f"out-{method}-{runner}-{rep}"
-                shutil.rmtree(out, ignore_errors=True)  # a kept directory from an earlier run
-                cmd = runner_cmd(runner, recipes[method, RUNNERS[runner]], out)
-                load = os.getloadavg()[0]
-                m = run_measured(cmd, work / f"log-{method}-{runner}-{rep}")
-                m["load_before"] = load
-                m["json"] = _json_output(m.pop("stdout")) if runner.startswith("weightkit") else None
-                runs.setdefault(key, []).append(m)
-                print(
-                    f"rep {rep + 1} {key}: {m['seconds']:.1f} s, peak RSS {m['peak_rss_mib']:.0f} MiB "
-                    f"(load {load:.1f})",
-                    flush=True,
-                )
-                if key in kept and args.keep is None:
-                    shutil.rmtree(kept[key])
-                kept[key] = out
-
-        baseline = {}
-        for key, bruns in baseline_runs.items():
-            seconds = statistics.median(b["seconds"] for b in bruns)
-            inner = statistics.median(b["inner_seconds"] for b in bruns)
-            baseline[key] = {
-                "seconds": round(seconds, 3),
-                "inner_seconds": round(inner, 3),
-                "bytes": bruns[0]["bytes"],
-                "gb_per_s": round(bruns[0]["bytes"] / seconds / 1e9, 3),
-                "gb_per_s_inner": round(bruns[0]["bytes"] / inner / 1e9, 3),
-            }
-        limit = baseline["read_write"]["gb_per_s"]
-        startup = {
-            tool: {
-                "seconds": round(statistics.median(r["seconds"] for r in sruns), 2),
-                "peak_rss_mib": round(statistics.median(r["peak_rss_mib"] for r in sruns), 1),
-                "command": " ".join([Path(c).name for c in startup_cmd(tool, Path("RECIPE"), Path("OUT"))]),
-            }
-            for tool, sruns in startup_runs.items()
-        }
-        results = []
-        for method in methods:
-            row = _row(method, runs, kept, models, moved, limit, startup)
-            results.append(row)
-            print(json.dumps(row, indent=1), flush=True)
+        for size in sizes:
+            size_start = time.perf_counter()
+            per_size[size] = run_size(size, models[size], methods, runners, args, work)
+            per_size[size]["seconds"] = round(time.perf_counter() - size_start, 1)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-
     source_after = weightkit_source_state()
     if source_after != source_before:
         print(f"WARNING: weightkit's source changed during the run ({source_before} -> {source_after})")
-    build = json.loads((CHECKPOINT_DIR / "build.json").read_text())
+    targets = {
+        size: {
+            **{r["method"]: r.get("targets", {}) for r in data["results"]},
+            "startup": data["startup"].get("targets", {}),
+        }
+        for size, data in per_size.items()
+    }
     data = {
-        "job": f"merge {FINE_TUNES} fine-tunes into their base (task arithmetic, TIES, DARE-TIES); "
-        "Llama architecture: hidden 768, 12 layers, 12 heads, intermediate 2048, vocabulary 32000, untied "
-        "lm_head; bfloat16 safetensors; one fine-tune in two shards",
-        "checkpoints": {
-            "dir": str(CHECKPOINT_DIR),
-            "parameters_each": build["parameters"],
-            "sha256": build["sha256"],
-            "recipe": BUILD_RECIPE,
-        },
-        "bytes": {"inputs": input_bytes, "output": output_bytes, "moved": moved},
+        "job": f"merge {FINE_TUNES} fine-tunes (task arithmetic, TIES, DARE-TIES onto their base; a linear "
+        "average without it); Llama architecture, untied lm_head, bfloat16 safetensors, one fine-tune in two "
+        "shards; sizes 134m (hidden 768, 12 layers) and 1b (TinyLlama-1.1B's shape)",
+        "build_recipe": {size: BUILD_RECIPES[size] for size in sizes},
         "versions": versions,
         "weightkit_source": {
             "before": source_before,
@@ -912,36 +1151,29 @@ def main(argv: list[str] | None = None) -> None:
             "changed": source_after != source_before,
         },
         "commands": {
-            "weightkit": "weightkit merge RECIPE -o OUT --json  (RECIPE: dtype: bfloat16)",
-            "mergekit_f32_compute": "mergekit-yaml RECIPE OUT "
+            "weightkit": "python bench/merge.py --inner weightkit TIMING -- merge RECIPE -o OUT --json  (the "
+            "weightkit CLI in-process; RECIPE: dtype: bfloat16)",
+            "mergekit_f32_compute": "mergekit venv: python bench/merge_peer.py --time-work TIMING RECIPE OUT "
             + " ".join(MERGEKIT_FLAGS)
-            + "  (RECIPE: dtype: float32, out_dtype: bfloat16)",
-            "mergekit_bf16_compute": "mergekit-yaml RECIPE OUT "
-            + " ".join(MERGEKIT_FLAGS)
-            + "  (RECIPE: dtype: bfloat16, the file weightkit reads)",
-            "mergekit_f32_stable_topk": "python bench/merge_peer.py --stable-topk RECIPE OUT "
-            + " ".join(MERGEKIT_FLAGS)
-            + "  (TIES only, once; comparison only)",
-            "weightkit_seed1": "weightkit merge RECIPE -o OUT --json  (DARE-TIES only, once; seed: 1)",
+            + "  (mergekit-yaml's main in-process; RECIPE: dtype: float32, out_dtype: bfloat16)",
+            "mergekit_bf16_compute": "the same on RECIPE with dtype: bfloat16 (the file weightkit reads)",
+            "eager": "python bench/merge.py --inner eager TIMING RECIPE OUT  (task arithmetic and linear)",
+            "mergekit_f32_stable_topk": "mergekit_f32_compute with --stable-topk (TIES only, once; "
+            "comparison only)",
+            "weightkit_seed1": "weightkit on RECIPE with seed: 1 (DARE-TIES only, once; comparison only)",
         },
         "reps": args.reps,
-        "timing": "seconds: median wall time of the whole command (interpreter start, imports, planning, "
-        "reading, merging, writing) over interleaved repetitions on a warm page cache. peak_rss_mib: "
-        "ru_maxrss of the command's process (anonymous + touched file-backed pages); the sampled_* fields "
-        "split it roughly (20 ms sampling). gb_per_s: (input + output bytes) / seconds. time_ratio / "
-        "rss_ratio: weightkit over the faster / leaner of mergekit's two compute-dtype configurations. "
-        "startup: median seconds before any tensor work (weightkit: --dry-run = imports + headers + plan; "
-        "mergekit: --help = imports); seconds_minus_startup and time_ratio_minus_startup take it off.",
-        "baseline": baseline,
-        "startup": startup,
-        "results": results,
+        "timing": TIMING,
+        "targets": targets,
+        "sizes": per_size,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     if args.no_write:
         print(json.dumps(data, indent=1))
     else:
         print(f"wrote {write_result('merge', data)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

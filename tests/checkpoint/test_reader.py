@@ -337,3 +337,41 @@ def test_bundled_minilm_matches_safetensors_load_file():
     with CheckpointReader(path) as reader:
         assert reader.config["model_type"] == "bert"
         _check_matches(reader, expected)
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+
+
+def test_read_into_copies_every_dtype_into_a_reused_buffer(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "model.safetensors")
+    buffer = torch.full((64,), float("nan"), dtype=torch.float64)
+    with CheckpointReader(tmp_path) as reader:
+        for name, t in tensors.items():
+            out = reader.read_into(name, buffer[: t.numel()])
+            assert out.shape == t.shape and (out.data_ptr() == buffer.data_ptr() or t.numel() == 0)
+            assert torch.equal(out, t.to(torch.float64)), name
+            # Same dtype: the bytes themselves.
+            same = reader.read_into(name, torch.empty(t.shape, dtype=t.dtype))
+            _assert_bit_exact(same, t)
+        out.add_(1)  # the buffer is the caller's: editing it changes neither the file nor later reads
+        _assert_bit_exact(reader.get("scalar"), tensors["scalar"])
+        assert str(tmp_path / "model.safetensors") not in _mapped_files()
+
+
+def test_read_into_refuses_a_buffer_of_another_size(tmp_path):
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "model.safetensors")
+    with (
+        CheckpointReader(tmp_path) as reader,
+        pytest.raises(WeightkitError, match="w has 6 elements, the buffer 5"),
+    ):
+        reader.read_into("w", torch.empty(5))
+
+
+def test_read_into_a_pickle_checkpoint(tmp_path):
+    torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "pytorch_model.bin")
+    with CheckpointReader(tmp_path, allow_pickle=True) as reader:
+        out = reader.read_into("w", torch.empty(6, dtype=torch.float64))
+    assert torch.equal(out, torch.arange(6.0, dtype=torch.float64).reshape(2, 3))

@@ -419,3 +419,33 @@ def test_bundled_minilm_round_trips_through_reader_and_writer(tmp_path):
         expected = AutoModel.from_pretrained(src).eval()(**batch).last_hidden_state
         actual = AutoModel.from_pretrained(out).eval()(**batch).last_hidden_state
     assert torch.equal(actual, expected)
+
+
+def test_shards_are_byte_compatible_with_safetensors(tmp_path):
+    # Written without safetensors' save_file: safetensors itself must read every dtype back bit for bit,
+    # and the data must start 8-byte aligned.
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(7, generator=g).to(torch.float16),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "fp8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    with CheckpointWriter(tmp_path / "out", metadata={"format": "pt", "note": "x"}) as w:
+        for name, tensor in tensors.items():
+            w.add(name, tensor)
+    path = tmp_path / "out" / "model.safetensors"
+    assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightkit.errors import WeightkitError
-from weightkit.merge.engine import plan_merge, run_merge
+from weightkit.merge.engine import WorkBuffers, plan_merge, read_job, run_merge
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama
 
 
@@ -96,3 +96,37 @@ def test_nan_in_an_input_stops_the_merge_and_writes_nothing(tmp_path):
         run_merge(plan_merge(a, [b]), mean, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporary directory left either
+
+
+def test_a_merged_tensor_that_is_a_read_buffer_is_copied_before_the_next_read(tmp_path):
+    # The inputs are reused buffers: a method returning one of them (kept as is in float32) must not see
+    # every tensor of the output overwritten by the next read.
+    a = save_tiny(tiny_llama(seed=1), tmp_path / "a")
+    b = save_tiny(tiny_llama(seed=2), tmp_path / "b")
+    seen = []
+
+    def second(_name, tensors):
+        seen.append(tensors[1].data_ptr())
+        return tensors[1]
+
+    run_merge(plan_merge(a, [b]), second, tmp_path / "out", dtype=torch.float32, progress=False)
+    merged, wb = _weights(tmp_path / "out"), _weights(b)
+    for name, tensor in wb.items():
+        torch.testing.assert_close(merged[name], tensor.float(), rtol=0, atol=0)
+    assert len(set(seen)) == 1  # one buffer per model, reused for every tensor
+
+
+def test_read_job_gives_float32_views_of_the_reused_buffers(tmp_path):
+    a = save_tiny(tiny_llama(seed=1).to(torch.bfloat16), tmp_path / "a")
+    b = save_tiny(tiny_llama(seed=2).to(torch.bfloat16), tmp_path / "b")
+    plan = plan_merge(a, [b])
+    buffers = WorkBuffers()
+    try:
+        for job in plan.jobs:
+            tensors = read_job(plan, job, buffers)
+            expected = [r.get(s).float() for r, s in zip(plan.readers, job.sources, strict=True)]
+            assert all(buffers.holds(t) and t.dtype == torch.float32 for t in tensors)
+            assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True))
+    finally:
+        for reader in plan.readers:
+            reader.close()

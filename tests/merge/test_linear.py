@@ -67,3 +67,17 @@ def test_bad_inputs_are_refused():
         linear([torch.ones(2), torch.ones(2)], [1.0])
     with pytest.raises(WeightkitError, match="shape"):
         linear([torch.ones(2), torch.ones(3)], [1.0, 1.0])
+
+
+def test_out_may_be_the_first_tensor_but_no_other():
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(4, 5, generator=gen) for _ in range(3)]
+    expected = linear(tensors, [0.5, 0.3, 0.2])
+    first = tensors[0].clone()
+    out = linear([first, *tensors[1:]], [0.5, 0.3, 0.2], out=first)
+    assert out.data_ptr() == first.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(WeightkitError, match="out may be tensors\\[0\\] but no other input"):
+        linear(tensors, [0.5, 0.3, 0.2], out=tensors[1])
+    with pytest.raises(WeightkitError, match="out has shape"):
+        linear(tensors, [0.5, 0.3, 0.2], out=torch.empty(20))

@@ -8,7 +8,7 @@ from weightkit.errors import WeightkitError
 from weightkit.merge import merge
 from weightkit.merge.pcb import pcb_merge, pcb_model_stats
 from weightkit.merge.recipe import load_merge_recipe
-from weightkit.merge.task_arithmetic import magnitude_prune, model_magnitude_thresholds, threshold_prune
+from weightkit.merge.sparsify import magnitude_prune, model_magnitude_thresholds, threshold_prune
 from weightkit.registry import config_from_dict, config_to_dict
 from weightkit.testing import save_tiny, tiny_llama
 
@@ -321,7 +321,8 @@ def test_recipe_errors_name_the_field(models, tmp_path):
 
 
 def test_fisher_merge_through_the_engine_reads_each_models_fisher_file(models, tmp_path):
-    from weightkit.merge.fisher import fisher_merge, save_fisher
+    from weightkit.merge.fisher import fisher_merge
+    from weightkit.merge.fisher_file import save_fisher
 
     _, tuned = models
     weights = [_weights(t) for t in tuned[:2]]
@@ -385,7 +386,7 @@ def test_a_full_disk_stops_the_merge_with_a_clear_message_and_leaves_nothing(mod
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", no_space)
+    monkeypatch.setattr(writer, "_save_safetensors", no_space)
     base, tuned = models
     with pytest.raises(WeightkitError, match="No space left on device. Nothing was written"):
         merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "out", progress=False)
@@ -412,3 +413,138 @@ def test_an_interrupted_merge_leaves_nothing(models, tmp_path, monkeypatch):
             base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False, max_shard_bytes=1
         )
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
+
+
+# -- devices ---------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what it looks for."""
+
+
+# Heavy per-tensor work (sparsifiers, PCB) runs on the device asked; weighted sums stay on the CPU.
+@pytest.mark.parametrize(
+    ("method", "fields", "where"),
+    [
+        ("ties", {"density": 0.5}, "meta"),
+        ("dare_ties", {"density": 0.5}, "meta"),
+        ("della", {"density": 0.5, "epsilon": 0.1}, "meta"),
+        ("pcb", {"density": 0.5}, "meta"),
+        ("task_arithmetic", {}, "cpu"),
+        ("linear", {}, "cpu"),
+        ("model_stock", {}, "cpu"),
+    ],
+)
+def test_merge_reads_and_merges_on_the_device_of_heavy_methods_only(
+    models, tmp_path, monkeypatch, method, fields, where
+):
+    from weightkit.checkpoint import CheckpointReader
+
+    seen = []
+
+    def spy(self, name, out):
+        seen.append(out.device.type)
+        raise _Stop
+
+    monkeypatch.setattr(CheckpointReader, "read_into", spy)
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method, **fields})
+    with pytest.raises(_Stop):
+        merge(
+            None if method == "linear" else base,
+            tuned,
+            config,
+            tmp_path / "out",
+            progress=False,
+            device="meta",
+        )
+    assert seen == [where]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_reports_its_device_and_defaults_to_the_best_one(models, tmp_path):
+    base, tuned = models
+    summary = merge(
+        base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "o", progress=False
+    )
+    assert summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    linear = merge(
+        None, tuned, config_from_dict("merge", {"method": "linear"}), tmp_path / "l", progress=False
+    )
+    assert linear["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a missing GPU")
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_a_missing_device_is_refused_even_for_a_method_that_stays_on_the_cpu(models, tmp_path, method):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method})
+    with pytest.raises(WeightkitError, match="--device cuda: this machine has no CUDA GPU"):
+        merge(
+            None if method == "linear" else base, tuned, config, tmp_path / "o", progress=False, device="cuda"
+        )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("method", "fields"), [("ties", {"density": 0.5}), ("pcb", {"density": 0.5})])
+def test_merging_on_cuda_matches_the_cpu(models, tmp_path, method, fields):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": method, **fields})
+    on_gpu = merge(base, tuned, config, tmp_path / "gpu", progress=False, device="cuda")
+    merge(base, tuned, config, tmp_path / "cpu", progress=False, device="cpu")
+    assert on_gpu["device"].startswith("cuda")
+    gpu, cpu = _weights(tmp_path / "gpu"), _weights(tmp_path / "cpu")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6)
+
+
+# -- NaN/Inf checks of weighted sums -----------------------------------------------------------------------
+
+
+def _broken_copy(tmp_path, value):
+    """A copy of the base with one non-finite entry in an MLP weight."""
+    broken = save_tiny(tiny_llama(seed=0, tie_word_embeddings=False), tmp_path / "broken")
+    weights = _weights(broken)
+    weights["model.layers.1.mlp.up_proj.weight"][2, 3] = value
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+# Weighted sums check only their result (every NaN/Inf of an input reaches it); an input's NaN or Inf, even
+# under a zero weight or in the base, must still be refused with the input named.
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("method", "role"), [("linear", "model"), ("task_arithmetic", "model"), ("task_arithmetic", "base")]
+)
+def test_a_non_finite_input_of_a_weighted_sum_is_named(models, tmp_path, value, method, role):
+    base, tuned = models
+    broken = _broken_copy(tmp_path, value)
+    zero = {"model": broken, "parameters": {"weight": 0.0}}
+    if role == "base":
+        base_dir, entries = broken, tuned
+    else:
+        base_dir, entries = (None if method == "linear" else base), [tuned[0], zero, tuned[1]]
+    with pytest.raises(
+        WeightkitError, match=r"model.layers.1.mlp.up_proj.weight of .*broken contains 1 NaN/Inf"
+    ):
+        merge(
+            base_dir, entries, config_from_dict("merge", {"method": method}), tmp_path / "out", progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_weighted_sums_check_their_results_and_the_others_their_inputs(models, tmp_path, monkeypatch):
+    import weightkit.merge.engine as engine
+
+    checked = []
+    real = engine.require_finite
+    monkeypatch.setattr(engine, "require_finite", lambda t, name: (checked.append(name), real(t, name)))
+    base, tuned = models
+    merge(
+        base, tuned, config_from_dict("merge", {"method": "task_arithmetic"}), tmp_path / "ta", progress=False
+    )
+    assert checked and all(name.endswith("(merged)") for name in checked)
+    checked.clear()
+    merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "ties", progress=False)
+    assert any(name.endswith(f"of {base}") for name in checked)

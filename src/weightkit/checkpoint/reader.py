@@ -7,7 +7,11 @@ one tensor per call, which is what lets merge/quantize/inspect stream a model bi
 
 import difflib
 import json
+import math
+import mmap
+import os
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    start: int = 0  # safetensors: absolute offset of the first data byte in the file
 
 
 def _open_safetensors(path: Path) -> tuple[Any, bool]:
@@ -101,6 +106,7 @@ class CheckpointReader:
         self._entries: dict[str, _Entry] = {}
         self._handles: dict[Path, Any] = {}
         self._handle_is_view: dict[Path, bool] = {}
+        self._fds: dict[Path, int] = {}  # read_into's file descriptors
         self._pickled: dict[str, torch.Tensor] = {}
         if layout.kind == "pickle":
             if not allow_pickle:
@@ -143,13 +149,13 @@ class CheckpointReader:
         if layout.weight_map is None:
             for file in layout.files:
                 for name, info in headers[file].items():
-                    self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes))
+                    self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes, info.start))
             return
         for name, file in layout.weight_map.items():
             info = headers[file].get(name)
             if info is None:
                 raise WeightkitError(f"{layout.index} maps tensor {name} to {file}, which has no such tensor")
-            self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes))
+            self._add(name, _Entry(file, info.dtype, info.shape, info.nbytes, info.start))
 
     def _index_pickles(self, layout: WeightLayout) -> None:
         # mmap=True: the state dict's storages are file-backed, so "loading" costs address space, not RAM.
@@ -222,6 +228,53 @@ class CheckpointReader:
         tensor = handle.get_tensor(name)
         return tensor.clone() if self._handle_is_view[entry.file] else tensor
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor ``name`` into ``out``, converted to ``out``'s dtype (and device), allocating nothing.
+
+        For streamed work that reuses its buffers (the merge engine reads each model's tensor into a
+        float32 work buffer it keeps): the tensor's bytes are memory-mapped for the copy alone and
+        converted on the way, so there is no intermediate copy in the file's dtype, no page faults on
+        fresh memory, and nothing of the file stays mapped afterwards.
+
+        Args:
+            name: the tensor to read.
+            out: a contiguous tensor with as many elements as ``name`` (any shape, dtype or device).
+
+        Returns:
+            ``out`` viewed with the tensor's shape.
+
+        Raises:
+            WeightkitError: no such tensor, or ``out`` has another number of elements.
+        """
+        entry = self._entry(name)
+        numel = math.prod(entry.shape)
+        if out.numel() != numel or not out.is_contiguous():
+            raise WeightkitError(
+                f"read_into: tensor {name} has {numel} elements, the buffer {out.numel()}"
+                + ("" if out.is_contiguous() else " and is not contiguous")
+            )
+        out = out.view(entry.shape)
+        itemsize = entry.dtype.itemsize
+        # Pickled tensors, an empty tensor, a misaligned offset or a big-endian machine (safetensors is
+        # little-endian): the ordinary read.
+        if name in self._pickled or numel == 0 or entry.start % itemsize or sys.byteorder != "little":
+            return out.copy_(self.get(name)) if numel else out
+        if self._handles is None:
+            raise RuntimeError("CheckpointReader is closed")
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        first_page = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
+        # ACCESS_COPY: a private mapping is writable (torch.frombuffer warns on read-only buffers) and
+        # copies a page only if it is written, which nothing here does.
+        with mmap.mmap(
+            fd, entry.start + entry.nbytes - first_page, access=mmap.ACCESS_COPY, offset=first_page
+        ) as m:
+            view = torch.frombuffer(m, dtype=entry.dtype, count=numel, offset=entry.start - first_page)
+            out.copy_(view.view(entry.shape))
+            del view  # the mapping can only close once no tensor points into it
+        return out
+
     def get_finite(self, name: str) -> torch.Tensor:
         """:meth:`get`, refusing a tensor that holds NaN or Inf (the message names it and this checkpoint)."""
         tensor = self.get(name)
@@ -244,6 +297,9 @@ class CheckpointReader:
             exit_ = getattr(handle, "__exit__", None)
             if exit_ is not None:
                 exit_(None, None, None)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._handles = None  # type: ignore[assignment]
         self._pickled.clear()
 

@@ -12,7 +12,7 @@ from weightkit.progress import console
 
 def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.merge import merge, prepare_merge
-    from weightkit.merge.engine import close_plan
+    from weightkit.merge.engine import close_plan, merge_device
     from weightkit.merge.recipe import DTYPES, load_merge_recipe
     from weightkit.registry import config_to_dict
 
@@ -23,18 +23,19 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         refuse_existing(out, args.force)
     config = config_to_dict(recipe.config)
     if args.dry_run:
+        device = merge_device(recipe.config, args.device)
         plan, models = prepare_merge(
             recipe.base, recipe.models, recipe.config, allow_pickle=args.allow_pickle
         )
         try:
-            summary = _merge_plan_summary(plan, models, config, dtype)
+            summary = {**_merge_plan_summary(plan, models, config, dtype), "device": str(device)}
         finally:
             close_plan(plan, models)
         if not args.json:
             print_table("merge plan (dry run: nothing written)", summary["models"])
             console.print(
                 f"{summary['method']}: {summary['tensors']} tensors, reads {mb(summary['input_bytes'])}, "
-                f"writes ~{mb(summary['output_bytes'])} to {out}",
+                f"writes ~{mb(summary['output_bytes'])} to {out}, merges on {summary['device']}",
                 highlight=False,
             )
         return {"dry_run": True, "output": str(out), **summary}
@@ -48,6 +49,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.force,
         progress=not args.json,
         allow_pickle=args.allow_pickle,
+        device=args.device,
     )
     summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
     if not args.json:
@@ -57,6 +59,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
             "tensors": str(summary["tensors"]),
             "output size": mb(summary["output_bytes"]),
             "time (s)": f"{summary['seconds']:.1f}",
+            "device": summary["device"],
         }
         if "sign_conflict_rate" in summary:
             row["sign conflicts"] = f"{summary['sign_conflict_rate']:.1%}"
@@ -66,7 +69,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
-    from weightkit.merge.fisher import fisher_checkpoint
+    from weightkit.merge.fisher_compute import fisher_checkpoint
 
     start = time.perf_counter()
     out = fisher_checkpoint(
@@ -77,6 +80,7 @@ def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.seq_len,
         seed=args.seed,
         mode=args.mode,
+        device=args.device,
         overwrite=args.force,
         progress=not args.json,
     )
@@ -129,12 +133,18 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
-    from weightkit.merge.rebasin import align_checkpoint
+    from weightkit.merge.align import align_checkpoint
 
     out = Path(args.output)
     refuse_existing(out, args.force)
     summary = align_checkpoint(
-        args.reference, args.model, out, overwrite=args.force, progress=not args.json, seed=args.seed
+        args.reference,
+        args.model,
+        out,
+        overwrite=args.force,
+        progress=not args.json,
+        seed=args.seed,
+        device=args.device,
     )
     summary = {**summary, "seconds": round(summary["seconds"], 2)}
     if not args.json:
@@ -275,6 +285,7 @@ def add_parsers(sub) -> None:
     )
     f.add_argument("--seed", type=int, default=0, help="seed for the text choice and label sampling")
     f.set_defaults(run=_cmd_fisher)
-    common_options(m, force=True, max_shard_size=True, allow_pickle=True)
-    for p in (x, a, f):
-        common_options(p, force=True)
+    common_options(m, force=True, max_shard_size=True, allow_pickle=True, device=True)
+    common_options(x, force=True)
+    for p in (a, f):
+        common_options(p, force=True, device=True)

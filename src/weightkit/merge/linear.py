@@ -11,6 +11,7 @@ and writes Inf/NaN weights; here that is refused with a clear error.
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
@@ -24,20 +25,26 @@ __all__ = ["linear", "LinearConfig"]
 _ZERO_SUM_RTOL = 1e-8
 
 
-def linear(tensors: list[Tensor], weights: list[float], *, normalize: bool = True) -> Tensor:
+def linear(
+    tensors: list[Tensor], weights: list[float], *, normalize: bool = True, out: Tensor | None = None
+) -> Tensor:
     """Weighted sum of same-shaped tensors, optionally divided by the sum of the weights.
 
     Args:
-        tensors: the same tensor (same shape) from each model; not modified.
+        tensors: the same tensor (same shape) from each model; not modified (except ``tensors[0]`` when
+            it is ``out``).
         weights: one weight per tensor; negative weights are allowed.
         normalize: divide by ``sum(weights)`` so that the weights need not sum to 1.
+        out: where to write the result (same shape); may be ``tensors[0]`` itself, which saves
+            allocating a tensor, but no other input.
 
     Returns:
-        A new tensor ``sum_i w_i t_i`` (``/ sum_i w_i`` when ``normalize``), in the inputs' dtype.
+        ``sum_i w_i t_i`` (``/ sum_i w_i`` when ``normalize``), in the inputs' dtype: a new tensor, or
+        ``out``.
 
     Raises:
-        WeightkitError: no tensors, a tensor/weight count or shape mismatch, or ``normalize`` with
-            weights summing to zero.
+        WeightkitError: no tensors, a tensor/weight count or shape mismatch, ``normalize`` with
+            weights summing to zero, or an ``out`` of another shape or that is ``tensors[i]``, ``i > 0``.
     """
     if not tensors:
         raise WeightkitError("linear merge needs at least one tensor")
@@ -55,9 +62,20 @@ def linear(tensors: list[Tensor], weights: list[float], *, normalize: bool = Tru
             f"linear merge with normalize=True: the weights {list(weights)} sum to zero, so the "
             "weighted average is undefined; change the weights or set normalize to false"
         )
+    if out is not None:
+        if out.shape != shape:
+            raise WeightkitError(
+                f"linear merge: out has shape {tuple(out.shape)}, the tensors {tuple(shape)}"
+            )
+        if any(out.data_ptr() == t.data_ptr() and t.numel() for t in tensors[1:]):
+            raise WeightkitError("linear merge: out may be tensors[0] but no other input (it is read later)")
     # One output buffer accumulated in place: a stacked [n_models, ...] copy would cost n_models
     # extra tensors on a 32000x4096 embedding.
-    out = tensors[0] * float(weights[0])
+    out = (
+        torch.mul(tensors[0], float(weights[0]), out=out)
+        if out is not None
+        else tensors[0] * float(weights[0])
+    )
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         out.add_(tensor, alpha=float(weight))
     if normalize:
@@ -81,6 +99,8 @@ class LinearConfig:
     per_model: ClassVar[tuple[str, ...]] = ("weight",)
     needs_base: ClassVar[bool] = False
     model_count: ClassVar[tuple[int, int | None]] = (2, None)
+    # A weighted sum carries every NaN/Inf of its inputs into the result: the engine checks only the result.
+    propagates_non_finite: ClassVar[bool] = True
 
     def __post_init__(self):
         check_spec(self.weight, "linear: weight")
@@ -88,7 +108,9 @@ class LinearConfig:
 
 def _linear_merger(config: LinearConfig, plan, model_params):
     def merge_tensor(inputs):
-        return linear(inputs.tensors, [p["weight"] for p in inputs.params], normalize=config.normalize)
+        weights = [p["weight"] for p in inputs.params]
+        # The inputs are ours to modify: the sum goes into the first one's buffer.
+        return linear(inputs.tensors, weights, normalize=config.normalize, out=inputs.tensors[0])
 
     return merge_tensor
 

@@ -29,16 +29,10 @@ import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.gram import gram
 from weightkit.registry import register
 
 __all__ = ["model_stock", "ModelStockConfig"]
-
-# Elements of every model handled per step: bounds the stacked [k, chunk] deltas to a few MB instead of k
-# full copies of a 32000x4096 embedding.
-_CHUNK = 2**20
-# float32 partial dot products over this many elements are summed in double: one float32 dot over tens of
-# millions of elements is off by ~1e-6 relative, blocks of 1024 by ~1e-9.
-_DOT_BLOCK = 1024
 
 
 def model_stock(base: Tensor, tensors: list[Tensor], *, eps: float = 1e-8) -> Tensor:
@@ -88,33 +82,12 @@ def _stock_ratio(base: Tensor, tensors: list[Tensor], *, eps: float = 1e-8) -> f
         ``t`` in ``[0, 1]``: 0 when the deltas are orthogonal or opposed, 1 when they point the same way.
     """
     k = len(tensors)
-    gram = _delta_gram(base, tensors)
-    norms = gram.diagonal().sqrt()
-    cosines = (gram / (norms[:, None] * norms[None, :]).clamp(min=eps)).clamp(-1.0, 1.0)
-    pairs = torch.triu_indices(k, k, offset=1, device=gram.device)
+    products = gram(tensors, center=base)
+    norms = products.diagonal().sqrt()
+    cosines = (products / (norms[:, None] * norms[None, :]).clamp(min=eps)).clamp(-1.0, 1.0)
+    pairs = torch.triu_indices(k, k, offset=1, device=products.device)
     cos_theta = min(max(float(cosines[pairs[0], pairs[1]].mean()), 0.0), 1.0)
     return k * cos_theta / (1 + (k - 1) * cos_theta)
-
-
-def _delta_gram(base: Tensor, tensors: list[Tensor]) -> Tensor:
-    """The ``[k, k]`` float64 matrix of dot products ``<t_i - base, t_j - base>`` over flattened tensors."""
-    k = len(tensors)
-    base_flat = base.reshape(-1)
-    flats = [tensor.reshape(-1) for tensor in tensors]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=base.device)
-    for start in range(0, base_flat.numel(), _CHUNK):
-        stop = min(start + _CHUNK, base_flat.numel())
-        deltas = torch.stack([flat[start:stop] for flat in flats])
-        deltas.sub_(base_flat[start:stop])
-        body = (stop - start) // _DOT_BLOCK * _DOT_BLOCK
-        if body:
-            # [blocks, k, B] @ [blocks, B, k]: one float32 partial Gram matrix per block of B elements.
-            blocks = deltas[:, :body].reshape(k, -1, _DOT_BLOCK).transpose(0, 1)
-            gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-        if body < stop - start:
-            tail = deltas[:, body:]
-            gram += (tail @ tail.T).double()
-    return gram
 
 
 @dataclass

@@ -27,11 +27,11 @@ other tasks are high (same sign, large), so an entry one task pushes against the
   previous one's result: (1) min/max of the products, (2) sums of exponentials (``Norm`` needs the
   min/max first), (3)+(4) each task's threshold, its score at 0-based ascending position
   ``int((1 - r) * D)``, found exactly by radix selection on the float32 bit patterns of the scores
-  (counts of the high 16 bits, then of the low 16 bits inside the boundary bucket: two counting passes,
-  32768 + 65536 counters per task, no stored values). With ``ratio == 1`` nothing is dropped and passes
-  3 and 4 are skipped. The merge is then one more pass with :func:`pcb_merge` (``stats=...``). Cost:
-  every checkpoint is read 5 times (3 with ``ratio == 1``) and each pass computes the ``N (N + 1) / 2``
-  (passes 1-2) or ``N**2`` (passes 3-4 and the merge) elementwise products of every tensor.
+  (:mod:`weightkit.merge.kth`: two counting passes, 65536 counters per task, no stored values). With
+  ``ratio == 1`` nothing is dropped and passes 3 and 4 are skipped. The merge is then one more pass with
+  :func:`pcb_merge` (``stats=...``). Cost: every checkpoint is read 5 times (3 with ``ratio == 1``) and
+  each pass computes the ``N (N + 1) / 2`` (passes 1-2) or ``N**2`` (passes 3-4 and the merge)
+  elementwise products of every tensor.
 
 Per tensor is the recommended default: it streams in one pass, and one tensor with outsized deltas
 (embeddings, norms) cannot flatten every other tensor's ``Norm`` to ~0 and so decide alone which
@@ -39,9 +39,8 @@ entries of the model survive the drop.
 
 **Memory.** Balancing is inherently across models, so all ``N`` task vectors of a tensor are inputs at
 once (like TIES); beyond them the work holds about six tensor-sized float32 temporaries (plus a float32
-copy of each input being multiplied when the inputs are not float32, and ``torch.kthvalue``'s copy of one
-task's scores in the per-tensor scope), never an ``[N, ...]`` stack: scores are built one task at a time
-and the weighted mean is accumulated as they come.
+copy of each input being multiplied when the inputs are not float32), never an ``[N, ...]`` stack: scores
+are built one task at a time and the weighted mean is accumulated as they come.
 
 **Numerics.** Products, ``Norm``, exponentials and scores are float32 (float64 inputs included; bf16 and
 fp16 are promoted); sums of exponentials are accumulated in float64; the weighted mean is computed in the
@@ -81,17 +80,11 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 from weightkit.merge.engine import task_vectors
+from weightkit.merge.kth import StreamedKthSmallest, kth_smallest
 from weightkit.merge.params import Spec, check_range, check_spec
 from weightkit.registry import register
 
 __all__ = ["PCBStats", "pcb_model_stats", "pcb_merge", "PCBConfig"]
-
-# A float32 >= 0 read as an int32 keeps its order (its sign bit is 0), so the k-th score is found digit by
-# digit: the high 16 bits (0 .. 2**15 - 1) first, then the low 16 bits among scores sharing those.
-_HIGH_SHIFT = 16
-_HIGH_BINS = 1 << 15
-_LOW_BINS = 1 << 16
-_LOW_MASK = _LOW_BINS - 1
 
 _STAGES = ("range", "softmax", "coarse", "fine", "ready")
 
@@ -180,9 +173,7 @@ class PCBStats:
         self.inter_mean = torch.zeros(n, n, dtype=torch.float64)
         self.thresholds: Tensor | None = None
         self._seen = 0  # entries fed in the current pass
-        self._counts = torch.zeros(n, _HIGH_BINS, dtype=torch.int64)  # pass 3, then pass 4 (_LOW_BINS)
-        self._bucket: list[int] = []  # per task: the high 16 bits of its threshold (after pass 3)
-        self._rank: list[int] = []  # per task: 0-based ascending rank of the threshold inside the bucket
+        self._selects: list[StreamedKthSmallest] = []  # passes 3 and 4: each task's threshold
         # Python copies of the constants, read once per product.
         self._lo: list[list[float]] = []
         self._span: list[list[float]] = []
@@ -229,14 +220,7 @@ class PCBStats:
                     self.inter_mean[i, j] += float(shifted.exp_().sum(dtype=torch.float64))
         else:
             for i in range(n):
-                bits = self._scores(flats, i).view(torch.int32)
-                high = bits.bitwise_right_shift(_HIGH_SHIFT)
-                if self.stage == "coarse":
-                    counts = torch.bincount(high, minlength=_HIGH_BINS)
-                else:
-                    low = bits[high == self._bucket[i]].bitwise_and_(_LOW_MASK)
-                    counts = torch.bincount(low, minlength=_LOW_BINS)
-                self._counts[i] += counts.cpu()
+                self._selects[i].update(self._scores(flats, i))
         self._seen += numel
 
     def finish_pass(self) -> None:
@@ -276,22 +260,17 @@ class PCBStats:
             self._intra = self.intra_mean.tolist()
             self._inter = self.inter_mean.tolist()
             self.stage = "ready" if self.ratio >= 1 else "coarse"
-        elif stage == "coarse":
             position = _drop_position(self.ratio, self.numel)
-            for i in range(n):
-                cumulative = self._counts[i].cumsum(0)
-                bucket = int(torch.searchsorted(cumulative, position, right=True))
-                self._bucket.append(bucket)
-                self._rank.append(position - int(cumulative[bucket] - self._counts[i, bucket]))
-            self._counts = torch.zeros(n, _LOW_BINS, dtype=torch.int64)
+            self._selects = [StreamedKthSmallest(position) for _ in range(n)]
+        elif stage == "coarse":
+            for select in self._selects:
+                select.finish_pass()
             self.stage = "fine"
         else:
-            bits = []
-            for i in range(n):
-                low = int(torch.searchsorted(self._counts[i].cumsum(0), self._rank[i], right=True))
-                bits.append((self._bucket[i] << _HIGH_SHIFT) | low)
-            self.thresholds = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
-            self._counts = torch.zeros(0, dtype=torch.int64)
+            for select in self._selects:
+                select.finish_pass()
+            self.thresholds = torch.stack([select.value for select in self._selects])
+            self._selects = []
             self.stage = "ready"
 
     # ---------------------------------------------------------------------------------------- scoring
@@ -424,7 +403,7 @@ def pcb_merge(
         scores = stats._scores(flats, i)
         if ratio < 1:
             if local:
-                threshold = torch.kthvalue(scores, position + 1).values
+                threshold = kth_smallest(scores, position).to(scores.device)
             else:
                 threshold = stats.thresholds[i].to(scores.device)
             scores.masked_fill_(scores < threshold, 0.0)
@@ -457,6 +436,7 @@ class PCBConfig:
 
     per_tensor: ClassVar[tuple[str, ...]] = ("scale",)
     model_count: ClassVar[tuple[int, int | None]] = (2, None)
+    computes_on_device: ClassVar[bool] = True  # N**2 products and exponentials per tensor (see merge)
 
     def __post_init__(self):
         if isinstance(self.density, bool) or not isinstance(self.density, int | float):

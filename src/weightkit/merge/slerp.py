@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.gram import gram
 from weightkit.merge.params import Spec, check_spec
 from weightkit.registry import register
 
@@ -31,25 +31,6 @@ __all__ = ["slerp", "COLINEAR_THRESHOLD", "SlerpConfig"]
 
 # mergekit's DOT_THRESHOLD: beyond it sin(theta) < 0.032 and the slerp coefficients lose precision.
 COLINEAR_THRESHOLD = 0.9995
-
-# Elements per partial dot product. One float32 dot over 20M elements is off by ~1e-6 relative (and
-# torch.linalg.vector_norm by ~1e-3 on its square); float32 partial dots of 1024 elements summed in double
-# are good to ~1e-9, as fast, and need no float64 copy of the tensor.
-_DOT_BLOCK = 1024
-
-
-def _dot(x: Tensor, y: Tensor) -> float:
-    """Dot product of two flat tensors of equal length, accumulated in double across blocks."""
-    n = x.numel()
-    body = n - n % _DOT_BLOCK
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    if body:
-        # A batch of [1, B] @ [B, 1] products: one partial dot per block without a temporary copy.
-        partials = torch.bmm(x[:body].view(-1, 1, _DOT_BLOCK), y[:body].view(-1, _DOT_BLOCK, 1))
-        total += partials.sum(dtype=torch.float64)
-    if body < n:
-        total += torch.dot(x[body:], y[body:]).double()
-    return float(total)
 
 
 def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
@@ -72,13 +53,10 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
             f"slerp needs tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     t = float(t)
-    # reshape copies only a non-contiguous input, which _dot's views need.
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     # The dot product of the normalised copies equals dot(a, b) / (|a| |b|); dividing once avoids
     # materialising two normalised copies of a possibly multi-GB tensor.
-    norm_a = math.sqrt(_dot(flat_a, flat_a))
-    norm_b = math.sqrt(_dot(flat_b, flat_b))
-    dot = _dot(flat_a, flat_b)
+    products = gram([a, b]).tolist()
+    norm_a, norm_b, dot = math.sqrt(products[0][0]), math.sqrt(products[1][1]), products[0][1]
     cos_theta = dot / ((norm_a if norm_a > eps else 1.0) * (norm_b if norm_b > eps else 1.0))
 
     if abs(cos_theta) > COLINEAR_THRESHOLD:

@@ -1,0 +1,51 @@
+"""Dot products of long flat tensors, accurate to ~1e-9 relative: the Gram matrices of SLERP and Model Stock.
+
+One float32 dot product over tens of millions of entries is off by ~1e-6 relative (and
+``torch.linalg.vector_norm`` by ~1e-3 on its square); float32 partial products over blocks of 1024
+entries, summed in double, are good to ~1e-9, as fast, and need no float64 copy of the tensors.
+"""
+
+import torch
+from torch import Tensor
+
+__all__ = ["gram"]
+
+# Entries per float32 partial product, summed in double.
+_BLOCK = 1024
+# Entries of every vector handled per step: the stacked [k, chunk] rows are a few MB, not k copies of an
+# embedding matrix.
+_CHUNK = 2**20
+
+
+def gram(vectors: list[Tensor], *, center: Tensor | None = None) -> Tensor:
+    """``G[i, j] = <v_i - center, v_j - center>`` over the flattened tensors, in float64.
+
+    Args:
+        vectors: ``k`` tensors with the same number of entries; not modified. Computed in their dtype
+            promoted to at least float32.
+        center: subtracted from every vector first (e.g. the base model's tensor, for task vectors), or
+            None.
+
+    Returns:
+        A ``[k, k]`` float64 tensor on the vectors' device.
+    """
+    k = len(vectors)
+    flats = [v.reshape(-1) for v in vectors]
+    flat_center = center.reshape(-1) if center is not None else None
+    dtype = torch.promote_types(flats[0].dtype, torch.float32)
+    n = flats[0].numel()
+    out = torch.zeros(k, k, dtype=torch.float64, device=flats[0].device)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        rows = torch.stack([flat[start:stop] for flat in flats]).to(dtype)
+        if flat_center is not None:
+            rows.sub_(flat_center[start:stop])
+        body = (stop - start) // _BLOCK * _BLOCK
+        if body:
+            # [blocks, k, B] @ [blocks, B, k]: one partial Gram matrix per block of B entries.
+            blocks = rows[:, :body].reshape(k, -1, _BLOCK).transpose(0, 1)
+            out += torch.bmm(blocks, blocks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+        if body < stop - start:
+            tail = rows[:, body:]
+            out += (tail @ tail.T).double()
+    return out
