@@ -150,10 +150,183 @@ def adapt_methods() -> str:
     return _table(header, rows)
 
 
+def _versus(ours: dict, theirs: dict, key: str, fmt: str = ".1f") -> str:
+    """``ours[key] vs theirs[key]: ratio`` (two-digit ratio, bold when it favours weightkit)."""
+    return f"{ours[key]:{fmt}} vs {theirs[key]:{fmt}}: " + _ratio(ours[key], theirs[key], 2)
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+
+
+def demo() -> str:
+    """What ``weightkit demo`` printed on this machine (``bench/demo.py``)."""
+    result = _load("demo")
+    rows = [
+        [
+            row["method"] if row["method"].startswith("fp32") else row["method"].upper(),
+            "–" if row["method"].startswith("fp32") else f"{row['seconds']:.1f} s",
+            f"{row['size_bytes'] / 1e6:.1f} MB",
+            f"{row['embedding_fidelity']:.4f}",
+        ]
+        for row in result["results"]
+    ]
+    return _table(["method", "time", "size", "embedding cosine (held-out)"], rows)
+
+
+# -- merge ------------------------------------------------------------------------------------------------
+
+_MERGE_METHODS = {
+    "task_arithmetic": "task arithmetic",
+    "ties": "TIES",
+    "dare_ties": "DARE-TIES",
+    "linear": "linear",
+}
+_MERGEKIT = ("mergekit_f32_compute", "mergekit_bf16_compute")
+
+
+def _merge_rows(size: str, data: dict) -> list[list[str]]:
+    rows = []
+    for r in data["results"]:
+        ours = r["weightkit"]
+        peers = [r[config] for config in _MERGEKIT]
+        best = r[r["work_ratio_vs"]]  # the faster of mergekit's two configurations, for the work ratio
+        fastest_e2e = r[r["e2e_ratio_vs"]]
+        eager = r.get("eager")
+        rows.append([
+            size,
+            _MERGE_METHODS.get(r["method"], r["method"]),
+            f"{ours['seconds']:.1f} vs {peers[0]['seconds']:.1f} / {peers[1]['seconds']:.1f}: "
+            + _ratio(ours["seconds"], fastest_e2e["seconds"], 2),
+            f"{ours['work_seconds']:.1f} vs {peers[0]['work_seconds']:.1f} / {peers[1]['work_seconds']:.1f}: "
+            + _ratio(ours["work_seconds"], best["work_seconds"], 2),
+            "–" if eager is None else _versus(ours, eager, "work_seconds"),
+            _versus(ours, r[r["rss_ratio_vs"]], "peak_rss_mib", ".0f"),
+            f"{r['max_abs_diff']:.2g}" if "task_vector_stats" not in r else "random masks",
+        ])  # fmt: skip
+    return rows
+
+
+def merge_peer() -> str:
+    """weightkit merge vs mergekit (both compute configurations) and an eager-torch loop, both sizes.
+
+    The ratio is always against the faster mergekit configuration (the less favourable one for
+    weightkit); end to end is each command's own process, work is timed inside it.
+    """
+    rows = [row for size, data in _load("merge")["sizes"].items() for row in _merge_rows(size, data)]
+    header = [
+        "size", "method", "end to end, s: weightkit vs mergekit f32 / bf16 compute",
+        "work in process, s: same", "eager loop work, s: ratio", "peak RSS MiB: weightkit vs mergekit",
+        "max abs diff vs mergekit f32",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def merge_summary() -> str:
+    """The compact form of :func:`merge_peer` for the top README: ratios against the faster mergekit."""
+    rows = []
+    for size, data in _load("merge")["sizes"].items():
+        for r in data["results"]:
+            rows.append([
+                f"{_MERGE_METHODS.get(r['method'], r['method'])}, {size}",
+                _ratio(r["weightkit"]["seconds"], r[r["e2e_ratio_vs"]]["seconds"], 2),
+                _ratio(r["weightkit"]["work_seconds"], r[r["work_ratio_vs"]]["work_seconds"], 2),
+                _ratio(r["weightkit"]["peak_rss_mib"], r[r["rss_ratio_vs"]]["peak_rss_mib"], 2),
+            ])  # fmt: skip
+    header = ["method, size", "time end to end", "time without start-up (work)", "peak RSS"]
+    return _table(header, rows)
+
+
+def merge_startup() -> str:
+    """Start-up: bare ``import torch``, ``weightkit merge --dry-run`` and ``mergekit-yaml --help``."""
+    rows = []
+    for size, data in _load("merge")["sizes"].items():
+        s = data["startup"]
+        rows.append([
+            size,
+            f"{s['import_torch']['seconds']:.2f}",
+            f"{s['weightkit_dry_run']['seconds']:.2f} (+{s['dry_run_minus_import_torch_seconds']:.2f})",
+            f"{s['mergekit_help']['seconds']:.2f}",
+        ])  # fmt: skip
+    header = [
+        "checkpoints",
+        "python -c 'import torch', s",
+        "weightkit merge --dry-run, s",
+        "mergekit-yaml --help, s",
+    ]
+    return _table(header, rows)
+
+
+# -- quant ------------------------------------------------------------------------------------------------
+
+_QUALITY = {"minilm": ("cosine", 4), "small-llama": ("ppl", 2)}
+
+
+def _quality(value: float, model: str) -> str:
+    return f"{value:.{_QUALITY[model][1]}f}"
+
+
+def quant_peer() -> str:
+    """weightkit vs llm-compressor per model, bit width and method: quality, time and memory.
+
+    Time is given twice: the quantization call (weightkit's includes reading and writing the checkpoint,
+    llm-compressor's does not) and each job's whole process; ratios are weightkit / llm-compressor.
+    """
+    result = _load("quant")
+    rows = []
+    for row in result["results"]:
+        model = row["model"]
+        for method in ("rtn", "gptq", "awq"):
+            if f"{method}/weightkit" not in row:
+                continue
+            ours, theirs = row[f"{method}/weightkit"], row[f"{method}/llm-compressor"]
+            metric = _QUALITY[model][0] + (
+                f" (fp {row['fp_perplexity']:.2f})" if "fp_perplexity" in row else ""
+            )
+            rows.append([
+                model,
+                f"W{row['bits']} g{row['group_size']}",
+                method.upper(),
+                f"{metric}: {_quality(ours['quality'], model)} vs {_quality(theirs['quality'], model)}",
+                _versus(ours, theirs, "quant_seconds"),
+                _versus(ours, theirs, "wall_seconds_with_load_and_save"),
+                _versus(ours, theirs, "peak_rss_mib", ".0f"),
+            ])  # fmt: skip
+    header = [
+        "model", "scheme", "method", "quality: weightkit vs llm-compressor",
+        "quantization call, s", "whole process, s", "peak RSS, MiB",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def quant_memory() -> str:
+    """GPTQ's peak memory with 128 and 512 calibration texts, both tools."""
+    rows = []
+    for entry in _load("quant")["gptq_memory"]:
+        ours, theirs = entry["weightkit"], entry["llm-compressor"]
+        rows.append([
+            entry["model"],
+            f"{entry['calib_texts']} ({entry['calib_tokens']:,} tokens)",
+            f"{ours['peak_rss_mib']:.0f} ({ours['peak_rss_mib'] - ours['rss_before_mib']:.0f})",
+            f"{theirs['peak_rss_mib']:.0f} ({theirs['peak_rss_mib'] - theirs['rss_before_mib']:.0f})",
+            f"{ours['quant_seconds']:.1f} vs {theirs['quant_seconds']:.1f}",
+        ])  # fmt: skip
+    header = [
+        "model", "calibration texts", "weightkit peak RSS, MiB (above start)",
+        "llm-compressor peak RSS, MiB (above loaded model)", "quantization call, s (weightkit vs peer)",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "adapt-peer": adapt_peer,
     "adapt-summary": adapt_summary,
     "adapt-methods": adapt_methods,
+    "demo": demo,
+    "merge-peer": merge_peer,
+    "merge-summary": merge_summary,
+    "merge-startup": merge_startup,
+    "quant-peer": quant_peer,
+    "quant-memory": quant_memory,
 }
 
 

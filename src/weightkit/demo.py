@@ -6,13 +6,13 @@ held-out modules (``weightkit.data.stdlib_docstrings``).
 """
 
 import copy
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from weightkit.checkpoint import weights_size
+from weightkit.checkpoint.writer import check_target
 from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
 from weightkit.compress.quant.export import save_quantized
 from weightkit.data import stdlib_docstrings
@@ -34,12 +34,16 @@ DEMO_CONFIGS = {
 def run_demo(
     output: Path, *, quiet: bool = False, eval_texts: int = 256, device: str | None = None
 ) -> dict[str, Any]:
-    """Run the demo; the best model (highest embedding fidelity) is saved to ``output`` (replaced).
+    """Run the demo; the best model (highest embedding fidelity) is saved to ``output``.
+
+    An existing ``output`` is replaced only when it is a model directory (an earlier demo's): the
+    checkpoint writer refuses to delete anything else.
 
     ``device``: where the model, its quantization and the evaluation run (default: the GPU when
     there is one, else the CPU).
     """
     device = resolve_device(device)
+    check_target(output, overwrite=True)
     source = default_model_path()
     reference, tokenizer, _ = load_model(source)
     reference.to(device)
@@ -60,30 +64,26 @@ def run_demo(
             "embedding_fidelity": 1.0,
         }
     ]
+    models = {}
     with tempfile.TemporaryDirectory(prefix="weightkit-demo-") as tmp:
         for name, config in DEMO_CONFIGS.items():
             model = copy.deepcopy(reference)
             start = time.perf_counter()
             compress(model, config, data=calib, tokenizer=tokenizer, progress=not quiet)
             seconds = time.perf_counter() - start
-            saved = save_quantized(model, Path(tmp) / name, source_dir=source)
-            fidelity = embedding_fidelity(reference, model, tokenizer, held_out)
+            size = weights_size(save_quantized(model, Path(tmp) / name, source_dir=source))
             rows.append(
                 {
                     "method": name,
                     "config": config_to_dict(config),
                     "seconds": round(seconds, 2),
-                    "size_bytes": weights_size(saved),
-                    "embedding_fidelity": round(fidelity, 5),
-                    "path": saved,
+                    "size_bytes": size,
+                    "embedding_fidelity": round(embedding_fidelity(reference, model, tokenizer, held_out), 5),
                 }
             )
-        best = max(rows[1:], key=lambda r: r["embedding_fidelity"])
-        if output.exists():
-            shutil.rmtree(output)
-        shutil.move(str(best.pop("path")), output)
-        for row in rows:
-            row.pop("path", None)
+            models[name] = model
+    best = max(rows[1:], key=lambda r: r["embedding_fidelity"])
+    save_quantized(models[best["method"]], output, source_dir=source, overwrite=True)
     if not quiet:
         from rich.table import Table
 

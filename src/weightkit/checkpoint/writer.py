@@ -28,7 +28,7 @@ from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.checkpoint.header import SAFETENSORS_DTYPES
 from weightkit.errors import WeightkitError
 
-__all__ = ["CheckpointWriter", "atomic_file", "default_permissions"]
+__all__ = ["CheckpointWriter", "atomic_file", "check_target", "default_permissions"]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
@@ -109,6 +109,28 @@ def _replaceable(path: Path) -> bool:
     return True
 
 
+def check_target(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that a writer could not publish to: one that exists while ``overwrite`` is
+    False, or that is not a model directory (``overwrite`` never deletes anything else). Callers with
+    long work ahead call it first, so they fail before the work rather than after it.
+
+    Raises:
+        WeightkitError: naming ``out_dir`` and the reason.
+    """
+    out = Path(os.path.abspath(out_dir))
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise WeightkitError(f"{out_dir} exists; pass --force to overwrite")
+    if not out.is_dir():
+        raise WeightkitError(f"{out_dir} exists and is not a directory; refusing to replace it")
+    if not _replaceable(out):
+        raise WeightkitError(
+            f"{out_dir} exists and does not look like a model directory (no config.json or "
+            f"weights); refusing to replace it even with --force"
+        )
+
+
 class CheckpointWriter:
     """Write tensors into a Hugging Face model directory, shard by shard, and publish it atomically.
 
@@ -187,18 +209,7 @@ class CheckpointWriter:
     # -- writing ---------------------------------------------------------------------------------------
 
     def _check_target(self) -> None:
-        out = self._target
-        if not (out.exists() or out.is_symlink()):
-            return
-        if not self.overwrite:
-            raise WeightkitError(f"{self.out_dir} exists; pass --force to overwrite")
-        if not out.is_dir():
-            raise WeightkitError(f"{self.out_dir} exists and is not a directory; refusing to replace it")
-        if not _replaceable(out):
-            raise WeightkitError(
-                f"{self.out_dir} exists and does not look like a model directory (no config.json or "
-                f"weights); refusing to replace it even with --force"
-            )
+        check_target(self.out_dir, overwrite=self.overwrite)
 
     def _require_open(self) -> None:
         if self._state != "open":
