@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from permutations import assert_states_equal, loaded_copy, shapes_of, take_rows
 from safetensors.torch import load_file
 from transformers import (
     BertConfig,
@@ -40,28 +41,6 @@ def random_perms(spec, seed):
             index = torch.randperm(size, generator=gen)
         perms[name] = index
     return perms
-
-
-def shapes_of(model):
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def assert_states_equal(actual, expected):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
-
-
-def loaded_copy(model, state):
-    """A model of ``model``'s class and config holding ``state``."""
-    copy = type(model)(model.config).eval()
-    copy.load_state_dict(state)
-    return copy
-
-
-def take_rows(tensor, index, block):
-    """Plain reference: blocks of ``block`` rows, block i of the result = block index[i] of the input."""
-    return torch.cat([tensor[int(j) * block : (int(j) + 1) * block] for j in index])
 
 
 # -- transformer blocks --------------------------------------------------------------------------------
