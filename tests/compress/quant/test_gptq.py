@@ -276,6 +276,19 @@ def test_hessian_shrinkage_is_the_token_weighted_mix_with_the_diagonal():
     torch.testing.assert_close(shrink_hessian(h, tokens=10**9), h, rtol=1e-7, atol=0)
 
 
+def test_hessian_shrinkage_fades_once_tokens_outnumber_features():
+    # d pseudo-tokens up to n = d (half prior there), then d^2 / n: a 4096-wide layer keeps > 99.5% of
+    # its off-diagonal part at 65k tokens (a fixed prior of d tokens would shrink it by 6%).
+    def kept(tokens, d):
+        h = torch.ones(d, d, dtype=torch.float64)
+        return float(shrink_hessian(h, tokens)[0, 1])
+
+    assert kept(64, 64) == pytest.approx(0.5)
+    assert kept(256, 64) == pytest.approx(256 / (256 + 64 * 64 / 256))
+    assert kept(65536, 4096) > 0.995
+    assert kept(32, 64) == pytest.approx(32 / 96)
+
+
 def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
     # What the shrinkage leans toward when tokens are scarce: no error is moved between columns.
     g = torch.Generator().manual_seed(1)

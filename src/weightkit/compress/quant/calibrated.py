@@ -54,10 +54,11 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
         act_order: quantize the most-activated input columns first, while the columns left can
             still absorb their error. On by default (as in llm-compressor): on MiniLM at 4 bits g128
             it lifts held-out embedding cosine from 0.9766 to 0.9799 at no measurable cost.
-        hessian_shrinkage: shrink each Hessian's off-diagonal part by ``n / (n + d)`` for ``n``
-            calibration tokens and ``d`` input features (``gptq.shrink_hessian``), so scarce
-            calibration data leads toward round-to-nearest instead of below it. A deviation from
-            the paper, negligible with the usual amounts of data; ``False`` is the paper.
+        hessian_shrinkage: shrink each Hessian's off-diagonal part toward zero, by ``n / (n + d)`` for
+            ``n`` calibration tokens and ``d`` input features while ``n <= d``, fading as ``d / n``
+            beyond (``gptq.shrink_hessian``), so scarce calibration data leads toward round-to-nearest
+            instead of below it. A deviation from the paper: under 0.5% of the weight for a 4096-wide
+            layer at 65k tokens; ``False`` is the paper.
     """
 
     damp: float = 0.01
