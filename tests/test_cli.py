@@ -176,6 +176,44 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--method", "awq", "--group-size", "32", "--damp", "0.05"], ["--damp", "gptq only", "not awq"]),
+        (["--method", "gptq", "--group-size", "32", "--duo-scaling"], ["--duo-scaling", "awq only"]),
+        (
+            ["--method", "rtn", "--group-size", "32", "--no-hessian-shrinkage"],
+            ["--hessian-shrinkage", "gptq only"],
+        ),
+        (["--method", "rtn", "--group-size", "32", "--seq-len", "64"], ["--seq-len", "gptq or awq only"]),
+        (
+            ["--method", "rtn", "--group-size", "32", "--calib", "texts.txt"],
+            ["--calib", "RTN uses no calibration data"],
+        ),
+        (["--recipe", "recipe.yaml", "--bits", "3"], ["--recipe", "--bits", "in the recipe"]),
+    ],
+)
+def test_a_method_flag_the_method_or_recipe_would_not_use_is_refused(
+    tmp_path, capsys, llama_dir, argv, fragments
+):
+    # They used to be ignored: --damp with AWQ, --calib with RTN, any method flag beside --recipe.
+    (tmp_path / "recipe.yaml").write_text("method: rtn\ngroup_size: 32\n")
+    (tmp_path / "texts.txt").write_text("some text\n")
+    argv = [str(tmp_path / a) if a in ("recipe.yaml", "texts.txt") else a for a in argv]
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, *argv], *fragments)
+
+
+def test_gptq_and_awq_options_reach_their_configs(tmp_path, capsys, llama_dir, text_file):
+    for method, option, field in (("gptq", "--no-hessian-shrinkage", "hessian_shrinkage"),
+                                  ("awq", "--no-duo-scaling", "duo_scaling")):  # fmt: skip
+        code, stdout, _ = run(
+            capsys, "compress", llama_dir, "-o", tmp_path / method, "--method", method, "--group-size", "32",
+            "--calib", text_file, option, "--calib-samples", "4", "--json",
+        )  # fmt: skip
+        config = json.loads(stdout)["config"]
+        assert code == 0 and config[field] is False and config["calib_samples"] == 4, config
+
+
 def test_bits_out_of_range(tmp_path, capsys, llama_dir):
     _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--bits", "9", "--group-size", "32"], "bits", "9")
 

@@ -1,6 +1,7 @@
 """``weightkit compress``: quantize a Hugging Face model directory."""
 
 import argparse
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -21,28 +22,47 @@ def _group_size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"group size must be a number or 'channel', got {text!r}") from None
 
 
+# Method flags: argparse dest -> (config field, the methods that take it, the flag as typed). They
+# default to "not given" (argparse.SUPPRESS), so the config's own defaults apply and a flag that the
+# method or a --recipe would not use is refused by name instead of ignored.
+_FLAGS = {
+    "method": ("method", _METHODS, "--method"),
+    "bits": ("bits", _METHODS, "--bits"),
+    "group_size": ("group_size", _METHODS, "--group-size"),
+    "asym": ("symmetric", _METHODS, "--asym"),
+    "act_order": ("act_order", ("gptq",), "--act-order/--no-act-order"),
+    "damp": ("damp", ("gptq",), "--damp"),
+    "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
+    "duo_scaling": ("duo_scaling", ("awq",), "--duo-scaling/--no-duo-scaling"),
+    "calib_samples": ("calib_samples", ("gptq", "awq"), "--calib-samples"),
+    "seq_len": ("calib_max_length", ("gptq", "awq"), "--seq-len"),
+    "seed": ("seed", ("gptq", "awq"), "--seed"),
+}
+
+
 def _config_from_args(args: argparse.Namespace):
     """The compress config from ``--recipe`` or from the flags, validated before any model is loaded."""
     from weightkit.recipe import load_config
-    from weightkit.registry import config_from_dict
+    from weightkit.registry import config_from_dict, config_to_dict
 
+    given = {dest: getattr(args, dest) for dest in _FLAGS if hasattr(args, dest)}
     if args.recipe:
-        return load_config(args.recipe, "compress")
-    fields: dict[str, Any] = {
-        "method": args.method,
-        "bits": args.bits,
-        "group_size": args.group_size,
-        "symmetric": not args.asym,
-    }
-    if args.method != "rtn":
-        fields.update(calib_samples=args.calib_samples, calib_max_length=args.seq_len, seed=args.seed)
-    if args.method == "gptq":
-        fields["damp"] = args.damp
-        if args.act_order is not None:
-            fields["act_order"] = args.act_order
-    elif args.act_order is not None:
-        raise WeightkitError("--act-order/--no-act-order apply to --method gptq only")
-    return config_from_dict("compress", fields)
+        if given:
+            flags = ", ".join(_FLAGS[dest][2] for dest in given)
+            raise WeightkitError(f"--recipe holds the whole method config: put {flags} in the recipe instead")
+        config = load_config(args.recipe, "compress")
+    else:
+        method = given.pop("method", "gptq")
+        fields: dict[str, Any] = {"method": method}
+        for dest, value in given.items():
+            field, methods, flag = _FLAGS[dest]
+            if method not in methods:
+                raise WeightkitError(f"{flag} applies to --method {' or '.join(methods)} only, not {method}")
+            fields[field] = not value if dest == "asym" else value
+        config = config_from_dict("compress", fields)
+    if args.calib is not None and config_to_dict(config)["method"] == "rtn":
+        raise WeightkitError("--calib applies to --method gptq or awq only; RTN uses no calibration data")
+    return config
 
 
 def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,34 +141,46 @@ def add_parsers(sub) -> None:
     )
     c.add_argument("model", help="Hugging Face model directory (safetensors)")
     c.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --force)")
-    c.add_argument("--method", choices=_METHODS, default="gptq", help="quantization method (default: gptq)")
-    c.add_argument("--bits", type=int, default=4, help="bits per weight, 2-8 (default: 4)")
-    c.add_argument(
+    # Method flags default to "not given" (see _FLAGS); the defaults in their help are the configs'.
+    method = c.add_argument_group("method (or --recipe)")
+    flag = functools.partial(method.add_argument, default=argparse.SUPPRESS)
+    flag("--method", choices=_METHODS, help="quantization method (default: gptq)")
+    flag("--bits", type=int, help="bits per weight, 2-8 (default: 4)")
+    flag(
         "--group-size",
         type=_group_size_arg,
-        default=128,
         help="input columns per scale: 32, 64, 128 ... or 'channel' for per-channel (default: 128)",
     )
-    c.add_argument(
-        "--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)"
-    )
-    c.add_argument(
+    flag("--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)")
+    flag(
         "--act-order",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="GPTQ: quantize the most-activated input columns first (default: on)",
     )
-    c.add_argument(
-        "--damp", type=float, default=0.01, help="GPTQ: Hessian dampening fraction (default: 0.01)"
+    flag("--damp", type=float, help="GPTQ: Hessian dampening fraction (default: 0.01)")
+    flag(
+        "--hessian-shrinkage",
+        action=argparse.BooleanOptionalAction,
+        help="GPTQ: shrink the Hessian toward its diagonal when calibration tokens are scarce, so the "
+        "result stays near round-to-nearest rather than below it; fades with more data (default: on; "
+        "off is the paper's GPTQ)",
+    )
+    flag(
+        "--duo-scaling",
+        action=argparse.BooleanOptionalAction,
+        help="AWQ: scale candidates from input and weight magnitudes, x^a / w^(1-a), as llm-compressor and "
+        "AutoAWQ (default: on; off is the paper's x^a)",
+    )
+    flag("--calib-samples", type=int, help="GPTQ/AWQ: calibration texts used (default: 128)")
+    flag("--seq-len", type=int, help="GPTQ/AWQ: max tokens per calibration text (default: 512)")
+    flag("--seed", type=int, help="GPTQ/AWQ: seed for picking calibration texts (default: 0)")
+    method.add_argument(
+        "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"
     )
     c.add_argument(
         "--calib",
         help="calibration text for GPTQ/AWQ: .txt (passages split by blank lines), .jsonl or .json with a "
         "'text' field (default: docstrings of Python's standard library)",
     )
-    c.add_argument("--calib-samples", type=int, default=128, help="calibration texts used (default: 128)")
-    c.add_argument("--seq-len", type=int, default=512, help="max tokens per calibration text (default: 512)")
-    c.add_argument("--seed", type=int, default=0, help="seed for picking calibration texts (default: 0)")
-    c.add_argument("--recipe", help="YAML recipe holding the method config (replaces the method flags)")
     c.set_defaults(run=_cmd_compress)
     common_options(c, force=True, max_shard_size=True, allow_pickle=True, device=True)
