@@ -7,6 +7,10 @@
 
 Run timed benchmarks under the shared lock: ``flock /tmp/weightkit-bench.lock .venv/bin/python ...``.
 
+The other methods both tools have (SLERP, Model Stock, Breadcrumbs-TIES, DELLA) run the same way into
+their own file: ``bench/merge.py --sizes 134m --methods slerp,model_stock,breadcrumbs_ties,della --out
+merge_methods`` (``bench/results/merge_methods.json``).
+
 Job: task arithmetic, TIES, DARE-TIES and a linear average of three fine-tunes (onto their base for the
 task-vector methods). Two sets of Llama-architecture checkpoints in bfloat16 safetensors, untied
 ``lm_head``, made here deterministically, not trained (:func:`build_checkpoints`): ``134m`` (hidden 768,
@@ -95,7 +99,9 @@ WEIGHTKIT_CLI = Path(sys.executable).parent / "weightkit"
 MERGEKIT_FLAGS = ["--no-copy-tokenizer", "--random-seed", "0", "--quiet"]
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "linear")
-DETERMINISTIC = ("task_arithmetic", "ties", "linear")
+# The other methods both tools have; run with --methods and --out (see the README's "## merge").
+MORE_METHODS = ("slerp", "model_stock", "breadcrumbs_ties", "della")
+DETERMINISTIC = ("task_arithmetic", "ties", "linear", "slerp", "model_stock", "breadcrumbs_ties")
 EAGER_METHODS = ("task_arithmetic", "linear")
 SIZES = ("134m", "1b")
 
@@ -323,14 +329,30 @@ def build_checkpoints(size: str = "134m", *, force: bool = False, log=print) -> 
 
 # ---------------------------------------------------------------------------------------- recipes
 
-# Per fine-tune (weight, density); the same for both tools. Normalize is written out, so neither
-# tool's default decides it. Linear averages the three fine-tunes (no base).
+# Per fine-tune parameters (lists, ft1 first) and the method's own; the same for both tools. Normalize is
+# written out where the method has it, so neither tool's default decides it. Linear averages the three
+# fine-tunes (no base); SLERP goes from the base (listed first, as mergekit wants) to ft1.
 RECIPES = {
-    "task_arithmetic": {"weights": [0.5, 0.3, 0.2], "densities": None, "normalize": False},
-    "ties": {"weights": [1.0, 0.7, 0.5], "densities": [0.5, 0.4, 0.6], "normalize": True},
-    "dare_ties": {"weights": [0.5, 0.4, 0.3], "densities": [0.5, 0.4, 0.6], "normalize": False},
-    "linear": {"weights": [0.5, 0.3, 0.2], "densities": None, "normalize": True},
+    "task_arithmetic": {"weight": [0.5, 0.3, 0.2], "parameters": {"normalize": False}},
+    "ties": {"weight": [1.0, 0.7, 0.5], "density": [0.5, 0.4, 0.6], "parameters": {"normalize": True}},
+    "dare_ties": {"weight": [0.5, 0.4, 0.3], "density": [0.5, 0.4, 0.6], "parameters": {"normalize": False}},
+    "linear": {"weight": [0.5, 0.3, 0.2], "parameters": {"normalize": True}},
+    "slerp": {"parameters": {"t": 0.4}},
+    "model_stock": {"parameters": {}},
+    "breadcrumbs_ties": {
+        "weight": [1.0, 0.7, 0.5],
+        "density": [0.9, 0.8, 0.9],
+        "gamma": [0.01, 0.02, 0.01],
+        "parameters": {"normalize": True},
+    },
+    "della": {
+        "weight": [0.5, 0.4, 0.3],
+        "density": [0.5, 0.4, 0.6],
+        "epsilon": [0.1, 0.1, 0.15],
+        "parameters": {"normalize": False, "lambda": 1.0},
+    },
 }
+_PER_MODEL = ("weight", "density", "gamma", "epsilon")
 
 
 def recipe_yaml(
@@ -341,20 +363,22 @@ def recipe_yaml(
     ``seed`` adds weightkit's ``seed`` parameter (weightkit only: mergekit takes ``--random-seed``)."""
     r = RECIPES[method]
     lines = ["models:"]
-    for i, weight in enumerate(r["weights"]):
-        params = f"weight: {weight}"
-        if r["densities"]:
-            params += f", density: {r['densities'][i]}"
-        lines += [f"  - model: {models[f'ft{i + 1}']}", f"    parameters: {{{params}}}"]
+    if method == "slerp":
+        lines += [f"  - model: {models['base']}", f"  - model: {models['ft1']}"]
+    for i in range(FINE_TUNES if method != "slerp" else 0):
+        params = ", ".join(f"{key}: {r[key][i]}" for key in _PER_MODEL if key in r)
+        lines.append(f"  - model: {models[f'ft{i + 1}']}")
+        if params:
+            lines.append(f"    parameters: {{{params}}}")
     if method != "linear":
         lines.append(f"base_model: {models['base']}")
+    parameters = {**r["parameters"], **({"seed": seed} if seed is not None else {})}
+    lines += [f"merge_method: {method}", "parameters:" if parameters else "parameters: {}"]
     lines += [
-        f"merge_method: {method}",
-        "parameters:",
-        f"  normalize: {str(r['normalize']).lower()}",
-        *([f"  seed: {seed}"] if seed is not None else []),
-        f"dtype: {compute_dtype}",
+        f"  {key}: {str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in parameters.items()
     ]
+    lines.append(f"dtype: {compute_dtype}")
     if compute_dtype != "bfloat16":
         lines.append("out_dtype: bfloat16")
     return "\n".join(lines) + "\n"
@@ -714,7 +738,7 @@ def explain_ties_differences(a: Path, b: Path, models: dict[str, Path], tensors:
         b0 = base.get(name).reshape(-1)
         vote = torch.zeros(len(where), dtype=torch.float64)
         size = torch.zeros(len(where), dtype=torch.float64)
-        for ft, weight, density in zip(fine_tunes, r["weights"], r["densities"], strict=True):
+        for ft, weight, density in zip(fine_tunes, r["weight"], r["density"], strict=True):
             delta = ft.get(name).reshape(-1).sub_(b0)
             keep = torch.argsort(delta.abs(), descending=True, stable=True)[: int(density * delta.numel())]
             kept = torch.zeros(delta.numel(), dtype=torch.bool)
@@ -1079,7 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of " + ",".join(SIZES))
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated, from " + ",".join(METHODS + MORE_METHODS) + " (default: the first four)",
     )
     p.add_argument(
         "--runners",
@@ -1100,12 +1126,13 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="write outputs and logs here and keep them (default: a temp dir)"
     )
     p.add_argument("--no-write", action="store_true", help="print the results instead of writing merge.json")
+    p.add_argument("--out", default="merge", help="write bench/results/OUT.json (default: merge)")
     args = p.parse_args(argv)
     sizes, methods, runners = args.sizes.split(","), args.methods.split(","), args.runners.split(",")
     if bad := [s for s in sizes if s not in SIZES]:
         p.error(f"unknown size(s) {bad} (choose from {', '.join(SIZES)})")
-    if bad := [m for m in methods if m not in METHODS]:
-        p.error(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
+    if bad := [m for m in methods if m not in METHODS + MORE_METHODS]:
+        p.error(f"unknown method(s) {bad} (choose from {', '.join(METHODS + MORE_METHODS)})")
     if bad := [r for r in runners if r not in ("weightkit", "eager", *PEER_CONFIGS)]:
         p.error(f"unknown runner(s) {bad} (choose from weightkit, eager, {', '.join(PEER_CONFIGS)})")
 
@@ -1140,9 +1167,10 @@ def main(argv: list[str] | None = None) -> int:
         for size, data in per_size.items()
     }
     data = {
-        "job": f"merge {FINE_TUNES} fine-tunes (task arithmetic, TIES, DARE-TIES onto their base; a linear "
-        "average without it); Llama architecture, untied lm_head, bfloat16 safetensors, one fine-tune in two "
-        "shards; sizes 134m (hidden 768, 12 layers) and 1b (TinyLlama-1.1B's shape)",
+        "job": f"merge {FINE_TUNES} fine-tunes with {', '.join(methods)} (onto their base, but linear; "
+        "SLERP: from the base to ft1); Llama architecture, untied lm_head, bfloat16 safetensors, one "
+        "fine-tune in two shards; sizes 134m (hidden 768, 12 layers) and 1b (TinyLlama-1.1B's shape)",
+        "recipes": {method: RECIPES[method] for method in methods},
         "build_recipe": {size: BUILD_RECIPES[size] for size in sizes},
         "versions": versions,
         "weightkit_source": {
@@ -1171,7 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(json.dumps(data, indent=1))
     else:
-        print(f"wrote {write_result('merge', data)}")
+        print(f"wrote {write_result(args.out, data)}")
     return 0
 
 

@@ -212,7 +212,12 @@ def merge_peer() -> str:
     The ratio is always against the faster mergekit configuration (the less favourable one for
     weightkit); end to end is each command's own process, work is timed inside it.
     """
-    rows = [row for size, data in _load("merge")["sizes"].items() for row in _merge_rows(size, data)]
+    rows = [
+        row
+        for name in ("merge", "merge_methods")
+        for size, data in _load(name)["sizes"].items()
+        for row in _merge_rows(size, data)
+    ]
     header = [
         "size", "method", "end to end, s: weightkit vs mergekit f32 / bf16 compute",
         "work in process, s: same", "eager loop work, s: ratio", "peak RSS MiB: weightkit vs mergekit",
@@ -224,7 +229,8 @@ def merge_peer() -> str:
 def merge_summary() -> str:
     """The compact form of :func:`merge_peer` for the top README: ratios against the faster mergekit."""
     rows = []
-    for size, data in _load("merge")["sizes"].items():
+    sizes = [item for name in ("merge", "merge_methods") for item in _load(name)["sizes"].items()]
+    for size, data in sizes:
         for r in data["results"]:
             rows.append([
                 f"{_MERGE_METHODS.get(r['method'], r['method'])}, {size}",
