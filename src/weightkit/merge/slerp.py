@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
@@ -33,7 +34,7 @@ __all__ = ["slerp", "COLINEAR_THRESHOLD", "SlerpConfig"]
 COLINEAR_THRESHOLD = 0.9995
 
 
-def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
+def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, out: Tensor | None = None) -> Tensor:
     """Interpolate from ``a`` (``t = 0``) to ``b`` (``t = 1``) along the great circle between them.
 
     Args:
@@ -41,17 +42,21 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
         b: the tensor at ``t = 1``, same shape as ``a``; not modified.
         t: interpolation factor, usually in ``[0, 1]`` (values outside extrapolate).
         eps: a tensor whose L2 norm is at most this is not normalised before taking the angle.
+        out: where to write the result (``a``'s shape); may be ``a`` itself, which saves allocating a
+            tensor, but not ``b``.
 
     Returns:
-        A new tensor of ``a``'s shape and dtype.
+        ``out``, or a new tensor of ``a``'s shape and dtype.
 
     Raises:
-        WeightkitError: ``a`` and ``b`` have different shapes.
+        WeightkitError: ``a`` and ``b`` have different shapes, or ``out`` is ``b``.
     """
     if a.shape != b.shape:
         raise WeightkitError(
             f"slerp needs tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+    if out is not None and b.numel() and out.data_ptr() == b.data_ptr():
+        raise WeightkitError("slerp: out may be a but not b (b is read after out is written)")
     t = float(t)
     # The dot product of the normalised copies equals dot(a, b) / (|a| |b|); dividing once avoids
     # materialising two normalised copies of a possibly multi-GB tensor.
@@ -66,9 +71,8 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8) -> Tensor:
         sin_theta = math.sin(theta)
         coef_a = math.sin(theta - theta * t) / sin_theta
         coef_b = math.sin(theta * t) / sin_theta
-    out = a * coef_a
-    out.add_(b, alpha=coef_b)
-    return out
+    out = torch.mul(a, coef_a, out=out)
+    return out.add_(b, alpha=coef_b)
 
 
 @dataclass
@@ -84,6 +88,9 @@ class SlerpConfig:
 
     per_tensor: ClassVar[tuple[str, ...]] = ("t",)
     model_count: ClassVar[tuple[int, int | None]] = (1, 1)
+    # A NaN/Inf in either input makes the angle NaN (its dot product or norm is NaN or infinite, and
+    # inf / inf is NaN), hence every output entry: the engine checks only the result.
+    propagates_non_finite: ClassVar[bool] = True
 
     def __post_init__(self):
         check_spec(self.t, "slerp: t")
@@ -91,7 +98,7 @@ class SlerpConfig:
 
 def _slerp_merger(config: SlerpConfig, plan, model_params):
     def merge_tensor(inputs):
-        return slerp(inputs.base, inputs.tensors[0], inputs.values["t"])
+        return slerp(inputs.base, inputs.tensors[0], inputs.values["t"], out=inputs.base)
 
     return merge_tensor
 
