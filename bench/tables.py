@@ -180,6 +180,10 @@ _MERGE_METHODS = {
     "ties": "TIES",
     "dare_ties": "DARE-TIES",
     "linear": "linear",
+    "slerp": "SLERP",
+    "model_stock": "Model Stock",
+    "breadcrumbs_ties": "Breadcrumbs-TIES",
+    "della": "DELLA",
 }
 _MERGEKIT = ("mergekit_f32_compute", "mergekit_bf16_compute")
 
