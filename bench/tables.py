@@ -188,6 +188,11 @@ _MERGE_METHODS = {
 _MERGEKIT = ("mergekit_f32_compute", "mergekit_bf16_compute")
 
 
+def _merge_sizes() -> list[tuple[str, dict]]:
+    """``(size, results)`` of the main merge run (both sizes), then of the other methods' run."""
+    return [item for name in ("merge", "merge_methods") for item in _load(name)["sizes"].items()]
+
+
 def _merge_rows(size: str, data: dict) -> list[list[str]]:
     rows = []
     for r in data["results"]:
@@ -216,12 +221,7 @@ def merge_peer() -> str:
     The ratio is always against the faster mergekit configuration (the less favourable one for
     weightkit); end to end is each command's own process, work is timed inside it.
     """
-    rows = [
-        row
-        for name in ("merge", "merge_methods")
-        for size, data in _load(name)["sizes"].items()
-        for row in _merge_rows(size, data)
-    ]
+    rows = [row for size, data in _merge_sizes() for row in _merge_rows(size, data)]
     header = [
         "size", "method", "end to end, s: weightkit vs mergekit f32 / bf16 compute",
         "work in process, s: same", "eager loop work, s: ratio", "peak RSS MiB: weightkit vs mergekit",
@@ -233,8 +233,7 @@ def merge_peer() -> str:
 def merge_summary() -> str:
     """The compact form of :func:`merge_peer` for the top README: ratios against the faster mergekit."""
     rows = []
-    sizes = [item for name in ("merge", "merge_methods") for item in _load(name)["sizes"].items()]
-    for size, data in sizes:
+    for size, data in _merge_sizes():
         for r in data["results"]:
             rows.append([
                 f"{_MERGE_METHODS.get(r['method'], r['method'])}, {size}",

@@ -23,3 +23,15 @@ def loaded_copy(model, state):
 def take_rows(tensor, index, block):
     """Plain reference: blocks of ``block`` rows, block i of the result = block index[i] of the input."""
     return torch.cat([tensor[int(j) * block : (int(j) + 1) * block] for j in index])
+
+
+def random_perms(spec, seed):
+    """A random permutation for every permutation of the spec, none of them the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = {}
+    for name, size in spec.sizes.items():
+        index = torch.randperm(size, generator=gen)
+        while size > 1 and torch.equal(index, torch.arange(size)):
+            index = torch.randperm(size, generator=gen)
+        perms[name] = index
+    return perms

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from permutations import assert_states_equal, loaded_copy, shapes_of, take_rows
+from permutations import assert_states_equal, loaded_copy, random_perms, shapes_of, take_rows
 from safetensors.torch import load_file
 from transformers import (
     BertConfig,
@@ -29,18 +29,6 @@ from weightkit.merge.rebasin import apply_permutation, weight_matching
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
 # -- helpers -------------------------------------------------------------------------------------------
-
-
-def random_perms(spec, seed):
-    """A random permutation for every permutation of the spec, none of them the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    perms = {}
-    for name, size in spec.sizes.items():
-        index = torch.randperm(size, generator=gen)
-        while size > 1 and torch.equal(index, torch.arange(size)):
-            index = torch.randperm(size, generator=gen)
-        perms[name] = index
-    return perms
 
 
 # -- transformer blocks --------------------------------------------------------------------------------

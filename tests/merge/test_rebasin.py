@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from permutations import assert_states_equal, take_rows
+from permutations import assert_states_equal, random_perms, take_rows
 from torch import nn
 
 from weightkit.errors import WeightkitError
@@ -40,18 +40,6 @@ def loaded_copy_mlp(state, sizes=(10, 20, 16, 3)):
     model = make_mlp(0, sizes)
     model.load_state_dict(state)
     return model
-
-
-def random_perms(spec, seed):
-    """A random permutation for every permutation of the spec, none of them the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    perms = {}
-    for name, size in spec.sizes.items():
-        index = torch.randperm(size, generator=gen)
-        while size > 1 and torch.equal(index, torch.arange(size)):
-            index = torch.randperm(size, generator=gen)
-        perms[name] = index
-    return perms
 
 
 def clone_state(state):
