@@ -557,3 +557,52 @@ def test_weighted_sums_check_their_results_and_the_others_their_inputs(models, t
     checked.clear()
     merge(base, tuned, config_from_dict("merge", {"method": "ties"}), tmp_path / "ties", progress=False)
     assert any(name.endswith(f"of {base}") for name in checked)
+
+
+# -- mergekit parity: where gradients put each tensor ------------------------------------------------------
+
+
+def _weights_used(base, tuned, out):
+    """Per tensor, the weight task arithmetic gave the fine-tune: (out - base) / (tuned - base)."""
+    b, t, o = _weights(base), _weights(tuned), _weights(out)
+    used = {}
+    for name, delta in ((n, t[n].double() - b[n].double()) for n in o):
+        moved = delta.abs() > 1e-3
+        used[name] = float(((o[name].double() - b[name].double())[moved] / delta[moved]).median())
+    return used
+
+
+def test_a_gradient_gives_tensors_outside_the_layers_its_first_value(models, tmp_path):
+    base, tuned = models
+    config = config_from_dict("merge", {"method": "task_arithmetic"})
+    spec = {"model": tuned[0], "parameters": {"weight": [0.1, 0.9]}}
+    merge(base, [spec], config, tmp_path / "out", progress=False)
+    used = _weights_used(base, tuned[0], tmp_path / "out")
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert used[name] == pytest.approx(0.1, abs=1e-3), name
+    assert used["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.1, abs=1e-3)
+    assert used["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_gpt2_gradients_span_its_n_layer_layers(tmp_path):
+    # GPT-2 configs call the layer count n_layer: the gradient ran 0.3, 0.7, 1.1, 1.5 over 4 layers.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        config = GPT2Config(n_layer=4, n_embd=32, n_head=2, n_positions=64, vocab_size=96)
+        return save_tiny(GPT2LMHeadModel(config).eval(), tmp_path / f"gpt2-{seed}")
+
+    base, tuned = gpt2(0), gpt2(1)
+    config = config_from_dict("merge", {"method": "task_arithmetic"})
+    merge(
+        base,
+        [{"model": tuned, "parameters": {"weight": [0.3, 0.7]}}],
+        config,
+        tmp_path / "out",
+        progress=False,
+    )
+    used = _weights_used(base, tuned, tmp_path / "out")
+    got = [used[f"transformer.h.{i}.mlp.c_fc.weight"] for i in range(4)]
+    assert got == pytest.approx([0.3, 0.3 + 0.4 / 3, 0.3 + 0.8 / 3, 0.7], abs=1e-3)
+    assert used["transformer.wte.weight"] == pytest.approx(0.3, abs=1e-3)

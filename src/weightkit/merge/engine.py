@@ -31,7 +31,7 @@ from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
-from weightkit.merge.params import value_for
+from weightkit.merge.params import layer_index, value_for
 from weightkit.progress import track
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -136,7 +136,9 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
     try:
         check_architectures(readers)
         reference = readers[0]
-        plan.num_layers = int((reference.config or {}).get("num_hidden_layers", 0))
+        # From the tensors themselves, whatever the config calls it (n_layer, num_layers ...).
+        layers = {layer_index(name) for name in reference.names()} - {None}
+        plan.num_layers = max(layers) + 1 if layers else 0
         names = list(reference.names())
         names += sorted({n for r in readers[1:] for n in r.names()} - set(names) - {_TIED_HEAD})
         if _ties_head(reference) and _TIED_HEAD in names:

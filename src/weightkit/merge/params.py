@@ -3,13 +3,15 @@
 A parameter (a model's ``weight``, ``density`` ...) is one of:
 
 - a number: the same value for every tensor;
-- a list of numbers: a *gradient* over the transformer layers. The values are spread evenly from the
-  first layer to the last and interpolated linearly in between (``[0, 1]`` gives 0 at layer 0, 1 at
-  the last layer and 0.5 half way). Tensors outside the layers take the first value if they are
-  embeddings (their name contains ``embed``) and the last value otherwise (final norm, ``lm_head``);
+- a list of numbers: a *gradient* over the transformer layers. Layer ``i`` of ``n`` sits at
+  ``t = i / (n - 1)`` (``t = 1`` when there is one layer), the values are spread evenly over ``t`` in
+  [0, 1] and interpolated linearly in between (``[0, 1]`` gives 0 at layer 0, 1 at the last layer and
+  0.5 half way). Every tensor outside the layers (embeddings, final norm, ``lm_head``) is at ``t = 0``
+  and takes the first value, as in mergekit (which plans them with ``t = 0`` before and after the
+  layers);
 - a list of ``{"filter": text, "value": v}`` entries: the first entry whose ``filter`` occurs in the
-  tensor's name gives the value (itself a number or a gradient); an entry without ``filter`` matches
-  every tensor.
+  tensor's name gives the value (itself a number or a gradient); an entry without ``filter``, with
+  ``filter: null`` or with mergekit's wildcard ``filter: "*"`` matches every tensor.
 """
 
 import re
@@ -70,14 +72,16 @@ def check_range(spec: Spec, what: str, low: float, high: float, *, low_open: boo
 
 def _gradient(values: list[float], tensor_name: str, num_layers: int) -> float:
     layer = layer_index(tensor_name)
-    # Outside the layers: before them (embeddings) or after them (final norm, lm_head).
-    outside = 0.0 if "embed" in tensor_name else 1.0
-    position = outside if layer is None else layer / max(num_layers - 1, 1)
-    if len(values) == 1:
-        return float(values[0])
-    x = position * (len(values) - 1)
-    i = min(int(x), len(values) - 2)
-    return float(values[i] + (x - i) * (values[i + 1] - values[i]))
+    # Outside the layers (embeddings, final norm, lm_head): t = 0. One layer: t = 1 (mergekit's rule).
+    t = 0.0
+    if layer is not None:
+        t = layer / (num_layers - 1) if num_layers > 1 else 1.0
+    # mergekit's interpolation, operation for operation, so both give the same float.
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return float((1 - frac) * float(values[i0]) + frac * float(values[i1]))
 
 
 def value_for(spec: Spec, tensor_name: str, num_layers: int) -> float | None:
@@ -86,7 +90,7 @@ def value_for(spec: Spec, tensor_name: str, num_layers: int) -> float | None:
         return float(spec)
     if isinstance(spec[0], dict):
         for entry in spec:
-            if "filter" not in entry or str(entry["filter"]) in tensor_name:
+            if entry.get("filter") in (None, "*") or str(entry["filter"]) in tensor_name:
                 return value_for(entry["value"], tensor_name, num_layers)
         return None
     return _gradient(spec, tensor_name, num_layers)
