@@ -42,3 +42,14 @@ def test_unknown_method_suggests_the_close_name():
 def test_config_round_trips_through_a_dict():
     config = config_from_dict("merge", {"method": "ties", "density": 0.3})
     assert config_from_dict("merge", config_to_dict(config)) == config
+
+
+def test_a_peer_method_not_implemented_is_named_as_such_not_guessed():
+    # "nearswap" used to get "Did you mean 'linear'?".
+    with pytest.raises(
+        WeightkitError, match="'nearswap': a mergekit method weightkit does not implement yet"
+    ):
+        config_from_dict("merge", {"method": "nearswap"})
+    with pytest.raises(WeightkitError) as info:
+        config_from_dict("merge", {"method": "karcher"})
+    assert "Did you mean" not in str(info.value)

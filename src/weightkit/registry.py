@@ -21,7 +21,7 @@ from typing import Any
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["Entry", "register", "lookup", "names", "config_from_dict", "config_to_dict"]
+__all__ = ["Entry", "register", "refuse", "lookup", "names", "config_from_dict", "config_to_dict"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Entry:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {}
+# Names users bring from other tools that weightkit does not implement: kind -> name -> why.
+_REFUSED: dict[str, dict[str, str]] = {}
 
 # The package whose import registers every method of a kind. Looking a kind up imports it first, so
 # ``config_from_dict("merge", ...)`` works in a fresh interpreter whatever was imported before.
@@ -68,19 +70,29 @@ def register(
     methods[name] = Entry(kind, name, config_cls, fn, preset)
 
 
+def refuse(kind: str, name: str, reason: str) -> None:
+    """Make looking up ``name`` fail with ``reason`` (e.g. a peer tool's method not implemented here),
+    instead of an "unknown method" error whose "did you mean" would point at an unrelated method."""
+    _REFUSED.setdefault(kind, {})[name] = reason
+
+
 def names(kind: str) -> list[str]:
     """Sorted names of the registered methods of ``kind``."""
     return sorted(_methods(kind))
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def lookup(kind: str, name: str) -> Entry:
     """The entry for ``name``; an unknown name gets a "did you mean" error listing the choices."""
     methods = _methods(kind)
+    if name in _REFUSED.get(kind, {}):
+        raise WeightkitError(
+            f"{kind} method {name!r}: {_REFUSED[kind][name]}. Known: {', '.join(sorted(methods))}"
+        )
     if name not in methods:
         choices = sorted(methods)
         raise WeightkitError(
@@ -109,7 +121,8 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
     for key in data:
         if key not in fields:
             hint = _did_you_mean(key, fields)
-            raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} Options: {', '.join(fields)}")
+            options = f"Options: {', '.join(fields)}" if fields else "It takes no options."
+            raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} {options}")
     try:
         return entry.config_cls(**{**entry.preset, **data})
     except (TypeError, ValueError) as err:

@@ -606,3 +606,14 @@ def test_gpt2_gradients_span_its_n_layer_layers(tmp_path):
     got = [used[f"transformer.h.{i}.mlp.c_fc.weight"] for i in range(4)]
     assert got == pytest.approx([0.3, 0.3 + 0.4 / 3, 0.3 + 0.8 / 3, 0.7], abs=1e-3)
     assert used["transformer.wte.weight"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_a_chat_template_in_a_recipe_is_refused_not_ignored(models, tmp_path):
+    base, tuned = models
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"models:\n  - model: {tuned[0]}\n  - model: {tuned[1]}\n"
+        "merge_method: linear\nchat_template: chatml\n"
+    )
+    with pytest.raises(WeightkitError, match="chat_template is not supported"):
+        load_merge_recipe(recipe)

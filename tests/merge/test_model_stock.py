@@ -8,6 +8,7 @@ import torch
 
 from weightkit.errors import WeightkitError
 from weightkit.merge.model_stock import model_stock
+from weightkit.registry import config_from_dict
 
 
 def randn(*shape, seed=0):
@@ -117,3 +118,10 @@ def test_bad_inputs_are_refused():
         model_stock(base, [torch.ones(3)])
     with pytest.raises(WeightkitError, match="shape"):
         model_stock(base, [torch.ones(3), torch.ones(4)])
+
+
+def test_filter_wise_false_is_what_model_stock_computes_and_true_is_refused():
+    # The option list used to be empty ("unknown option 'filter_wise'. Options: ").
+    assert config_from_dict("merge", {"method": "model_stock", "filter_wise": False}).filter_wise is False
+    with pytest.raises(WeightkitError, match="filter_wise=True is not implemented"):
+        config_from_dict("merge", {"method": "model_stock", "filter_wise": True})

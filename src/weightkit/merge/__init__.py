@@ -14,6 +14,11 @@ from weightkit.merge.mwa import MWAConfig
 from weightkit.merge.pcb import PCBConfig
 from weightkit.merge.slerp import SlerpConfig
 from weightkit.merge.task_arithmetic import TaskArithmeticConfig
+from weightkit.registry import refuse
+
+# mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
+for _name in ("nearswap", "nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "passthrough"):
+    refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
     "merge",

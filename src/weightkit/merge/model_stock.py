@@ -94,11 +94,24 @@ def _stock_ratio(base: Tensor, tensors: list[Tensor], *, eps: float = 1e-8) -> f
 class ModelStockConfig:
     """Model Stock over a base and two or more fine-tuned models (``merge_method: model_stock``).
 
-    It has no parameters: the interpolation ratio of each tensor comes from the angle between the
-    fine-tuned models' task vectors. mergekit's ``filter_wise: true`` (one ratio per row) is not offered.
+    The interpolation ratio of each tensor comes from the angle between the fine-tuned models' task
+    vectors.
+
+    Attributes:
+        filter_wise: mergekit's option: ``False`` (its default, and what this computes) gives one ratio
+            per tensor; ``True`` (one ratio per row) is not implemented and is refused.
     """
 
+    filter_wise: bool = False
+
     model_count: ClassVar[tuple[int, int | None]] = (2, None)
+
+    def __post_init__(self):
+        if self.filter_wise is not False:
+            raise WeightkitError(
+                f"model_stock: filter_wise={self.filter_wise!r} is not implemented: weightkit computes one "
+                "ratio per tensor (mergekit's default, filter_wise: false)"
+            )
 
 
 def _model_stock_merger(config: ModelStockConfig, plan, model_params):

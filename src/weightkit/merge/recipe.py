@@ -23,7 +23,8 @@ What is read, and how:
   as ``models``; other slicing (stacking layers of different models) is refused with a clear error.
 - ``tokenizer_source: base`` (the default here: the reference model's tokenizer is copied); ``union``
   and other vocabulary surgery are refused.
-- ``name`` and ``chat_template`` are ignored.
+- ``name`` is ignored (a label). ``chat_template`` is refused: mergekit writes it into the output's
+  tokenizer, which weightkit does not do yet.
 - Model paths are local directories (relative paths are tried from the working directory, then from
   the recipe's directory); nothing is downloaded.
 """
@@ -49,7 +50,7 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 _RENAMED = {"lambda": "scale"}  # mergekit's parameter name -> weightkit's field
-_IGNORED = {"name", "chat_template"}
+_IGNORED = {"name"}
 _KNOWN = {
     "models",
     "slices",
@@ -126,6 +127,11 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
     """Validate a recipe already parsed from YAML/JSON (see :func:`load_merge_recipe`)."""
     if not isinstance(doc, dict):
         raise WeightkitError("expected a mapping with merge_method, models and (usually) base_model")
+    if "chat_template" in doc:
+        raise WeightkitError(
+            "chat_template is not supported (mergekit writes it into the output's tokenizer); remove it and "
+            "set chat_template in the merged model's tokenizer_config.json"
+        )
     unknown = set(doc) - _KNOWN - _IGNORED
     if unknown:
         raise WeightkitError(
