@@ -213,3 +213,15 @@ def test_extra_json_files_are_written_inside_the_adapter_directory_and_cannot_re
     with pytest.raises(WeightkitError, match="cannot replace the adapter's own adapter_config.json"):
         save_adapter(model, tmp_path / "b", extra_json={"adapter_config.json": {}})
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", ["model", "mlp", "weight", "base_layer", "lora_A"])
+def test_an_adapter_name_that_is_also_part_of_the_models_keys_is_refused(tmp_path, name):
+    # PEFT accepts these; the adapter files it then writes are read back wrongly by both tools.
+    config = LoRAConfig(rank=2, targets=["re:.*q_proj"])
+    with pytest.raises(WeightkitError, match=f"adapter name '{name}' is also a part of the model's"):
+        adapt(tiny_llama(seed=0), config, name=name)
+    saved = save_adapter(adapt(tiny_llama(seed=0), config), tmp_path / "adapter")
+    with pytest.raises(WeightkitError, match=f"adapter name '{name}' is also a part of the model's"):
+        load_adapter(tiny_llama(seed=0), saved, name=name)
+    assert load_adapter(tiny_llama(seed=0), saved, name="second") is not None

@@ -15,6 +15,7 @@ from weightkit.adapt.layer import (
     adapter_configs,
     adapter_layers,
     adapter_summary,
+    check_new_adapter_name,
     merge_adapters,
     merge_and_unload,
     set_active_adapters,
@@ -28,7 +29,6 @@ from weightkit.adapt.peft_format import load_adapter, save_adapter
 from weightkit.adapt.subspace import SubspaceConfig
 from weightkit.adapt.svfit import SVFitConfig
 from weightkit.adapt.trainer import finetune, train_adapter
-from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
 from weightkit.runtime.training import TrainConfig
 
@@ -80,10 +80,7 @@ def adapt(
     Returns:
         ``model``.
     """
-    if not name.isidentifier():
-        raise WeightkitError(f"an adapter name must be a Python identifier, got {name!r}")
-    if name in adapter_configs(model):
-        raise WeightkitError(f"the model already has an adapter named {name!r}")
+    check_new_adapter_name(model, name)
     return entry_for_config(config).fn(
         model, config, name=name, data=data, autocast_adapter_dtype=autocast_adapter_dtype
     )

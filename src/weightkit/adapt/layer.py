@@ -42,6 +42,7 @@ __all__ = [
     "BufferDict",
     "adapter_layers",
     "adapter_configs",
+    "check_new_adapter_name",
     "adapter_keys",
     "adapter_state",
     "wrap_targets",
@@ -149,6 +150,35 @@ def adapter_configs(model: nn.Module) -> dict[str, Any]:
     if _CONFIGS_ATTR not in model.__dict__:
         model.__dict__[_CONFIGS_ATTR] = {}
     return model.__dict__[_CONFIGS_ATTR]
+
+
+# Parts of the state-dict keys an adapter's own keys are built from (``<module>.lora_A.<name>.weight``,
+# ``<module>.base_layer.weight``); an adapter named like one of them makes keys that cannot be read back.
+_KEY_PARTS = {"base_layer", "weight", "bias", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+              "lora_magnitude_vector", "modules_to_save", "original_module"}  # fmt: skip
+
+
+def check_new_adapter_name(model: nn.Module, name: str) -> None:
+    """Refuse ``name`` for a new adapter of ``model``: not a Python identifier, already used, or a part of
+    the model's state-dict keys (a module such as ``model`` or ``mlp``, ``weight``, ``base_layer`` ...).
+
+    PEFT accepts such names and then saves keys that neither PEFT nor weightkit maps back to the right
+    tensors (the name is removed from every key on save, and put back after each part equal to it on load).
+
+    Raises:
+        WeightkitError: naming the problem.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise WeightkitError(f"an adapter name must be a Python identifier, got {name!r}")
+    if name in adapter_configs(model):
+        raise WeightkitError(f"the model already has an adapter named {name!r}")
+    parts = {part for key in model.state_dict() for part in key.split(".")}
+    parts |= {part for module_name, _ in model.named_modules() for part in module_name.split(".")}
+    if name in parts | _KEY_PARTS:
+        raise WeightkitError(
+            f"adapter name {name!r} is also a part of the model's state-dict keys (a module or tensor name): "
+            "saved adapters could not be read back; choose another name"
+        )
 
 
 def wrap_targets(

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_configs, adapter_keys, adapter_layers, adapter_state
+from weightkit.adapt.layer import (
+    adapter_configs,
+    adapter_keys,
+    adapter_layers,
+    adapter_state,
+    check_new_adapter_name,
+)
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
@@ -212,8 +218,7 @@ def load_adapter(
             have, or tensors whose shapes do not fit the model's layers.
     """
     adapter_dir = Path(adapter_dir)
-    if name in adapter_configs(model):
-        raise WeightkitError(f"the model already has an adapter named {name!r}")
+    check_new_adapter_name(model, name)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
