@@ -225,3 +225,23 @@ def test_an_adapter_name_that_is_also_part_of_the_models_keys_is_refused(tmp_pat
     with pytest.raises(WeightkitError, match=f"adapter name '{name}' is also a part of the model's"):
         load_adapter(tiny_llama(seed=0), saved, name=name)
     assert load_adapter(tiny_llama(seed=0), saved, name="second") is not None
+
+
+def test_a_tied_lm_head_in_modules_to_save_loads_as_a_copy_as_in_peft(tmp_path):
+    # Loading the saved lm_head into the tied parameter also overwrote embed_tokens: logits ~17 apart.
+    peft_model = get_peft_model(
+        tiny_llama(seed=0, tie_word_embeddings=True),
+        PeftLoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "modules_to_save" in param_name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
+    reference = PeftModel.from_pretrained(tiny_llama(seed=0, tie_word_embeddings=True), tmp_path / "adapter")
+    ours = load_adapter(tiny_llama(seed=0, tie_word_embeddings=True), tmp_path / "adapter")
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    embeddings = tiny_llama(seed=0, tie_word_embeddings=True).model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, embeddings)
+    assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()

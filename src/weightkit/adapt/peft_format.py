@@ -264,8 +264,23 @@ def load_adapter(
                 )
             target.copy_(value)
     for module_name, state in head.items():
+        _untie(model, module_name)
         model.get_submodule(module_name).load_state_dict(state)
     return model
+
+
+def _untie(model: nn.Module, module_name: str) -> None:
+    """Give module ``module_name`` its own copy of each parameter it shares with the rest of ``model``.
+
+    A tied ``lm_head`` in ``modules_to_save``: PEFT trains and loads a separate copy of the module and leaves
+    the embeddings it was tied to as they were; loading into the shared parameter would change both.
+    """
+    prefix = module_name + "."
+    outside = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(prefix)}
+    for owner in model.get_submodule(module_name).modules():
+        for key, param in owner._parameters.items():
+            if param is not None and id(param) in outside:
+                owner._parameters[key] = nn.Parameter(param.detach().clone(), param.requires_grad)
 
 
 def _take_modules_to_save(
