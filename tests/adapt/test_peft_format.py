@@ -245,3 +245,46 @@ def test_a_tied_lm_head_in_modules_to_save_loads_as_a_copy_as_in_peft(tmp_path):
     embeddings = tiny_llama(seed=0, tie_word_embeddings=True).model.embed_tokens.weight
     assert torch.equal(ours.model.embed_tokens.weight, embeddings)
     assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("alora_invocation_tokens", [5, 9], "alora_invocation_tokens=\\[5, 9\\] are not supported"),
+        ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT re-derives the base weights"),
+        ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+        ("lora_bias", True, "lora_bias=True are not supported"),
+        ("trainable_token_indices", [3, 4], "trainable_token_indices"),
+        ("ensure_weight_tying", True, "ensure_weight_tying=True"),
+        ("a_field_of_a_newer_peft", {"on": 1}, "a_field_of_a_newer_peft"),
+    ],
+)
+def test_a_lora_config_field_weightkit_would_not_honour_is_refused_by_name(tmp_path, field, value, message):
+    # aLoRA loaded as plain LoRA on every token, unconverted PiSSA on the unmodified base: silently wrong.
+    import json
+
+    saved = save_adapter(
+        adapt(tiny_llama(seed=0), LoRAConfig(rank=2, targets=["re:.*q_proj"])), tmp_path / "a"
+    )
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(WeightkitError, match=message):
+        load_adapter(tiny_llama(seed=0), saved)
+
+
+def test_fields_in_their_off_state_and_dropout_load(tmp_path):
+    import json
+
+    saved = save_adapter(
+        adapt(tiny_llama(seed=0), LoRAConfig(rank=2, targets=["re:.*q_proj"])), tmp_path / "a"
+    )
+    config = json.loads((saved / "adapter_config.json").read_text())
+    off = {
+        "alora_invocation_tokens": None,
+        "lora_bias": False,
+        "init_lora_weights": "gaussian",
+        "lora_dropout": 0.1,
+    }
+    (saved / "adapter_config.json").write_text(json.dumps({**config, **off}))
+    model = load_adapter(tiny_llama(seed=0), saved)
+    assert next(iter(adapter_layers(model).values())).lora_dropout["default"].p == 0.1

@@ -159,15 +159,46 @@ def _peft_pattern(table: dict, module_name: str):
     return None
 
 
-def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
-    refused = {
-        "fan_in_fan_out": saved.get("fan_in_fan_out"),
-        "bias": saved.get("bias", "none") != "none",
-        "use_qalora": saved.get("use_qalora"),
-    }
-    refused = [k for k, v in refused.items() if v]
+# Every field of PEFT 0.21's LoraConfig is read, has no effect on loading, or is refused by name unless it
+# holds its "off" value: an adapter never loads as something else than what PEFT would run.
+_LORA_READ = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
+    "target_modules", "modules_to_save", "init_lora_weights",
+}  # fmt: skip
+# Bookkeeping, or choices whose effect is already in the saved tensors (which modules were adapted, how
+# they were initialised when the base is left as it is).
+_LORA_NO_EFFECT = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_core",
+    "runtime_config", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config",
+}  # fmt: skip
+# Initialisations that leave the base weights alone: after training, only the saved tensors matter.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _off(value) -> bool:
+    return value in (None, False, "none", "", 0) or value == {} or value == []
+
+
+def _refuse_unsupported_lora_fields(saved: dict, where: Path) -> None:
+    """Refuse a LoRA adapter_config.json field weightkit would otherwise not honour, naming it."""
+    init = saved.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise WeightkitError(
+            f"{where}: init_lora_weights={init!r}: PEFT re-derives the base weights from this adapter on "
+            "load (the residual of a PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation), which weightkit does "
+            "not do yet; save it converted (PEFT's path_initial_model_for_weight_conversion) to load it here"
+        )
+    refused = sorted(
+        key for key, value in saved.items() if key not in _LORA_READ | _LORA_NO_EFFECT and not _off(value)
+    )
     if refused:
-        raise WeightkitError(f"{where}: LoRA adapters with {', '.join(refused)} are not supported")
+        settings = ", ".join(f"{key}={saved[key]!r}" for key in refused)
+        raise WeightkitError(f"{where}: LoRA adapters with {settings} are not supported by weightkit")
+
+
+def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
+    _refuse_unsupported_lora_fields(saved, where)
     rank, alpha = int(saved["r"]), float(saved["lora_alpha"])
     rank_pattern, alpha_pattern = {}, {}
     for module_name in modules:
@@ -183,6 +214,7 @@ def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
         targets=modules,
         rslora=bool(saved.get("use_rslora")),
         dora=bool(saved.get("use_dora")),
+        dropout=float(saved.get("lora_dropout") or 0.0),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
