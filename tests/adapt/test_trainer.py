@@ -159,10 +159,17 @@ import torch
 from weightkit.checkpoint import writer
 
 rank = os.environ["RANK"]
+
+
+def say(line):
+    # One write() per line: both processes share the pipe, and print()'s text and newline can interleave.
+    os.write(1, (line + "\\n").encode())
+
+
 for owner, name in ((writer.CheckpointWriter, "__init__"), (pathlib.Path, "write_text")):
     def spy(self, *args, _real=getattr(owner, name), **kwargs):
         target = self if isinstance(self, pathlib.Path) else args[0]
-        print(f"WRITE rank {rank} {target}", flush=True)
+        say(f"WRITE rank {rank} {target}")
         return _real(self, *args, **kwargs)
     setattr(owner, name, spy)
 
@@ -188,7 +195,7 @@ try:
         progress=False,
     )
 except WeightkitError as err:
-    print(f"ERROR rank {rank}: {err}", flush=True)
+    say(f"ERROR rank {rank}: {err}")
     torch.distributed.barrier()  # both have reported before either exits (torchrun then stops the other)
     sys.exit(3)
 """
