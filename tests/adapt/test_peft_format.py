@@ -6,7 +6,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
 
-from weightkit.adapt import LoRAConfig, adapt, load_adapter, save_adapter
+from weightkit.adapt import LoRAConfig, adapt, load_adapter, save_adapter, set_active_adapters
 from weightkit.adapt.layer import adapter_layers
 from weightkit.errors import WeightkitError
 from weightkit.testing import save_tiny, tiny_llama
@@ -288,3 +288,21 @@ def test_fields_in_their_off_state_and_dropout_load(tmp_path):
     (saved / "adapter_config.json").write_text(json.dumps({**config, **off}))
     model = load_adapter(tiny_llama(seed=0), saved)
     assert next(iter(adapter_layers(model).values())).lora_dropout["default"].p == 0.1
+
+
+def test_a_second_loaded_adapter_stays_inactive_as_in_peft(tmp_path):
+    # weightkit activated every adapter it loaded (base + A1 + A2) where PEFT keeps the first one active.
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    dirs = []
+    for seed in (1, 2):
+        model = adapt(tiny_llama(seed=0), LoRAConfig(rank=2, targets=["re:.*q_proj"]))
+        _randomise(model, seed)
+        dirs.append(save_adapter(model, tmp_path / f"a{seed}"))
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    reference = _peft_model(base_dir, dirs[0])
+    reference.load_adapter(dirs[1], adapter_name="second")
+    ours = load_adapter(load_adapter(tiny_llama(seed=0), dirs[0]), dirs[1], name="second")
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    reference.set_adapter("second")
+    set_active_adapters(ours, ["second"])
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)

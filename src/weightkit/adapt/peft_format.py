@@ -245,12 +245,17 @@ def load_adapter(
     tensors are float32 whatever dtype they were saved in; ``False`` gives them the layers' dtype (saved
     float32 values are rounded to it).
 
+    As PEFT's ``PeftModel.load_adapter``, an adapter loaded into a model that already has one is *not*
+    made active: the model keeps computing with the adapters that were active;
+    :func:`~weightkit.adapt.set_active_adapters` switches.
+
     Raises:
         WeightkitError: an adapter type weightkit does not know, an adapter for modules the model does not
             have, or tensors whose shapes do not fit the model's layers.
     """
     adapter_dir = Path(adapter_dir)
     check_new_adapter_name(model, name)
+    keep_inactive = bool(adapter_configs(model))
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
@@ -298,6 +303,9 @@ def load_adapter(
     for module_name, state in head.items():
         _untie(model, module_name)
         model.get_submodule(module_name).load_state_dict(state)
+    if keep_inactive:
+        for layer in adapter_layers(model).values():
+            layer.active = [n for n in layer.active if n != name]
     return model
 
 
