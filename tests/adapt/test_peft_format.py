@@ -306,3 +306,47 @@ def test_a_second_loaded_adapter_stays_inactive_as_in_peft(tmp_path):
     reference.set_adapter("second")
     set_active_adapters(ours, ["second"])
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pefts_seq_cls_adapter_loads_although_it_lists_a_head_the_model_lacks(tmp_path):
+    # task_type="SEQ_CLS" saves modules_to_save=["classifier", "score"]; a BERT has no "score", which PEFT
+    # skips and weightkit refused.
+    import json
+
+    def bert():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            num_labels=3,
+        )  # fmt: skip
+        return BertForSequenceClassification(config).eval()
+
+    peft_model = get_peft_model(
+        bert(),
+        PeftLoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "modules_to_save" in param_name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+    peft_model.save_pretrained(tmp_path / "cls")
+    assert "score" in json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"]
+    reference = PeftModel.from_pretrained(bert(), tmp_path / "cls").eval()
+    torch.testing.assert_close(load_adapter(bert(), tmp_path / "cls")(IDS).logits, reference(IDS).logits)
+
+
+def test_a_saved_module_the_model_lacks_is_still_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    saved = save_adapter(
+        adapt(tiny_llama(seed=0), LoRAConfig(rank=2)), tmp_path / "a", modules_to_save=["lm_head"]
+    )
+    tensors = load_file(saved / "adapter_model.safetensors")
+    renamed = {key.replace(".lm_head.", ".head."): value for key, value in tensors.items()}
+    save_file(renamed, saved / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
+    with pytest.raises(WeightkitError, match="the model has no module head, which the adapter saves"):
+        load_adapter(tiny_llama(seed=0), saved)

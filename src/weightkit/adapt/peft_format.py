@@ -332,9 +332,14 @@ def _take_modules_to_save(
         try:
             module = model.get_submodule(module_name)
         except AttributeError:
-            raise WeightkitError(
-                f"{where}: the model has no module {module_name} (modules_to_save)"
-            ) from None
+            # PEFT skips names the model lacks (SEQ_CLS adapters list both "classifier" and "score"); a
+            # saved tensor for one is another matter: the adapter was made for another model.
+            if any(key.startswith(module_name + ".") for key in tensors):
+                raise WeightkitError(
+                    f"{where}: the model has no module {module_name}, which the adapter saves "
+                    "(modules_to_save)"
+                ) from None
+            continue
         expected = module.state_dict()
         state = {key: tensors.pop(f"{module_name}.{key}", None) for key in expected}
         bad = [k for k, v in state.items() if v is None or v.shape != expected[k].shape]
