@@ -50,6 +50,7 @@ __all__ = [
     "minilm_path",
     "machine_info",
     "write_result",
+    "weightkit_source_state",
 ]
 
 
@@ -230,6 +231,17 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
     }
+
+
+def weightkit_source_state() -> str | None:
+    """The commit of weightkit's source plus a hash of its uncommitted changes under src/."""
+    git = ["git", "-C", str(BENCH_DIR.parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        diff = subprocess.run([*git, "diff", "HEAD", "--", "src"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.strip() + (f" + uncommitted {hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
 
 
 def write_result(name: str, data: dict) -> Path:

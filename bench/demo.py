@@ -7,13 +7,12 @@ printed on this machine, not numbers typed by hand. The demo itself has no peer:
 comparisons with llm-compressor are ``bench/quant.py``.
 """
 
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import measure, write_result  # noqa: E402
+from common import measure, weightkit_source_state, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -21,15 +20,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp, measure() as m:
         result = run_demo(Path(tmp) / "out", quiet=True, device="cpu")
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
     result.pop("output")
     path = write_result(
         "demo",
         {
             "command": "weightkit demo --device cpu (run_demo in this process)",
-            "weightkit_commit": commit or None,
+            "weightkit_commit": weightkit_source_state(),
             "demo_seconds": round(m["seconds"], 1),
             "peak_rss_mib": m["peak_rss_mib"],
             **result,

@@ -84,7 +84,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import BENCH_DIR, CACHE_ROOT, write_result  # noqa: E402
+from common import BENCH_DIR, CACHE_ROOT, weightkit_source_state, write_result  # noqa: E402
 
 REPO_SRC = BENCH_DIR.parent / "src"
 MERGEKIT_VENV = Path(os.environ.get("WEIGHTKIT_MERGEKIT_VENV", BENCH_DIR / ".venv-mergekit"))
@@ -812,17 +812,6 @@ def mergekit_versions() -> dict[str, str]:
             if sep and name.lower() in keep:
                 versions[name.lower()] = ver
     return versions
-
-
-def weightkit_source_state() -> str | None:
-    """The commit of weightkit's source plus a hash of its uncommitted changes under src/."""
-    git = ["git", "-C", str(BENCH_DIR.parent)]
-    try:
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        diff = subprocess.run([*git, "diff", "HEAD", "--", "src"], capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.strip() + (f" + uncommitted {hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
 
 
 def weightkit_versions() -> dict[str, str]:

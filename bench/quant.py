@@ -15,7 +15,6 @@ Then GPTQ's memory: the same job with 128 and 512 calibration texts, for both to
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from common import (  # noqa: E402
     read_jsonl,
     run_json,
     run_peer_quant,
+    weightkit_source_state,
     write_jsonl,
     write_result,
 )
@@ -154,19 +154,6 @@ def _calib_tokens(model: str, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"])
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,7 +225,7 @@ def main() -> None:
         "quant",
         {
             "what": DESCRIPTION,
-            "weightkit_commit": _commit(),
+            "weightkit_commit": weightkit_source_state(),
             "peer_versions": {
                 k: v
                 for k, v in peer_versions().items()
