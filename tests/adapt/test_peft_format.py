@@ -22,6 +22,16 @@ def _randomise(model, seed=0):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
+def _bert_classifier():
+    """A seeded 2-layer BERT with a 3-class head, the same on every call."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=3,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
 def _peft_model(base_dir, adapter_dir):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
 
@@ -93,22 +103,16 @@ def test_per_module_ranks_round_trip_as_rank_and_alpha_patterns(tmp_path):
 
 
 def test_a_classification_head_saves_as_modules_to_save(tmp_path):
-    def bert():
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            num_labels=3,
-        )  # fmt: skip
-        return BertForSequenceClassification(config).eval()
-
-    model = adapt(bert(), LoRAConfig(rank=2))
+    model = adapt(_bert_classifier(), LoRAConfig(rank=2))
     _randomise(model)
     with torch.no_grad():
         model.classifier.weight.normal_(0, 1)
     save_adapter(model, tmp_path / "cls", modules_to_save=["classifier"])
-    peft = PeftModel.from_pretrained(bert(), tmp_path / "cls").eval()
+    peft = PeftModel.from_pretrained(_bert_classifier(), tmp_path / "cls").eval()
     torch.testing.assert_close(peft(IDS).logits, model(IDS).logits)
-    torch.testing.assert_close(load_adapter(bert(), tmp_path / "cls")(IDS).logits, model(IDS).logits)
+    torch.testing.assert_close(
+        load_adapter(_bert_classifier(), tmp_path / "cls")(IDS).logits, model(IDS).logits
+    )
 
 
 def test_load_refuses_unknown_types_and_duplicate_names(tmp_path):
@@ -313,16 +317,8 @@ def test_pefts_seq_cls_adapter_loads_although_it_lists_a_head_the_model_lacks(tm
     # skips and weightkit refused.
     import json
 
-    def bert():
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            num_labels=3,
-        )  # fmt: skip
-        return BertForSequenceClassification(config).eval()
-
     peft_model = get_peft_model(
-        bert(),
+        _bert_classifier(),
         PeftLoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], init_lora_weights=False),
     )
     with torch.no_grad():
@@ -331,8 +327,10 @@ def test_pefts_seq_cls_adapter_loads_although_it_lists_a_head_the_model_lacks(tm
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
     peft_model.save_pretrained(tmp_path / "cls")
     assert "score" in json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"]
-    reference = PeftModel.from_pretrained(bert(), tmp_path / "cls").eval()
-    torch.testing.assert_close(load_adapter(bert(), tmp_path / "cls")(IDS).logits, reference(IDS).logits)
+    reference = PeftModel.from_pretrained(_bert_classifier(), tmp_path / "cls").eval()
+    torch.testing.assert_close(
+        load_adapter(_bert_classifier(), tmp_path / "cls")(IDS).logits, reference(IDS).logits
+    )
 
 
 def test_a_saved_module_the_model_lacks_is_still_refused(tmp_path):
