@@ -15,7 +15,7 @@ from torch import nn
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["DEFAULT_IGNORE", "matches", "resolve", "select_modules"]
+__all__ = ["DEFAULT_IGNORE", "matches", "resolve", "suffix_pattern_value", "select_modules"]
 
 T = TypeVar("T")
 
@@ -45,6 +45,24 @@ def resolve(name: str, table: Mapping[str, T]) -> T | None:
         if pattern.startswith("re:") and matches(name, pattern):
             return value
     return table.get("_default")
+
+
+def suffix_pattern_value(name: str, table: Mapping[str, T]) -> T | None:
+    """The value for module ``name`` in a PEFT-style ``rank_pattern``/``alpha_pattern`` table, or None.
+
+    PEFT's rule (``peft.utils.other.get_pattern_key``): each key is a regular expression matched against
+    the end of the name at a dot boundary (``"0"`` matches ``layers.2.0`` but not ``layers.20``), and the
+    first matching key in table order wins. A ``re:`` key fully matches the name instead, as everywhere
+    in weightkit.
+    """
+    for key, value in table.items():
+        pattern = key[3:] if key.startswith("re:") else rf"(.*\.)?(?:{key})"
+        try:
+            if re.fullmatch(pattern, name):
+                return value
+        except re.error as err:
+            raise WeightkitError(f"bad pattern {key!r}: {err}") from None
+    return None
 
 
 def select_modules(

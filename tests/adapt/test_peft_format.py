@@ -102,6 +102,55 @@ def test_per_module_ranks_round_trip_as_rank_and_alpha_patterns(tmp_path):
     torch.testing.assert_close(reloaded(IDS).logits, model(IDS).logits)
 
 
+class _Blocks(torch.nn.Module):
+    """Linear layers named blocks.<i>.<j>: keys such as "0" tell PEFT's suffix rule from others."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)) for _ in range(12)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_rank_and_alpha_pattern_keys_mean_what_they_mean_in_peft(tmp_path):
+    # "1" is a suffix at a dot boundary (blocks.<i>.1, not blocks.1.0 nor blocks.11.0), a plain key is a
+    # regex ("2\\.0" is blocks.2.0 only), and the first matching key in table order wins (blocks.1.1: 5).
+    targets = [f"blocks.{i}.{j}" for i in range(12) for j in range(2)]
+    settings = {"r": 2, "lora_alpha": 4, "rank_pattern": {"1": 5, "blocks.1.1": 6, "1[01]\\.0": 3},
+                "alpha_pattern": {"2\\.0": 7}}  # fmt: skip
+    peft_model = get_peft_model(_Blocks(), PeftLoraConfig(target_modules=targets, **settings))
+    ours = adapt(_Blocks(), LoRAConfig(
+        rank=2, alpha=4, targets=targets, rank_pattern=settings["rank_pattern"],
+        alpha_pattern=settings["alpha_pattern"],
+    ))  # fmt: skip
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()}
+    for name, layer in adapter_layers(ours).items():
+        peft_layer = peft_layers[name]
+        assert layer.lora_A["default"].weight.shape[0] == peft_layer.r["default"], name
+        assert layer.scaling["default"] == peft_layer.scaling["default"], name
+    assert {n for n, m in adapter_layers(ours).items() if m.scaling["default"] == 7 / 2} == {"blocks.2.0"}
+    # Saved and loaded both ways, every module keeps its rank and scaling.
+    _randomise(ours)
+    save_adapter(ours, tmp_path / "ours")
+    x = torch.randn(3, 8)
+    reread = PeftModel.from_pretrained(_Blocks(), tmp_path / "ours")
+    torch.testing.assert_close(reread(x), ours(x))
+    _randomise(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(load_adapter(_Blocks(), tmp_path / "peft")(x), peft_model(x))
+
+
+def test_a_pattern_key_that_matches_no_adapted_module_is_refused():
+    with pytest.raises(WeightkitError, match="rank_pattern key 'k_proj' matches none"):
+        adapt(tiny_llama(seed=0), LoRAConfig(rank_pattern={"k_proj": 2}))
+
+
 def test_a_classification_head_saves_as_modules_to_save(tmp_path):
     model = adapt(_bert_classifier(), LoRAConfig(rank=2))
     _randomise(model)

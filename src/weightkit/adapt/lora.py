@@ -33,7 +33,7 @@ from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter,
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
-from weightkit.select import resolve, select_modules
+from weightkit.select import select_modules, suffix_pattern_value
 
 __all__ = ["LoRAConfig", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", "LORA_LAYERS", "add_lora"]
 
@@ -57,8 +57,12 @@ class LoRAConfig:
             ``A`` spans the top principal directions of each layer's inputs on ``data``, ranks redistributed
             by explained variance under the budget ``rank * layers`` (:mod:`weightkit.adapt.eva`; ``B``
             zero); needs calibration batches.
-        rank_pattern: per-module ranks overriding ``rank`` (exact names or ``re:`` patterns).
-        alpha_pattern: per-module alphas overriding ``alpha``.
+        rank_pattern: per-module ranks overriding ``rank``, keyed as PEFT's: a key is a regular expression
+            matched against the end of the module's name at a dot boundary (``"q_proj"``,
+            ``"layers.0.mlp.up_proj"``; ``"0"`` matches ``layers.2.0`` but not ``layers.20``), the first
+            matching key wins; a ``re:`` key fully matches the name. A key that matches no adapted module is
+            an error.
+        alpha_pattern: per-module alphas overriding ``alpha``, keyed alike.
         eva_rho: EVA: a layer may get up to ``round(eva_rho * rank)`` (1 keeps every rank uniform).
         eva_tau: EVA: stop reading a layer's inputs once its components' cosine to the previous batch's
             reaches this.
@@ -92,13 +96,16 @@ class LoRAConfig:
             )
 
     def rank_for(self, module_name: str) -> int:
-        rank = resolve(module_name, self.rank_pattern)
+        rank = suffix_pattern_value(module_name, self.rank_pattern)
         return self.rank if rank is None else rank
 
+    def alpha_for(self, module_name: str) -> float:
+        alpha = suffix_pattern_value(module_name, self.alpha_pattern)
+        return self.alpha if alpha is None else alpha
+
     def scaling_for(self, module_name: str) -> float:
-        alpha = resolve(module_name, self.alpha_pattern)
         rank = self.rank_for(module_name)
-        return (self.alpha if alpha is None else alpha) / (math.sqrt(rank) if self.rslora else rank)
+        return self.alpha_for(module_name) / (math.sqrt(rank) if self.rslora else rank)
 
 
 INITS = ("kaiming", "pissa", "eva")
@@ -488,6 +495,10 @@ def add_lora(
             problem = f"init={init!r} works on nn.Linear layers only, this is a {type(module).__name__}"
         if problem:
             raise WeightkitError(f"lora: cannot adapt {module_name}: {problem}")
+    for where, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in table:
+            if not any(suffix_pattern_value(n, {key: True}) for n in selected):
+                raise WeightkitError(f"lora: {where} key {key!r} matches none of the adapted modules")
     eva_a = {}
     if init == "eva":
         # EVA decides each layer's rank from its inputs first; layers given rank 0 get no adapter.
@@ -506,10 +517,7 @@ def add_lora(
             )
             continue
         if module_name in eva_a:
-            rank, alpha = (
-                eva_a[module_name].shape[0],
-                resolve(module_name, config.alpha_pattern) or config.alpha,
-            )
+            rank, alpha = eva_a[module_name].shape[0], config.alpha_for(module_name)
             scaling = alpha * rank / config.rank / (math.sqrt(rank) if config.rslora else rank)
         layer.add_adapter(
             name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora,

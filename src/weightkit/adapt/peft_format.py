@@ -41,6 +41,7 @@ from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config, lookup, names
+from weightkit.select import suffix_pattern_value
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -140,8 +141,9 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
         "peft_type": "LORA",
         "r": rank,
         "lora_alpha": alpha,
-        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+        # PEFT reads pattern keys as regexes matched against the end of a module's name: escape the names.
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "use_dora": config.dora,
@@ -149,14 +151,6 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
         "fan_in_fan_out": False,
     }
     return settings, tensors
-
-
-def _peft_pattern(table: dict, module_name: str):
-    """PEFT's rank/alpha pattern lookup: a key matches a module whose name ends with it (as a regex)."""
-    for key, value in table.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
-            return value
-    return None
 
 
 # Every field of PEFT 0.21's LoraConfig is read, has no effect on loading, or is refused by name unless it
@@ -202,12 +196,13 @@ def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
     rank, alpha = int(saved["r"]), float(saved["lora_alpha"])
     rank_pattern, alpha_pattern = {}, {}
     for module_name in modules:
-        module_rank = _peft_pattern(saved.get("rank_pattern") or {}, module_name)
-        module_alpha = _peft_pattern(saved.get("alpha_pattern") or {}, module_name)
+        module_rank = suffix_pattern_value(module_name, saved.get("rank_pattern") or {})
+        module_alpha = suffix_pattern_value(module_name, saved.get("alpha_pattern") or {})
+        exact = "re:" + re.escape(module_name)
         if module_rank is not None:
-            rank_pattern[module_name] = int(module_rank)
+            rank_pattern[exact] = int(module_rank)
         if module_alpha is not None:
-            alpha_pattern[module_name] = float(module_alpha)
+            alpha_pattern[exact] = float(module_alpha)
     return LoRAConfig(
         rank=rank,
         alpha=alpha,
