@@ -18,6 +18,7 @@ from weightkit.adapt import (
     trainable_parameters,
     unmerge_adapters,
 )
+from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding
 from weightkit.errors import WeightkitError
 from weightkit.testing import save_tiny, tiny_llama
 
@@ -76,6 +77,61 @@ def test_two_named_adapters_add_up():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(WeightkitError, match="already has an adapter named 'a'"):
         add_lora(model, LoRAConfig(rank=2, targets=["model.layers.0.self_attn.q_proj"]), name="a")
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "embedding", "conv"])
+def test_lora_and_dora_on_one_layer_merge_to_the_outputs_they_give_unmerged(layer_type):
+    # A DoRA adapter's norm is taken against the base weight (PEFT's forward); merging the adapters one
+    # after the other normalised it against a weight the LoRA one had already changed (outputs moved by ~5).
+    torch.manual_seed(0)
+    base, layer_cls, x = {
+        "linear": (torch.nn.Linear(16, 12), LoRALinear, torch.randn(5, 16)),
+        "embedding": (torch.nn.Embedding(20, 12), LoRAEmbedding, torch.tensor([[1, 4, 19, 7]])),
+        "conv": (torch.nn.Conv2d(3, 6, 3, padding=1), LoRAConv2d, torch.randn(2, 3, 8, 8)),
+    }[layer_type]
+    layer = layer_cls(base)
+    layer.add_adapter("plain", rank=2, scaling=2.0)
+    layer.add_adapter("dora", rank=3, scaling=0.5, dora=True)
+    layer.add_adapter("dora2", rank=2, scaling=1.0, dora=True)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                param.add_(torch.randn_like(param) * 0.3)
+    weight = base.weight.clone()
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, weight, rtol=1e-5, atol=1e-5)
+    # Merged in two steps (one adapter, then all three), the result is the same.
+    layer.active = ["dora"]
+    layer.merge()
+    layer.active = ["plain", "dora", "dora2"]
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_and_dora_active_together_give_pefts_outputs(tmp_path):
+    peft_model = get_peft_model(
+        tiny_llama(seed=0), PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), adapter_name="a"
+    )
+    peft_model.add_adapter("b", PeftLoraConfig(r=3, lora_alpha=3, target_modules=["q_proj"], use_dora=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.base_model.set_adapter(["a", "b"])
+    peft_model.save_pretrained(tmp_path)  # in tmp_path / "a" and tmp_path / "b"
+    ours = load_adapter(tiny_llama(seed=0), tmp_path / "a", name="a")
+    load_adapter(ours, tmp_path / "b", name="b")
+    set_active_adapters(ours, ["a", "b"])
+    expected = peft_model(IDS).logits
+    torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    merge_adapters(ours)
+    torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(32,), (5, 32), (2, 3, 32)])

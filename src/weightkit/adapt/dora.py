@@ -6,6 +6,10 @@ weight), with a trainable magnitude vector ``m`` initialised to the row norms of
 adapter starts as the base layer). As in the paper (Sec. 4.3) and PEFT, the norm is treated as a constant
 in the backward pass, which saves memory and barely changes the gradient.
 
+Several adapters active on one layer (LoRA and DoRA mixed) compute what PEFT's forward computes: a DoRA
+adapter rescales the output of the base layer *and of the adapters before it* (:func:`merged_weight`),
+and merging gives exactly those outputs.
+
 These are the pure functions; :class:`weightkit.adapt.lora.LoRALinear` applies them to its adapters, and
 the tensors save under PEFT's names (``lora_magnitude_vector``), so DoRA adapters load in PEFT unchanged.
 """
@@ -13,7 +17,7 @@ the tensors save under PEFT's names (``lora_magnitude_vector``), so DoRA adapter
 import torch
 from torch import Tensor
 
-__all__ = ["row_norms", "dora_extra_output", "dora_merged_weight", "dora_unmerged_weight"]
+__all__ = ["row_norms", "dora_extra_output", "dora_scale", "merged_weight", "unmerged_weight"]
 
 
 def row_norms(weight: Tensor, delta: Tensor) -> Tensor:
@@ -33,12 +37,32 @@ def dora_extra_output(
     return (scale - 1) * base_out + scale * lora_out
 
 
-def dora_merged_weight(weight: Tensor, delta: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
-    """The merged weight ``m * (W + delta) / ||W + delta||`` and the norms (kept to unmerge exactly)."""
-    norms = row_norms(weight, delta)
-    return (weight + delta) * (magnitude / norms)[:, None], norms
+def dora_scale(weight: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
+    """DoRA's per-row factor ``m / ||W + delta||`` (``weight`` and ``delta`` are ``out x in``)."""
+    return magnitude / row_norms(weight, delta)
 
 
-def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norms: Tensor) -> Tensor:
-    """Invert :func:`dora_merged_weight` given the norms it returned."""
-    return merged * (norms / magnitude)[:, None] - delta
+def merged_weight(weight: Tensor, deltas: list[Tensor], scales: list[Tensor | None]) -> Tensor:
+    """The one weight that computes the base layer and several adapters, in order, as the unmerged forward.
+
+    Adapter ``i`` adds ``delta_i``; a DoRA adapter (per-row ``s_i`` from :func:`dora_scale`, taken against
+    the base ``weight``; ``None`` for plain LoRA) then rescales everything before it as well, because its
+    forward rescales the output accumulated so far (PEFT's does, with no dropout or in eval mode):
+    ``W' = s_k (... s_1 (W + delta_1) ... + delta_k)``. One DoRA adapter alone gives the paper's
+    ``m (W + delta) / ||W + delta||``.
+    """
+    merged = weight
+    for delta, scale in zip(deltas, scales, strict=True):
+        merged = merged + delta
+        if scale is not None:
+            merged = merged * scale[:, None]
+    return merged
+
+
+def unmerged_weight(merged: Tensor, deltas: list[Tensor], scales: list[Tensor | None]) -> Tensor:
+    """Invert :func:`merged_weight` given the same deltas and scales (the base weight back)."""
+    for delta, scale in reversed(list(zip(deltas, scales, strict=True))):
+        if scale is not None:
+            merged = merged / scale[:, None]
+        merged = merged - delta
+    return merged

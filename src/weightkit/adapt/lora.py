@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.dora import dora_extra_output, dora_merged_weight, dora_unmerged_weight, row_norms
+from weightkit.adapt.dora import dora_extra_output, dora_scale, merged_weight, row_norms, unmerged_weight
 from weightkit.adapt.eva import eva_components
 from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.adapt.pissa import principal_factors
@@ -193,7 +193,7 @@ class LoRALinear(nn.Module):
             lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
             hidden = lora_A(lora_x)
             if name in self.lora_magnitude_vector:
-                out = out + self._dora_output(name, x, lora_x, base_out, lora_B(hidden) * self.scaling[name])
+                out = out + self._dora_output(name, lora_x, out, lora_B(hidden) * self.scaling[name])
             elif out.dim() > 1:
                 # out + scaling * hidden B^T as one GEMM (in the wider of the two dtypes, as PEFT's sum is):
                 # no separate passes over the output to scale and add.
@@ -205,12 +205,10 @@ class LoRALinear(nn.Module):
                 out = out + lora_B(hidden) * self.scaling[name]
         return out.to(base_out.dtype)  # one rounding to the base layer's dtype
 
-    def _dora_output(
-        self, name: str, x: Tensor, lora_x: Tensor, base_out: Tensor, lora_out: Tensor
-    ) -> Tensor:
+    def _dora_output(self, name: str, lora_x: Tensor, result: Tensor, lora_out: Tensor) -> Tensor:
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if lora_x is x:  # no dropout: the base output without its bias is x W^T
-            plain = base_out if bias is None else base_out - bias
+        if _dora_rescales_result(self, name):
+            plain = result if bias is None else result - bias
         else:  # DoRA scales the dropped-out input's base output, as the paper and PEFT do
             plain = nn.functional.linear(lora_x, weight.to(lora_x.dtype))
         magnitude = self.lora_magnitude_vector[name]
@@ -298,7 +296,7 @@ class LoRAEmbedding(nn.Module):
                 lora_out = lora_out * embed_scale
             if name in self.lora_magnitude_vector:
                 lora_out = dora_extra_output(
-                    base_out.to(lora_out.dtype), lora_out, self.lora_magnitude_vector[name],
+                    out.to(lora_out.dtype), lora_out, self.lora_magnitude_vector[name],
                     self.as_matrix(base.weight), self.as_matrix(self._lora_delta(name)),
                 )  # fmt: skip
             out = out + lora_out
@@ -383,8 +381,8 @@ class LoRAConv2d(nn.Module):
             lora_x = self.lora_dropout[name](x).to(lora_A.weight.dtype)
             lora_out = lora_B(lora_A(lora_x)) * self.scaling[name]
             if name in self.lora_magnitude_vector:
-                if lora_x is x:  # no dropout: the base output without its bias
-                    plain = base_out if base.bias is None else base_out - base.bias[:, None, None]
+                if _dora_rescales_result(self, name):
+                    plain = out if base.bias is None else out - base.bias[:, None, None]
                 else:  # as LoRALinear: DoRA scales the dropped-out input's base output
                     plain = base._conv_forward(lora_x, base.weight.to(lora_x.dtype), None)
                 # The channels (dim -3, batched or not) are DoRA's output features; put them last.
@@ -400,6 +398,13 @@ class LoRAConv2d(nn.Module):
 # What the LoRA layers share. A layer has ``base_layer``, ``active``, ``merged``, ``scaling``,
 # ``lora_magnitude_vector``, ``_merged_norms``, ``_lora_delta(name)`` (weight-shaped, scaled) and
 # ``as_matrix`` (the weight as the ``out x in`` matrix whose rows DoRA normalises).
+
+
+def _dora_rescales_result(layer: nn.Module, name: str) -> bool:
+    """Whether DoRA adapter ``name`` rescales the layer's output so far (base layer and the adapters before
+    it), as PEFT's forward does without dropout or in eval mode; else (dropout while training) it rescales
+    the base layer's output on the dropped-out input."""
+    return isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training
 
 
 def _check_new_adapter(layer: nn.Module, name: str, rank: int) -> None:
@@ -425,43 +430,60 @@ def _delta_weight(layer: nn.Module, name: str) -> Tensor:
     if name not in layer.lora_magnitude_vector:
         return delta
     weight = layer.base_layer.weight
-    magnitude = layer.lora_magnitude_vector[name].flatten()
-    merged, _ = dora_merged_weight(layer.as_matrix(weight), layer.as_matrix(delta), magnitude)
-    merged_weight = torch.empty_like(weight, dtype=merged.dtype)
-    layer.as_matrix(merged_weight).copy_(merged)
-    return merged_weight - weight
+    matrix, delta_matrix = layer.as_matrix(weight), layer.as_matrix(delta)
+    scale = dora_scale(matrix, delta_matrix, layer.lora_magnitude_vector[name].flatten())
+    merged = torch.empty_like(weight, dtype=delta.dtype)
+    layer.as_matrix(merged).copy_(merged_weight(matrix, [delta_matrix], [scale]))
+    return merged - weight
 
 
 def _merge(layer: nn.Module) -> None:
+    pending = [name for name in layer.active if name not in layer.merged]
+    has_dora = any(name in layer.lora_magnitude_vector for name in layer.merged + pending)
+    if pending and has_dora and layer.merged:
+        # A DoRA adapter is normalised against the base weight, not one another adapter already changed:
+        # take the merged ones out and merge every active adapter at once.
+        _unmerge(layer)
+        pending = list(layer.active)
+    if not pending:
+        return
     with torch.no_grad():
         weight = layer.base_layer.weight
-        for name in layer.active:
-            if name in layer.merged:
-                continue
-            delta = layer._lora_delta(name)  # in the adapter's dtype: the weight is rounded once
-            if name in layer.lora_magnitude_vector:
-                matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
-                merged, layer._merged_norms[name] = dora_merged_weight(
-                    matrix, layer.as_matrix(delta), magnitude
-                )
-                matrix.copy_(merged)
-            else:
-                weight += delta
-            layer.merged.append(name)
+        if not has_dora:  # plain LoRA updates simply add up
+            for name in pending:
+                weight += layer._lora_delta(name)  # in the adapter's dtype: the weight is rounded once
+        else:
+            matrix = layer.as_matrix(weight)
+            deltas = [layer.as_matrix(layer._lora_delta(name)) for name in pending]
+            scales = []
+            for name, delta in zip(pending, deltas, strict=True):
+                if name in layer.lora_magnitude_vector:
+                    # The norms at merge time, kept: unmerging must divide by these, not recompute them.
+                    layer._merged_norms[name] = row_norms(matrix, delta)
+                    scales.append(layer.lora_magnitude_vector[name].flatten() / layer._merged_norms[name])
+                else:
+                    scales.append(None)
+            matrix.copy_(merged_weight(matrix, deltas, scales))
+        layer.merged.extend(pending)
 
 
 def _unmerge(layer: nn.Module) -> None:
     with torch.no_grad():
         weight = layer.base_layer.weight
-        while layer.merged:
-            name = layer.merged.pop()
-            delta = layer._lora_delta(name)
-            if name in layer.lora_magnitude_vector:
-                matrix, magnitude = layer.as_matrix(weight), layer.lora_magnitude_vector[name].flatten()
-                norms = layer._merged_norms.pop(name)
-                matrix.copy_(dora_unmerged_weight(matrix, layer.as_matrix(delta), magnitude, norms))
-            else:
-                weight -= delta
+        if not any(name in layer.lora_magnitude_vector for name in layer.merged):
+            while layer.merged:
+                weight -= layer._lora_delta(layer.merged.pop())
+            return
+        matrix = layer.as_matrix(weight)
+        deltas = [layer.as_matrix(layer._lora_delta(name)) for name in layer.merged]
+        scales = [
+            layer.lora_magnitude_vector[name].flatten() / layer._merged_norms.pop(name)
+            if name in layer.lora_magnitude_vector
+            else None
+            for name in layer.merged
+        ]
+        matrix.copy_(unmerged_weight(matrix, deltas, scales))
+        layer.merged.clear()
 
 
 # The LoRA layer for each kind of module LoRA adapts.
