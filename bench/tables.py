@@ -1,4 +1,5 @@
-"""The README tables, generated from the benchmark results in ``bench/results/*.json`` (never typed by hand).
+"""The README tables, generated from the benchmark results in ``bench/results/*.json`` and from the test
+suite's case lists (never typed by hand).
 
 A table lives in ``README.md`` or ``bench/README.md`` between two markers::
 
@@ -12,6 +13,7 @@ from its results). Each renderer shows the unfavourable figure beside the favour
 """
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -326,7 +328,38 @@ def quant_memory() -> str:
     return _table(header, rows)
 
 
+# -- PEFT interop -----------------------------------------------------------------------------------------
+
+
+def peft_interop() -> str:
+    """The architecture x method x direction cases of ``tests/adapt/test_peft_interop.py``: each is a test
+    that fails unless the outputs equal the other tool's, so the table holds whenever the suite passes."""
+    spec = importlib.util.spec_from_file_location(
+        "peft_interop", ROOT / "tests" / "adapt" / "peft_interop.py"
+    )
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    ARCHITECTURES, CASES, DIRECTIONS, METHODS = (
+        cases.ARCHITECTURES,
+        cases.CASES,
+        cases.DIRECTIONS,
+        cases.METHODS,
+    )
+
+    header = ["architecture", "adapted layers", *(f"{m}: {d}" for m in METHODS for d in DIRECTIONS)]
+    rows = []
+    for arch in ARCHITECTURES:
+        layers = " + ".join(["`all-linear` (= PEFT's)", *(f"`{t}`" for t in arch.extra_targets)])
+        if arch.head:
+            layers += f"; head `{', '.join(arch.head)}` in full"
+        checked = {(m, d) for a, m, d in CASES if a == arch.name}
+        cells = ["same outputs" if (m, d) in checked else "-" for m in METHODS for d in DIRECTIONS]
+        rows.append([arch.name, layers, *cells])
+    return _table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "peft-interop": peft_interop,
     "adapt-peer": adapt_peer,
     "adapt-summary": adapt_summary,
     "adapt-methods": adapt_methods,

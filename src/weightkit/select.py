@@ -2,6 +2,8 @@
 
 A *pattern* is either an exact module/tensor name (``model.layers.0.mlp.down_proj``) or a regular
 expression prefixed with ``re:`` (``re:.*\\.v_proj$``) that must match the whole name.
+The target ``all-linear`` stands for every linear layer except the model's output layers, as PEFT's
+``target_modules="all-linear"`` (:func:`all_linear_modules`).
 A *table* maps patterns to values; a name resolves to the value of its exact entry, else of the
 first ``re:`` entry that matches (in table order), else of ``_default``.
 """
@@ -15,7 +17,15 @@ from torch import nn
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["DEFAULT_IGNORE", "matches", "resolve", "suffix_pattern_value", "select_modules"]
+__all__ = [
+    "DEFAULT_IGNORE",
+    "ALL_LINEAR",
+    "matches",
+    "resolve",
+    "suffix_pattern_value",
+    "all_linear_modules",
+    "select_modules",
+]
 
 T = TypeVar("T")
 
@@ -65,6 +75,42 @@ def suffix_pattern_value(name: str, table: Mapping[str, T]) -> T | None:
     return None
 
 
+ALL_LINEAR = "all-linear"
+# PEFT's names for a sequence classifier's head (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
+_CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (weight stored in x out)
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def all_linear_modules(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"`` on ``model``, in model order.
+
+    Every ``nn.Linear`` and transformers ``Conv1D`` (or adapter layer around one), except: the output
+    embeddings (``lm_head``, from ``get_output_embeddings()``); with none, the module a sequence classifier
+    names ``score`` or ``classifier`` (PEFT drops it for ``task_type="SEQ_CLS"``, which such a model is
+    trained with; the head is trained in full instead); and the layers inside adapter layers.
+    """
+    modules = dict(model.named_modules())
+    excluded = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = [output] if output is not None else [getattr(model, n, None) for n in _CLASSIFIER_HEADS]
+    head = next((h for h in heads if isinstance(h, nn.Module)), None)
+    excluded |= {name for name, m in modules.items() if head is not None and m is head}
+    for name, module in modules.items():
+        if hasattr(module, "base_layer"):  # an adapter layer: what it holds is not a target
+            excluded |= {f"{name}.{inner}" for inner, _ in module.named_modules() if inner}
+    return [
+        name
+        for name, m in modules.items()
+        if name not in excluded and (_is_linear(m) or _is_linear(getattr(m, "base_layer", None)))
+    ]
+
+
 def select_modules(
     model: nn.Module,
     *,
@@ -74,10 +120,14 @@ def select_modules(
 ) -> dict[str, nn.Module]:
     """Modules of ``types`` whose names match ``targets`` and none of ``ignore``, in model order.
 
-    ``targets`` holds patterns; ``_default`` stands for every module of ``types``. An exact name or
-    pattern that selects nothing is an error that lists close names, so typos do not pass silently.
+    ``targets`` holds patterns; ``_default`` stands for every module of ``types``, ``all-linear`` for
+    :func:`all_linear_modules`. An exact name or pattern that selects nothing is an error that lists close
+    names, so typos do not pass silently.
     """
     targets, ignore = list(targets), list(ignore)
+    if ALL_LINEAR in targets:
+        targets.remove(ALL_LINEAR)
+        targets += all_linear_modules(model)
     candidates = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     for pattern in targets:
         if pattern != "_default" and not any(matches(n, pattern) for n in candidates):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_dtype, finish_adapter, wrap_targets
+from weightkit.adapt.layer import AdapterModule, adapter_dtype, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 
@@ -213,7 +213,7 @@ def bat_unmerge(merged: Tensor, block: Tensor) -> Tensor:
     return _from_blocks(solved)
 
 
-class BoneLinear(nn.Module):
+class BoneLinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named Bone/Bat adapters, applied in ``active`` order."""
 
     def __init__(self, base_layer: nn.Linear):

@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
+    AdapterModule,
     adapter_configs,
     adapter_dtype,
     adapter_layers,
@@ -275,7 +276,7 @@ class _RankCounts(nn.Module):
         self.register_buffer("reserve", torch.tensor(reserve))
 
 
-class IncreLoRALinear(nn.Module):
+class IncreLoRALinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named IncreLoRA adapters, summed when active.
 
     Each adapter's components are separate parameters (``lora_A.<name>.<i>``: ``(in,)``,

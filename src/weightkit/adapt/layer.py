@@ -15,6 +15,7 @@ layer's own dtype (half the adapter memory, for inference-only adapters).
 
 The methods' layers differ only in their math; this module holds what is common, written once:
 
+- :class:`AdapterModule`: the base class of adapter layers (``weight``/``bias`` read through);
 - :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
 - :func:`wrap_targets`: wrap the selected modules (already wrapped layers are reused);
 - :func:`train_only_adapters`, :func:`set_active_adapters`, :func:`merge_adapters` / :func:`unmerge_adapters`,
@@ -38,6 +39,7 @@ from weightkit.select import select_modules
 __all__ = [
     "is_int",
     "adapter_dtype",
+    "AdapterModule",
     "AdapterLayer",
     "BufferDict",
     "adapter_layers",
@@ -101,6 +103,22 @@ class BufferDict(nn.Module):
 
     def __iter__(self):
         return iter(self._buffers)
+
+
+class AdapterModule(nn.Module):
+    """The base class of adapter layers: ``weight`` and ``bias`` read the base layer's, as PEFT's layers do.
+
+    Model code reads them on the layers it owns (T5's feed-forward checks ``wo.weight.dtype``, ViT's patch
+    embedding ``projection.weight.dtype``); without them an adapted layer fails in the model's forward.
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
 
 
 @runtime_checkable

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.dora import dora_extra_output, dora_scale, merged_weight, row_norms, unmerged_weight
 from weightkit.adapt.eva import eva_components
-from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import AdapterModule, adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
@@ -111,7 +111,7 @@ class LoRAConfig:
 INITS = ("kaiming", "pissa", "eva")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named low-rank adapters, summed when active."""
 
     def __init__(self, base_layer: nn.Linear):
@@ -143,7 +143,7 @@ class LoRALinear(nn.Module):
     ) -> None:  # fmt: skip
         """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the base weight's).
         ``init="pissa"`` also replaces the base weight by its residual."""
-        _check_new_adapter(self, name, rank)
+        _check_new_adapter(self, name)
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         kwargs = {"bias": False, "device": weight.device, "dtype": dtype or weight.dtype}
@@ -217,7 +217,7 @@ class LoRALinear(nn.Module):
         )
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(AdapterModule):
     """A frozen ``nn.Embedding`` plus named low-rank adapters, summed when active (PEFT's ``lora.Embedding``).
 
     The ``num_embeddings x embedding_dim`` table gets the update ``scaling * (B A)^T``, where
@@ -252,7 +252,7 @@ class LoRAEmbedding(nn.Module):
         self, name: str, *, rank: int, scaling: float, dora: bool = False, dtype: torch.dtype | None = None
     ) -> None:
         """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the table's)."""
-        _check_new_adapter(self, name, rank)
+        _check_new_adapter(self, name)
         weight = self.base_layer.weight
         num_embeddings, embedding_dim = weight.shape
         kwargs = {"device": weight.device, "dtype": dtype or weight.dtype}
@@ -303,7 +303,7 @@ class LoRAEmbedding(nn.Module):
         return out.to(base_out.dtype)
 
 
-class LoRAConv2d(nn.Module):
+class LoRAConv2d(AdapterModule):
     """A frozen ``nn.Conv2d`` plus named low-rank adapters, summed when active (PEFT's ``lora.Conv2d``).
 
     ``lora_A.<name>`` is a convolution to ``r`` channels with the base layer's kernel size, stride and
@@ -338,7 +338,7 @@ class LoRAConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:  # fmt: skip
         """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the kernel's)."""
-        _check_new_adapter(self, name, rank)
+        _check_new_adapter(self, name)
         base = self.base_layer
         kwargs = {"bias": False, "device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A[name] = nn.Conv2d(
@@ -407,10 +407,9 @@ def _dora_rescales_result(layer: nn.Module, name: str) -> bool:
     return isinstance(layer.lora_dropout[name], nn.Identity) or not layer.training
 
 
-def _check_new_adapter(layer: nn.Module, name: str, rank: int) -> None:
-    rows, cols = layer.as_matrix(layer.base_layer.weight).shape
-    if rank > min(rows, cols):
-        raise WeightkitError(f"lora: rank {rank} is larger than a {rows}x{cols} layer allows")
+def _check_new_adapter(layer: nn.Module, name: str) -> None:
+    # A rank above the layer's smaller side is allowed, as in PEFT (a rank-8 adapter on a 3-class head):
+    # wasteful but exact. PiSSA, which needs that many singular vectors, refuses it itself.
     if name in layer.adapter_names():
         raise WeightkitError(f"lora: this layer already has an adapter named {name!r}")
 
@@ -572,6 +571,14 @@ def _unsupported(module: nn.Module) -> str | None:
             return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return "embeddings with max_norm are not supported (the renormalised rows would not merge)"
+    # An embedding subclass with its own forward (OPT's learned positions take an attention mask) does not
+    # look up token ids as LoRA's update does; Gemma's scaled embedding is handled (``embed_scale``).
+    if (
+        isinstance(module, nn.Embedding)
+        and type(module).forward is not nn.Embedding.forward
+        and not hasattr(module, "embed_scale")
+    ):
+        return f"{type(module).__name__} has its own forward; LoRA adapts token-id embedding lookups only"
     return None
 
 

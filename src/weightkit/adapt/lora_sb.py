@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
+    AdapterModule,
     BufferDict,
     adapter_dtype,
     batch_loss,
@@ -218,7 +219,7 @@ def mean_gradients(
     return {n: total / count for n, total in sums.items()}
 
 
-class LoRASBLinear(nn.Module):
+class LoRASBLinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named ``B R A`` adapters (frozen ``B``, ``A``; trained ``R``)."""
 
     def __init__(self, base_layer: nn.Linear):

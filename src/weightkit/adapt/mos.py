@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from weightkit.adapt.layer import (
+    AdapterModule,
     BufferDict,
     adapter_dtype,
     finish_adapter,
@@ -162,7 +163,7 @@ def assemble_B(pool: Tensor, index: Tensor, private: Tensor) -> Tensor:
     return torch.cat([shared, private], dim=1)
 
 
-class MoSLinear(nn.Module):
+class MoSLinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named MoS adapters, summed when active.
 
     The layer holds its index matrices and private rows; its group's pools are held by the group's first

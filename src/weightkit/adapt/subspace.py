@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import adapter_dtype, adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import AdapterModule, adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 from weightkit.select import select_modules
@@ -210,7 +210,7 @@ class _Fastfood(nn.Module):
         return fastfood_project(theta_d, params, self.out_features)
 
 
-class SubspaceLayer(nn.Module):
+class SubspaceLayer(AdapterModule):
     """A frozen module whose own parameters move along named adapters' random subspaces:
     ``p = p_0 + sum over active adapters of lambda_p * P_p theta_d`` (``lambda_p = 1`` without SAID).
 

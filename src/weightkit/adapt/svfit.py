@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
+    AdapterModule,
     BufferDict,
     adapter_dtype,
     finish_adapter,
@@ -80,7 +81,7 @@ def svfit_delta_weight(U_r: Tensor, delta_s: Tensor, Vh_r: Tensor) -> Tensor:
     return (U_r * delta_s) @ Vh_r
 
 
-class SVFitLinear(nn.Module):
+class SVFitLinear(AdapterModule):
     """A frozen ``nn.Linear`` plus named SVFit adapters (trained changes of its top singular values)."""
 
     def __init__(self, base_layer: nn.Linear):

@@ -93,8 +93,9 @@ def add_parsers(sub) -> None:
     t.add_argument(
         "--target",
         action="append",
-        help="module to adapt: exact name or 're:' regex over full names; repeat for several "
-        "(default: the attention query and value projections)",
+        help="module to adapt: exact name, 're:' regex over full names, or 'all-linear' (every linear layer "
+        "but the output head, as PEFT's); repeat for several (default: the attention query and value "
+        "projections)",
     )
     t.add_argument("--option", action="append", default=[], help="any other method option, KEY=VALUE")
     t.add_argument(
