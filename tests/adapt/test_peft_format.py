@@ -6,7 +6,15 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
 
-from weightkit.adapt import LoRAConfig, adapt, load_adapter, save_adapter, set_active_adapters
+from weightkit.adapt import (
+    LoRAConfig,
+    adapt,
+    load_adapter,
+    merge_adapters,
+    save_adapter,
+    set_active_adapters,
+    unmerge_adapters,
+)
 from weightkit.adapt.layer import adapter_layers
 from weightkit.errors import WeightkitError
 from weightkit.testing import save_tiny, tiny_llama
@@ -306,7 +314,7 @@ def test_a_tied_lm_head_in_modules_to_save_loads_as_a_copy_as_in_peft(tmp_path):
         ("alora_invocation_tokens", [5, 9], "alora_invocation_tokens=\\[5, 9\\] are not supported"),
         ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT re-derives the base weights"),
         ("init_lora_weights", "olora", "init_lora_weights='olora'"),
-        ("lora_bias", True, "lora_bias=True are not supported"),
+        ("bias", "lora", "bias='lora' is not one of PEFT's"),
         ("trainable_token_indices", [3, 4], "trainable_token_indices"),
         ("ensure_weight_tying", True, "ensure_weight_tying=True"),
         ("a_field_of_a_newer_peft", {"on": 1}, "a_field_of_a_newer_peft"),
@@ -323,6 +331,74 @@ def test_a_lora_config_field_weightkit_would_not_honour_is_refused_by_name(tmp_p
     (saved / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(WeightkitError, match=message):
         load_adapter(tiny_llama(seed=0), saved)
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_modules": ["q_proj"], "bias": "all"},
+        {"target_modules": ["q_proj"], "bias": "lora_only"},
+        {"target_modules": ["q_proj", "fc1"], "lora_bias": True},
+        {
+            "target_modules": ["q_proj", "v_proj"],
+            "exclude_modules": ["model.decoder.layers.0.self_attn.q_proj"],
+        },
+        {"target_modules": "all-linear", "exclude_modules": ".*layers\\.1\\..*"},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {"target_modules": ["q_proj"], "modules_to_save": ["decoder.layers.1.fc2"]},
+    ],
+    ids=lambda settings: "-".join(k for k in settings if k != "target_modules"),
+)
+def test_pefts_bias_exclude_and_layer_options_load_with_pefts_outputs(tmp_path, settings):
+    # bias/lora_bias were refused; exclude_modules built the excluded layers, then found no tensors for them.
+    reference = get_peft_model(_opt(), PeftLoraConfig(r=2, **settings)).eval()
+    _randomise(reference)  # every trainable tensor: the factors, biases and saved modules
+    reference.save_pretrained(tmp_path)
+    ours = load_adapter(_opt(), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert sorted(adapter_layers(ours)) == sorted(reference.base_model.targeted_module_names)
+
+
+def test_pefts_modules_to_save_names_are_suffixes(tmp_path):
+    # "pooler.dense" is BERT's bert.pooler.dense: its tensors were taken for a LoRA layer's and refused.
+    reference = get_peft_model(
+        _bert_classifier(), PeftLoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler.dense"])
+    ).eval()
+    _randomise(reference)
+    reference.save_pretrained(tmp_path)
+    ours = load_adapter(_bert_classifier(), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ours.bert.pooler.dense.weight, _bert_classifier().bert.pooler.dense.weight)
+
+
+def test_lora_bias_round_trips_with_peft_and_merges_into_the_base_bias(tmp_path):
+    model = adapt(_opt(), LoRAConfig(rank=2, targets=["re:.*(q_proj|fc1)"], lora_bias=True))
+    _randomise(model)
+    save_adapter(model, tmp_path / "adapter")
+    expected = model(IDS).logits
+    torch.testing.assert_close(PeftModel.from_pretrained(_opt(), tmp_path / "adapter")(IDS).logits, expected)
+    merge_adapters(model)
+    torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(model)
+    torch.testing.assert_close(
+        model.model.decoder.layers[0].fc1.base_layer.bias, _opt().model.decoder.layers[0].fc1.bias
+    )
+    with pytest.raises(WeightkitError, match="lora_bias works with plain LoRA only"):
+        LoRAConfig(lora_bias=True, dora=True)
+    no_bias = adapt(tiny_llama(seed=0), LoRAConfig(rank=2, lora_bias=True))
+    with pytest.raises(WeightkitError, match="into a layer without a bias"):
+        merge_adapters(no_bias)
 
 
 def test_fields_in_their_off_state_and_dropout_load(tmp_path):

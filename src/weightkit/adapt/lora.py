@@ -66,6 +66,9 @@ class LoRAConfig:
         eva_rho: EVA: a layer may get up to ``round(eva_rho * rank)`` (1 keeps every rank uniform).
         eva_tau: EVA: stop reading a layer's inputs once its components' cosine to the previous batch's
             reaches this.
+        lora_bias: PEFT's ``lora_bias``: ``lora_B`` also has a bias (starting at zero), scaled with the
+            update; merging adds it to the base layer's bias. Not with DoRA, PiSSA/EVA or on embeddings (as
+            in PEFT).
     """
 
     rank: int = 8
@@ -79,6 +82,7 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     eva_rho: float = 2.0
     eva_tau: float = 0.99
+    lora_bias: bool = False
 
     def __post_init__(self):
         for where, rank in [("rank", self.rank), *(("rank_pattern", r) for r in self.rank_pattern.values())]:
@@ -90,6 +94,10 @@ class LoRAConfig:
             raise WeightkitError("lora: targets is empty; name the modules to adapt")
         if self.init not in INITS:
             raise WeightkitError(f"lora: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.lora_bias and (self.dora or self.init != "kaiming"):
+            raise WeightkitError(
+                "lora: lora_bias works with plain LoRA only (not DoRA, PiSSA or EVA), as in PEFT"
+            )
         if not self.eva_rho >= 1 or not 0 <= self.eva_tau <= 1:
             raise WeightkitError(
                 f"lora: eva_rho must be >= 1 and eva_tau in [0, 1], got {self.eva_rho}, {self.eva_tau}"
@@ -139,16 +147,17 @@ class LoRALinear(AdapterModule):
 
     def add_adapter(
         self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
-        init: str = "kaiming", dtype: torch.dtype | None = None,
+        init: str = "kaiming", dtype: torch.dtype | None = None, lora_bias: bool = False,
     ) -> None:  # fmt: skip
         """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the base weight's).
-        ``init="pissa"`` also replaces the base weight by its residual."""
+        ``init="pissa"`` also replaces the base weight by its residual; ``lora_bias`` gives ``lora_B`` a
+        bias."""
         _check_new_adapter(self, name)
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
         kwargs = {"bias": False, "device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
-        self.lora_B[name] = nn.Linear(rank, out_features, **kwargs)
+        self.lora_B[name] = nn.Linear(rank, out_features, **{**kwargs, "bias": lora_bias})
         with torch.no_grad():
             if init == "pissa":
                 a, b, residual = principal_factors(weight, rank, scaling)
@@ -162,6 +171,8 @@ class LoRALinear(AdapterModule):
             else:
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B[name].weight)
+                if lora_bias:
+                    nn.init.zeros_(self.lora_B[name].bias)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling[name] = scaling
         if dora:
@@ -201,6 +212,8 @@ class LoRALinear(AdapterModule):
                 rows, hidden = out.reshape(-1, out.shape[-1]).to(dtype), hidden.reshape(-1, hidden.shape[-1])
                 out = torch.addmm(rows, hidden.to(dtype), lora_B.weight.T.to(dtype),
                                   alpha=self.scaling[name]).view(out.shape)  # fmt: skip
+                if lora_B.bias is not None:
+                    out = out + lora_B.bias * self.scaling[name]
             else:
                 out = out + lora_B(hidden) * self.scaling[name]
         return out.to(base_out.dtype)  # one rounding to the base layer's dtype
@@ -335,19 +348,22 @@ class LoRAConv2d(AdapterModule):
 
     def add_adapter(
         self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, lora_bias: bool = False,
     ) -> None:  # fmt: skip
-        """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the kernel's)."""
+        """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the kernel's); ``lora_bias``
+        gives ``lora_B`` a bias."""
         _check_new_adapter(self, name)
         base = self.base_layer
         kwargs = {"bias": False, "device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A[name] = nn.Conv2d(
             base.in_channels, rank, base.kernel_size, base.stride, base.padding, **kwargs
         )
-        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, **kwargs)
+        self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, **{**kwargs, "bias": lora_bias})
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[name].weight)
+            if lora_bias:
+                nn.init.zeros_(self.lora_B[name].bias)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling[name] = scaling
         if dora:
@@ -436,6 +452,27 @@ def _delta_weight(layer: nn.Module, name: str) -> Tensor:
     return merged - weight
 
 
+def _lora_bias(layer: nn.Module, name: str) -> Tensor | None:
+    """Adapter ``name``'s scaled ``lora_B`` bias (``lora_bias``), or None."""
+    lora_B = getattr(layer, "lora_B", None)  # embeddings have no lora_B layers (nor a lora_bias)
+    bias = lora_B[name].bias if lora_B is not None else None
+    return None if bias is None else bias * layer.scaling[name]
+
+
+def _check_lora_bias_merges(layer: nn.Module, names: list[str], has_dora: bool) -> None:
+    with_bias = [name for name in names if _lora_bias(layer, name) is not None]
+    if with_bias and layer.base_layer.bias is None:
+        raise WeightkitError(
+            f"lora: cannot merge adapter {with_bias[0]!r} (lora_bias) into a layer without a bias (nor can "
+            "PEFT); keep it unmerged"
+        )
+    if with_bias and has_dora:
+        raise WeightkitError(
+            f"lora: cannot merge adapter {with_bias[0]!r} (lora_bias) together with a DoRA adapter on one "
+            "layer; merge them separately (activate one) or keep them unmerged"
+        )
+
+
 def _merge(layer: nn.Module) -> None:
     pending = [name for name in layer.active if name not in layer.merged]
     has_dora = any(name in layer.lora_magnitude_vector for name in layer.merged + pending)
@@ -446,11 +483,14 @@ def _merge(layer: nn.Module) -> None:
         pending = list(layer.active)
     if not pending:
         return
+    _check_lora_bias_merges(layer, pending, has_dora)
     with torch.no_grad():
         weight = layer.base_layer.weight
         if not has_dora:  # plain LoRA updates simply add up
             for name in pending:
                 weight += layer._lora_delta(name)  # in the adapter's dtype: the weight is rounded once
+                if _lora_bias(layer, name) is not None:
+                    layer.base_layer.bias += _lora_bias(layer, name)
         else:
             matrix = layer.as_matrix(weight)
             deltas = [layer.as_matrix(layer._lora_delta(name)) for name in pending]
@@ -471,7 +511,10 @@ def _unmerge(layer: nn.Module) -> None:
         weight = layer.base_layer.weight
         if not any(name in layer.lora_magnitude_vector for name in layer.merged):
             while layer.merged:
-                weight -= layer._lora_delta(layer.merged.pop())
+                name = layer.merged.pop()
+                weight -= layer._lora_delta(name)
+                if _lora_bias(layer, name) is not None:
+                    layer.base_layer.bias -= _lora_bias(layer, name)
             return
         matrix = layer.as_matrix(weight)
         deltas = [layer.as_matrix(layer._lora_delta(name)) for name in layer.merged]
@@ -514,6 +557,8 @@ def add_lora(
         problem = _unsupported(module)
         if init != "kaiming" and not isinstance(module, nn.Linear | LoRALinear):
             problem = f"init={init!r} works on nn.Linear layers only, this is a {type(module).__name__}"
+        if config.lora_bias and isinstance(module, nn.Embedding | LoRAEmbedding):
+            problem = "lora_bias does not work on embeddings (nor in PEFT)"
         if problem:
             raise WeightkitError(f"lora: cannot adapt {module_name}: {problem}")
     for where, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
@@ -534,15 +579,16 @@ def add_lora(
             continue
         if isinstance(layer, LoRAConv2d):
             layer.add_adapter(
-                name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora, dtype=dtype
-            )
+                name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora, dtype=dtype,
+                lora_bias=config.lora_bias,
+            )  # fmt: skip
             continue
         if module_name in eva_a:
             rank, alpha = eva_a[module_name].shape[0], config.alpha_for(module_name)
             scaling = alpha * rank / config.rank / (math.sqrt(rank) if config.rslora else rank)
         layer.add_adapter(
             name, rank=rank, scaling=scaling, dropout=config.dropout, dora=config.dora,
-            init="kaiming" if init == "eva" else init, dtype=dtype,
+            init="kaiming" if init == "eva" else init, dtype=dtype, lora_bias=config.lora_bias,
         )  # fmt: skip
         if module_name in eva_a:
             with torch.no_grad():

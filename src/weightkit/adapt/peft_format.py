@@ -130,6 +130,8 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
                 a, b = pissa_to_lora(a, b, *layer.pissa_initial[name])
             tensors[f"{module_name}.lora_A.weight"] = a
             tensors[f"{module_name}.lora_B.weight"] = b
+            if layer.lora_B[name].bias is not None:  # lora_bias
+                tensors[f"{module_name}.lora_B.bias"] = layer.lora_B[name].bias
         if name in layer.lora_magnitude_vector:
             tensors[f"{module_name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
         rank = a.shape[0]
@@ -147,6 +149,7 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "use_dora": config.dora,
+        "lora_bias": config.lora_bias,
         "bias": "none",
         "fan_in_fan_out": False,
     }
@@ -157,13 +160,13 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
 # holds its "off" value: an adapter never loads as something else than what PEFT would run.
 _LORA_READ = {
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
-    "target_modules", "modules_to_save", "init_lora_weights",
+    "target_modules", "modules_to_save", "init_lora_weights", "exclude_modules", "bias", "lora_bias",
 }  # fmt: skip
 # Bookkeeping, or choices whose effect is already in the saved tensors (which modules were adapted, how
 # they were initialised when the base is left as it is).
 _LORA_NO_EFFECT = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_core",
+    "inference_mode", "layers_to_transform", "layers_pattern", "megatron_core",
     "runtime_config", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config",
 }  # fmt: skip
 # Initialisations that leave the base weights alone: after training, only the saved tensors matter.
@@ -182,6 +185,10 @@ def _refuse_unsupported_lora_fields(saved: dict, where: Path) -> None:
             f"{where}: init_lora_weights={init!r}: PEFT re-derives the base weights from this adapter on "
             "load (the residual of a PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation), which weightkit does "
             "not do yet; save it converted (PEFT's path_initial_model_for_weight_conversion) to load it here"
+        )
+    if saved.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise WeightkitError(
+            f"{where}: bias={saved['bias']!r} is not one of PEFT's 'none', 'all', 'lora_only'"
         )
     refused = sorted(
         key for key, value in saved.items() if key not in _LORA_READ | _LORA_NO_EFFECT and not _off(value)
@@ -210,6 +217,7 @@ def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
         rslora=bool(saved.get("use_rslora")),
         dora=bool(saved.get("use_dora")),
         dropout=float(saved.get("lora_dropout") or 0.0),
+        lora_bias=bool(saved.get("lora_bias")),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
@@ -258,12 +266,15 @@ def load_adapter(
     with CheckpointReader(adapter_dir / _WEIGHTS) as reader:
         tensors = {n.removeprefix(_PREFIX): reader.get(n) for n in reader.names()}
     head = _take_modules_to_save(model, saved.get("modules_to_save") or [], tensors, adapter_dir)
+    biases = _take_biases(tensors) if saved.get("bias", "none") != "none" else {}
     module_names = set(adapter_layers(model))
     # The adapted modules: the longest key prefix that names a module of the model (or a saved target).
     targets = saved.get("target_modules")
     modules = sorted(
         {_owning_module(key, model, module_names) for key in tensors if not key.endswith(_EMBEDDING_TABLE)}
     )
+    if isinstance(targets, list):
+        targets = [t for t in targets if not _excluded(t, saved.get("exclude_modules"))]
     if not isinstance(targets, list) or not set(modules) <= set(targets):
         targets = modules
     config = _config_from_saved(saved, targets, adapter_dir)
@@ -298,10 +309,42 @@ def load_adapter(
     for module_name, state in head.items():
         _untie(model, module_name)
         model.get_submodule(module_name).load_state_dict(state)
+    _load_biases(model, biases, adapter_dir)
     if keep_inactive:
         for layer in adapter_layers(model).values():
             layer.active = [n for n in layer.active if n != name]
     return model
+
+
+def _excluded(module_name: str, exclude) -> bool:
+    """PEFT's ``exclude_modules``: a string is a regex the whole name must match, a list holds names or
+    suffixes at a dot boundary."""
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, module_name) is not None
+    return any(module_name == e or module_name.endswith(f".{e}") for e in exclude or ())
+
+
+def _take_biases(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Remove the base model's biases PEFT saves with ``bias="all"``/``"lora_only"`` (trained with the
+    adapter) from ``tensors``: every ``.bias`` that is not an adapter's own (``lora_B.bias``)."""
+    keys = [
+        k for k in tensors if k.endswith(".bias") and not any(p.startswith("lora_") for p in k.split("."))
+    ]
+    return {key: tensors.pop(key) for key in keys}
+
+
+def _load_biases(model: nn.Module, biases: dict[str, Tensor], where: Path) -> None:
+    """Put saved biases into the model, as PEFT loads them (into the base model: they stay when the adapter
+    is switched off, in PEFT too). An adapted layer's bias is saved under its ``base_layer``."""
+    state = model.state_dict(keep_vars=True)
+    for key, value in biases.items():
+        if key not in state:
+            key = key.replace(".base_layer.", ".")
+        target = state.get(key)
+        if target is None or target.shape != value.shape:
+            raise WeightkitError(f"{where}: the model has no bias {key} of shape {tuple(value.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
 
 
 def _untie(model: nn.Module, module_name: str) -> None:
@@ -319,30 +362,33 @@ def _untie(model: nn.Module, module_name: str) -> None:
 
 
 def _take_modules_to_save(
-    model: nn.Module, modules: list[str], tensors: dict[str, Tensor], where: Path
+    model: nn.Module, names: list[str], tensors: dict[str, Tensor], where: Path
 ) -> dict[str, dict[str, Tensor]]:
-    """Remove the tensors of the fully saved modules from ``tensors``: ``{module: its state dict}``."""
+    """Remove the tensors of the fully saved modules from ``tensors``: ``{module: its state dict}``.
+
+    PEFT's rule: a name stands for every module whose name ends with it (``"pooler.dense"`` is BERT's
+    ``bert.pooler.dense``); names no module has are skipped (SEQ_CLS adapters list both ``classifier`` and
+    ``score``), as is a matched module the file saves nothing for (PEFT's copy keeps the module's values).
+    """
+    modules = [n for n, _ in model.named_modules() if n and any(n.endswith(name) for name in names)]
     head = {}
     for module_name in modules:
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            # PEFT skips names the model lacks (SEQ_CLS adapters list both "classifier" and "score"); a
-            # saved tensor for one is another matter: the adapter was made for another model.
-            if any(key.startswith(module_name + ".") for key in tensors):
-                raise WeightkitError(
-                    f"{where}: the model has no module {module_name}, which the adapter saves "
-                    "(modules_to_save)"
-                ) from None
+        expected = model.get_submodule(module_name).state_dict()
+        keys = {key: f"{module_name}.{key}" for key in expected}
+        if not any(full in tensors for full in keys.values()):
             continue
-        expected = module.state_dict()
-        state = {key: tensors.pop(f"{module_name}.{key}", None) for key in expected}
+        state = {key: tensors.pop(full, None) for key, full in keys.items()}
         bad = [k for k, v in state.items() if v is None or v.shape != expected[k].shape]
         if bad:
             raise WeightkitError(
                 f"{where}: {module_name}.{bad[0]} is missing or has another shape than the model's"
             )
         head[module_name] = state
+    left = [n for n in names if any(key.startswith(f"{n}.") for key in tensors)]
+    if left:
+        raise WeightkitError(
+            f"{where}: the model has no module {left[0]}, which the adapter saves (modules_to_save)"
+        )
     return head
 
 
