@@ -1,5 +1,7 @@
 """PEFT's adapter format both ways for DoRA, PiSSA, per-module ranks and a trained classification head."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -181,6 +183,14 @@ def test_load_refuses_unknown_types_and_duplicate_names(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(config)
     with pytest.raises(WeightkitError, match="VERA are not supported"):
         load_adapter(tiny_llama(seed=0), tmp_path / "a")
+    # A weightkit-only type with a setting this weightkit does not have is refused, not loaded without it.
+    from weightkit.adapt.svfit import SVFitConfig
+
+    save_adapter(adapt(tiny_llama(seed=0), SVFitConfig(rank=4)), tmp_path / "svfit")
+    config = json.loads((tmp_path / "svfit" / "adapter_config.json").read_text())
+    (tmp_path / "svfit" / "adapter_config.json").write_text(json.dumps({**config, "scale_dropout": 0.1}))
+    with pytest.raises(WeightkitError, match="SVFIT adapters have no setting scale_dropout"):
+        load_adapter(tiny_llama(seed=0), tmp_path / "svfit")
 
 
 def test_an_eva_adapter_has_eva_ranks_and_loads_in_peft(tmp_path):
@@ -312,8 +322,8 @@ def test_a_tied_lm_head_in_modules_to_save_loads_as_a_copy_as_in_peft(tmp_path):
     ("field", "value", "message"),
     [
         ("alora_invocation_tokens", [5, 9], "alora_invocation_tokens=\\[5, 9\\] are not supported"),
-        ("init_lora_weights", "pissa", "init_lora_weights='pissa': PEFT re-derives the base weights"),
-        ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+        ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4': PEFT re-derives the base"),
+        ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("bias", "lora", "bias='lora' is not one of PEFT's"),
         ("trainable_token_indices", [3, 4], "trainable_token_indices"),
         ("ensure_weight_tying", True, "ensure_weight_tying=True"),
@@ -331,6 +341,36 @@ def test_a_lora_config_field_weightkit_would_not_honour_is_refused_by_name(tmp_p
     (saved / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(WeightkitError, match=message):
         load_adapter(tiny_llama(seed=0), saved)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_pissa_or_olora_adapter_loads_on_the_rederived_residual_as_in_peft(tmp_path, init):
+    # PEFT saves these adapters with the trained factors only and rebuilds the residual base on load;
+    # weightkit put the factors on the unmodified base (logits off by ~0.1).
+    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    trained = get_peft_model(tiny_llama(seed=0), config)
+    _randomise(trained)
+    trained.save_pretrained(tmp_path)
+    reference = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path).eval()
+    ours = load_adapter(tiny_llama(seed=0), tmp_path)
+    torch.testing.assert_close(ours(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert (ours(IDS).logits - tiny_llama(seed=0)(IDS).logits).abs().max() > 1e-2
+    # Saved again by weightkit it is a plain LoRA on the original base (rank 2r), which PEFT loads alike.
+    save_adapter(ours, tmp_path / "converted")
+    converted = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / "converted").eval()
+    torch.testing.assert_close(converted(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_olora_starts_where_pefts_does():
+    peft_model = get_peft_model(
+        tiny_llama(seed=0),
+        PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora"),
+    )
+    ours = adapt(tiny_llama(seed=0), LoRAConfig(rank=4, alpha=8, targets=["re:.*q_proj"], init="olora"))
+    theirs = {k.removeprefix("base_model.model."): v for k, v in peft_model.state_dict().items()}
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(IDS).logits, tiny_llama(seed=0)(IDS).logits, rtol=1e-4, atol=1e-4)
 
 
 def _opt():

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from weightkit.adapt.dora import dora_extra_output, dora_scale, merged_weight, row_norms, unmerged_weight
 from weightkit.adapt.eva import eva_components
 from weightkit.adapt.layer import AdapterModule, adapter_dtype, adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.olora import orthonormal_factors
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
@@ -53,10 +54,11 @@ class LoRAConfig:
         dora: DoRA (:mod:`weightkit.adapt.dora`): also learn each output feature's magnitude.
         init: how ``A`` and ``B`` start. ``"kaiming"``: ``A`` Kaiming-uniform, ``B`` zero (the paper's and
             PEFT's default; outputs unchanged). ``"pissa"``: the principal singular vectors of the weight,
-            the base weight keeps the residual (:mod:`weightkit.adapt.pissa`; outputs unchanged). ``"eva"``:
-            ``A`` spans the top principal directions of each layer's inputs on ``data``, ranks redistributed
-            by explained variance under the budget ``rank * layers`` (:mod:`weightkit.adapt.eva`; ``B``
-            zero); needs calibration batches.
+            the base weight keeps the residual (:mod:`weightkit.adapt.pissa`; outputs unchanged).
+            ``"olora"``: likewise from the weight's QR decomposition (:mod:`weightkit.adapt.olora`).
+            ``"eva"``: ``A`` spans the top principal directions of each layer's inputs on ``data``, ranks
+            redistributed by explained variance under the budget ``rank * layers``
+            (:mod:`weightkit.adapt.eva`; ``B`` zero); needs calibration batches.
         rank_pattern: per-module ranks overriding ``rank``, keyed as PEFT's: a key is a regular expression
             matched against the end of the module's name at a dot boundary (``"q_proj"``,
             ``"layers.0.mlp.up_proj"``; ``"0"`` matches ``layers.2.0`` but not ``layers.20``), the first
@@ -116,7 +118,9 @@ class LoRAConfig:
         return self.alpha_for(module_name) / (math.sqrt(rank) if self.rslora else rank)
 
 
-INITS = ("kaiming", "pissa", "eva")
+INITS = ("kaiming", "pissa", "olora", "eva")
+# Initialisations that move part of the weight into the adapter; the base keeps the residual.
+_RESIDUAL_INITS = {"pissa": principal_factors, "olora": orthonormal_factors}
 
 
 class LoRALinear(AdapterModule):
@@ -134,7 +138,7 @@ class LoRALinear(AdapterModule):
         self.active: list[str] = []
         self.merged: list[str] = []
         self._merged_norms: dict[str, Tensor] = {}  # DoRA row norms at merge time, to unmerge exactly
-        # PiSSA's initial (A, B): saving expresses the update against the original base weight with them.
+        # PiSSA's/OLoRA's initial (A, B): saving expresses the update against the original base weight.
         self.pissa_initial: dict[str, tuple[Tensor, Tensor]] = {}
 
     def adapter_names(self) -> list[str]:
@@ -150,8 +154,8 @@ class LoRALinear(AdapterModule):
         init: str = "kaiming", dtype: torch.dtype | None = None, lora_bias: bool = False,
     ) -> None:  # fmt: skip
         """Add adapter ``name`` (active), its tensors in ``dtype`` (default: the base weight's).
-        ``init="pissa"`` also replaces the base weight by its residual; ``lora_bias`` gives ``lora_B`` a
-        bias."""
+        ``init="pissa"``/``"olora"`` also replace the base weight by its residual; ``lora_bias`` gives
+        ``lora_B`` a bias."""
         _check_new_adapter(self, name)
         weight = self.base_layer.weight
         out_features, in_features = weight.shape
@@ -159,8 +163,8 @@ class LoRALinear(AdapterModule):
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
         self.lora_B[name] = nn.Linear(rank, out_features, **{**kwargs, "bias": lora_bias})
         with torch.no_grad():
-            if init == "pissa":
-                a, b, residual = principal_factors(weight, rank, scaling)
+            if init in _RESIDUAL_INITS:
+                a, b, residual = _RESIDUAL_INITS[init](weight, rank, scaling)
                 self.lora_A[name].weight.copy_(a)
                 self.lora_B[name].weight.copy_(b)
                 weight.copy_(residual)

@@ -171,6 +171,9 @@ _LORA_NO_EFFECT = {
 }  # fmt: skip
 # Initialisations that leave the base weights alone: after training, only the saved tensors matter.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Initialisations whose residual base PEFT re-derives from the base weights on load, deterministically;
+# weightkit does the same (the randomised "pissa_niter_<k>" draws from PEFT's global RNG: not reproducible).
+_REDERIVED_INITS = ("pissa", "olora")
 
 
 def _off(value) -> bool:
@@ -180,11 +183,12 @@ def _off(value) -> bool:
 def _refuse_unsupported_lora_fields(saved: dict, where: Path) -> None:
     """Refuse a LoRA adapter_config.json field weightkit would otherwise not honour, naming it."""
     init = saved.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
+    if init not in _PLAIN_INITS + _REDERIVED_INITS:
         raise WeightkitError(
             f"{where}: init_lora_weights={init!r}: PEFT re-derives the base weights from this adapter on "
-            "load (the residual of a PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation), which weightkit does "
-            "not do yet; save it converted (PEFT's path_initial_model_for_weight_conversion) to load it here"
+            "load (the residual of a randomised-SVD PiSSA or a CorDA/LoftQ/LoRA-GA initialisation), which "
+            "weightkit does not do; save it converted (PEFT's path_initial_model_for_weight_conversion) to "
+            "load it here"
         )
     if saved.get("bias", "none") not in ("none", "all", "lora_only"):
         raise WeightkitError(
@@ -218,9 +222,17 @@ def _lora_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAConfig:
         dora=bool(saved.get("use_dora")),
         dropout=float(saved.get("lora_dropout") or 0.0),
         lora_bias=bool(saved.get("lora_bias")),
+        init=saved["init_lora_weights"] if saved.get("init_lora_weights") in _REDERIVED_INITS else "kaiming",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+
+
+# What save_adapter writes for every adapter besides the method's own config fields.
+_SAVED_WITH_EVERY_ADAPTER = {
+    "peft_type", "task_type", "base_model_name_or_path", "target_modules", "inference_mode",
+    "modules_to_save",
+}  # fmt: skip
 
 
 def _config_from_saved(saved: dict, modules: list[str], where: Path):
@@ -234,6 +246,11 @@ def _config_from_saved(saved: dict, modules: list[str], where: Path):
             return dataclasses.replace(from_peft(saved), targets=modules)
         if peft_type == method.upper():
             fields = {f.name for f in dataclasses.fields(entry.config_cls)}
+            unknown = sorted(set(saved) - fields - _SAVED_WITH_EVERY_ADAPTER)
+            if unknown:  # from a newer weightkit, or edited: never load as something else than it was saved
+                raise WeightkitError(
+                    f"{where}: {peft_type} adapters have no setting {', '.join(unknown)} in this weightkit"
+                )
             values = {k: v for k, v in saved.items() if k in fields}
             return entry.config_cls(**{**values, "targets": modules})
     raise WeightkitError(f"{where}: adapters of type {peft_type} are not supported by weightkit")
@@ -280,7 +297,11 @@ def load_adapter(
     config = _config_from_saved(saved, targets, adapter_dir)
     entry = entry_for_config(config)
     try:
-        entry.fn(model, config, name=name, initialize=False, autocast_adapter_dtype=autocast_adapter_dtype)
+        # A PiSSA/OLoRA adapter saved unconverted: its base is the residual, re-derived as PEFT does on load.
+        initialize = getattr(config, "init", None) in _REDERIVED_INITS
+        entry.fn(
+            model, config, name=name, initialize=initialize, autocast_adapter_dtype=autocast_adapter_dtype
+        )
     except WeightkitError as err:
         raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
     full_keys = adapter_keys(model, name)
