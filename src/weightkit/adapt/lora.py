@@ -656,4 +656,5 @@ def _eva_init(model: nn.Module, modules: list[str], config: LoRAConfig, data) ->
 register("adapt", "lora", LoRAConfig, add_lora, preset={"init": "kaiming", "dora": False})
 register("adapt", "dora", LoRAConfig, add_lora, preset={"init": "kaiming", "dora": True})
 register("adapt", "pissa", LoRAConfig, add_lora, preset={"init": "pissa", "dora": False})
+register("adapt", "olora", LoRAConfig, add_lora, preset={"init": "olora", "dora": False})
 register("adapt", "eva", LoRAConfig, add_lora, preset={"init": "eva", "dora": False})

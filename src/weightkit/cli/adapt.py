@@ -85,8 +85,8 @@ def add_parsers(sub) -> None:
     t.add_argument(
         "--method",
         default="lora",
-        help="adapter method: lora, dora, pissa, eva, lora_sb, lora_xs, svfit, bone, mos, increlora, did, "
-        "said (intrinsic-dimension subspaces; their size is --option dim=N) (default: lora)",
+        help="adapter method: lora, dora, pissa, olora, eva, lora_sb, lora_xs, svfit, bone, mos, increlora, "
+        "did, said (intrinsic-dimension subspaces; their size is --option dim=N) (default: lora)",
     )
     t.add_argument("--rank", type=int, help="adapter rank (method default if not given; not for did/said)")
     t.add_argument("--alpha", type=float, help="LoRA-style scaling numerator alpha (method default)")
