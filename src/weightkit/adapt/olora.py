@@ -15,7 +15,7 @@ weight's dtype (as :func:`weightkit.adapt.pissa.principal_factors` does).
 import torch
 from torch import Tensor
 
-from weightkit.errors import WeightkitError
+from weightkit.adapt.pissa import check_residual_init
 
 __all__ = ["orthonormal_factors"]
 
@@ -35,13 +35,7 @@ def orthonormal_factors(weight: Tensor, rank: int, scaling: float) -> tuple[Tens
     Raises:
         WeightkitError: a weight that is not a floating-point matrix, or a bad rank.
     """
-    if weight.ndim != 2 or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise WeightkitError(
-            f"olora: needs a float32/float16/bfloat16 matrix, got a {weight.dtype} tensor of shape "
-            f"{tuple(weight.shape)}"
-        )
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
-        raise WeightkitError(f"olora: rank must be an integer in [1, {min(weight.shape)}], got {rank!r}")
+    check_residual_init(weight, rank, "olora")
     matrix = weight.detach().to(torch.float32)
     Q, R = torch.linalg.qr(matrix)
     B, A = Q[:, :rank].contiguous(), R[:rank].contiguous()

@@ -24,7 +24,19 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["principal_factors", "pissa_to_lora"]
+__all__ = ["check_residual_init", "principal_factors", "pissa_to_lora"]
+
+
+def check_residual_init(weight: Tensor, rank: int, method: str) -> None:
+    """Refuse what an initialisation that splits ``weight`` into factors and a residual cannot take: a
+    weight that is not a float32/float16/bfloat16 matrix, or a rank outside ``[1, min(out, in)]``."""
+    if weight.ndim != 2 or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise WeightkitError(
+            f"{method}: needs a float32/float16/bfloat16 matrix, got a {weight.dtype} tensor of shape "
+            f"{tuple(weight.shape)} (dequantize first; quantize the residual afterwards)"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+        raise WeightkitError(f"{method}: rank must be an integer in [1, {min(weight.shape)}], got {rank!r}")
 
 
 def principal_factors(
@@ -51,13 +63,7 @@ def principal_factors(
     Raises:
         WeightkitError: a weight that is not a floating-point matrix, or a bad rank, scaling or niter.
     """
-    if weight.ndim != 2 or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise WeightkitError(
-            f"pissa: needs a float32/float16/bfloat16 matrix, got a {weight.dtype} tensor of shape "
-            f"{tuple(weight.shape)} (dequantize first; quantize the residual afterwards)"
-        )
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
-        raise WeightkitError(f"pissa: rank must be an integer in [1, {min(weight.shape)}], got {rank!r}")
+    check_residual_init(weight, rank, "pissa")
     if not scaling > 0:
         raise WeightkitError(f"pissa: scaling must be > 0, got {scaling}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
