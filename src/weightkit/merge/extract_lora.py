@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from weightkit.adapt.peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.linalg import largest_entry_signs
@@ -52,8 +53,6 @@ _SVD_METHODS = ("auto", "full", "randomized")
 # 0.06 s at rank 16, 0.2 s at rank 64, 0.4 s at rank 128, with errors 0.1-0.2% above the optimum on a
 # flat (Gaussian) spectrum and 0.002% on a decaying one. The exact SVD scales as n^3 (~0.3 s at 1024).
 _FULL_SVD_MAX_DIM = 1024
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "shared")
 
 
@@ -441,7 +440,7 @@ def _stream(
     conv1d = False
     # One file however large: PEFT loads adapter_model.safetensors only, never shards.
     writer = CheckpointWriter(
-        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=_ADAPTER_WEIGHTS
+        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=ADAPTER_WEIGHTS
     )
     try:
         for name in track(base.names(), "extracting LoRA", enabled=progress):
@@ -479,8 +478,8 @@ def _stream(
                 residual = delta - lora_b.float() @ lora_a.float()
                 error = float(torch.linalg.matrix_norm(residual)) / float(torch.linalg.matrix_norm(delta))
             del delta
-            writer.add(f"{_PEFT_PREFIX}{kind.module}.lora_A.weight", lora_a)
-            writer.add(f"{_PEFT_PREFIX}{kind.module}.lora_B.weight", lora_b)
+            writer.add(f"{PEFT_PREFIX}{kind.module}.lora_A.weight", lora_a)
+            writer.add(f"{PEFT_PREFIX}{kind.module}.lora_B.weight", lora_b)
             params += lora_a.numel() + lora_b.numel()
             conv1d = conv1d or kind.transposed
             modules.append(
@@ -505,7 +504,7 @@ def _stream(
     except BaseException:
         writer.abort()
         raise
-    adapter_bytes = (Path(out_dir) / _ADAPTER_WEIGHTS).stat().st_size
+    adapter_bytes = (Path(out_dir) / ADAPTER_WEIGHTS).stat().st_size
     return {
         "out_dir": str(out_dir),
         "rank": rank,

@@ -1,0 +1,152 @@
+"""``model+lora`` references in merge recipes: a model read with a PEFT LoRA adapter merged into it.
+
+mergekit reads ``path/to/model+path/to/adapter`` by loading the model, merging the adapter with PEFT's
+``merge_and_unload`` and saving the result to a cache directory (``--lora-merge-cache``) before the merge
+starts. weightkit merges each adapted tensor as it is read (:class:`LoRAMergedReader`), with the LoRA layers
+weightkit loads PEFT adapters into (tested equal to PEFT's), so nothing is written and there is nothing to
+cache. As in mergekit, the merged weight is rounded to the dtype the model is loaded in: the checkpoint's
+own dtype (transformers' ``dtype="auto"``), or ``lora_merge_dtype`` (mergekit's ``--lora-merge-dtype``).
+
+What the adapter holds besides its factors is applied as PEFT's ``merge_and_unload`` applies it: modules in
+``modules_to_save`` take their saved tensors, ``bias="all"``/``"lora_only"`` the saved biases,
+``lora_bias`` adds to the layer's bias. The adapter's config is read as :func:`weightkit.load` reads it:
+every field honoured or refused by name.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from weightkit.adapt.layer import adapter_keys
+from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
+from weightkit.adapt.peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX, lora_config_from_peft
+from weightkit.checkpoint import CheckpointReader
+from weightkit.errors import WeightkitError
+
+__all__ = ["split_reference", "LoRAMergedReader"]
+
+# The suffixes of an adapted module's tensors in a PEFT LoRA file.
+_FACTORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
+            "lora_magnitude_vector")  # fmt: skip
+
+
+def split_reference(text: str) -> tuple[str, str | None]:
+    """``"model+adapter"`` -> ``("model", "adapter")``; a plain path (even one containing ``+`` that
+    exists as a whole) -> ``(path, None)``."""
+    if "+" not in text or Path(text).exists():
+        return text, None
+    model, _, adapter = text.rpartition("+")
+    return model, adapter
+
+
+class LoRAMergedReader(CheckpointReader):
+    """A checkpoint whose tensors read as if a PEFT LoRA adapter had been merged into the model.
+
+    Args:
+        path: the model (as :class:`~weightkit.checkpoint.CheckpointReader` takes it).
+        adapter_dir: a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        merge_dtype: round merged tensors to this dtype (default: each tensor's dtype in the checkpoint).
+        allow_pickle: as for :class:`~weightkit.checkpoint.CheckpointReader`.
+
+    Raises:
+        WeightkitError: not a LoRA adapter, a config field weightkit does not honour, or tensors that do not
+            fit the model.
+    """
+
+    def __init__(
+        self, path: str | Path, adapter_dir: str | Path, *, merge_dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(path, allow_pickle=allow_pickle)
+        self.adapter_dir = Path(adapter_dir)
+        self.merge_dtype = merge_dtype
+        config_file = self.adapter_dir / "adapter_config.json"
+        if not config_file.is_file():
+            raise WeightkitError(f"{self.adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
+        saved = json.loads(config_file.read_text())
+        if saved.get("peft_type") != "LORA":
+            raise WeightkitError(
+                f"{self.adapter_dir}: a {saved.get('peft_type')} adapter; model+adapter references take LoRA "
+                "adapters (merge other types with `weightkit merge-adapter` first)"
+            )
+        with CheckpointReader(self.adapter_dir / ADAPTER_WEIGHTS) as reader:
+            tensors = {name.removeprefix(PEFT_PREFIX): reader.get(name) for name in reader.names()}
+        # Whole tensors the adapter replaces: modules_to_save, and trained biases (bias="all"/"lora_only").
+        self._replaced = {k: v for k, v in tensors.items() if not k.endswith(_FACTORS)}
+        self._factors: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            for suffix in _FACTORS:
+                if key.endswith("." + suffix):
+                    self._factors.setdefault(key.removesuffix("." + suffix), {})[suffix] = tensor
+        self._config = lora_config_from_peft(saved, sorted(self._factors), self.adapter_dir)
+        # An unconverted PiSSA/OLoRA adapter's base is a residual re-derived from the model: not done here.
+        if self._config.init != "kaiming":
+            raise WeightkitError(
+                f"{self.adapter_dir}: an unconverted {self._config.init} adapter; load it with "
+                "weightkit.load and save the merged model (or save the adapter converted) to merge it"
+            )
+        for name in self._replaced:
+            name = name.replace(".base_layer.", ".")
+            if name not in self:
+                raise WeightkitError(
+                    f"{self.adapter_dir}: the adapter saves {name}, which {path} does not have"
+                )
+        missing = [f"{m}.weight" for m in self._factors if f"{m}.weight" not in self]
+        if missing:
+            raise WeightkitError(
+                f"{self.adapter_dir}: the adapter adapts {missing[0]}, which {path} does not have"
+            )
+
+    def get(self, name: str) -> Tensor:
+        return self._merged(name, super().get(name))
+
+    def read_into(self, name: str, out: Tensor) -> Tensor:
+        tensor = super().read_into(name, out)
+        merged = self._merged(name, tensor)
+        return tensor if merged is tensor else tensor.copy_(merged)
+
+    def _merged(self, name: str, tensor: Tensor) -> Tensor:
+        """``tensor`` (checkpoint tensor ``name``) as the model with the adapter merged holds it."""
+        module, _, kind = name.rpartition(".")
+        # A saved whole tensor replaces the model's (a saved embedding table is the base of its factors).
+        saved = self._replaced.get(name, self._replaced.get(f"{module}.base_layer.{kind}"))
+        if saved is not None:
+            tensor = saved.to(tensor.dtype)
+        factors = self._factors.get(module)
+        if factors is None or kind not in ("weight", "bias"):
+            return tensor
+        if kind == "bias":
+            lora_bias = factors.get("lora_B.bias")
+            if lora_bias is None:
+                return tensor
+            merged = tensor.float() + lora_bias.float() * self._config.scaling_for(module)
+        else:
+            merged = _merged_weight(tensor.float(), factors, self._config, module)
+        return merged.to(self.merge_dtype or self.dtype(name)).to(tensor.dtype)
+
+
+def _merged_weight(weight: Tensor, factors: dict[str, Tensor], config, module: str) -> Tensor:
+    """``weight`` with one module's LoRA (or DoRA) update merged in, by weightkit's LoRA layer for it."""
+    if "lora_embedding_A" in factors:
+        layer = LoRAEmbedding(nn.Embedding(*weight.shape, _weight=weight))
+    elif factors["lora_A.weight"].ndim == 4:
+        base = nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), bias=False, device="meta")
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        layer = LoRAConv2d(base)
+    else:
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        layer = LoRALinear(base)
+    rank = (factors.get("lora_A.weight", factors.get("lora_embedding_A"))).shape[0]
+    kwargs = {"dora": config.dora, "dtype": torch.float32}
+    layer.add_adapter("adapter", rank=rank, scaling=config.scaling_for(module), **kwargs)
+    state = layer.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for short, full in adapter_keys(layer, "adapter").items():
+            if short not in factors:
+                raise WeightkitError(f"the adapter lacks {module}.{short}")
+            state[full].copy_(factors[short].reshape(state[full].shape))
+        layer.merge()
+    return layer.base_layer.weight.detach()

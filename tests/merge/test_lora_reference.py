@@ -1,0 +1,76 @@
+"""``model+lora`` references: the tensors read with the adapter merged equal PEFT's ``merge_and_unload``."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from weightkit.errors import WeightkitError
+from weightkit.merge.lora_reference import LoRAMergedReader, split_reference
+from weightkit.testing import save_tiny, tiny_llama
+
+
+def _trained_adapter(model, config, out):
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "settings"),
+    [
+        (torch.float32, {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
+        (
+            torch.float32,
+            {"target_modules": ["q_proj", "down_proj"], "use_dora": True, "rank_pattern": {"q_proj": 3}},
+        ),
+        (torch.float32, {"target_modules": ["o_proj"], "modules_to_save": ["lm_head"]}),
+        (torch.bfloat16, {"target_modules": ["q_proj", "up_proj"]}),
+    ],
+    ids=["lora-embedding", "dora-rank-pattern", "modules-to-save", "bf16"],
+)
+def test_a_model_read_with_its_adapter_merged_equals_pefts_merge_and_unload(tmp_path, dtype, settings):
+    base = save_tiny(tiny_llama(seed=0).to(dtype), tmp_path / "base")
+    adapter = _trained_adapter(
+        AutoModelForCausalLM.from_pretrained(base, dtype=dtype), LoraConfig(r=2, lora_alpha=4, **settings),
+        tmp_path / "adapter",
+    )  # fmt: skip
+    # What mergekit does for "base+adapter": load in the checkpoint's dtype, merge with PEFT, save.
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
+    expected = merged.merge_and_unload().state_dict()
+    with LoRAMergedReader(base, adapter) as reader:
+        changed = 0
+        for name in reader.names():
+            tensor = reader.get(name)
+            assert tensor.dtype == dtype
+            torch.testing.assert_close(
+                tensor, expected[name], rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 0
+            )
+            buffer = torch.empty(tensor.numel(), dtype=torch.float32)
+            torch.testing.assert_close(reader.read_into(name, buffer), tensor.float(), rtol=0, atol=0)
+            changed += not torch.equal(tensor, tiny_llama(seed=0).to(dtype).state_dict()[name])
+        assert changed >= 3
+
+
+def test_references_split_at_the_last_plus_unless_the_path_exists(tmp_path):
+    assert split_reference("org/model+org/adapter") == ("org/model", "org/adapter")
+    plus = tmp_path / "a+b"
+    plus.mkdir()
+    assert split_reference(str(plus)) == (str(plus), None)
+
+
+def test_an_adapter_that_does_not_fit_or_is_not_lora_is_refused(tmp_path):
+    base = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    adapter = _trained_adapter(tiny_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a")
+    other = save_tiny(tiny_llama(seed=0, num_hidden_layers=1), tmp_path / "other")
+    with pytest.raises(WeightkitError, match="adapts model.layers.1.self_attn.q_proj.weight, which"):
+        LoRAMergedReader(other, adapter)
+    config = (adapter / "adapter_config.json").read_text().replace('"LORA"', '"IA3"')
+    (adapter / "adapter_config.json").write_text(config)
+    with pytest.raises(WeightkitError, match="a IA3 adapter; model\\+adapter references take LoRA"):
+        LoRAMergedReader(base, adapter)
