@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from weightkit.cli import main
 from weightkit.testing import save_tiny, tiny_llama
@@ -76,3 +77,41 @@ def test_a_missing_device_is_refused_by_name(tmp_path, capsys, linear_recipe, ll
     code, _, err = run(capsys, *args, "--device", "cuda")
     assert code == 1 and "--device cuda: this machine has no CUDA GPU" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "f.safetensors").exists()
+
+
+FRANKENMERGE = """\
+slices:
+  - sources:
+      - model: a
+        layer_range: [0, 3]
+  - sources:
+      - model: b
+        layer_range: [1, 4]
+        parameters: {scale: 0.5}
+merge_method: passthrough
+"""
+
+
+def test_merge_stacks_the_slices_of_a_yaml_recipe(tmp_path, capsys):
+    for name, seed in (("a", 1), ("b", 2)):
+        save_tiny(tiny_llama(seed=seed, num_hidden_layers=4, tie_word_embeddings=False), tmp_path / name)
+    recipe = tmp_path / "frankenmerge.yaml"
+    recipe.write_text(FRANKENMERGE)
+    code, stdout, _ = run(capsys, "merge", recipe, "-o", tmp_path / "plan", "--dry-run", "--json")
+    plan = json.loads(stdout)
+    assert code == 0 and plan["tensors"] == 6 * 9 + 3 and not (tmp_path / "plan").exists()
+    assert [(row["slice"], row["layers"], row["parameters"]) for row in plan["models"]] == [
+        ("0", "0-2", "method defaults"),
+        ("1", "1-3", "scale=0.5"),
+    ]
+    code, stdout, _ = run(capsys, "merge", recipe, "-o", tmp_path / "out", "--json")
+    assert code == 0 and json.loads(stdout)["layers"] == 6
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(out[name.format(2)], a[name.format(2)])
+    assert torch.equal(out[name.format(3)], b[name.format(1)] * 0.5)
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], b["lm_head.weight"] * 0.5)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightkit.errors import WeightkitError
-from weightkit.merge.engine import WorkBuffers, plan_merge, read_job, run_merge
+from weightkit.merge.engine import WorkBuffers, plan_merge, prepare_merge, read_job, run_merge
+from weightkit.registry import config_from_dict
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama
 
 
@@ -81,8 +82,13 @@ def test_plan_refuses_other_architectures_missing_tensors_and_shapes(tmp_path):
         WeightkitError, match=r"mlp\.\w+_proj\.weight has different shapes \(.*llama: \[.*wider: \["
     ):
         plan_merge(llama, [wider])
-    with pytest.raises(WeightkitError, match="at least two models"):
-        plan_merge(llama, [llama])
+    with pytest.raises(WeightkitError, match="at least one model"):
+        plan_merge(None, [])
+    # One checkpoint is a plan (passthrough copies it); how many models a method needs, its config says.
+    with pytest.raises(
+        WeightkitError, match=r"ties merges at least 1 model\(s\) besides the base model, got 0"
+    ):
+        prepare_merge(llama, [llama], config_from_dict("merge", {"method": "ties"}))
 
 
 def test_nan_in_an_input_stops_the_merge_and_writes_nothing(tmp_path):

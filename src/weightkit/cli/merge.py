@@ -11,8 +11,8 @@ from weightkit.progress import console
 
 
 def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
-    from weightkit.merge import merge, prepare_merge
-    from weightkit.merge.engine import close_plan, merge_device
+    from weightkit.merge import merge, merge_slices, prepare_merge, prepare_slices
+    from weightkit.merge.engine import MergePart, close_plan, merge_device
     from weightkit.merge.recipe import DTYPES, load_merge_recipe
     from weightkit.registry import config_to_dict
 
@@ -22,15 +22,22 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     if not args.dry_run:
         refuse_existing(out, args.force)
     config = config_to_dict(recipe.config)
+    options = {"allow_pickle": args.allow_pickle, "tokenizer_source": recipe.tokenizer_source}
     if args.dry_run:
         device = merge_device(recipe.config, args.device)
-        plan, models = prepare_merge(
-            recipe.base, recipe.models, recipe.config, allow_pickle=args.allow_pickle
-        )
+        if recipe.slices is not None:
+            parts, reference, _ = prepare_slices(recipe.base, recipe.slices, recipe.config, **options)
+            rows = _slice_rows(recipe.slices)
+        else:
+            plan, models = prepare_merge(recipe.base, recipe.models, recipe.config, **options)
+            parts, reference = [MergePart(plan, models, recipe.config)], plan.reference
+            rows = _model_rows(plan, models)
         try:
-            summary = {**_merge_plan_summary(plan, models, config, dtype), "device": str(device)}
+            summary = {**_merge_plan_summary(parts, rows, config, dtype), "device": str(device)}
         finally:
-            close_plan(plan, models)
+            reference.close()
+            for part in parts:
+                close_plan(part.plan, part.models)
         if not args.json:
             print_table("merge plan (dry run: nothing written)", summary["models"])
             console.print(
@@ -39,17 +46,18 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
                 highlight=False,
             )
         return {"dry_run": True, "output": str(out), **summary}
-    summary = merge(
+    run, inputs = (merge_slices, recipe.slices) if recipe.slices is not None else (merge, recipe.models)
+    summary = run(
         recipe.base,
-        recipe.models,
+        inputs,
         recipe.config,
         out,
         dtype=dtype,
         max_shard_bytes=args.max_shard_size,
         overwrite=args.force,
         progress=not args.json,
-        allow_pickle=args.allow_pickle,
         device=args.device,
+        **options,
     )
     summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
     if not args.json:
@@ -159,24 +167,41 @@ def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _merge_plan_summary(plan, models, config: dict[str, Any], dtype) -> dict[str, Any]:
+def _parameters(given: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in given.items()) or "method defaults"
+
+
+def _model_rows(plan, models) -> list[dict[str, str]]:
+    """The models of a ``models:`` recipe and their parameters."""
+    rows = [{"model": f"{plan.reference.path} (base)", "parameters": "-"}] if plan.has_base else []
+    return rows + [{"model": str(m.path), "parameters": _parameters(m.overrides)} for m in models]
+
+
+def _slice_rows(slices) -> list[dict[str, str]]:
+    """The sources of a ``slices:`` recipe: slice, model, layers and parameters (the slice's, then the
+    source's own)."""
+    return [
+        {"slice": str(i), "model": str(s.model), "layers": f"{s.layer_range[0]}-{s.layer_range[1] - 1}",
+         "parameters": _parameters({**piece.parameters, **s.parameters})}
+        for i, piece in enumerate(slices)
+        for s in piece.sources
+    ]  # fmt: skip
+
+
+def _merge_plan_summary(parts, rows, config: dict[str, Any], dtype) -> dict[str, Any]:
     """What a merge would do: method, inputs and their parameters, tensors, bytes in and out."""
-    rows = []
-    if plan.has_base:
-        rows.append({"model": f"{plan.reference.path} (base)", "parameters": "-"})
-    for model in models:
-        given = ", ".join(f"{k}={v}" for k, v in model.overrides.items()) or "method defaults"
-        rows.append({"model": str(model.path), "parameters": given})
+    jobs = [(part.plan, job) for part in parts for job in part.plan.jobs]
     out_bytes = 0
-    for job in plan.jobs:
+    for plan, job in jobs:
         element = (dtype or plan.reference.dtype(job.sources[0])).itemsize
         out_bytes += element * math.prod(job.shape)
+    readers = {r.path.resolve(): r for part in parts for r in part.plan.readers}
     return {
         "method": config["method"],
         "config": config,
         "models": rows,
-        "tensors": len(plan.jobs),
-        "input_bytes": sum(r.nbytes() for r in plan.readers),
+        "tensors": len(jobs),
+        "input_bytes": sum(r.nbytes() for r in readers.values()),
         "output_bytes": out_bytes,
     }
 
@@ -188,8 +213,9 @@ def add_parsers(sub) -> None:
         help="merge fine-tunes of one base model from a mergekit-style YAML recipe",
         description=(
             "Merge models with TIES, DARE, task arithmetic, SLERP, Model Stock, Breadcrumbs, DELLA, linear "
-            "averaging and more, streamed tensor by tensor. The recipe uses mergekit's YAML schema "
-            "(models, base_model, merge_method, parameters, dtype), so mergekit recipes run unchanged."
+            "averaging and more, streamed tensor by tensor, or stack layer ranges of models (slices, "
+            "passthrough). The recipe uses mergekit's YAML schema (models or slices, base_model, "
+            "merge_method, parameters, dtype), so mergekit recipes run unchanged."
         ),
         epilog=(
             "recipe example:\n"

@@ -16,12 +16,19 @@ Rules the plan follows:
   ``vocab_size`` (embeddings, ``lm_head``) may differ in that dimension only. The rows every model
   has are merged; the output has the reference's row count, and rows beyond the smallest vocabulary
   are copied from the reference model.
+- **tokenizer_source: base** (mergekit's option): the input embedding and ``lm_head`` are cut to the
+  reference tokenizer's length, and the output's ``vocab_size`` is that length, as mergekit does. The
+  other models' tokenizers must give those tokens the same ids (else mergekit would move rows).
+
+A recipe's ``slices`` (:mod:`weightkit.merge.slices`) are merged by :func:`merge_slices`: one
+:class:`MergePart` per slice, each an ordinary plan over the slice's models whose tensors are read at
+the slice's layers and written at the output's, streamed into one checkpoint.
 """
 
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +38,24 @@ from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
-from weightkit.merge.params import layer_index, value_for
+from weightkit.merge.params import gradient_position, layer_index, value_at, with_layer_index
+from weightkit.merge.slices import (
+    MergeSlice,
+    before_layers,
+    check_layer_range,
+    check_slices,
+    layer_count,
+    layer_count_update,
+    slice_config,
+    slice_position,
+)
 from weightkit.progress import track
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
 
 __all__ = [
     "MergePlan",
+    "MergePart",
     "TensorJob",
     "check_architectures",
     "TensorInputs",
@@ -46,9 +64,13 @@ __all__ = [
     "read_job",
     "task_vectors",
     "run_merge",
+    "run_parts",
     "prepare_merge",
+    "prepare_slices",
     "merge",
+    "merge_slices",
     "merge_device",
+    "check_tokenizer_source",
     "close_plan",
 ]
 
@@ -63,6 +85,10 @@ class TensorJob:
     sources: list[str]  # per model (base first if any): the name to read from that model
     shape: tuple[int, ...]  # output shape
     merged_rows: int | None = None  # vocabulary tensors: rows merged by the method (the rest copied)
+    t: float = 0.0  # where a gradient over layers puts the tensor (weightkit.merge.params)
+    # Per model: the name its parameters' filters are matched against (mergekit: the tensor's name in
+    # that model, so at the source's own layer in a slice); None: ``name``.
+    input_names: list[str] | None = None
 
 
 @dataclass
@@ -70,8 +96,9 @@ class MergePlan:
     readers: list[CheckpointReader]  # base first (if any), then the models
     has_base: bool
     jobs: list[TensorJob] = field(default_factory=list)
-    num_layers: int = 0
+    num_layers: int = 0  # the layers a gradient spans (a slice's, in a slice merge)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where tensors are merged
+    config_updates: dict[str, Any] = field(default_factory=dict)  # what the output's config.json changes
 
     @property
     def reference(self) -> CheckpointReader:
@@ -124,13 +151,13 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
 
     Raises:
         WeightkitError: different architectures, a tensor missing from some model, shapes that differ
-            (other than vocabulary rows), or fewer models than a merge needs.
+            (other than vocabulary rows), or no model.
     """
     paths = ([Path(base)] if base is not None else []) + [Path(m) for m in models]
     if base is not None:
         paths = [paths[0]] + [p for p in paths[1:] if p.resolve() != paths[0].resolve()]
-    if len(paths) < 2:
-        raise WeightkitError("a merge needs at least two models (counting the base model)")
+    if not paths:  # how many models a method merges is its config's to check (passthrough copies one)
+        raise WeightkitError("a merge needs at least one model")
     readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in paths]
     plan = MergePlan(readers, has_base=base is not None)
     try:
@@ -144,7 +171,9 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
         if _ties_head(reference) and _TIED_HEAD in names:
             names.remove(_TIED_HEAD)
         for name in names:
-            plan.jobs.append(_plan_tensor(readers, name))
+            job = _plan_tensor(readers, name)
+            job.t = gradient_position(name, plan.num_layers)
+            plan.jobs.append(job)
     except BaseException:
         for r in readers:
             r.close()
@@ -152,12 +181,17 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
     return plan
 
 
-def _plan_tensor(readers: list[CheckpointReader], name: str) -> TensorJob:
-    sources = [_source(r, name) for r in readers]
-    missing = [str(r.path) for r, s in zip(readers, sources, strict=True) if s is None]
+def _plan_tensor(readers: list[CheckpointReader], name: str, wanted: list[str] | None = None) -> TensorJob:
+    """Output tensor ``name``, read as ``wanted[i]`` from ``readers[i]`` (default: ``name`` from each)."""
+    wanted = wanted or [name] * len(readers)
+    sources = [_source(r, w) for r, w in zip(readers, wanted, strict=True)]
+    missing = [(r, w) for r, w, s in zip(readers, wanted, sources, strict=True) if s is None]
     if missing:
         have = [str(r.path) for r, s in zip(readers, sources, strict=True) if s is not None]
-        raise WeightkitError(f"tensor {name} is in {', '.join(have)} but missing from {', '.join(missing)}")
+        raise WeightkitError(
+            f"tensor {missing[0][1]} is in {', '.join(have) or 'none of the models'} but missing from "
+            f"{', '.join(str(r.path) for r, _ in missing)}"
+        )
     shapes = [tuple(r.shape(s)) for r, s in zip(readers, sources, strict=True)]
     if len(set(shapes)) == 1:
         return TensorJob(name, sources, shapes[0])
@@ -236,9 +270,12 @@ def task_vectors(plan: MergePlan) -> Iterator[list[Tensor]]:
         yield [t.sub_(base) for t in tensors]
 
 
+MergeFn = Callable[[str, list[Tensor]], Tensor]
+
+
 def run_merge(
     plan: MergePlan,
-    merge_tensor,
+    merge_tensor: MergeFn,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
@@ -271,20 +308,54 @@ def run_merge(
     Raises:
         WeightkitError: an input or a merged tensor holds NaN or Inf (the message names it).
     """
+    return run_parts(
+        [(plan, merge_tensor)],
+        out_dir,
+        reference=plan.reference,
+        config_updates=plan.config_updates,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+        propagates_non_finite=propagates_non_finite,
+    )
+
+
+def run_parts(
+    parts: list[tuple[MergePlan, MergeFn]],
+    out_dir: str | Path,
+    *,
+    reference: CheckpointReader,
+    config_updates: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+    propagates_non_finite: bool = False,
+) -> dict:
+    """Stream several plans into one checkpoint (the slices of a slice merge), as :func:`run_merge` does one.
+
+    Args:
+        parts: each plan with the function that merges its tensors (see :func:`run_merge`).
+        reference: the model whose config (with ``config_updates``) and tokenizer files the output gets.
+        config_updates: values that replace the reference's in the output's ``config.json``.
+
+    Every reader of the parts, and ``reference``, is closed at the end.
+    """
     start = time.perf_counter()
     total = 0
-    buffers = WorkBuffers(plan.device)
+    buffers = WorkBuffers(parts[0][0].device)
+    jobs = [(plan, merge_tensor, job) for plan, merge_tensor in parts for job in plan.jobs]
     try:
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
-            _write_config(writer, plan, dtype)  # before copy_files, which keeps files already written
-            for job in track(plan.jobs, "merging", enabled=progress):
+            # Before copy_files, which keeps the files already written.
+            _write_config(writer, {**(reference.config or {}), **config_updates}, dtype)
+            for plan, merge_tensor, job in track(jobs, "merging", enabled=progress):
                 checked = not propagates_non_finite or job.merged_rows is not None
                 merged = merge_tensor(job.name, read_job(plan, job, buffers, check=checked))
-                reference = plan.reference.get(job.sources[0]) if job.merged_rows is not None else None
-                if reference is not None and job.shape[0] > job.merged_rows:
-                    merged = torch.cat(
-                        [merged, reference[job.merged_rows :].to(merged.device, torch.float32)]
-                    )
+                if job.merged_rows is not None and job.shape[0] > job.merged_rows:
+                    rows = plan.reference.get(job.sources[0])[job.merged_rows :]
+                    merged = torch.cat([merged, rows.to(merged.device, torch.float32)])
                 try:
                     require_finite(merged, f"{job.name} (merged)")
                 except WeightkitError:
@@ -296,16 +367,15 @@ def run_merge(
                     merged = merged.clone()
                 total += merged.numel() * merged.element_size()
                 writer.add(job.name, merged)
-            if plan.reference.directory is not None:
-                writer.copy_files(plan.reference.directory)
+            if reference.directory is not None:
+                writer.copy_files(reference.directory)
     finally:
-        for r in plan.readers:
-            r.close()
-    return {"tensors": len(plan.jobs), "output_bytes": total, "seconds": time.perf_counter() - start}
+        for reader in [reference] + [r for plan, _ in parts for r in plan.readers]:
+            reader.close()
+    return {"tensors": len(jobs), "output_bytes": total, "seconds": time.perf_counter() - start}
 
 
-def _write_config(writer: CheckpointWriter, plan: MergePlan, dtype: torch.dtype | None) -> None:
-    config = dict(plan.reference.config or {})
+def _write_config(writer: CheckpointWriter, config: dict, dtype: torch.dtype | None) -> None:
     if not config:
         return
     if dtype is not None:  # transformers 5 writes "dtype", older versions "torch_dtype"
@@ -396,8 +466,8 @@ def _models(base: str | Path | None, models: list[ModelSpec], config: Any, metho
     return out
 
 
-def _resolve(spec_source: Any, key: str, name: str, num_layers: int, what: str) -> Any:
-    value = value_for(spec_source, name, num_layers)
+def _resolve(spec_source: Any, key: str, name: str, t: float, what: str) -> Any:
+    value = value_at(spec_source, name, t)
     if value is None:
         raise WeightkitError(
             f"{what}: no {key!r} filter entry matches tensor {name} (add an entry without filter)"
@@ -412,25 +482,36 @@ def _tensor_inputs(
     # The method gets the list itself (not a copy): replacing an entry frees the tensor it held.
     base = tensors.pop(0) if plan.has_base else None
     merged = tensors
-    sources = job.sources[1:] if plan.has_base else job.sources
+    offset = 1 if plan.has_base else 0
+    sources = job.sources[offset:]
+    filtered_as = job.input_names[offset:] if job.input_names else [name] * len(sources)
     params = []
-    for model, source in zip(models, sources, strict=True):
+    for model, source, filter_name in zip(models, sources, filtered_as, strict=True):
         values: dict[str, Any] = {}
         for key in getattr(config, "per_model", ()):
             if key in model.files:  # stored under the model's own name (its embedding for a tied lm_head)
                 values[key] = model.files[key].get(source).to(plan.device, torch.float32)
                 continue
             own, default = model.overrides.get(key), getattr(config, key)
-            value = None if own is None else value_for(own, name, plan.num_layers)
+            value = None if own is None else value_at(own, filter_name, job.t)
             if value is None and default is not None:  # no value of its own, or none of its filters matched
-                value = _resolve(default, key, name, plan.num_layers, str(model.path))
+                value = _resolve(default, key, filter_name, job.t, str(model.path))
             values[key] = value
         params.append(values)
     shared = {
-        key: _resolve(getattr(config, key), key, name, plan.num_layers, "parameters")
+        key: _resolve(getattr(config, key), key, name, job.t, "parameters")
         for key in getattr(config, "per_tensor", ())
     }
     return TensorInputs(name, base, merged, params, shared)
+
+
+@dataclass
+class MergePart:
+    """Output tensors merged from the same models with the same parameters: a whole merge, or a slice."""
+
+    plan: MergePlan
+    models: list[_Model]  # the merged models (not the base), as the plan's readers after the base
+    config: Any  # the method's config, with the slice's parameters in a slice merge
 
 
 def merge(
@@ -445,6 +526,7 @@ def merge(
     progress: bool = True,
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
+    tokenizer_source: str | None = None,
 ) -> dict:
     """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
 
@@ -466,6 +548,9 @@ def merge(
         dtype: output dtype (default: each tensor's dtype in the reference model).
         device: where heavy methods merge (see above): None for the GPU when there is one (see
             :func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"`` ...
+        tokenizer_source: None (the reference's tokenizer is copied, vocabulary tensors merged as they
+            are) or ``"base"`` (mergekit's: they are also cut to the reference tokenizer's length; see the
+            module docstring).
 
     Returns:
         A summary: method, models, tensors, output bytes, seconds, device, and what the method reports
@@ -475,46 +560,145 @@ def merge(
         WeightkitError: bad models or parameters (see :func:`prepare_merge`), NaN/Inf in a tensor, or a
             device this machine does not have.
     """
-    entry = entry_for_config(config)
     compute = merge_device(config, device)
-    plan, parsed = prepare_merge(base, models, config, allow_pickle=allow_pickle)
-    plan.device = compute
-    model_params = [
-        {k: m.overrides.get(k, getattr(config, k)) for k in getattr(config, "per_model", ())} for m in parsed
-    ]
-    try:
-        merger = entry.fn(config, plan, model_params)
-    except BaseException:
-        close_plan(plan, parsed)
-        raise
-
-    jobs = {job.name: job for job in plan.jobs}
-
-    def merge_tensor(name: str, tensors: list[Tensor]) -> Tensor:
-        return merger(_tensor_inputs(config, plan, parsed, jobs[name], tensors))
-
-    try:
-        summary = run_merge(
-            plan,
-            merge_tensor,
-            out_dir,
-            dtype=dtype,
-            max_shard_bytes=max_shard_bytes,
-            overwrite=overwrite,
-            progress=progress,
-            propagates_non_finite=getattr(config, "propagates_non_finite", False),
-        )
-    finally:
-        close_plan(plan, parsed)
-    report = getattr(merger, "report", None)
+    plan, parsed = prepare_merge(
+        base, models, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
+    )
+    summary = _merge_parts(
+        [MergePart(plan, parsed, config)],
+        plan.reference,
+        plan.config_updates,
+        out_dir,
+        compute,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+    )
     return {
-        "method": entry.name,
+        "method": entry_for_config(config).name,
         "models": [str(m.path) for m in parsed],
         "base": str(base) if base is not None and plan.has_base else None,
         **summary,
-        "device": str(plan.device),
-        **(report() if report else {}),
     }
+
+
+def merge_slices(
+    base: str | Path | None,
+    slices: list[MergeSlice],
+    config: Any,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+    tokenizer_source: str | None = None,
+) -> dict:
+    """Merge a recipe's ``slices`` into one checkpoint at ``out_dir``: mergekit's layer stacking.
+
+    Each slice's layers are merged from its sources' layer ranges with the method ``config`` names (and
+    the slice's parameters) and written as the next layers of the output; see
+    :mod:`weightkit.merge.slices` for mergekit's rules. Streamed tensor by tensor like :func:`merge`,
+    whose other arguments these are.
+
+    Args:
+        base: the recipe's base model (methods that use one; each slice lists it among its sources), or
+            None. The reference model (config, tokenizer) is this, else the first slice's first source.
+        slices: the output's layers, in order.
+
+    Returns:
+        A summary as :func:`merge` gives, with the output's layer count; what the method reports
+        (e.g. TIES's sign-conflict rate) is over every slice's tensors.
+
+    Raises:
+        WeightkitError: bad slices, models or parameters (see :func:`prepare_slices`), NaN/Inf in a
+            tensor, or a device this machine does not have.
+    """
+    compute = merge_device(config, device)
+    parts, reference, updates = prepare_slices(
+        base, slices, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
+    )
+    summary = _merge_parts(
+        parts,
+        reference,
+        updates,
+        out_dir,
+        compute,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    paths = [str(s.model) for piece in slices for s in piece.sources]
+    return {
+        "method": entry_for_config(config).name,
+        "models": list(dict.fromkeys(paths)),
+        "base": str(base) if base is not None and getattr(config, "needs_base", True) else None,
+        "layers": sum(part.plan.num_layers for part in parts),
+        **summary,
+    }
+
+
+def _merge_parts(
+    parts: list[MergePart],
+    reference: CheckpointReader,
+    config_updates: dict[str, Any],
+    out_dir: str | Path,
+    device: torch.device,
+    **write_options: Any,
+) -> dict:
+    """Build each part's merger and stream the parts into ``out_dir``; every reader is closed at the end."""
+    entry = entry_for_config(parts[0].config)
+    streams, reports = [], []
+    try:
+        for part in parts:
+            part.plan.device = device
+            per_model = getattr(part.config, "per_model", ())
+            model_params = [
+                {k: m.overrides.get(k, getattr(part.config, k)) for k in per_model} for m in part.models
+            ]
+            merger = entry.fn(part.config, part.plan, model_params)
+            streams.append((part.plan, _merge_fn(part, merger)))
+            if hasattr(merger, "report"):
+                reports.append((merger.report, sum(math.prod(job.shape) for job in part.plan.jobs)))
+        summary = run_parts(
+            streams,
+            out_dir,
+            reference=reference,
+            config_updates=config_updates,
+            propagates_non_finite=getattr(parts[0].config, "propagates_non_finite", False),
+            **write_options,
+        )
+    finally:
+        reference.close()
+        for part in parts:
+            close_plan(part.plan, part.models)
+    return {**summary, "device": str(device), **_combined_report(reports)}
+
+
+def _merge_fn(part: MergePart, merger: Callable[[TensorInputs], Tensor]) -> MergeFn:
+    jobs = {job.name: job for job in part.plan.jobs}
+
+    def merge_tensor(name: str, tensors: list[Tensor]) -> Tensor:
+        return merger(_tensor_inputs(part.config, part.plan, part.models, jobs[name], tensors))
+
+    return merge_tensor
+
+
+def _combined_report(reports: list[tuple[Callable[[], dict], int]]) -> dict:
+    """What the parts' mergers report (rates over the entries each merged, e.g. TIES's sign-conflict rate),
+    over all their entries: each part's rate weighted by its entries."""
+    if len(reports) == 1:
+        return reports[0][0]()
+    total = sum(entries for _, entries in reports) or 1
+    combined: dict[str, float] = {}
+    for report, entries in reports:
+        for key, value in report().items():
+            combined[key] = combined.get(key, 0.0) + value * entries / total
+    return combined
 
 
 def merge_device(config: Any, device: str | torch.device | None) -> torch.device:
@@ -531,36 +715,291 @@ def merge_device(config: Any, device: str | torch.device | None) -> torch.device
 
 
 def prepare_merge(
-    base: str | Path | None, models: list[ModelSpec], config: Any, *, allow_pickle: bool = False
+    base: str | Path | None,
+    models: list[ModelSpec],
+    config: Any,
+    *,
+    allow_pickle: bool = False,
+    tokenizer_source: str | None = None,
 ) -> tuple[MergePlan, list[_Model]]:
     """Validate the models and their parameters and plan the merge (headers only); nothing is read."""
+    check_tokenizer_source(tokenizer_source)
     method = entry_for_config(config).name
     parsed = _models(base, models, config, method)
+    plan = None
     try:
         uses_base = getattr(config, "needs_base", True)
         plan = plan_merge(base if uses_base else None, [m.path for m in parsed], allow_pickle=allow_pickle)
-        if uses_base:  # plan_merge drops the base from the models if it was listed there too
-            parsed = [m for m in parsed if m.path.resolve() != Path(base).resolve()]
-        offset = 1 if plan.has_base else 0
-        for i, model in enumerate(parsed):
-            for key, reader in model.files.items():
-                missing = [job.name for job in plan.jobs if job.sources[offset + i] not in reader]
-                if missing:
-                    raise WeightkitError(
-                        f"{method}: the {key} file {reader.path} of {model.path} lacks {len(missing)} "
-                        f"tensor(s) of the model, e.g. {', '.join(missing[:3])}"
-                    )
-        low, high = getattr(config, "model_count", (1, None))
-        if not low <= len(parsed) <= (high or len(parsed)):
-            wanted = (
-                f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
+        parsed = _check_part(plan, parsed, config, method)
+        if tokenizer_source == "base":
+            plan.config_updates["vocab_size"] = _cut_to_tokenizer([plan], plan.reference)
+    except BaseException:
+        close_plan(plan, parsed)
+        raise
+    return plan, parsed
+
+
+def check_tokenizer_source(tokenizer_source: str | None) -> None:
+    """Refuse a ``tokenizer_source`` other than None and ``"base"``, naming it."""
+    if tokenizer_source not in (None, "base"):
+        raise WeightkitError(
+            f"tokenizer_source: {tokenizer_source!r} is not supported: weightkit does not build tokenizers "
+            "(mergekit's 'union' or another model's tokenizer); leave it out (the reference model's "
+            "tokenizer is copied) or use 'base'"
+        )
+
+
+def _check_part(plan: MergePlan, parsed: list[_Model], config: Any, method: str) -> list[_Model]:
+    """The merged models without the base (listed among them or not), once their Fisher-style files and
+    their count are checked against the plan."""
+    if plan.has_base:
+        parsed = [m for m in parsed if m.path.resolve() != plan.reference.path.resolve()]
+    offset = 1 if plan.has_base else 0
+    for i, model in enumerate(parsed):
+        for key, reader in model.files.items():
+            missing = [job.name for job in plan.jobs if job.sources[offset + i] not in reader]
+            if missing:
+                raise WeightkitError(
+                    f"{method}: the {key} file {reader.path} of {model.path} lacks {len(missing)} "
+                    f"tensor(s) of the model, e.g. {', '.join(missing[:3])}"
+                )
+    low, high = getattr(config, "model_count", (1, None))
+    if not low <= len(parsed) <= (high or len(parsed)):
+        wanted = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
+        besides = " besides the base model" if plan.has_base else ""
+        raise WeightkitError(f"{method} merges {wanted} model(s){besides}, got {len(parsed)}")
+    return parsed
+
+
+def prepare_slices(
+    base: str | Path | None,
+    slices: list[MergeSlice],
+    config: Any,
+    *,
+    allow_pickle: bool = False,
+    tokenizer_source: str | None = None,
+) -> tuple[list[MergePart], CheckpointReader, dict[str, Any]]:
+    """Validate a slice merge and plan it (headers only): one part per slice, nothing read yet.
+
+    Returns:
+        The parts, the reference model's reader, and the changes to its config (the layer count, and
+        ``vocab_size`` with ``tokenizer_source: base``).
+
+    Raises:
+        WeightkitError: bad slices (see :func:`weightkit.merge.slices.check_slices`), a layer range beyond
+            a model's layers, different architectures, a base model that is not among a slice's sources,
+            bad parameters, or what :func:`prepare_merge` refuses; the message names the slice.
+    """
+    check_tokenizer_source(tokenizer_source)
+    method = entry_for_config(config).name
+    check_slices(slices)
+    if len(slices) > 1 and getattr(config, "scope", "tensor") == "model":
+        raise WeightkitError(
+            f"{method}: scope 'model' takes statistics over the whole model, which several slices merge "
+            "from different models; use scope 'tensor' (mergekit's) with slices"
+        )
+    readers: dict[Path, CheckpointReader] = {}
+
+    def reader_of(path: Path) -> CheckpointReader:  # one reader per checkpoint, shared by the slices
+        key = Path(path).resolve()
+        if key not in readers:
+            readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
+        return readers[key]
+
+    parts: list[MergePart] = []
+    try:
+        reference = reader_of(Path(base) if base is not None else slices[0].sources[0].model)
+        for piece in slices:
+            for source in piece.sources:
+                reader_of(source.model)
+        check_architectures(list(readers.values()))
+        counts = {key: layer_count(r.names(), r.path) for key, r in readers.items()}
+        merged_layers = 0
+        for i, piece in enumerate(slices):
+            try:
+                for j, source in enumerate(piece.sources):
+                    check_layer_range(source, counts[source.model.resolve()], f"sources[{j}]")
+                part_base = (piece.base or base) if getattr(config, "needs_base", True) else None
+                part = _plan_slice(
+                    piece,
+                    part_base,
+                    config,
+                    method,
+                    reader_of,
+                    reference,
+                    merged_layers,
+                    first=i == 0,
+                    last=i == len(slices) - 1,
+                )
+            except WeightkitError as err:
+                raise WeightkitError(f"slices[{i}]: {err}") from None
+            parts.append(part)
+            merged_layers += part.plan.num_layers
+        updates = layer_count_update(
+            reference.config or {}, counts[reference.path.resolve()], merged_layers, reference.path
+        )
+        if tokenizer_source == "base":
+            updates["vocab_size"] = _cut_to_tokenizer([part.plan for part in parts], reference)
+    except BaseException:
+        for part in parts:
+            close_plan(part.plan, part.models)
+        for r in readers.values():
+            r.close()
+        raise
+    return parts, reference, updates
+
+
+def _plan_slice(
+    piece: MergeSlice,
+    base: str | Path | None,
+    config: Any,
+    method: str,
+    reader_of: Callable[[Path], CheckpointReader],
+    reference: CheckpointReader,
+    first_layer: int,
+    *,
+    first: bool,
+    last: bool,
+) -> MergePart:
+    """A slice as a part whose layers are written from output layer ``first_layer`` on; the ``first``
+    slice also merges the tensors before the layers, the ``last`` those after them (both for one slice)."""
+    sources = list(piece.sources)
+    if base is not None:  # the base's reader comes first, at the layers its source gives
+        listed = [s for s in sources if s.model.resolve() == Path(base).resolve()]
+        if not listed:
+            raise WeightkitError(
+                f"the base model {base} is not among the slice's sources; mergekit merges a slice against "
+                "the layers its base model's source gives (add it with its layer_range)"
             )
-            besides = " besides the base model" if uses_base else ""
-            raise WeightkitError(f"{method} merges {wanted} model(s){besides}, got {len(parsed)}")
+        sources = listed + [s for s in sources if s not in listed]
+    part_config = slice_config(config, piece.parameters)
+    specs = [{"model": s.model, "parameters": s.parameters} for s in sources]
+    parsed = _models(base, specs, part_config, method)
+    readers = [reader_of(s.model) for s in sources]
+    length = sources[0].layer_range[1] - sources[0].layer_range[0]
+    plan = MergePlan(readers, has_base=base is not None, num_layers=length)
+    try:
+        outside = _names_outside_layers(readers, reference) if first or last else []
+        if first:
+            plan.jobs += [_plan_tensor(readers, name) for name in outside if before_layers(name)]
+        for offset in range(length):
+            layers = [s.layer_range[0] + offset for s in sources]
+            for name in _layer_names(readers, layers):
+                wanted = [with_layer_index(name, layer) for layer in layers]
+                job = _plan_tensor(readers, with_layer_index(name, first_layer + offset), wanted)
+                job.t, job.input_names = slice_position(offset, length), wanted
+                plan.jobs.append(job)
+        if last:
+            plan.jobs += [_plan_tensor(readers, name) for name in outside if not before_layers(name)]
+        parsed = _check_part(plan, parsed, part_config, method)
     except BaseException:
         close_plan(None, parsed)
         raise
-    return plan, parsed
+    return MergePart(plan, parsed, part_config)
+
+
+def _names_outside_layers(readers: list[CheckpointReader], reference: CheckpointReader) -> list[str]:
+    """The tensors outside the layers any of ``readers`` has: the first's in its order, then the others'.
+
+    ``lm_head.weight`` is among them when the reference model stores it: the output ties ``lm_head`` to
+    the embeddings exactly when the reference does (a tied model contributes its embedding matrix).
+    """
+    names = [n for n in readers[0].names() if layer_index(n) is None and n != _TIED_HEAD]
+    others = {n for r in readers[1:] for n in r.names() if layer_index(n) is None}
+    names += sorted(others - set(names) - {_TIED_HEAD})
+    return names + ([_TIED_HEAD] if _TIED_HEAD in reference else [])
+
+
+def _layer_names(readers: list[CheckpointReader], layers: list[int]) -> list[str]:
+    """The tensors of layer ``layers[i]`` of each reader, named at the first reader's layer: the first
+    reader's in its order, then those only the others have (which the plan then refuses as missing)."""
+    names = [n for n in readers[0].names() if layer_index(n) == layers[0]]
+    others = {
+        with_layer_index(n, layers[0])
+        for r, layer in zip(readers[1:], layers[1:], strict=True)
+        for n in r.names()
+        if layer_index(n) == layer
+    }
+    return names + sorted(others - set(names))
+
+
+def _cut_to_tokenizer(plans: list[MergePlan], reference: CheckpointReader) -> int:
+    """``tokenizer_source: base``: cut the input embedding and ``lm_head`` of ``plans`` to the reference
+    tokenizer's length, as mergekit does, and return that length (the output's ``vocab_size``).
+
+    mergekit rebuilds each model's vocabulary tensors in the order of the reference tokenizer's tokens,
+    found by text in each model's own tokenizer. When every model's tokenizer gives those tokens the ids
+    the reference gives them (or the model has no tokenizer, which mergekit reads as the reference's),
+    that is the first rows of each; otherwise the rows would move, which weightkit does not do.
+
+    Raises:
+        WeightkitError: the reference has no tokenizer or no ``vocab_size``; its tokenizer is longer than
+            its ``vocab_size`` (mergekit then edits the tokenizer); a model's tokenizer gives a token
+            another id; a model has fewer rows than the tokenizer has tokens; or another tensor outside
+            the layers has ``vocab_size`` rows (weightkit would not know whether its rows are tokens).
+    """
+    vocabulary = _vocabulary(reference)
+    vocab_size = (reference.config or {}).get("vocab_size")
+    if vocabulary is None or vocab_size is None:
+        raise WeightkitError(
+            f"tokenizer_source: base needs the tokenizer and config vocab_size of {reference.path}"
+        )
+    tokens = len(vocabulary)
+    if tokens > vocab_size:
+        raise WeightkitError(
+            f"tokenizer_source: base: the tokenizer of {reference.path} has {tokens} tokens, more than its "
+            f"vocab_size {vocab_size}; mergekit removes the extra tokens from the tokenizer, which "
+            "weightkit does not edit"
+        )
+    names = {_TIED_HEAD, _embedding_name(reference)}
+    checked: set[Path] = set()
+    for plan in plans:
+        for job in plan.jobs:
+            if job.name not in names:
+                # Tokens index no tensor inside the layers; outside them, a vocab_size-row tensor may be
+                # another output head (BERT's cls.predictions, GPT-NeoX's embed_out).
+                outside = layer_index(job.name) is None
+                if outside and tokens < vocab_size and job.shape[0] == vocab_size:
+                    raise WeightkitError(
+                        f"tokenizer_source: base: {job.name} has vocab_size ({vocab_size}) rows; weightkit "
+                        "cuts only the input embedding and lm_head.weight to the tokenizer's length"
+                    )
+                continue
+            for reader, source in zip(plan.readers, job.sources, strict=True):
+                if reader.shape(source)[0] < tokens:
+                    raise WeightkitError(
+                        f"tokenizer_source: base: {source} of {reader.path} has {reader.shape(source)[0]} "
+                        f"rows, fewer than the {tokens} tokens of the tokenizer of {reference.path}"
+                    )
+                if reader.path.resolve() not in checked:
+                    checked.add(reader.path.resolve())
+                    _check_same_ids(reader, vocabulary, reference)
+            job.shape = (tokens, *job.shape[1:])
+            job.merged_rows = tokens
+    return tokens
+
+
+def _vocabulary(reader: CheckpointReader) -> dict[str, int] | None:
+    """The token ids of a model's tokenizer, or None when it has none."""
+    from weightkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(reader.directory) if reader.directory is not None else None
+    return tokenizer.get_vocab() if tokenizer is not None else None
+
+
+def _check_same_ids(
+    reader: CheckpointReader, vocabulary: dict[str, int], reference: CheckpointReader
+) -> None:
+    own = _vocabulary(reader)
+    if own is None:
+        return
+    moved = [token for token, i in vocabulary.items() if own.get(token) != i]
+    if moved:
+        raise WeightkitError(
+            f"tokenizer_source: base: the tokenizer of {reader.path} gives {len(moved)} token(s) of the "
+            f"tokenizer of {reference.path} another id or none (e.g. {moved[0]!r}); mergekit would move "
+            "the embedding rows to the reference's ids, which weightkit does not do"
+        )
 
 
 def close_plan(plan: MergePlan | None, models: list[_Model]) -> None:

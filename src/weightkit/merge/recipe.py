@@ -19,10 +19,14 @@ What is read, and how:
   defaults for every model. mergekit's ``lambda`` is weightkit's ``scale``.
 - ``dtype`` / ``out_dtype``: weightkit always computes in float32; the output is written in
   ``out_dtype``, else ``dtype``, else each tensor's dtype in the reference model.
-- ``slices`` holding one slice whose sources all span every layer (``layer_range: [0, N]``) is the same
-  as ``models``; other slicing (stacking layers of different models) is refused with a clear error.
-- ``tokenizer_source: base`` (the default here: the reference model's tokenizer is copied); ``union``
-  and other vocabulary surgery are refused.
+- ``slices``: the output's layers, slice by slice, each merged from layer ranges of its ``sources``
+  (``passthrough`` stacks them: a "frankenmerge"), with per-source and per-slice ``parameters`` and a
+  slice's own ``base_model`` (see :mod:`weightkit.merge.slices`). A slice's ``residual_weight`` (which
+  mergekit never uses) and mergekit's ``modules`` are refused, and so is a ``layer_range`` under
+  ``models``: mergekit ignores it there and merges every layer.
+- ``tokenizer_source``: left out, the reference model's tokenizer is copied; ``base`` also cuts the
+  embeddings and ``lm_head`` to its length, as mergekit does. ``union``, another model's tokenizer and
+  mergekit's ``tokenizer`` section (new tokens) build a tokenizer, which weightkit does not: refused.
 - ``name`` is ignored (a label). ``chat_template`` is refused: mergekit writes it into the output's
   tokenizer, which weightkit does not do yet.
 - Model paths are local directories (relative paths are tried from the working directory, then from
@@ -36,6 +40,8 @@ from typing import Any
 import torch
 
 from weightkit.errors import WeightkitError
+from weightkit.merge.engine import check_tokenizer_source
+from weightkit.merge.slices import MergeSlice, SliceSource
 from weightkit.recipe import read_yaml
 from weightkit.registry import config_from_dict
 
@@ -68,10 +74,12 @@ class MergeRecipe:
     """A validated merge: what :func:`weightkit.merge.merge` takes."""
 
     base: Path | None
-    models: list[dict[str, Any]]  # {"model": Path, "parameters": {...}}
+    models: list[dict[str, Any]]  # {"model": Path, "parameters": {...}}; empty when slices are given
     config: Any
     dtype: torch.dtype | None = None
     source: dict[str, Any] = field(default_factory=dict)  # the recipe as read
+    slices: list[MergeSlice] | None = None  # for weightkit.merge.merge_slices, instead of models
+    tokenizer_source: str | None = None  # None or "base"
 
 
 def load_merge_recipe(path: str | Path) -> MergeRecipe:
@@ -108,19 +116,58 @@ def _renamed(parameters: dict[str, Any]) -> dict[str, Any]:
     return {_RENAMED.get(k, k): v for k, v in parameters.items()}
 
 
-def _models_from_slices(slices: Any) -> list[dict[str, Any]]:
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise WeightkitError(
-            "slices: only one slice spanning every layer of every model is supported (it equals 'models'); "
-            "stacking layer ranges of different models (a passthrough 'frankenmerge') is not"
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    parameters = value or {}
+    if not isinstance(parameters, dict):
+        raise WeightkitError(f"{where}: expected a mapping, got {parameters!r}")
+    return _renamed(parameters)
+
+
+def _slices(value: Any, relative_to: Path | None) -> list[MergeSlice]:
+    if not isinstance(value, list) or not value:
+        raise WeightkitError("slices: expected a list of {sources: [...], parameters: {...}}")
+    slices = []
+    for i, piece in enumerate(value):
+        where = f"slices[{i}]"
+        if not isinstance(piece, dict):
+            raise WeightkitError(f"{where}: expected {{sources: [...], parameters: {{...}}}}, got {piece!r}")
+        if "residual_weight" in piece:
+            raise WeightkitError(
+                f"{where}.residual_weight is not supported: mergekit reads it but never applies it; remove it"
+            )
+        unknown = set(piece) - {"sources", "parameters", "base_model"}
+        if unknown:
+            raise WeightkitError(
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a slice has sources, parameters "
+                "and base_model"
+            )
+        sources = piece.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise WeightkitError(f"{where}.sources: expected a list of {{model, layer_range, parameters}}")
+        parsed = []
+        for j, source in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            keys = set(source) if isinstance(source, dict) else set()
+            if not {"model", "layer_range"} <= keys <= {"model", "layer_range", "parameters"}:
+                raise WeightkitError(
+                    f"{at}: expected {{model: path, layer_range: [start, end], parameters: {{...}}}}, "
+                    f"got {source!r}"
+                )
+            model = _model_path(source["model"], relative_to)
+            parameters = _parameters(source.get("parameters"), f"{at}.parameters")
+            try:
+                parsed.append(SliceSource(model, source["layer_range"], parameters))
+            except WeightkitError as err:
+                raise WeightkitError(f"{at}.{err}") from None
+        base = piece.get("base_model")
+        slices.append(
+            MergeSlice(
+                parsed,
+                _parameters(piece.get("parameters"), f"{where}.parameters"),
+                _model_path(base, relative_to) if base is not None else None,
+            )
         )
-    sources = slices[0].get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise WeightkitError("slices[0].sources: expected a list of {model, layer_range, parameters}")
-    ranges = {tuple(s.get("layer_range") or ()) for s in sources if isinstance(s, dict)}
-    if len(ranges) != 1:
-        raise WeightkitError(f"slices[0]: every source must have the same layer_range, got {sorted(ranges)}")
-    return [{k: v for k, v in s.items() if k != "layer_range"} for s in sources]
+    return slices
 
 
 def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> MergeRecipe:
@@ -132,6 +179,16 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
             "chat_template is not supported (mergekit writes it into the output's tokenizer); remove it and "
             "set chat_template in the merged model's tokenizer_config.json"
         )
+    if "modules" in doc:
+        raise WeightkitError(
+            "modules (mergekit's slices per module of a multimodal model) are not supported; weightkit "
+            "merges models with one stack of layers ('models' or 'slices')"
+        )
+    if "tokenizer" in doc:
+        raise WeightkitError(
+            "tokenizer (mergekit's section for a built tokenizer and new tokens' embeddings) is not "
+            "supported: weightkit does not build tokenizers; remove it (or use tokenizer_source: base)"
+        )
     unknown = set(doc) - _KNOWN - _IGNORED
     if unknown:
         raise WeightkitError(
@@ -141,25 +198,30 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
         raise WeightkitError("missing merge_method (e.g. merge_method: ties)")
     if ("models" in doc) == ("slices" in doc):
         raise WeightkitError("give the models under exactly one of 'models' or 'slices'")
-    entries = doc["models"] if "models" in doc else _models_from_slices(doc["slices"])
-    if not isinstance(entries, list) or not entries:
+    tokenizer_source = doc.get("tokenizer_source")
+    check_tokenizer_source(tokenizer_source)
+    slices = _slices(doc["slices"], relative_to) if "slices" in doc else None
+    entries = doc.get("models")
+    if slices is None and (not isinstance(entries, list) or not entries):
         raise WeightkitError("models: expected a list of {model: path, parameters: {...}}")
-    tokenizer_source = doc.get("tokenizer_source", "base")
-    if tokenizer_source not in (None, "base"):
-        raise WeightkitError(
-            f"tokenizer_source: {tokenizer_source!r} is not supported; the reference model's tokenizer "
-            "(the base model's, else the first model's) is copied (tokenizer_source: base)"
-        )
     models = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(entries or []):
         if isinstance(entry, str):
             entry = {"model": entry}
+        if isinstance(entry, dict) and "layer_range" in entry:
+            raise WeightkitError(
+                f"models[{i}].layer_range: mergekit ignores layer_range under 'models' and merges every "
+                "layer; weightkit refuses it rather than ignore it. To merge a range of layers, give the "
+                "models as one slice: slices: [{sources: [{model, layer_range}, ...]}]"
+            )
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise WeightkitError(f"models[{i}]: expected {{model: path, parameters: {{...}}}}, got {entry!r}")
-        parameters = entry.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise WeightkitError(f"models[{i}].parameters: expected a mapping, got {parameters!r}")
-        models.append({"model": _model_path(entry["model"], relative_to), "parameters": _renamed(parameters)})
+        models.append(
+            {
+                "model": _model_path(entry["model"], relative_to),
+                "parameters": _parameters(entry.get("parameters"), f"models[{i}].parameters"),
+            }
+        )
     base = doc.get("base_model")
     base_path = _model_path(base, relative_to) if base is not None else None
     parameters = doc.get("parameters") or {}
@@ -169,4 +231,4 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
     dtype_name = doc.get("out_dtype") or doc.get("dtype")
     if dtype_name is not None and dtype_name not in DTYPES:
         raise WeightkitError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
-    return MergeRecipe(base_path, models, config, DTYPES.get(dtype_name), doc)
+    return MergeRecipe(base_path, models, config, DTYPES.get(dtype_name), doc, slices, tokenizer_source)
