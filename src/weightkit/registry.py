@@ -39,7 +39,12 @@ _REFUSED: dict[str, dict[str, str]] = {}
 
 # The package whose import registers every method of a kind. Looking a kind up imports it first, so
 # ``config_from_dict("merge", ...)`` works in a fresh interpreter whatever was imported before.
-_DEFINED_IN = {"compress": "weightkit.compress", "merge": "weightkit.merge", "adapt": "weightkit.adapt"}
+_DEFINED_IN = {
+    "compress": "weightkit.compress",
+    "merge": "weightkit.merge",
+    "adapt": "weightkit.adapt",
+    "reader": "weightkit.adapt",  # checkpoints read with an adapter merged in (merge's model+lora)
+}
 
 
 def _methods(kind: str) -> dict[str, Entry]:

@@ -135,12 +135,6 @@ def test_recipe_keys_weightkit_does_not_implement_are_refused_by_name(inputs, do
         merge_recipe_from_dict(make.resolve(recipe, inputs))
 
 
-def test_model_plus_lora_references_are_refused_by_name(inputs):
-    recipe = _passthrough([{"model": "llama-a+./my-lora", "layer_range": [0, 2]}])
-    with pytest.raises(WeightkitError, match="'model\\+lora' references are not supported"):
-        merge_recipe_from_dict(recipe, relative_to=inputs)
-
-
 A = {"model": "llama-a", "layer_range": [0, 2]}
 B = {"model": "llama-b", "layer_range": [0, 2]}
 

@@ -24,6 +24,7 @@ from weightkit.adapt.layer import (
 )
 from weightkit.adapt.lora import LoRAConfig, LoRALinear, add_lora
 from weightkit.adapt.lora_sb import LoRASBConfig
+from weightkit.adapt.merged_reader import LoRAMergedReader
 from weightkit.adapt.mos import MoSConfig
 from weightkit.adapt.peft_format import load_adapter, save_adapter
 from weightkit.adapt.subspace import SubspaceConfig
@@ -57,6 +58,7 @@ __all__ = [
     "adapter_summary",
     "save_adapter",
     "load_adapter",
+    "LoRAMergedReader",
 ]
 
 

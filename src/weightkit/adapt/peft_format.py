@@ -39,14 +39,13 @@ from weightkit.adapt.layer import (
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config, lookup, names
 from weightkit.select import suffix_pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "lora_config_from_peft", "ADAPTER_WEIGHTS", "PEFT_PREFIX"]
+__all__ = ["save_adapter", "load_adapter", "lora_config_from_peft"]
 
-PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT also saves the whole table of an embedding it adapts (``save_embedding_layers``, for resized
 # vocabularies) under this suffix; loading puts it into the embedding, as PEFT does.
 _EMBEDDING_TABLE = ".base_layer.weight"
@@ -76,7 +75,7 @@ def save_adapter(
             f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
         )
     extra_json = dict(extra_json or {})
-    taken = {"adapter_config.json", ADAPTER_WEIGHTS} & set(extra_json)
+    taken = {"adapter_config.json", PEFT_ADAPTER_WEIGHTS} & set(extra_json)
     if taken:
         raise WeightkitError(f"extra_json cannot replace the adapter's own {', '.join(sorted(taken))}")
     config = configs[name]
@@ -103,10 +102,10 @@ def save_adapter(
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             tensors[f"{module_name}.{key}"] = tensor
     with CheckpointWriter(
-        out_dir, overwrite=overwrite, weights_name=ADAPTER_WEIGHTS, max_shard_bytes=2**62
+        out_dir, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS, max_shard_bytes=2**62
     ) as writer:
         for key, tensor in tensors.items():
-            writer.add(PEFT_PREFIX + key, tensor.detach().cpu().contiguous().clone())
+            writer.add(PEFT_KEY_PREFIX + key, tensor.detach().cpu().contiguous().clone())
         writer.write_json("adapter_config.json", settings)
         for file_name, value in extra_json.items():
             writer.write_json(file_name, value)
@@ -282,8 +281,8 @@ def load_adapter(
     if not config_file.is_file():
         raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
     saved = json.loads(config_file.read_text())
-    with CheckpointReader(adapter_dir / ADAPTER_WEIGHTS) as reader:
-        tensors = {n.removeprefix(PEFT_PREFIX): reader.get(n) for n in reader.names()}
+    with CheckpointReader(adapter_dir / PEFT_ADAPTER_WEIGHTS) as reader:
+        tensors = {n.removeprefix(PEFT_KEY_PREFIX): reader.get(n) for n in reader.names()}
     head = _take_modules_to_save(model, saved.get("modules_to_save") or [], tensors, adapter_dir)
     biases = _take_biases(tensors) if saved.get("bias", "none") != "none" else {}
     module_names = set(adapter_layers(model))

@@ -14,6 +14,8 @@ from weightkit.errors import WeightkitError
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "PEFT_ADAPTER_WEIGHTS",
+    "PEFT_KEY_PREFIX",
     "WeightLayout",
     "is_weight_file",
     "locate_weights",
@@ -26,6 +28,9 @@ SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# A PEFT adapter directory's tensors, keyed under this prefix (``base_model.model.<module>.lora_A.weight``).
+PEFT_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
 
 # Files a model directory may hold that describe or contain weights in some format. Copying them next to
 # rewritten weights would leave stale, contradictory copies (an ONNX export of the unquantized model).

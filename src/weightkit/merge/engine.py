@@ -50,7 +50,7 @@ from weightkit.merge.slices import (
     slice_position,
 )
 from weightkit.progress import track
-from weightkit.registry import entry_for_config
+from weightkit.registry import entry_for_config, lookup
 from weightkit.runtime.device import resolve_device
 
 __all__ = [
@@ -71,6 +71,8 @@ __all__ = [
     "merge_slices",
     "merge_device",
     "check_tokenizer_source",
+    "split_reference",
+    "open_checkpoint",
     "close_plan",
 ]
 
@@ -146,6 +148,25 @@ def _source(reader: CheckpointReader, name: str) -> str | None:
     return None
 
 
+def split_reference(text: str) -> tuple[str, str | None]:
+    """mergekit's ``model+adapter`` reference -> ``("model", "adapter")`` (split at the last ``+``); a plain
+    path, or one containing ``+`` that exists as a whole -> ``(path, None)``."""
+    if "+" not in text or Path(text).exists():
+        return text, None
+    model, _, adapter = text.rpartition("+")
+    return model, adapter
+
+
+def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> CheckpointReader:
+    """A model's reader; for a ``model+adapter`` reference, the model read with the PEFT LoRA adapter merged
+    in (mergekit's LoRA references; :class:`weightkit.adapt.LoRAMergedReader`, found in the registry)."""
+    model, adapter = split_reference(str(path))
+    if adapter is None:
+        return CheckpointReader(path, allow_pickle=allow_pickle)
+    entry = lookup("reader", "model+lora")
+    return entry.fn(model, entry.config_cls(adapter=adapter), allow_pickle=allow_pickle)
+
+
 def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickle: bool = False) -> MergePlan:
     """Open every checkpoint and check that they can be merged; nothing is computed yet.
 
@@ -158,7 +179,7 @@ def plan_merge(base: str | Path | None, models: list[str | Path], *, allow_pickl
         paths = [paths[0]] + [p for p in paths[1:] if p.resolve() != paths[0].resolve()]
     if not paths:  # how many models a method merges is its config's to check (passthrough copies one)
         raise WeightkitError("a merge needs at least one model")
-    readers = [CheckpointReader(p, allow_pickle=allow_pickle) for p in paths]
+    readers = [open_checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     plan = MergePlan(readers, has_base=base is not None)
     try:
         check_architectures(readers)
@@ -803,7 +824,7 @@ def prepare_slices(
     def reader_of(path: Path) -> CheckpointReader:  # one reader per checkpoint, shared by the slices
         key = Path(path).resolve()
         if key not in readers:
-            readers[key] = CheckpointReader(path, allow_pickle=allow_pickle)
+            readers[key] = open_checkpoint(path, allow_pickle=allow_pickle)
         return readers[key]
 
     parts: list[MergePart] = []

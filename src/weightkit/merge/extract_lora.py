@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from weightkit.adapt.peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.linalg import largest_entry_signs
 from weightkit.merge.engine import check_architectures
@@ -440,7 +440,7 @@ def _stream(
     conv1d = False
     # One file however large: PEFT loads adapter_model.safetensors only, never shards.
     writer = CheckpointWriter(
-        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=ADAPTER_WEIGHTS
+        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS
     )
     try:
         for name in track(base.names(), "extracting LoRA", enabled=progress):
@@ -478,8 +478,8 @@ def _stream(
                 residual = delta - lora_b.float() @ lora_a.float()
                 error = float(torch.linalg.matrix_norm(residual)) / float(torch.linalg.matrix_norm(delta))
             del delta
-            writer.add(f"{PEFT_PREFIX}{kind.module}.lora_A.weight", lora_a)
-            writer.add(f"{PEFT_PREFIX}{kind.module}.lora_B.weight", lora_b)
+            writer.add(f"{PEFT_KEY_PREFIX}{kind.module}.lora_A.weight", lora_a)
+            writer.add(f"{PEFT_KEY_PREFIX}{kind.module}.lora_B.weight", lora_b)
             params += lora_a.numel() + lora_b.numel()
             conv1d = conv1d or kind.transposed
             modules.append(
@@ -504,7 +504,7 @@ def _stream(
     except BaseException:
         writer.abort()
         raise
-    adapter_bytes = (Path(out_dir) / ADAPTER_WEIGHTS).stat().st_size
+    adapter_bytes = (Path(out_dir) / PEFT_ADAPTER_WEIGHTS).stat().st_size
     return {
         "out_dir": str(out_dir),
         "rank": rank,

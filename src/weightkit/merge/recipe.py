@@ -30,7 +30,8 @@ What is read, and how:
 - ``name`` is ignored (a label). ``chat_template`` is refused: mergekit writes it into the output's
   tokenizer, which weightkit does not do yet.
 - Model paths are local directories (relative paths are tried from the working directory, then from
-  the recipe's directory); nothing is downloaded.
+  the recipe's directory); nothing is downloaded. ``model+adapter`` (mergekit's LoRA reference) reads the
+  model with the PEFT LoRA adapter merged in (:func:`weightkit.merge.engine.open_checkpoint`).
 """
 
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from weightkit.errors import WeightkitError
-from weightkit.merge.engine import check_tokenizer_source
+from weightkit.merge.engine import check_tokenizer_source, split_reference
 from weightkit.merge.slices import MergeSlice, SliceSource
 from weightkit.recipe import read_yaml
 from weightkit.registry import config_from_dict
@@ -100,15 +101,15 @@ def load_merge_recipe(path: str | Path) -> MergeRecipe:
 def _model_path(value: Any, relative_to: Path | None) -> Path:
     if not isinstance(value, str | Path) or not str(value):
         raise WeightkitError(f"a model must be a path, got {value!r}")
-    text = str(value)
-    if "+" in text and not Path(text).exists():
-        raise WeightkitError(f"{text}: 'model+lora' references are not supported; merge the LoRA first")
-    candidates = [Path(text)] + ([relative_to / text] if relative_to is not None else [])
+    model, adapter = split_reference(str(value))
+    if adapter is not None:  # mergekit's model+lora: each part is a local directory
+        return Path(f"{_model_path(model, relative_to)}+{_model_path(adapter, relative_to)}")
+    candidates = [Path(model)] + ([relative_to / model] if relative_to is not None else [])
     for candidate in candidates:
         if candidate.exists():
             return candidate
     raise WeightkitError(
-        f"model {text} is not a local directory (weightkit reads local checkpoints and downloads nothing)"
+        f"model {model} is not a local directory (weightkit reads local checkpoints and downloads nothing)"
     )
 
 

@@ -1,12 +1,15 @@
-"""``model+lora`` references: the tensors read with the adapter merged equal PEFT's ``merge_and_unload``."""
+"""A checkpoint read with a LoRA adapter merged in (``model+lora`` in merge recipes) equals PEFT's
+``merge_and_unload``."""
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from weightkit.adapt import LoRAMergedReader
 from weightkit.errors import WeightkitError
-from weightkit.merge.lora_reference import LoRAMergedReader, split_reference
+from weightkit.merge.engine import split_reference
 from weightkit.testing import save_tiny, tiny_llama
 
 
@@ -74,3 +77,27 @@ def test_an_adapter_that_does_not_fit_or_is_not_lora_is_refused(tmp_path):
     (adapter / "adapter_config.json").write_text(config)
     with pytest.raises(WeightkitError, match="a IA3 adapter; model\\+adapter references take LoRA"):
         LoRAMergedReader(base, adapter)
+
+
+def test_a_model_plus_adapter_reference_merges_as_the_merged_model_does(tmp_path):
+    # mergekit's "model+lora": the same output as merging the model PEFT merged the adapter into.
+    from weightkit.merge import merge
+    from weightkit.merge.recipe import merge_recipe_from_dict
+
+    base = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    save_tiny(tiny_llama(seed=1), tmp_path / "other")
+    adapter = _trained_adapter(
+        tiny_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), tmp_path / "adapter"
+    )
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    outputs = {}
+    for name, first in (("reference", "merged"), ("lora", "base+adapter")):
+        doc = {"models": [{"model": first, "parameters": {"weight": 0.3}}, {"model": "other"}],
+               "merge_method": "linear"}  # fmt: skip
+        recipe = merge_recipe_from_dict(doc, relative_to=tmp_path)
+        merge(recipe.base, recipe.models, recipe.config, tmp_path / name, progress=False)
+        outputs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert outputs["lora"].keys() == outputs["reference"].keys()
+    for key, tensor in outputs["reference"].items():
+        torch.testing.assert_close(outputs["lora"][key], tensor, rtol=0, atol=1e-7, msg=key)

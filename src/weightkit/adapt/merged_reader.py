@@ -1,11 +1,12 @@
-"""``model+lora`` references in merge recipes: a model read with a PEFT LoRA adapter merged into it.
+"""A checkpoint read with a PEFT LoRA adapter merged into it: mergekit's ``model+lora`` merge references.
 
 mergekit reads ``path/to/model+path/to/adapter`` by loading the model, merging the adapter with PEFT's
 ``merge_and_unload`` and saving the result to a cache directory (``--lora-merge-cache``) before the merge
 starts. weightkit merges each adapted tensor as it is read (:class:`LoRAMergedReader`), with the LoRA layers
 weightkit loads PEFT adapters into (tested equal to PEFT's), so nothing is written and there is nothing to
-cache. As in mergekit, the merged weight is rounded to the dtype the model is loaded in: the checkpoint's
-own dtype (transformers' ``dtype="auto"``), or ``lora_merge_dtype`` (mergekit's ``--lora-merge-dtype``).
+cache. As in mergekit (transformers loads the model in its own dtype), each merged tensor is rounded to
+the checkpoint's dtype. The merge engine finds this reader through the registry (kind ``"reader"``), as
+it finds merge methods, so the merge verb does not import the adapt verb.
 
 What the adapter holds besides its factors is applied as PEFT's ``merge_and_unload`` applies it: modules in
 ``modules_to_save`` take their saved tensors, ``bias="all"``/``"lora_only"`` the saved biases,
@@ -14,6 +15,7 @@ every field honoured or refused by name.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,24 +23,24 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import adapter_keys
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
-from weightkit.adapt.peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX, lora_config_from_peft
+from weightkit.adapt.peft_format import lora_config_from_peft
 from weightkit.checkpoint import CheckpointReader
+from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
+from weightkit.registry import register
 
-__all__ = ["split_reference", "LoRAMergedReader"]
+__all__ = ["LoRAReference", "LoRAMergedReader"]
 
 # The suffixes of an adapted module's tensors in a PEFT LoRA file.
 _FACTORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
             "lora_magnitude_vector")  # fmt: skip
 
 
-def split_reference(text: str) -> tuple[str, str | None]:
-    """``"model+adapter"`` -> ``("model", "adapter")``; a plain path (even one containing ``+`` that
-    exists as a whole) -> ``(path, None)``."""
-    if "+" not in text or Path(text).exists():
-        return text, None
-    model, _, adapter = text.rpartition("+")
-    return model, adapter
+@dataclass
+class LoRAReference:
+    """The adapter of a ``model+adapter`` reference (registered as reader ``"model+lora"``)."""
+
+    adapter: str
 
 
 class LoRAMergedReader(CheckpointReader):
@@ -47,7 +49,6 @@ class LoRAMergedReader(CheckpointReader):
     Args:
         path: the model (as :class:`~weightkit.checkpoint.CheckpointReader` takes it).
         adapter_dir: a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-        merge_dtype: round merged tensors to this dtype (default: each tensor's dtype in the checkpoint).
         allow_pickle: as for :class:`~weightkit.checkpoint.CheckpointReader`.
 
     Raises:
@@ -55,13 +56,9 @@ class LoRAMergedReader(CheckpointReader):
             fit the model.
     """
 
-    def __init__(
-        self, path: str | Path, adapter_dir: str | Path, *, merge_dtype: torch.dtype | None = None,
-        allow_pickle: bool = False,
-    ) -> None:  # fmt: skip
+    def __init__(self, path: str | Path, adapter_dir: str | Path, *, allow_pickle: bool = False) -> None:
         super().__init__(path, allow_pickle=allow_pickle)
         self.adapter_dir = Path(adapter_dir)
-        self.merge_dtype = merge_dtype
         config_file = self.adapter_dir / "adapter_config.json"
         if not config_file.is_file():
             raise WeightkitError(f"{self.adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
@@ -71,8 +68,8 @@ class LoRAMergedReader(CheckpointReader):
                 f"{self.adapter_dir}: a {saved.get('peft_type')} adapter; model+adapter references take LoRA "
                 "adapters (merge other types with `weightkit merge-adapter` first)"
             )
-        with CheckpointReader(self.adapter_dir / ADAPTER_WEIGHTS) as reader:
-            tensors = {name.removeprefix(PEFT_PREFIX): reader.get(name) for name in reader.names()}
+        with CheckpointReader(self.adapter_dir / PEFT_ADAPTER_WEIGHTS) as reader:
+            tensors = {name.removeprefix(PEFT_KEY_PREFIX): reader.get(name) for name in reader.names()}
         # Whole tensors the adapter replaces: modules_to_save, and trained biases (bias="all"/"lora_only").
         self._replaced = {k: v for k, v in tensors.items() if not k.endswith(_FACTORS)}
         self._factors: dict[str, dict[str, Tensor]] = {}
@@ -124,7 +121,7 @@ class LoRAMergedReader(CheckpointReader):
             merged = tensor.float() + lora_bias.float() * self._config.scaling_for(module)
         else:
             merged = _merged_weight(tensor.float(), factors, self._config, module)
-        return merged.to(self.merge_dtype or self.dtype(name)).to(tensor.dtype)
+        return merged.to(self.dtype(name)).to(tensor.dtype)
 
 
 def _merged_weight(weight: Tensor, factors: dict[str, Tensor], config, module: str) -> Tensor:
@@ -150,3 +147,10 @@ def _merged_weight(weight: Tensor, factors: dict[str, Tensor], config, module: s
             state[full].copy_(factors[short].reshape(state[full].shape))
         layer.merge()
     return layer.base_layer.weight.detach()
+
+
+def _open(path: str | Path, reference: LoRAReference, *, allow_pickle: bool = False) -> LoRAMergedReader:
+    return LoRAMergedReader(path, reference.adapter, allow_pickle=allow_pickle)
+
+
+register("reader", "model+lora", LoRAReference, _open)
