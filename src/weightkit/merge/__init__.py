@@ -12,13 +12,14 @@ from weightkit.merge.linear import LinearConfig
 from weightkit.merge.model_stock import ModelStockConfig
 from weightkit.merge.mwa import MWAConfig
 from weightkit.merge.nearswap import NearSwapConfig
+from weightkit.merge.nuslerp import NuSlerpConfig
 from weightkit.merge.pcb import PCBConfig
 from weightkit.merge.slerp import SlerpConfig
 from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 from weightkit.registry import refuse
 
 # mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
-for _name in ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "passthrough"):
+for _name in ("multislerp", "karcher", "sce", "arcee_fusion", "passthrough"):
     refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "FisherConfig",
     "MWAConfig",
     "NearSwapConfig",
+    "NuSlerpConfig",
 ]
 
 _callable_package(__name__, merge)
