@@ -10,6 +10,7 @@ from weightkit.merge.engine import merge, prepare_merge
 from weightkit.merge.fisher import FisherConfig
 from weightkit.merge.linear import LinearConfig
 from weightkit.merge.model_stock import ModelStockConfig
+from weightkit.merge.multislerp import MultiSlerpConfig
 from weightkit.merge.mwa import MWAConfig
 from weightkit.merge.nearswap import NearSwapConfig
 from weightkit.merge.nuslerp import NuSlerpConfig
@@ -19,7 +20,7 @@ from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 from weightkit.registry import refuse
 
 # mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
-for _name in ("multislerp", "karcher", "sce", "arcee_fusion", "passthrough"):
+for _name in ("karcher", "sce", "arcee_fusion", "passthrough"):
     refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "MWAConfig",
     "NearSwapConfig",
     "NuSlerpConfig",
+    "MultiSlerpConfig",
 ]
 
 _callable_package(__name__, merge)
