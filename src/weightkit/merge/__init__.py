@@ -8,6 +8,7 @@ mergekit-style YAML recipe (:func:`weightkit.merge.recipe.load_merge_recipe`).
 from weightkit import _callable_package
 from weightkit.merge.engine import merge, prepare_merge
 from weightkit.merge.fisher import FisherConfig
+from weightkit.merge.karcher import KarcherConfig
 from weightkit.merge.linear import LinearConfig
 from weightkit.merge.model_stock import ModelStockConfig
 from weightkit.merge.multislerp import MultiSlerpConfig
@@ -20,7 +21,7 @@ from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 from weightkit.registry import refuse
 
 # mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
-for _name in ("karcher", "sce", "arcee_fusion", "passthrough"):
+for _name in ("sce", "arcee_fusion", "passthrough"):
     refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "NearSwapConfig",
     "NuSlerpConfig",
     "MultiSlerpConfig",
+    "KarcherConfig",
 ]
 
 _callable_package(__name__, merge)
