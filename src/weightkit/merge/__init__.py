@@ -16,12 +16,13 @@ from weightkit.merge.mwa import MWAConfig
 from weightkit.merge.nearswap import NearSwapConfig
 from weightkit.merge.nuslerp import NuSlerpConfig
 from weightkit.merge.pcb import PCBConfig
+from weightkit.merge.sce import SCEConfig
 from weightkit.merge.slerp import SlerpConfig
 from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 from weightkit.registry import refuse
 
 # mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
-for _name in ("sce", "arcee_fusion", "passthrough"):
+for _name in ("arcee_fusion", "passthrough"):
     refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "NuSlerpConfig",
     "MultiSlerpConfig",
     "KarcherConfig",
+    "SCEConfig",
 ]
 
 _callable_package(__name__, merge)
