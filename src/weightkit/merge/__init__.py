@@ -6,6 +6,7 @@ mergekit-style YAML recipe (:func:`weightkit.merge.recipe.load_merge_recipe`).
 """
 
 from weightkit import _callable_package
+from weightkit.merge.arcee_fusion import ArceeFusionConfig
 from weightkit.merge.engine import merge, prepare_merge
 from weightkit.merge.fisher import FisherConfig
 from weightkit.merge.karcher import KarcherConfig
@@ -22,7 +23,7 @@ from weightkit.merge.task_arithmetic import TaskArithmeticConfig
 from weightkit.registry import refuse
 
 # mergekit's methods that weightkit does not implement yet: named as such, not "did you mean" another.
-for _name in ("arcee_fusion", "passthrough"):
+for _name in ("passthrough",):
     refuse("merge", _name, "a mergekit method weightkit does not implement yet")
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "MultiSlerpConfig",
     "KarcherConfig",
     "SCEConfig",
+    "ArceeFusionConfig",
 ]
 
 _callable_package(__name__, merge)
