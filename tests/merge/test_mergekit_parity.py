@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from weightkit.errors import WeightkitError
 from weightkit.merge import merge
 from weightkit.merge.karcher import karcher_mean
 from weightkit.merge.recipe import load_merge_recipe
+from weightkit.registry import config_from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 CASES = [
@@ -74,3 +76,35 @@ def test_karcher_averages_the_base_model_with_the_others_as_mergekit_does():
     two = karcher_mean([m[name].clone() for m in models[:2]], max_iter=20, tol=1e-6)
     torch.testing.assert_close(three, with_base[name], rtol=0, atol=ATOL)
     assert (two - with_base[name]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("method", "parameters", "with_base"),
+    [
+        ("nearswap", {"t": 0.01}, True),
+        ("nuslerp", {}, True),
+        ("nuslerp", {"nuslerp_flatten": False}, False),
+        ("multislerp", {}, True),
+        ("karcher", {}, False),
+        ("sce", {"select_topk": 0.5}, True),
+        ("arcee_fusion", {}, True),
+    ],
+)
+def test_a_non_finite_input_is_refused_naming_it(tmp_path, method, parameters, with_base, bad):
+    # Whether the method checks its inputs or (nearswap, nuslerp) only its result, the message names the
+    # input tensor and its checkpoint, and nothing is written.
+    tensors = load_file(FIXTURES / "models" / "a" / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = bad
+    broken = tmp_path / "a"
+    broken.mkdir()
+    (broken / "config.json").write_text((FIXTURES / "models" / "a" / "config.json").read_text())
+    save_file(tensors, broken / "model.safetensors", {"format": "pt"})
+    models = [broken] + ([] if method in ("nearswap", "arcee_fusion") else [FIXTURES / "models" / "b"])
+    config = config_from_dict("merge", {"method": method, **parameters})
+    base = FIXTURES / "models" / "base" if with_base else None
+    with pytest.raises(
+        WeightkitError, match=f"model.layers.1.mlp.up_proj.weight of {broken} contains 1 NaN/Inf"
+    ):
+        merge(base, models, config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
