@@ -1,10 +1,10 @@
 """Karcher mean: the models' average direction on the unit sphere, scaled to their average norm.
 
 The Karcher (Riemannian, Fréchet) mean of points on a sphere is the point minimising the sum of squared
-great-circle distances to them. Its use for merging is mergekit's (Arcee's) ``karcher`` method; mergekit
-cites Wang, Ye & Yin, "Functionality-Oriented LLM Merging on the Fisher-Rao Manifold", arXiv 2603.04972,
-whose algorithm is this one (its code is a mergekit commit). This module implements mergekit 0.1.5's
-``karcher``, step for step:
+great-circle distances to them. Merging with it is a mergekit (Arcee) method, ``karcher``; mergekit's
+reference for it is Wang, Ye & Yin, "Functionality-Oriented LLM Merging on the Fisher-Rao Manifold", arXiv
+2603.04972, whose code is a mergekit commit. This module implements mergekit 0.1.5's ``karcher``, step for
+step:
 
 - Each model's tensor is one flattened vector ``v_i`` with norm ``n_i`` and direction ``u_i = v_i / n_i``
   (zero when ``n_i = 0``); only models with ``n_i > tol`` take part in the mean, with equal weights

@@ -1,8 +1,8 @@
 """Multi-SLERP: a weighted spherical average of several models (or of their task vectors).
 
-Multi-SLERP is mergekit's own method (Charles Goddard of Arcee, described in the blog post "multislerp: wow
-what a cool idea", https://goddard.blog/posts/multislerp-wow-what-a-cool-idea); there is no paper and no
-arXiv id. This module implements mergekit 0.1.5's ``multislerp``.
+Multi-SLERP is mergekit's (Arcee's) own method; mergekit's reference for it is a blog post,
+https://goddard.blog/posts/multislerp-wow-what-a-cool-idea, and there is no paper and no arXiv id. This
+module implements mergekit 0.1.5's ``multislerp``.
 
 For each tensor, with ``v_i`` each model's tensor flattened (minus the base model's when there is one) and
 weights ``w_i`` (divided by their sum when ``normalize_weights``):

@@ -1,8 +1,8 @@
 """NearSwap: move each entry of the base toward the other model by at most ``t``.
 
-NearSwap is mergekit's own method (mergekit names as its reference the model card of
-``alchemonaut/QuartetAnemoi-70B-t0.0001`` on the Hugging Face hub, where it was introduced); there is no
-paper and no arXiv id. This module implements mergekit 0.1.5's ``nearswap``, operation for operation.
+NearSwap is a mergekit method (Arcee's tool; mergekit's reference for it is the Hugging Face model card of
+``alchemonaut/QuartetAnemoi-70B-t0.0001``); there is no paper and no arXiv id. This module implements
+mergekit 0.1.5's ``nearswap``, operation for operation.
 
 With the base model's tensor ``a``, the other model's ``b`` and the threshold ``t``, every entry gets its
 own interpolation weight ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)`` and the result is
