@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,129 @@ def test_merge_stacks_the_slices_of_a_yaml_recipe(tmp_path, capsys):
     assert torch.equal(out[name.format(3)], b[name.format(1)] * 0.5)
     assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
     assert torch.equal(out["lm_head.weight"], b["lm_head.weight"] * 0.5)
+
+
+# -- mergekit's nearswap, nuslerp, multislerp, karcher, sce and arcee_fusion from recipes ------------------
+
+FIXTURES = Path(__file__).parents[1] / "merge" / "fixtures" / "mergekit"
+
+
+def outputs(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("case", "method"),
+    [
+        ("nearswap", "nearswap"),
+        ("nuslerp_base", "nuslerp"),
+        ("multislerp_base", "multislerp"),
+        ("karcher", "karcher"),
+        ("sce", "sce"),
+        ("arcee_fusion", "arcee_fusion"),
+    ],
+)
+def test_mergekit_recipes_of_each_new_method_give_mergekits_output(tmp_path, capsys, case, method):
+    # The recipes mergekit ran to make the fixtures, unchanged (model paths relative to the recipe).
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "merge", FIXTURES / "recipes" / f"{case}.yaml", "-o", out, "--json")
+    assert code == 0 and json.loads(stdout)["method"] == method
+    expected = load_file(FIXTURES / "outputs" / f"{case}.safetensors")
+    got = outputs(out)
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace("MODELS", str(FIXTURES / "models")))
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        # mergekit would read a per-layer list of switches; weightkit refuses it rather than read it as true.
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: nuslerp\n"
+            "parameters: {nuslerp_flatten: [true, false]}\n",
+            "nuslerp_flatten must be true or false",
+        ),
+        # mergekit ignores options a method does not have; weightkit names them.
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: nuslerp\n"
+            "parameters: {normalize: true}\n",
+            "nuslerp: unknown option 'normalize'",
+        ),
+        (
+            "models: [{model: MODELS/a, parameters: {weight: 2}}, {model: MODELS/b}]\n"
+            "merge_method: karcher\n",
+            "karcher: unknown parameter(s) weight",
+        ),
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}, {model: MODELS/c}]\nmerge_method: nuslerp\n",
+            "nuslerp merges exactly 2 model(s), got 3",
+        ),
+        (
+            "models: [{model: MODELS/a}]\nbase_model: MODELS/base\nmerge_method: nearswap\n",
+            "nearswap needs t",
+        ),
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: sce\n",
+            "sce merges task vectors against a base model",
+        ),
+    ],
+)
+def test_what_the_new_methods_do_not_take_is_refused_by_name(tmp_path, capsys, recipe, message):
+    code, _, err = run(capsys, "merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert code == 1 and message in " ".join(err.split())
+    assert not (tmp_path / "out").exists()
+
+
+DARE = (
+    "models:\n  - model: MODELS/a\n    parameters: {weight: 0.5, density: 0.5}\n"
+    "  - model: MODELS/b\n    parameters: {weight: 0.5, density: 0.5}\n"
+    "base_model: MODELS/base\nmerge_method: dare_ties\n"
+)
+
+
+def test_random_seed_seeds_the_random_methods_like_the_recipes_seed(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, DARE)
+    merged = {}
+    for seed in (7, 8):
+        code, stdout, _ = run(
+            capsys, "merge", recipe, "-o", tmp_path / f"s{seed}", "--random-seed", seed, "--json"
+        )
+        assert code == 0 and json.loads(stdout)["config"]["seed"] == seed
+        merged[seed] = outputs(tmp_path / f"s{seed}")
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text(recipe.read_text() + "parameters: {seed: 7}\n")
+    code, _, _ = run(capsys, "merge", seeded, "-o", tmp_path / "recipe7", "--random-seed", 7)
+    assert code == 0
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(outputs(tmp_path / "recipe7")[name], merged[7][name])
+    assert not torch.equal(merged[7][name], merged[8][name])
+    code, _, err = run(capsys, "merge", seeded, "-o", tmp_path / "clash", "--random-seed", 8)
+    assert code == 1 and "--random-seed 8 and the recipe's seed: 7 disagree" in err
+
+
+def test_random_seed_is_accepted_and_changes_nothing_for_deterministic_methods(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "merge", FIXTURES / "recipes" / "nearswap.yaml", "-o", out, "--random-seed", 3)
+    assert code == 0
+    expected = load_file(FIXTURES / "outputs" / "nearswap.safetensors")
+    assert all(torch.equal(outputs(out)[name], tensor) for name, tensor in expected.items())
+
+
+def test_random_seed_is_explained_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--random-seed N" in text and "Other methods are deterministic and accept it without effect" in text
+    )

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from weightkit.merge.gram import gram
+from weightkit.merge.gram import dot, gram
 
 
 def test_gram_matches_python_sums_on_short_vectors():
@@ -43,3 +43,16 @@ def test_gram_of_bfloat16_vectors_is_computed_in_float32_without_changing_them()
     torch.testing.assert_close(got, stacked @ stacked.T, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gram([v.float() for v in vectors]), stacked @ stacked.T, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(v, w) for v, w in zip(vectors, before, strict=True))
+
+
+def test_dot_is_as_accurate_as_gram_for_any_shape_and_dtype():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(2**20 + 700, generator=g) + 0.1
+    b = a + 0.01 * torch.randn(a.shape, generator=g)
+    assert math.isclose(dot(a, b), float(a.double() @ b.double()), rel_tol=1e-8)
+    # Non-contiguous views are read as their flattened values.
+    x, y = a[: 7 * 1000].reshape(-1, 7)[:, :5], b[: 7 * 1000].reshape(-1, 7)[:, :5]
+    assert math.isclose(dot(x, y), float(x.double().reshape(-1) @ y.double().reshape(-1)), rel_tol=1e-7)
+    small = torch.randn(5, generator=g).bfloat16()
+    assert math.isclose(dot(small, small), float(small.double() @ small.double()), rel_tol=1e-6)
+    assert dot(torch.zeros(0), torch.zeros(0)) == 0.0

@@ -17,6 +17,8 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.registry import config_to_dict
 
     recipe = load_merge_recipe(args.recipe)
+    if args.random_seed is not None:
+        recipe.config = _seeded(recipe.config, recipe.source, args.random_seed)
     dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
     out = Path(args.output)
     if not args.dry_run:
@@ -74,6 +76,23 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         print_table("weightkit merge", [row])
         console.print(f"saved to [bold]{out}[/bold]")
     return summary
+
+
+def _seeded(config: Any, recipe: dict[str, Any], seed: int) -> Any:
+    """``config`` with ``seed`` set, for methods that draw random numbers (those with a ``seed`` field);
+    other methods are deterministic and take ``--random-seed`` without effect, as mergekit-yaml does."""
+    import dataclasses
+
+    from weightkit.errors import WeightkitError
+
+    if "seed" not in {f.name for f in dataclasses.fields(config)}:
+        return config
+    given = (recipe.get("parameters") or {}).get("seed")
+    if given is not None and given != seed:
+        raise WeightkitError(
+            f"--random-seed {seed} and the recipe's seed: {given} disagree; give the seed once"
+        )
+    return dataclasses.replace(config, seed=seed)
 
 
 def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,10 +231,11 @@ def add_parsers(sub) -> None:
         "merge",
         help="merge fine-tunes of one base model from a mergekit-style YAML recipe",
         description=(
-            "Merge models with TIES, DARE, task arithmetic, SLERP, Model Stock, Breadcrumbs, DELLA, linear "
-            "averaging and more, streamed tensor by tensor, or stack layer ranges of models (slices, "
-            "passthrough). The recipe uses mergekit's YAML schema (models or slices, base_model, "
-            "merge_method, parameters, dtype), so mergekit recipes run unchanged."
+            "Merge models with TIES, DARE, task arithmetic, SLERP, NuSLERP, Multi-SLERP, Karcher, SCE, "
+            "NearSwap, Arcee Fusion, Model Stock, Breadcrumbs, DELLA, linear averaging and more, streamed "
+            "tensor by tensor, or stack layer ranges of models (slices, passthrough). The recipe uses "
+            "mergekit's YAML schema (models or slices, base_model, merge_method, parameters, dtype), so "
+            "mergekit recipes run unchanged."
         ),
         epilog=(
             "recipe example:\n"
@@ -244,6 +264,18 @@ def add_parsers(sub) -> None:
     )
     m.add_argument(
         "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
+    )
+    m.add_argument(
+        "--random-seed",
+        type=int,
+        metavar="N",
+        help=(
+            "seed of the methods that draw random numbers (dare_linear, dare_ties, della, della_linear: "
+            "which entries they drop), like mergekit-yaml's --random-seed; the same seed and inputs give "
+            "the same output. Other methods are deterministic and accept it without effect. weightkit "
+            "draws its own per-tensor random streams, so a seed does not reproduce mergekit's masks "
+            "(default: the recipe's seed parameter, else 0)"
+        ),
     )
     m.set_defaults(run=_cmd_merge)
 

@@ -473,8 +473,10 @@ def _models(base: str | Path | None, models: list[ModelSpec], config: Any, metho
                 )
             model.files[key] = CheckpointReader(file)
         out.append(model)
+    # needs_base (default True): the method reads a base model; False: it merges the models listed only.
+    # base_optional: a method that reads a base model when one is given and merges without one otherwise.
     needs_base = getattr(config, "needs_base", True)
-    if needs_base and base is None:
+    if needs_base and base is None and not getattr(config, "base_optional", False):
         raise WeightkitError(f"{method} merges task vectors against a base model; give base_model")
     if not needs_base and base is not None:
         listed = [m for m in out if m.path.resolve() == Path(base).resolve()]
@@ -551,16 +553,19 @@ def merge(
 ) -> dict:
     """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
 
-    Methods whose per-tensor work is heavy (the sparsifying ones: TIES, DARE, Breadcrumbs, DELLA, and PCB:
-    sorts, selections, random masks, many products) merge each tensor on ``device``. The others (linear,
-    task arithmetic without a sparsifier, SLERP, Model Stock, Fisher, MWA) always merge on the CPU: their
+    Methods whose per-tensor work is heavy (the sparsifying ones: TIES, DARE, Breadcrumbs, DELLA, and PCB,
+    SCE and Arcee Fusion: sorts, selections, random masks, many products) merge each tensor on ``device``.
+    The others (linear, task arithmetic without a sparsifier, SLERP, NuSLERP, Multi-SLERP, Karcher,
+    NearSwap, Model Stock, Fisher, MWA) always merge on the CPU: their
     work is a few passes of elementwise arithmetic, cheaper than moving the tensors to a GPU and back (on
     the 134M bench set, 1 thread, task arithmetic's arithmetic is 0.36 s of 1.2 s and linear's 0.10 of
     0.81 s, where copying the float32 inputs over PCIe alone would take ~0.2-0.4 s; TIES's is 7.3 of 8.1 s
     and DARE's 3.5 of 4.5 s). The summary's ``device`` says where the tensors were merged.
 
     Args:
-        base: the base model directory (task-vector methods, SLERP, Model Stock), or None.
+        base: the base model directory (task-vector methods, SLERP, Model Stock ...), or None. NuSLERP and
+            Multi-SLERP merge task vectors when given one and the models themselves otherwise; Karcher
+            averages it with the models.
         models: model directories, or ``{"model": dir, "parameters": {"weight": 0.5, ...}}`` entries
             whose parameters override the config's per-model defaults for that model.
         config: a merge config, e.g. ``TaskArithmeticConfig`` from ``config_from_dict("merge",
@@ -749,7 +754,8 @@ def prepare_merge(
     parsed = _models(base, models, config, method)
     plan = None
     try:
-        uses_base = getattr(config, "needs_base", True)
+        # A method whose base is optional (base_optional) uses one when it is given.
+        uses_base = getattr(config, "needs_base", True) and base is not None
         plan = plan_merge(base if uses_base else None, [m.path for m in parsed], allow_pickle=allow_pickle)
         parsed = _check_part(plan, parsed, config, method)
         if tokenizer_source == "base":

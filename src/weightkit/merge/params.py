@@ -22,6 +22,7 @@ __all__ = [
     "Spec",
     "check_spec",
     "check_range",
+    "check_bool",
     "value_for",
     "value_at",
     "gradient_position",
@@ -90,6 +91,13 @@ def check_spec(spec: Spec, what: str) -> None:
                 f"got {entry!r}"
             )
         check_spec(entry["value"], what)
+
+
+def check_bool(value, what: str) -> None:
+    """Raise a clear error unless ``value`` is True or False: a switch takes one value for every tensor
+    (mergekit would also take a per-layer list or filter entries; those are refused, not read as true)."""
+    if not isinstance(value, bool):
+        raise WeightkitError(f"{what} must be true or false (one value for every tensor), got {value!r}")
 
 
 def _numbers(spec: Spec) -> list[float]:

@@ -15,6 +15,9 @@ the sparsified task vectors.
 - DELLA: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
   Sampling", arXiv 2406.11617 -- drop entries at random with a keep probability that grows with their
   magnitude rank, and rescale by it (:func:`della_prune`).
+- SCE's select step: Wan et al., "FuseChat: Knowledge Fusion of Chat Models", arXiv 2408.07990 -- keep
+  the entries whose values vary most across the task vectors, in every task vector at once
+  (:func:`variance_select`; the rest of SCE is in :mod:`weightkit.merge.sce`).
 
 The definitions follow mergekit's ``sparsify`` module, so outputs equal mergekit's given the same inputs
 except where a function's docstring says otherwise. The deliberate differences, in one place:
@@ -31,8 +34,8 @@ except where a function's docstring says otherwise. The deliberate differences, 
   dimensions (mergekit ranks along dim 1 only), accepts ``density + epsilon == 1`` (mergekit requires
   ``< 1``), and gives a one-entry row the keep probability ``density`` (mergekit divides 0 by 0).
 - A density <= 0 is refused here (mergekit returns zeros for some sparsifiers).
-- Ties in ``|delta|`` are broken the same way everywhere (the lower flattened index ranks higher), where
-  mergekit's order among equal magnitudes is whatever its unstable sort gives.
+- Ties in ``|delta|`` (and in SCE's variances) are broken the same way everywhere (the lower flattened index
+  ranks higher), where mergekit's order among equal values is whatever its unstable sort or top-k gives.
 """
 
 import torch
@@ -48,6 +51,7 @@ __all__ = [
     "della_prune",
     "threshold_prune",
     "model_magnitude_thresholds",
+    "variance_select",
 ]
 
 
@@ -299,3 +303,41 @@ def model_magnitude_thresholds(delta_stream, densities: list[float]) -> list[flo
         for i in wanted:
             selects[i].finish_pass()
     return [float(selects[i].value) if i in wanted else 0.0 for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- SCE select
+
+# Entries per step of variance_select (each step stacks one chunk of every task vector).
+_CHUNK = 2**20
+
+
+def variance_select(deltas: list[Tensor], fraction: float) -> Tensor | None:
+    """SCE's select step: which entries vary most across the task vectors (mergekit's ``sce_mask``).
+
+    Each entry's variance across the models is ``torch.var(..., unbiased=False)`` of its values in the
+    ``deltas``. Of the ``z`` entries whose variance is not zero, the ``k = int(z * fraction)`` largest are
+    kept (``z * fraction`` in float32, as mergekit computes it, so ``k`` is mergekit's); among equal
+    variances the lower flattened index wins.
+
+    Args:
+        deltas: the task vectors of one tensor, one per model, one shape; not modified.
+        fraction: the fraction of the non-zero-variance entries to keep; ``>= 1`` keeps every entry,
+            ``<= 0`` none.
+
+    Returns:
+        A bool mask of the deltas' shape (True: kept), or None when ``fraction >= 1`` (everything kept).
+    """
+    if fraction >= 1:
+        return None
+    shape, n = deltas[0].shape, deltas[0].numel()
+    if fraction <= 0:
+        return torch.zeros(shape, dtype=torch.bool, device=deltas[0].device)
+    flats = [d.reshape(-1) for d in deltas]
+    variance = torch.empty(n, dtype=deltas[0].dtype, device=deltas[0].device)
+    for start in range(0, n, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        torch.var(torch.stack([f[part] for f in flats]), dim=0, unbiased=False, out=variance[part])
+    nonzero = torch.count_nonzero(variance).cpu()
+    # mergekit's int(count * density): an int64 tensor times a float is a float32 product.
+    k = int(nonzero * fraction)
+    return _largest_mask(variance, k).view(shape)
