@@ -242,3 +242,33 @@ def test_random_seed_is_explained_in_the_help(capsys):
     assert (
         "--random-seed N" in text and "Other methods are deterministic and accept it without effect" in text
     )
+
+
+def test_a_model_plus_lora_recipe_runs_with_mergekits_lora_cache_flag(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    save_tiny(tiny_llama(seed=1), tmp_path / "other")
+    peft_model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.fill_(0.05)
+    peft_model.save_pretrained(tmp_path / "lora")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("models:\n  - model: base+lora\n  - model: other\nmerge_method: linear\n")
+    code, _, _ = run(
+        capsys, "merge", recipe, "-o", tmp_path / "out", "--lora-merge-cache", tmp_path / "cache"
+    )
+    assert code == 0 and not (tmp_path / "cache").exists()
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    base, other = (
+        load_file(tmp_path / "base" / "model.safetensors"),
+        load_file(tmp_path / "other" / "model.safetensors"),
+    )
+    name = "model.layers.0.self_attn.q_proj.weight"
+    # Every entry of B A is r * 0.05^2 (r = 2), scaled by lora_alpha / r = 8 / 2 (PEFT's default alpha).
+    adapted = base[name] + (8 / 2) * 2 * 0.05**2
+    torch.testing.assert_close(out[name], (adapted + other[name]) / 2)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    torch.testing.assert_close(out[name], (base[name] + other[name]) / 2)

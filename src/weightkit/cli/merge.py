@@ -277,6 +277,15 @@ def add_parsers(sub) -> None:
             "(default: the recipe's seed parameter, else 0)"
         ),
     )
+    m.add_argument(
+        "--lora-merge-cache",
+        metavar="DIR",
+        help=(
+            "accepted so mergekit-yaml command lines run unchanged: mergekit merges each 'model+lora' "
+            "reference into a model saved in DIR first; weightkit merges the adapter into each tensor as it "
+            "reads it, so it writes no cache and leaves DIR alone"
+        ),
+    )
     m.set_defaults(run=_cmd_merge)
 
     x = sub.add_parser(
