@@ -328,38 +328,79 @@ def quant_memory() -> str:
     return _table(header, rows)
 
 
+# -- suite case lists -------------------------------------------------------------------------------------
+
+
+def _from_tests(relative: str):
+    """A module of the test suite's case lists (``tests/...py``), loaded by path (``tests`` is no package)."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mergekit_features() -> str:
+    """Every mergekit merge method and recipe feature (``tests/merge/mergekit_features.py``): what weightkit
+    does, and the tests that check it (the suite fails if one does not exist)."""
+    features = _from_tests("tests/merge/mergekit_features.py")
+    rows = []
+    for feature in features.FEATURES:
+        files = dict.fromkeys(Path(t.partition("::")[0]).stem for t in feature.tests)
+        tests = ", ".join(f"`{f}`" for f in files)
+        name = f"`{feature.name}`" if feature in features.METHODS else feature.name
+        rows.append([name, feature.status, feature.note or "-", tests or "-"])
+    return _table(["mergekit", "weightkit", "note", "checked in"], rows)
+
+
+def merge_parity() -> str:
+    """mergekit's example recipes run by both tools (``bench/merge_parity.py``): largest difference."""
+    result = _load("merge_parity")
+
+    def cell(row: dict) -> str:
+        if row["weightkit"] != "ok":
+            return "refused by weightkit"
+        if row["mergekit"] != "ok":
+            return "mergekit failed"
+        stable = row.get("max_abs_diff_vs_mergekit_stable_topk")
+        return f"{row['max_abs_diff']:.2g}" + (
+            f" ({stable:.2g} with a stable top-k)" if stable is not None else ""
+        )
+
+    rows = []
+    for recipe, variants in result["recipes"].items():
+        layers = variants["as_written"].get("layers") or {}
+        same = "-" if not layers else "same" if layers["weightkit"] == layers["mergekit"] else "differ"
+        float32 = cell(variants["float32_compute"]) if "float32_compute" in variants else "-"
+        rows.append([f"`{recipe}.yml`", cell(variants["as_written"]), float32, same])
+    return _table(
+        ["recipe", "max abs diff, as written", "max abs diff, float32 compute", "layer count"], rows
+    )
+
+
 # -- PEFT interop -----------------------------------------------------------------------------------------
 
 
 def peft_interop() -> str:
     """The architecture x method x direction cases of ``tests/adapt/test_peft_interop.py``: each is a test
     that fails unless the outputs equal the other tool's, so the table holds whenever the suite passes."""
-    spec = importlib.util.spec_from_file_location(
-        "peft_interop", ROOT / "tests" / "adapt" / "peft_interop.py"
-    )
-    cases = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cases)
-    ARCHITECTURES, CASES, DIRECTIONS, METHODS = (
-        cases.ARCHITECTURES,
-        cases.CASES,
-        cases.DIRECTIONS,
-        cases.METHODS,
-    )
-
-    header = ["architecture", "adapted layers", *(f"{m}: {d}" for m in METHODS for d in DIRECTIONS)]
+    cases = _from_tests("tests/adapt/peft_interop.py")
+    methods, directions = cases.METHODS, cases.DIRECTIONS
+    header = ["architecture", "adapted layers", *(f"{m}: {d}" for m in methods for d in directions)]
     rows = []
-    for arch in ARCHITECTURES:
+    for arch in cases.ARCHITECTURES:
         layers = " + ".join(["`all-linear` (= PEFT's)", *(f"`{t}`" for t in arch.extra_targets)])
         if arch.head:
             layers += f"; head `{', '.join(arch.head)}` in full"
-        checked = {(m, d) for a, m, d in CASES if a == arch.name}
-        cells = ["same outputs" if (m, d) in checked else "-" for m in METHODS for d in DIRECTIONS]
+        checked = {(m, d) for a, m, d in cases.CASES if a == arch.name}
+        cells = ["same outputs" if (m, d) in checked else "-" for m in methods for d in directions]
         rows.append([arch.name, layers, *cells])
     return _table(header, rows)
 
 
 TABLES: dict[str, Callable[[], str]] = {
     "peft-interop": peft_interop,
+    "mergekit-features": mergekit_features,
+    "merge-parity": merge_parity,
     "adapt-peer": adapt_peer,
     "adapt-summary": adapt_summary,
     "adapt-methods": adapt_methods,
