@@ -1,4 +1,4 @@
-"""GPT-2's Conv1D layers (weights stored in x out, PEFT's fan_in_fan_out) in LoRA, DoRA, PiSSA and EVA.
+"""GPT-2's Conv1D layers (weights stored in x out, PEFT's fan_in_fan_out) in every adapter method.
 
 The reference for each method is the same model with every Conv1D replaced by the equivalent nn.Linear
 (the weight transposed): an adapter on the Conv1D must compute exactly what it computes on that Linear.
@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.adapt import (
+    BoneConfig,
+    IncreLoRAConfig,
     LoRAConfig,
+    LoRASBConfig,
+    MoSConfig,
+    SubspaceConfig,
+    SVFitConfig,
     adapt,
     adapter_layers,
     load_adapter,
@@ -185,3 +191,64 @@ def test_merging_conv1d_adapters_gives_the_unmerged_outputs_and_pefts_merged_wei
     peft_state = peft.merge_and_unload().state_dict()
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(value, peft_state[key], rtol=0, atol=1e-6, msg=key)
+
+
+# The weightkit-only methods on every Conv1D (sizes that fit every layer: 8 divides 32, 96 and 128).
+METHODS = {
+    "bone": BoneConfig(rank=8, targets=CONV1D),
+    "bat": BoneConfig(rank=8, variant="bat", targets=CONV1D),
+    "mos": MoSConfig(rank=4, alpha=8, budget_rank=3, private_rank=1, shards_per_vector=2, targets=CONV1D),
+    "svfit": SVFitConfig(rank=4, targets=CONV1D),
+    "lora_xs": LoRASBConfig(rank=4, init="svd", targets=CONV1D),
+    "lora_sb": LoRASBConfig(rank=4, init="gradient", init_lr=1e-2, targets=CONV1D),
+    "increlora": IncreLoRAConfig(init_rank=2, target_total_rank=24, targets=CONV1D),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_weightkit_method_on_conv1d_computes_what_it_does_on_the_linear_twin(method):
+    config = METHODS[method]
+    model = _adapted(tiny_gpt2(), config)
+    twin = _adapted(_as_linear(tiny_gpt2()), config)
+    assert len(adapter_layers(model)) == 8
+    # The initialisations (SVDs of the weight, LoRA-SB's gradient step, seeded draws) are the twin's.
+    torch.testing.assert_close(_logits(model), _logits(twin), **CLOSE)
+    _randomise(model)
+    _randomise(twin)
+    adapted = _logits(model)
+    assert (adapted - _logits(tiny_gpt2())).abs().max() > 1e-2  # the adapters do something
+    torch.testing.assert_close(adapted, _logits(twin), **CLOSE)
+    merge_adapters(twin)
+    torch.testing.assert_close(_logits(twin), adapted, **CLOSE)
+
+
+def _conv1d_weights(model):
+    return {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, Conv1D)}
+
+
+@pytest.mark.parametrize("method", [*METHODS, "said"])
+def test_a_weightkit_method_on_conv1d_merges_unmerges_and_round_trips(tmp_path, method):
+    config = METHODS.get(method) or SubspaceConfig(dim=64, said=True, targets=CONV1D)
+    base = _conv1d_weights(tiny_gpt2())
+    model = _adapted(tiny_gpt2(), config)
+    _randomise(model)
+    adapted = _logits(model)
+    merge_adapters(model)
+    torch.testing.assert_close(_logits(model), adapted, **CLOSE)
+    unmerge_adapters(model)
+    for module_name, layer in adapter_layers(model).items():
+        torch.testing.assert_close(layer.base_layer.weight, base[module_name], rtol=0, atol=1e-5)
+    saved = save_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(_logits(load_adapter(tiny_gpt2(), saved)), adapted, **CLOSE)
+    merged = merge_and_unload(model)
+    assert set(_conv1d_weights(merged)) == set(base)  # plain Conv1D layers again
+    torch.testing.assert_close(_logits(merged), adapted, **CLOSE)
+
+
+def test_pefts_miss_refuses_a_bone_adapter_on_conv1d_loudly(tmp_path):
+    # weightkit saves Bone as PEFT's MiSS; PEFT's MiSS adapts nn.Linear only, and says so on load.
+    model = adapt(tiny_gpt2(), BoneConfig(rank=8, targets=CONV1D))
+    base_dir = save_tiny(tiny_gpt2(), tmp_path / "base")
+    saved = save_adapter(model, tmp_path / "bone", base_model=str(base_dir))
+    with pytest.raises(TypeError, match="only `torch.nn.Linear`"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), saved)

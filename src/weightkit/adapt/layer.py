@@ -216,10 +216,10 @@ def wrap_targets(
     targets: list[str],
     wrapper: Callable[[nn.Module], nn.Module],
     *,
-    types: tuple[type, ...] = (nn.Linear,),
+    types: tuple[type, ...] = LINEAR_TYPES,
 ) -> dict[str, nn.Module]:
-    """Wrap every module of ``types`` that ``targets`` select in ``wrapper(module)``; return the wrappers, in
-    model order.
+    """Wrap every module of ``types`` (default: the linear layers, ``nn.Linear`` and GPT-2's ``Conv1D``) that
+    ``targets`` select in ``wrapper(module)``; return the wrappers, in model order.
 
     A module already wrapped by the same wrapper class (a second named adapter) is returned as is.
     Targets that select nothing are an error listing close module names. Children are wrapped before their
