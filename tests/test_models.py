@@ -17,10 +17,10 @@ from weightkit import load
 from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.quant.module import quantize_linear
 from weightkit.errors import WeightkitError
-from weightkit.models import default_model_path, load_model, model_kind, transformer_blocks
+from weightkit.models import default_model_path, load_kind, load_model, model_kind, transformer_blocks
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
-from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
 def test_model_kind():
@@ -37,6 +37,17 @@ def test_model_kind():
         assert supported in message
     with pytest.raises(WeightkitError, match="None"):
         model_kind({})
+
+
+def test_gpt2_loads_as_a_causal_lm_though_its_layout_is_not_model_kinds(tmp_path):
+    # Adapters and evaluation need no block layout; the block-by-block algorithms go by model_kind.
+    assert load_kind({"model_type": "gpt2"}) == "causal-lm" == load_kind({"model_type": "llama"})
+    with pytest.raises(WeightkitError, match="unsupported model_type 'gptj'"):
+        load_kind({"model_type": "gptj"})
+    model, tokenizer, kind = load_model(save_tiny(tiny_gpt2(), tmp_path / "gpt2", tiny_tokenizer()))
+    assert kind == "causal-lm" and tokenizer is not None
+    ids = torch.tensor([[1, 5, 9]])
+    torch.testing.assert_close(model(ids).logits, tiny_gpt2()(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2"])
