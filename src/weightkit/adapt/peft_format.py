@@ -5,7 +5,8 @@ PEFT stores an adapter's tensors under the model's key with the adapter's name d
 ``adapter_config.json``; ``peft.PeftModel.from_pretrained`` and vLLM load exactly that.
 
 - LoRA (with DoRA, rsLoRA, per-module ranks from EVA, PiSSA; on linear, embedding and conv layers) saves
-  as PEFT's ``LORA`` (an embedding's factors as ``<module>.lora_embedding_A`` / ``lora_embedding_B``). A
+  as PEFT's ``LORA`` (an embedding's factors as ``<module>.lora_embedding_A`` / ``lora_embedding_B``;
+  ``fan_in_fan_out: true`` when a layer is GPT-2's ``Conv1D``, whose weight is stored ``in x out``). A
   PiSSA adapter moved the base weights, so it is saved as PEFT saves one for the *original* base model: the
   update ``B A - B0 A0`` as a LoRA of twice the rank.
 - A method whose config defines ``peft_config(target_modules)`` and ``from_peft(saved)`` (Bone -> PEFT's
