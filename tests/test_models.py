@@ -141,12 +141,15 @@ def test_load_model_refuses_what_is_not_a_model(tmp_path):
     with pytest.raises(WeightkitError, match="pytorch_model.bin"):
         load_model(pickled)
     # A real model of an unsupported architecture: the error names it.
-    gpt2 = tmp_path / "gpt2"
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
-    save_tiny(transformers.GPT2LMHeadModel(config), gpt2)
-    assert json.loads((gpt2 / "config.json").read_text())["model_type"] == "gpt2"
-    with pytest.raises(WeightkitError, match="gpt2"):
-        load_model(gpt2)
+    opt = tmp_path / "opt"
+    config = transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64, vocab_size=64,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+    )  # fmt: skip
+    save_tiny(transformers.OPTForCausalLM(config), opt)
+    assert json.loads((opt / "config.json").read_text())["model_type"] == "opt"
+    with pytest.raises(WeightkitError, match="unsupported model_type 'opt'"):
+        load_model(opt)
 
 
 def test_default_model_loads_offline_and_embeds_meaningfully():
