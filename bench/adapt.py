@@ -3,9 +3,11 @@
     .venv/bin/python bench/adapt.py                           # full run, ~65 min: bench/results/adapt.json
     .venv/bin/python bench/adapt.py --quick --out /tmp/q.json # smoke run, ~1.5 min
     .venv/bin/python bench/adapt.py --tasks bbc --methods LoRA,EVA --reps 1 --out /tmp/a.json
+    .venv/bin/python bench/adapt.py --tasks gpt2 --methods none --out bench/results/adapt_gpt2.json  # ~10 min
 
 The peer is PEFT (``peft``, in weightkit's dev extra, so it runs in weightkit's own venv; no peer venv).
-Everything is offline and on the CPU. Options: ``--tasks``, ``--methods`` (labels of :data:`METHODS`,
+Everything is offline and on the CPU. Options: ``--tasks`` (default ``bbc,docstrings``; ``gpt2`` is run on its
+own), ``--methods`` (labels of :data:`METHODS`,
 ``all`` or ``none``), ``--reps`` (default 3), ``--steps``, ``--threads`` (default 2), ``--no-peer``,
 ``--interleaved-steps`` (default 200), ``--out`` (default ``bench/results/adapt.json``), ``--quick``.
 
@@ -32,6 +34,14 @@ the metric), a real change of domain from verse to technical prose. Training bat
 windows of the calib docstrings joined into one token stream (EOS between passages, ``<s>`` starting every
 window). Metric: perplexity of the eval docstrings, each scored on its own from ``<s>`` (truncated to
 ``max_len`` = 128 tokens, padding excluded).
+
+``gpt2``, the same job on GPT-2's layout: the ``docstrings`` data, tokenizer and recipe, on a
+``GPT2LMHeadModel`` of the small Llama's size (hidden 256, 4 blocks, MLP 1024, 4.2 M parameters) whose
+attention projection ``c_attn`` (query, key and value in one layer) is a transformers ``Conv1D``, the weight
+stored ``in x out`` (PEFT's ``fan_in_fan_out``); LoRA on ``c_attn``, PEFT's default target for GPT-2. No
+pretrained GPT-2 can be had offline, so the model is randomly initialised (seed 0, dropout off as in the
+Llama): the job measures what the Conv1D layers cost each tool and checks that both compute the same; its
+perplexity (near the vocabulary size) says nothing about fine-tuning a pretrained GPT-2.
 
 Recipe (:data:`FULL`): AdamW (weight decay 0), linear warm-up for 10 steps then cosine decay to 10%;
 ``bbc`` 150 steps of 16 articles at lr 5e-4, ``docstrings`` 200 steps of 8 windows at lr 1e-3; LoRA rank 8,
@@ -185,7 +195,27 @@ FULL = {
         eval_examples=None,
         timing_warmup=10,
     ),
+    # The docstrings job on a GPT-2, whose attention projection c_attn (query, key and value in one) is a
+    # transformers Conv1D: the weight stored in x out, PEFT's fan_in_fan_out.
+    "gpt2": Settings(
+        task="gpt2",
+        steps=200,
+        batch_size=8,
+        max_len=128,
+        lr=1e-3,
+        warmup_steps=10,
+        rank=8,
+        alpha=16.0,
+        targets=["re:.*\\.c_attn"],
+        peft_targets=["c_attn"],
+        init_batches=8,
+        activation_batches=32,
+        eval_examples=None,
+        timing_warmup=10,
+    ),
 }
+# The tasks of a run without --tasks (gpt2 is the Conv1D peer job, run on its own: --tasks gpt2).
+DEFAULT_TASKS = ("bbc", "docstrings")
 QUICK = {
     name: dataclasses.replace(
         s, steps=8, warmup_steps=2, init_batches=2, activation_batches=2, eval_examples=32, timing_warmup=2
@@ -194,7 +224,8 @@ QUICK = {
 }
 QUICK["bbc"] = dataclasses.replace(QUICK["bbc"], batch_size=8, max_len=32)
 QUICK["docstrings"] = dataclasses.replace(QUICK["docstrings"], batch_size=4, max_len=64)
-HIGHER_IS_BETTER = {"bbc": True, "docstrings": False}  # accuracy; perplexity
+QUICK["gpt2"] = dataclasses.replace(QUICK["gpt2"], batch_size=4, max_len=64)
+HIGHER_IS_BETTER = {"bbc": True, "docstrings": False, "gpt2": False}  # accuracy; perplexity
 
 
 # -------------------------------------------------------------------------------------------- methods
@@ -446,10 +477,39 @@ def bbc_task(s: Settings) -> Task:
 
 
 def docstrings_task(s: Settings) -> Task:
+    from transformers import LlamaForCausalLM
+
+    def small_llama(model_dir: Path, tokenizer) -> Any:
+        return LlamaForCausalLM.from_pretrained(model_dir)
+
+    return docstrings_lm_task(s, small_llama, "small Llama of bench/small_llama.py (Shakespeare)")
+
+
+def gpt2_task(s: Settings) -> Task:
+    """The docstrings job on a GPT-2 of the small Llama's size (hidden 256, 4 blocks, MLP 1024, the Llama's
+    tokenizer), randomly initialised from ``s.seed``, without dropout (as the Llama): no pretrained GPT-2 can
+    be had offline. It measures what GPT-2's Conv1D layers cost each tool and checks that both compute the
+    same; the perplexity it reaches says nothing about fine-tuning a pretrained model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def random_gpt2(model_dir: Path, tokenizer) -> Any:
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=s.max_len, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config)
+
+    return docstrings_lm_task(s, random_gpt2, "GPT-2 (Conv1D layers), random init, small Llama tokenizer")
+
+
+def docstrings_lm_task(s: Settings, build_model: Callable[[Path, Any], Any], model_name: str) -> Task:
+    """Language modelling on the standard library's docstrings with the small Llama's tokenizer;
+    ``build_model(small Llama directory, tokenizer)`` gives the model (called after seeding torch)."""
     import torch
     import torch.nn.functional as F
     from small_llama import ensure_small_llama
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from weightkit.data import stdlib_docstrings, tokenize_batches
 
@@ -473,7 +533,7 @@ def docstrings_task(s: Settings) -> Task:
 
     eval_batches = tokenize_batches(tokenizer, eval_texts, max_length=s.max_len, batch_size=16)
     torch.manual_seed(s.seed)
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model = build_model(model_dir, tokenizer)
 
     def evaluate(m) -> dict:
         m.eval()
@@ -502,12 +562,16 @@ def docstrings_task(s: Settings) -> Task:
         "train_windows": len(windows),
         "eval_passages": len(eval_texts),
         "eval_tokens": sum(int(b["attention_mask"].sum()) - len(b["input_ids"]) for b in eval_batches),
-        "model": f"small Llama of bench/small_llama.py (Shakespeare), {model_dir}",
+        "model": f"{model_name}, {model_dir}",
     }
     return Task(model, batches, evaluate, "perplexity", False, None, info)
 
 
-TASKS: dict[str, Callable[[Settings], Task]] = {"bbc": bbc_task, "docstrings": docstrings_task}
+TASKS: dict[str, Callable[[Settings], Task]] = {
+    "bbc": bbc_task,
+    "docstrings": docstrings_task,
+    "gpt2": gpt2_task,
+}
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -950,7 +1014,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a smoke run: tiny sizes, 1 repetition, every run in this process (memory figures not per run)",
     )
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated subset of {','.join(TASKS)} (default {','.join(DEFAULT_TASKS)})",
+    )
     p.add_argument(
         "--methods",
         default="all",

@@ -45,7 +45,11 @@ def _ratio(ours: float, theirs: float, digits: int = 3) -> str:
 
 # -- adapt ------------------------------------------------------------------------------------------------
 
-_TASK_LABELS = {"bbc": "bbc (MiniLM)", "docstrings": "docstrings (Llama)"}
+_TASK_LABELS = {
+    "bbc": "bbc (MiniLM)",
+    "docstrings": "docstrings (Llama)",
+    "gpt2": "docstrings (GPT-2, Conv1D)",
+}
 
 
 def _metric(value: float, metric: str) -> str:
@@ -77,7 +81,11 @@ def _peer_rows(result: dict, run: str) -> list[list[str]]:
 
 def adapt_peer() -> str:
     """weightkit LoRA vs PEFT LoRA: step time in turn in one process and as separate processes, RSS."""
-    runs = [("adapt", "main run, 3 reps"), ("adapt_peer_7reps", "peers only, 7 reps")]
+    runs = [
+        ("adapt", "main run, 3 reps"),
+        ("adapt_peer_7reps", "peers only, 7 reps"),
+        ("adapt_gpt2", "Conv1D job, 3 reps"),
+    ]
     rows = [row for name, label in runs for row in _peer_rows(_load(name), label)]
     rows.sort(key=lambda row: row[0])
     header = [
@@ -91,7 +99,7 @@ def adapt_peer() -> str:
 def adapt_summary() -> str:
     """The compact form of :func:`adapt_peer` for the top README: ratios only, every run."""
     rows = []
-    for name, label in [("adapt", "3 reps"), ("adapt_peer_7reps", "7 reps")]:
+    for name, label in [("adapt", "3 reps"), ("adapt_peer_7reps", "7 reps"), ("adapt_gpt2", "3 reps")]:
         for task, data in _load(name)["tasks"].items():
             peer = data["peer_comparison"]
             ours, theirs = peer["weightkit"], peer["peft"]

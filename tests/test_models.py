@@ -17,10 +17,10 @@ from weightkit import load
 from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.quant.module import quantize_linear
 from weightkit.errors import WeightkitError
-from weightkit.models import default_model_path, load_model, model_kind, transformer_blocks
+from weightkit.models import default_model_path, load_kind, load_model, model_kind, transformer_blocks
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
-from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
 def test_model_kind():
@@ -37,6 +37,17 @@ def test_model_kind():
         assert supported in message
     with pytest.raises(WeightkitError, match="None"):
         model_kind({})
+
+
+def test_gpt2_loads_as_a_causal_lm_though_its_layout_is_not_model_kinds(tmp_path):
+    # Adapters and evaluation need no block layout; the block-by-block algorithms go by model_kind.
+    assert load_kind({"model_type": "gpt2"}) == "causal-lm" == load_kind({"model_type": "llama"})
+    with pytest.raises(WeightkitError, match="unsupported model_type 'gptj'"):
+        load_kind({"model_type": "gptj"})
+    model, tokenizer, kind = load_model(save_tiny(tiny_gpt2(), tmp_path / "gpt2", tiny_tokenizer()))
+    assert kind == "causal-lm" and tokenizer is not None
+    ids = torch.tensor([[1, 5, 9]])
+    torch.testing.assert_close(model(ids).logits, tiny_gpt2()(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo2"])
@@ -130,12 +141,15 @@ def test_load_model_refuses_what_is_not_a_model(tmp_path):
     with pytest.raises(WeightkitError, match="pytorch_model.bin"):
         load_model(pickled)
     # A real model of an unsupported architecture: the error names it.
-    gpt2 = tmp_path / "gpt2"
-    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
-    save_tiny(transformers.GPT2LMHeadModel(config), gpt2)
-    assert json.loads((gpt2 / "config.json").read_text())["model_type"] == "gpt2"
-    with pytest.raises(WeightkitError, match="gpt2"):
-        load_model(gpt2)
+    opt = tmp_path / "opt"
+    config = transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64, vocab_size=64,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+    )  # fmt: skip
+    save_tiny(transformers.OPTForCausalLM(config), opt)
+    assert json.loads((opt / "config.json").read_text())["model_type"] == "opt"
+    with pytest.raises(WeightkitError, match="unsupported model_type 'opt'"):
+        load_model(opt)
 
 
 def test_default_model_loads_offline_and_embeds_meaningfully():

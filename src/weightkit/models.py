@@ -33,6 +33,8 @@ __all__ = [
     "ENCODER_TYPES",
     "default_model_path",
     "model_kind",
+    "OTHER_CAUSAL_LM_TYPES",
+    "load_kind",
     "load",
     "load_model",
     "load_quantized",
@@ -70,6 +72,11 @@ ENCODER_TYPES = (
     "data2vec-text",
     "roberta-prelayernorm",
 )
+
+# Causal LMs whose blocks have another layout: GPT-2's transformer.h[i] with fused projections in
+# transformers' Conv1D (weights stored in x out). load_model loads them, for the work that needs no layout
+# (training adapters, evaluation); model_kind, which the block-by-block algorithms go by, refuses them.
+OTHER_CAUSAL_LM_TYPES = ("gpt2",)
 
 # Files that mean "this directory has a tokenizer" (fast, sentencepiece, WordPiece or BPE vocabularies).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -115,6 +122,19 @@ def model_kind(config: dict) -> str:
     )
 
 
+def load_kind(config: dict) -> str:
+    """How :func:`load_model` loads a model: ``"causal-lm"`` (with its LM head) or ``"encoder"``.
+
+    :func:`model_kind`'s answer, and ``"causal-lm"`` for the decoders of :data:`OTHER_CAUSAL_LM_TYPES`.
+
+    Raises:
+        WeightkitError: any other ``model_type``.
+    """
+    if config.get("model_type") in OTHER_CAUSAL_LM_TYPES:
+        return "causal-lm"
+    return model_kind(config)
+
+
 def _has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
@@ -136,7 +156,7 @@ def load_model(
 
     Returns:
         ``(model, tokenizer, kind)``: the model in eval mode, the directory's tokenizer (``None`` if it
-        has none) and :func:`model_kind`'s answer.
+        has none) and :func:`load_kind`'s answer.
 
     Raises:
         WeightkitError: ``path`` is not a model directory (no config, no or corrupt weights, pickle-only
@@ -147,7 +167,7 @@ def load_model(
         config = reader.config
         if config is None:
             raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
-        kind = model_kind(config)
+        kind = load_kind(config)
         auto_cls = model_auto_class(kind)
         if is_quantized_checkpoint(config):
             model = load_quantized(path, model_cls=auto_cls, dtype=dtype, reader=reader)

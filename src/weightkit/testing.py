@@ -8,6 +8,8 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerBase,
@@ -16,7 +18,7 @@ from transformers import (
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["tiny_llama", "tiny_bert", "tiny_tokenizer", "save_tiny"]
+__all__ = ["tiny_llama", "tiny_bert", "tiny_gpt2", "tiny_tokenizer", "save_tiny"]
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -59,6 +61,24 @@ def tiny_bert(seed: int = 0, **overrides) -> BertModel:
     fields.update(overrides)
     torch.manual_seed(seed)
     return BertModel(BertConfig(**fields)).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """A randomly initialised 2-layer GPT-2 (hidden size 32, vocabulary 128) in eval mode, for tests.
+
+    Its attention and MLP projections are transformers' ``Conv1D`` layers, whose weights are stored
+    ``in x out`` (``c_attn`` 32x96, ``attn.c_proj`` 32x32, ``c_fc`` 32x128, ``mlp.c_proj`` 128x32).
+
+    Args:
+        seed: torch seed for the initial weights.
+        **overrides: any ``GPT2Config`` field.
+    """
+    fields = dict(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**fields)).eval()
 
 
 # Training text for tiny tokenizers: plain English so merges look like real subwords.

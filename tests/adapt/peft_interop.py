@@ -25,7 +25,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from weightkit.testing import tiny_llama
+from weightkit.testing import tiny_gpt2, tiny_llama
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 3]])
 _DECODER = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -70,6 +70,7 @@ ARCHITECTURES = [
         vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, max_position_embeddings=64,
     ))), {"input_ids": IDS}),
+    Architecture("GPT-2 (Conv1D layers)", lambda: tiny_gpt2(seed=0), {"input_ids": IDS}),
     Architecture("BERT (sequence classifier)", _seeded(lambda: BertForSequenceClassification(BertConfig(
         vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         num_labels=3,

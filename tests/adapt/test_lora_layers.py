@@ -235,8 +235,8 @@ def test_layers_lora_cannot_adapt_exactly_are_refused():
     for module, message in cases:
         with pytest.raises(WeightkitError, match=message):
             add_lora(nn.Sequential(module), LoRAConfig(rank=2, targets=["0"]))
-    with pytest.raises(WeightkitError, match="init='pissa' works on nn.Linear layers only.*Embedding"):
+    with pytest.raises(WeightkitError, match="init='pissa' works on nn.Linear and Conv1D .*Embedding"):
         add_lora(tiny_llama(seed=0), LoRAConfig(init="pissa", targets=["model.embed_tokens", "re:.*q_proj"]))
     batches = [{"input_ids": IDS}]
-    with pytest.raises(WeightkitError, match="init='eva' works on nn.Linear layers only"):
+    with pytest.raises(WeightkitError, match="init='eva' works on nn.Linear and Conv1D layers only"):
         add_lora(tiny_llama(seed=0), LoRAConfig(init="eva", targets=["model.embed_tokens"]), data=batches)

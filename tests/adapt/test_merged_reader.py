@@ -101,3 +101,13 @@ def test_a_model_plus_adapter_reference_merges_as_the_merged_model_does(tmp_path
     assert outputs["lora"].keys() == outputs["reference"].keys()
     for key, tensor in outputs["reference"].items():
         torch.testing.assert_close(outputs["lora"][key], tensor, rtol=0, atol=1e-7, msg=key)
+
+
+def test_a_fan_in_fan_out_adapter_is_refused_by_name(tmp_path):
+    # Which of a GPT-2's weights are stored in x out is the model's layers' to say; the reader has no model.
+    from weightkit.testing import tiny_gpt2
+
+    base = save_tiny(tiny_gpt2(seed=0), tmp_path / "base")
+    adapter = _trained_adapter(tiny_gpt2(seed=0), LoraConfig(r=2, target_modules=["c_attn"]), tmp_path / "a")
+    with pytest.raises(WeightkitError, match="fan_in_fan_out adapters .* are not supported in model\\+lora"):
+        LoRAMergedReader(base, adapter)

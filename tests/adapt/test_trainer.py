@@ -17,7 +17,7 @@ from weightkit.cli import main
 from weightkit.errors import WeightkitError
 from weightkit.registry import config_from_dict
 from weightkit.runtime.training import TrainConfig, evaluate, make_batches, split_examples
-from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+from weightkit.testing import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 TEXTS = [f"the cat sat on the mat number {i} and the dog ran to the park" for i in range(40)]
 
@@ -52,6 +52,25 @@ def test_cli_trains_a_causal_lm_adapter_that_peft_loads(llama_dir, tmp_path, cap
     )
     assert (tmp_path / "out-checkpoints" / "checkpoint-10" / "adapter_model.safetensors").is_file()
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "out")
+    after = _perplexity(peft, tmp_path)
+    assert after < 0.9 * before, (before, after)
+    assert summary["eval"]["perplexity"] == pytest.approx(after, rel=1e-3)
+
+
+def test_cli_trains_a_dora_adapter_on_gpt2s_conv1d_layers_that_peft_loads(tmp_path, capsys):
+    gpt2_dir = save_tiny(tiny_gpt2(seed=0), tmp_path / "gpt2", tiny_tokenizer())
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(TEXTS))
+    before = _perplexity(AutoModelForCausalLM.from_pretrained(gpt2_dir), tmp_path)
+    code = main([
+        "adapt", str(gpt2_dir), "-o", str(tmp_path / "out"), "--data", str(data), "--method", "dora",
+        "--target", "re:.*\\.(c_attn|c_fc)", "--rank", "4", "--max-steps", "20", "--lr", "1e-2",
+        "--batch-size", "4", "--json",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_dir), tmp_path / "out")
     after = _perplexity(peft, tmp_path)
     assert after < 0.9 * before, (before, after)
     assert summary["eval"]["perplexity"] == pytest.approx(after, rel=1e-3)

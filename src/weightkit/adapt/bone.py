@@ -24,7 +24,10 @@ builds the adapted weight in float32, as PEFT's MiSS does.
 Interoperability: the blocks live in ``miss_block.<adapter>`` (PEFT's MiSS module name), so the saved
 tensor of a layer is ``<module>.miss_block`` exactly as PEFT writes it; :meth:`BoneConfig.peft_config`
 and :meth:`BoneConfig.from_peft` translate the settings to and from PEFT's ``adapter_config.json``
-(``peft_type`` ``"MISS"``; PEFT 0.21 no longer loads ``"BONE"``).
+(``peft_type`` ``"MISS"``; PEFT 0.21 no longer loads ``"BONE"``). GPT-2's ``Conv1D`` layers (weight stored
+``in x out``) are adapted through the ``out x in`` view of their weight, the same math; PEFT's MiSS adapts
+``nn.Linear`` layers only (it refuses a ``Conv1D`` target on load), so such an adapter loads in weightkit
+only.
 
 Deviations from the paper and PEFT:
 
@@ -44,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.adapt.layer import AdapterModule, adapter_dtype, finish_adapter, wrap_targets
+from weightkit.adapt.layer import AdapterModule, adapter_dtype, finish_adapter, weight_matrix, wrap_targets
 from weightkit.errors import WeightkitError
 from weightkit.registry import register
 
@@ -75,9 +78,9 @@ class BoneConfig:
             the forward rebuilds the layer's weight, so it costs more time and memory).
         dropout: dropout on the adapter's input during training (``bone`` only: ``bat`` acts on the weight,
             not on the input).
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
-            matched against the full name (default: the attention query and value projections of
-            Llama-style and BERT-style models).
+        targets: which ``nn.Linear`` (or GPT-2 ``Conv1D``) modules get an adapter: exact module names or
+            ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
     """
 
     rank: int = 64
@@ -214,7 +217,8 @@ def bat_unmerge(merged: Tensor, block: Tensor) -> Tensor:
 
 
 class BoneLinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named Bone/Bat adapters, applied in ``active`` order."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``, through its weight's ``out x in`` view) plus named
+    Bone/Bat adapters, applied in ``active`` order."""
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -232,7 +236,7 @@ class BoneLinear(AdapterModule):
 
     def check_fits(self, name: str, config: BoneConfig, where: str = "this layer") -> None:
         """Raise if adapter ``name`` with ``config`` cannot be added to this layer (called ``where``)."""
-        out_features, in_features = self.base_layer.weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         r = config.rank
         if name in self.miss_block:
             raise WeightkitError(f"bone: {where} already has an adapter named {name!r}")
@@ -252,7 +256,7 @@ class BoneLinear(AdapterModule):
         unchanged) and make it active."""
         self.check_fits(name, config)
         weight = self.base_layer.weight
-        out_features, in_features = weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         r = config.rank
         shape = (r, out_features) if config.variant == "bone" else (out_features // r, r, r)
         self.miss_block[name] = nn.Parameter(
@@ -276,7 +280,7 @@ class BoneLinear(AdapterModule):
     def merge(self) -> None:
         """Fold the active adapters, in order, into the base weight (inference without extra work)."""
         with torch.no_grad():
-            weight = self.base_layer.weight
+            weight = weight_matrix(self.base_layer)  # out x in, a view (a Conv1D's weight transposed)
             for name in self.active:
                 if name not in self.merged:
                     # float32 for the arithmetic, so half-precision weights round once, at the end
@@ -286,7 +290,7 @@ class BoneLinear(AdapterModule):
     def unmerge(self) -> None:
         """Undo every merge, last first, restoring the base weight (up to float rounding)."""
         with torch.no_grad():
-            weight = self.base_layer.weight
+            weight = weight_matrix(self.base_layer)
             while self.merged:
                 name = self.merged.pop()
                 block = self.miss_block[name].float()
@@ -299,7 +303,7 @@ class BoneLinear(AdapterModule):
         pending = [name for name in self.active if name not in self.merged]
         if any(self.variant[name] == "bat" for name in pending):
             # Bat transforms the weight itself: build the adapted weight, in order, and run with it.
-            weight, bias = self.base_layer.weight, self.base_layer.bias
+            weight, bias = weight_matrix(self.base_layer), self.base_layer.bias
             for name in pending:
                 weight = self.updated_weight(weight, name)
             bias = bias.to(weight.dtype) if bias is not None else None
@@ -317,7 +321,8 @@ def add_bone(
     model: nn.Module, config: BoneConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear`` of ``model`` a Bone (or Bat) adapter ``name``; freeze the rest.
+    """Give every targeted ``nn.Linear`` and ``Conv1D`` of ``model`` a Bone (or Bat) adapter ``name``; freeze
+    the rest.
 
     The blocks start at zero, so the model's outputs are unchanged until training (``initialize`` and
     ``data`` change nothing: the initialisation is already free and data-free). Calling it again with

@@ -47,6 +47,7 @@ from itertools import islice
 import torch
 from torch import Tensor, nn
 
+from weightkit.adapt.layer import LINEAR_TYPES
 from weightkit.errors import WeightkitError
 from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
@@ -193,16 +194,17 @@ def _check_rank_rho(rank: int, rho: float) -> None:
         raise WeightkitError(f"eva: rho must be >= 1 (1 keeps the uniform rank), got {rho}")
 
 
-def _linear_of(model: nn.Module, name: str) -> nn.Linear:
-    """The ``nn.Linear`` behind module ``name`` (the module itself or an adapter layer's ``base_layer``)."""
+def _linear_of(model: nn.Module, name: str) -> nn.Module:
+    """The linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) behind module ``name`` (the module itself or an
+    adapter layer's ``base_layer``)."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
         raise WeightkitError(f"eva: the model has no module named {name!r}") from None
     linear = getattr(module, "base_layer", module)
-    if not isinstance(linear, nn.Linear):
+    if not isinstance(linear, LINEAR_TYPES):
         raise WeightkitError(
-            f"eva: {name} is a {type(linear).__name__}; EVA initialises nn.Linear layers only"
+            f"eva: {name} is a {type(linear).__name__}; EVA initialises nn.Linear and Conv1D layers only"
         )
     return linear
 
@@ -241,8 +243,9 @@ def eva_components(
     (:func:`converged_components`); stops reading batches when every layer has.
 
     Args:
-        model: the model; the named modules are ``nn.Linear`` layers or adapter layers wrapping one (their
-            input is captured, so run it with adapters that do not change activations, e.g. ``B = 0``).
+        model: the model; the named modules are linear layers (``nn.Linear``, GPT-2's ``Conv1D``) or adapter
+            layers wrapping one (their input is captured, so run it with adapters that do not change
+            activations, e.g. ``B = 0``).
         module_names: full names of the layers to initialise.
         batches: calibration batches: dicts the model takes as keyword arguments (``input_ids``,
             ``attention_mask``, optionally ``labels``) or tensors passed positionally (every row counts).

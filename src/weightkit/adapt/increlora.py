@@ -88,6 +88,7 @@ from weightkit.adapt.layer import (
     is_int,
     merge_deltas,
     unmerge_deltas,
+    weight_matrix,
     wrap_targets,
 )
 from weightkit.errors import WeightkitError
@@ -136,9 +137,9 @@ class IncreLoRAConfig:
         advance_learning: train each layer's next components in advance with a fixed tiny singular value
             (``False``: new components start untrained, with a zero singular value).
         dropout: dropout on the adapter's input during training.
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns matched
-            against the full name (default: the attention query and value projections of Llama-style and
-            BERT-style models).
+        targets: which ``nn.Linear`` (or GPT-2 ``Conv1D``) modules get an adapter: exact module names or
+            ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
         seed: seeds the Gaussian initialisation; the same seed gives the same adapter.
     """
 
@@ -277,7 +278,7 @@ class _RankCounts(nn.Module):
 
 
 class IncreLoRALinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named IncreLoRA adapters, summed when active.
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) plus named IncreLoRA adapters, summed when active.
 
     Each adapter's components are separate parameters (``lora_A.<name>.<i>``: ``(in,)``,
     ``lora_E.<name>.<i>``: ``(1,)``, ``lora_B.<name>.<i>``: ``(out,)``), so each gets its own optimizer state
@@ -315,7 +316,7 @@ class IncreLoRALinear(AdapterModule):
         if name in self.lora_A:
             raise WeightkitError(f"increlora: this layer already has an adapter named {name!r}")
         weight = self.base_layer.weight
-        out_features, in_features = weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         if generator is None:
             a, b = torch.zeros(capacity, in_features), torch.zeros(out_features, capacity)
         else:
@@ -441,14 +442,15 @@ def add_increlora(
     model: nn.Module, config: IncreLoRAConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear`` of ``model`` an IncreLoRA adapter ``name``; freeze everything else.
+    """Give every targeted ``nn.Linear`` and ``Conv1D`` of ``model`` an IncreLoRA adapter ``name``; freeze the
+    rest.
 
     Train it with an :class:`IncreLoRAController` (its ``step()`` after every optimizer step), which grows
     the ranks. A fresh adapter leaves the outputs unchanged up to the reserve components' 1e-5 singular
     values (exactly, with ``advance_learning=False``).
 
     Args:
-        model: any module with ``nn.Linear`` layers.
+        model: any module with ``nn.Linear`` (or GPT-2 ``Conv1D``) layers.
         config: the settings.
         name: the adapter's name; calling again with another name adds a second adapter.
         data: unused (no data-driven initialisation).
@@ -470,7 +472,7 @@ def add_increlora(
     # Reserve components exist only while there is budget left to hand out (and advance learning is on).
     has_reserve = config.advance_learning and budget > config.init_rank * len(layers)
     for module_name, layer in layers.items():
-        out_features, in_features = layer.base_layer.weight.shape
+        out_features, in_features = weight_matrix(layer.base_layer).shape
         capacity = min(limit, out_features, in_features)
         if capacity < config.init_rank:
             raise WeightkitError(

@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
@@ -40,6 +41,10 @@ __all__ = [
     "is_int",
     "adapter_dtype",
     "AdapterModule",
+    "LINEAR_TYPES",
+    "fan_in_fan_out",
+    "as_out_in",
+    "weight_matrix",
     "AdapterLayer",
     "BufferDict",
     "adapter_layers",
@@ -86,6 +91,29 @@ def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) 
             (other dtypes are kept); ``False`` keeps ``base_dtype``.
     """
     return torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
+
+
+# The layers computing ``y = x W^T + b`` that the linear adapter methods wrap: ``nn.Linear`` and GPT-2's
+# ``Conv1D`` (transformers), which stores the same ``W`` transposed, ``in x out``.
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def fan_in_fan_out(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weight ``in x out`` (GPT-2's ``Conv1D``), transposed from ``nn.Linear``'s
+    ``out x in``; PEFT's name for adapting such a layer."""
+    return isinstance(module, Conv1D)
+
+
+def as_out_in(module: nn.Module, tensor: Tensor) -> Tensor:
+    """``tensor``, shaped like ``module``'s weight, as the ``out x in`` matrix ``W`` of ``y = x W^T + b``:
+    itself, or its transpose for a :func:`fan_in_fan_out` layer. A view, so in-place changes of the result
+    (merging) change ``tensor``, and nothing is copied."""
+    return tensor.T if fan_in_fan_out(module) else tensor
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """``module``'s weight as the ``out x in`` matrix (:func:`as_out_in`, a view)."""
+    return as_out_in(module, module.weight)
 
 
 class BufferDict(nn.Module):
@@ -140,9 +168,11 @@ class AdapterLayer(Protocol):
 
 def merge_deltas(layer: nn.Module) -> None:
     """``merge`` for methods whose update is additive: ``W += layer.delta_weight(name)`` for each active
-    adapter not yet merged (the layer keeps ``active``, ``merged`` and ``delta_weight``)."""
+    adapter not yet merged (the layer keeps ``active``, ``merged`` and ``delta_weight``, the ``out x in``
+    update: it is added to the :func:`weight_matrix` view, so a ``Conv1D``'s ``in x out`` weight gets it
+    transposed)."""
     with torch.no_grad():
-        weight = layer.base_layer.weight
+        weight = weight_matrix(layer.base_layer)
         for name in layer.active:
             if name not in layer.merged:
                 weight += layer.delta_weight(name)  # computed in the wider dtype, rounded once
@@ -152,7 +182,7 @@ def merge_deltas(layer: nn.Module) -> None:
 def unmerge_deltas(layer: nn.Module) -> None:
     """Undo :func:`merge_deltas`, newest first (the base weight comes back up to float rounding)."""
     with torch.no_grad():
-        weight = layer.base_layer.weight
+        weight = weight_matrix(layer.base_layer)
         while layer.merged:
             weight -= layer.delta_weight(layer.merged.pop())
 
@@ -204,10 +234,10 @@ def wrap_targets(
     targets: list[str],
     wrapper: Callable[[nn.Module], nn.Module],
     *,
-    types: tuple[type, ...] = (nn.Linear,),
+    types: tuple[type, ...] = LINEAR_TYPES,
 ) -> dict[str, nn.Module]:
-    """Wrap every module of ``types`` that ``targets`` select in ``wrapper(module)``; return the wrappers, in
-    model order.
+    """Wrap every module of ``types`` (default: the linear layers, ``nn.Linear`` and GPT-2's ``Conv1D``) that
+    ``targets`` select in ``wrapper(module)``; return the wrappers, in model order.
 
     A module already wrapped by the same wrapper class (a second named adapter) is returned as is.
     Targets that select nothing are an error listing close module names. Children are wrapped before their

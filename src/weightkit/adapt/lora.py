@@ -12,8 +12,11 @@ adapter files round-trip with PEFT unchanged (see :mod:`weightkit.adapt.peft_for
 Embeddings and 2-D convolutions get LoRA as PEFT defines it (:class:`LoRAEmbedding`, :class:`LoRAConv2d`;
 the paper treats dense layers only): the embedding's ``A`` starts at zero and ``B`` normal, and it has no
 dropout; the convolution's ``A`` is a convolution with the base layer's kernel, ``B`` a 1x1 convolution.
-DoRA works on all three. PiSSA and EVA initialise linear layers only. Grouped, dilated or non-zero-padded
-convolutions and embeddings with ``max_norm`` are refused: PEFT's layout cannot merge their updates exactly.
+GPT-2's ``Conv1D`` (transformers' linear layer that stores its weight ``in x out``) is a linear layer here,
+as in PEFT (``fan_in_fan_out``): the same factors, the update transposed into the weight.
+DoRA works on all of them. PiSSA and EVA initialise linear layers (``nn.Linear``, ``Conv1D``) only.
+Grouped, dilated or non-zero-padded convolutions and embeddings with ``max_norm`` are refused: PEFT's layout
+cannot merge their updates exactly.
 
 On a float16/bfloat16 layer the factors (and DoRA's magnitudes) are float32 unless
 ``autocast_adapter_dtype=False`` (:func:`weightkit.adapt.layer.adapter_dtype`, PEFT's default); the forward
@@ -29,7 +32,16 @@ from torch import Tensor, nn
 
 from weightkit.adapt.dora import dora_extra_output, dora_scale, merged_weight, row_norms, unmerged_weight
 from weightkit.adapt.eva import eva_components
-from weightkit.adapt.layer import AdapterModule, adapter_dtype, adapter_layers, finish_adapter, wrap_targets
+from weightkit.adapt.layer import (
+    LINEAR_TYPES,
+    AdapterModule,
+    adapter_dtype,
+    adapter_layers,
+    as_out_in,
+    fan_in_fan_out,
+    finish_adapter,
+    wrap_targets,
+)
 from weightkit.adapt.olora import orthonormal_factors
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
@@ -47,9 +59,10 @@ class LoRAConfig:
         rank: ``r``, the rank of each update (>= 1, at most the layer's smaller side).
         alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
         dropout: dropout on the adapter's input during training (not on embeddings: token ids).
-        targets: which ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` modules get an adapter: exact module
-            names or ``re:`` patterns matched against the full name (default: the attention query and value
-            projections of Llama-style and BERT-style models).
+        targets: which ``nn.Linear``, ``Conv1D`` (GPT-2's), ``nn.Embedding`` and ``nn.Conv2d`` modules get an
+            adapter: exact module names or ``re:`` patterns matched against the full name (default: the
+            attention query and value projections of Llama-style and BERT-style models; GPT-2's fused
+            query-key-value projection is ``c_attn``).
         rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         dora: DoRA (:mod:`weightkit.adapt.dora`): also learn each output feature's magnitude.
         init: how ``A`` and ``B`` start. ``"kaiming"``: ``A`` Kaiming-uniform, ``B`` zero (the paper's and
@@ -124,7 +137,12 @@ _RESIDUAL_INITS = {"pissa": principal_factors, "olora": orthonormal_factors}
 
 
 class LoRALinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named low-rank adapters, summed when active."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) plus named low-rank adapters, summed when active.
+
+    On a ``Conv1D``, which stores ``W`` transposed (``in x out``; PEFT's ``fan_in_fan_out``), the factors
+    have the ``nn.Linear`` shapes all the same (``A``: ``r x in``, ``B``: ``out x r``), DoRA's magnitudes are
+    per output feature, and the update merges transposed: PEFT's layout, so the files are the same.
+    """
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -144,10 +162,9 @@ class LoRALinear(AdapterModule):
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
 
-    @staticmethod
-    def as_matrix(tensor: Tensor) -> Tensor:
+    def as_matrix(self, tensor: Tensor) -> Tensor:
         """A weight-shaped tensor as the ``out x in`` matrix DoRA normalises row by row (a view)."""
-        return tensor
+        return as_out_in(self.base_layer, tensor)
 
     def add_adapter(
         self, name: str, *, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False,
@@ -158,16 +175,16 @@ class LoRALinear(AdapterModule):
         ``lora_B`` a bias."""
         _check_new_adapter(self, name)
         weight = self.base_layer.weight
-        out_features, in_features = weight.shape
+        out_features, in_features = self.as_matrix(weight).shape
         kwargs = {"bias": False, "device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
         self.lora_B[name] = nn.Linear(rank, out_features, **{**kwargs, "bias": lora_bias})
         with torch.no_grad():
             if init in _RESIDUAL_INITS:
-                a, b, residual = _RESIDUAL_INITS[init](weight, rank, scaling)
+                a, b, residual = _RESIDUAL_INITS[init](self.as_matrix(weight), rank, scaling)
                 self.lora_A[name].weight.copy_(a)
                 self.lora_B[name].weight.copy_(b)
-                weight.copy_(residual)
+                self.as_matrix(weight).copy_(residual)
                 self.pissa_initial[name] = (
                     self.lora_A[name].weight.clone(),
                     self.lora_B[name].weight.clone(),
@@ -184,7 +201,8 @@ class LoRALinear(AdapterModule):
         self.active.append(name)
 
     def _lora_delta(self, name: str) -> Tensor:
-        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        return delta.T if fan_in_fan_out(self.base_layer) else delta  # shaped like the weight
 
     def delta_weight(self, name: str) -> Tensor:
         """The update adapter ``name`` adds to the current base weight (DoRA's depends on that weight)."""
@@ -227,11 +245,12 @@ class LoRALinear(AdapterModule):
         if _dora_rescales_result(self, name):
             plain = result if bias is None else result - bias
         else:  # DoRA scales the dropped-out input's base output, as the paper and PEFT do
-            plain = nn.functional.linear(lora_x, weight.to(lora_x.dtype))
+            plain = nn.functional.linear(lora_x, self.as_matrix(weight).to(lora_x.dtype))
         magnitude = self.lora_magnitude_vector[name]
         return dora_extra_output(
-            plain.to(lora_out.dtype), lora_out, magnitude, weight, self._lora_delta(name)
-        )
+            plain.to(lora_out.dtype), lora_out, magnitude, self.as_matrix(weight),
+            self.as_matrix(self._lora_delta(name)),
+        )  # fmt: skip
 
 
 class LoRAEmbedding(AdapterModule):
@@ -532,16 +551,20 @@ def _unmerge(layer: nn.Module) -> None:
         layer.merged.clear()
 
 
-# The LoRA layer for each kind of module LoRA adapts.
-LORA_LAYERS = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+# The LoRA layer for each kind of module LoRA adapts (GPT-2's Conv1D is a linear layer stored transposed).
+LORA_LAYERS = {
+    **dict.fromkeys(LINEAR_TYPES, LoRALinear),
+    nn.Embedding: LoRAEmbedding,
+    nn.Conv2d: LoRAConv2d,
+}
 
 
 def add_lora(
     model: nn.Module, config: LoRAConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model`` a LoRA adapter
-    ``name``; freeze everything else.
+    """Give every targeted ``nn.Linear``, ``Conv1D``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model`` a LoRA
+    adapter ``name``; freeze everything else.
 
     Calling it again with another ``name`` adds a second adapter to the same layers (several named
     adapters on one model); layers already wrapped keep their wrapper. ``autocast_adapter_dtype``: float32
@@ -552,15 +575,18 @@ def add_lora(
 
     Raises:
         WeightkitError: a target that selects nothing (with close names), a rank too large for a layer, an
-            adapter name already used, a PiSSA/EVA init on a layer that is not linear, or a layer LoRA cannot
-            adapt exactly (grouped, dilated or non-zero-padded convolutions, embeddings with ``max_norm``).
+            adapter name already used, a PiSSA/EVA init on a layer that is not linear (``nn.Linear`` or
+            ``Conv1D``), or a layer LoRA cannot adapt exactly (grouped, dilated or non-zero-padded
+            convolutions, embeddings with ``max_norm``).
     """
     init = config.init if initialize else "kaiming"
     selected = _select_targets(model, config.targets)
     for module_name, module in selected.items():
         problem = _unsupported(module)
-        if init != "kaiming" and not isinstance(module, nn.Linear | LoRALinear):
-            problem = f"init={init!r} works on nn.Linear layers only, this is a {type(module).__name__}"
+        if init != "kaiming" and not isinstance(module, (*LINEAR_TYPES, LoRALinear)):
+            problem = (
+                f"init={init!r} works on nn.Linear and Conv1D layers only, this is a {type(module).__name__}"
+            )
         if config.lora_bias and isinstance(module, nn.Embedding | LoRAEmbedding):
             problem = "lora_bias does not work on embeddings (nor in PEFT)"
         if problem:

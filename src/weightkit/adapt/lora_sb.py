@@ -64,10 +64,12 @@ from weightkit.adapt.layer import (
     AdapterModule,
     BufferDict,
     adapter_dtype,
+    as_out_in,
     batch_loss,
     finish_adapter,
     merge_deltas,
     unmerge_deltas,
+    weight_matrix,
     wrap_targets,
 )
 from weightkit.errors import WeightkitError, require_finite
@@ -110,9 +112,9 @@ class LoRASBConfig:
             ``init="gradient"`` needs a number.
         calib_batches: (``"gradient"`` only) at most this many batches of ``data`` are used to estimate
             ``G`` (the authors use about 50 examples).
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
-            matched against the full name (default: the attention query and value projections of
-            Llama-style and BERT-style models).
+        targets: which ``nn.Linear`` (or GPT-2 ``Conv1D``) modules get an adapter: exact module names or
+            ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
     """
 
     rank: int = 8
@@ -220,7 +222,8 @@ def mean_gradients(
 
 
 class LoRASBLinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named ``B R A`` adapters (frozen ``B``, ``A``; trained ``R``)."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) plus named ``B R A`` adapters (frozen ``B``, ``A``;
+    trained ``R``)."""
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -240,7 +243,7 @@ class LoRASBLinear(AdapterModule):
         """Add adapter ``name`` with factors ``B`` (out x r), ``R`` (r x r, trained) and ``A`` (r x in),
         stored in ``dtype`` (default: the base weight's) on the base weight's device."""
         weight = self.base_layer.weight
-        out_features, in_features = weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         rank = R.shape[0]
         if B.shape != (out_features, rank) or R.shape != (rank, rank) or A.shape != (rank, in_features):
             raise WeightkitError(
@@ -292,7 +295,8 @@ def add_lora_sb(
     model: nn.Module, config: LoRASBConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear`` of ``model`` a LoRA-SB / LoRA-XS adapter ``name``; freeze the rest.
+    """Give every targeted ``nn.Linear`` and ``Conv1D`` of ``model`` a LoRA-SB / LoRA-XS adapter ``name``;
+    freeze the rest.
 
     Args:
         model: any ``torch.nn.Module`` (for ``init="gradient"``: one :func:`weightkit.adapt.layer.batch_loss`
@@ -325,7 +329,7 @@ def add_lora_sb(
         )
     layers = wrap_targets(model, config.targets, LoRASBLinear)
     for module_name, layer in layers.items():
-        out_features, in_features = layer.base_layer.weight.shape
+        out_features, in_features = weight_matrix(layer.base_layer).shape
         if config.rank > min(out_features, in_features):
             raise WeightkitError(
                 f"lora_sb: rank {config.rank} is larger than {module_name} "
@@ -342,7 +346,7 @@ def add_lora_sb(
         weights = {n: layer.base_layer.weight for n, layer in layers.items()}
         grads = mean_gradients(model, weights, data, config.calib_batches)
     for module_name, layer in layers.items():
-        weight = layer.base_layer.weight
+        weight = weight_matrix(layer.base_layer)  # out x in (a Conv1D's weight transposed, a view)
         out_features, in_features = weight.shape
         R = weight.new_zeros(rank, rank)
         if not initialize:
@@ -351,8 +355,9 @@ def add_lora_sb(
             require_finite(weight, f"{module_name}.weight")
             B, A = svd_init(weight, rank)
         else:
-            require_finite(grads[module_name], f"the loss gradient of {module_name}.weight")
-            update = first_step_update(grads[module_name], lr=config.init_lr, first_step=config.first_step)
+            grad = as_out_in(layer.base_layer, grads[module_name])  # shaped like the weight -> out x in
+            require_finite(grad, f"the loss gradient of {module_name}.weight")
+            update = first_step_update(grad, lr=config.init_lr, first_step=config.first_step)
             B, R, A = update_init(update, rank)
         layer.add_adapter(name, B, R, A, dtype=adapter_dtype(weight.dtype, autocast_adapter_dtype))
     return finish_adapter(model, name, config)

@@ -78,6 +78,11 @@ class LoRAMergedReader(CheckpointReader):
                 if key.endswith("." + suffix):
                     self._factors.setdefault(key.removesuffix("." + suffix), {})[suffix] = tensor
         self._config = lora_config_from_peft(saved, sorted(self._factors), self.adapter_dir)
+        if saved.get("fan_in_fan_out"):  # which weights are stored in x out needs the model's layers
+            raise WeightkitError(
+                f"{self.adapter_dir}: fan_in_fan_out adapters (GPT-2's Conv1D layers) are not supported in "
+                "model+lora references; load it with weightkit.load and save the merged model to merge it"
+            )
         # An unconverted PiSSA/OLoRA adapter's base is a residual re-derived from the model: not done here.
         if self._config.init != "kaiming":
             raise WeightkitError(

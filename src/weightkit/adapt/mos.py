@@ -57,6 +57,7 @@ from weightkit.adapt.layer import (
     is_int,
     merge_deltas,
     unmerge_deltas,
+    weight_matrix,
     wrap_targets,
 )
 from weightkit.errors import WeightkitError
@@ -84,9 +85,9 @@ class MoSConfig:
         shards_per_vector: ``l``, into how many shards a row of ``A`` / column of ``B`` is cut ("vector
             sharding"; 1 shares whole vectors). Must divide the in- and out-features of every target.
         dropout: dropout on the adapter's input during training.
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns matched
-            against the full name (default: the attention query and value projections of Llama-style and
-            BERT-style models).
+        targets: which ``nn.Linear`` (or GPT-2 ``Conv1D``) modules get an adapter: exact module names or
+            ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
         seed: seeds the shard selection and the initial values; the same seed gives the same adapter.
     """
 
@@ -164,7 +165,7 @@ def assemble_B(pool: Tensor, index: Tensor, private: Tensor) -> Tensor:
 
 
 class MoSLinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named MoS adapters, summed when active.
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) plus named MoS adapters, summed when active.
 
     The layer holds its index matrices and private rows; its group's pools are held by the group's first
     layer (``pool_owner[adapter]``, possibly the layer itself).
@@ -196,7 +197,7 @@ class MoSLinear(AdapterModule):
     ):  # fmt: skip
         """Create the shared pools of adapter ``name`` for this layer's group (``shards`` A- and B-shards,
         in ``dtype``)."""
-        out_features, in_features = self.base_layer.weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         a_length, b_length = in_features // config.shards_per_vector, out_features // config.shards_per_vector
         a_pool = _uniform((shards, a_length), 1 / math.sqrt(in_features), generator, initialize)
         self.mos_A_pool[name] = nn.Parameter(self._on_device(a_pool, dtype))
@@ -215,7 +216,7 @@ class MoSLinear(AdapterModule):
     ) -> None:
         """Add adapter ``name``: draw this layer's A and B index matrices from the pools ``owner`` holds
         (``pool_size`` shards each) and create its private rows (in ``dtype``, the pools')."""
-        out_features, in_features = self.base_layer.weight.shape
+        out_features, in_features = weight_matrix(self.base_layer).shape
         shared_rank, private_rank = config.rank - config.private_rank, config.private_rank
         index_A = draw_shard_indices(pool_size, shared_rank, config.shards_per_vector, generator)
         index_B = draw_shard_indices(pool_size, shared_rank, config.shards_per_vector, generator)
@@ -277,7 +278,7 @@ def add_mos(
     model: nn.Module, config: MoSConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear`` of ``model`` a MoS adapter ``name``; freeze everything else.
+    """Give every targeted ``nn.Linear`` and ``Conv1D`` of ``model`` a MoS adapter ``name``; freeze the rest.
 
     The targets are grouped by role and shape (the last segment of the module name, e.g. ``q_proj``, and
     ``out x in``); each group gets one pair of shard pools, held by its first layer.
@@ -303,7 +304,7 @@ def add_mos(
     groups: dict[tuple[str, int, int], list[MoSLinear]] = {}
     for module_name, layer in layers.items():
         _check_layer(module_name, layer, name, config)
-        out_features, in_features = layer.base_layer.weight.shape
+        out_features, in_features = weight_matrix(layer.base_layer).shape
         groups.setdefault((module_name.rpartition(".")[2], out_features, in_features), []).append(layer)
     # Every check before the first change, so a refused config leaves no half-built adapter behind.
     for (role, out_features, in_features), members in groups.items():
@@ -332,7 +333,7 @@ def add_mos(
 
 
 def _check_layer(module_name: str, layer: MoSLinear, name: str, config: MoSConfig) -> None:
-    out_features, in_features = layer.base_layer.weight.shape
+    out_features, in_features = weight_matrix(layer.base_layer).shape
     if name in layer.adapter_names():
         raise WeightkitError(f"mos: {module_name} already has an adapter named {name!r}")
     if config.rank > min(out_features, in_features):

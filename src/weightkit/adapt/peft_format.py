@@ -5,7 +5,8 @@ PEFT stores an adapter's tensors under the model's key with the adapter's name d
 ``adapter_config.json``; ``peft.PeftModel.from_pretrained`` and vLLM load exactly that.
 
 - LoRA (with DoRA, rsLoRA, per-module ranks from EVA, PiSSA; on linear, embedding and conv layers) saves
-  as PEFT's ``LORA`` (an embedding's factors as ``<module>.lora_embedding_A`` / ``lora_embedding_B``). A
+  as PEFT's ``LORA`` (an embedding's factors as ``<module>.lora_embedding_A`` / ``lora_embedding_B``;
+  ``fan_in_fan_out: true`` when a layer is GPT-2's ``Conv1D``, whose weight is stored ``in x out``). A
   PiSSA adapter moved the base weights, so it is saved as PEFT saves one for the *original* base model: the
   update ``B A - B0 A0`` as a LoRA of twice the rank.
 - A method whose config defines ``peft_config(target_modules)`` and ``from_peft(saved)`` (Bone -> PEFT's
@@ -22,6 +23,7 @@ with ``False``. Loading follows ``PeftModel.from_pretrained``: the adapter gets 
 import dataclasses
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from weightkit.adapt.layer import (
     adapter_layers,
     adapter_state,
     check_new_adapter_name,
+    fan_in_fan_out,
 )
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
@@ -115,10 +118,12 @@ def save_adapter(
 def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict, dict[str, Tensor]]:
     """PEFT's LORA settings and tensors; per-module ranks and alphas become rank/alpha patterns."""
     tensors, ranks, alphas = {}, {}, {}
+    transposed = False  # a Conv1D among the layers (PEFT loads each layer in its own layout whatever it says)
     lora_layers = tuple(LORA_LAYERS.values())
     for module_name, layer in adapter_layers(model).items():
         if not isinstance(layer, lora_layers) or name not in layer.adapter_names():
             continue
+        transposed |= fan_in_fan_out(layer.base_layer)
         if isinstance(layer, LoRAEmbedding):  # PEFT keeps an embedding's factors as bare parameters
             a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
             tensors[f"{module_name}.lora_embedding_A"] = a
@@ -150,7 +155,7 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
         "use_dora": config.dora,
         "lora_bias": config.lora_bias,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": transposed,
     }
     return settings, tensors
 
@@ -160,6 +165,7 @@ def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict
 _LORA_READ = {
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_dropout",
     "target_modules", "modules_to_save", "init_lora_weights", "exclude_modules", "bias", "lora_bias",
+    "fan_in_fan_out",
 }  # fmt: skip
 # Bookkeeping, or choices whose effect is already in the saved tensors (which modules were adapted, how
 # they were initialised when the base is left as it is).
@@ -305,6 +311,8 @@ def load_adapter(
         )
     except WeightkitError as err:
         raise WeightkitError(f"{adapter_dir}: {err}; the adapter was made for another model") from None
+    if isinstance(config, LoRAConfig):
+        _warn_on_other_layout(saved, model, name, adapter_dir)
     full_keys = adapter_keys(model, name)
     for module_name, layer in adapter_layers(model).items():
         table = module_name + _EMBEDDING_TABLE
@@ -367,6 +375,29 @@ def _load_biases(model: nn.Module, biases: dict[str, Tensor], where: Path) -> No
             raise WeightkitError(f"{where}: the model has no bias {key} of shape {tuple(value.shape)}")
         with torch.no_grad():
             target.copy_(value)
+
+
+def _warn_on_other_layout(saved: dict, model: nn.Module, name: str, where: Path) -> None:
+    """Warn, as PEFT does, where ``fan_in_fan_out`` does not fit an adapted linear layer's layout.
+
+    The flag says whether a layer stores its weight ``in x out`` (GPT-2's ``Conv1D``). PEFT ignores the
+    file's value there: each ``nn.Linear`` is read with ``False``, each ``Conv1D`` with ``True``, after a
+    warning (the saved factors have the same shapes either way); weightkit reads every layer in its own
+    layout too. A model adapted on both kinds saves one value, so some layer always disagrees.
+    """
+    value = bool(saved.get("fan_in_fan_out"))
+    misfits = [
+        layer.base_layer
+        for layer in adapter_layers(model).values()
+        if isinstance(layer, LoRALinear) and name in layer.adapter_names()
+        and fan_in_fan_out(layer.base_layer) != value
+    ]  # fmt: skip
+    if misfits:
+        warnings.warn(
+            f"{where}: fan_in_fan_out={value} does not fit {len(misfits)} adapted "
+            f"{type(misfits[0]).__name__} layer(s); each layer is read in its own layout, as PEFT does",
+            stacklevel=3,
+        )
 
 
 def _untie(model: nn.Module, module_name: str) -> None:

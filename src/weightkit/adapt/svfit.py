@@ -35,6 +35,7 @@ from weightkit.adapt.layer import (
     finish_adapter,
     merge_deltas,
     unmerge_deltas,
+    weight_matrix,
     wrap_targets,
 )
 from weightkit.errors import WeightkitError, require_finite
@@ -50,9 +51,9 @@ class SVFitConfig:
     Attributes:
         rank: ``r``, how many of each weight's largest singular values are trained (>= 1, at most the
             layer's smaller side). A layer trains exactly ``r`` numbers, so ranks far above LoRA's are cheap.
-        targets: which ``nn.Linear`` modules get an adapter: exact module names or ``re:`` patterns
-            matched against the full name (default: the attention query and value projections of
-            Llama-style and BERT-style models).
+        targets: which ``nn.Linear`` (or GPT-2 ``Conv1D``) modules get an adapter: exact module names or
+            ``re:`` patterns matched against the full name (default: the attention query and value
+            projections of Llama-style and BERT-style models).
     """
 
     rank: int = 8
@@ -82,7 +83,8 @@ def svfit_delta_weight(U_r: Tensor, delta_s: Tensor, Vh_r: Tensor) -> Tensor:
 
 
 class SVFitLinear(AdapterModule):
-    """A frozen ``nn.Linear`` plus named SVFit adapters (trained changes of its top singular values)."""
+    """A frozen ``nn.Linear`` (or GPT-2's ``Conv1D``) plus named SVFit adapters (trained changes of its top
+    singular values)."""
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -102,7 +104,7 @@ class SVFitLinear(AdapterModule):
         """Add adapter ``name``: the base weight's top-``rank`` singular vectors (zeros when not
         ``initialize``: they are about to be loaded) and ``delta_s = 0``, in ``dtype`` (default: the
         weight's)."""
-        weight = self.base_layer.weight
+        weight = weight_matrix(self.base_layer)  # out x in (a Conv1D's weight transposed, a view)
         out_features, in_features = weight.shape
         if config.rank > min(out_features, in_features):
             raise WeightkitError(
@@ -152,7 +154,8 @@ def add_svfit(
     model: nn.Module, config: SVFitConfig, *, name: str = "default", data=None, initialize: bool = True,
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:  # fmt: skip
-    """Give every targeted ``nn.Linear`` of ``model`` an SVFit adapter ``name``; freeze everything else.
+    """Give every targeted ``nn.Linear`` and ``Conv1D`` of ``model`` an SVFit adapter ``name``; freeze the
+    rest.
 
     Args:
         model: any ``torch.nn.Module``.

@@ -128,7 +128,8 @@ def finetune(
     """Load a Hugging Face model directory, add the adapter ``adapter_config`` describes, train it on ``data``
     and save it to ``out_dir`` in PEFT's format: the whole of ``weightkit adapt``.
 
-    Decoders train on the causal-LM loss of the texts (default: docstrings of Python's standard library).
+    Decoders (Llama-style, and GPT-2's with ``Conv1D`` layers) train on the causal-LM loss of the texts
+    (default: docstrings of Python's standard library).
     Encoders need a ``.jsonl``/``.json`` file whose records have ``text`` and ``label``: a classification head
     (``AutoModelForSequenceClassification``) is trained with the adapter and saved with it; the label names
     go to ``out_dir/labels.json``.
@@ -146,7 +147,7 @@ def finetune(
     from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
     from weightkit.adapt.lora_sb import LoRASBConfig
     from weightkit.data import stdlib_docstrings
-    from weightkit.models import load_model, load_tokenizer, model_kind
+    from weightkit.models import load_kind, load_model, load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -157,7 +158,7 @@ def finetune(
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-    kind = model_kind(json.loads(config_file.read_text()))
+    kind = load_kind(json.loads(config_file.read_text()))
     init_distributed(device)
     torch.manual_seed(train.seed)  # the classification head's and the adapter's initialisation
     head, extra_json = [], None
