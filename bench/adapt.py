@@ -195,25 +195,12 @@ FULL = {
         eval_examples=None,
         timing_warmup=10,
     ),
-    # The docstrings job on a GPT-2, whose attention projection c_attn (query, key and value in one) is a
-    # transformers Conv1D: the weight stored in x out, PEFT's fan_in_fan_out.
-    "gpt2": Settings(
-        task="gpt2",
-        steps=200,
-        batch_size=8,
-        max_len=128,
-        lr=1e-3,
-        warmup_steps=10,
-        rank=8,
-        alpha=16.0,
-        targets=["re:.*\\.c_attn"],
-        peft_targets=["c_attn"],
-        init_batches=8,
-        activation_batches=32,
-        eval_examples=None,
-        timing_warmup=10,
-    ),
 }
+# The docstrings job on a GPT-2, whose attention projection c_attn (query, key and value in one) is a
+# transformers Conv1D: the weight stored in x out, PEFT's fan_in_fan_out.
+FULL["gpt2"] = dataclasses.replace(
+    FULL["docstrings"], task="gpt2", targets=["re:.*\\.c_attn"], peft_targets=["c_attn"]
+)
 # The tasks of a run without --tasks (gpt2 is the Conv1D peer job, run on its own: --tasks gpt2).
 DEFAULT_TASKS = ("bbc", "docstrings")
 QUICK = {

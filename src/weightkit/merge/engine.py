@@ -556,8 +556,8 @@ def merge(
     Methods whose per-tensor work is heavy (the sparsifying ones: TIES, DARE, Breadcrumbs, DELLA, and PCB,
     SCE and Arcee Fusion: sorts, selections, random masks, many products) merge each tensor on ``device``.
     The others (linear, task arithmetic without a sparsifier, SLERP, NuSLERP, Multi-SLERP, Karcher,
-    NearSwap, Model Stock, Fisher, MWA) always merge on the CPU: their
-    work is a few passes of elementwise arithmetic, cheaper than moving the tensors to a GPU and back (on
+    NearSwap, Model Stock, Fisher, MWA) always merge on the CPU: their work is a few passes of elementwise
+    arithmetic, cheaper than moving the tensors to a GPU and back (on
     the 134M bench set, 1 thread, task arithmetic's arithmetic is 0.36 s of 1.2 s and linear's 0.10 of
     0.81 s, where copying the float32 inputs over PCIe alone would take ~0.2-0.4 s; TIES's is 7.3 of 8.1 s
     and DARE's 3.5 of 4.5 s). The summary's ``device`` says where the tensors were merged.
