@@ -608,12 +608,36 @@ def test_gpt2_gradients_span_its_n_layer_layers(tmp_path):
     assert used["transformer.wte.weight"] == pytest.approx(0.3, abs=1e-3)
 
 
-def test_a_chat_template_in_a_recipe_is_refused_not_ignored(models, tmp_path):
-    base, tuned = models
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"models:\n  - model: {tuned[0]}\n  - model: {tuned[1]}\n"
-        "merge_method: linear\nchat_template: chatml\n"
-    )
-    with pytest.raises(WeightkitError, match="chat_template is not supported"):
-        load_merge_recipe(recipe)
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+PLAIN = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+def test_a_recipes_chat_template_is_written_into_the_output_tokenizer(tmp_path):
+    # mergekit writes it into the tokenizer it saves; weightkit refused the key before.
+    from weightkit.merge.recipe import merge_recipe_from_dict
+    from weightkit.models import load_tokenizer
+    from weightkit.testing import tiny_tokenizer
+
+    for name, template in (("a", PLAIN), ("b", CHATML), ("c", CHATML), ("bare", None)):
+        tokenizer = tiny_tokenizer()
+        tokenizer.chat_template = template
+        save_tiny(tiny_llama(seed=len(name)), tmp_path / name, tokenizer if name != "bare" else None)
+
+    def run(chat_template, models=("a", "b", "c"), out="out"):
+        doc = {
+            "models": [{"model": m} for m in models],
+            "merge_method": "linear",
+            "chat_template": chat_template,
+        }
+        recipe = merge_recipe_from_dict(doc, relative_to=tmp_path)
+        merge(recipe.base, recipe.models, recipe.config, tmp_path / out, progress=False,
+              chat_template=recipe.chat_template)  # fmt: skip
+        return load_tokenizer(tmp_path / out).chat_template
+
+    assert run(PLAIN + " ") == PLAIN + " "  # a template's text, as given
+    assert run("auto", out="auto") == CHATML  # the most common among the models (b and c), not the first's
+    with pytest.raises(WeightkitError, match="'chatml' names a template mergekit ships"):
+        run("chatml", out="named")
+    with pytest.raises(WeightkitError, match="has no tokenizer to write the template into"):
+        run(PLAIN, models=("bare", "a"), out="bare-out")
+    assert not (tmp_path / "named").exists() and not (tmp_path / "bare-out").exists()

@@ -59,6 +59,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.force,
         progress=not args.json,
         device=args.device,
+        chat_template=recipe.chat_template,
         **options,
     )
     summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.merge.chat_template import resolve_chat_template, save_chat_template
 from weightkit.merge.params import gradient_position, layer_index, value_at, with_layer_index
 from weightkit.merge.slices import (
     MergeSlice,
@@ -49,6 +50,7 @@ from weightkit.merge.slices import (
     slice_config,
     slice_position,
 )
+from weightkit.models import load_tokenizer
 from weightkit.progress import track
 from weightkit.registry import entry_for_config, lookup
 from weightkit.runtime.device import resolve_device
@@ -353,6 +355,7 @@ def run_parts(
     overwrite: bool = False,
     progress: bool = True,
     propagates_non_finite: bool = False,
+    chat_template: str | None = None,
 ) -> dict:
     """Stream several plans into one checkpoint (the slices of a slice merge), as :func:`run_merge` does one.
 
@@ -360,6 +363,7 @@ def run_parts(
         parts: each plan with the function that merges its tensors (see :func:`run_merge`).
         reference: the model whose config (with ``config_updates``) and tokenizer files the output gets.
         config_updates: values that replace the reference's in the output's ``config.json``.
+        chat_template: a template to write into the output's tokenizer (the reference's, copied).
 
     Every reader of the parts, and ``reference``, is closed at the end.
     """
@@ -390,6 +394,8 @@ def run_parts(
                 writer.add(job.name, merged)
             if reference.directory is not None:
                 writer.copy_files(reference.directory)
+            if chat_template is not None:
+                save_chat_template(writer.path, chat_template)
     finally:
         for reader in [reference] + [r for plan, _ in parts for r in plan.readers]:
             reader.close()
@@ -550,6 +556,7 @@ def merge(
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
     tokenizer_source: str | None = None,
+    chat_template: str | None = None,
 ) -> dict:
     """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
 
@@ -577,6 +584,8 @@ def merge(
         tokenizer_source: None (the reference's tokenizer is copied, vocabulary tensors merged as they
             are) or ``"base"`` (mergekit's: they are also cut to the reference tokenizer's length; see the
             module docstring).
+        chat_template: mergekit's ``chat_template`` (``"auto"`` or a Jinja template), written into the
+            output's tokenizer (:mod:`weightkit.merge.chat_template`).
 
     Returns:
         A summary: method, models, tensors, output bytes, seconds, device, and what the method reports
@@ -590,6 +599,11 @@ def merge(
     plan, parsed = prepare_merge(
         base, models, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
     )
+    try:
+        template = _chat_template(chat_template, [r.path for r in plan.readers], plan.reference)
+    except BaseException:
+        close_plan(plan, parsed)
+        raise
     summary = _merge_parts(
         [MergePart(plan, parsed, config)],
         plan.reference,
@@ -600,6 +614,7 @@ def merge(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
         progress=progress,
+        chat_template=template,
     )
     return {
         "method": entry_for_config(config).name,
@@ -622,6 +637,7 @@ def merge_slices(
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
     tokenizer_source: str | None = None,
+    chat_template: str | None = None,
 ) -> dict:
     """Merge a recipe's ``slices`` into one checkpoint at ``out_dir``: mergekit's layer stacking.
 
@@ -647,6 +663,15 @@ def merge_slices(
     parts, reference, updates = prepare_slices(
         base, slices, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
     )
+    inputs = [Path(base)] if base is not None else []
+    inputs += [source.model for piece in slices for source in piece.sources]
+    try:
+        template = _chat_template(chat_template, inputs, reference)
+    except BaseException:
+        reference.close()
+        for part in parts:
+            close_plan(part.plan, part.models)
+        raise
     summary = _merge_parts(
         parts,
         reference,
@@ -657,6 +682,7 @@ def merge_slices(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
         progress=progress,
+        chat_template=template,
     )
     paths = [str(s.model) for piece in slices for s in piece.sources]
     return {
@@ -666,6 +692,19 @@ def merge_slices(
         "layers": sum(part.plan.num_layers for part in parts),
         **summary,
     }
+
+
+def _chat_template(value: str | None, inputs: list[Path], reference: CheckpointReader) -> str | None:
+    """The template a recipe's ``chat_template`` writes (None: none), checked before anything is merged:
+    the reference model must have a tokenizer to write it into."""
+    if value is None:
+        return None
+    template = resolve_chat_template(value, [Path(split_reference(str(path))[0]) for path in inputs])
+    if template is not None and (reference.directory is None or load_tokenizer(reference.directory) is None):
+        raise WeightkitError(
+            f"chat_template: the reference model {reference.path} has no tokenizer to write the template into"
+        )
+    return template
 
 
 def _merge_parts(

@@ -27,8 +27,9 @@ What is read, and how:
 - ``tokenizer_source``: left out, the reference model's tokenizer is copied; ``base`` also cuts the
   embeddings and ``lm_head`` to its length, as mergekit does. ``union``, another model's tokenizer and
   mergekit's ``tokenizer`` section (new tokens) build a tokenizer, which weightkit does not: refused.
-- ``name`` is ignored (a label). ``chat_template`` is refused: mergekit writes it into the output's
-  tokenizer, which weightkit does not do yet.
+- ``name`` is ignored (a label). ``chat_template`` (``auto`` or a Jinja template) is written into the
+  output's tokenizer, as mergekit does (:mod:`weightkit.merge.chat_template`; mergekit's template names
+  are refused).
 - Model paths are local directories (relative paths are tried from the working directory, then from
   the recipe's directory); nothing is downloaded. ``model+adapter`` (mergekit's LoRA reference) reads the
   model with the PEFT LoRA adapter merged in (:func:`weightkit.merge.engine.open_checkpoint`).
@@ -67,6 +68,7 @@ _KNOWN = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "chat_template",
 }
 
 
@@ -81,6 +83,7 @@ class MergeRecipe:
     source: dict[str, Any] = field(default_factory=dict)  # the recipe as read
     slices: list[MergeSlice] | None = None  # for weightkit.merge.merge_slices, instead of models
     tokenizer_source: str | None = None  # None or "base"
+    chat_template: str | None = None  # "auto" or a Jinja template
 
 
 def load_merge_recipe(path: str | Path) -> MergeRecipe:
@@ -175,11 +178,6 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
     """Validate a recipe already parsed from YAML/JSON (see :func:`load_merge_recipe`)."""
     if not isinstance(doc, dict):
         raise WeightkitError("expected a mapping with merge_method, models and (usually) base_model")
-    if "chat_template" in doc:
-        raise WeightkitError(
-            "chat_template is not supported (mergekit writes it into the output's tokenizer); remove it and "
-            "set chat_template in the merged model's tokenizer_config.json"
-        )
     if "modules" in doc:
         raise WeightkitError(
             "modules (mergekit's slices per module of a multimodal model) are not supported; weightkit "
@@ -232,4 +230,9 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
     dtype_name = doc.get("out_dtype") or doc.get("dtype")
     if dtype_name is not None and dtype_name not in DTYPES:
         raise WeightkitError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
-    return MergeRecipe(base_path, models, config, DTYPES.get(dtype_name), doc, slices, tokenizer_source)
+    chat_template = doc.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise WeightkitError(f"chat_template: expected 'auto' or a Jinja template, got {chat_template!r}")
+    return MergeRecipe(
+        base_path, models, config, DTYPES.get(dtype_name), doc, slices, tokenizer_source, chat_template
+    )
