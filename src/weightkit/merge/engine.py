@@ -599,11 +599,6 @@ def merge(
     plan, parsed = prepare_merge(
         base, models, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
     )
-    try:
-        template = _chat_template(chat_template, [r.path for r in plan.readers], plan.reference)
-    except BaseException:
-        close_plan(plan, parsed)
-        raise
     summary = _merge_parts(
         [MergePart(plan, parsed, config)],
         plan.reference,
@@ -614,7 +609,7 @@ def merge(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
         progress=progress,
-        chat_template=template,
+        chat_template=(chat_template, [r.path for r in plan.readers]),
     )
     return {
         "method": entry_for_config(config).name,
@@ -665,13 +660,6 @@ def merge_slices(
     )
     inputs = [Path(base)] if base is not None else []
     inputs += [source.model for piece in slices for source in piece.sources]
-    try:
-        template = _chat_template(chat_template, inputs, reference)
-    except BaseException:
-        reference.close()
-        for part in parts:
-            close_plan(part.plan, part.models)
-        raise
     summary = _merge_parts(
         parts,
         reference,
@@ -682,7 +670,7 @@ def merge_slices(
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
         progress=progress,
-        chat_template=template,
+        chat_template=(chat_template, inputs),
     )
     paths = [str(s.model) for piece in slices for s in piece.sources]
     return {
@@ -713,12 +701,15 @@ def _merge_parts(
     config_updates: dict[str, Any],
     out_dir: str | Path,
     device: torch.device,
+    chat_template: tuple[str | None, list[Path]],
     **write_options: Any,
 ) -> dict:
-    """Build each part's merger and stream the parts into ``out_dir``; every reader is closed at the end."""
+    """Build each part's merger and stream the parts into ``out_dir``; every reader is closed at the end.
+    ``chat_template``: the recipe's value and the input models' directories (see :func:`_chat_template`)."""
     entry = entry_for_config(parts[0].config)
     streams, reports = [], []
     try:
+        template = _chat_template(*chat_template, reference)
         for part in parts:
             part.plan.device = device
             per_model = getattr(part.config, "per_model", ())
@@ -735,6 +726,7 @@ def _merge_parts(
             reference=reference,
             config_updates=config_updates,
             propagates_non_finite=getattr(parts[0].config, "propagates_non_finite", False),
+            chat_template=template,
             **write_options,
         )
     finally:
