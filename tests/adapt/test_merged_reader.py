@@ -111,3 +111,28 @@ def test_a_fan_in_fan_out_adapter_is_refused_by_name(tmp_path):
     adapter = _trained_adapter(tiny_gpt2(seed=0), LoraConfig(r=2, target_modules=["c_attn"]), tmp_path / "a")
     with pytest.raises(WeightkitError, match="fan_in_fan_out adapters .* are not supported in model\\+lora"):
         LoRAMergedReader(base, adapter)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merge_adapter_writes_what_peft_merge_and_unload_gives(tmp_path, capsys, tied):
+    import json
+
+    from weightkit.cli import main
+
+    base = save_tiny(tiny_llama(seed=0, tie_word_embeddings=tied), tmp_path / "base")
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "down_proj", "embed_tokens"], use_dora=not tied
+    )
+    adapter = _trained_adapter(AutoModelForCausalLM.from_pretrained(base), config, tmp_path / "adapter")
+    expected = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), adapter
+    ).merge_and_unload()
+    code = main(["merge-adapter", str(base), str(adapter), "-o", str(tmp_path / "out"), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["merged"] == 5  # 2 q_proj, 2 down_proj, the embedding
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert ours.config.tie_word_embeddings == tied
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    torch.testing.assert_close(ours(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -24,12 +24,13 @@ from torch import Tensor, nn
 from weightkit.adapt.layer import adapter_keys
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
 from weightkit.adapt.peft_format import lora_config_from_peft
-from weightkit.checkpoint import CheckpointReader
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
+from weightkit.progress import track
 from weightkit.registry import register
 
-__all__ = ["LoRAReference", "LoRAMergedReader"]
+__all__ = ["LoRAReference", "LoRAMergedReader", "merge_adapter_checkpoint"]
 
 # The suffixes of an adapted module's tensors in a PEFT LoRA file.
 _FACTORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
@@ -101,6 +102,15 @@ class LoRAMergedReader(CheckpointReader):
                 f"{self.adapter_dir}: the adapter adapts {missing[0]}, which {path} does not have"
             )
 
+    def changed_names(self) -> set[str]:
+        """The checkpoint tensors the adapter changes (weights it adapts or replaces, biases it trains)."""
+        names = {name.replace(".base_layer.", ".") for name in self._replaced}
+        for module, factors in self._factors.items():
+            names.add(f"{module}.weight")
+            if "lora_B.bias" in factors:
+                names.add(f"{module}.bias")
+        return names & set(self.names())
+
     def get(self, name: str) -> Tensor:
         return self._merged(name, super().get(name))
 
@@ -152,6 +162,35 @@ def _merged_weight(weight: Tensor, factors: dict[str, Tensor], config, module: s
             state[full].copy_(factors[short].reshape(state[full].shape))
         layer.merge()
     return layer.base_layer.weight.detach()
+
+
+def merge_adapter_checkpoint(
+    base: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+    progress: bool = True, allow_pickle: bool = False,
+) -> dict:  # fmt: skip
+    """``base`` with a PEFT LoRA adapter merged in, written as a Hugging Face model directory: PEFT's
+    ``merge_and_unload`` + ``save_pretrained``, streamed one tensor at a time (no model is built).
+
+    The tensors are those :class:`LoRAMergedReader` reads (equal to PEFT's merge); the base's other files
+    (config, tokenizer, ...) are copied; the output is written atomically.
+
+    Returns:
+        ``{"tensors", "merged", "output"}``: tensor count, how many the adapter changed, the output path.
+
+    Raises:
+        WeightkitError: what :class:`LoRAMergedReader` refuses, or an existing ``out_dir`` without
+            ``overwrite``.
+    """
+    merged = 0
+    with LoRAMergedReader(base, adapter_dir, allow_pickle=allow_pickle) as reader:
+        changed = reader.changed_names()
+        with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+            for name in track(reader.names(), "merging the adapter", enabled=progress):
+                writer.add(name, reader.get(name))
+                merged += name in changed
+            if reader.directory is not None:
+                writer.copy_files(reader.directory)
+        return {"tensors": len(reader.names()), "merged": merged, "output": str(out_dir)}
 
 
 def _open(path: str | Path, reference: LoRAReference, *, allow_pickle: bool = False) -> LoRAMergedReader:

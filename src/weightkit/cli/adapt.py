@@ -4,7 +4,7 @@ import argparse
 import json
 from typing import Any
 
-from weightkit.cli.common import common_options, print_table
+from weightkit.cli.common import common_options, print_table, refuse_existing
 from weightkit.errors import WeightkitError
 
 
@@ -56,6 +56,22 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"setting": "train loss (last 10 steps)", "value": f"{summary['train_loss']:.4f}"})
         rows += [{"setting": k, "value": f"{v:.4f}"} for k, v in summary["eval"].items()]
         print_table(f"adapter saved to {summary['output']}", rows)
+    return summary
+
+
+def _cmd_merge_adapter(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from weightkit.adapt.merged_reader import merge_adapter_checkpoint
+
+    refuse_existing(Path(args.output), args.force)
+    summary = merge_adapter_checkpoint(
+        args.base, args.adapter, args.output, overwrite=args.force, progress=not args.json,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    if not args.json:
+        rows = [{"setting": k, "value": str(summary[k])} for k in ("tensors", "merged")]
+        print_table(f"merged model saved to {summary['output']}", rows)
     return summary
 
 
@@ -121,3 +137,20 @@ def add_parsers(sub) -> None:
     )
     t.set_defaults(run=_cmd_adapt)
     common_options(t, force=True, device=True)
+
+    m = sub.add_parser(
+        "merge-adapter",
+        help="merge a PEFT LoRA adapter into its base model and save a Hugging Face model directory",
+        description=(
+            "PEFT's merge_and_unload + save_pretrained, streamed one tensor at a time (no model is built, so "
+            "any size fits in memory): each adapted weight gets its LoRA/DoRA update, modules_to_save and "
+            "trained biases their saved values; the base's config and tokenizer are copied. The same "
+            "weights as PEFT's merge (tested). LoRA adapters (PEFT's or weightkit's); for other adapter "
+            "types use weightkit.load(base, adapter=...) and weightkit.adapt.merge_and_unload in Python."
+        ),
+    )
+    m.add_argument("base", help="the base model directory the adapter was trained on")
+    m.add_argument("adapter", help="the PEFT LoRA adapter directory (adapter_config.json + safetensors)")
+    m.add_argument("-o", "--output", required=True, help="model directory to write")
+    common_options(m, force=True, allow_pickle=True)
+    m.set_defaults(run=_cmd_merge_adapter)
