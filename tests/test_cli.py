@@ -73,6 +73,34 @@ def test_eval_reports_perplexity_and_fidelity(tmp_path, capsys, llama_dir, bert_
     assert code == 0 and 0.9 < json.loads(stdout)["embedding_fidelity"] < 1.0
 
 
+def test_eval_with_an_adapter_equals_eval_of_the_merged_model(tmp_path, capsys, llama_dir, text_file):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from weightkit.testing import tiny_llama
+
+    peft_model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(std=2.0, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    perplexity = {}
+    for name, args in (
+        ("base", [llama_dir]),
+        ("adapter", [llama_dir, "--adapter", tmp_path / "adapter"]),
+    ):
+        code, stdout, _ = run(capsys, "eval", *args, "--data", text_file, "--json")
+        assert code == 0
+        perplexity[name] = json.loads(stdout)["perplexity"]
+    assert run(capsys, "merge-adapter", llama_dir, tmp_path / "adapter", "-o", tmp_path / "merged")[0] == 0
+    capsys.readouterr()
+    code, stdout, _ = run(capsys, "eval", tmp_path / "merged", "--data", text_file, "--json")
+    merged = json.loads(stdout)["perplexity"]
+    assert abs(perplexity["adapter"] - perplexity["base"]) > 1e-3 * perplexity["base"]
+    assert abs(perplexity["adapter"] - merged) < 1e-4 * merged
+
+
 def test_eval_runs_on_the_device_asked(capsys, monkeypatch, llama_dir, text_file):
     import weightkit.eval
 

@@ -17,6 +17,10 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, kind = load_model(args.model, allow_pickle=args.allow_pickle)
     if tokenizer is None:
         raise WeightkitError(f"{args.model} has no tokenizer files; evaluation needs one")
+    if args.adapter:
+        from weightkit.adapt import load_adapter
+
+        load_adapter(model, args.adapter)
     texts = load_texts(args.data) if args.data else stdlib_docstrings("eval")
     texts = texts[: args.max_texts]
     reference = None
@@ -27,7 +31,8 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             )
         reference, _, _ = load_model(args.reference, allow_pickle=args.allow_pickle)
     metrics = evaluate(model, tokenizer, kind, texts, reference=reference, device=device)
-    result = {"model": str(args.model), "kind": kind, "texts": len(texts), "device": str(device), **metrics}
+    result = {"model": str(args.model), "adapter": args.adapter, "kind": kind, "texts": len(texts)}
+    result.update({"device": str(device), **metrics})
     if not args.json:
         print_table(
             "weightkit eval",
@@ -49,6 +54,9 @@ def add_parsers(sub) -> None:
         ),
     )
     e.add_argument("model", help="model directory (full precision or a weightkit/compressed-tensors export)")
+    e.add_argument(
+        "--adapter", help="a PEFT-format adapter directory (PEFT's or weightkit's) to evaluate the model with"
+    )
     e.add_argument("--data", help="evaluation text: .txt, .jsonl or .json (default: stdlib docstrings)")
     e.add_argument("--reference", help="encoders: the full-precision model to compare embeddings against")
     e.add_argument("--max-texts", type=int, default=256, help="evaluate on at most this many texts")
