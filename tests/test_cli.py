@@ -471,3 +471,11 @@ def test_align_undoes_a_permutation_of_mlp_neurons(tmp_path, capsys):
     )
     for name, tensor in original.items():
         assert torch.equal(aligned[name], tensor), name
+
+
+def test_version_is_printed(capsys):
+    import weightkit
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"weightkit {weightkit.__version__}"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import weightkit
 from weightkit.cli import adapt, compress, merge
 from weightkit.cli import eval as evaluate
 from weightkit.cli.common import common_options
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="weightkit",
         description="Adapt, train, compress, merge and inspect the weights of neural networks.",
     )
+    parser.add_argument("--version", action="version", version=f"weightkit {weightkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     compress.add_parsers(sub)
     evaluate.add_parsers(sub)
