@@ -479,3 +479,34 @@ def test_version_is_printed(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"weightkit {weightkit.__version__}"
+
+
+@pytest.mark.parametrize("command", ["adapt", "fisher", "extract-lora", "align"])
+def test_verbs_that_read_checkpoints_take_allow_pickle(tmp_path, capsys, text_file, command):
+    # Each said "pass --allow-pickle" for a .bin checkpoint and then had no such option.
+    pickled = save_tiny(tiny_llama(seed=1), tmp_path / "pickled", tiny_tokenizer(128))
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    other = save_tiny(tiny_llama(seed=0), tmp_path / "other", tiny_tokenizer(128))
+    argv = {
+        "adapt": ["adapt", pickled, "--data", text_file, "--max-steps", "1", "--device", "cpu"],
+        "fisher": [
+            "fisher",
+            pickled,
+            "--data",
+            text_file,
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--device",
+            "cpu",
+        ],
+        "extract-lora": ["extract-lora", other, pickled, "-r", "2"],
+        "align": ["align", other, pickled, "--device", "cpu"],
+    }[command]
+    out = tmp_path / ("out.safetensors" if command == "fisher" else "out")
+    code, _, err = run(capsys, *argv, "-o", out)
+    assert code == 1 and "--allow-pickle" in err and not out.exists()
+    code, _, err = run(capsys, *argv, "-o", out, "--allow-pickle", "--json")
+    assert code == 0 and out.exists(), err

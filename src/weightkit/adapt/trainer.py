@@ -124,6 +124,7 @@ def finetune(
     autocast_adapter_dtype: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Load a Hugging Face model directory, add the adapter ``adapter_config`` describes, train it on ``data``
     and save it to ``out_dir`` in PEFT's format: the whole of ``weightkit adapt``.
@@ -139,7 +140,8 @@ def finetune(
     and SVFit) run there too. Without ``eval_data`` the held-out examples are split off first, so those
     initialisations see training examples only. LoRA-SB without an ``init_lr`` takes the run's first-step
     learning rate (``train.lr`` after warm-up scaling), as its authors do. ``autocast_adapter_dtype``: float32
-    adapters on a 16-bit model (PEFT's default; see :func:`weightkit.adapt.adapt`).
+    adapters on a 16-bit model (PEFT's default; see :func:`weightkit.adapt.adapt`). ``allow_pickle``: also
+    read a ``.bin``/``.pt`` pickle checkpoint (unpickling can run code: trusted files only).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -165,7 +167,7 @@ def finetune(
     if kind == "causal-lm":
         if labels is not None:
             labels = eval_labels = None  # a decoder learns the texts; labels are not used
-        model, tokenizer, _ = load_model(model_dir)
+        model, tokenizer, _ = load_model(model_dir, allow_pickle=allow_pickle)
     else:
         if labels is None:
             raise WeightkitError(

@@ -46,7 +46,7 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     summary = finetune(
         args.model, adapter_config, args.output, train, data=args.data, eval_data=args.eval_data,
         device=args.device, autocast_adapter_dtype=args.autocast_adapter_dtype, overwrite=args.force,
-        progress=not args.json,
+        progress=not args.json, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     if not args.json:
         rows = [{"setting": "method", "value": args.method}]
@@ -136,7 +136,7 @@ def add_parsers(sub) -> None:
         "(default); --no-autocast-adapter-dtype keeps the model's dtype",
     )
     t.set_defaults(run=_cmd_adapt)
-    common_options(t, force=True, device=True)
+    common_options(t, force=True, allow_pickle=True, device=True)
 
     m = sub.add_parser(
         "merge-adapter",

@@ -111,6 +111,7 @@ def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         overwrite=args.force,
         progress=not args.json,
+        allow_pickle=args.allow_pickle,
     )
     summary = {
         "model": str(args.model),
@@ -138,6 +139,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         overwrite=args.force,
         progress=not args.json,
+        allow_pickle=args.allow_pickle,
     )
     summary = {**summary, "seconds": round(summary["seconds"], 2)}
     if not args.json:
@@ -173,6 +175,7 @@ def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.json,
         seed=args.seed,
         device=args.device,
+        allow_pickle=args.allow_pickle,
     )
     summary = {**summary, "seconds": round(summary["seconds"], 2)}
     if not args.json:
@@ -354,6 +357,6 @@ def add_parsers(sub) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed for the text choice and label sampling")
     f.set_defaults(run=_cmd_fisher)
     common_options(m, force=True, max_shard_size=True, allow_pickle=True, device=True)
-    common_options(x, force=True)
+    common_options(x, force=True, allow_pickle=True)
     for p in (a, f):
-        common_options(p, force=True, device=True)
+        common_options(p, force=True, allow_pickle=True, device=True)

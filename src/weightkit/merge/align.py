@@ -334,6 +334,7 @@ def align_checkpoint(
     max_iter: int = 100,
     seed: int = 0,
     device: str | torch.device | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Write ``model_dir`` with its heads and MLP neurons permuted to match ``reference_dir``.
 
@@ -355,6 +356,8 @@ def align_checkpoint(
         device: where each block's similarity matrices and permutations are computed: None for the GPU
             when there is one (:func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"``
             ... The assignment problems are solved on the CPU (scipy) either way.
+        allow_pickle: also read ``.bin``/``.pt`` pickle checkpoints (unpickling can run code: trusted files
+            only).
 
     Returns:
         A summary: ``layers`` (one dict per block: ``layer``, ``heads_moved`` and ``mlp_moved`` = fraction
@@ -372,9 +375,9 @@ def align_checkpoint(
     device = resolve_device(device)
     readers: list[CheckpointReader] = []
     try:
-        reference = CheckpointReader(reference_dir)
+        reference = CheckpointReader(reference_dir, allow_pickle=allow_pickle)
         readers.append(reference)
-        model = CheckpointReader(model_dir)
+        model = CheckpointReader(model_dir, allow_pickle=allow_pickle)
         readers.append(model)
         config = _check_configs(reference, model)
         ref_shapes = {name: reference.shape(name) for name in reference.names()}

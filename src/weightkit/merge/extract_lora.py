@@ -351,6 +351,7 @@ def extract_lora(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> dict:
     """Write a PEFT LoRA adapter that turns ``base_dir``'s model into (approximately) ``finetuned_dir``'s.
 
@@ -373,6 +374,8 @@ def extract_lora(
         seed: seed of the randomized SVD.
         overwrite: replace an existing ``out_dir`` (only once the new adapter is complete).
         progress: show a progress bar.
+        allow_pickle: also read ``.bin``/``.pt`` pickle checkpoints (unpickling can run code: trusted files
+            only).
 
     Returns:
         A JSON-ready summary: ``out_dir``, ``rank``, ``modules`` (one entry per extracted layer:
@@ -397,9 +400,9 @@ def extract_lora(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, [Path(base_dir), Path(finetuned_dir)])
 
-    base = CheckpointReader(base_dir)
+    base = CheckpointReader(base_dir, allow_pickle=allow_pickle)
     try:
-        finetuned = CheckpointReader(finetuned_dir)
+        finetuned = CheckpointReader(finetuned_dir, allow_pickle=allow_pickle)
     except BaseException:
         base.close()
         raise

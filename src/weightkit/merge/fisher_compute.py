@@ -323,6 +323,7 @@ def fisher_checkpoint(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> Path:
     """Compute the Fisher of a Hugging Face causal LM on text and write it as a Fisher file.
 
@@ -345,6 +346,8 @@ def fisher_checkpoint(
             (:func:`weightkit.runtime.device.resolve_device`), or ``"cpu"``, ``"cuda:1"`` ...
         overwrite: replace an existing ``out_path``.
         progress: show a progress bar.
+        allow_pickle: also read ``.bin``/``.pt`` pickle checkpoints (unpickling can run code: trusted files
+            only).
 
     Returns:
         ``out_path``.
@@ -370,7 +373,7 @@ def fisher_checkpoint(
         raise WeightkitError(f"need samples >= 1 and max_length >= 2, got {samples} and {max_length}")
 
     device = resolve_device(device)
-    model, tokenizer, kind = load_model(model_dir, dtype=dtype)
+    model, tokenizer, kind = load_model(model_dir, dtype=dtype, allow_pickle=allow_pickle)
     if kind != "causal-lm":
         raise WeightkitError(
             f"{model_dir} is a {kind} model: the Fisher needs an output distribution, so only causal LMs "
@@ -382,7 +385,7 @@ def fisher_checkpoint(
     batches = tokenize_batches(tokenizer, texts, max_length=max_length, batch_size=batch_size)
     model.to(device)
     fisher, count = _accumulate_fisher(model, batches, mode=mode, seed=seed, total=None, progress=progress)
-    with CheckpointReader(model_dir) as reader:
+    with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
         ckpt_names = reader.names()
         model_type = (reader.config or {}).get("model_type", "")
     tensors = _checkpoint_names(model, fisher, ckpt_names)
