@@ -1,5 +1,6 @@
 """The method registry: lookups work in a fresh interpreter whatever was imported first."""
 
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,19 @@ def test_a_peer_method_not_implemented_is_named_as_such_not_guessed():
     ) as info:
         config_from_dict("merge", {"method": "ramplus_tl"})
     assert "Did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "lora", "dropout": "abc"}, "lora: dropout='abc': expected a number"),
+        ({"method": "lora", "rank": 2.5}, "lora: rank=2.5: expected an integer"),
+        ({"method": "lora", "rslora": "yes"}, "lora: rslora='yes': expected true or false"),
+        ({"method": "lora", "rank": True}, "lora: rank=True: expected an integer"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_its_key(fields, message):
+    # --option dropout=abc said "'<=' not supported between instances of 'int' and 'str'".
+    with pytest.raises(WeightkitError, match=re.escape(message)):
+        config_from_dict("adapt", fields)
+    assert config_from_dict("adapt", {"method": "lora", "alpha": 16}).alpha == 16  # an int is a number

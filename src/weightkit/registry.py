@@ -14,6 +14,7 @@ preset={"sparsify": "magnitude", "sign_consensus": True, "normalize": True})``).
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
@@ -128,10 +129,29 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
             hint = _did_you_mean(key, fields)
             options = f"Options: {', '.join(fields)}" if fields else "It takes no options."
             raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} {options}")
+    hints = typing.get_type_hints(entry.config_cls)
+    for key, value in data.items():
+        problem = _type_problem(value, hints.get(key))
+        if problem:
+            raise WeightkitError(f"{entry.name}: {key}={value!r}: {problem}")
     try:
         return entry.config_cls(**{**entry.preset, **data})
     except (TypeError, ValueError) as err:
         raise WeightkitError(f"{entry.name}: {err}") from None
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit a field annotated ``hint`` (plain ``int``/``float``/``bool``/``str`` fields
+    only; a config checks the rest itself), or None. An int fits a float field; a bool no number field."""
+    if hint is bool and not isinstance(value, bool):
+        return "expected true or false"
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return "expected an integer"
+    if hint is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return "expected a number"
+    if hint is str and not isinstance(value, str):
+        return "expected a string"
+    return None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
         (
             "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: nuslerp\n"
             "parameters: {nuslerp_flatten: [true, false]}\n",
-            "nuslerp_flatten must be true or false",
+            "nuslerp_flatten=[True, False]: expected true or false",
         ),
         # mergekit ignores options a method does not have; weightkit names them.
         (
