@@ -510,3 +510,15 @@ def test_verbs_that_read_checkpoints_take_allow_pickle(tmp_path, capsys, text_fi
     assert code == 1 and "--allow-pickle" in err and not out.exists()
     code, _, err = run(capsys, *argv, "-o", out, "--allow-pickle", "--json")
     assert code == 0 and out.exists(), err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+        (["--calib-samples", "-3"], "--calib-samples must be at least 1, got -3"),
+    ],
+)
+def test_a_bad_flag_value_is_named_by_its_flag(tmp_path, capsys, llama_dir, flags, message):
+    # "--seq-len 0" said "calib_max_length must be at least 1", the config field behind the flag.
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--method", "gptq", *flags], message)

@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,14 @@ def _config_from_args(args: argparse.Namespace):
             if method not in methods:
                 raise WeightkitError(f"{flag} applies to --method {' or '.join(methods)} only, not {method}")
             fields[field] = not value if dest == "asym" else value
-        config = config_from_dict("compress", fields)
+        try:
+            config = config_from_dict("compress", fields)
+        except WeightkitError as err:  # say the flag the user typed, not the config field behind it
+            message = str(err)
+            for dest in given.keys() - {"asym"}:  # --asym sets the opposite of its field: no rewording
+                field, _, flag = _FLAGS[dest]
+                message = re.sub(rf"\b{field}\b", flag, message)
+            raise WeightkitError(message) from None
     if args.calib is not None and config_to_dict(config)["method"] == "rtn":
         raise WeightkitError("--calib applies to --method gptq or awq only; RTN uses no calibration data")
     return config
