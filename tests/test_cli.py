@@ -522,3 +522,11 @@ def test_verbs_that_read_checkpoints_take_allow_pickle(tmp_path, capsys, text_fi
 def test_a_bad_flag_value_is_named_by_its_flag(tmp_path, capsys, llama_dir, flags, message):
     # "--seq-len 0" said "calib_max_length must be at least 1", the config field behind the flag.
     _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--method", "gptq", *flags], message)
+
+
+def test_adapt_refuses_an_output_it_cannot_write_before_training(tmp_path, capsys, llama_dir, text_file):
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / "a-file" / "adapter"
+    argv = ["adapt", llama_dir, "-o", out, "--data", text_file, "--max-steps", "50", "--device", "cpu"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and "is not a directory" in " ".join(err.split()) and "step" not in err

@@ -22,6 +22,7 @@ from torch import nn
 
 from weightkit.adapt.layer import trainable_parameters
 from weightkit.adapt.peft_format import save_adapter
+from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
 from weightkit.runtime.device import resolve_device
 from weightkit.runtime.distributed import barrier, init_distributed, is_main_process
@@ -152,8 +153,7 @@ def finetune(
     from weightkit.models import load_kind, load_model, load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise WeightkitError(f"{out_dir} exists; pass --force to overwrite it")
+    check_target(out_dir, overwrite=overwrite)  # before training, not when saving after it
     device = resolve_device(device)
     texts, labels = load_examples(data) if data is not None else (stdlib_docstrings("calib"), None)
     eval_texts, eval_labels = load_examples(eval_data) if eval_data is not None else (None, None)

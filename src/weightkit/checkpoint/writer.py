@@ -110,14 +110,20 @@ def _replaceable(path: Path) -> bool:
 
 
 def check_target(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
-    """Refuse an ``out_dir`` that a writer could not publish to: one that exists while ``overwrite`` is
-    False, or that is not a model directory (``overwrite`` never deletes anything else). Callers with
+    """Refuse an ``out_dir`` that a writer could not publish to: one under a file or a directory this
+    process cannot write, one that exists while ``overwrite`` is False, or one that is not a model
+    directory (``overwrite`` never deletes anything else). Callers with
     long work ahead call it first, so they fail before the work rather than after it.
 
     Raises:
         WeightkitError: naming ``out_dir`` and the reason.
     """
     out = Path(os.path.abspath(out_dir))
+    ancestor = next(p for p in out.parents if p.exists())  # where the writer creates its directories
+    if not ancestor.is_dir():
+        raise WeightkitError(f"cannot write {out_dir}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WeightkitError(f"cannot write {out_dir}: {ancestor} is not writable")
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
