@@ -530,3 +530,10 @@ def test_adapt_refuses_an_output_it_cannot_write_before_training(tmp_path, capsy
     argv = ["adapt", llama_dir, "-o", out, "--data", text_file, "--max-steps", "50", "--device", "cpu"]
     code, _, err = run(capsys, *argv)
     assert code == 1 and "is not a directory" in " ".join(err.split()) and "step" not in err
+
+
+def test_eval_refuses_a_reference_for_a_causal_lm(tmp_path, capsys, llama_dir, text_file):
+    # It was accepted and ignored: the perplexity said nothing about the reference.
+    _assert_fails(
+        capsys, tmp_path, ["eval", llama_dir, "--reference", llama_dir], "--reference applies to encoders"
+    )

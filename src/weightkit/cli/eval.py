@@ -24,6 +24,11 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     texts = load_texts(args.data) if args.data else stdlib_docstrings("eval")
     texts = texts[: args.max_texts]
     reference = None
+    if kind != "encoder" and args.reference:
+        raise WeightkitError(
+            f"--reference applies to encoders (embedding fidelity); {args.model} is a causal LM, evaluated "
+            "by perplexity on --data: leave --reference out"
+        )
     if kind == "encoder":
         if not args.reference:
             raise WeightkitError(
