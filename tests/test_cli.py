@@ -50,13 +50,14 @@ def test_compress_from_a_recipe_matches_the_same_flags(tmp_path, capsys, llama_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compress_is_deterministic_and_prints_a_table(tmp_path, capsys, llama_dir, text_file):
+def test_compress_is_deterministic_and_prints_its_table_on_stdout(tmp_path, capsys, llama_dir, text_file):
     for name in ("x", "y"):
-        code, _, err = run(
+        code, out, err = run(
             capsys, "compress", llama_dir, "-o", tmp_path / name, "--group-size", "32", "--calib", text_file
         )
         assert code == 0
-    assert "ratio" in err and "gptq" in err
+    # The result on stdout (`> result.txt` keeps it), progress and logs on stderr.
+    assert "ratio" in out and "gptq" in out and "ratio" not in err
     x, y = (
         (tmp_path / "x" / "model.safetensors").read_bytes(),
         (tmp_path / "y" / "model.safetensors").read_bytes(),
@@ -530,6 +531,11 @@ def test_adapt_refuses_an_output_it_cannot_write_before_training(tmp_path, capsy
     argv = ["adapt", llama_dir, "-o", out, "--data", text_file, "--max-steps", "50", "--device", "cpu"]
     code, _, err = run(capsys, *argv)
     assert code == 1 and "is not a directory" in " ".join(err.split()) and "step" not in err
+
+
+def test_eval_prints_its_result_on_stdout(capsys, llama_dir, text_file):
+    code, out, err = run(capsys, "eval", llama_dir, "--data", text_file, "--device", "cpu")
+    assert code == 0 and "perplexity" in out and "perplexity" not in err
 
 
 def test_eval_refuses_a_reference_for_a_causal_lm(tmp_path, capsys, llama_dir, text_file):

@@ -18,7 +18,7 @@ from weightkit.compress.quant.export import save_quantized
 from weightkit.data import stdlib_docstrings
 from weightkit.eval import embedding_fidelity
 from weightkit.models import default_model_path, load_model
-from weightkit.progress import console
+from weightkit.progress import console, results
 from weightkit.registry import config_to_dict
 from weightkit.runtime.device import resolve_device
 
@@ -97,6 +97,6 @@ def run_demo(
                 f"{r['size_bytes'] / 1e6:.1f} MB",
                 f"{r['embedding_fidelity']:.4f}",
             )
-        console.print(table)
-        console.print(f"best: [bold]{best['method']}[/bold], saved to [bold]{output}[/bold]")
+        results.print(table)
+        results.print(f"best: [bold]{best['method']}[/bold], saved to [bold]{output}[/bold]")
     return {"model": str(source), "results": rows, "best": best["method"], "output": str(output)}

@@ -6,12 +6,14 @@ from typing import TypeVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["track", "console"]
+__all__ = ["track", "console", "results"]
 
 T = TypeVar("T")
 
-# Progress and tables go to stderr so stdout stays clean for --json.
+# Progress, logs and errors go to stderr; a command's results (its tables and summary lines) to stdout,
+# so `weightkit eval ... > result.txt` keeps the result and --json's stdout holds the JSON alone.
 console = Console(stderr=True)
+results = Console()
 
 
 def track(

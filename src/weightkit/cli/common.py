@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from weightkit.errors import WeightkitError
-from weightkit.progress import console
+from weightkit.progress import results
 
 __all__ = ["size_arg", "refuse_existing", "mb", "print_table", "common_options"]
 
@@ -46,7 +46,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         )
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    results.print(table)
 
 
 def common_options(

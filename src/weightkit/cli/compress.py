@@ -9,7 +9,7 @@ from typing import Any
 
 from weightkit.cli.common import common_options, mb, print_table, refuse_existing
 from weightkit.errors import WeightkitError
-from weightkit.progress import console
+from weightkit.progress import results
 
 _METHODS = ("rtn", "gptq", "awq")
 
@@ -121,7 +121,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                 }
             ],
         )
-        console.print(f"saved to [bold]{out}[/bold]")
+        results.print(f"saved to [bold]{out}[/bold]")
     return summary
 
 

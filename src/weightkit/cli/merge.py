@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from weightkit.cli.common import common_options, mb, print_table, refuse_existing
-from weightkit.progress import console
+from weightkit.progress import console, results
 
 
 def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
                 close_plan(part.plan, part.models)
         if not args.json:
             print_table("merge plan (dry run: nothing written)", summary["models"])
-            console.print(
+            results.print(
                 f"{summary['method']}: {summary['tensors']} tensors, reads {mb(summary['input_bytes'])}, "
                 f"writes ~{mb(summary['output_bytes'])} to {out}, merges on {summary['device']}",
                 highlight=False,
@@ -75,7 +75,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         if "sign_conflict_rate" in summary:
             row["sign conflicts"] = f"{summary['sign_conflict_rate']:.1%}"
         print_table("weightkit merge", [row])
-        console.print(f"saved to [bold]{out}[/bold]")
+        results.print(f"saved to [bold]{out}[/bold]")
     return summary
 
 
@@ -121,7 +121,7 @@ def _cmd_fisher(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 2),
     }
     if not args.json:
-        console.print(f"Fisher of {args.model} saved to [bold]{out}[/bold] ({mb(summary['bytes'])})")
+        results.print(f"Fisher of {args.model} saved to [bold]{out}[/bold] ({mb(summary['bytes'])})")
     return summary
 
 
@@ -155,7 +155,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
             console.print(
                 f"[yellow]not in the adapter[/yellow]: {item['tensor']} ({changed}; {item['reason']})"
             )
-        console.print(
+        results.print(
             f"{len(rows)} modules, max relative error {summary['max_relative_error']:.4f}, "
             f"{mb(summary['adapter_bytes'])}; saved to [bold]{out}[/bold]"
         )
@@ -186,7 +186,7 @@ def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
             for b in summary["layers"]
         ]  # fmt: skip
         print_table("weightkit align (weight matching to the reference)", rows)
-        console.print(f"saved to [bold]{out}[/bold]")
+        results.print(f"saved to [bold]{out}[/bold]")
     return summary
 
 
