@@ -543,3 +543,18 @@ def test_eval_refuses_a_reference_for_a_causal_lm(tmp_path, capsys, llama_dir, t
     _assert_fails(
         capsys, tmp_path, ["eval", llama_dir, "--reference", llama_dir], "--reference applies to encoders"
     )
+
+
+def test_help_with_a_method_lists_that_methods_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["adapt", "--method", "mos", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "options of --method mos" in text and "budget_rank = 4: the trainable-parameter budget" in text
+    with pytest.raises(SystemExit):
+        main(["adapt", "--method", "dora", "--help"])
+    assert "dora = True" in capsys.readouterr().out  # the method's preset, not the config's default
+    with pytest.raises(SystemExit):
+        main(["compress", "--method", "awq", "--help"])
+    assert "options of --method awq" in capsys.readouterr().out
+    assert main(["adapt", "--method", "moss", "--help"]) == 1
+    assert "Did you mean 'mos'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from typing import Any
 import weightkit
 from weightkit.cli import adapt, compress, merge
 from weightkit.cli import eval as evaluate
-from weightkit.cli.common import common_options
+from weightkit.cli.common import common_options, method_options_help
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
 
@@ -58,8 +58,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands whose --help, given with --method, also lists that method's options: registry kind.
+_METHOD_HELP = {"adapt": "adapt", "compress": "compress"}
+
+
+def _with_method_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``weightkit adapt --method mos --help``: add the method's options to that subcommand's help."""
+    if not argv or argv[0] not in _METHOD_HELP or not {"-h", "--help"} & set(argv) or "--method" not in argv:
+        return
+    index = argv.index("--method") + 1
+    if index < len(argv):
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subcommand = subparsers.choices[argv[0]]
+        subcommand.epilog = method_options_help(_METHOD_HELP[argv[0]], argv[index])
+        subcommand.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        _with_method_help(parser, argv)
+    except WeightkitError as err:  # an unknown method: its own error, with the did-you-mean
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
+        return 1
+    args = parser.parse_args(argv)
     if args.command in _PASSIVE_OPENMP and "torch" not in sys.modules:  # read when torch loads OpenMP
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command not in _WITHOUT_TRANSFORMERS:

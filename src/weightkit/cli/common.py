@@ -79,3 +79,42 @@ def common_options(
             help="where to compute: cuda, cuda:1, cpu, mps ... (default: cuda when available, else cpu; "
             "under torchrun each process takes cuda:LOCAL_RANK)",
         )
+
+
+def method_options_help(kind: str, method: str) -> str:
+    """The options of ``method`` (a registered ``kind`` method) for ``--help``: each config field with its
+    default (the method's preset applied) and the first line of its description in the config's docstring
+    (its ``Attributes:`` section)."""
+    import dataclasses
+    import inspect
+    import re
+    import textwrap
+
+    from weightkit.registry import lookup
+
+    entry = lookup(kind, method)
+    described, current, in_attributes = {}, None, False
+    for line in (inspect.getdoc(entry.config_cls) or "").splitlines():
+        if line.strip() == "Attributes:":
+            in_attributes = True
+        elif in_attributes and (found := re.match(r"    (\w+): (.*)", line)):
+            current = found[1]
+            described[current] = found[2]
+        elif (
+            in_attributes and line.startswith("        ") and current and not described[current].endswith(".")
+        ):
+            described[current] += " " + line.strip()  # finish the first sentence
+        elif in_attributes and line and not line.startswith(" "):
+            in_attributes = False
+    lines = [f"options of --method {entry.name} (--option KEY=VALUE; flags such as --rank set theirs):"]
+    for field in dataclasses.fields(entry.config_cls):
+        if field.default is not dataclasses.MISSING:
+            default = entry.preset.get(field.name, field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = "required"
+        first = described.get(field.name, "").split(". ")[0].rstrip(".")  # its first sentence
+        text = f"{field.name} = {default!r}" + (f": {first}" if first else "")
+        lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(lines)
