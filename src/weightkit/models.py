@@ -35,6 +35,7 @@ __all__ = [
     "model_kind",
     "OTHER_CAUSAL_LM_TYPES",
     "load_kind",
+    "has_tokenizer",
     "load",
     "load_model",
     "load_quantized",
@@ -135,7 +136,8 @@ def load_kind(config: dict) -> str:
     return model_kind(config)
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
+    """Whether a model directory has tokenizer files (nothing is loaded)."""
     return any((path / name).is_file() for name in _TOKENIZER_FILES)
 
 
@@ -188,7 +190,7 @@ def model_auto_class(kind: str):
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a model directory, or ``None`` if it has none."""
     path = Path(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True) if _has_tokenizer(path) else None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer(path) else None
 
 
 @contextlib.contextmanager

@@ -272,3 +272,16 @@ def test_a_model_plus_lora_recipe_runs_with_mergekits_lora_cache_flag(tmp_path, 
     torch.testing.assert_close(out[name], (adapted + other[name]) / 2)
     name = "model.layers.0.self_attn.k_proj.weight"
     torch.testing.assert_close(out[name], (base[name] + other[name]) / 2)
+
+
+def test_the_merge_verbs_start_without_importing_transformers():
+    # `weightkit merge` and `align` skip transformers' ~1 s import (cli._WITHOUT_TRANSFORMERS); a module
+    # of theirs that imports weightkit.models at the top undoes that for every merge.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, weightkit.cli, weightkit.merge, weightkit.merge.recipe, weightkit.merge.align; "
+        "sys.exit('transformers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 from weightkit.errors import WeightkitError
-from weightkit.models import load_tokenizer
 
 __all__ = ["resolve_chat_template", "save_chat_template"]
 
@@ -27,6 +26,9 @@ _MERGEKIT_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 
 def _template_of(model_dir: Path) -> str | None:
+    # weightkit.models imports transformers: only a recipe with a chat template pays for it, not every merge.
+    from weightkit.models import load_tokenizer
+
     tokenizer = load_tokenizer(model_dir)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: mergekit takes the default one
@@ -65,6 +67,8 @@ def save_chat_template(out_dir: Path, template: str) -> None:
     Raises:
         WeightkitError: ``out_dir`` holds no tokenizer (the reference model has none).
     """
+    from weightkit.models import load_tokenizer
+
     tokenizer = load_tokenizer(out_dir)
     if tokenizer is None:
         raise WeightkitError(

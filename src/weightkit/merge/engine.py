@@ -50,7 +50,6 @@ from weightkit.merge.slices import (
     slice_config,
     slice_position,
 )
-from weightkit.models import load_tokenizer
 from weightkit.progress import track
 from weightkit.registry import entry_for_config, lookup
 from weightkit.runtime.device import resolve_device
@@ -687,8 +686,10 @@ def _chat_template(value: str | None, inputs: list[Path], reference: CheckpointR
     the reference model must have a tokenizer to write it into."""
     if value is None:
         return None
+    from weightkit.models import has_tokenizer  # imports transformers: only for a recipe with a template
+
     template = resolve_chat_template(value, [Path(split_reference(str(path))[0]) for path in inputs])
-    if template is not None and (reference.directory is None or load_tokenizer(reference.directory) is None):
+    if template is not None and (reference.directory is None or not has_tokenizer(reference.directory)):
         raise WeightkitError(
             f"chat_template: the reference model {reference.path} has no tokenizer to write the template into"
         )
