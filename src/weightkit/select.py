@@ -14,11 +14,13 @@ from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
 
 __all__ = [
     "DEFAULT_IGNORE",
+    "LINEAR_TYPES",
     "ALL_LINEAR",
     "matches",
     "resolve",
@@ -75,15 +77,12 @@ def suffix_pattern_value(name: str, table: Mapping[str, T]) -> T | None:
     return None
 
 
+# The layers computing ``y = x W^T + b``: ``nn.Linear`` and GPT-2's ``Conv1D`` (transformers), which stores
+# the same ``W`` transposed, ``in x out``.
+LINEAR_TYPES = (nn.Linear, Conv1D)
 ALL_LINEAR = "all-linear"
 # PEFT's names for a sequence classifier's head (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
 _CLASSIFIER_HEADS = ("score", "classifier")
-
-
-def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (weight stored in x out)
-
-    return isinstance(module, nn.Linear | Conv1D)
 
 
 def all_linear_modules(model: nn.Module) -> list[str]:
@@ -107,7 +106,7 @@ def all_linear_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, m in modules.items()
-        if name not in excluded and (_is_linear(m) or _is_linear(getattr(m, "base_layer", None)))
+        if name not in excluded and isinstance(getattr(m, "base_layer", m), LINEAR_TYPES)
     ]
 
 

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config
 from weightkit.runtime.training import forward_batch
-from weightkit.select import select_modules
+from weightkit.select import LINEAR_TYPES, select_modules
 
 __all__ = [
     "is_int",
@@ -91,11 +91,6 @@ def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool = True) 
             (other dtypes are kept); ``False`` keeps ``base_dtype``.
     """
     return torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
-
-
-# The layers computing ``y = x W^T + b`` that the linear adapter methods wrap: ``nn.Linear`` and GPT-2's
-# ``Conv1D`` (transformers), which stores the same ``W`` transposed, ``in x out``.
-LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def fan_in_fan_out(module: nn.Module) -> bool:
