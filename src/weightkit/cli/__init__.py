@@ -32,7 +32,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(Path(args.output), quiet=args.json, device=args.device)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(
         prog="weightkit",
         description="Adapt, train, compress, merge and inspect the weights of neural networks.",
@@ -55,30 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="weightkit-demo-out", help="where the best model is saved")
     d.set_defaults(run=_cmd_demo)
     common_options(d, device=True)
-    return parser
+    return parser, sub
 
 
 # Subcommands whose --help, given with --method, also lists that method's options: registry kind.
 _METHOD_HELP = {"adapt": "adapt", "compress": "compress"}
 
 
-def _with_method_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def _with_method_help(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     """``weightkit adapt --method mos --help``: add the method's options to that subcommand's help."""
     if not argv or argv[0] not in _METHOD_HELP or not {"-h", "--help"} & set(argv) or "--method" not in argv:
         return
     index = argv.index("--method") + 1
     if index < len(argv):
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        subcommand = subparsers.choices[argv[0]]
+        subcommand = sub.choices[argv[0]]
         subcommand.epilog = method_options_help(_METHOD_HELP[argv[0]], argv[index])
         subcommand.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser, sub = _parser()
     try:
-        _with_method_help(parser, argv)
+        _with_method_help(sub, argv)
     except WeightkitError as err:  # an unknown method: its own error, with the did-you-mean
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
         return 1
