@@ -496,6 +496,11 @@ def _check_lora_bias_merges(layer: nn.Module, names: list[str], has_dora: bool) 
         )
 
 
+def _merged_scale(layer: nn.Module, name: str) -> Tensor:
+    """DoRA adapter ``name``'s per-row factor ``m / ||W + delta||`` with the norms kept when it was merged."""
+    return layer.lora_magnitude_vector[name].flatten() / layer._merged_norms[name]
+
+
 def _merge(layer: nn.Module) -> None:
     pending = [name for name in layer.active if name not in layer.merged]
     has_dora = any(name in layer.lora_magnitude_vector for name in layer.merged + pending)
@@ -512,8 +517,8 @@ def _merge(layer: nn.Module) -> None:
         if not has_dora:  # plain LoRA updates simply add up
             for name in pending:
                 weight += layer._lora_delta(name)  # in the adapter's dtype: the weight is rounded once
-                if _lora_bias(layer, name) is not None:
-                    layer.base_layer.bias += _lora_bias(layer, name)
+                if (bias := _lora_bias(layer, name)) is not None:
+                    layer.base_layer.bias += bias
         else:
             matrix = layer.as_matrix(weight)
             deltas = [layer.as_matrix(layer._lora_delta(name)) for name in pending]
@@ -522,7 +527,7 @@ def _merge(layer: nn.Module) -> None:
                 if name in layer.lora_magnitude_vector:
                     # The norms at merge time, kept: unmerging must divide by these, not recompute them.
                     layer._merged_norms[name] = row_norms(matrix, delta)
-                    scales.append(layer.lora_magnitude_vector[name].flatten() / layer._merged_norms[name])
+                    scales.append(_merged_scale(layer, name))
                 else:
                     scales.append(None)
             matrix.copy_(merged_weight(matrix, deltas, scales))
@@ -536,17 +541,16 @@ def _unmerge(layer: nn.Module) -> None:
             while layer.merged:
                 name = layer.merged.pop()
                 weight -= layer._lora_delta(name)
-                if _lora_bias(layer, name) is not None:
-                    layer.base_layer.bias -= _lora_bias(layer, name)
+                if (bias := _lora_bias(layer, name)) is not None:
+                    layer.base_layer.bias -= bias
             return
         matrix = layer.as_matrix(weight)
         deltas = [layer.as_matrix(layer._lora_delta(name)) for name in layer.merged]
         scales = [
-            layer.lora_magnitude_vector[name].flatten() / layer._merged_norms.pop(name)
-            if name in layer.lora_magnitude_vector
-            else None
+            _merged_scale(layer, name) if name in layer.lora_magnitude_vector else None
             for name in layer.merged
         ]
+        layer._merged_norms.clear()
         matrix.copy_(unmerged_weight(matrix, deltas, scales))
         layer.merged.clear()
 
