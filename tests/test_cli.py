@@ -183,7 +183,7 @@ def test_unsupported_architecture(tmp_path, capsys):
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    _assert_fails(capsys, tmp_path, ["compress", gpt2, "--method", "rtn"], "gpt2", "llama")
+    _assert_fails(capsys, tmp_path, ["compress", gpt2, "--method", "rtn"], "h.0.attn.c_attn", "Conv1D")
 
 
 def test_group_size_that_does_not_divide_the_weight(tmp_path, capsys, llama_dir):

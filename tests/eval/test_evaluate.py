@@ -23,7 +23,7 @@ def test_evaluate_errors(minilm):
     model, tokenizer = minilm
     with pytest.raises(WeightkitError, match="reference model"):
         evaluate(model, tokenizer, "encoder", TEXTS)
-    with pytest.raises(WeightkitError, match="unknown model kind 'seq2seq'"):
+    with pytest.raises(WeightkitError, match="cannot evaluate a 'seq2seq' model"):
         evaluate(model, tokenizer, "seq2seq", TEXTS)
     with pytest.raises(WeightkitError, match="no evaluation texts"):
         evaluate(model, tokenizer, "encoder", [], reference=model)

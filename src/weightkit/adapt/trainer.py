@@ -149,8 +149,9 @@ def finetune(
     from weightkit.adapt import adapt
     from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
     from weightkit.adapt.lora_sb import LoRASBConfig
+    from weightkit.arch import model_task
     from weightkit.data import stdlib_docstrings
-    from weightkit.models import load_kind, load_model, load_tokenizer
+    from weightkit.models import load_model, load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_target(out_dir, overwrite=overwrite)  # before training, not when saving after it
@@ -160,7 +161,12 @@ def finetune(
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-    kind = load_kind(json.loads(config_file.read_text()))
+    kind = model_task(json.loads(config_file.read_text()))
+    if kind not in ("causal-lm", "encoder"):
+        raise WeightkitError(
+            f"{model_dir} is a {kind} model; weightkit adapt trains causal LMs on text and text encoders as "
+            "classifiers. Adapt it in your own training loop with the Python API (weightkit.adapt.adapt)"
+        )
     init_distributed(device)
     torch.manual_seed(train.seed)  # the classification head's and the adapter's initialisation
     head, extra_json = [], None

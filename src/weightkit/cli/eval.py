@@ -15,6 +15,11 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(args.device)  # a device this machine lacks stops before any loading
     model, tokenizer, kind = load_model(args.model, allow_pickle=args.allow_pickle)
+    if kind not in ("causal-lm", "encoder"):
+        raise WeightkitError(
+            f"{args.model} is a {kind} model; weightkit eval measures causal LMs (perplexity) and text "
+            "encoders (embedding fidelity) only"
+        )
     if tokenizer is None:
         raise WeightkitError(f"{args.model} has no tokenizer files; evaluation needs one")
     if args.adapter:
@@ -24,7 +29,7 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     texts = load_texts(args.data) if args.data else stdlib_docstrings("eval")
     texts = texts[: args.max_texts]
     reference = None
-    if kind != "encoder" and args.reference:
+    if kind == "causal-lm" and args.reference:
         raise WeightkitError(
             f"--reference applies to encoders (embedding fidelity); {args.model} is a causal LM, evaluated "
             "by perplexity on --data: leave --reference out"

@@ -14,19 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.errors import WeightkitError
-from weightkit.models import (
-    CheckpointNames,
-    load_tokenizer,
-    model_auto_class,
-    model_kind,
-    skeleton,
-    transformer_blocks_name,
-)
+from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import export_tensors, packed_tensors, quantized_model_config
 from weightkit.quantized.grid import rtn_quantize
@@ -118,7 +112,7 @@ def compress_checkpoint(
     """Compress the model in ``model_dir`` with ``config`` into the directory ``out_dir``, streamed.
 
     Args:
-        model_dir: a Hugging Face model directory (Llama-style causal LM or BERT-style encoder).
+        model_dir: a Hugging Face model directory.
         out_dir: the compressed-tensors pack-quantized directory to create (atomically).
         config: ``RTNConfig``, ``GPTQConfig`` or ``AWQConfig``.
         data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.
@@ -144,8 +138,7 @@ def compress_checkpoint(
     with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
         if reader.config is None:
             raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-        kind = model_kind(reader.config)
-        model = skeleton(model_dir, model_auto_class(kind))
+        model = skeleton(model_dir, model_auto_class(model_task(reader.config)))
         tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
@@ -153,8 +146,8 @@ def compress_checkpoint(
             if isinstance(config, RTNConfig):
                 _stream_rtn(model, config, streamed, progress, device)
             else:
-                blocks = transformer_blocks_name(model, kind)
-                streamed.load("", model, skip=(blocks,))
+                blocks = tuple(name for name, _ in block_lists(model))
+                streamed.load("", model, skip=blocks)
                 entry.fn(
                     model,
                     config,
@@ -164,7 +157,7 @@ def compress_checkpoint(
                     store=streamed,
                     device=device,
                 )
-                for name, tensor in export_tensors(model, skip=(blocks,)):
+                for name, tensor in export_tensors(model, skip=blocks):
                     writer.add(name, tensor)
             write_generation_config(writer, model, model_dir)
             writer.write_json("config.json", quantized_model_config(model))

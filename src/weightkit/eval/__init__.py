@@ -62,4 +62,7 @@ def evaluate(
                 "embedding fidelity of an encoder needs a reference model (the original) to compare against"
             )
         return {"embedding_fidelity": embedding_fidelity(reference, model, tokenizer, texts)}
-    raise WeightkitError(f"unknown model kind {kind!r}: expected 'causal-lm' or 'encoder'")
+    raise WeightkitError(
+        f"cannot evaluate a {kind!r} model: evaluation measures causal LMs (perplexity) and text encoders "
+        "(embedding fidelity)"
+    )

@@ -9,12 +9,12 @@ from sample_texts import TEXTS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from weightkit.arch import block_layout, block_lists, folds
 from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
 from weightkit.compress.quant.blockwise import capture_block_inputs, input_groups, run_batches
-from weightkit.compress.quant.calibrated import _divide_output, _fold_target, calibration_batches
+from weightkit.compress.quant.calibrated import _divide_output, _fold_for, calibration_batches
 from weightkit.data import tokenize_batches
 from weightkit.errors import WeightkitError
-from weightkit.models import transformer_blocks
 from weightkit.quantized.linear import QuantizedLinear
 from weightkit.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
@@ -46,7 +46,7 @@ def _output(model, batch):
 def test_captured_inputs_replayed_through_the_blocks_reproduce_the_model(model_and_tokenizer):
     model, tokenizer, kind = model_and_tokenizer
     batches = _batches(tokenizer, CALIB)
-    blocks = transformer_blocks(model, kind)
+    [(_, blocks)] = block_lists(model)
     inputs = capture_block_inputs(model, blocks[0], batches, CPU)
     for block in blocks:
         inputs.hidden = run_block(block, inputs)
@@ -60,7 +60,7 @@ def test_captured_inputs_replayed_through_the_blocks_reproduce_the_model(model_a
 
 def test_linears_are_grouped_by_shared_input_in_call_order(model_and_tokenizer):
     model, tokenizer, kind = model_and_tokenizer
-    block = transformer_blocks(model, kind)[0]
+    block = block_lists(model)[0][1][0]
     inputs = capture_block_inputs(model, block, _batches(tokenizer, CALIB[:4]), CPU)
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     expected = {
@@ -107,24 +107,30 @@ def test_awq_scale_folding_leaves_the_llama_block_function_unchanged(source):
         "mlp.up_proj": ["mlp.down_proj"],
     }[source]
     group = {n: block.get_submodule(n) for n in readers}
-    op = _fold_target(block, group)
-    assert op is block.get_submodule(source)
-    s = torch.rand(op.weight.shape[0]) * 4 + 0.25
-    _divide_output(op, s)
+    fold = _fold_for(_folds(model, block), group)
+    assert fold.source == source
+    s = torch.rand(block.get_submodule(source).weight.shape[0]) * 4 + 0.25
+    _divide_output(block, fold, s)
     for m in group.values():
         m.weight.data.mul_(s)
     for a, b in zip(before, run_block(block, inputs), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _folds(model, block):
+    return folds(block_layout(model.config.to_dict(), block_lists(model)[0][0]), block)
+
+
 def test_awq_folds_nothing_where_it_would_change_the_function():
     llama = tiny_llama(seed=0)  # grouped-query attention: v_proj is narrower than o_proj's input
     block = llama.model.layers[0]
-    assert _fold_target(block, {"self_attn.o_proj": block.self_attn.o_proj}) is None
-    assert _fold_target(block, {"self_attn.q_proj": block.self_attn.q_proj}) is None  # k, v also read it
-    bert = tiny_bert(seed=0).encoder.layer[0]  # post-norm: the norm's output is also the residual
-    assert _fold_target(bert, {"intermediate.dense": bert.intermediate.dense}) is None
-    assert _fold_target(bert, {"attention.output.dense": bert.attention.output.dense}) is not None
+    assert _fold_for(_folds(llama, block), {"self_attn.o_proj": block.self_attn.o_proj}) is None
+    q_alone = {"self_attn.q_proj": block.self_attn.q_proj}  # k, v also read it
+    assert _fold_for(_folds(llama, block), q_alone) is None
+    bert = tiny_bert(seed=0)  # post-norm: the norm's output is also the residual
+    layer = bert.encoder.layer[0]
+    assert _fold_for(_folds(bert, layer), {"intermediate.dense": layer.intermediate.dense}) is None
+    assert _fold_for(_folds(bert, layer), {"attention.output.dense": layer.attention.output.dense})
 
 
 def _relative_error(reference, model, batches):
@@ -189,7 +195,8 @@ def test_awq_folds_every_scale_before_rounding_anything():
     # groups; folding into an already-rounded layer would leave its stored weight unscaled and
     # change the model far beyond 8-bit rounding error.
     model, tokenizer = tiny_llama(seed=3, num_key_value_heads=4), tiny_tokenizer(128)
-    assert _fold_target(model.model.layers[0], {"self_attn.o_proj": model.model.layers[0].self_attn.o_proj})
+    block = model.model.layers[0]
+    assert _fold_for(_folds(model, block), {"self_attn.o_proj": block.self_attn.o_proj})
     held_out = _batches(tokenizer, HELD_OUT)
     errors = {}
     for config in (RTNConfig(bits=8, group_size=None), AWQConfig(bits=8, group_size=None, clip=False)):

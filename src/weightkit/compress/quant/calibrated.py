@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from weightkit.arch import Fold, block_layout, block_lists, folds, model_task
 from weightkit.compress.quant.awq import (
     CLIP_SAMPLE_TOKENS,
     awq_search_clip,
@@ -34,7 +35,6 @@ from weightkit.compress.quant.hessian import Hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
-from weightkit.models import model_kind, transformer_blocks, transformer_blocks_name
 from weightkit.progress import track
 from weightkit.quantized.grid import QuantizedWeight, rtn_quantize
 from weightkit.registry import register
@@ -139,12 +139,26 @@ def calibration_batches(config: CalibrationFields, data, tokenizer) -> list[dict
     )
 
 
+def _block_list(model: nn.Module, label: str) -> tuple[str, nn.ModuleList]:
+    """The one list of blocks a calibrated method walks, refusing models it cannot calibrate on text."""
+    task = model_task(model.config.to_dict())
+    if task == "vision":
+        raise WeightkitError(f"{label} calibrates on text; an image model can be compressed with method rtn")
+    lists = block_lists(model)
+    if len(lists) > 1:
+        names = ", ".join(name for name, _ in lists)
+        raise WeightkitError(
+            f"{label} calibrates one list of blocks, each on the previous one's outputs; this model has "
+            f"{len(lists)} ({names}), whose blocks also pass each other inputs this walk does not carry "
+            "(an encoder-decoder's position bias and encoder states): compress it with method rtn"
+        )
+    return lists[0]
+
+
 def _blocks_with_linears(
-    model: nn.Module, linears: dict[str, nn.Module]
+    prefix: str, blocks: nn.ModuleList, linears: dict[str, nn.Module]
 ) -> list[tuple[str, nn.Module, dict]]:
-    """``(prefix, block, {relative name: linear})`` for each transformer block, in order."""
-    kind = model_kind(model.config.to_dict())
-    blocks, prefix = transformer_blocks(model, kind), transformer_blocks_name(model, kind)
+    """``(prefix, block, {relative name: linear})`` for each block, in order."""
     out, seen = [], set()
     for i, block in enumerate(blocks):
         head = f"{prefix}.{i}."
@@ -212,11 +226,12 @@ def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block
     block is moved there while it is calibrated; the model is left where it was. Without one, each
     part runs where it is.
     """
+    prefix, blocks = _block_list(model, label)
     linears = selected_linears(model, config)
-    plan = _blocks_with_linears(model, linears)
+    plan = _blocks_with_linears(prefix, blocks, linears)
     batches = calibration_batches(config, data, tokenizer)
     _warn_if_scarce(label, batches, linears)
-    front = _front(model, transformer_blocks(model, model_kind(model.config.to_dict())))
+    front = _front(model, blocks)
     capture_on = device or _device_of(front)
     with borrowed(front, capture_on):
         inputs = capture_block_inputs(model, plan[0][1], batches, capture_on)
@@ -319,41 +334,28 @@ def quantize_gptq(
     return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store, device)
 
 
-# The op whose output is exactly a group's input, with every layer reading it. AWQ's scale folds into
-# it (its output divided by s, the readers' weight columns multiplied by s), leaving the function
-# unchanged. Post-norm encoders (BERT) are absent for q/k/v and the MLP input: there the norm's
-# output is also the residual, so scaling it would change the model; those layers get clipping only.
-_FOLDS = {
-    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.v_proj": ("self_attn.o_proj",),
-    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.up_proj": ("mlp.down_proj",),
-    "attention.self.value": ("attention.output.dense",),
-}
+def _fold_for(block_folds: list[Fold], group: dict[str, nn.Module]) -> Fold | None:
+    """The fold whose readers are exactly ``group`` (AWQ's scale goes into its source), if any."""
+    return next((fold for fold in block_folds if set(fold.readers) == set(group)), None)
 
 
-def _fold_target(block: nn.Module, group: dict[str, nn.Module]) -> nn.Module | None:
-    for source, readers in _FOLDS.items():
-        if set(readers) == set(group):
-            op = block.get_submodule(source)
-            width = op.weight.shape[0]
-            if all(m.in_features == width for m in group.values()):  # e.g. v->o fails under GQA
-                return op
-    return None
-
-
-def _divide_output(op: nn.Module, s: Tensor) -> None:
-    """Divide ``op``'s output channels by ``s`` (a norm's affine weight/bias, or a linear's rows)."""
+def _divide_output(block: nn.Module, fold: Fold, s: Tensor) -> None:
+    """Divide the output channels of ``fold``'s source by ``s``: a norm's affine weight (``offset + w``
+    for Gemma's norms) and bias, or a linear layer's rows (its last ``fold.last_rows`` for a fused one)."""
+    op = block.get_submodule(fold.source)
+    rows = slice(-fold.last_rows, None) if fold.last_rows else slice(None)
     weight = op.weight.data
-    shape = (-1, 1) if weight.dim() == 2 else (-1,)
-    weight.div_(s.view(shape).to(weight.dtype))
+    if weight.dim() == 2:
+        weight[rows].div_(s.view(-1, 1).to(weight.dtype))
+    else:
+        s = s.to(weight.dtype)
+        weight.add_(fold.norm_offset).div_(s).sub_(fold.norm_offset)
     if getattr(op, "bias", None) is not None:
-        op.bias.data.div_(s.to(op.bias.dtype))
+        op.bias.data[rows].div_(s.to(op.bias.dtype))
 
 
-# Layers whose outputs meet in the attention scores q . k: a per-layer output error cannot judge their
-# clipping, so (as every reference does) they are not clipped.
-_NOT_CLIPPED = ("q_proj", "k_proj", "query", "key")
+# Without a layout (weightkit.arch), the layers not clipped are recognised by these name endings.
+_QUERY_KEY_NAMES = ("q_proj", "k_proj", "query", "key")
 
 
 def _inspected(block: nn.Module, group: dict[str, nn.Module]) -> nn.Module | None:
@@ -481,12 +483,16 @@ def quantize_awq(
             raise _no_tokens()
         if not groups:
             return {}, None if last else run_batches(block, inputs, here)
-        folds = [_fold_target(block, group) for group in groups]
-        parents = [None if op is None else _inspected(block, g) for g, op in zip(groups, folds, strict=True)]
+        block_folds = folds(layout, block) if layout else []
+        group_folds = [_fold_for(block_folds, group) for group in groups]
+        parents = [
+            None if fold is None else _inspected(block, g)
+            for g, fold in zip(groups, group_folds, strict=True)
+        ]
         sample_at = even_sample(tokens, CLIP_SAMPLE_TOKENS)
         stats = [
-            _AWQInputStats(sample_at, scaled=op is not None, needs_hessian=op is not None and parent is None)
-            for op, parent in zip(folds, parents, strict=True)
+            _AWQInputStats(sample_at, scaled=fold is not None, needs_hessian=bool(fold) and parent is None)
+            for fold, parent in zip(group_folds, parents, strict=True)
         ]
         firsts = _first_layers(groups)
         outputs = run_batches(
@@ -500,8 +506,8 @@ def quantize_awq(
         schemes = [[config.scheme_for(f"{prefix}.{rel}") for rel in group] for group in groups]
 
         chosen = {}
-        for i, (group, op, parent) in enumerate(zip(groups, folds, parents, strict=True)):
-            if op is None:
+        for i, (group, fold, parent) in enumerate(zip(groups, group_folds, parents, strict=True)):
+            if fold is None:
                 continue
             weights = [m.weight.detach() for m in group.values()]
             magnitude = stats[i].abs_sum / stats[i].count
@@ -534,7 +540,7 @@ def quantize_awq(
 
         samples = [torch.cat(st.sample) for st in stats]
         for i, s in chosen.items():
-            _divide_output(folds[i], s)
+            _divide_output(block, group_folds[i], s)
             for m in groups[i].values():
                 m.weight.data.mul_(s.to(m.weight.dtype))
             samples[i] = samples[i] / s
@@ -543,7 +549,8 @@ def quantize_awq(
             for (rel, linear), scheme in zip(group.items(), group_schemes, strict=True):
                 name = f"{prefix}.{rel}.weight"
                 w = linear.weight.detach()
-                if config.clip and not rel.endswith(_NOT_CLIPPED):
+                query_key = rel in layout.query_key if layout else rel.endswith(_QUERY_KEY_NAMES)
+                if config.clip and not query_key:
                     ratio = awq_search_clip(
                         w, x, scheme, n_grid=config.n_grid, max_shrink=config.max_shrink, name=name
                     )
@@ -552,6 +559,8 @@ def quantize_awq(
                 _round_in_place(linear, done[rel])
         return done, outputs
 
+    prefix, _ = _block_list(model, "AWQ")
+    layout = block_layout(model.config.to_dict(), prefix, purpose="AWQ's scaling folds and clipping")
     return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store, device)
 
 

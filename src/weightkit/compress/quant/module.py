@@ -1,6 +1,7 @@
 """Which linear layers a quantization config selects, and swapping them for ``QuantizedLinear``."""
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from weightkit.compress.quant.config import WeightQuantFields
 from weightkit.errors import WeightkitError
@@ -17,6 +18,13 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
     Raises:
         WeightkitError: nothing selected, or a weight whose shape the grid cannot take (naming it).
     """
+    conv1d = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    if conv1d:
+        raise WeightkitError(
+            f"{conv1d[0]} (and {len(conv1d) - 1} more) is a transformers Conv1D layer (GPT-2 style), not a "
+            "Linear: compressed-tensors, and so transformers' loader, quantizes Linear layers only, so a "
+            "quantized Conv1D model could not be loaded back. weightkit does not quantize such models"
+        )
     linears = select_modules(model, targets=config.targets, ignore=config.ignore)
     if not linears:
         raise WeightkitError("no linear layer selected for quantization (check targets and ignore)")
