@@ -5,12 +5,22 @@ A cell of the matrix either works, checked by what a user relies on (the output 
 PEFT and computes what it should), or is refused with the reason the table states.
 """
 
+import warnings
+
 import pytest
 import torch
+from architectures import ARCHITECTURES, REFUSALS, RUN_DECOMPRESSED, expected
+from peft import PeftModel
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from weightkit import load
+from weightkit.adapt import LoRAConfig, adapt, save_adapter
 from weightkit.arch import block_layout, block_lists, folds, model_task
+from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig
+from weightkit.compress.stream import compress_checkpoint
 from weightkit.errors import WeightkitError
+from weightkit.models import load_model, model_auto_class
 from weightkit.testing import TINY_CONFIGS, save_tiny, tiny_model, tiny_tokenizer
 
 CALIBRATION = [
@@ -128,3 +138,174 @@ def test_unknown_architecture_works_without_a_layout_and_says_so():
         block_lists(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(WeightkitError, match="'nonesuch' is not a causal LM"):
         model_task({"model_type": "nonesuch"})
+
+
+# -- every verb on every architecture ------------------------------------------------------------------------
+
+
+def _refused(architecture: str, verb: str, run) -> bool:
+    """Run ``run()``; if the table says the verb refuses the architecture, check it does, with the reason."""
+    reason = expected(architecture, verb)
+    if reason == "yes":
+        run()
+        return False
+    with pytest.raises(WeightkitError, match=REFUSALS[reason]):
+        run()
+    return True
+
+
+def _tolerances(task: str) -> dict:
+    return {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_adapter_api_and_peft_agree(architecture, tmp_path, model_dir):
+    """adapt (the API) on every Linear, saved in PEFT's format: PEFT loads it onto the base with the same
+    outputs, and merge-adapter's streamed merge loads in transformers with those outputs too."""
+    from weightkit.adapt.merged_reader import merge_adapter_checkpoint
+
+    base = model_dir(architecture)
+    model, _, task = load_model(base)
+    adapt(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    adapted = _output(model, task)
+    save_adapter(model, tmp_path / "adapter", base_model=str(base))
+    peft_model = PeftModel.from_pretrained(load_model(base)[0], tmp_path / "adapter")
+    torch.testing.assert_close(_output(peft_model, task), adapted, **_tolerances(task))
+    assert not torch.allclose(_output(load_model(base)[0], task), adapted, atol=1e-3)
+
+    merge_adapter_checkpoint(base, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = model_auto_class(task).from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    torch.testing.assert_close(_output(merged, task), adapted, **_tolerances(task))
+
+
+def _transformers_load(path, architecture: str) -> nn.Module:
+    """A quantized output loaded by transformers; Falcon's and T5's weight initialisation in transformers 5
+    reads every Linear's .weight, which compressed-tensors' packed layers lack, so those load decompressed."""
+    from transformers import CompressedTensorsConfig
+
+    kwargs = {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    cls = model_auto_class(_task(architecture))
+    return cls.from_pretrained(
+        path, local_files_only=True, **(kwargs if architecture in RUN_DECOMPRESSED else {})
+    )
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_compress_rtn_loads_in_transformers(architecture, tmp_path, model_dir):
+    base = model_dir(architecture)
+    out = tmp_path / "rtn"
+    if _refused(
+        architecture,
+        "compress rtn",
+        lambda: compress_checkpoint(base, out, RTNConfig(bits=8, group_size=None), progress=False),
+    ):
+        return
+    task = _task(architecture)
+    ours = load(out)
+    theirs = _transformers_load(out, architecture)
+    original = _output(load_model(base)[0], task)
+    torch.testing.assert_close(_output(theirs, task), _output(ours, task), rtol=1e-4, atol=1e-4)
+    # 8-bit per-channel rounding: close to the original, but not equal to it.
+    error = (_output(ours, task) - original).norm() / original.norm()
+    assert 0 < error < 0.05, error
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_compress_calibrated_loads_in_transformers(architecture, method, tmp_path, model_dir):
+    base = model_dir(architecture)
+    out = tmp_path / method
+    # Few texts and (AWQ) a coarse grid: this checks each architecture's path, not the methods' quality.
+    if method == "gptq":
+        config = GPTQConfig(bits=4, group_size=16, calib_samples=8)
+    else:
+        config = AWQConfig(bits=4, group_size=16, calib_samples=8, n_grid=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few calibration tokens for the layers' widths: expected here
+        if _refused(
+            architecture,
+            "compress gptq/awq",
+            lambda: compress_checkpoint(base, out, config, data=CALIBRATION, progress=False),
+        ):
+            return
+    task = _task(architecture)
+    theirs = _transformers_load(out, architecture)
+    torch.testing.assert_close(_output(theirs, task), _output(load(out), task), rtol=1e-4, atol=1e-4)
+    original = _output(load_model(base)[0], task)
+    error = (_output(theirs, task) - original).norm() / original.norm()
+    assert 0 < error < 0.5, error
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_merge_and_extract_lora(architecture, tmp_path, model_dir):
+    """A linear merge of two seeds is their average, loaded by transformers; a LoRA extracted from a
+    fine-tune whose every linear weight moved by a rank-2 change, loaded by PEFT onto the base, computes
+    the fine-tune's outputs."""
+    from weightkit.merge import LinearConfig, merge
+    from weightkit.merge.extract_lora import extract_lora
+
+    a, b = model_dir(architecture, 0), model_dir(architecture, 1)
+    task = _task(architecture)
+    merge(None, [a, b], LinearConfig(), tmp_path / "merged", progress=False)
+    merged = model_auto_class(task).from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    first, second = load_model(a)[0], load_model(b)[0]
+    for (name, p), q in zip(first.named_parameters(), second.parameters(), strict=True):
+        torch.testing.assert_close(merged.get_parameter(name), (p + q) / 2, rtol=0, atol=1e-6)
+
+    finetune, generator = load_model(a)[0], torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in finetune.modules():  # not the output layer: it may be the (tied) embeddings
+            if isinstance(module, nn.Linear | Conv1D) and module is not finetune.get_output_embeddings():
+                rows, cols = module.weight.shape
+                change = torch.randn(rows, 2, generator=generator) @ torch.randn(2, cols, generator=generator)
+                module.weight.add_(change * 0.05)
+    finetune.save_pretrained(tmp_path / "finetune")
+    summary = extract_lora(a, tmp_path / "finetune", tmp_path / "lora", rank=2, progress=False)
+    assert summary["modules"] and summary["max_relative_error"] < 1e-4
+    peft_model = PeftModel.from_pretrained(load_model(a)[0], tmp_path / "lora")
+    torch.testing.assert_close(_output(peft_model, task), _output(finetune, task), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_eval(architecture, model_dir):
+    from weightkit.eval import evaluate
+
+    model, tokenizer, task = load_model(model_dir(architecture))
+    texts = CALIBRATION[:2]
+    if _refused(architecture, "eval", lambda: evaluate(model, tokenizer, task, texts, reference=model)):
+        return
+    metrics = evaluate(model, tokenizer, task, texts, reference=model)
+    if task == "causal-lm":  # perplexity = exp(mean token loss), as transformers computes the loss
+        nll = [model(**(b := tokenizer(t, return_tensors="pt")), labels=b["input_ids"]).loss for t in texts]
+        counts = [len(tokenizer(t)["input_ids"]) - 1 for t in texts]
+        mean = sum(float(n) * c for n, c in zip(nll, counts, strict=True)) / sum(counts)
+        assert metrics["perplexity"] == pytest.approx(torch.tensor(mean).exp().item(), rel=1e-4)
+    else:  # a model against itself: identical embeddings; against another seed: not
+        assert metrics["embedding_fidelity"] == pytest.approx(1.0, abs=1e-6)
+        other = load_model(model_dir(architecture, 1))[0]
+        assert evaluate(model, tokenizer, task, texts, reference=other)["embedding_fidelity"] < 0.99
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fisher(architecture, tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from weightkit.merge.fisher_compute import fisher_checkpoint
+
+    out = tmp_path / "fisher.safetensors"
+
+    def run():
+        fisher_checkpoint(model_dir(architecture), None, out, samples=2, max_length=16, progress=False)
+
+    if _refused(architecture, "fisher", run):
+        return
+    fisher = load_file(out)
+    weights = load_file(model_dir(architecture) / "model.safetensors")
+    assert fisher and set(fisher) <= set(weights)
+    assert all(f.shape == weights[n].shape and (f >= 0).all() for n, f in fisher.items())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0

@@ -160,33 +160,78 @@ def skeleton(path: str | os.PathLike, model_cls, dtype: torch.dtype | None = Non
         return build(hf_config, **kwargs).eval()
 
 
+def _transformers_renames(model: nn.Module, ckpt_names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """How transformers renames checkpoint tensors when it loads them into ``model``: ``({checkpoint name:
+    renamed}, [checkpoint names it merges into a fused tensor])``.
+
+    transformers 5 loads some architectures under other names than their checkpoints hold (ViT's
+    ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj``, GPT-NeoX's ``embed_out``
+    is ``lm_head``, old ``LayerNorm.gamma`` is ``.weight``), and merges some tensors (Mixtral's experts
+    into one 3-D parameter); its conversion mapping for the model says which.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renames, fused = {}, []
+    for name in ckpt_names:
+        renamed, merged_by = rename_source_key(name, renamings, converters)
+        if merged_by is not None:
+            fused.append(name)
+        elif renamed != name:
+            renames[name] = renamed
+    return renames, fused
+
+
 class CheckpointNames:
-    """Maps checkpoint tensor names to model names when they differ by the base-model prefix.
+    """Maps checkpoint tensor names to model names: transformers' renamings for the architecture, and the
+    base-model prefix.
 
     A checkpoint saved from ``BertForMaskedLM`` names tensors ``bert.encoder...`` while ``BertModel``
-    names them ``encoder...`` (and the other way round), as transformers' own loader allows.
+    names them ``encoder...`` (and the other way round), as transformers' own loader allows. Tensors that
+    transformers merges on load (``fused``, e.g. Mixtral's experts) have no one-to-one model name: callers
+    that need them refuse the checkpoint.
     """
 
     def __init__(self, model: nn.Module, ckpt_names: list[str]):
+        self._renames, self.fused = _transformers_renames(model, ckpt_names)
+        renamed = [self._renames.get(n, n) for n in ckpt_names]
         expected = set(model.state_dict())
         prefix = getattr(model, "base_model_prefix", "")
         self.strip = self.add = ""
-        if prefix and not any(n in expected for n in ckpt_names):
+        if prefix and not any(n in expected for n in renamed):
             dotted = prefix + "."
-            if any(n.removeprefix(dotted) in expected for n in ckpt_names if n.startswith(dotted)):
+            if any(n.removeprefix(dotted) in expected for n in renamed if n.startswith(dotted)):
                 self.strip = dotted
-            elif any(dotted + n in expected for n in ckpt_names):
+            elif any(dotted + n in expected for n in renamed):
                 self.add = dotted
+        self._ckpt = {self.to_model(n): n for n in self._renames}
 
     def to_model(self, name: str) -> str:
+        name = self._renames.get(name, name)
         if self.strip and name.startswith(self.strip):
             return name[len(self.strip) :]
         return self.add + name if self.add and not name.startswith(self.add) else name
 
     def to_ckpt(self, name: str) -> str:
+        if name in self._ckpt:
+            return self._ckpt[name]
         if self.add and name.startswith(self.add):
             return name[len(self.add) :]
         return self.strip + name
+
+    def refuse_fused(self, path) -> None:
+        """Refuse a checkpoint with tensors transformers merges on load (they have no one-to-one name)."""
+        if self.fused:
+            raise WeightkitError(
+                f"{path}: transformers merges {self.fused[0]} (and {len(self.fused) - 1} more) with other "
+                "checkpoint tensors into one fused parameter when it loads this architecture (e.g. a "
+                "mixture of experts' expert weights); weightkit cannot map them one to one, so it does not "
+                "load or compress such a checkpoint tensor by tensor (merge, extract-lora, adapt and eval "
+                "work on it)"
+            )
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -325,6 +370,7 @@ def load_quantized(
 def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
     model = skeleton(path, model_cls, dtype)
     names = CheckpointNames(model, reader.names())
+    names.refuse_fused(path)
     packed_modules = {
         names.to_model(n.removesuffix(".weight_packed"))
         for n in reader.names()

@@ -103,14 +103,18 @@ def test_a_model_plus_adapter_reference_merges_as_the_merged_model_does(tmp_path
         torch.testing.assert_close(outputs["lora"][key], tensor, rtol=0, atol=1e-7, msg=key)
 
 
-def test_a_fan_in_fan_out_adapter_is_refused_by_name(tmp_path):
-    # Which of a GPT-2's weights are stored in x out is the model's layers' to say; the reader has no model.
+def test_a_gpt2_fan_in_fan_out_adapter_merges_as_pefts_merge_and_unload(tmp_path):
+    # GPT-2's Conv1D weights are stored in x out: the reader learns which from the model's layers.
     from weightkit.testing import tiny_gpt2
 
     base = save_tiny(tiny_gpt2(seed=0), tmp_path / "base")
-    adapter = _trained_adapter(tiny_gpt2(seed=0), LoraConfig(r=2, target_modules=["c_attn"]), tmp_path / "a")
-    with pytest.raises(WeightkitError, match="fan_in_fan_out adapters .* are not supported in model\\+lora"):
-        LoRAMergedReader(base, adapter)
+    config = LoraConfig(r=2, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    adapter = _trained_adapter(tiny_gpt2(seed=0), config, tmp_path / "a")
+    expected = PeftModel.from_pretrained(tiny_gpt2(seed=0), adapter).merge_and_unload().state_dict()
+    with LoRAMergedReader(base, adapter) as reader:
+        assert len(reader.changed_names()) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks
+        for name in reader.names():
+            torch.testing.assert_close(reader.get(name), expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("tied", [False, True])

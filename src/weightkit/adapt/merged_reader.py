@@ -79,11 +79,10 @@ class LoRAMergedReader(CheckpointReader):
                 if key.endswith("." + suffix):
                     self._factors.setdefault(key.removesuffix("." + suffix), {})[suffix] = tensor
         self._config = lora_config_from_peft(saved, sorted(self._factors), self.adapter_dir)
-        if saved.get("fan_in_fan_out"):  # which weights are stored in x out needs the model's layers
-            raise WeightkitError(
-                f"{self.adapter_dir}: fan_in_fan_out adapters (GPT-2's Conv1D layers) are not supported in "
-                "model+lora references; load it with weightkit.load and save the merged model to merge it"
-            )
+        self._transposed: set[str] = set()  # modules stored in x out (GPT-2's Conv1D)
+        self._model_name: dict[str, str] = {}  # checkpoint module name -> the model's, where they differ
+        if saved.get("fan_in_fan_out") or any(f"{m}.weight" not in self for m in self._factors):
+            self._match_model_names()
         # An unconverted PiSSA/OLoRA adapter's base is a residual re-derived from the model: not done here.
         if self._config.init != "kaiming":
             raise WeightkitError(
@@ -101,6 +100,35 @@ class LoRAMergedReader(CheckpointReader):
             raise WeightkitError(
                 f"{self.adapter_dir}: the adapter adapts {missing[0]}, which {path} does not have"
             )
+
+    def _match_model_names(self) -> None:
+        """Re-key the adapter by checkpoint names where the model's names differ (transformers renames some
+        architectures' tensors on load, e.g. ViT's), and note which layers are GPT-2 ``Conv1D`` (weights
+        stored ``in x out``, PEFT's ``fan_in_fan_out``). Both need the model's modules, built on the meta
+        device."""
+        from transformers.pytorch_utils import Conv1D
+
+        from weightkit.arch import model_task
+        from weightkit.models import CheckpointNames, model_auto_class, skeleton
+
+        if self.config is None:
+            raise WeightkitError(f"{self.directory} has no config.json, needed to place the adapter's layers")
+        model = skeleton(self.directory, model_auto_class(model_task(self.config)))
+        modules = dict(model.named_modules())
+        names = CheckpointNames(model, self.names())
+        factors = {}
+        for module, tensors in self._factors.items():
+            if module not in modules:
+                raise WeightkitError(
+                    f"{self.adapter_dir}: the adapter adapts {module}.weight, which {self.path} does not have"
+                )
+            in_ckpt = names.to_ckpt(f"{module}.weight").removesuffix(".weight")
+            factors[in_ckpt] = tensors
+            self._model_name[in_ckpt] = module
+            if isinstance(modules[module], Conv1D):
+                self._transposed.add(in_ckpt)
+        self._factors = factors
+        self._replaced = {names.to_ckpt(n.replace(".base_layer.", ".")): t for n, t in self._replaced.items()}
 
     def changed_names(self) -> set[str]:
         """The checkpoint tensors the adapter changes (weights it adapts or replaces, biases it trains)."""
@@ -129,13 +157,16 @@ class LoRAMergedReader(CheckpointReader):
         factors = self._factors.get(module)
         if factors is None or kind not in ("weight", "bias"):
             return tensor
+        model_module = self._model_name.get(module, module)
         if kind == "bias":
             lora_bias = factors.get("lora_B.bias")
             if lora_bias is None:
                 return tensor
-            merged = tensor.float() + lora_bias.float() * self._config.scaling_for(module)
+            merged = tensor.float() + lora_bias.float() * self._config.scaling_for(model_module)
+        elif module in self._transposed:
+            merged = _merged_weight(tensor.float().T, factors, self._config, model_module).T
         else:
-            merged = _merged_weight(tensor.float(), factors, self._config, module)
+            merged = _merged_weight(tensor.float(), factors, self._config, model_module)
         return merged.to(self.dtype(name)).to(tensor.dtype)
 
 

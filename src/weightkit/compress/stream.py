@@ -37,6 +37,7 @@ class _StreamedModel:
     def __init__(self, model: nn.Module, reader: CheckpointReader, writer: CheckpointWriter):
         self.model, self.reader, self.writer = model, reader, writer
         self.names = CheckpointNames(model, reader.names())
+        self.names.refuse_fused(reader.path)
 
     def read(self, model_name: str) -> torch.Tensor | None:
         ckpt_name = self.names.to_ckpt(model_name)

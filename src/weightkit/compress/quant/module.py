@@ -1,5 +1,7 @@
 """Which linear layers a quantization config selects, and swapping them for ``QuantizedLinear``."""
 
+import warnings
+
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -26,6 +28,18 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
             "quantized Conv1D model could not be loaded back. weightkit does not quantize such models"
         )
     linears = select_modules(model, targets=config.targets, ignore=config.ignore)
+    # transformers keeps these in float32 and its model code reads their .weight (T5's "wo"): quantized,
+    # the model would not run.
+    kept = getattr(model, "_keep_in_fp32_modules", None) or []
+    fp32 = [name for name in linears if set(name.split(".")) & set(kept)]
+    if fp32:
+        warnings.warn(
+            f"{type(model).__name__} keeps {', '.join(kept)} in float32 (transformers' "
+            f"_keep_in_fp32_modules) and its code reads their weights: {len(fp32)} layer(s) such as "
+            f"{fp32[0]} are not quantized",
+            stacklevel=3,
+        )
+        linears = {name: m for name, m in linears.items() if name not in fp32}
     if not linears:
         raise WeightkitError("no linear layer selected for quantization (check targets and ignore)")
     for name, linear in linears.items():
