@@ -405,7 +405,23 @@ def peft_interop() -> str:
     return _table(header, rows)
 
 
+def architectures() -> str:
+    """The architectures x verbs matrix of ``tests/test_architectures.py`` (cases in
+    ``tests/architectures.py``): a "yes" is a test that fails unless the output loads and computes what it
+    should, a refusal a test that fails unless the verb refuses with that reason."""
+    cases = _from_tests("tests/architectures.py")
+    rows = []
+    for arch in cases.ARCHITECTURES:
+        cells = [cases.expected(arch, verb).removeprefix("refused: ") for verb in cases.VERBS]
+        if arch in cases.RUN_DECOMPRESSED:
+            cells = [c + " (transformers: `run_compressed=False`)" if v.startswith("compress") and c == "yes"
+                     else c for c, v in zip(cells, cases.VERBS, strict=True)]  # fmt: skip
+        rows.append([f"`{arch}`", *cells])
+    return _table(["model_type", *cases.VERBS], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
+    "architectures": architectures,
     "peft-interop": peft_interop,
     "mergekit-features": mergekit_features,
     "merge-parity": merge_parity,

@@ -34,12 +34,13 @@ VERBS = (
     "fisher",
 )
 
-_CONV1D = "refused: GPT-2's Conv1D layers are not Linear layers, which compressed-tensors quantizes"
-_FUSED = "refused: transformers 5 fuses the experts on load, not yet mapped tensor by tensor"
-_TWO_LISTS = "refused: two lists of blocks (encoder, decoder); use rtn"
-_IMAGES = "refused: calibration is on text; use rtn"
-_NOT_LM = "refused: needs an output distribution over tokens (causal LMs)"
-_NOT_EVAL = "refused: eval measures causal LMs and text encoders"
+_CONV1D = "refused: Conv1D layers (compressed-tensors quantizes Linear)"
+_FUSED = "refused: experts fused by transformers 5 on load"
+_TWO_LISTS = "refused: encoder + decoder blocks; use rtn"
+_IMAGES = "refused: calibrates on text; use rtn"
+_NOT_LM = "refused: needs a causal LM"
+_NOT_EVAL = "refused: causal LMs and text encoders only"
+_NOT_TRAINED = "refused: trains text models (use the API)"
 
 # Words the error message of each refusal contains.
 REFUSALS = {
@@ -49,6 +50,7 @@ REFUSALS = {
     _IMAGES: "calibrates on text",
     _NOT_LM: "only causal LMs",
     _NOT_EVAL: "cannot evaluate",
+    _NOT_TRAINED: "weightkit adapt trains causal LMs on text",
 }
 
 # Quantized outputs transformers 5 loads only decompressed (CompressedTensorsConfig(run_compressed=False)):
@@ -69,4 +71,6 @@ def expected(architecture: str, verb: str) -> str:
         return _NOT_LM
     if verb == "eval" and task in ("seq2seq", "vision"):
         return _NOT_EVAL
+    if verb == "adapt (train)" and task in ("seq2seq", "vision"):
+        return _NOT_TRAINED
     return "yes"

@@ -136,8 +136,9 @@ def add_parsers(sub) -> None:
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ)",
         description=(
-            "Quantize the linear layers of a Hugging Face model (Llama-architecture causal LMs, BERT-style "
-            "encoders) and save a compressed-tensors checkpoint that transformers loads. Embeddings, "
+            "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
+            "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
+            "Embeddings, "
             "lm_head and norms stay in full precision."
         ),
         epilog=(

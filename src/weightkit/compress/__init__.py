@@ -29,7 +29,7 @@ def compress(
     """Compress ``model`` in place with the method ``config`` names, and return it.
 
     Args:
-        model: a Hugging Face ``transformers`` model (Llama-architecture decoders, BERT-style encoders).
+        model: a Hugging Face ``transformers`` model (see :mod:`weightkit.arch`).
         config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``.
         data: calibration data for GPTQ/AWQ: ``None`` (docstrings of Python's standard library), a
             text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.

@@ -333,7 +333,7 @@ def fisher_checkpoint(
     ``examples`` in the metadata). Tensor names are those of the checkpoint's safetensors files.
 
     Args:
-        model_dir: a local Hugging Face model directory (a Llama-style causal LM with a tokenizer).
+        model_dir: a local Hugging Face model directory (a causal LM with a tokenizer).
         data: a ``.txt``/``.jsonl``/``.json`` text file, or ``None`` for the standard-library docstrings.
         out_path: the ``.safetensors`` file to write.
         samples: how many texts.
