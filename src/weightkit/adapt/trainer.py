@@ -130,8 +130,8 @@ def finetune(
     """Load a Hugging Face model directory, add the adapter ``adapter_config`` describes, train it on ``data``
     and save it to ``out_dir`` in PEFT's format: the whole of ``weightkit adapt``.
 
-    Causal LMs (any transformers knows, GPT-2's ``Conv1D`` layers too) train on the causal-LM loss of the texts
-    (default: docstrings of Python's standard library).
+    Causal LMs (any transformers knows, GPT-2's ``Conv1D`` layers too) train on the causal-LM loss of the
+    texts (default: docstrings of Python's standard library).
     Encoders need a ``.jsonl``/``.json`` file whose records have ``text`` and ``label``: a classification head
     (``AutoModelForSequenceClassification``) is trained with the adapter and saved with it; the label names
     go to ``out_dir/labels.json``.
