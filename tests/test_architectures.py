@@ -340,3 +340,22 @@ def test_adapt_trains(architecture, tmp_path, model_dir):
             trained, _output(load(base, adapter=out), "causal-lm"), rtol=1e-4, atol=1e-4
         )
         assert not torch.allclose(trained, _output(load_model(base)[0], "causal-lm"), atol=1e-4)
+
+
+def test_a_model_type_without_a_layout_is_compressed_block_by_block_with_a_warning(tmp_path):
+    """GPT-J has no layout in weightkit.arch: its blocks are found in the model, AWQ says it only clips,
+    and the output loads in transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gptj", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=128, n_positions=64, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = save_tiny(AutoModelForCausalLM.from_config(config), tmp_path / "gptj", tiny_tokenizer(128))
+    awq = AWQConfig(bits=4, group_size=16, calib_samples=8, n_grid=4)
+    with pytest.warns(UserWarning, match="no layer layout for model_type 'gptj'"):
+        compress_checkpoint(base, tmp_path / "awq", awq, data=CALIBRATION, progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "awq", local_files_only=True)
+    torch.testing.assert_close(_output(theirs, "causal-lm"), _output(load(tmp_path / "awq"), "causal-lm"))
+    assert sum(type(m).__name__ == "QuantizedLinear" for m in load(tmp_path / "awq").modules()) == 2 * 6
