@@ -535,7 +535,8 @@ def test_adapt_refuses_an_output_it_cannot_write_before_training(tmp_path, capsy
 
 def test_eval_prints_its_result_on_stdout(capsys, llama_dir, text_file):
     code, out, err = run(capsys, "eval", llama_dir, "--data", text_file, "--device", "cpu")
-    assert code == 0 and "perplexity" in out and "perplexity" not in err
+    assert code == 0 and "│ perplexity │" in out  # the result table on stdout
+    assert "│" not in err and "perplexity ━" in err  # the progress bar on stderr, no table
 
 
 def test_eval_refuses_a_reference_for_a_causal_lm(tmp_path, capsys, llama_dir, text_file):

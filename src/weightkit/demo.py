@@ -78,7 +78,9 @@ def run_demo(
                     "config": config_to_dict(config),
                     "seconds": round(seconds, 2),
                     "size_bytes": size,
-                    "embedding_fidelity": round(embedding_fidelity(reference, model, tokenizer, held_out), 5),
+                    "embedding_fidelity": round(
+                        embedding_fidelity(reference, model, tokenizer, held_out, progress=not quiet), 5
+                    ),
                 }
             )
             models[name] = model

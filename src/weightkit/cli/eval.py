@@ -40,7 +40,9 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                 "embedding fidelity of an encoder needs --reference FULL_PRECISION_MODEL_DIR"
             )
         reference, _, _ = load_model(args.reference, allow_pickle=args.allow_pickle)
-    metrics = evaluate(model, tokenizer, kind, texts, reference=reference, device=device)
+    metrics = evaluate(
+        model, tokenizer, kind, texts, reference=reference, device=device, progress=not args.json
+    )
     result = {"model": str(args.model), "adapter": args.adapter, "kind": kind, "texts": len(texts)}
     result.update({"device": str(device), **metrics})
     if not args.json:

@@ -38,7 +38,7 @@ def evaluate(
         kind: ``"causal-lm"`` (perplexity) or ``"encoder"`` (embedding fidelity against ``reference``).
         texts: The evaluation passages (e.g. ``weightkit.data.stdlib_docstrings("eval")``).
         reference: The original encoder; required for ``"encoder"``, ignored for ``"causal-lm"``.
-        progress: Show a progress bar (perplexity only).
+        progress: Show progress bars.
         device: Move ``model`` (and ``reference``) there first (in place); ``None`` runs them where they are.
 
     Returns:
@@ -61,7 +61,9 @@ def evaluate(
             raise WeightkitError(
                 "embedding fidelity of an encoder needs a reference model (the original) to compare against"
             )
-        return {"embedding_fidelity": embedding_fidelity(reference, model, tokenizer, texts)}
+        return {
+            "embedding_fidelity": embedding_fidelity(reference, model, tokenizer, texts, progress=progress)
+        }
     raise WeightkitError(
         f"cannot evaluate a {kind!r} model: evaluation measures causal LMs (perplexity) and text encoders "
         "(embedding fidelity)"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from weightkit.data import tokenize_batches
 from weightkit.eval._runtime import eval_mode, model_device
+from weightkit.progress import track
 
 __all__ = ["mean_pool", "sentence_embeddings", "embedding_fidelity"]
 
@@ -44,6 +45,7 @@ def sentence_embeddings(
     *,
     batch_size: int = 32,
     max_length: int = 256,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Sentence embeddings the way sentence-transformers' all-MiniLM-L6-v2 computes them.
 
@@ -58,6 +60,7 @@ def sentence_embeddings(
         texts: The sentences or passages.
         batch_size: Texts per forward pass.
         max_length: Most tokens per text.
+        progress: Show a progress bar over batches, with this label (``None``: none).
 
     Returns:
         ``[len(texts), hidden_size]`` float32 on the CPU, rows of unit length.
@@ -66,7 +69,8 @@ def sentence_embeddings(
     device = model_device(model)
     rows = []
     with eval_mode(model):
-        for batch in tokenize_batches(tokenizer, stripped, max_length=max_length, batch_size=batch_size):
+        batches = tokenize_batches(tokenizer, stripped, max_length=max_length, batch_size=batch_size)
+        for batch in track(batches, progress or "", enabled=progress is not None):
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             pooled = mean_pool(_last_hidden_state(model, batch), batch["attention_mask"])
             rows.append(F.normalize(pooled, p=2, dim=1).cpu())
@@ -80,6 +84,8 @@ def embedding_fidelity(
     model: torch.nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
+    *,
+    progress: bool = False,
     **kwargs: Any,
 ) -> float:
     """Mean cosine similarity of two encoders' sentence embeddings of the same texts.
@@ -92,12 +98,14 @@ def embedding_fidelity(
         model: The changed encoder (same tokenizer).
         tokenizer: The shared tokenizer.
         texts: The evaluation passages.
+        progress: Show progress bars (one per model).
         **kwargs: ``batch_size`` / ``max_length``, passed to :func:`sentence_embeddings`.
 
     Returns:
         The mean cosine similarity, in [-1, 1].
     """
-    reference = sentence_embeddings(reference_model, tokenizer, texts, **kwargs)
-    candidate = sentence_embeddings(model, tokenizer, texts, **kwargs)
+    labels = ("reference embeddings", "embeddings") if progress else (None, None)
+    reference = sentence_embeddings(reference_model, tokenizer, texts, progress=labels[0], **kwargs)
+    candidate = sentence_embeddings(model, tokenizer, texts, progress=labels[1], **kwargs)
     # Rows are unit length, so the row-wise dot product is the cosine.
     return float((reference * candidate).sum(dim=1).mean())

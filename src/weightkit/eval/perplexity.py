@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import track
 
 from weightkit.data import tokenize_batches
 from weightkit.errors import WeightkitError
 from weightkit.eval._runtime import eval_mode, model_device
+from weightkit.progress import track
 
 __all__ = ["token_nll", "perplexity"]
 
@@ -76,7 +76,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     with eval_mode(model):
-        for batch in track(batches, description="perplexity", disable=not progress):
+        for batch in track(batches, "perplexity", enabled=progress):
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
