@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from weightkit.adapt.layer import trainable_parameters
-from weightkit.adapt.peft_format import save_adapter
+from weightkit.adapt.peft_format import LABELS_FILE, save_adapter
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
 from weightkit.runtime.device import resolve_device
@@ -37,6 +37,9 @@ from weightkit.runtime.training import (
 )
 
 __all__ = ["train_adapter", "finetune"]
+
+# The names PEFT gives a sequence classifier's head (PeftModelForSequenceClassification's modules_to_save).
+_CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def train_adapter(
@@ -70,7 +73,7 @@ def train_adapter(
         schedule: a method's training-time part (IncreLoRA's :class:`IncreLoRAController`): its
             ``regularization()`` is added to the loss and its ``step()`` runs after every optimizer step.
         extra_json: more files for the adapter directory (and every checkpoint), ``{file name: JSON value}``,
-            written with the adapter before it is published (``{"labels.json": [...]}``).
+            written with the adapter before it is published (a classifier's ``labels.json``).
         device: where to train; ``None`` trains where the model is. Under torchrun, this process's device.
         overwrite: replace an existing ``out_dir``.
 
@@ -133,8 +136,18 @@ def finetune(
     Decoders (Llama-style, and GPT-2's with ``Conv1D`` layers) train on the causal-LM loss of the texts
     (default: docstrings of Python's standard library).
     Encoders need a ``.jsonl``/``.json`` file whose records have ``text`` and ``label``: a classification head
-    (``AutoModelForSequenceClassification``) is trained with the adapter and saved with it; the label names
-    go to ``out_dir/labels.json``.
+    (``AutoModelForSequenceClassification``, class ids in sorted label order, the names in the model's
+    ``config.id2label``) is trained with the adapter and saved with it, as PEFT saves a ``SEQ_CLS`` adapter
+    (``task_type: SEQ_CLS``, the head in ``modules_to_save``, ``base_model_name_or_path`` the model
+    directory's absolute path); the label names go to ``out_dir/labels.json``. ``weightkit.load(model_dir,
+    adapter=out_dir)`` gives the trained classifier with its label names. PEFT's
+    ``AutoPeftModelForSequenceClassification.from_pretrained(out_dir)`` builds the base from
+    ``base_model_name_or_path`` alone, with the base config's labels (two by default): nothing in the adapter
+    directory can give it the number of labels (peft 0.21, transformers 5; a ``config.json`` there would make
+    transformers take the directory for a complete model), so pass the labels, both ways (transformers 5
+    keeps the default ``label2id`` when given ``id2label`` alone): with ``names = json.load(open(out_dir /
+    "labels.json"))``, ``from_pretrained(out_dir, id2label=dict(enumerate(names)), label2id={n: i for i, n
+    in enumerate(names)})``.
 
     The model moves to ``device`` (default: the GPU when there is one, ``cuda:LOCAL_RANK`` under torchrun)
     before the adapter is added, so data-driven initialisations (EVA, LoRA-SB, the SVDs of PiSSA, LoRA-XS
@@ -152,7 +165,8 @@ def finetune(
     from weightkit.data import stdlib_docstrings
     from weightkit.models import load_kind, load_model, load_tokenizer
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # Absolute: the saved adapter's base_model_name_or_path, which PEFT's AutoPeftModel loads from any cwd.
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_target(out_dir, overwrite=overwrite)  # before training, not when saving after it
     device = resolve_device(device)
     texts, labels = load_examples(data) if data is not None else (stdlib_docstrings("calib"), None)
@@ -179,10 +193,15 @@ def finetune(
         labels = [ids[str(v)] for v in labels]
         eval_labels = [ids[str(v)] for v in eval_labels] if eval_labels is not None else None
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(label_names), local_files_only=True
+            model_dir, id2label=dict(enumerate(label_names)), label2id=ids, local_files_only=True
         )
         tokenizer = load_tokenizer(model_dir)
-        head, extra_json = ["classifier"], {"labels.json": label_names}
+        head = [n for n in _CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+        if not head:  # PEFT would neither train nor save another head
+            raise WeightkitError(
+                f"{type(model).__name__} has no classification head named {' or '.join(_CLASSIFIER_HEADS)}"
+            )
+        extra_json = {LABELS_FILE: label_names}
     if tokenizer is None:
         raise WeightkitError(f"{model_dir} has no tokenizer files; training needs the model's tokenizer")
     model.to(device)
