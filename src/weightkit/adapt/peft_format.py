@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
@@ -60,7 +61,8 @@ _EMBEDDING_TABLE = ".base_layer.weight"
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
-    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None, overwrite: bool = False,
+    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None,
+    extra_tensors: dict[str, dict[str, Tensor]] | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
@@ -74,6 +76,8 @@ def save_adapter(
             whole as PEFT's ``modules_to_save``.
         extra_json: more files for the directory, ``{file name: JSON value}`` (a classifier's
             ``labels.json``), written with the adapter before the directory is published.
+        extra_tensors: more safetensors files for the directory, ``{file name: {name: tensor}}`` (a training
+            checkpoint's optimizer state), written likewise.
         overwrite: replace an existing ``out_dir``.
     """
     configs = adapter_configs(model)
@@ -81,10 +85,10 @@ def save_adapter(
         raise WeightkitError(
             f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
         )
-    extra_json = dict(extra_json or {})
-    taken = {"adapter_config.json", PEFT_ADAPTER_WEIGHTS} & set(extra_json)
+    extra_json, extra_tensors = dict(extra_json or {}), dict(extra_tensors or {})
+    taken = {"adapter_config.json", PEFT_ADAPTER_WEIGHTS} & (set(extra_json) | set(extra_tensors))
     if taken:
-        raise WeightkitError(f"extra_json cannot replace the adapter's own {', '.join(sorted(taken))}")
+        raise WeightkitError(f"extra files cannot replace the adapter's own {', '.join(sorted(taken))}")
     config = configs[name]
     targets = sorted(n for n, layer in adapter_layers(model).items() if name in layer.adapter_names())
     if isinstance(config, LoRAConfig):
@@ -115,6 +119,9 @@ def save_adapter(
         writer.write_json("adapter_config.json", settings)
         for file_name, value in extra_json.items():
             writer.write_json(file_name, value)
+        for file_name, file_tensors in extra_tensors.items():
+            contiguous = {key: t.detach().cpu().contiguous() for key, t in file_tensors.items()}
+            save_file(contiguous, writer.path / file_name)
     return Path(out_dir)
 
 
