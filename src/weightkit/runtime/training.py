@@ -411,8 +411,8 @@ def train_loop(
                 raise
             save(checkpoints / INTERRUPTED)
             raise KeyboardInterrupt(
-                f"training stopped after step {step} of {total_steps}; the state is saved in "
-                f"{checkpoints / INTERRUPTED}: run again with --resume (resume=True) to continue"
+                f"training stopped after step {step} of {total_steps}; what it trained so far is saved in "
+                f"{checkpoints / INTERRUPTED}: run the same command with --resume (resume=True) to continue"
             ) from None
     final = evaluate(model, eval_batches, classification=classification) if eval_batches else {}
     history.append({"step": step, **final})
@@ -434,7 +434,8 @@ def _run_settings(config, world, device, texts, labels, settings) -> dict[str, A
     """Everything a resumed run must share with the checkpoint, as read back from JSON."""
     examples = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
     values = {
-        **{k: v for k, v in dataclasses.asdict(config).items() if k != "save_every"},  # save_every: when only
+        # save_every only decides when checkpoints are written: a resumed run may change it.
+        **{k: v for k, v in dataclasses.asdict(config).items() if k != "save_every"},
         "processes": world,
         "device": device.type,
         "training examples (sha256)": examples,
