@@ -35,7 +35,9 @@ def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
     """Load the model of a Hugging Face directory, offline, in eval mode, with an adapter applied.
 
     The class is the one named in ``config.json``'s ``architectures`` (a ``BertForMaskedLM`` comes back
-    as one); a compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear`` layers.
+    as one); a compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear`` layers. With
+    a classifier's adapter (PEFT's ``SEQ_CLS``, what ``weightkit adapt`` trains on an encoder) the model is
+    the sequence classifier it was trained as, with its head and ``config.id2label``.
 
     Args:
         path: the model directory.
@@ -47,14 +49,13 @@ def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
         WeightkitError: no config.json, missing or corrupt weights, refused pickle, a quantized format
             weightkit cannot represent, or an adapter that does not fit the model.
     """
-    from weightkit.models import load as load_model
+    if adapter is None:
+        from weightkit.models import load as load_model
 
-    model = load_model(path, dtype=dtype, allow_pickle=allow_pickle)
-    if adapter is not None:
-        from weightkit.adapt import load_adapter
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+    from weightkit.adapt.peft_format import load_adapter, load_base
 
-        load_adapter(model, adapter)
-    return model
+    return load_adapter(load_base(path, adapter, dtype=dtype, allow_pickle=allow_pickle), adapter)
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from weightkit.adapt import LoRAConfig, adapt, load_adapter
-from weightkit.adapt.trainer import train_adapter
+from weightkit.adapt.trainer import finetune, train_adapter
 from weightkit.cli import main
 from weightkit.errors import WeightkitError
 from weightkit.registry import config_from_dict
@@ -107,6 +107,50 @@ def test_cli_trains_an_encoder_classifier(tmp_path, capsys, monkeypatch):
     assert published[-1] == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["classifier"]
+
+
+def test_a_trained_classifier_loads_with_its_head_and_labels_in_peft_and_weightkit(tmp_path, monkeypatch):
+    from peft import AutoPeftModelForSequenceClassification
+
+    import weightkit
+    import weightkit.adapt.trainer as trainer
+
+    model_dir = save_tiny(tiny_bert(seed=0), tmp_path / "bert", tiny_tokenizer(kind="encoder"))
+    words = {"fruit": "apple", "water": "river", "rock": "stone"}
+    rows = [{"text": f"{words[label]} is here {i}", "label": label} for i in range(30) for label in words]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    trained, real_save = {}, trainer.save_adapter
+
+    def keep(model, *args, **kwargs):  # the trained model, as it is saved at the end
+        trained["model"] = model
+        return real_save(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_adapter", keep)
+    config = TrainConfig(max_steps=4, batch_size=8, lr=1e-2)
+    finetune(model_dir, LoRAConfig(rank=4), tmp_path / "out", config, data=data, progress=False)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["classifier"]
+    assert saved["base_model_name_or_path"] == str(model_dir.resolve())
+    names = json.loads((tmp_path / "out" / "labels.json").read_text())
+    id2label = {0: "fruit", 1: "rock", 2: "water"}  # class ids in sorted label order
+    assert dict(enumerate(names)) == id2label
+    texts = ["apple is here", "a river and a stone"]
+    batch = tiny_tokenizer(kind="encoder")(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = trained["model"].eval()(**batch).logits
+        peft = AutoPeftModelForSequenceClassification.from_pretrained(
+            tmp_path / "out", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        )
+        ours = weightkit.load(model_dir, adapter=tmp_path / "out")
+        assert expected.shape == (2, 3) and expected.std() > 1e-3  # a trained head, not a constant
+        for model in (peft, ours):
+            torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=1e-5)
+            assert model.config.id2label == id2label
+            assert model.config.label2id == {v: k for k, v in id2label.items()}
+    # Without the labels PEFT builds the base's default two-label head and refuses the three-label one.
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "out")
 
 
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_adapter(tmp_path):

@@ -44,7 +44,7 @@ def test_the_loop_trains_where_the_model_is(tmp_path):
     with pytest.raises(_Seen):
         train_loop(
             model, tiny_tokenizer(), TEXTS, None, TrainConfig(max_steps=1, batch_size=4),
-            params=[p for p in model.parameters() if p.requires_grad], save_checkpoint=lambda where: None,
+            params=[p for p in model.parameters() if p.requires_grad], save_checkpoint=lambda *_: None,
             checkpoints=tmp_path / "ckpt", progress=False,
         )  # fmt: skip
     assert seen["input"] == torch.device("meta")
@@ -60,7 +60,7 @@ def test_the_first_step_runs_at_first_step_lr(tmp_path, lr, warmup, expected):
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     train_loop(
-        model, tiny_tokenizer(), TEXTS, None, config, params=params, save_checkpoint=lambda where: None,
+        model, tiny_tokenizer(), TEXTS, None, config, params=params, save_checkpoint=lambda *_: None,
         checkpoints=tmp_path / "ckpt", progress=False,
     )  # fmt: skip
     moved = max((p - b).abs().max().item() for p, b in zip(params, before, strict=True))

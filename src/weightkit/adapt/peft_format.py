@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from weightkit.adapt.layer import (
@@ -47,7 +48,11 @@ from weightkit.errors import WeightkitError
 from weightkit.registry import entry_for_config, lookup, names
 from weightkit.select import suffix_pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "lora_config_from_peft"]
+__all__ = ["save_adapter", "load_adapter", "load_base", "lora_config_from_peft", "LABELS_FILE"]
+
+# A classifier's label names, by class id (a JSON list), beside its SEQ_CLS adapter. Not in a config.json:
+# transformers takes a directory with one for a complete model and then finds no weights in it.
+LABELS_FILE = "labels.json"
 
 # PEFT also saves the whole table of an embedding it adapts (``save_embedding_layers``, for resized
 # vocabularies) under this suffix; loading puts it into the embedding, as PEFT does.
@@ -56,7 +61,8 @@ _EMBEDDING_TABLE = ".base_layer.weight"
 
 def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
-    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None, overwrite: bool = False,
+    modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None,
+    extra_tensors: dict[str, dict[str, Tensor]] | None = None, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
@@ -70,6 +76,8 @@ def save_adapter(
             whole as PEFT's ``modules_to_save``.
         extra_json: more files for the directory, ``{file name: JSON value}`` (a classifier's
             ``labels.json``), written with the adapter before the directory is published.
+        extra_tensors: more safetensors files for the directory, ``{file name: {name: tensor}}`` (a training
+            checkpoint's optimizer state), written likewise.
         overwrite: replace an existing ``out_dir``.
     """
     configs = adapter_configs(model)
@@ -77,10 +85,10 @@ def save_adapter(
         raise WeightkitError(
             f"the model has no adapter named {name!r} (it has: {', '.join(configs) or 'none'})"
         )
-    extra_json = dict(extra_json or {})
-    taken = {"adapter_config.json", PEFT_ADAPTER_WEIGHTS} & set(extra_json)
+    extra_json, extra_tensors = dict(extra_json or {}), dict(extra_tensors or {})
+    taken = {"adapter_config.json", PEFT_ADAPTER_WEIGHTS} & (set(extra_json) | set(extra_tensors))
     if taken:
-        raise WeightkitError(f"extra_json cannot replace the adapter's own {', '.join(sorted(taken))}")
+        raise WeightkitError(f"extra files cannot replace the adapter's own {', '.join(sorted(taken))}")
     config = configs[name]
     targets = sorted(n for n, layer in adapter_layers(model).items() if name in layer.adapter_names())
     if isinstance(config, LoRAConfig):
@@ -92,9 +100,8 @@ def save_adapter(
         settings = {"peft_type": entry_for_config(config).name.upper(), **fields}
         tensors = adapter_state(model, name)
     hf_config = getattr(model, "config", None)
-    architectures = getattr(hf_config, "architectures", None) or []
     settings = {
-        "task_type": "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None,
+        "task_type": _task_type(model),
         "base_model_name_or_path": base_model or getattr(hf_config, "name_or_path", None),
         "target_modules": targets,
         "inference_mode": True,
@@ -112,7 +119,19 @@ def save_adapter(
         writer.write_json("adapter_config.json", settings)
         for file_name, value in extra_json.items():
             writer.write_json(file_name, value)
+        for file_name, file_tensors in extra_tensors.items():
+            contiguous = {key: t.detach().cpu().contiguous() for key, t in file_tensors.items()}
+            save_file(contiguous, writer.path / file_name)
     return Path(out_dir)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for ``model``: ``SEQ_CLS`` for a sequence classifier (so that PEFT's
+    ``AutoPeftModelForSequenceClassification`` loads it), ``CAUSAL_LM`` for a model saved as a causal LM."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    return "CAUSAL_LM" if any(a.endswith("ForCausalLM") for a in architectures) else None
 
 
 def _lora_to_peft(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict, dict[str, Tensor]]:
@@ -344,6 +363,51 @@ def load_adapter(
         for layer in adapter_layers(model).values():
             layer.active = [n for n in layer.active if n != name]
     return model
+
+
+def load_base(
+    path: str | Path, adapter_dir: str | Path, *, dtype: torch.dtype | None = None, allow_pickle: bool = False
+) -> nn.Module:
+    """The model of the directory ``path`` built as the base of the adapter in ``adapter_dir``, in eval mode.
+
+    A ``SEQ_CLS`` adapter's base is a sequence classifier (``AutoModelForSequenceClassification``, as PEFT's
+    ``AutoPeftModelForSequenceClassification`` builds it) whose ``config.id2label``/``label2id`` come from
+    the adapter's ``labels.json`` (written by ``weightkit adapt``); without one the classifier has the
+    base config's labels, as with PEFT. Any other adapter's base is :func:`weightkit.models.load`'s model.
+
+    Raises:
+        WeightkitError: as :func:`weightkit.models.load`; a ``labels.json`` that is not a list of
+            distinct names; a classifier on a quantized checkpoint (not supported).
+    """
+    from weightkit.models import load as load_model
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
+    if json.loads(config_file.read_text()).get("task_type") != "SEQ_CLS":
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+    from transformers import AutoModelForSequenceClassification
+
+    from weightkit.quantized.compressed_tensors import is_quantized_checkpoint
+
+    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:  # validates files, refuses pickle
+        if reader.config is None:
+            raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
+        if is_quantized_checkpoint(reader.config):
+            raise WeightkitError(f"{path}: a classifier adapter on a quantized checkpoint is not supported")
+    labels = {}
+    if (adapter_dir / LABELS_FILE).is_file():
+        names = json.loads((adapter_dir / LABELS_FILE).read_text())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise WeightkitError(f"{adapter_dir / LABELS_FILE} must hold a list of label names")
+        if len(set(names)) < len(names):
+            raise WeightkitError(f"{adapter_dir / LABELS_FILE} names a label twice")
+        labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=True, dtype=dtype or "auto", use_safetensors=not allow_pickle or None, **labels
+    )
+    return model.eval()
 
 
 def _excluded(module_name: str, exclude) -> bool:

@@ -6,7 +6,8 @@ models train on the causal-LM loss of the texts; encoders (BERT-style) train a c
 ``label`` fields (the head is trained with the adapter and saved with it, as PEFT's ``modules_to_save``).
 The adapter is saved every ``save_every`` steps (to ``OUT-checkpoints/checkpoint-<step>``, beside ``OUT``)
 and at the end (to ``OUT``), by process 0 only; a NaN/Inf saves the last good adapter to
-``OUT-checkpoints/last-good`` and stops every process.
+``OUT-checkpoints/last-good`` and stops every process; Ctrl-C saves it to ``OUT-checkpoints/interrupted``.
+``resume=True`` continues from the newest checkpoint, to the very adapter the run would have given.
 
 Several processes (``torchrun --nproc-per-node N``) train one adapter with DistributedDataParallel, each on
 its own device (``cuda:LOCAL_RANK`` on GPUs, gloo on the CPU).
@@ -20,16 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from weightkit.adapt.layer import trainable_parameters
-from weightkit.adapt.peft_format import save_adapter
+from weightkit.adapt.layer import adapter_configs, trainable_parameters
+from weightkit.adapt.peft_format import LABELS_FILE, save_adapter
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
+from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
 from weightkit.runtime.distributed import barrier, init_distributed, is_main_process
 from weightkit.runtime.training import (
     Schedule,
     TrainConfig,
     first_step_lr,
+    latest_checkpoint,
     load_examples,
     make_batches,
     split_examples,
@@ -37,6 +40,9 @@ from weightkit.runtime.training import (
 )
 
 __all__ = ["train_adapter", "finetune"]
+
+# The names PEFT gives a sequence classifier's head (PeftModelForSequenceClassification's modules_to_save).
+_CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def train_adapter(
@@ -53,6 +59,8 @@ def train_adapter(
     head: list[str] = (),
     schedule: Schedule | None = None,
     extra_json: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    resume: bool = False,
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -70,7 +78,11 @@ def train_adapter(
         schedule: a method's training-time part (IncreLoRA's :class:`IncreLoRAController`): its
             ``regularization()`` is added to the loss and its ``step()`` runs after every optimizer step.
         extra_json: more files for the adapter directory (and every checkpoint), ``{file name: JSON value}``,
-            written with the adapter before it is published (``{"labels.json": [...]}``).
+            written with the adapter before it is published (a classifier's ``labels.json``).
+        settings: more of what the result depends on (the base model ...), compared on ``resume`` with the
+            checkpoint's, as the adapter's method and options and the training settings are.
+        resume: continue from the newest checkpoint in ``<out_dir>-checkpoints/`` (``checkpoint-<step>`` or
+            ``interrupted``).
         device: where to train; ``None`` trains where the model is. Under torchrun, this process's device.
         overwrite: replace an existing ``out_dir``.
 
@@ -92,15 +104,30 @@ def train_adapter(
         raise WeightkitError("nothing to train: the model has no trainable adapter parameters")
     n_trainable, n_total = trainable_parameters(model)
 
-    def save(where: Path, *, replace: bool = True) -> None:
+    def save(where: Path, json_files=None, tensor_files=None, *, replace: bool = True) -> None:
         save_adapter(
-            model, where, name=name, modules_to_save=list(head), extra_json=extra_json, overwrite=replace
+            model,
+            where,
+            name=name,
+            modules_to_save=list(head),
+            extra_json={**(extra_json or {}), **(json_files or {})},
+            extra_tensors=tensor_files,
+            overwrite=replace,
         )
 
+    adapter_config = adapter_configs(model).get(name)
+    if adapter_config is None:
+        raise WeightkitError(f"the model has no adapter named {name!r}")
+    settings = {
+        "method": entry_for_config(adapter_config).name,
+        **{f"adapter.{k}": v for k, v in dataclasses.asdict(adapter_config).items()},
+        "head": list(head),
+        **(settings or {}),
+    }
     summary = train_loop(
         model, tokenizer, texts, labels, config, params=params, save_checkpoint=save,
-        checkpoints=out_dir.with_name(out_dir.name + "-checkpoints"), eval_texts=eval_texts,
-        eval_labels=eval_labels, schedule=schedule, progress=progress,
+        checkpoints=checkpoints_dir(out_dir), eval_texts=eval_texts, eval_labels=eval_labels,
+        schedule=schedule, settings=settings, resume=resume, progress=progress,
     )  # fmt: skip
     if is_main_process():
         save(out_dir, replace=overwrite)
@@ -111,6 +138,12 @@ def train_adapter(
         "total_parameters": n_total,
         "output": str(out_dir),
     }
+
+
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    """Where the checkpoints of a run saving its adapter to ``out_dir`` go: ``<out_dir>-checkpoints``."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + "-checkpoints")
 
 
 def finetune(
@@ -124,6 +157,7 @@ def finetune(
     device: str | torch.device | None = None,
     autocast_adapter_dtype: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
@@ -133,8 +167,18 @@ def finetune(
     Causal LMs (any transformers knows, GPT-2's ``Conv1D`` layers too) train on the causal-LM loss of the
     texts (default: docstrings of Python's standard library).
     Encoders need a ``.jsonl``/``.json`` file whose records have ``text`` and ``label``: a classification head
-    (``AutoModelForSequenceClassification``) is trained with the adapter and saved with it; the label names
-    go to ``out_dir/labels.json``.
+    (``AutoModelForSequenceClassification``, class ids in sorted label order, the names in the model's
+    ``config.id2label``) is trained with the adapter and saved with it, as PEFT saves a ``SEQ_CLS`` adapter
+    (``task_type: SEQ_CLS``, the head in ``modules_to_save``, ``base_model_name_or_path`` the model
+    directory's absolute path); the label names go to ``out_dir/labels.json``. ``weightkit.load(model_dir,
+    adapter=out_dir)`` gives the trained classifier with its label names. PEFT's
+    ``AutoPeftModelForSequenceClassification.from_pretrained(out_dir)`` builds the base from
+    ``base_model_name_or_path`` alone, with the base config's labels (two by default): nothing in the adapter
+    directory can give it the number of labels (peft 0.21, transformers 5; a ``config.json`` there would make
+    transformers take the directory for a complete model), so pass the labels, both ways (transformers 5
+    keeps the default ``label2id`` when given ``id2label`` alone): with ``names = json.load(open(out_dir /
+    "labels.json"))``, ``from_pretrained(out_dir, id2label=dict(enumerate(names)), label2id={n: i for i, n
+    in enumerate(names)})``.
 
     The model moves to ``device`` (default: the GPU when there is one, ``cuda:LOCAL_RANK`` under torchrun)
     before the adapter is added, so data-driven initialisations (EVA, LoRA-SB, the SVDs of PiSSA, LoRA-XS
@@ -143,6 +187,11 @@ def finetune(
     learning rate (``train.lr`` after warm-up scaling), as its authors do. ``autocast_adapter_dtype``: float32
     adapters on a 16-bit model (PEFT's default; see :func:`weightkit.adapt.adapt`). ``allow_pickle``: also
     read a ``.bin``/``.pt`` pickle checkpoint (unpickling can run code: trusted files only).
+
+    ``resume``: continue from the newest checkpoint in ``<out_dir>-checkpoints/`` (``checkpoint-<step>``, or
+    ``interrupted`` after Ctrl-C); the result is bit for bit the one an uninterrupted run gives. Every setting
+    (the method and its options, the training settings, the data, the model) must be the checkpoint's: a
+    difference is refused by name. IncreLoRA, whose rank schedule is not saved, cannot resume.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -153,8 +202,11 @@ def finetune(
     from weightkit.data import stdlib_docstrings
     from weightkit.models import load_model, load_tokenizer
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # Absolute: the saved adapter's base_model_name_or_path, which PEFT's AutoPeftModel loads from any cwd.
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_target(out_dir, overwrite=overwrite)  # before training, not when saving after it
+    if resume:
+        latest_checkpoint(checkpoints_dir(out_dir))  # before the model is loaded
     device = resolve_device(device)
     texts, labels = load_examples(data) if data is not None else (stdlib_docstrings("calib"), None)
     eval_texts, eval_labels = load_examples(eval_data) if eval_data is not None else (None, None)
@@ -185,10 +237,15 @@ def finetune(
         labels = [ids[str(v)] for v in labels]
         eval_labels = [ids[str(v)] for v in eval_labels] if eval_labels is not None else None
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(label_names), local_files_only=True
+            model_dir, id2label=dict(enumerate(label_names)), label2id=ids, local_files_only=True
         )
         tokenizer = load_tokenizer(model_dir)
-        head, extra_json = ["classifier"], {"labels.json": label_names}
+        head = [n for n in _CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+        if not head:  # PEFT would neither train nor save another head
+            raise WeightkitError(
+                f"{type(model).__name__} has no classification head named {' or '.join(_CLASSIFIER_HEADS)}"
+            )
+        extra_json = {LABELS_FILE: label_names}
     if tokenizer is None:
         raise WeightkitError(f"{model_dir} has no tokenizer files; training needs the model's tokenizer")
     model.to(device)
@@ -207,6 +264,7 @@ def finetune(
     summary = train_adapter(
         model, tokenizer, texts, labels, out_dir, train,
         eval_texts=eval_texts, eval_labels=eval_labels, head=head, schedule=schedule, extra_json=extra_json,
+        settings={"model": str(model_dir), "autocast_adapter_dtype": autocast_adapter_dtype}, resume=resume,
         overwrite=overwrite, progress=progress,
     )  # fmt: skip
     return {"model": str(model_dir), "kind": kind, **summary}

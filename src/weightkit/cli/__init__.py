@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except WeightkitError as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
         return 1
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/bold red]")
+    except KeyboardInterrupt as interrupt:  # its message, if any, says what was saved (weightkit adapt)
+        console.print(f"[bold red]interrupted[/bold red] {interrupt}", highlight=False, soft_wrap=True)
         return 130
     if args.json:
         print(json.dumps(result, indent=2))

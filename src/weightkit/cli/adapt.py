@@ -46,7 +46,7 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     summary = finetune(
         args.model, adapter_config, args.output, train, data=args.data, eval_data=args.eval_data,
         device=args.device, autocast_adapter_dtype=args.autocast_adapter_dtype, overwrite=args.force,
-        progress=not args.json, allow_pickle=args.allow_pickle,
+        resume=args.resume, progress=not args.json, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     if not args.json:
         rows = [{"setting": "method", "value": args.method}]
@@ -128,6 +128,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
     t.add_argument("--seed", type=int, help="seed of initialisation, shuffling and split (default: 0)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUTPUT-checkpoints/ (checkpoint-N, or interrupted after "
+        "Ctrl-C), with the same options; ends with the adapter the whole run would have given",
+    )
     t.add_argument(
         "--autocast-adapter-dtype",
         action=argparse.BooleanOptionalAction,

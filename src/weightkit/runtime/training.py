@@ -8,7 +8,16 @@ and a ``save_checkpoint`` function, and returns; the verb saves its result.
   labels are the input ids). Each epoch reshuffles them (from ``seed``) and tokenizes them into batches.
 - AdamW (no weight decay), the learning rate rising linearly over ``warmup_steps`` then constant, gradients
   clipped to norm 1.0. An evaluation on the held-out examples after every epoch and at the end.
-- A checkpoint every ``save_every`` steps (``<checkpoints>/checkpoint-<step>``).
+- A checkpoint every ``save_every`` steps (``<checkpoints>/checkpoint-<step>``). Each holds, beside what
+  the verb saves, the loop's state (``trainer_state.json`` + ``trainer_state.safetensors``: the trained
+  parameters, AdamW's and the warm-up's state, the step, the data order, every process's random state and
+  the run's settings), so ``resume=True`` continues from the newest one exactly as the run would have gone
+  on: the same final parameters, bit for bit. A resumed run must have the settings the checkpoint was
+  trained with (each is compared, a difference is refused by name).
+- Ctrl-C (SIGINT) stops training at the end of the step it is in and saves the state to
+  ``<checkpoints>/interrupted``, a checkpoint like the others (a second Ctrl-C stops at once, saving
+  nothing if an update was under way); a ``KeyboardInterrupt`` then says where it is. Under torchrun,
+  Ctrl-C ends every process as before (resume from the last ``checkpoint-<step>``).
 - A loss or gradient that is NaN/Inf stops training before the bad step is applied: the state as it was
   (the last good one) is saved to ``<checkpoints>/last-good`` and the error names the step.
 - The model trains where it is (move it to its device first). Under ``torchrun --nproc-per-node N`` each
@@ -17,15 +26,20 @@ and a ``save_checkpoint`` function, and returns; the verb saves its result.
   collectives); only process 0 writes checkpoints and shows progress.
 """
 
+import dataclasses
+import hashlib
 import json
 import math
 import random
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from weightkit.data import load_texts, tokenize_batches
@@ -42,8 +56,14 @@ __all__ = [
     "forward_batch",
     "evaluate",
     "first_step_lr",
+    "latest_checkpoint",
     "train_loop",
 ]
+
+# The loop's own part of a checkpoint directory, and the checkpoint Ctrl-C writes.
+TRAINER_STATE_JSON = "trainer_state.json"
+TRAINER_STATE_TENSORS = "trainer_state.safetensors"
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -185,6 +205,24 @@ def first_step_lr(config: TrainConfig) -> float:
     return config.lr * _warmup_factor(0, config.warmup_steps)
 
 
+def latest_checkpoint(checkpoints: Path) -> Path:
+    """The newest checkpoint in ``checkpoints`` that training can resume from: ``checkpoint-<step>`` or
+    ``interrupted``, whichever holds the most steps (``last-good`` is left out: it leads to a NaN).
+
+    Raises:
+        WeightkitError: there is none.
+    """
+    found = [d for d in [*checkpoints.glob("checkpoint-*"), checkpoints / INTERRUPTED] if _has_state(d)]
+    if not found:
+        raise WeightkitError(f"nothing to resume: {checkpoints} holds no checkpoint with a trainer state")
+    # At equal steps (Ctrl-C right after a checkpoint) the two hold the same state.
+    return max(found, key=lambda d: (json.loads((d / TRAINER_STATE_JSON).read_text())["step"], d.name))
+
+
+def _has_state(checkpoint: Path) -> bool:
+    return (checkpoint / TRAINER_STATE_JSON).is_file() and (checkpoint / TRAINER_STATE_TENSORS).is_file()
+
+
 def train_loop(
     model: nn.Module,
     tokenizer,
@@ -193,11 +231,13 @@ def train_loop(
     config: TrainConfig,
     *,
     params: list[nn.Parameter],
-    save_checkpoint: Callable[[Path], None],
+    save_checkpoint: Callable[[Path, dict[str, Any], dict[str, dict[str, Tensor]]], None],
     checkpoints: Path,
     eval_texts: list[str] = (),
     eval_labels: list[int] | None = None,
     schedule: Schedule | None = None,
+    settings: dict[str, Any] | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``params`` of ``model`` on the examples, where the model is.
@@ -208,13 +248,19 @@ def train_loop(
         texts, labels: training examples; ``labels`` (class ids) for classification, ``None`` for causal LM.
         config: steps, learning rate, batch size ...
         params: what the optimizer updates (requiring grad).
-        save_checkpoint: writes the trained state to a new directory (replacing one that exists); called on
-            process 0 only, for ``<checkpoints>/checkpoint-<step>`` and ``<checkpoints>/last-good``.
+        save_checkpoint: ``save_checkpoint(where, json_files, tensor_files)`` writes the trained state and
+            the loop's files (``{file name: JSON value}``, ``{file name: {name: tensor}}``) to a new directory
+            (replacing one that exists); called on process 0 only, for ``<checkpoints>/checkpoint-<step>``,
+            ``<checkpoints>/last-good`` and ``<checkpoints>/interrupted``.
         checkpoints: the directory checkpoints go to.
         eval_texts, eval_labels: held-out examples, evaluated after every epoch and at the end.
         schedule: a method's training-time part (IncreLoRA's controller): its ``regularization()`` is added
             to the loss and its ``step()`` runs after every optimizer step. Under DDP it may leave some
-            parameters out of a step (unused parameters are allowed then).
+            parameters out of a step (unused parameters are allowed then). Its state is not saved: a run
+            with one cannot resume.
+        settings: what else the result depends on (the method and its options, the base model), JSON
+            values; saved with every checkpoint and compared on resume.
+        resume: continue from :func:`latest_checkpoint` of ``checkpoints``.
         progress: show a progress bar (process 0).
 
     Returns:
@@ -222,8 +268,11 @@ def train_loop(
         evaluation), "history": [...] (each evaluation with its step)}``.
 
     Raises:
-        WeightkitError: no training examples, or a NaN/Inf loss or gradient on any process (after the last
-            good state is saved), on every process.
+        WeightkitError: no training examples; a NaN/Inf loss or gradient on any process (after the last
+            good state is saved), on every process; ``resume`` without a checkpoint, with other settings
+            than the checkpoint's (named) or with a ``schedule``.
+        KeyboardInterrupt: Ctrl-C, after the state is saved to ``<checkpoints>/interrupted`` (its message
+            says so).
     """
     if not texts:
         raise WeightkitError("no training examples")
@@ -238,6 +287,8 @@ def train_loop(
     n_batches = math.ceil(len(texts) / config.batch_size)
     steps = config.max_steps
     total_steps = steps if steps is not None else config.epochs * math.ceil(n_batches / world)
+    param_names = _parameter_names(model, params)
+    run_settings = _run_settings(config, world, device, texts, labels, settings)
 
     def batches_for_epoch() -> list[dict]:
         order = list(range(len(texts)))
@@ -245,6 +296,20 @@ def train_loop(
         shuffled = [texts[i] for i in order]
         shuffled_labels = [labels[i] for i in order] if labels is not None else None
         return make_batches(tokenizer, shuffled, shuffled_labels, **kwargs)[rank::world]
+
+    saved, saved_tensors = None, None
+    if resume:
+        if schedule is not None:
+            raise WeightkitError(
+                "this method's training-time schedule (IncreLoRA's) is not saved: it cannot resume"
+            )
+        where = latest_checkpoint(checkpoints)
+        saved = json.loads((where / TRAINER_STATE_JSON).read_text())
+        saved_tensors = load_file(where / TRAINER_STATE_TENSORS)
+        _check_settings(saved["settings"], run_settings, saved["params"], param_names, where)
+        with torch.no_grad():
+            for name, param in zip(param_names, params, strict=True):
+                param.copy_(saved_tensors[f"param.{name}"])
 
     trained = model
     if world > 1:
@@ -256,13 +321,43 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = config.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_factor(s, warmup))
+    # Where training stands: steps taken, the order's random state before this epoch's shuffle, the
+    # batches of this epoch already trained on.
+    step, losses, history, epoch_batches, position = 0, [], [], [], 0
+    epoch_order = order_rng.getstate()
+    if saved is not None:
+        optimizer.load_state_dict(_optimizer_state(saved["optimizer"], saved_tensors, param_names))
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+        step, losses, history, position = saved["step"], saved["losses"], saved["history"], saved["position"]
+        epoch_order = _random_state(saved["epoch_order"])
+        order_rng.setstate(epoch_order)
+        epoch_batches = batches_for_epoch()
+        _set_rng_state(saved_tensors, rank, device)
+    boundary_rng = _rng_state(device)  # the random state at the end of the last step taken
+
+    def save(where: Path) -> None:
+        # Every process's random state is gathered, so every process must call this at the same point.
+        rng_states = _gather(boundary_rng, world)
+        if rank != 0:
+            return
+        optimizer_state = optimizer.state_dict()
+        tensors = {f"param.{name}": param for name, param in zip(param_names, params, strict=True)}
+        for index, stats in optimizer_state["state"].items():
+            tensors.update({f"optimizer.{param_names[index]}.{key}": value for key, value in stats.items()})
+        for process, states in enumerate(rng_states):
+            tensors.update({f"rng.{process}.{key}": value for key, value in states.items()})
+        state = {
+            "step": step, "position": position, "epoch_order": epoch_order, "losses": losses[-10:],
+            "history": history, "settings": run_settings, "params": param_names,
+            "optimizer": optimizer_state["param_groups"], "lr_schedule": lr_schedule.state_dict(),
+        }  # fmt: skip
+        save_checkpoint(where, {TRAINER_STATE_JSON: state}, {TRAINER_STATE_TENSORS: tensors})
 
     def stop(what: str, step: int) -> WeightkitError:
         # Every process gets here together: process 0 saves the untouched state, the others wait for it
         # (torchrun stops all processes as soon as one exits with an error).
         optimizer.zero_grad(set_to_none=True)
-        if rank == 0:
-            save_checkpoint(checkpoints / "last-good")
+        save(checkpoints / "last-good")
         barrier()
         return WeightkitError(
             f"{what} at step {step}; training stopped before that step. The last good state is in "
@@ -270,41 +365,55 @@ def train_loop(
         )
 
     model.train()
-    step, losses, history, epoch_batches = 0, [], [], []
-    with _Bar(total_steps, enabled=progress and rank == 0) as bar:
-        while step < total_steps:
-            if not epoch_batches:
-                epoch_batches = batches_for_epoch()
-                if step and eval_batches and steps is None:
-                    history.append(
-                        {"step": step, **evaluate(model, eval_batches, classification=classification)}
-                    )
-            batch = epoch_batches.pop(0)
-            loss = forward_batch(trained, batch).loss
-            if schedule is not None:
-                loss = loss + schedule.regularization()
-            # Shared before backward(): a process that stopped alone would leave the others waiting in
-            # DDP's gradient all-reduce.
-            step_losses = gather_scalars(loss)
-            bad = [(r, value) for r, value in enumerate(step_losses) if not math.isfinite(value)]
-            if bad:
-                where = [f"{value} on process {r}" if world > 1 else str(value) for r, value in bad]
-                raise stop(f"the loss is {', '.join(where)}", step + 1)
-            loss.backward()
-            # DDP's gradients are averaged over the processes, so every process sees the same norm.
-            grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
-            if not torch.isfinite(grad_norm):
-                raise stop("the gradient is not finite", step + 1)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(sum(step_losses) / world)
-            bar.advance(losses[-1])
-            if schedule is not None:
-                schedule.step()
-            if config.save_every and step % config.save_every == 0 and step < total_steps and rank == 0:
-                save_checkpoint(checkpoints / f"checkpoint-{step}")
+    updating = False  # between the optimizer step and the step's end: no consistent state to save
+    with _Bar(total_steps, step, enabled=progress and rank == 0) as bar, _CtrlC(world == 1) as ctrl_c:
+        try:
+            while step < total_steps:
+                if ctrl_c.pressed:
+                    raise KeyboardInterrupt
+                if position == len(epoch_batches):
+                    if step and eval_batches and steps is None:
+                        history.append(
+                            {"step": step, **evaluate(model, eval_batches, classification=classification)}
+                        )
+                    order_state = order_rng.getstate()
+                    epoch_order, epoch_batches, position = order_state, batches_for_epoch(), 0
+                loss = forward_batch(trained, epoch_batches[position]).loss
+                if schedule is not None:
+                    loss = loss + schedule.regularization()
+                # Shared before backward(): a process that stopped alone would leave the others waiting in
+                # DDP's gradient all-reduce.
+                step_losses = gather_scalars(loss)
+                bad = [(r, value) for r, value in enumerate(step_losses) if not math.isfinite(value)]
+                if bad:
+                    where = [f"{value} on process {r}" if world > 1 else str(value) for r, value in bad]
+                    raise stop(f"the loss is {', '.join(where)}", step + 1)
+                loss.backward()
+                # DDP's gradients are averaged over the processes, so every process sees the same norm.
+                grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
+                if not torch.isfinite(grad_norm):
+                    raise stop("the gradient is not finite", step + 1)
+                updating = True
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if schedule is not None:
+                    schedule.step()
+                step, position = step + 1, position + 1
+                losses.append(sum(step_losses) / world)
+                boundary_rng = _rng_state(device)
+                updating = False
+                bar.advance(losses[-1])
+                if config.save_every and step % config.save_every == 0 and step < total_steps:
+                    save(checkpoints / f"checkpoint-{step}")
+        except KeyboardInterrupt:
+            if world > 1 or updating:
+                raise
+            save(checkpoints / INTERRUPTED)
+            raise KeyboardInterrupt(
+                f"training stopped after step {step} of {total_steps}; what it trained so far is saved in "
+                f"{checkpoints / INTERRUPTED}: run the same command with --resume (resume=True) to continue"
+            ) from None
     final = evaluate(model, eval_batches, classification=classification) if eval_batches else {}
     history.append({"step": step, **final})
     return {
@@ -315,11 +424,108 @@ def train_loop(
     }
 
 
+def _parameter_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Each trained parameter's name in ``model``: how the checkpoint's tensors find their place."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for p in params]
+
+
+def _run_settings(config, world, device, texts, labels, settings) -> dict[str, Any]:
+    """Everything a resumed run must share with the checkpoint, as read back from JSON."""
+    examples = hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
+    values = {
+        # save_every only decides when checkpoints are written: a resumed run may change it.
+        **{k: v for k, v in dataclasses.asdict(config).items() if k != "save_every"},
+        "processes": world,
+        "device": device.type,
+        "training examples (sha256)": examples,
+        **(settings or {}),
+    }
+    return json.loads(json.dumps(values, default=str))
+
+
+def _check_settings(saved: dict, current: dict, saved_params: list, params: list[str], where: Path) -> None:
+    """Refuse to resume from ``where`` with other settings or other trained parameters than it has."""
+    for key in [*current, *(k for k in saved if k not in current)]:  # the method before its options
+        if saved.get(key) != current.get(key):
+            raise WeightkitError(
+                f"cannot resume from {where}: it was trained with {key} = {saved.get(key)!r}, this run has "
+                f"{current.get(key)!r}; run with the checkpoint's settings, or without --resume"
+            )
+    if saved_params != params:
+        raise WeightkitError(f"cannot resume from {where}: it trained other parameters than this run's")
+
+
+def _optimizer_state(groups: list[dict], tensors: dict[str, Tensor], names: list[str]) -> dict[str, Any]:
+    """AdamW's ``state_dict`` from a checkpoint: its per-parameter tensors are saved by parameter name."""
+    state = {}
+    for index, name in enumerate(names):
+        prefix = f"optimizer.{name}."
+        stats = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        if stats:
+            state[index] = stats
+    return {"state": state, "param_groups": groups}
+
+
+def _random_state(value: list) -> tuple:
+    """A ``random.Random`` state read back from JSON (its lists were tuples)."""
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    """torch's random state where training draws (dropout): the CPU's, and the GPU's when training there."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(tensors: dict[str, Tensor], rank: int, device: torch.device) -> None:
+    """Put back process ``rank``'s random state from a checkpoint's tensors (``rng.<rank>.<generator>``)."""
+    torch.set_rng_state(tensors[f"rng.{rank}.torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"], device)
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    """Every process's ``value``, by rank (a collective under DDP)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+class _CtrlC:
+    """Within the block, Ctrl-C (SIGINT) sets ``pressed`` instead of raising, so training stops at a step's
+    end; a second Ctrl-C raises at once. Only the main thread takes signals (and only when ``enabled``)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.pressed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        console.print("stopping at the end of this step (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 class _Bar:
     """A step progress bar showing the running loss (rich), or nothing."""
 
-    def __init__(self, total: int, *, enabled: bool):
-        self.enabled, self.total = enabled, total
+    def __init__(self, total: int, done: int, *, enabled: bool):
+        self.enabled, self.total, self.done = enabled, total, done
 
     def __enter__(self):
         if self.enabled:
@@ -334,7 +540,7 @@ class _Bar:
                 console=console,
             )
             self.progress.__enter__()
-            self.task = self.progress.add_task("training", total=self.total, loss="-")
+            self.task = self.progress.add_task("training", total=self.total, completed=self.done, loss="-")
         return self
 
     def advance(self, loss: float) -> None:
