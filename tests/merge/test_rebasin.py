@@ -116,6 +116,32 @@ def test_apply_permutation_moves_blocks_when_an_axis_is_longer_than_the_permutat
     torch.testing.assert_close(out["o"], take_rows(state["o"].T, index, 2).T, rtol=0, atol=0)
 
 
+def test_sections_of_one_axis_are_each_permuted_alike_and_matching_recovers_them():
+    # A fused layer of 3 units: 6 "query" rows (blocks of 2), then 3 "key" and 3 "value" rows (blocks of 1).
+    gen = torch.Generator().manual_seed(0)
+    state = {"qkv": torch.randn(12, 5, generator=gen), "o": torch.randn(5, 6, generator=gen)}
+    spec = PermutationSpec(
+        {"heads": 3}, {"qkv": ("heads", None), "o": (None, "heads")}, sections={"qkv": (6, 3, 3)}
+    )
+    index = torch.tensor([2, 0, 1])
+    out = apply_permutation(state, spec, {"heads": index})
+    q, k, v = state["qkv"].split([6, 3, 3])
+    expected = torch.cat([take_rows(q, index, 2), take_rows(k, index, 1), take_rows(v, index, 1)])
+    torch.testing.assert_close(out["qkv"], expected, rtol=0, atol=0)
+    found = weight_matching(state, out, spec)
+    assert_states_equal(apply_permutation(out, spec, found), state)
+    with pytest.raises(WeightkitError, match=r"not the sum of its sections \[6, 3, 2\]"):
+        apply_permutation(
+            state, PermutationSpec({"p": 3}, {"qkv": ("p", None)}, {"qkv": (6, 3, 2)}), {"p": index}
+        )
+    with pytest.raises(WeightkitError, match="not a multiple of the 3 units"):
+        apply_permutation(
+            state, PermutationSpec({"p": 3}, {"qkv": ("p", None)}, {"qkv": (6, 4, 2)}), {"p": index}
+        )
+    with pytest.raises(WeightkitError, match="not permuted along exactly one axis"):
+        PermutationSpec({"p": 3}, {"qkv": ("p", "p")}, sections={"qkv": (6, 3, 3)})
+
+
 def test_apply_permutation_refuses_bad_input():
     state = make_mlp(0).state_dict()
     spec = mlp_spec(state)

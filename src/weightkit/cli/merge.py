@@ -162,6 +162,11 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _share(moved: float | None) -> str:
+    """A fraction moved as a percentage; "-" where align does not permute those units."""
+    return "-" if moved is None else f"{moved:.0%}"
+
+
 def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.merge.align import align_checkpoint
 
@@ -180,8 +185,8 @@ def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     summary = {**summary, "seconds": round(summary["seconds"], 2)}
     if not args.json:
         rows = [
-            {"block": b["layer"], "heads moved": f"{b['heads_moved']:.0%}",
-             "neurons moved": f"{b['mlp_moved']:.0%}", "cosine before": f"{b['cosine_before']:.4f}",
+            {"block": b["block"], "heads moved": _share(b["heads_moved"]),
+             "neurons moved": _share(b["mlp_moved"]), "cosine before": f"{b['cosine_before']:.4f}",
              "cosine after": f"{b['cosine_after']:.4f}"}
             for b in summary["layers"]
         ]  # fmt: skip
@@ -322,8 +327,9 @@ def add_parsers(sub) -> None:
             "permute the attention heads (whole heads; key/value groups with their query heads) and the MLP "
             "neurons to best match REFERENCE. Permutations inside a block leave the model's function "
             "unchanged, so the output computes exactly what MODEL does, but its weights line up with the "
-            "reference's: merge models trained from different seeds after aligning them. Llama-style and "
-            "BERT-style models."
+            "reference's: merge models trained from different seeds after aligning them. Llama family, "
+            "Mixtral (heads only), Phi-3, GPT-2, GPT-NeoX, OPT, Falcon and T5 (neurons only), BERT family, "
+            "ViT."
         ),
     )
     a.add_argument("reference", help="the model to align to (e.g. the first of the models to merge)")

@@ -17,12 +17,14 @@ Pieces:
 
 - :class:`PermutationSpec` says which axes of which tensors each permutation acts on. A permutation of
   ``n`` units may act on an axis of length ``n * b``: then it moves contiguous blocks of ``b`` entries
-  together (``b = 1`` for neurons, ``b = head_dim`` for attention heads).
+  together (``b = 1`` for neurons, ``b = head_dim`` for attention heads). An axis may also be made of
+  consecutive sections that the permutation reorders alike (a fused query-key-value layer: its query
+  rows, then its key rows, then its value rows).
 - :func:`weight_matching` (the search), :func:`apply_permutation`, :func:`matching_objective`: pure
   functions over dicts of tensors.
 - :func:`mlp_spec`: the spec of a chain of Linear layers.
 
-Transformers (the specs of Llama and BERT blocks) and aligning a whole checkpoint are
+Transformers (the specs of their blocks) and aligning a whole checkpoint are
 :mod:`weightkit.merge.align` (``weightkit align``).
 
 Deliberate deviations from the paper:
@@ -35,8 +37,8 @@ Deliberate deviations from the paper:
    solved in float64.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,18 +71,25 @@ class PermutationSpec:
         axes: tensor name -> one entry per axis of that tensor: the name of the permutation acting on the
             axis, or None. An axis of length ``size * b`` is permuted in contiguous blocks of ``b``
             entries (a head's ``head_dim`` rows move together). Tensors not listed are never changed.
+        sections: tensor name -> the lengths of the consecutive sections its one permuted axis is made
+            of, each reordered by the same permutation (blocks of ``length / size`` entries in each). A
+            fused query-key-value layer's rows are ``(q_rows, k_rows, v_rows)``, a fused gate-up layer's
+            ``(width, width)``. A tensor not listed is one section.
 
     Raises:
-        WeightkitError: a size that is not a positive integer, an axis naming an unknown permutation, or
-            a permutation that acts on no tensor.
+        WeightkitError: a size that is not a positive integer, an axis naming an unknown permutation, a
+            permutation that acts on no tensor, or sections of a tensor not permuted along exactly one
+            axis.
     """
 
     sizes: dict[str, int]
     axes: dict[str, tuple[str | None, ...]]
+    sections: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", dict(self.sizes))
         object.__setattr__(self, "axes", {name: tuple(axes) for name, axes in self.axes.items()})
+        object.__setattr__(self, "sections", {name: tuple(s) for name, s in self.sections.items()})
         for perm, size in self.sizes.items():
             if type(size) is not int or size < 1:
                 raise WeightkitError(f"permutation {perm} has size {size!r}; expected a positive integer")
@@ -95,6 +104,17 @@ class PermutationSpec:
         unused = sorted(set(self.sizes) - used)
         if unused:
             raise WeightkitError(f"permutation {unused[0]} acts on no tensor")
+        for name, lengths in self.sections.items():
+            if sum(perm is not None for perm in self.axes.get(name, ())) != 1:
+                raise WeightkitError(f"tensor {name} has sections but is not permuted along exactly one axis")
+            if not lengths or any(type(n) is not int or n < 1 for n in lengths):
+                raise WeightkitError(
+                    f"tensor {name} has sections {list(lengths)}; expected positive integers"
+                )
+
+    def sections_of(self, name: str, length: int) -> tuple[int, ...]:
+        """The section lengths of tensor ``name``'s permuted axis, of length ``length``."""
+        return self.sections.get(name, (length,))
 
     def perm_axes(self) -> dict[str, list[tuple[str, int]]]:
         """Permutation name -> the (tensor name, axis) pairs it acts on, in ``axes`` order."""
@@ -120,10 +140,19 @@ def _check_state(state: Mapping[str, Tensor], spec: PermutationSpec, what: str) 
                 f"{len(axes)} axes"
             )
         for axis, perm in enumerate(axes):
-            if perm is not None and shape[axis] % spec.sizes[perm] != 0:
+            if perm is None:
+                continue
+            sections = spec.sections_of(name, shape[axis])
+            if sum(sections) != shape[axis]:
                 raise WeightkitError(
-                    f"axis {axis} of tensor {name} of {what} has length {shape[axis]}, which is not a "
-                    f"multiple of the {spec.sizes[perm]} units of permutation {perm}"
+                    f"axis {axis} of tensor {name} of {what} has length {shape[axis]}, not the sum of its "
+                    f"sections {list(sections)}"
+                )
+            if any(length % spec.sizes[perm] for length in sections):
+                raise WeightkitError(
+                    f"axis {axis} of tensor {name} of {what} has length {shape[axis]} (sections "
+                    f"{list(sections)}), not a multiple of the {spec.sizes[perm]} units of permutation "
+                    f"{perm} in each section"
                 )
 
 
@@ -147,12 +176,32 @@ def _unit_index(index: Tensor, length: int) -> Tensor:
     return (index[:, None] * block + torch.arange(block)).reshape(-1)
 
 
+def _section_index(index: Tensor, sections: Sequence[int]) -> Tensor:
+    """Expand a permutation of ``n`` units to an axis of consecutive ``sections``, each permuted alike."""
+    parts, start = [], 0
+    for length in sections:
+        parts.append(start + _unit_index(index, length))
+        start += length
+    return torch.cat(parts)
+
+
+def _unit_rows(tensor: Tensor, axis: int, size: int, sections: Sequence[int]) -> Tensor:
+    """``tensor`` as one row per unit of ``axis``: the unit's entries of every section, flattened."""
+    parts = tensor.split(list(sections), dim=axis)
+    return torch.cat([part.movedim(axis, 0).reshape(size, -1) for part in parts], dim=1)
+
+
 def _permuted(
-    tensor: Tensor, axes: tuple[str | None, ...], perms: Mapping[str, Tensor], skip_axis: int | None = None
+    tensor: Tensor,
+    spec: PermutationSpec,
+    name: str,
+    perms: Mapping[str, Tensor],
+    skip_axis: int | None = None,
 ) -> Tensor:
-    for axis, perm in enumerate(axes):
+    for axis, perm in enumerate(spec.axes[name]):
         if perm is not None and axis != skip_axis:
-            tensor = tensor.index_select(axis, _unit_index(perms[perm], tensor.shape[axis]).to(tensor.device))
+            index = _section_index(perms[perm], spec.sections_of(name, tensor.shape[axis]))
+            tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
 
 
@@ -167,7 +216,7 @@ def apply_permutation(
     """Reorder the hidden units of a state dict.
 
     Along an axis that permutation ``p`` acts on, entry (or block) ``i`` of the result is entry (block)
-    ``perms[p][i]`` of the input.
+    ``perms[p][i]`` of the input, in each section of the axis.
 
     Args:
         state: tensor name -> tensor; must hold every tensor of ``spec``. Not modified.
@@ -186,7 +235,7 @@ def apply_permutation(
     _check_state(state, spec, "the state dict")
     checked = _check_perms(perms, spec)
     return {
-        name: _permuted(tensor, spec.axes[name], checked) if name in spec.axes else tensor
+        name: _permuted(tensor, spec, name, checked) if name in spec.axes else tensor
         for name, tensor in state.items()
     }
 
@@ -212,8 +261,8 @@ def matching_objective(
     _check_state(other, spec, "the other state dict")
     checked = _check_perms(perms, spec) if perms is not None else None
     total = 0.0
-    for name, axes in spec.axes.items():
-        b = other[name] if checked is None else _permuted(other[name], axes, checked)
+    for name in spec.axes:
+        b = other[name] if checked is None else _permuted(other[name], spec, name, checked)
         total += _dot(reference[name], b)
     return total
 
@@ -231,9 +280,9 @@ def weight_matching(
     Coordinate descent as in the paper: each round visits the permutations in a random order (drawn from
     ``seed``); for each one, with every other permutation held at its current value, it builds the
     similarity matrix ``S = sum_(W, axis) A_W B_W^T`` (``A_W`` is the reference tensor with the axis
-    moved first and flattened per unit, ``B_W`` the other tensor likewise with its other permuted axes
-    already permuted), solves ``max_P <S, P>`` exactly with :func:`scipy.optimize.linear_sum_assignment`,
-    and keeps the result if it improves the objective.
+    moved first and flattened per unit, its sections side by side, ``B_W`` the other tensor likewise
+    with its other permuted axes already permuted), solves ``max_P <S, P>`` exactly with
+    :func:`scipy.optimize.linear_sum_assignment`, and keeps the result if it improves the objective.
     The search stops after a round without improvement or after ``max_iter`` rounds. For permutations
     that share no tensor (the blocks of a transformer) one round finds the optimum and a second confirms.
 
@@ -279,8 +328,9 @@ def weight_matching(
             similarity = None
             for name, axis in by_perm[perm]:
                 a, b = work[name]
-                b = _permuted(b, spec.axes[name], perms, skip_axis=axis)
-                term = a.movedim(axis, 0).reshape(size, -1) @ b.movedim(axis, 0).reshape(size, -1).T
+                b = _permuted(b, spec, name, perms, skip_axis=axis)
+                sections = spec.sections_of(name, a.shape[axis])
+                term = _unit_rows(a, axis, size, sections) @ _unit_rows(b, axis, size, sections).T
                 similarity = term if similarity is None else similarity + term
             s = similarity.double().cpu().numpy()
             if not np.isfinite(s).all():
