@@ -359,3 +359,35 @@ def test_a_model_type_without_a_layout_is_compressed_block_by_block_with_a_warni
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "awq", local_files_only=True)
     torch.testing.assert_close(_output(theirs, "causal-lm"), _output(load(tmp_path / "awq"), "causal-lm"))
     assert sum(type(m).__name__ == "QuantizedLinear" for m in load(tmp_path / "awq").modules()) == 2 * 6
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"new_decoder_architecture": True, "num_kv_heads": 2},  # ln_attn and ln_mlp
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+        {"multi_query": False},  # one norm for attention and MLP, per-head fused rows
+        {"parallel_attn": False},  # sequential: input_layernorm, then post_attention_layernorm
+    ],
+)
+def test_awq_folds_of_every_falcon_variant_leave_the_model_function_unchanged(variant):
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    from weightkit.compress.quant.calibrated import _divide_output
+
+    config = FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, **variant
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = _output(model, "causal-lm")
+    [(name, blocks)] = block_lists(model)
+    layout, generator = block_layout(model.config.to_dict(), name), torch.Generator().manual_seed(0)
+    for block in blocks:
+        for fold in folds(layout, block):
+            s = torch.rand(block.get_submodule(fold.readers[0]).in_features, generator=generator) + 0.5
+            with torch.no_grad():
+                _divide_output(block, fold, s)
+                for reader in fold.readers:
+                    block.get_submodule(reader).weight.mul_(s)
+    torch.testing.assert_close(_output(model, "causal-lm"), before, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
 
@@ -69,11 +68,11 @@ def model_task(config: Mapping) -> str:
     )
 
 
-_LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
 def _holds_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, _LINEAR_TYPES) or hasattr(m, "base_layer") for m in module.modules())
+    # Imported here: the merge verbs use this module without paying for transformers at start-up.
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, nn.Linear | Conv1D) or hasattr(m, "base_layer") for m in module.modules())
 
 
 def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -113,7 +112,9 @@ class BlockLayout:
         mlp_norm: the same for ``mlp_in``; equal to ``attention_norm`` when one norm feeds both
             (parallel blocks).
         fused_qkv: the row layout of a fused ``attention`` layer: ``"sections"`` (all query rows, then key,
-            then value) or ``"per-head"`` (each head's query, key and value rows together, GPT-NeoX).
+            then value), ``"per-head"`` (each head's query, key and value rows together, GPT-NeoX) or
+            ``"per-group"`` (each key/value head's query heads, then its key and value; Falcon's new
+            decoder architecture).
         gated: the MLP multiplies an activated gate by a linear "up" projection (the last ``mlp_in``, or
             the second half of a fused gate-up), which then feeds ``mlp_out`` linearly.
         norm_offset: the norms scale by ``offset + weight`` (Gemma's RMSNorm: 1).
@@ -190,7 +191,12 @@ def _opt(config: Mapping) -> BlockLayout:
 
 
 def _falcon(config: Mapping) -> BlockLayout:
-    if config.get("new_decoder_architecture") and config.get("num_ln_in_parallel_attn", 2) == 2:
+    # FalconAttention._split_heads: the fused rows' layout depends on the variant.
+    if config.get("new_decoder_architecture"):
+        fused = "per-group"
+    else:
+        fused = "sections" if config.get("multi_query", True) else "per-head"
+    if config.get("new_decoder_architecture") and (config.get("num_ln_in_parallel_attn") or 2) == 2:
         norms = ("ln_attn", "ln_mlp")
     elif config.get("new_decoder_architecture") or config.get("parallel_attn", True):
         norms = ("input_layernorm", "input_layernorm")
@@ -203,7 +209,7 @@ def _falcon(config: Mapping) -> BlockLayout:
         mlp_out="mlp.dense_4h_to_h",
         attention_norm=norms[0],
         mlp_norm=norms[1],
-        fused_qkv="sections",
+        fused_qkv=fused,
     )
 
 
