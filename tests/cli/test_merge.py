@@ -285,3 +285,29 @@ def test_the_merge_verbs_start_without_importing_transformers():
         "sys.exit('transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_extract_lora_saves_changed_norms_whole_and_warns_of_what_it_leaves_out(tmp_path, capsys):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    tuned = tiny_llama(seed=0)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # rank 32 reproduces any change
+        tuned.model.norm.weight.mul_(1.25)
+    tuned_dir = save_tiny(tuned, tmp_path / "tuned")
+    args = ["extract-lora", base_dir, tuned_dir, "-r", "32", "--json"]
+    assert main([str(a) for a in [*args, "-o", tmp_path / "auto"]]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [m["module"] for m in summary["modules_to_save"]] == ["model.norm"] and summary["skipped"] == []
+    saved = load_file(tmp_path / "auto" / "adapter_model.safetensors")["base_model.model.model.norm.weight"]
+    assert torch.equal(saved, tuned.model.norm.weight)
+
+    assert main([str(a) for a in [*args, "-o", tmp_path / "none", "--modules-to-save", "none"]]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: 1 changed tensor(s) are not in the adapter" in err
+        and "model.norm.weight (changed by 25.00%" in err
+    )
+    code = main(
+        [str(a) for a in [*args, "-o", tmp_path / "named", "--modules-to-save", "embed_tokens,normal"]]
+    )
+    assert code == 1 and "no module of the model is named 'normal'" in capsys.readouterr().err
