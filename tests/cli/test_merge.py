@@ -311,3 +311,26 @@ def test_extract_lora_saves_changed_norms_whole_and_warns_of_what_it_leaves_out(
         [str(a) for a in [*args, "-o", tmp_path / "named", "--modules-to-save", "embed_tokens,normal"]]
     )
     assert code == 1 and "no module of the model is named 'normal'" in capsys.readouterr().err
+
+
+def test_a_merge_writes_its_own_model_card_not_the_sources(tmp_path, capsys):
+    import yaml
+
+    for name, seed in (("base", 0), ("m1", 1), ("m2", 2)):
+        save_tiny(tiny_llama(seed=seed), tmp_path / name)
+        (tmp_path / name / "README.md").write_text(f"# {name}\n\nThe source card of {name}.\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"models:\n  - model: {tmp_path / 'm1'}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {tmp_path / 'm2'}\nbase_model: {tmp_path / 'base'}\nmerge_method: breadcrumbs_ties\n"
+        "parameters: {weight: 0.5, density: 0.8}\n"
+    )
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "breadcrumbs_ties"
+    text = (tmp_path / "out" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    inputs = [str(tmp_path / name) for name in ("base", "m1", "m2")]
+    assert yaml.safe_load(front)["base_model"] == inputs
+    assert yaml.safe_load(front)["tags"] == ["weightkit", "merge", "breadcrumbs_ties"]
+    assert "`weightkit merge`, method `breadcrumbs_ties`" in body and "source card" not in text
+    assert "- density: `0.8`" in body and f'- {inputs[1]}: `{{"weight": 0.7}}`' in body
