@@ -192,6 +192,11 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
             "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: sce\n",
             "sce merges task vectors against a base model",
         ),
+        # mergekit stops without t; weightkit used to merge halfway.
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}]\nbase_model: MODELS/a\nmerge_method: slerp\n",
+            "slerp needs t, the interpolation factor",
+        ),
     ],
 )
 def test_what_the_new_methods_do_not_take_is_refused_by_name(tmp_path, capsys, recipe, message):
