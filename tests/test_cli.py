@@ -559,3 +559,24 @@ def test_help_with_a_method_lists_that_methods_options(capsys):
     assert "options of --method awq" in capsys.readouterr().out
     assert main(["adapt", "--method", "moss", "--help"]) == 1
     assert "Did you mean 'mos'" in capsys.readouterr().err
+
+
+def test_adapt_warns_that_a_negative_alpha_flips_the_update(tmp_path, capsys, llama_dir, text_file):
+    (tmp_path / "a-file").write_text("not a directory")  # stops before training: only the warning matters
+    argv = ["adapt", llama_dir, "-o", tmp_path / "a-file" / "x", "--data", text_file, "--alpha", "-16"]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and "warning: alpha -16.0 is negative" in " ".join(err.split())
+    code, _, err = run(capsys, *argv[:-1], "16")
+    assert code == 1 and "warning" not in err
+
+
+def test_a_recipe_override_that_matches_no_layer_is_named_in_a_warning(tmp_path, capsys, llama_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        'method: rtn\ngroup_size: 32\noverrides: {"re:.*down_proj": {"bits": 8}, '
+        '"re:down_proj": {"bits": 2}}\n'
+    )
+    code, _, err = run(capsys, "compress", llama_dir, "-o", tmp_path / "out", "--recipe", recipe)
+    err = " ".join(err.split())
+    assert code == 0 and "warning: overrides 're:down_proj' match no quantized layer" in err
+    assert "re:.*down_proj'" not in err

@@ -1,6 +1,9 @@
 """MoS: shard assembly against a loop, zero init, merge/unmerge, parameter budget, real sharing, determinism,
 saving and loading."""
 
+import itertools
+import re
+
 import pytest
 import torch
 
@@ -233,3 +236,38 @@ def test_bad_configs_and_layers_are_refused():
     model = _model()
     with pytest.raises(WeightkitError, match="already has an adapter named 'default'"):
         add_mos(model, MoSConfig(**CONFIG))
+
+
+def _suggestions(message):
+    """The ``field lo..hi`` ranges an error suggests, as ``{field: (lo, hi)}``."""
+    return {field: (int(lo), int(hi)) for field, lo, hi in re.findall(r"(\w+) (\d+)\.\.(\d+)", message)}
+
+
+def test_each_suggested_fix_of_a_bad_rank_combination_is_valid():
+    # Every combination of the three ranks: each range an error suggests, taken at either end, gives a
+    # config that builds (the fix does not lead to another error contradicting it).
+    fixed = 0
+    for rank, budget, private in itertools.product(range(1, 6), range(1, 7), range(0, 7)):
+        values = {"rank": rank, "budget_rank": budget, "private_rank": private}
+        try:
+            MoSConfig(**values)
+            continue
+        except WeightkitError as err:
+            message = str(err)
+        suggested = _suggestions(message)
+        assert suggested or "rank >=" in message, values
+        for field, ends in suggested.items():
+            for end in ends:
+                MoSConfig(**{**values, field: end})
+                fixed += 1
+    assert fixed > 100
+    # The pool check: the suggested budget_rank or rank makes the group fit.
+    with pytest.raises(WeightkitError) as err:
+        add_mos(tiny_llama(seed=0), MoSConfig(rank=8, budget_rank=2, private_rank=1))
+    suggested = _suggestions(str(err.value))
+    assert suggested == {"budget_rank": (5, 8), "rank": (2, 3)}
+    for field, ends in suggested.items():
+        for end in ends:
+            add_mos(
+                tiny_llama(seed=0), MoSConfig(**{"rank": 8, "budget_rank": 2, "private_rank": 1, field: end})
+            )

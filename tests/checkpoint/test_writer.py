@@ -325,7 +325,7 @@ def _fake_model_dir(src: Path) -> None:
         (src / rel).write_text(text)
 
 
-def test_copy_files_takes_everything_but_weights(tmp_path):
+def test_copy_files_takes_everything_but_weights_and_the_model_card(tmp_path):
     src = tmp_path / "src"
     _fake_model_dir(src)
     os.chmod(src / "config.json", 0o444)  # as in a read-only install
@@ -337,7 +337,6 @@ def test_copy_files_takes_everything_but_weights(tmp_path):
         writer.add("w", torch.ones(1))
     expected = [
         "1_Pooling/config.json",
-        "README.md",
         "config.json",
         "modules.json",
         "tokenizer.json",
@@ -352,7 +351,6 @@ def test_copy_files_takes_everything_but_weights(tmp_path):
     assert json.loads((out / "generation_config.json").read_text()) == {"written": "first"}
     assert _entries(out) == {
         "1_Pooling",
-        "README.md",
         "config.json",
         "generation_config.json",
         "modules.json",
@@ -362,6 +360,31 @@ def test_copy_files_takes_everything_but_weights(tmp_path):
         "model.safetensors",
     }
     assert load_file(out / "model.safetensors").keys() == {"w"}
+
+
+def test_the_model_card_says_what_weightkit_did_instead_of_the_sources(tmp_path):
+    import yaml
+
+    import weightkit
+    from weightkit.checkpoint import ModelCard
+
+    src = tmp_path / "src"
+    _fake_model_dir(src)
+    card = ModelCard("merge", "ties", ["./base", "./math ft"], {"density": 0.5, "normalize": True})
+    with CheckpointWriter(tmp_path / "merged") as writer:
+        writer.copy_files(src)
+        writer.write_model_card(card)
+        writer.add("w", torch.ones(1))
+    text = (tmp_path / "merged" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    assert yaml.safe_load(front) == {
+        "base_model": ["./base", "./math ft"],
+        "library_name": "transformers",
+        "tags": ["weightkit", "merge", "ties"],
+    }
+    assert body.startswith("# merged\n") and "# model" not in text
+    assert f"weightkit {weightkit.__version__}: `weightkit merge`, method `ties`" in body
+    assert "- `./math ft`" in body and "- density: `0.5`" in body and "- normalize: `true`" in body
 
 
 def test_write_json_refuses_paths_outside_the_output(tmp_path):

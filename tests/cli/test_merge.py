@@ -192,6 +192,11 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
             "models: [{model: MODELS/a}, {model: MODELS/b}]\nmerge_method: sce\n",
             "sce merges task vectors against a base model",
         ),
+        # mergekit stops without t; weightkit used to merge halfway.
+        (
+            "models: [{model: MODELS/a}, {model: MODELS/b}]\nbase_model: MODELS/a\nmerge_method: slerp\n",
+            "slerp needs t, the interpolation factor",
+        ),
     ],
 )
 def test_what_the_new_methods_do_not_take_is_refused_by_name(tmp_path, capsys, recipe, message):
@@ -285,3 +290,52 @@ def test_the_merge_verbs_start_without_importing_transformers():
         "sys.exit('transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_extract_lora_saves_changed_norms_whole_and_warns_of_what_it_leaves_out(tmp_path, capsys):
+    base_dir = save_tiny(tiny_llama(seed=0), tmp_path / "base")
+    tuned = tiny_llama(seed=0)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # rank 32 reproduces any change
+        tuned.model.norm.weight.mul_(1.25)
+    tuned_dir = save_tiny(tuned, tmp_path / "tuned")
+    args = ["extract-lora", base_dir, tuned_dir, "-r", "32", "--json"]
+    assert main([str(a) for a in [*args, "-o", tmp_path / "auto"]]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [m["module"] for m in summary["modules_to_save"]] == ["model.norm"] and summary["skipped"] == []
+    saved = load_file(tmp_path / "auto" / "adapter_model.safetensors")["base_model.model.model.norm.weight"]
+    assert torch.equal(saved, tuned.model.norm.weight)
+
+    assert main([str(a) for a in [*args, "-o", tmp_path / "none", "--modules-to-save", "none"]]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: 1 changed tensor(s) are not in the adapter" in err
+        and "model.norm.weight (changed by 25.00%" in err
+    )
+    code = main(
+        [str(a) for a in [*args, "-o", tmp_path / "named", "--modules-to-save", "embed_tokens,normal"]]
+    )
+    assert code == 1 and "no module of the model is named 'normal'" in capsys.readouterr().err
+
+
+def test_a_merge_writes_its_own_model_card_not_the_sources(tmp_path, capsys):
+    import yaml
+
+    for name, seed in (("base", 0), ("m1", 1), ("m2", 2)):
+        save_tiny(tiny_llama(seed=seed), tmp_path / name)
+        (tmp_path / name / "README.md").write_text(f"# {name}\n\nThe source card of {name}.\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"models:\n  - model: {tmp_path / 'm1'}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {tmp_path / 'm2'}\nbase_model: {tmp_path / 'base'}\nmerge_method: breadcrumbs_ties\n"
+        "parameters: {weight: 0.5, density: 0.8}\n"
+    )
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "breadcrumbs_ties"
+    text = (tmp_path / "out" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    inputs = [str(tmp_path / name) for name in ("base", "m1", "m2")]
+    assert yaml.safe_load(front)["base_model"] == inputs
+    assert yaml.safe_load(front)["tags"] == ["weightkit", "merge", "breadcrumbs_ties"]
+    assert "`weightkit merge`, method `breadcrumbs_ties`" in body and "source card" not in text
+    assert "- density: `0.8`" in body and f'- {inputs[1]}: `{{"weight": 0.7}}`' in body

@@ -177,21 +177,120 @@ def test_rank1_errors_are_the_eckart_young_values(llama_pair, tmp_path):
         assert module["relative_error"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_changed_norms_and_embeddings_are_listed_as_skipped(llama_pair, tmp_path):
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def moved_pair(request, tmp_path_factory):
+    """A tiny Llama (output head tied to the embeddings or not) and a "fine-tune" of it: rank-2 changes of
+    its Linear layers, embeddings moved by 16% of their norm, two norms changed."""
+    tied = request.param
+    root = tmp_path_factory.mktemp("moved")
+    base_dir = save_tiny(tiny_llama(seed=0, tie_word_embeddings=tied), root / "base")
+    finetuned = tiny_llama(seed=0, tie_word_embeddings=tied)
+    generator = torch.Generator().manual_seed(7)
+    modules = dict(finetuned.named_modules())
+    with torch.no_grad():
+        for name in CHANGED[:-1] if tied else CHANGED:  # a tied head moves with the embeddings
+            modules[name].weight.add_(low_rank_change(modules[name].weight.shape, generator))
+        embed = finetuned.model.embed_tokens.weight
+        noise = torch.randn(embed.shape, generator=generator)
+        embed.add_(0.16 * embed.norm() / noise.norm() * noise)
+        finetuned.model.layers[0].input_layernorm.weight.add_(0.1 * torch.randn(32, generator=generator))
+        finetuned.model.norm.weight.mul_(1.2)
+    assert (finetuned.lm_head.weight is finetuned.model.embed_tokens.weight) == tied
+    return base_dir, save_tiny(finetuned, root / "finetuned"), finetuned
+
+
+def test_changed_embeddings_and_norms_are_saved_whole_and_peft_puts_them_in_place(moved_pair, tmp_path):
+    base_dir, ft_dir, finetuned = moved_pair
+    tied = finetuned.config.tie_word_embeddings
+    summary = extract_lora(base_dir, ft_dir, tmp_path / "adapter", rank=2, progress=False)
+    saved = {"model.embed_tokens", "model.layers.0.input_layernorm", "model.norm"} | (
+        {"lm_head"} if tied else set()
+    )
+    assert {m["module"] for m in summary["modules_to_save"]} == saved and summary["skipped"] == []
+    changes = {m["module"]: m["relative_change"] for m in summary["modules_to_save"]}
+    assert changes["model.embed_tokens"] == pytest.approx(0.16, rel=1e-4)
+    assert changes["model.norm"] == pytest.approx(0.2) and summary["save_threshold"] == 1e-3
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == sorted(saved)
+    assert "lm_head" in config["target_modules"] or tied
+
+    model = load_with_peft(base_dir, tmp_path / "adapter")
+    inner = model.base_model.model
+    # PEFT's copies of the saved modules hold the fine-tune's tensors exactly.
+    assert torch.equal(inner.get_input_embeddings().weight, finetuned.model.embed_tokens.weight)
+    for layer in ("model.norm", "model.layers.0.input_layernorm") + (("lm_head",) if tied else ()):
+        ours = inner.get_submodule(layer).modules_to_save["default"].weight
+        assert torch.equal(ours, finetuned.get_submodule(layer).weight), layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(_inputs()).logits, finetuned(_inputs()).logits, rtol=0, atol=1e-4)
+
+
+def test_without_modules_to_save_a_warning_names_the_largest_dropped_change(moved_pair, tmp_path):
+    base_dir, ft_dir, finetuned = moved_pair
+    with pytest.warns(UserWarning, match=r"the largest change: model\.norm\.weight \(changed by 20\.00%"):
+        summary = extract_lora(
+            base_dir, ft_dir, tmp_path / "adapter", rank=2, modules_to_save="none", progress=False
+        )
+    skipped = {s["tensor"]: s for s in summary["skipped"]}
+    assert set(skipped) == {
+        "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"
+    }  # fmt: skip
+    assert skipped["model.embed_tokens.weight"]["relative_change"] == pytest.approx(0.16, rel=1e-4)
+    assert (
+        "1-D" in skipped["model.norm.weight"]["reason"] and "'none'" in skipped["model.norm.weight"]["reason"]
+    )
+    assert summary["modules_to_save"] == []
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None
+
+
+def test_auto_leaves_out_changes_below_its_threshold_and_says_so(llama_pair, tmp_path):
     base_dir, _, finetuned = llama_pair
     extra = tiny_llama(seed=0)
     extra.load_state_dict(finetuned.state_dict())
     with torch.no_grad():
-        extra.model.layers[0].input_layernorm.weight.mul_(1.5)  # all ones: relative change 0.5
-        extra.model.embed_tokens.weight[5] += 1.0
+        extra.model.layers[1].post_attention_layernorm.weight.mul_(1 + 5e-4)  # below the 0.1% threshold
+        extra.model.layers[0].input_layernorm.weight.mul_(1 + 2e-3)
     ft_dir = save_tiny(extra, tmp_path / "finetuned")
-    summary = extract_lora(base_dir, ft_dir, tmp_path / "adapter", rank=2, progress=False)
-    skipped = {s["tensor"]: s for s in summary["skipped"]}
-    assert set(skipped) == {"model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"}
-    assert skipped["model.layers.0.input_layernorm.weight"]["relative_change"] == pytest.approx(0.5)
-    assert "1-D" in skipped["model.layers.0.input_layernorm.weight"]["reason"]
-    assert "embedding" in skipped["model.embed_tokens.weight"]["reason"]
-    assert len(summary["modules"]) == len(CHANGED)
+    with pytest.warns(UserWarning, match="post_attention_layernorm"):
+        summary = extract_lora(base_dir, ft_dir, tmp_path / "adapter", rank=2, progress=False)
+    assert [m["module"] for m in summary["modules_to_save"]] == ["model.layers.0.input_layernorm"]
+    (skipped,) = summary["skipped"]
+    assert skipped["tensor"] == "model.layers.1.post_attention_layernorm.weight"
+    assert (
+        skipped["relative_change"] == pytest.approx(5e-4, rel=1e-2)
+        and "less than the 0.1%" in skipped["reason"]
+    )
+
+
+def test_named_modules_are_saved_whole_changed_or_not_instead_of_lora_factors(moved_pair, tmp_path):
+    base_dir, ft_dir, finetuned = moved_pair
+    names = ["input_layernorm", "model.layers.0.self_attn.q_proj"]
+    with pytest.warns(UserWarning, match="not in modules_to_save"):
+        summary = extract_lora(
+            base_dir, ft_dir, tmp_path / "adapter", rank=2, modules_to_save=names, progress=False
+        )
+    saved = {m["module"]: m for m in summary["modules_to_save"]}
+    # Every layer's input_layernorm (a dotted suffix), the unchanged one too; q_proj whole, not factored.
+    assert set(saved) == {
+        "model.layers.0.input_layernorm", "model.layers.1.input_layernorm", "model.layers.0.self_attn.q_proj"
+    }  # fmt: skip
+    assert saved["model.layers.1.input_layernorm"]["relative_change"] == 0.0
+    assert "model.layers.0.self_attn.q_proj" not in {m["module"] for m in summary["modules"]}
+    model = load_with_peft(base_dir, tmp_path / "adapter")
+    q_proj = model.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert torch.equal(
+        q_proj.modules_to_save["default"].weight, finetuned.model.layers[0].self_attn.q_proj.weight
+    )
+
+
+def test_modules_to_save_names_no_module_has_are_refused(llama_pair, tmp_path):
+    base_dir, ft_dir, _ = llama_pair
+    with pytest.raises(WeightkitError, match="no module of the model is named 'layernorm'"):
+        extract_lora(base_dir, ft_dir, tmp_path / "a", rank=2, modules_to_save=["layernorm"], progress=False)
+    with pytest.raises(WeightkitError, match="'auto', 'none' or a list of module names"):
+        extract_lora(base_dir, ft_dir, tmp_path / "a", rank=2, modules_to_save="model.norm", progress=False)
+    assert not (tmp_path / "a").exists()
 
 
 def test_rank_above_a_layer_size_is_capped_through_rank_pattern(llama_pair, tmp_path):

@@ -216,7 +216,7 @@ def test_bad_merges_are_refused_and_write_nothing(models, tmp_path):
     with pytest.raises(WeightkitError, match="does not use a base model"):
         merge(base, tuned, linear, out, progress=False)
     with pytest.raises(WeightkitError, match=r"slerp merges exactly 1 model"):
-        merge(base, tuned[:2], config_from_dict("merge", {"method": "slerp"}), out, progress=False)
+        merge(base, tuned[:2], config_from_dict("merge", {"method": "slerp", "t": 0.5}), out, progress=False)
     with pytest.raises(WeightkitError, match="needs a base|base model"):
         merge(None, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False)
     bad_density = [{"model": tuned[0], "parameters": {"density": 2}}]
@@ -537,9 +537,8 @@ def test_a_non_finite_input_of_a_weighted_sum_is_named(models, tmp_path, value, 
     with pytest.raises(
         WeightkitError, match=r"model.layers.1.mlp.up_proj.weight of .*broken contains 1 NaN/Inf"
     ):
-        merge(
-            base_dir, entries, config_from_dict("merge", {"method": method}), tmp_path / "out", progress=False
-        )
+        config = config_from_dict("merge", {"method": method, **({"t": 0.5} if method == "slerp" else {})})
+        merge(base_dir, entries, config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from weightkit.adapt.layer import adapter_keys
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
 from weightkit.adapt.peft_format import lora_config_from_peft
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
@@ -221,6 +221,7 @@ def merge_adapter_checkpoint(
                 merged += name in changed
             if reader.directory is not None:
                 writer.copy_files(reader.directory)
+            writer.write_model_card(ModelCard("merge-adapter", "lora", [str(base), str(adapter_dir)]))
         return {"tensors": len(reader.names()), "merged": merged, "output": str(out_dir)}
 
 

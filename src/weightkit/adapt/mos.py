@@ -107,15 +107,22 @@ class MoSConfig:
                 raise WeightkitError(f"mos: {name} must be an integer >= 1, got {value!r}")
         if not is_int(self.private_rank) or self.private_rank < 0:
             raise WeightkitError(f"mos: private_rank must be an integer >= 0, got {self.private_rank!r}")
-        if self.budget_rank > self.rank:
+        # Each suggested fix stays inside the other bounds: private_rank < budget_rank <= rank.
+        private, budget, rank = self.private_rank, self.budget_rank, self.rank
+        if budget > rank:
+            least_rank = max(budget, private + 1)
+            fix = f"budget_rank {private + 1}..{rank}" if private < rank else f"rank >= {least_rank}"
             raise WeightkitError(
-                f"mos: budget_rank {self.budget_rank} is larger than rank {self.rank}; it would train more "
-                f"numbers than LoRA of rank {self.rank}"
+                f"mos: budget_rank {budget} is larger than rank {rank}; it would train more numbers than "
+                f"LoRA of rank {rank}: give {fix}"
             )
-        if self.private_rank >= self.budget_rank:
+        if private >= budget:
+            fixes = [f"private_rank 0..{budget - 1}"] + (
+                [f"budget_rank {private + 1}..{rank}"] if private < rank else []
+            )
             raise WeightkitError(
-                f"mos: private_rank {self.private_rank} must be less than budget_rank {self.budget_rank}, or "
-                "nothing is left to share (that is plain LoRA of rank budget_rank)"
+                f"mos: private_rank {private} must be less than budget_rank {budget}, or nothing is left to "
+                f"share (that is plain LoRA of rank budget_rank): give {' or '.join(fixes)}"
             )
         if not 0 <= self.dropout < 1:
             raise WeightkitError(f"mos: dropout must be in [0, 1), got {self.dropout}")
@@ -310,11 +317,16 @@ def add_mos(
     for (role, out_features, in_features), members in groups.items():
         shared_vectors = (config.budget_rank - config.private_rank) * len(members)
         if config.rank - config.private_rank > shared_vectors:
+            # Both fixes keep private_rank < budget_rank <= rank: with n >= 1 layers, the smallest budget
+            # that fits is at most rank, and the largest rank that fits is at least budget_rank.
+            private, count = config.private_rank, len(members)
+            least_budget = private + -(-(config.rank - private) // count)
+            most_rank = private + (config.budget_rank - private) * count
             raise WeightkitError(
-                f"mos: the {len(members)} {role} layer(s) ({out_features}x{in_features}) share a pool of "
+                f"mos: the {count} {role} layer(s) ({out_features}x{in_features}) share a pool of "
                 f"{shared_vectors} vectors, but each layer draws rank - private_rank = "
-                f"{config.rank - config.private_rank} distinct ones; raise budget_rank, lower rank, or "
-                "adapt more layers"
+                f"{config.rank - private} distinct ones; give budget_rank {least_budget}..{config.rank}, "
+                f"or rank {config.budget_rank}..{most_rank}, or adapt more layers"
             )
     generator = torch.Generator().manual_seed(config.seed)
     for members in groups.values():
@@ -339,13 +351,15 @@ def _check_layer(module_name: str, layer: MoSLinear, name: str, config: MoSConfi
     if config.rank > min(out_features, in_features):
         raise WeightkitError(
             f"mos: rank {config.rank} is larger than the {out_features}x{in_features} layer {module_name} "
-            "allows"
+            f"allows: give rank <= {min(out_features, in_features)} (and budget_rank <= rank)"
         )
     shards = config.shards_per_vector
     if in_features % shards or out_features % shards:
+        common = math.gcd(out_features, in_features)
+        fitting = [d for d in range(1, min(common, 16) + 1) if common % d == 0]
         raise WeightkitError(
             f"mos: shards_per_vector {shards} does not divide the {out_features}x{in_features} layer "
-            f"{module_name}"
+            f"{module_name}: give one that divides both sides, e.g. {', '.join(map(str, fitting))}"
         )
 
 

@@ -17,6 +17,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
@@ -28,11 +29,53 @@ from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.checkpoint.header import SAFETENSORS_DTYPES
 from weightkit.errors import WeightkitError
 
-__all__ = ["CheckpointWriter", "atomic_file", "check_target", "default_permissions"]
+__all__ = ["CheckpointWriter", "ModelCard", "atomic_file", "check_target", "default_permissions"]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
 _EXPORT_DIRS = {"onnx", "openvino", "coreml"}
+# The model card: it describes the source model, not what weightkit made of it (ModelCard writes the
+# output's own).
+_MODEL_CARD = "README.md"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The README.md of an output: what weightkit did, to which models, with which settings.
+
+    As mergekit writes its merges' cards: YAML front matter for the Hugging Face Hub (``base_model``: the
+    inputs, ``library_name``, ``tags``), then the command, method, inputs and settings. The source
+    model's card is not kept: its text describes the source (its benchmarks, its training, its license
+    notes), not the output.
+
+    Attributes:
+        verb: the weightkit command that made the output (``"merge"``, ``"compress"``, ``"align"`` ...).
+        method: the method it used (``"ties"``, ``"gptq"`` ...).
+        inputs: the models read, as given; the base first when there is one.
+        settings: the method's settings, ``{name: JSON-ready value}``.
+    """
+
+    verb: str
+    method: str
+    inputs: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def text(self, name: str) -> str:
+        """The card of the output directory called ``name``."""
+        from weightkit import __version__
+
+        front = ["---", "base_model:", *(f"- {json.dumps(path)}" for path in self.inputs)]
+        front += ["library_name: transformers", "tags:"]
+        front += [f"- {json.dumps(tag)}" for tag in dict.fromkeys(("weightkit", self.verb, self.method))]
+        lines = [*front, "---", f"# {name}", ""]
+        lines += [f"Made with weightkit {__version__}: `weightkit {self.verb}`, method `{self.method}`.", ""]
+        lines += ["## Inputs", "", *(f"- `{path}`" for path in self.inputs), ""]
+        if self.settings:
+            settings = (
+                f"- {key}: `{json.dumps(value, default=str)}`" for key, value in self.settings.items()
+            )
+            lines += ["## Settings", "", *settings, ""]
+        return "\n".join(lines)
 
 
 def _fsync(path: Path) -> None:
@@ -290,10 +333,11 @@ class CheckpointWriter:
     def copy_files(self, src_dir: str | Path) -> list[str]:
         """Copy every non-weight file of a model directory into the output.
 
-        Copies configs, tokenizer files, README, sentence-transformers modules and subfolders
-        (``1_Pooling/`` ...). Skips weight files and weight indexes of any format, export subfolders
-        (``onnx/``, ``openvino/``, ``coreml/``), hidden folders (``.git``, ``.cache``) and files the
-        output already has (so a ``write_json`` made earlier wins).
+        Copies configs, tokenizer files, sentence-transformers modules and subfolders (``1_Pooling/`` ...).
+        Skips weight files and weight indexes of any format, export subfolders (``onnx/``, ``openvino/``,
+        ``coreml/``), hidden folders (``.git``, ``.cache``), the model card ``README.md`` (it describes the
+        source: :meth:`write_model_card` writes the output's) and files the output already has (so a
+        ``write_json`` made earlier wins).
 
         Args:
             src_dir: the source model directory.
@@ -317,7 +361,7 @@ class CheckpointWriter:
                 and Path(os.path.abspath(root_path / d)) != self._target
             )
             for file in sorted(files):
-                if is_weight_file(file):
+                if is_weight_file(file) or (root_path == src_dir and file == _MODEL_CARD):
                     continue
                 rel = (root_path / file).relative_to(src_dir)
                 dest = self._tmp / rel
@@ -340,6 +384,10 @@ class CheckpointWriter:
         dest = self._tmp / _safe_relpath(relpath)
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(text, encoding="utf-8")
+
+    def write_model_card(self, card: ModelCard) -> None:
+        """Write ``card`` as the output's README.md."""
+        self.write_text(_MODEL_CARD, card.text(self._target.name))
 
     # -- finishing -------------------------------------------------------------------------------------
 

@@ -4,8 +4,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 import weightkit
 from weightkit.cli import adapt, compress, merge
@@ -73,6 +76,12 @@ def _with_method_help(sub: argparse._SubParsersAction, argv: list[str]) -> None:
         subcommand.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as the command's errors are shown, without the source line Python would print."""
+    text = escape(str(message))  # a message's own [brackets] are not markup
+    console.print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False, soft_wrap=True, markup=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, sub = _parser()
@@ -90,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         # Our own progress bars say what is happening; transformers' per-load bar is noise here.
         transformers.utils.logging.disable_progress_bar()
     try:
-        result = args.run(args)
+        with warnings.catch_warnings():  # restores the caller's warning display (main runs in tests too)
+            warnings.showwarning = _print_warning
+            result = args.run(args)
     except WeightkitError as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
         return 1

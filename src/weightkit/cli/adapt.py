@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import warnings
 from typing import Any
 
 from weightkit.cli.common import common_options, print_table, refuse_existing
@@ -38,6 +39,13 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
             raise WeightkitError(f"--option takes KEY=VALUE, got {option!r}")
         values[key.replace("-", "_")] = _option_value(value)
     adapter_config = config_from_dict("adapt", values)
+    alpha = getattr(adapter_config, "alpha", None)
+    if isinstance(alpha, int | float) and alpha < 0:
+        warnings.warn(
+            f"alpha {alpha} is negative: the update is scaled by alpha / rank, so its sign is flipped "
+            "(training learns the opposite factors); give a positive alpha unless that is meant",
+            stacklevel=1,
+        )
     train = TrainConfig(
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.seq_len, warmup_steps=args.warmup_steps, save_every=args.save_every,

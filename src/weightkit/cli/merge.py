@@ -136,6 +136,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
         args.finetuned,
         out,
         rank=args.rank,
+        modules_to_save=_modules_to_save_arg(args.modules_to_save),
         dtype=DTYPES[args.dtype] if args.dtype else None,
         overwrite=args.force,
         progress=not args.json,
@@ -149,6 +150,10 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
             for m in summary["modules"]
         ]  # fmt: skip
         print_table(f"weightkit extract-lora (rank {args.rank})", rows)
+        for item in summary["modules_to_save"]:
+            change = item["relative_change"]
+            changed = f"changed by {change:.2%}" if change is not None else "changed from zero"
+            results.print(f"saved whole: {item['module']} ({changed}; {mb(item['bytes'])})", highlight=False)
         for item in summary["skipped"]:
             change = item.get("relative_change")
             changed = f"changed by {change:.2%}" if change is not None else "changed"
@@ -165,6 +170,11 @@ def _cmd_extract_lora(args: argparse.Namespace) -> dict[str, Any]:
 def _share(moved: float | None) -> str:
     """A fraction moved as a percentage; "-" where align does not permute those units."""
     return "-" if moved is None else f"{moved:.0%}"
+
+
+def _modules_to_save_arg(text: str) -> str | list[str]:
+    """``--modules-to-save``: ``auto``, ``none`` or comma-separated module names."""
+    return text if text in ("auto", "none") else [name.strip() for name in text.split(",")]
 
 
 def _cmd_align(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,9 +312,11 @@ def add_parsers(sub) -> None:
         help="approximate a fine-tune as a LoRA adapter of its base model (PEFT format)",
         description=(
             "Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose layers are "
-            "the truncated SVD of each changed Linear weight's difference, fine-tuned minus base. The "
-            "summary gives each layer's relative error ||dW - BA|| / ||dW||; changed tensors a LoRA "
-            "cannot hold (norms, biases, embeddings) are listed. Load it with "
+            "the truncated SVD of each changed Linear weight's difference, fine-tuned minus base, and "
+            "which holds the changed embeddings, norms and other modules a LoRA cannot hold as whole "
+            "copies (PEFT's modules_to_save). The summary gives each layer's relative error "
+            "||dW - BA|| / ||dW||, each saved module's relative change, and the changed tensors left out "
+            "(with a warning naming the largest). Load it with "
             "peft.PeftModel.from_pretrained(base_model, OUT)."
         ),
     )
@@ -313,9 +325,21 @@ def add_parsers(sub) -> None:
     x.add_argument("-r", "--rank", type=int, required=True, help="LoRA rank (capped at each layer's size)")
     x.add_argument("-o", "--output", required=True, help="adapter directory (must not exist unless --force)")
     x.add_argument(
+        "--modules-to-save",
+        default="auto",
+        metavar="auto|none|NAME,...",
+        help=(
+            "modules the adapter holds whole, as PEFT's modules_to_save, so that PEFT puts the fine-tune's "
+            "tensors in place of the base's. auto (default): every module without LoRA factors "
+            "(embeddings, norms, a tied output head ...) one of whose tensors changed by at least 0.1%% of "
+            "its norm; none: no module; NAME,...: these modules, changed or not, instead of LoRA factors "
+            "(full names or dotted suffixes, e.g. embed_tokens,norm)"
+        ),
+    )
+    x.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        help="dtype of the stored factors (default: the fine-tuned weights' dtype)",
+        help="dtype of the stored factors (default: the fine-tuned weights' dtype; whole modules keep it)",
     )
     x.set_defaults(run=_cmd_extract_lora)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from weightkit.arch import block_lists, model_task
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
@@ -25,7 +25,7 @@ from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import export_tensors, packed_tensors, quantized_model_config
 from weightkit.quantized.grid import rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
-from weightkit.registry import entry_for_config
+from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
 
 __all__ = ["compress_checkpoint"]
@@ -143,6 +143,8 @@ def compress_checkpoint(
         tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
+            settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
+            writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
             streamed = _StreamedModel(model, reader, writer)
             if isinstance(config, RTNConfig):
                 _stream_rtn(model, config, streamed, progress, device)

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.errors import WeightkitError
 from weightkit.merge.rebasin import PermutationSpec, apply_permutation, matching_objective, weight_matching
 from weightkit.progress import track
@@ -470,6 +470,14 @@ def align_checkpoint(
                     total_bytes += tensor.numel() * tensor.element_size()
             if model.directory is not None:
                 writer.copy_files(model.directory)
+            writer.write_model_card(
+                ModelCard(
+                    "align",
+                    "weight_matching",
+                    [str(model_dir), str(reference_dir)],
+                    {"max_iter": max_iter, "seed": seed},
+                )
+            )
     finally:
         for reader in readers:
             reader.close()

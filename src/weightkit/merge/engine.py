@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.chat_template import resolve_chat_template, save_chat_template
 from weightkit.merge.params import gradient_position, layer_index, value_at, with_layer_index
@@ -51,7 +51,7 @@ from weightkit.merge.slices import (
     slice_position,
 )
 from weightkit.progress import track
-from weightkit.registry import entry_for_config, lookup
+from weightkit.registry import config_to_dict, entry_for_config, lookup
 from weightkit.runtime.device import resolve_device
 
 __all__ = [
@@ -355,6 +355,7 @@ def run_parts(
     progress: bool = True,
     propagates_non_finite: bool = False,
     chat_template: str | None = None,
+    card: ModelCard | None = None,
 ) -> dict:
     """Stream several plans into one checkpoint (the slices of a slice merge), as :func:`run_merge` does one.
 
@@ -363,6 +364,7 @@ def run_parts(
         reference: the model whose config (with ``config_updates``) and tokenizer files the output gets.
         config_updates: values that replace the reference's in the output's ``config.json``.
         chat_template: a template to write into the output's tokenizer (the reference's, copied).
+        card: the output's README.md (None: the output has none; the reference's is not copied).
 
     Every reader of the parts, and ``reference``, is closed at the end.
     """
@@ -393,6 +395,8 @@ def run_parts(
                 writer.add(job.name, merged)
             if reference.directory is not None:
                 writer.copy_files(reference.directory)
+            if card is not None:
+                writer.write_model_card(card)
             if chat_template is not None:
                 save_chat_template(writer.path, chat_template)
     finally:
@@ -609,6 +613,7 @@ def merge(
         overwrite=overwrite,
         progress=progress,
         chat_template=(chat_template, [r.path for r in plan.readers]),
+        card=_card(config, [str(base)] if plan.has_base else [], {str(m.path): m.overrides for m in parsed}),
     )
     return {
         "method": entry_for_config(config).name,
@@ -670,6 +675,7 @@ def merge_slices(
         overwrite=overwrite,
         progress=progress,
         chat_template=(chat_template, inputs),
+        card=_card(config, [str(path) for path in inputs], {}),
     )
     paths = [str(s.model) for piece in slices for s in piece.sources]
     return {
@@ -735,6 +741,14 @@ def _merge_parts(
         for part in parts:
             close_plan(part.plan, part.models)
     return {**summary, "device": str(device), **_combined_report(reports)}
+
+
+def _card(config: Any, inputs: list[str], per_model: dict[str, dict[str, Any]]) -> ModelCard:
+    """The merge's model card: the method's settings, then each model's own parameters (by its path)."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
+    settings.update({path: params for path, params in per_model.items() if params})
+    paths = list(dict.fromkeys([*inputs, *per_model]))
+    return ModelCard("merge", entry_for_config(config).name, paths, settings)
 
 
 def _merge_fn(part: MergePart, merger: Callable[[TensorInputs], Tensor]) -> MergeFn:

@@ -23,15 +23,24 @@ Choices, and why:
   device (no memory), so a Linear layer is told apart from an embedding, and GPT-2's ``Conv1D`` (which
   stores its weight transposed) gets transposed factors. When the class cannot be built (unknown
   architecture), types are guessed from names: every 2-D ``*.weight`` except embeddings is a Linear.
-- **Not extracted** (listed in the summary as skipped, with their relative change): 1-D tensors (norms,
-  biases), embeddings (PEFT's embedding LoRA has other key names and, with tied embeddings, would not
-  reach the output head), an output head tied to the embeddings, and weights of other layer types.
+- **Other changed modules are saved whole** (``modules_to_save="auto"``): embeddings, norms, an output
+  head tied to the embeddings and weights of other layer types get no LoRA factors (PEFT's embedding LoRA
+  has other key names and, with tied embeddings, would not reach the output head). A module one of whose
+  tensors changed by at least 0.1% of its norm is stored whole as PEFT's ``modules_to_save`` and PEFT
+  uses the fine-tune's copy of it (mergekit's extract-lora stores every embedding and every layer it
+  cannot factor so, changed or not). Full module names again, so that the unchanged norms of other
+  layers are not copied. A tied head is saved with the embeddings (PEFT copies each saved module on its
+  own, so the head would otherwise keep the base's weight). Changed tensors left out (below the
+  threshold, biases of layers that get LoRA factors, ``"none"``) are listed as skipped, with their
+  relative change, and the largest is named in a warning.
 """
 
 import math
 import re
 import sys
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +63,12 @@ _SVD_METHODS = ("auto", "full", "randomized")
 # flat (Gaussian) spectrum and 0.002% on a decaying one. The exact SVD scales as n^3 (~0.3 s at 1024).
 _FULL_SVD_MAX_DIM = 1024
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "shared")
+_SAVE_MODES = ("auto", "none")
+# modules_to_save="auto" saves a module whole when one of its tensors changed by at least this fraction of
+# its norm. bfloat16 rounds each value by up to 2^-9 (0.2%), about 0.1% of a tensor's norm: a smaller
+# change is that of storing the weights once more in bfloat16, not of training, and not worth a copy of an
+# embedding table (vocabulary x hidden size) in the adapter.
+_SAVE_THRESHOLD = 1e-3
 
 
 # -- the math -------------------------------------------------------------------------------------------
@@ -174,6 +189,18 @@ class _Target:
     transposed: bool  # Conv1D stores its weight as [in_features, out_features]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What each checkpoint tensor is, for the adapter."""
+
+    kinds: dict[str, _Target | str]  # per tensor: its LoRA target, or why it gets no LoRA factors
+    owners: dict[str, str | None]  # per tensor: the module holding it (model naming), None if no module does
+    # The input embedding and the output head sharing its weight, as (embedding, head) module names.
+    tied: tuple[str, str] | None
+    # Modules that cannot be saved whole (modules_to_save), and why.
+    unsavable: dict[str, str]
+
+
 def _build_skeleton(reader: CheckpointReader) -> nn.Module | None:
     """The model class of ``config.json`` on the meta device, or None when transformers cannot build it."""
     import transformers
@@ -197,7 +224,7 @@ def _get_or_none(getter) -> nn.Module | None:
         return None
 
 
-def _classify_by_model(reader: CheckpointReader, model: nn.Module) -> dict[str, _Target | str]:
+def _layout_by_model(reader: CheckpointReader, model: nn.Module) -> _Layout:
     from transformers.pytorch_utils import Conv1D
 
     from weightkit.models import CheckpointNames
@@ -206,43 +233,59 @@ def _classify_by_model(reader: CheckpointReader, model: nn.Module) -> dict[str, 
     modules = dict(model.named_modules())
     head, embedding = _get_or_none(model.get_output_embeddings), _get_or_none(model.get_input_embeddings)
     tied_head = head is not None and embedding is not None and head.weight is embedding.weight
+    tied = None
+    if tied_head:
+        tied = tuple(next(n for n, m in modules.items() if m is module) for module in (embedding, head))
     arch = type(model).__name__
-    result: dict[str, _Target | str] = {}
+    kinds: dict[str, _Target | str] = {}
+    owners: dict[str, str | None] = {}
     for name in reader.names():
-        model_name = names.to_model(name)
-        module = modules.get(model_name.removesuffix(".weight")) if model_name.endswith(".weight") else None
-        if module is None:
-            result[name] = f"not the weight of a layer of {arch}"
+        owner, _, kind = names.to_model(name).rpartition(".")
+        module = modules.get(owner)
+        owners[name] = owner if owner and module is not None else None  # "" is the model itself
+        if module is None or kind != "weight":
+            kinds[name] = f"not the weight of a layer of {arch}"
         elif isinstance(module, nn.Embedding):
-            result[name] = "embedding: not extracted (PEFT's embedding LoRA is not supported here)"
+            kinds[name] = "embedding: not extracted (PEFT's embedding LoRA is not supported here)"
         elif tied_head and module is head:
-            result[name] = "output head tied to the input embeddings"
+            kinds[name] = "output head tied to the input embeddings"
         elif isinstance(module, nn.Linear):
-            result[name] = _Target(model_name.removesuffix(".weight"), transposed=False)
+            kinds[name] = _Target(owner, transposed=False)
         elif isinstance(module, Conv1D):
-            result[name] = _Target(model_name.removesuffix(".weight"), transposed=True)
+            kinds[name] = _Target(owner, transposed=True)
         else:
-            result[name] = (
+            kinds[name] = (
                 f"weight of a {type(module).__name__} layer: only Linear and Conv1D get LoRA factors"
             )
-    return result
+    return _Layout(kinds, owners, tied, unsavable={})
 
 
-def _classify_by_name(reader: CheckpointReader) -> dict[str, _Target | str]:
+def _layout_by_name(reader: CheckpointReader) -> _Layout:
     tied = bool((reader.config or {}).get("tie_word_embeddings", False))
-    result: dict[str, _Target | str] = {}
+    kinds: dict[str, _Target | str] = {}
+    owners: dict[str, str | None] = {}
+    unsavable: dict[str, str] = {}
     for name in reader.names():
-        module = name.removesuffix(".weight")
+        module, _, kind = name.rpartition(".")
         last = module.rsplit(".", 1)[-1]
-        if not name.endswith(".weight"):
-            result[name] = "not the weight of a layer"
+        owners[name] = module or None
+        if kind != "weight":
+            kinds[name] = "not the weight of a layer"
         elif any(hint in last for hint in _EMBEDDING_HINTS):
-            result[name] = "embedding: not extracted (PEFT's embedding LoRA is not supported here)"
+            kinds[name] = "embedding: not extracted (PEFT's embedding LoRA is not supported here)"
+            if tied:
+                # A saved copy of the embeddings would not reach the output head, whose name is unknown here.
+                unsavable[module] = (
+                    "embedding tied to the output head, whose module is unknown without the model class"
+                )
         elif tied and last == "lm_head":
-            result[name] = "output head tied to the input embeddings"
+            kinds[name] = "output head tied to the input embeddings"
+            unsavable[module] = (
+                "output head tied to the input embeddings of an architecture transformers cannot build"
+            )
         else:
-            result[name] = _Target(module, transposed=False)
-    return result
+            kinds[name] = _Target(module, transposed=False)
+    return _Layout(kinds, owners, tied=None, unsavable=unsavable)
 
 
 # -- the checkpoint-level job ------------------------------------------------------------------------------
@@ -299,7 +342,12 @@ def _task_type(reader: CheckpointReader) -> str | None:
 
 
 def _adapter_config(
-    base_name: str, rank: int, targets: list[dict], task_type: str | None, fan_in_fan_out: bool
+    base_name: str,
+    rank: int,
+    targets: list[dict],
+    modules_to_save: list[str],
+    task_type: str | None,
+    fan_in_fan_out: bool,
 ) -> dict:
     # rank_pattern / alpha_pattern keys are regexes matched against the end of a module's name.
     capped = {re.escape(t["module"]): t["rank"] for t in targets if t["rank"] != rank}
@@ -320,7 +368,7 @@ def _adapter_config(
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -346,6 +394,7 @@ def extract_lora(
     out_dir: str | Path,
     *,
     rank: int,
+    modules_to_save: str | Sequence[str] = "auto",
     dtype: torch.dtype | None = None,
     svd: str = "auto",
     seed: int = 0,
@@ -358,8 +407,10 @@ def extract_lora(
     Streams tensor by tensor: one tensor of each model is in memory at a time, plus the adapter (which
     is written as one ``adapter_model.safetensors``, as PEFT loads no sharded adapters). Every changed
     weight of a Linear (or GPT-2 ``Conv1D``) layer, including an untied output head, gets rank-``rank``
-    factors from :func:`lowrank_delta`; other changed tensors are listed as skipped; unchanged tensors
-    are left out silently. The output directory appears only when complete.
+    factors from :func:`lowrank_delta`; other changed modules (embeddings, norms ...) are saved whole as
+    PEFT's ``modules_to_save`` as ``modules_to_save`` says; the changed tensors left out are listed as
+    skipped and the largest of them is named in a warning; unchanged tensors are left out silently. The
+    output directory appears only when complete.
 
     Args:
         base_dir: the base model's Hugging Face directory (safetensors weights and ``config.json``). It is
@@ -368,6 +419,13 @@ def extract_lora(
         out_dir: the adapter directory to create.
         rank: the LoRA rank ``r >= 1``. A layer smaller than ``r`` gets its full rank
             (``rank_pattern``/``alpha_pattern`` entries in the config say so).
+        modules_to_save: which modules the adapter holds whole (the fine-tune's tensors, in their dtype),
+            so that PEFT puts them in place of the base's. ``"auto"``: every module without LoRA factors
+            (embeddings, norms, a Linear layer of which only the bias changed ...) one of whose tensors
+            changed by at least 0.1% of its norm (any change of a zero tensor). ``"none"``: no module.
+            A list of names: those modules instead of LoRA factors for them, changed or not; a name is a
+            module's full name or a dotted suffix of it (``"input_layernorm"`` is every layer's), as
+            PEFT matches them. An output head tied to the input embeddings is saved with them.
         dtype: dtype of the stored factors; None stores each in its fine-tuned weight's dtype. The
             reported errors are those of the stored factors.
         svd: ``"auto"``, ``"full"`` or ``"randomized"``; see :func:`lowrank_delta`.
@@ -380,13 +438,17 @@ def extract_lora(
     Returns:
         A JSON-ready summary: ``out_dir``, ``rank``, ``modules`` (one entry per extracted layer:
         ``module``, ``tensor``, ``shape`` ``[out, in]``, ``rank``, ``relative_error``, ``bytes``),
-        ``max_relative_error``, ``skipped`` (changed tensors that are not in the adapter: ``tensor``,
-        ``shape``, ``relative_change`` = ``||W_ft - W_base|| / ||W_base||`` (None for a zero base),
-        ``reason``), ``unchanged`` (count), ``adapter_params``, ``adapter_bytes``, ``module_types``
-        (``"model"`` if layer types came from the model class, ``"names"`` if guessed) and ``seconds``.
+        ``max_relative_error``, ``modules_to_save`` (one entry per module saved whole: ``module``,
+        ``tensors``, ``relative_change`` (the largest of its tensors'), ``bytes``), ``save_threshold`` (the
+        relative change from which ``"auto"`` saves a module), ``skipped`` (changed tensors that are not in
+        the adapter: ``tensor``, ``shape``, ``relative_change`` = ``||W_ft - W_base|| / ||W_base||`` (None
+        for a zero base), ``reason``), ``unchanged`` (count), ``adapter_params``, ``adapter_bytes``,
+        ``module_types`` (``"model"`` if layer types came from the model class, ``"names"`` if guessed) and
+        ``seconds``.
 
     Raises:
-        WeightkitError: ``rank < 1``; a bad ``svd`` or ``dtype``; different architectures, tensor names or
+        WeightkitError: ``rank < 1``; a bad ``svd``, ``dtype`` or ``modules_to_save`` (a name no module
+            has, or a module that cannot be saved whole); different architectures, tensor names or
             shapes; a quantized checkpoint; NaN/Inf in a weight; ``out_dir`` exists (without
             ``overwrite``) or is one of the inputs; no Linear weight differs. Nothing is written then.
     """
@@ -397,6 +459,10 @@ def extract_lora(
         raise WeightkitError(f"unknown SVD method {svd!r}: expected one of {', '.join(_SVD_METHODS)}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise WeightkitError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if isinstance(modules_to_save, str) and modules_to_save not in _SAVE_MODES:
+        raise WeightkitError(
+            f"modules_to_save must be 'auto', 'none' or a list of module names, got {modules_to_save!r}"
+        )
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, [Path(base_dir), Path(finetuned_dir)])
 
@@ -410,23 +476,110 @@ def extract_lora(
         _check_pair(base, finetuned)
         skeleton = _build_skeleton(base)
         module_types = "names" if skeleton is None else "model"
-        kinds = _classify_by_name(base) if skeleton is None else _classify_by_model(base, skeleton)
+        layout = _layout_by_name(base) if skeleton is None else _layout_by_model(base, skeleton)
         del skeleton
+        named = None if isinstance(modules_to_save, str) else _named_modules(modules_to_save, layout)
         summary = _stream(
-            base, finetuned, kinds, out_dir, str(base_dir), rank, dtype, svd, seed, overwrite, progress
-        )
+            base, finetuned, layout, modules_to_save if named is None else named, out_dir, str(base_dir),
+            rank, dtype, svd, seed, overwrite, progress,
+        )  # fmt: skip
     finally:
         base.close()
         finetuned.close()
+    if summary["skipped"]:
+        _warn_left_out(summary["skipped"])
     summary["module_types"] = module_types
     summary["seconds"] = time.perf_counter() - start
     return summary
 
 
+def _named_modules(names: Sequence[str], layout: _Layout) -> set[str]:
+    """The modules ``names`` stands for: each name is a module's full name or a dotted suffix of it."""
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise WeightkitError(f"modules_to_save needs module names, got {list(names)!r}")
+    modules = {owner for owner in layout.owners.values() if owner is not None} | set(layout.tied or ())
+    chosen: set[str] = set()
+    for name in names:
+        matched = {module for module in modules if module == name or module.endswith("." + name)}
+        if not matched:
+            examples = ", ".join(sorted(modules, key=len)[:4])
+            raise WeightkitError(
+                f"modules_to_save: no module of the model is named {name!r} or ends with '.{name}' "
+                f"(modules are named like {examples})"
+            )
+        refused = sorted(matched & layout.unsavable.keys())
+        if refused:
+            raise WeightkitError(
+                f"modules_to_save: {refused[0]} cannot be saved whole: {layout.unsavable[refused[0]]}"
+            )
+        chosen |= matched
+    return _with_tied(chosen, layout.tied)
+
+
+def _with_tied(modules: set[str], tied: tuple[str, str] | None) -> set[str]:
+    # PEFT gives each saved module its own copy: a saved embedding alone would leave the head tied to it on
+    # the base's weight, so the embedding and the head sharing its weight are saved together.
+    return modules | set(tied) if tied and modules & set(tied) else modules
+
+
+def _auto_modules(left_out: list[dict], lora_modules: set[str], layout: _Layout) -> set[str]:
+    """The modules ``"auto"`` saves whole: without LoRA factors, with a tensor changed by the threshold."""
+    chosen = set()
+    for item in left_out:
+        module, change = layout.owners[item["tensor"]], item["relative_change"]
+        if module is None or module in lora_modules or module in layout.unsavable:
+            continue
+        if change is None or change >= _SAVE_THRESHOLD:
+            chosen.add(module)
+    return _with_tied(chosen, layout.tied)
+
+
+def _why_not_saved(tensor: str, mode: str | set[str], lora_modules: set[str], layout: _Layout) -> str:
+    module = layout.owners[tensor]
+    if mode == "none":
+        return "modules_to_save is 'none'"
+    if not isinstance(mode, str):
+        return "its module is not in modules_to_save"
+    if module is None:
+        return "no module of the model holds it"
+    if module in lora_modules:
+        return "its layer gets LoRA factors (name it in modules_to_save to save it whole instead)"
+    if module in layout.unsavable:
+        return layout.unsavable[module]
+    return f"changed by less than the {_SAVE_THRESHOLD:.1%} from which modules_to_save 'auto' saves a module"
+
+
+def _tensors_to_save(modules: set[str], layout: _Layout) -> dict[str, str]:
+    """``{adapter key (the model's naming): checkpoint tensor}`` for the modules saved whole."""
+    keys = {}
+    for name, owner in layout.owners.items():
+        if owner in modules:
+            keys[f"{owner}.{name.rpartition('.')[2]}"] = name
+    if layout.tied and set(layout.tied) <= modules:  # the head holds the embedding's weight
+        embedding, head = (f"{module}.weight" for module in layout.tied)
+        keys[embedding] = keys[head] = keys.get(embedding, keys.get(head))
+    return keys
+
+
+def _warn_left_out(skipped: list[dict]) -> None:
+    # A zero tensor that changed (relative change None) is the largest change.
+    largest = max(
+        skipped, key=lambda item: math.inf if item["relative_change"] is None else item["relative_change"]
+    )
+    change = largest["relative_change"]
+    by = "changed from zero" if change is None else f"changed by {change:.2%} of its norm"
+    warnings.warn(
+        f"{len(skipped)} changed tensor(s) are not in the adapter, so PEFT will not reproduce the fine-tune "
+        f"there; the largest change: {largest['tensor']} ({by}; {largest['reason']})",
+        stacklevel=3,
+    )
+
+
 def _stream(
     base: CheckpointReader,
     finetuned: CheckpointReader,
-    kinds: dict[str, _Target | str],
+    layout: _Layout,
+    save_mode: str | set[str],
     out_dir: Path,
     base_name: str,
     rank: int,
@@ -437,10 +590,11 @@ def _stream(
     progress: bool,
 ) -> dict:
     modules: list[dict] = []
-    skipped: list[dict] = []
+    left_out: list[dict] = []  # changed tensors without LoRA factors
     unchanged = 0
     params = 0
     conv1d = False
+    named = save_mode if isinstance(save_mode, set) else set()
     # One file however large: PEFT loads adapter_model.safetensors only, never shards.
     writer = CheckpointWriter(
         out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS
@@ -452,14 +606,14 @@ def _stream(
             if same:
                 unchanged += 1
                 continue
-            kind = kinds[name]
+            kind = layout.kinds[name] if layout.owners[name] not in named else "named in modules_to_save"
             if w_base.ndim != 2:
                 kind = "1-D tensor (norm or bias)" if w_base.ndim == 1 else f"{w_base.ndim}-D tensor"
                 kind += ": LoRA changes only the weight matrices of layers"
             elif not (w_base.is_floating_point() and w_ft.is_floating_point()):
                 kind = f"{w_base.dtype} tensor: not a floating-point weight"
             if isinstance(kind, str):
-                skipped.append(
+                left_out.append(
                     {
                         "tensor": name,
                         "shape": list(w_base.shape),
@@ -495,13 +649,36 @@ def _stream(
                     "bytes": lora_a.numel() * lora_a.element_size() + lora_b.numel() * lora_b.element_size(),
                 }
             )
+        lora_modules = {m["module"] for m in modules}
+        saved = _auto_modules(left_out, lora_modules, layout) if save_mode == "auto" else named
+        skipped = []
+        for item in left_out:
+            if layout.owners[item["tensor"]] not in saved:
+                why = _why_not_saved(item["tensor"], save_mode, lora_modules, layout)
+                skipped.append({**item, "reason": f"{item['reason']}; not saved whole: {why}"})
         if not modules:
-            listed = f" (changed but not extractable: {', '.join(s['tensor'] for s in skipped[:5])})"
+            listed = f" (changed but not extractable: {', '.join(s['tensor'] for s in left_out[:5])})"
             raise WeightkitError(
                 f"no Linear layer weight differs between {base.path} and {finetuned.path}; there is no "
-                f"LoRA to extract{listed if skipped else ''}"
+                f"LoRA to extract{listed if left_out else ''}"
             )
-        config = _adapter_config(base_name, rank, modules, _task_type(base), conv1d)
+        changes = {item["tensor"]: item["relative_change"] for item in left_out}
+        whole: dict[str, dict] = {}
+        for key, name in sorted(_tensors_to_save(saved, layout).items()):
+            tensor = finetuned.get_finite(name)
+            writer.add(PEFT_KEY_PREFIX + key, tensor)
+            params += tensor.numel()
+            entry = whole.setdefault(
+                key.rpartition(".")[0], {"tensors": [], "relative_change": 0.0, "bytes": 0}
+            )
+            entry["tensors"].append(name)
+            entry["bytes"] += tensor.numel() * tensor.element_size()
+            change = changes.get(name, 0.0)
+            if change is None or entry["relative_change"] is None:
+                entry["relative_change"] = None
+            else:
+                entry["relative_change"] = max(entry["relative_change"], change)
+        config = _adapter_config(base_name, rank, modules, sorted(whole), _task_type(base), conv1d)
         writer.write_json("adapter_config.json", config)
         writer.close()
     except BaseException:
@@ -513,6 +690,8 @@ def _stream(
         "rank": rank,
         "modules": modules,
         "max_relative_error": max(m["relative_error"] for m in modules),
+        "modules_to_save": [{"module": module, **entry} for module, entry in whole.items()],
+        "save_threshold": _SAVE_THRESHOLD,
         "skipped": skipped,
         "unchanged": unchanged,
         "adapter_params": params,

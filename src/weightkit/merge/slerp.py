@@ -81,10 +81,11 @@ class SlerpConfig:
 
     Attributes:
         t: interpolation factor; a number, a gradient over layers (``[0, 0.5, 1]``) or filter entries
-            (``[{filter: self_attn, value: [0, 1]}, {value: 0.5}]``), as in mergekit recipes.
+            (``[{filter: self_attn, value: [0, 1]}, {value: 0.5}]``), as in mergekit recipes. Required, as
+            in mergekit (which stops without it): a merge of two models halfway or not is the recipe's choice.
     """
 
-    t: Spec = 0.5
+    t: Spec | None = None  # None: not given, refused when the merge starts
 
     per_tensor: ClassVar[tuple[str, ...]] = ("t",)
     model_count: ClassVar[tuple[int, int | None]] = (1, 1)
@@ -93,10 +94,18 @@ class SlerpConfig:
     propagates_non_finite: ClassVar[bool] = True
 
     def __post_init__(self):
-        check_spec(self.t, "slerp: t")
+        if self.t is not None:
+            check_spec(self.t, "slerp: t")
 
 
 def _slerp_merger(config: SlerpConfig, plan, model_params):
+    # Checked here, when the merge starts, not in the config: a slices recipe may give t per slice only.
+    if config.t is None:
+        raise WeightkitError(
+            "slerp needs t, the interpolation factor from the base (t: 0) to the other model (t: 1), e.g. "
+            "parameters: {t: 0.5}; mergekit requires it too ('Missing required parameter t')"
+        )
+
     def merge_tensor(inputs):
         return slerp(inputs.base, inputs.tensors[0], inputs.values["t"], out=inputs.base)
 
