@@ -28,7 +28,12 @@ from weightkit.models import (
     transformer_blocks_name,
 )
 from weightkit.progress import track
-from weightkit.quantized.compressed_tensors import export_tensors, packed_tensors, quantized_model_config
+from weightkit.quantized.compressed_tensors import (
+    export_tensors,
+    packed_tensors,
+    quantized_model_config,
+    refuse_quantized,
+)
 from weightkit.quantized.grid import rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config
@@ -135,9 +140,13 @@ def compress_checkpoint(
         ``out_dir``.
 
     Raises:
-        WeightkitError: bad input (not a model directory, unsupported architecture, NaN/Inf weights,
-            shapes the grid cannot take, no calibration text ...); nothing is left at ``out_dir``.
+        WeightkitError: bad input (not a model directory, a quantized checkpoint, unsupported architecture,
+            NaN/Inf weights, shapes the grid cannot take, no calibration text ...); nothing is left at
+            ``out_dir``.
     """
+    refuse_quantized(
+        model_dir, verb="weightkit compress", instead="compress the full-precision model it was made from"
+    )
     entry = entry_for_config(config)
     device = resolve_device(device)
     model_dir = Path(model_dir)

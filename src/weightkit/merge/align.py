@@ -42,6 +42,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.errors import WeightkitError
 from weightkit.merge.rebasin import PermutationSpec, apply_permutation, matching_objective, weight_matching
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.runtime.device import resolve_device
 
 __all__ = [
@@ -372,6 +373,10 @@ def align_checkpoint(
             ``overwrite``, or a device this machine does not have. Nothing is written then.
     """
     start = time.perf_counter()
+    for path in (reference_dir, model_dir):
+        refuse_quantized(
+            path, verb="weightkit align", instead="align the full-precision models, then compress"
+        )
     device = resolve_device(device)
     readers: list[CheckpointReader] = []
     try:
