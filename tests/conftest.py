@@ -14,6 +14,15 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quantized_llama_dir(llama_dir, tmp_path_factory):
+    """``llama_dir`` compressed by weightkit to 4 bits (RTN, group size 32): a pack-quantized checkpoint."""
+    from weightkit.compress import RTNConfig, compress_checkpoint
+
+    out = tmp_path_factory.mktemp("quantized-llama") / "model"
+    return compress_checkpoint(llama_dir, out, RTNConfig(bits=4, group_size=32), progress=False)
+
+
+@pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
     """A saved 2-layer BERT encoder (hidden 32, vocabulary 128) with a BPE tokenizer."""
     tokenizer = tiny_tokenizer(128, kind="encoder")

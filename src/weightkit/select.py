@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
+from weightkit.quantized.linear import QuantizedLinear
 
 __all__ = [
     "DEFAULT_IGNORE",
@@ -88,8 +89,9 @@ _CLASSIFIER_HEADS = ("score", "classifier")
 def all_linear_modules(model: nn.Module) -> list[str]:
     """PEFT's ``target_modules="all-linear"`` on ``model``, in model order.
 
-    Every ``nn.Linear`` and transformers ``Conv1D`` (or adapter layer around one), except: the output
-    embeddings (``lm_head``, from ``get_output_embeddings()``); with none, the module a sequence classifier
+    Every ``nn.Linear``, transformers ``Conv1D`` and ``QuantizedLinear`` (PEFT counts its quantized linear
+    layers alike), or adapter layer around one, except: the output embeddings (``lm_head``, from
+    ``get_output_embeddings()``); with none, the module a sequence classifier
     names ``score`` or ``classifier`` (PEFT drops it for ``task_type="SEQ_CLS"``, which such a model is
     trained with; the head is trained in full instead); and the layers inside adapter layers.
     """
@@ -106,7 +108,7 @@ def all_linear_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, m in modules.items()
-        if name not in excluded and isinstance(getattr(m, "base_layer", m), LINEAR_TYPES)
+        if name not in excluded and isinstance(getattr(m, "base_layer", m), (*LINEAR_TYPES, QuantizedLinear))
     ]
 
 

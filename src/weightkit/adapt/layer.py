@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
+from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config
 from weightkit.runtime.training import forward_batch
 from weightkit.select import LINEAR_TYPES, select_modules
@@ -237,11 +238,21 @@ def wrap_targets(
     A module already wrapped by the same wrapper class (a second named adapter) is returned as is.
     Targets that select nothing are an error listing close module names. Children are wrapped before their
     parents, so a selected module inside another selected module ends up inside its parent's wrapper.
+    A selected ``QuantizedLinear`` is refused unless ``types`` names that class (LoRA's layer does): most
+    methods read or rewrite the dense weight, which a quantized layer keeps frozen on its integer grid.
     """
     wrapper_type = wrapper if isinstance(wrapper, type) else None
     allowed = types + ((wrapper_type,) if wrapper_type else ())
-    selected = select_modules(model, targets=targets, ignore=[], types=allowed)
+    # Quantized layers are selected too, so that a method that cannot adapt them says so by name instead of
+    # "target ... matches no Linear module".
+    selected = select_modules(model, targets=targets, ignore=[], types=(*allowed, QuantizedLinear))
     for module_name, module in selected.items():
+        if isinstance(module, QuantizedLinear) and QuantizedLinear not in types:
+            raise WeightkitError(
+                f"{module_name} is a QuantizedLinear layer (int{module.scheme.bits}, of a quantized "
+                f"checkpoint): {getattr(wrapper, '__name__', wrapper)} adapters do not work over quantized "
+                "layers (LoRA, rsLoRA and DoRA do); train one of those, or adapt the full-precision model"
+            )
         if isinstance(module, AdapterLayer) and not (wrapper_type and isinstance(module, wrapper_type)):
             raise WeightkitError(
                 f"{module_name} already holds a {type(module).__name__} adapter; one layer takes adapters "

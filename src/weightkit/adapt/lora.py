@@ -18,6 +18,13 @@ DoRA works on all of them. PiSSA and EVA initialise linear layers (``nn.Linear``
 Grouped, dilated or non-zero-padded convolutions and embeddings with ``max_norm`` are refused: PEFT's layout
 cannot merge their updates exactly.
 
+A :class:`~weightkit.quantized.linear.QuantizedLinear` (a layer of a quantized checkpoint) is a linear layer
+too, as PEFT's quantized layers are (QLoRA): the adapter's forward adds to the quantized layer's output, the
+integer weight never changes, and the adapter, saved under the same module names, applies to the
+full-precision model as well. DoRA reads the dequantized weight (as PEFT's DoRA over quantized layers does).
+PiSSA and OLoRA, which leave the base a residual, are refused on it, and so is EVA (:mod:`weightkit.adapt.eva`
+reads dense layers only); so is merging into it, which would have to quantize the merged weight again.
+
 On a float16/bfloat16 layer the factors (and DoRA's magnitudes) are float32 unless
 ``autocast_adapter_dtype=False`` (:func:`weightkit.adapt.layer.adapter_dtype`, PEFT's default); the forward
 runs the adapter in its dtype and rounds the sum to the base output's dtype once, as PEFT's does.
@@ -45,6 +52,7 @@ from weightkit.adapt.layer import (
 from weightkit.adapt.olora import orthonormal_factors
 from weightkit.adapt.pissa import principal_factors
 from weightkit.errors import WeightkitError
+from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import register
 from weightkit.select import select_modules, suffix_pattern_value
 
@@ -174,7 +182,7 @@ class LoRALinear(AdapterModule):
         ``init="pissa"``/``"olora"`` also replace the base weight by its residual; ``lora_bias`` gives
         ``lora_B`` a bias."""
         _check_new_adapter(self, name)
-        weight = self.base_layer.weight
+        weight = _base_weight(self)
         out_features, in_features = self.as_matrix(weight).shape
         kwargs = {"bias": False, "device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A[name] = nn.Linear(in_features, rank, **kwargs)
@@ -241,7 +249,7 @@ class LoRALinear(AdapterModule):
         return out.to(base_out.dtype)  # one rounding to the base layer's dtype
 
     def _dora_output(self, name: str, lora_x: Tensor, result: Tensor, lora_out: Tensor) -> Tensor:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = _base_weight(self), self.base_layer.bias
         if _dora_rescales_result(self, name):
             plain = result if bias is None else result - bias
         else:  # DoRA scales the dropped-out input's base output, as the paper and PEFT do
@@ -439,6 +447,13 @@ class LoRAConv2d(AdapterModule):
 # ``as_matrix`` (the weight as the ``out x in`` matrix whose rows DoRA normalises).
 
 
+def _base_weight(layer: nn.Module) -> Tensor:
+    """The base layer's weight, to read: its own, or a ``QuantizedLinear``'s dequantized (a new tensor in the
+    dtype of its scales; merges, which change the weight in place, refuse quantized layers)."""
+    base = layer.base_layer
+    return base.dequantized_weight() if isinstance(base, QuantizedLinear) else base.weight
+
+
 def _dora_rescales_result(layer: nn.Module, name: str) -> bool:
     """Whether DoRA adapter ``name`` rescales the layer's output so far (base layer and the adapters before
     it), as PEFT's forward does without dropout or in eval mode; else (dropout while training) it rescales
@@ -456,7 +471,7 @@ def _check_new_adapter(layer: nn.Module, name: str) -> None:
 def _initial_magnitude(layer: nn.Module, name: str, shape: tuple[int, ...] = (-1,)) -> nn.Parameter:
     """DoRA's magnitudes at the start: the row norms of ``W + delta``, so the adapter starts as the base;
     in the dtype of the adapter's factors."""
-    weight = layer.base_layer.weight
+    weight = _base_weight(layer)
     with torch.no_grad():
         delta = layer._lora_delta(name)
         norms = row_norms(layer.as_matrix(weight).float(), layer.as_matrix(delta).float())
@@ -467,7 +482,7 @@ def _delta_weight(layer: nn.Module, name: str) -> Tensor:
     delta = layer._lora_delta(name)
     if name not in layer.lora_magnitude_vector:
         return delta
-    weight = layer.base_layer.weight
+    weight = _base_weight(layer)
     matrix, delta_matrix = layer.as_matrix(weight), layer.as_matrix(delta)
     scale = dora_scale(matrix, delta_matrix, layer.lora_magnitude_vector[name].flatten())
     merged = torch.empty_like(weight, dtype=delta.dtype)
@@ -511,6 +526,14 @@ def _merge(layer: nn.Module) -> None:
         pending = list(layer.active)
     if not pending:
         return
+    if isinstance(layer.base_layer, QuantizedLinear):
+        raise WeightkitError(
+            f"lora: cannot merge adapter {pending[0]!r} into a QuantizedLinear layer "
+            f"(int{layer.base_layer.scheme.bits}): its weight is frozen on the integer grid, and rounding "
+            "the merged weight to the grid again would lose what of the update is below a grid step; keep "
+            "the adapter unmerged, or merge it into the full-precision model (weightkit merge-adapter) and "
+            "compress the result"
+        )
     _check_lora_bias_merges(layer, pending, has_dora)
     with torch.no_grad():
         weight = layer.base_layer.weight
@@ -535,6 +558,8 @@ def _merge(layer: nn.Module) -> None:
 
 
 def _unmerge(layer: nn.Module) -> None:
+    if not layer.merged:  # nothing to undo (and a QuantizedLinear, never merged, has no weight to read)
+        return
     with torch.no_grad():
         weight = layer.base_layer.weight
         if not any(name in layer.lora_magnitude_vector for name in layer.merged):
@@ -555,9 +580,10 @@ def _unmerge(layer: nn.Module) -> None:
         layer.merged.clear()
 
 
-# The LoRA layer for each kind of module LoRA adapts (GPT-2's Conv1D is a linear layer stored transposed).
+# The LoRA layer for each kind of module LoRA adapts (GPT-2's Conv1D is a linear layer stored transposed,
+# QuantizedLinear one stored on an integer grid).
 LORA_LAYERS = {
-    **dict.fromkeys(LINEAR_TYPES, LoRALinear),
+    **dict.fromkeys((*LINEAR_TYPES, QuantizedLinear), LoRALinear),
     nn.Embedding: LoRAEmbedding,
     nn.Conv2d: LoRAConv2d,
 }
@@ -580,14 +606,23 @@ def add_lora(
     Raises:
         WeightkitError: a target that selects nothing (with close names), a rank too large for a layer, an
             adapter name already used, a PiSSA/EVA init on a layer that is not linear (``nn.Linear`` or
-            ``Conv1D``), or a layer LoRA cannot adapt exactly (grouped, dilated or non-zero-padded
-            convolutions, embeddings with ``max_norm``).
+            ``Conv1D``) or is a ``QuantizedLinear``, or a layer LoRA cannot adapt exactly (grouped, dilated
+            or non-zero-padded convolutions, embeddings with ``max_norm``).
     """
     init = config.init if initialize else "kaiming"
     selected = _select_targets(model, config.targets)
     for module_name, module in selected.items():
         problem = _unsupported(module)
-        if init != "kaiming" and not isinstance(module, (*LINEAR_TYPES, LoRALinear)):
+        if init != "kaiming" and isinstance(getattr(module, "base_layer", module), QuantizedLinear):
+            why = (
+                "EVA reads dense layers only" if init == "eva"
+                else "it leaves the base weight a residual, and this one is frozen on its integer grid"
+            )  # fmt: skip
+            problem = (
+                f"init={init!r} does not work on a QuantizedLinear layer (of a quantized checkpoint): {why}; "
+                "use init='kaiming' (LoRA, rsLoRA, DoRA), or adapt the full-precision model"
+            )
+        elif init != "kaiming" and not isinstance(module, (*LINEAR_TYPES, LoRALinear)):
             problem = (
                 f"init={init!r} works on nn.Linear and Conv1D layers only, this is a {type(module).__name__}"
             )
@@ -607,7 +642,7 @@ def add_lora(
         selected = {n: m for n, m in selected.items() if n in eva_a}
     for module_name, layer in _wrap(model, selected).items():
         rank, scaling = config.rank_for(module_name), config.scaling_for(module_name)
-        dtype = adapter_dtype(layer.base_layer.weight.dtype, autocast_adapter_dtype)
+        dtype = adapter_dtype(_base_weight(layer).dtype, autocast_adapter_dtype)
         if isinstance(layer, LoRAEmbedding):
             layer.add_adapter(name, rank=rank, scaling=scaling, dora=config.dora, dtype=dtype)
             continue

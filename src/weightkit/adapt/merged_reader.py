@@ -28,6 +28,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.registry import register
 
 __all__ = ["LoRAReference", "LoRAMergedReader", "merge_adapter_checkpoint"]
@@ -212,6 +213,11 @@ def merge_adapter_checkpoint(
         WeightkitError: what :class:`LoRAMergedReader` refuses, or an existing ``out_dir`` without
             ``overwrite``.
     """
+    refuse_quantized(
+        base, verb="weightkit merge-adapter",
+        instead="merge the adapter into the full-precision model, then compress the result; or apply it "
+        "unmerged (weightkit.load(BASE, adapter=ADAPTER), weightkit eval BASE --adapter ADAPTER)",
+    )  # fmt: skip
     merged = 0
     with LoRAMergedReader(base, adapter_dir, allow_pickle=allow_pickle) as reader:
         changed = reader.changed_names()

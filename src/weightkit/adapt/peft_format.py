@@ -45,6 +45,7 @@ from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
+from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config, lookup, names
 from weightkit.select import suffix_pattern_value
 
@@ -512,7 +513,7 @@ def _take_modules_to_save(
 def _owning_module(key: str, model: nn.Module, known: set[str]) -> str:
     """The module an adapter tensor key belongs to: its longest dotted prefix that is an adapter layer of the
     model, else its longest prefix that is a module holding parameters of its own (a linear layer, an
-    embedding, a norm ...)."""
+    embedding, a norm ...) or a ``QuantizedLinear``."""
     parts = key.split(".")
     prefixes = [".".join(parts[:end]) for end in range(len(parts) - 1, 0, -1)]
     for prefix in prefixes:
@@ -523,7 +524,8 @@ def _owning_module(key: str, model: nn.Module, known: set[str]) -> str:
             module = model.get_submodule(prefix)
         except AttributeError:
             continue
-        if next(module.parameters(recurse=False), None) is not None:
+        # A QuantizedLinear's weight is a buffer; without a bias it holds no parameter.
+        if next(module.parameters(recurse=False), None) is not None or isinstance(module, QuantizedLinear):
             return prefix
     raise WeightkitError(
         f"adapter tensor {key} belongs to no module of the model; it was made for another model"

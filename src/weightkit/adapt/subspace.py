@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import AdapterModule, adapter_dtype, adapter_layers, finish_adapter, wrap_targets
 from weightkit.errors import WeightkitError
+from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import register
 from weightkit.select import select_modules
 
@@ -324,6 +325,14 @@ def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
     layers = adapter_layers(model)
     in_other = tuple(f"{n}." for n, layer in layers.items() if not isinstance(layer, SubspaceLayer))
     in_any = tuple(f"{n}." for n in layers)
+    for module_name, module in selected.items():
+        # Its weight is a buffer, not a parameter: it would silently stay out of the subspace.
+        if isinstance(module, QuantizedLinear) and not module_name.startswith(in_any):
+            raise WeightkitError(
+                f"subspace: {module_name} is a QuantizedLinear layer (int{module.scheme.bits}, of a "
+                "quantized checkpoint) whose weight stays frozen on its integer grid; target other modules, "
+                "train LoRA, rsLoRA or DoRA over a quantized model, or adapt the full-precision model"
+            )
     return [
         module_name
         for module_name, module in selected.items()

@@ -25,6 +25,7 @@ from weightkit.adapt.layer import adapter_configs, trainable_parameters
 from weightkit.adapt.peft_format import LABELS_FILE, save_adapter
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
 from weightkit.runtime.distributed import barrier, init_distributed, is_main_process
@@ -227,6 +228,10 @@ def finetune(
             labels = eval_labels = None  # a decoder learns the texts; labels are not used
         model, tokenizer, _ = load_model(model_dir, allow_pickle=allow_pickle)
     else:
+        # transformers, which loads the classifier, would give its own layers (no QuantizedLinear to adapt).
+        refuse_quantized(
+            model_dir, verb="weightkit adapt on an encoder", instead="adapt the full-precision model"
+        )
         if labels is None:
             raise WeightkitError(
                 "an encoder is fine-tuned as a classifier: give --data a .jsonl/.json file whose records "

@@ -22,7 +22,12 @@ from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
-from weightkit.quantized.compressed_tensors import export_tensors, packed_tensors, quantized_model_config
+from weightkit.quantized.compressed_tensors import (
+    export_tensors,
+    packed_tensors,
+    quantized_model_config,
+    refuse_quantized,
+)
 from weightkit.quantized.grid import rtn_quantize
 from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import config_to_dict, entry_for_config
@@ -130,9 +135,13 @@ def compress_checkpoint(
         ``out_dir``.
 
     Raises:
-        WeightkitError: bad input (not a model directory, unsupported architecture, NaN/Inf weights,
-            shapes the grid cannot take, no calibration text ...); nothing is left at ``out_dir``.
+        WeightkitError: bad input (not a model directory, a quantized checkpoint, unsupported architecture,
+            NaN/Inf weights, shapes the grid cannot take, no calibration text ...); nothing is left at
+            ``out_dir``.
     """
+    refuse_quantized(
+        model_dir, verb="weightkit compress", instead="compress the full-precision model it was made from"
+    )
     entry = entry_for_config(config)
     device = resolve_device(device)
     model_dir = Path(model_dir)

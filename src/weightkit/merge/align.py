@@ -63,6 +63,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.errors import WeightkitError
 from weightkit.merge.rebasin import PermutationSpec, apply_permutation, matching_objective, weight_matching
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.runtime.device import resolve_device
 
 __all__ = ["transformer_blocks", "transformer_spec", "align_checkpoint", "ALIGN_MODEL_TYPES", "FIXED_HEADS"]
@@ -422,6 +423,10 @@ def align_checkpoint(
             ``overwrite``, or a device this machine does not have. Nothing is written then.
     """
     start = time.perf_counter()
+    for path in (reference_dir, model_dir):
+        refuse_quantized(
+            path, verb="weightkit align", instead="align the full-precision models, then compress"
+        )
     device = resolve_device(device)
     readers: list[CheckpointReader] = []
     try:

@@ -51,6 +51,7 @@ from weightkit.merge.slices import (
     slice_position,
 )
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.registry import config_to_dict, entry_for_config, lookup
 from weightkit.runtime.device import resolve_device
 
@@ -162,6 +163,9 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     """A model's reader; for a ``model+adapter`` reference, the model read with the PEFT LoRA adapter merged
     in (mergekit's LoRA references; :class:`weightkit.adapt.LoRAMergedReader`, found in the registry)."""
     model, adapter = split_reference(str(path))
+    refuse_quantized(
+        model, verb="weightkit merge", instead="merge the full-precision models, then compress the result"
+    )
     if adapter is None:
         return CheckpointReader(path, allow_pickle=allow_pickle)
     entry = lookup("reader", "model+lora")

@@ -53,6 +53,7 @@ from weightkit.errors import WeightkitError, require_finite
 from weightkit.linalg import largest_entry_signs
 from weightkit.merge.engine import check_architectures
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 
 __all__ = ["lowrank_delta", "extract_lora"]
 
@@ -293,10 +294,9 @@ def _layout_by_name(reader: CheckpointReader) -> _Layout:
 
 def _check_pair(base: CheckpointReader, finetuned: CheckpointReader) -> None:
     for reader in (base, finetuned):
-        if (reader.config or {}).get("quantization_config"):
-            raise WeightkitError(
-                f"{reader.path} is a quantized checkpoint; extract a LoRA from unquantized weights"
-            )
+        refuse_quantized(
+            reader.path, verb="weightkit extract-lora", instead="extract from the full-precision models"
+        )
     check_architectures(
         [base, finetuned], why="a LoRA can only be extracted from a fine-tune of the same architecture"
     )

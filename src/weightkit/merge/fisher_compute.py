@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from weightkit.errors import WeightkitError
 from weightkit.merge.fisher_file import save_fisher
 from weightkit.progress import track
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.runtime.device import resolve_device
 
 __all__ = ["FISHER_MODES", "compute_fisher", "fisher_checkpoint"]
@@ -359,6 +360,11 @@ def fisher_checkpoint(
     from weightkit.checkpoint import CheckpointReader
     from weightkit.data import calibration_texts, tokenize_batches
     from weightkit.models import load_model
+
+    # Its quantized weights are buffers, not parameters: the Fisher would silently leave them out.
+    refuse_quantized(
+        model_dir, verb="weightkit fisher", instead="compute the Fisher of the full-precision model"
+    )
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":

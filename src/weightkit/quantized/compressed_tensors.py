@@ -18,9 +18,11 @@ schema is the one compressed-tensors' own ``ModelCompressor.update_config`` writ
 Writing: :func:`export_tensors` gives a model's tensors in this layout and :func:`quantized_model_config`
 its ``config.json``. Reading: :func:`is_quantized_checkpoint`, :func:`config_groups` and
 :func:`scheme_of` interpret a stored ``quantization_config`` (the model loader in :mod:`weightkit.models`
-rebuilds the layers).
+rebuilds the layers). :func:`refuse_quantized` is the one error of the verbs that need full-precision
+weights (merging, compressing, Fisher ...) on a quantized checkpoint.
 """
 
+import json
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -40,6 +42,8 @@ __all__ = [
     "packed_tensors",
     "quantization_config",
     "quantized_model_config",
+    "quantization_description",
+    "refuse_quantized",
     "scheme_from_weights_args",
     "scheme_of",
 ]
@@ -230,6 +234,48 @@ def is_quantized_checkpoint(config: dict | None) -> bool:
     """Whether a ``config.json`` dict describes a compressed-tensors quantized checkpoint."""
     qc = (config or {}).get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def quantization_description(config: dict | None) -> str | None:
+    """How a ``config.json`` dict says its weights are stored quantized, e.g. ``"compressed-tensors
+    pack-quantized, 4 bits"``; None when it has no ``quantization_config``. Any quantization method counts
+    (GPTQ's and AWQ's configs say ``bits``), not only the compressed-tensors checkpoints weightkit writes."""
+    qc = (config or {}).get("quantization_config")
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method", "unknown method")
+    if method == "compressed-tensors":
+        groups = (qc.get("config_groups") or {}).values()
+        bits = {(group.get("weights") or {}).get("num_bits") for group in groups}
+        what = f"{method} {qc.get('format')}"
+    else:
+        bits, what = {qc.get("bits")}, method
+    bits = sorted(b for b in bits if isinstance(b, int))
+    return f"{what}, {' and '.join(map(str, bits))} bits" if bits else what
+
+
+def refuse_quantized(path: str | Path, *, verb: str, instead: str) -> None:
+    """Refuse the checkpoint directory ``path`` as input of ``verb`` when its ``config.json`` says it is
+    quantized: ``verb`` needs full-precision weights, and read as stored the packed tensors would be missing
+    or garbage (merging, compressing again, aligning, extracting or merging an adapter, a Fisher).
+
+    Called by each such verb before it opens anything, so every verb refuses a quantized checkpoint with
+    the same message: what the checkpoint is, and ``instead``, what to do (e.g. "merge the full-precision
+    models, then compress the result").
+
+    Raises:
+        WeightkitError: ``path`` is a quantized checkpoint.
+    """
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no readable config.json (or a bare weights file): the verb's reader reports what is wrong
+    description = quantization_description(config if isinstance(config, dict) else None)
+    if description is not None:
+        raise WeightkitError(
+            f"{path} is a quantized checkpoint ({description}): {verb} needs full-precision weights; "
+            f"{instead}. (weightkit eval, and weightkit adapt on a causal LM, work on quantized checkpoints.)"
+        )
 
 
 def config_groups(qc: dict, path: Path) -> tuple[list[tuple[str, list[str], QuantScheme]], list[str]]:
