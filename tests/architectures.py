@@ -24,15 +24,24 @@ ARCHITECTURES = (
 )
 
 VERBS = (
-    "adapt",
-    "merge-adapter",
-    "compress rtn",
-    "compress gptq/awq",
-    "merge",
-    "extract-lora",
-    "eval",
-    "fisher",
-)
+    "adapt", "adapt (train)", "merge-adapter", "compress rtn", "compress gptq/awq", "merge", "extract-lora",
+    "align", "eval", "fisher",
+)  # fmt: skip
+
+# What weightkit align permutes in each architecture's blocks (tests/merge/test_align.py checks each).
+ALIGNED = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma"), ("heads", "mlp")),
+    "phi3": ("heads", "mlp"),  # fused qkv_proj (3 sections) and gate_up_proj (2 sections)
+    "mixtral": ("heads",),  # experts copied unchanged
+    "gpt2": ("heads", "mlp"),  # Conv1D: transposed, c_attn columns in 3 sections
+    "gpt_neox": ("heads", "mlp"),  # query_key_value rows grouped per head
+    "opt": ("heads", "mlp"),
+    "falcon": ("mlp",),
+    "bert": ("heads", "mlp"),
+    "roberta": ("heads", "mlp"),
+    "vit": ("heads", "mlp"),  # checkpoint names differ from the layout's
+    "t5": ("mlp",),  # encoder and decoder
+}
 
 _CONV1D = "refused: Conv1D layers (compressed-tensors quantizes Linear)"
 _FUSED = "refused: experts fused by transformers 5 on load"
@@ -69,6 +78,10 @@ def expected(architecture: str, verb: str) -> str:
         return _TWO_LISTS if task == "seq2seq" else _IMAGES
     if verb == "fisher" and task != "causal-lm":
         return _NOT_LM
+    if verb == "align":
+        return {("heads", "mlp"): "yes", ("heads",): "yes: heads (experts copied)"}.get(
+            ALIGNED[architecture], "yes: MLP neurons (heads fixed)"
+        )
     if verb == "eval" and task in ("seq2seq", "vision"):
         return _NOT_EVAL
     if verb == "adapt (train)" and task in ("seq2seq", "vision"):

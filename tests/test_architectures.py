@@ -391,3 +391,10 @@ def test_awq_folds_of_every_falcon_variant_leave_the_model_function_unchanged(va
                 for reader in fold.readers:
                     block.get_submodule(reader).weight.mul_(s)
     torch.testing.assert_close(_output(model, "causal-lm"), before, rtol=1e-4, atol=1e-4)
+
+
+def test_every_architecture_is_aligned_in_test_align():
+    # The align column of the table is tests/merge/test_align.py's per-architecture test over ALIGNED.
+    from architectures import ALIGNED
+
+    assert set(ALIGNED) == set(ARCHITECTURES)

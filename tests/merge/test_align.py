@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from architectures import ALIGNED
 from permutations import assert_states_equal, loaded_copy, random_perms, shapes_of, take_rows
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -172,21 +173,7 @@ def test_transformer_spec_refuses_configs_that_do_not_describe_the_weights():
 # -- every supported architecture, end to end ----------------------------------------------------------
 
 # What each architecture's blocks get: a head permutation, an MLP neuron permutation (module docstring).
-ARCHITECTURES = {
-    "llama": ("heads", "mlp"),
-    "qwen2": ("heads", "mlp"),
-    "gemma": ("heads", "mlp"),
-    "phi3": ("heads", "mlp"),  # fused qkv_proj (3 sections) and gate_up_proj (2 sections)
-    "mixtral": ("heads",),  # experts copied unchanged
-    "gpt2": ("heads", "mlp"),  # Conv1D: transposed, c_attn columns in 3 sections
-    "gpt_neox": ("heads", "mlp"),  # query_key_value rows grouped per head
-    "opt": ("heads", "mlp"),
-    "falcon": ("mlp",),
-    "bert": ("heads", "mlp"),
-    "roberta": ("heads", "mlp"),
-    "vit": ("heads", "mlp"),  # checkpoint names differ from the layout's
-    "t5": ("mlp",),  # encoder and decoder
-}
+ARCHITECTURES = ALIGNED
 
 
 def _outputs(directory):
