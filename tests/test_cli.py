@@ -580,3 +580,14 @@ def test_a_recipe_override_that_matches_no_layer_is_named_in_a_warning(tmp_path,
     err = " ".join(err.split())
     assert code == 0 and "warning: overrides 're:down_proj' match no quantized layer" in err
     assert "re:.*down_proj'" not in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["align", "a", "b", "-o", "out", "--reference", "c"], ["compress"]], ids=["unknown", "missing"]
+)
+def test_a_usage_error_prints_the_subcommands_usage(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"usage: weightkit {argv[0]} " in err
+    assert "COMMAND ..." not in err  # not the top-level usage

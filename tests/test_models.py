@@ -393,3 +393,16 @@ def test_load_refuses_pickle_unless_allowed(tmp_path):
         load(tmp_path)
     loaded = load(tmp_path, allow_pickle=True)
     assert torch.equal(outputs(loaded), outputs(model))
+
+
+def test_loaded_tokenizers_cut_text_to_what_the_models_positions_take(tmp_path):
+    # A tiny OPT has 128 positions and its saved tokenizer no length limit: a 512-token cut used to index
+    # past the position embeddings (IndexError in weightkit fisher with its default --seq-len 512).
+    from weightkit.data import tokenize_batches
+    from weightkit.models import load_tokenizer
+
+    path = save_tiny(tiny_llama(max_position_embeddings=64), tmp_path / "llama", tiny_tokenizer(128))
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.model_max_length == 64
+    [batch] = tokenize_batches(tokenizer, ["the quick brown fox " * 100], max_length=512, batch_size=1)
+    assert batch["input_ids"].shape == (1, 64)

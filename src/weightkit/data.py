@@ -301,7 +301,7 @@ def tokenize_batches(
         tokenizer: A Hugging Face tokenizer (anything callable as ``tokenizer(list_of_str, truncation=...,
             max_length=...)`` returning ``input_ids``).
         texts: The passages.
-        max_length: Most tokens per text.
+        max_length: Most tokens per text (and never more than the tokenizer's ``model_max_length``).
         batch_size: Texts per batch (the last batch may be smaller).
         by_length: batch texts of similar length together (shortest first), which wastes less
             compute on padding; for statistics that do not depend on order, such as calibration.
@@ -314,6 +314,8 @@ def tokenize_batches(
             f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}"
         )
     pad_id = _pad_id(tokenizer)
+    # Never past what the tokenizer says the model takes (weightkit.models.load_tokenizer sets it).
+    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length))
     all_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
     order = list(range(len(all_ids)))
     if by_length:

@@ -5,6 +5,7 @@ where its blocks are is :mod:`weightkit.arch`'s description.
 """
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,9 +117,22 @@ def model_auto_class(task: str):
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase | None:
-    """The tokenizer of a model directory, or ``None`` if it has none."""
+    """The tokenizer of a model directory, or ``None`` if it has none.
+
+    Its ``model_max_length`` is at most the model's position count (``max_position_embeddings`` or
+    ``n_positions`` in ``config.json``), so that text cut to it fits the model: a tokenizer saved without
+    one allows any length, and a longer text would index past the position embeddings.
+    """
     path = Path(path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer(path) else None
+    if not has_tokenizer(path):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(positions, int) and positions > 0:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
+    return tokenizer
 
 
 @contextlib.contextmanager

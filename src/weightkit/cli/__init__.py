@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except WeightkitError as err:  # an unknown method: its own error, with the did-you-mean
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
         return 1
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name them under the top-level usage; the subcommand's says what it takes
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in _PASSIVE_OPENMP and "torch" not in sys.modules:  # read when torch loads OpenMP
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command not in _WITHOUT_TRANSFORMERS:
