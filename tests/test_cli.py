@@ -557,6 +557,10 @@ def test_help_with_a_method_lists_that_methods_options(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--method", "awq", "--help"])
     assert "options of --method awq" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # merge's method is the recipe's merge_method: its parameters
+        main(["merge", "--method", "breadcrumbs_ties", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "parameters of merge_method breadcrumbs_ties" in text and "sparsify = 'breadcrumbs'" in text
     assert main(["adapt", "--method", "moss", "--help"]) == 1
     assert "Did you mean 'mos'" in capsys.readouterr().err
 

@@ -62,11 +62,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
 
 # Subcommands whose --help, given with --method, also lists that method's options: registry kind.
-_METHOD_HELP = {"adapt": "adapt", "compress": "compress"}
+_METHOD_HELP = {"adapt": "adapt", "compress": "compress", "merge": "merge"}
 
 
 def _with_method_help(sub: argparse._SubParsersAction, argv: list[str]) -> None:
-    """``weightkit adapt --method mos --help``: add the method's options to that subcommand's help."""
+    """``weightkit adapt --method mos --help``: add the method's options to that subcommand's help (for
+    ``merge``, whose method is the recipe's ``merge_method``, its parameters)."""
     if not argv or argv[0] not in _METHOD_HELP or not {"-h", "--help"} & set(argv) or "--method" not in argv:
         return
     index = argv.index("--method") + 1

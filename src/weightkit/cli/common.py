@@ -106,7 +106,10 @@ def method_options_help(kind: str, method: str) -> str:
             described[current] += " " + line.strip()  # finish the first sentence
         elif in_attributes and line and not line.startswith(" "):
             in_attributes = False
-    lines = [f"options of --method {entry.name} (--option KEY=VALUE; flags such as --rank set theirs):"]
+    if kind == "merge":
+        lines = [f"parameters of merge_method {entry.name} (a recipe's parameters:, globally or per model):"]
+    else:
+        lines = [f"options of --method {entry.name} (--option KEY=VALUE; flags such as --rank set theirs):"]
     for field in dataclasses.fields(entry.config_cls):
         if field.default is not dataclasses.MISSING:
             default = entry.preset.get(field.name, field.default)
