@@ -1,8 +1,9 @@
 """The architectures every verb is tested on (tests/test_architectures.py), and what each verb does with
 them; bench/tables.py turns this into the README's architectures x verbs table.
 
-A cell is ``"yes"`` (tested to work: outputs load in transformers / PEFT and match), or the reason the
-verb refuses the architecture by name; the test checks the refusal's message holds :data:`REFUSALS`' words.
+A cell is ``"yes"`` or ``"yes: <what>"`` (tested to work: outputs load in transformers / PEFT and match),
+or the reason the verb refuses the architecture by name; the test checks the refusal's message holds
+:data:`REFUSALS`' words.
 """
 
 ARCHITECTURES = (
@@ -44,7 +45,6 @@ ALIGNED = {
 }
 
 _CONV1D = "refused: Conv1D layers (compressed-tensors quantizes Linear)"
-_FUSED = "refused: experts fused by transformers 5 on load"
 _TWO_LISTS = "refused: encoder + decoder blocks; use rtn"
 _IMAGES = "refused: calibrates on text; use rtn"
 _NOT_LM = "refused: needs a causal LM"
@@ -54,7 +54,6 @@ _NOT_TRAINED = "refused: trains text models (use the API)"
 # Words the error message of each refusal contains.
 REFUSALS = {
     _CONV1D: "Conv1D",
-    _FUSED: "fused parameter",
     _TWO_LISTS: "method rtn",
     _IMAGES: "calibrates on text",
     _NOT_LM: "only causal LMs",
@@ -72,8 +71,10 @@ _TASKS = {"bert": "encoder", "roberta": "encoder", "t5": "seq2seq", "vit": "visi
 def expected(architecture: str, verb: str) -> str:
     """``"yes"`` or the reason ``verb`` refuses ``architecture`` (a key of :data:`REFUSALS`)."""
     task = _TASKS.get(architecture, "causal-lm")
-    if verb.startswith("compress") and architecture in ("gpt2", "mixtral"):
-        return _CONV1D if architecture == "gpt2" else _FUSED
+    if verb.startswith("compress") and architecture == "gpt2":
+        return _CONV1D
+    if verb.startswith("compress") and architecture == "mixtral":
+        return "yes: attention (experts are 3-D parameters in transformers 5)"
     if verb == "compress gptq/awq" and task in ("seq2seq", "vision"):
         return _TWO_LISTS if task == "seq2seq" else _IMAGES
     if verb == "fisher" and task != "causal-lm":

@@ -19,7 +19,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
-from weightkit.errors import WeightkitError
+from weightkit.errors import WeightkitError, require_finite
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import (
@@ -103,6 +103,23 @@ def _stream_rtn(
         model.set_submodule(module_name, QuantizedLinear(quantized, linear.bias).to("meta"))
 
 
+def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
+    """The model of ``model_dir`` loaded whole by transformers and compressed in memory.
+
+    For checkpoints some of whose tensors transformers merges into one parameter when it loads them (a
+    mixture of experts' experts, fused into 3-D parameters by transformers 5): they have no one-to-one
+    name in the model to stream by. The output holds the tensors under the model's names, which
+    transformers and :func:`weightkit.load` read back as they are.
+    """
+    model = auto_cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
+    for name, param in model.named_parameters():
+        require_finite(param, name)
+    entry_for_config(config).fn(
+        model, config, data=data, tokenizer=tokenizer, progress=progress, device=device
+    )
+    return model
+
+
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -129,7 +146,8 @@ def compress_checkpoint(
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN moves
             one weight at a time to ``device``, GPTQ/AWQ the embeddings (to capture the first block's
-            inputs) and then one block at a time.
+            inputs) and then one block at a time. A checkpoint whose tensors transformers fuses on
+            load (a mixture of experts) is loaded whole instead (:func:`_compress_whole`).
 
     Returns:
         ``out_dir``.
@@ -148,12 +166,21 @@ def compress_checkpoint(
     with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
         if reader.config is None:
             raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-        model = skeleton(model_dir, model_auto_class(model_task(reader.config)))
+        auto_cls = model_auto_class(model_task(reader.config))
+        model = skeleton(model_dir, auto_cls)
         tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
+        fused = CheckpointNames(model, reader.names()).fused
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
+            if fused:
+                model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
+                for name, tensor in export_tensors(model):
+                    writer.add(name, tensor)
+                write_generation_config(writer, model, model_dir)
+                writer.write_json("config.json", quantized_model_config(model))
+                return Path(out_dir)
             streamed = _StreamedModel(model, reader, writer)
             if isinstance(config, RTNConfig):
                 _stream_rtn(model, config, streamed, progress, device)

@@ -46,6 +46,16 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
         raise WeightkitError("no linear layer selected for quantization (check targets and ignore)")
     for name, linear in linears.items():
         config.scheme_for(name).check_shape(tuple(linear.weight.shape), f"{name}.weight")
+    # transformers 5 holds a mixture of experts' experts as 3-D parameters, not Linear layers.
+    fused = [(n, p) for n, p in model.named_parameters() if p.dim() == 3]
+    if fused:
+        share = sum(p.numel() for _, p in fused) / sum(p.numel() for p in model.parameters())
+        warnings.warn(
+            f"{len(fused)} weights such as {fused[0][0]} are 3-D parameters (experts fused by transformers), "
+            f"not Linear layers, which compressed-tensors cannot store quantized: they stay unquantized "
+            f"({share:.0%} of the model's parameters)",
+            stacklevel=3,
+        )
     unused = [p for p in config.overrides if p != "_default" and not any(matches(n, p) for n in linears)]
     if unused:
         warnings.warn(
