@@ -10,7 +10,7 @@ from weightkit.data import tokenize_batches
 from weightkit.eval._runtime import eval_mode, model_device
 from weightkit.progress import track
 
-__all__ = ["mean_pool", "sentence_embeddings", "embedding_fidelity"]
+__all__ = ["mean_pool", "sentence_embeddings", "embedding_fidelity", "mean_cosine"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,10 @@ def embedding_fidelity(
     """
     labels = ("reference embeddings", "embeddings") if progress else (None, None)
     reference = sentence_embeddings(reference_model, tokenizer, texts, progress=labels[0], **kwargs)
-    candidate = sentence_embeddings(model, tokenizer, texts, progress=labels[1], **kwargs)
-    # Rows are unit length, so the row-wise dot product is the cosine.
+    return mean_cosine(reference, sentence_embeddings(model, tokenizer, texts, progress=labels[1], **kwargs))
+
+
+def mean_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """The mean row-wise cosine of two ``[texts, dim]`` :func:`sentence_embeddings` (rows of unit length, so
+    the row-wise dot product is the cosine)."""
     return float((reference * candidate).sum(dim=1).mean())
