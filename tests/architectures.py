@@ -45,7 +45,6 @@ ALIGNED = {
 }
 
 _CONV1D = "refused: Conv1D layers (compressed-tensors quantizes Linear)"
-_TWO_LISTS = "refused: encoder + decoder blocks; use rtn"
 _IMAGES = "refused: calibrates on text; use rtn"
 _NOT_LM = "refused: needs a causal LM"
 _NOT_EVAL = "refused: causal LMs and text encoders only"
@@ -54,7 +53,6 @@ _NOT_TRAINED = "refused: trains text models (use the API)"
 # Words the error message of each refusal contains.
 REFUSALS = {
     _CONV1D: "Conv1D",
-    _TWO_LISTS: "method rtn",
     _IMAGES: "calibrates on text",
     _NOT_LM: "only causal LMs",
     _NOT_EVAL: "cannot evaluate",
@@ -75,8 +73,8 @@ def expected(architecture: str, verb: str) -> str:
         return _CONV1D
     if verb.startswith("compress") and architecture == "mixtral":
         return "yes: attention (experts are 3-D parameters in transformers 5)"
-    if verb == "compress gptq/awq" and task in ("seq2seq", "vision"):
-        return _TWO_LISTS if task == "seq2seq" else _IMAGES
+    if verb == "compress gptq/awq" and task == "vision":
+        return _IMAGES
     if verb == "fisher" and task != "causal-lm":
         return _NOT_LM
     if verb == "align":

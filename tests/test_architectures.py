@@ -405,3 +405,33 @@ def test_a_mixture_of_experts_is_compressed_whole_and_says_its_experts_stay_unqu
     model = load(tmp_path / "q")
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "QuantizedLinear"}
     assert quantized == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_t5_blocks_replayed_with_the_first_blocks_position_biases_reproduce_both_stacks(carry):
+    """GPTQ/AWQ run each block alone on captured inputs. T5's first block computes the position biases
+    that T5Stack hands to every other block: carried, the replay is the stacks' own computation; not
+    carried, the later blocks run without relative positions and it is not."""
+    from weightkit.compress.quant.blockwise import capture_block_inputs, carry_outputs, run_batches
+    from weightkit.data import tokenize_batches
+
+    model, cpu = tiny_model("t5", seed=1), torch.device("cpu")
+    batches = tokenize_batches(tiny_tokenizer(128), CALIBRATION[:4], max_length=16, batch_size=2)
+    batches = [{**batch, "labels": batch["input_ids"]} for batch in batches]
+    for name, blocks in block_lists(model):
+        stack = model.get_submodule(name.rpartition(".")[0])
+        inputs = capture_block_inputs(model, blocks[0], batches, cpu)
+        if carry:
+            carry_outputs(blocks[0], inputs, block_layout(model.config.to_dict(), name).carries, cpu)
+        for block in blocks:
+            inputs.hidden = run_batches(block, inputs, cpu)
+        expected = []
+        handle = stack.final_layer_norm.register_forward_pre_hook(
+            lambda _m, args, out=expected: out.append(args[0])
+        )
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        handle.remove()
+        for replayed, reference in zip(inputs.hidden, expected, strict=True):
+            assert torch.allclose(replayed, reference, atol=1e-5) == carry, name

@@ -119,6 +119,8 @@ class BlockLayout:
             the second half of a fused gate-up), which then feeds ``mlp_out`` linearly.
         norm_offset: the norms scale by ``offset + weight`` (Gemma's RMSNorm: 1).
         transposed: the layers are GPT-2's ``Conv1D`` (weights stored ``in x out``).
+        carries: outputs of a list's first block that its other blocks receive as positional arguments,
+            as ``(output index, argument index after the hidden states)`` (T5's position biases).
     """
 
     attention: tuple[str, ...]
@@ -131,6 +133,7 @@ class BlockLayout:
     gated: bool = False
     norm_offset: float = 0.0
     transposed: bool = False
+    carries: tuple[tuple[int, int], ...] = ()
 
     @property
     def query_key(self) -> tuple[str, ...]:
@@ -175,6 +178,9 @@ def _t5(block: str, gated: bool) -> BlockLayout:
         attention_norm="layer.0.layer_norm",
         mlp_norm=f"{ff}.layer_norm",
         gated=gated,
+        # T5Stack calls each block with (hidden, mask, position_bias, encoder_hidden_states, encoder_mask,
+        # encoder_decoder_position_bias): the first block returns the two biases it computed.
+        carries=((1, 1), (2, 4)) if block == "decoder" else ((1, 1),),
     )
 
 

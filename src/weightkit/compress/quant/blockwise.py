@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from weightkit.errors import WeightkitError
 
@@ -30,6 +31,7 @@ __all__ = [
     "block_on",
     "borrowed",
     "capture_block_inputs",
+    "carry_outputs",
     "input_groups",
     "run_batches",
     "storage_device",
@@ -154,9 +156,12 @@ def capture_block_inputs(
 
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
+        # A cache object (a decoder stack may make one whatever use_cache says: T5's has its own config)
+        # would be filled by the first re-run and then replace the layers' own keys and values.
+        uncached = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
         captured.hidden.append(_to(hidden, store))
         captured.args.append(_to(tuple(args[1:]), store))
-        captured.kwargs.append(_to(dict(kwargs), store))
+        captured.kwargs.append(_to(uncached, store))
         raise _Stop
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
@@ -178,6 +183,20 @@ def capture_block_inputs(
         if use_cache is not None:
             model.config.use_cache = use_cache
     return captured
+
+
+@torch.no_grad()
+def carry_outputs(block: nn.Module, inputs: BlockInputs, carries, device: torch.device) -> None:
+    """Run a list's first ``block`` on every batch and put its extra outputs that the later blocks take as
+    positional arguments into ``inputs.args``: ``carries`` pairs (output index, index in ``args``). T5's
+    first block computes the position biases every block of its list uses."""
+    for b in range(len(inputs)):
+        hidden, args, kwargs = inputs.batch(b, device)
+        out = block(hidden, *args, **kwargs)
+        carried = list(inputs.args[b])
+        for output_index, arg_index in carries:
+            carried[arg_index] = _to(out[output_index], inputs.store)
+        inputs.args[b] = tuple(carried)
 
 
 def _first(output):

@@ -26,6 +26,7 @@ from weightkit.compress.quant.blockwise import (
     block_on,
     borrowed,
     capture_block_inputs,
+    carry_outputs,
     input_groups,
     run_batches,
 )
@@ -139,52 +140,51 @@ def calibration_batches(config: CalibrationFields, data, tokenizer) -> list[dict
     )
 
 
-def _block_list(model: nn.Module, label: str) -> tuple[str, nn.ModuleList]:
-    """The one list of blocks a calibrated method walks, refusing models it cannot calibrate on text."""
-    task = model_task(model.config.to_dict())
-    if task == "vision":
+def _block_lists(model: nn.Module, label: str) -> list[tuple[str, nn.ModuleList]]:
+    """The lists of blocks a calibrated method walks (an encoder-decoder's encoder, then its decoder),
+    refusing models it cannot calibrate on text."""
+    if model_task(model.config.to_dict()) == "vision":
         raise WeightkitError(f"{label} calibrates on text; an image model can be compressed with method rtn")
-    lists = block_lists(model)
-    if len(lists) > 1:
-        names = ", ".join(name for name, _ in lists)
-        raise WeightkitError(
-            f"{label} calibrates one list of blocks, each on the previous one's outputs; this model has "
-            f"{len(lists)} ({names}), whose blocks also pass each other inputs this walk does not carry "
-            "(an encoder-decoder's position bias and encoder states): compress it with method rtn"
-        )
-    return lists[0]
+    return block_lists(model)
 
 
-def _blocks_with_linears(
-    prefix: str, blocks: nn.ModuleList, linears: dict[str, nn.Module]
-) -> list[tuple[str, nn.Module, dict]]:
-    """``(prefix, block, {relative name: linear})`` for each block, in order."""
-    out, seen = [], set()
-    for i, block in enumerate(blocks):
-        head = f"{prefix}.{i}."
-        inner = {n[len(head) :]: m for n, m in linears.items() if n.startswith(head)}
-        seen.update(head + n for n in inner)
-        out.append((f"{prefix}.{i}", block, inner))
+def _plan(
+    lists: list[tuple[str, nn.ModuleList]], linears: dict[str, nn.Module]
+) -> list[list[tuple[str, nn.Module, dict]]]:
+    """Per list of blocks, ``(prefix, block, {relative name: linear})`` for each block, in order."""
+    plans, seen = [], set()
+    for name, blocks in lists:
+        plan = []
+        for i, block in enumerate(blocks):
+            head = f"{name}.{i}."
+            inner = {n[len(head) :]: m for n, m in linears.items() if n.startswith(head)}
+            seen.update(head + n for n in inner)
+            plan.append((f"{name}.{i}", block, inner))
+        plans.append(plan)
     outside = sorted(set(linears) - seen)
     if outside:
         raise WeightkitError(
             f"calibrated methods quantize layers inside transformer blocks only; {', '.join(outside[:5])} "
             f"lie outside (add them to ignore, or use method rtn)"
         )
-    return out
+    return plans
 
 
-def _front(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
-    """The parts of the backbone outside its blocks (embeddings, rotary embeddings, final norm ...):
-    what computes block 0's inputs, without the blocks or the head."""
+def _front(model: nn.Module, excluded: list[nn.ModuleList]) -> list[nn.Module]:
+    """The parts of the model outside the ``excluded`` lists of blocks (embeddings, rotary embeddings,
+    final norm ..., and an encoder-decoder's encoder when its decoder blocks are next): what computes the
+    next list's first inputs, without the head of a bare backbone's wrapper."""
     base = getattr(model, "base_model", model)
+
+    def holds(module: nn.Module) -> bool:
+        return any(m is blocks for m in module.modules() for blocks in excluded)
 
     def outside(module: nn.Module) -> list[nn.Module]:
         parts = []
         for child in module.children():
-            if child is blocks:
+            if any(child is blocks for blocks in excluded):
                 continue
-            parts += outside(child) if any(m is blocks for m in child.modules()) else [child]
+            parts += outside(child) if holds(child) else [child]
         return parts
 
     return outside(base)
@@ -219,35 +219,57 @@ def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block
     ``quantize_block(prefix, block, groups, inputs, device, last)`` gets the block's selected layers as
     a list of input groups (``{relative name: linear}``, in call order) and returns ``(quantized,
     outputs)``: each layer's quantized weight and the block's outputs for the next block (``None`` for
-    the ``last`` block, whose outputs nobody needs). A ``store`` (see :class:`BlockStore`) fills each
-    block's weights just before it is needed and takes it away after.
+    the ``last`` block of its list, whose outputs nobody needs). A ``store`` (see :class:`BlockStore`)
+    fills each block's weights just before it is needed and takes it away after.
 
-    With a ``device``, the front part of the model runs there to capture block 0's inputs, and each
+    An encoder-decoder's lists are walked in turn: the decoder's first inputs are captured by running the
+    model, its encoder already quantized (so the decoder calibrates on what it will see), on the
+    calibration text as both input and target. The encoder's blocks stay in memory until the end for
+    that. Arguments a list's first block computes for the others (T5's position biases,
+    :attr:`weightkit.arch.BlockLayout.carries`) are taken from its full-precision outputs.
+
+    With a ``device``, the front part of the model runs there to capture the first inputs, and each
     block is moved there while it is calibrated; the model is left where it was. Without one, each
     part runs where it is.
     """
-    prefix, blocks = _block_list(model, label)
+    lists = _block_lists(model, label)
     linears = selected_linears(model, config)
-    plan = _blocks_with_linears(prefix, blocks, linears)
+    plans = _plan(lists, linears)
     batches = calibration_batches(config, data, tokenizer)
     _warn_if_scarce(label, batches, linears)
-    front = _front(model, blocks)
-    capture_on = device or _device_of(front)
-    with borrowed(front, capture_on):
-        inputs = capture_block_inputs(model, plan[0][1], batches, capture_on)
-    for i, (prefix, block, inner) in enumerate(track(plan, label, enabled=progress)):
-        if store is not None:
-            store.load(prefix, block)
-        here = device or _device_of([block])
-        with block_on(block, here):
-            groups = (
-                [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)] if inner else []
-            )
-            done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, i == len(plan) - 1)
-            for rel, quantized in done.items():
-                quantize_linear(block, rel, quantized)
-        if store is not None:
-            store.save(prefix, block)
+    config_dict = model.config.to_dict()
+    if model_task(config_dict) == "seq2seq":  # the decoder learns to give back its input
+        batches = [{**batch, "labels": batch["input_ids"]} for batch in batches]
+    kept = []  # blocks of lists before the last: the next list's inputs are computed through them
+    for k, ((name, blocks), plan) in enumerate(zip(lists, plans, strict=True)):
+        front = _front(model, [b for _, b in lists[k:]])
+        capture_on = device or _device_of(front)
+        with borrowed(front, capture_on):
+            inputs = capture_block_inputs(model, blocks[0], batches, capture_on)
+        layout = block_layout(config_dict, name)
+        caption = label if len(lists) == 1 else f"{label} {name}"
+        for i, (prefix, block, inner) in enumerate(track(plan, caption, enabled=progress)):
+            if store is not None:
+                store.load(prefix, block)
+            here = device or _device_of([block])
+            with block_on(block, here):
+                if i == 0 and layout is not None and layout.carries:
+                    carry_outputs(block, inputs, layout.carries, here)
+                groups = (
+                    [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)]
+                    if inner
+                    else []
+                )
+                done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, i == len(plan) - 1)
+                for rel, quantized in done.items():
+                    quantize_linear(block, rel, quantized)
+            if store is not None:
+                if k == len(lists) - 1:
+                    store.save(prefix, block)
+                else:
+                    kept.append((prefix, block))
+    for prefix, block in kept:
+        store.save(prefix, block)
     return model
 
 
@@ -478,6 +500,7 @@ def quantize_awq(
     """
 
     def quantize_block(prefix, block, groups, inputs, here, last):
+        layout = layouts[prefix.rpartition(".")[0]]
         tokens = sum(int(mask.sum()) for mask in inputs.token_masks)
         if tokens == 0:
             raise _no_tokens()
@@ -559,8 +582,10 @@ def quantize_awq(
                 _round_in_place(linear, done[rel])
         return done, outputs
 
-    prefix, _ = _block_list(model, "AWQ")
-    layout = block_layout(model.config.to_dict(), prefix, purpose="AWQ's scaling folds and clipping")
+    layouts = {
+        name: block_layout(model.config.to_dict(), name, purpose="AWQ's scaling folds and clipping")
+        for name, _ in _block_lists(model, "AWQ")
+    }
     return _walk_blocks(model, config, data, tokenizer, progress, "AWQ", quantize_block, store, device)
 
 
