@@ -595,3 +595,12 @@ def test_a_usage_error_prints_the_subcommands_usage(capsys, argv):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"usage: weightkit {argv[0]} " in err
     assert "COMMAND ..." not in err  # not the top-level usage
+
+
+def test_an_error_message_with_brackets_is_printed_as_it_is(tmp_path, capsys):
+    # Printed as rich markup, "[/]" raised a MarkupError and "[red]" vanished.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: ./a[/]b\n  - model: ./c[red]d\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "a[/]b" in err or "c[red]d" in err

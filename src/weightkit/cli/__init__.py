@@ -80,7 +80,7 @@ def _with_method_help(sub: argparse._SubParsersAction, argv: list[str]) -> None:
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Show a warning as the command's errors are shown, without the source line Python would print."""
     text = escape(str(message))  # a message's own [brackets] are not markup
-    console.print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False, soft_wrap=True, markup=True)
+    console.print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _with_method_help(sub, argv)
     except WeightkitError as err:  # an unknown method: its own error, with the did-you-mean
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 1
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name them under the top-level usage; the subcommand's says what it takes
@@ -106,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _print_warning
             result = args.run(args)
     except WeightkitError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True, markup=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt as interrupt:  # its message, if any, says what was saved (weightkit adapt)
-        console.print(f"[bold red]interrupted[/bold red] {interrupt}", highlight=False, soft_wrap=True)
+        message = escape(str(interrupt))
+        console.print(f"[bold red]interrupted[/bold red] {message}", highlight=False, soft_wrap=True)
         return 130
     if args.json:
         print(json.dumps(result, indent=2))
