@@ -1,0 +1,221 @@
+"""GaLore: AdamW whose moments live in a low-rank projection of each matrix's gradient.
+
+Zhao, Zhang, Chen, Wang, Anandkumar, Tian, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection", arXiv 2403.03507.
+
+The gradient ``G`` (``m x n``) of a weight matrix is projected onto the top-``rank`` singular subspace of a
+recent gradient: ``R = G P^T`` with ``P`` the first ``rank`` right singular vectors (``rank x n``) when
+``m >= n``, else ``R = P^T G`` with ``P`` the first ``rank`` left singular vectors (``m x rank``). Adam's
+two moments are kept for ``R`` (``m x rank`` or ``rank x n``: ``rank x max(m, n)`` each), and the normalised
+step is projected back (``N P`` or ``P N``) and scaled by ``scale``. ``P`` is recomputed from the current
+gradient every ``update_proj_gap`` steps (first at step 0). Per projected matrix the state is two
+``rank x max(m, n)`` moments and one ``min(m, n) x rank`` projection, against AdamW's two ``m x n``.
+
+As the reference code (galore-torch's ``GaLoreAdamW``), on which the group keys are modelled so that its
+users' code runs after changing the import: a parameter group with a ``rank`` key is projected
+(``rank``, ``update_proj_gap``, ``scale``, ``proj_type``); other groups (norms, embeddings ...) are plain
+AdamW. The Adam step is the reference's (transformers' ``AdamW``: ``eps`` added to ``sqrt(v)`` before the
+bias correction, decoupled weight decay applied to the weight after the step).
+
+Deliberate deviations from the reference:
+
+1. ``state_dict()``/``load_state_dict()`` work: the projection is a tensor in the parameter's state (the
+   reference keeps a projector object there, which does not survive saving), so a resumed run continues
+   bit for bit.
+2. ``proj_type="full"`` (projection on both sides) is refused by name rather than implemented.
+3. ``per_layer=True`` updates each parameter as soon as its gradient is accumulated (a
+   ``post_accumulate_grad`` hook) and frees that gradient at once, so the full gradient never exists
+   (the reference shows this in an example with one optimizer per parameter); ``step()`` then only
+   counts steps. Gradient accumulation over several backward passes is not possible in this mode.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from weightkit.errors import WeightkitError
+
+__all__ = [
+    "GaLoreAdamW",
+    "galore_param_groups",
+    "galore_state_bytes",
+    "projection",
+    "project",
+    "project_back",
+]
+
+_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+def _side(shape: torch.Size, proj_type: str) -> str:
+    """Which side of an ``m x n`` gradient the projection acts on: ``"right"`` (``G P^T``) or ``"left"``."""
+    wide = shape[0] >= shape[1]
+    if proj_type == "std":
+        return "right" if wide else "left"
+    if proj_type == "reverse_std":
+        return "left" if wide else "right"
+    return proj_type
+
+
+def projection(grad: Tensor, rank: int, side: str) -> Tensor:
+    """The top-``rank`` singular subspace of ``grad`` on ``side``: ``rank x n`` right singular vectors (rows)
+    or ``m x rank`` left singular vectors (columns), in ``grad``'s dtype, computed in float32."""
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    basis = vh[:rank] if side == "right" else u[:, :rank]
+    return basis.to(grad.dtype)
+
+
+def project(grad: Tensor, basis: Tensor, side: str) -> Tensor:
+    return grad @ basis.T if side == "right" else basis.T @ grad
+
+
+def project_back(low_rank: Tensor, basis: Tensor, side: str) -> Tensor:
+    return low_rank @ basis if side == "right" else basis @ low_rank
+
+
+def galore_state_bytes(shape: tuple[int, int], rank: int, element_bytes: int = 4) -> int:
+    """The optimizer-state bytes GaLore holds for one ``m x n`` matrix: two ``rank x max(m, n)`` moments and
+    one ``min(m, n) x rank`` projection (the paper's count; AdamW holds ``2 m n``)."""
+    m, n = shape
+    return element_bytes * (2 * rank * max(m, n) + min(m, n) * rank)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore's low-rank gradient projection for the parameter groups that name a ``rank``.
+
+    Args:
+        params: parameters or parameter groups. A group with ``rank`` (and optionally ``update_proj_gap``,
+            ``scale``, ``proj_type``) projects its 2-D parameters' gradients; other parameters get AdamW.
+        lr: learning rate.
+        betas: Adam's moment decays.
+        eps: added to ``sqrt(v)`` (before the bias correction, as transformers' and galore-torch's AdamW).
+        weight_decay: decoupled weight decay (the weight shrinks by ``lr * weight_decay`` each step).
+        per_layer: update each parameter in its gradient hook and free the gradient (module docstring).
+
+    Group keys (galore-torch's): ``rank`` (projection rank, at most ``min(m, n)`` of every matrix in the
+    group), ``update_proj_gap`` (steps between projection refreshes, default 200), ``scale`` (multiplies
+    the projected-back step, default 0.25), ``proj_type`` (``"std"``: the smaller side of the matrix, the
+    default; ``"reverse_std"``, ``"left"``, ``"right"``).
+
+    Raises:
+        WeightkitError: a bad hyperparameter, a ``rank`` larger than a matrix of its group or below 1, an
+            unknown ``proj_type``, or a projected parameter that is not 2-D.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        per_layer: bool = False,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise WeightkitError(
+                f"GaLoreAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, "
+                f"weight_decay={weight_decay}, betas={betas}"
+            )
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if "rank" in group:
+                _check_projected_group(group)
+        self.per_layer = per_layer
+        self._hooks = []
+        if per_layer:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(group)))
+
+    def _hook(self, group: dict):
+        def update(p: Tensor) -> None:
+            with torch.no_grad():
+                self._update(p, group)
+            p.grad = None
+
+        return update
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW/GaLore step for every parameter with a gradient (with ``per_layer``, they were updated
+        in their gradient hooks already: this only runs ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.per_layer:
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise WeightkitError("GaLoreAdamW does not take sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+        projected = "rank" in group
+        if projected:
+            side = _side(grad.shape, group.get("proj_type", "std"))
+            if state["step"] % group.get("update_proj_gap", 200) == 0:
+                state["projection"] = projection(grad, group["rank"], side)
+            grad = project(grad, state["projection"], side)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"]
+        step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        normalised = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        if projected:
+            normalised = project_back(normalised, state["projection"], side) * group.get("scale", 0.25)
+        p.add_(normalised, alpha=-step_size)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _check_projected_group(group: dict) -> None:
+    proj_type = group.get("proj_type", "std")
+    if proj_type == "full":
+        raise WeightkitError("GaLoreAdamW: proj_type 'full' (projection on both sides) is not implemented")
+    if proj_type not in _PROJ_TYPES:
+        raise WeightkitError(f"GaLoreAdamW: unknown proj_type {proj_type!r}; expected one of {_PROJ_TYPES}")
+    rank, gap = group["rank"], group.get("update_proj_gap", 200)
+    if not isinstance(rank, int) or rank < 1 or not isinstance(gap, int) or gap < 1:
+        raise WeightkitError(
+            f"GaLoreAdamW: rank and update_proj_gap must be integers >= 1, got {rank}, {gap}"
+        )
+    for p in group["params"]:
+        if p.dim() != 2:
+            raise WeightkitError(
+                f"GaLoreAdamW: a group with rank projects matrices; it holds a {p.dim()}-D parameter of "
+                f"shape {tuple(p.shape)} (put norms and biases in a group without rank)"
+            )
+        if rank > min(p.shape):
+            raise WeightkitError(
+                f"GaLoreAdamW: rank {rank} is larger than a {tuple(p.shape)} matrix of its group allows "
+                f"({min(p.shape)})"
+            )
+
+
+def galore_param_groups(model: nn.Module, rank: int, **group_keys) -> list[dict]:
+    """The usual split: every 2-D weight of a linear layer projected at ``rank`` (``group_keys``:
+    ``update_proj_gap``, ``scale``, ``proj_type``), every other trainable parameter plain AdamW."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    chosen = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    groups = [{"params": matrices, "rank": rank, **group_keys}] if matrices else []
+    return groups + ([{"params": others}] if others else [])
