@@ -1,10 +1,12 @@
 """Memory-efficient full-parameter training: optimizers usable in any training loop (``weightkit.train``).
 
 One file per optimizer: :mod:`weightkit.train.galore` (GaLore's low-rank gradient projection),
-:mod:`weightkit.train.adamp` (AdamP and SGDP: no norm growth of scale-invariant weights).
+:mod:`weightkit.train.adamp` (AdamP and SGDP: no norm growth of scale-invariant weights),
+:mod:`weightkit.train.zeroth_order` (MeZO: SGD from two forward passes, the memory of inference).
 """
 
 from weightkit.train.adamp import SGDP, AdamP
 from weightkit.train.galore import GaLoreAdamW, galore_param_groups, galore_state_bytes
+from weightkit.train.zeroth_order import ZerothOrderSGD
 
-__all__ = ["GaLoreAdamW", "galore_param_groups", "galore_state_bytes", "AdamP", "SGDP"]
+__all__ = ["GaLoreAdamW", "galore_param_groups", "galore_state_bytes", "AdamP", "SGDP", "ZerothOrderSGD"]
