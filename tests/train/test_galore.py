@@ -171,3 +171,53 @@ def test_bad_groups_are_refused_by_name():
         GaLoreAdamW([{"params": [weight], "rank": 2, "proj_type": "full"}])
     with pytest.raises(WeightkitError, match="unknown proj_type"):
         GaLoreAdamW([{"params": [weight], "rank": 2, "proj_type": "diagonal"}])
+
+
+# -- SVD-free (DCT) basis ----------------------------------------------------------------------------------
+
+
+def test_the_dct_basis_is_orthonormal_and_picks_the_gradients_energy():
+    from weightkit.train.galore import dct_basis, dct_columns, dct_projection
+
+    basis = dct_basis(16, torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(basis @ basis.T, torch.eye(16, dtype=torch.float64))
+    # A gradient built from DCT vectors 3 and 11 (right side): those two are chosen, and its projection
+    # onto them loses nothing.
+    coefficients = torch.randn(24, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad = coefficients @ basis[[3, 11]]
+    assert dct_columns(grad, 2, "right").tolist() == [3, 11]
+    chosen = dct_projection(grad, torch.tensor([3, 11]), "right")
+    torch.testing.assert_close(grad @ chosen.T @ chosen, grad)
+    assert dct_columns(grad.T, 2, "left").tolist() == [3, 11]
+
+
+def test_svd_free_galore_holds_indices_instead_of_a_projection_and_trains():
+    model = tiny_llama(seed=0, hidden_size=64, intermediate_size=128)
+    groups = galore_param_groups(model, rank=8, update_proj_gap=200, scale=0.25, basis="dct")
+    optimizer = GaLoreAdamW(groups, lr=1e-2)
+    losses = _train(model, optimizer, 30)
+    state = optimizer.state[model.model.layers[0].mlp.down_proj.weight]  # 64 x 128: left side, m < n
+    assert set(state) == {"step", "columns", "exp_avg", "exp_avg_sq"} and state["columns"].shape == (8,)
+    assert state["exp_avg"].shape == (8, 128)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1, losses
+
+
+def test_full_rank_dct_galore_without_refresh_is_adamw_in_the_dct_basis():
+    from weightkit.train.galore import dct_basis
+
+    w0 = torch.randn(24, 16, generator=torch.Generator().manual_seed(0)) * 0.1
+    weight = nn.Parameter(w0.clone())
+    group = {"params": [weight], "rank": 16, "update_proj_gap": 10**6, "scale": 1.0, "basis": "dct"}
+    galore = GaLoreAdamW([group], lr=0.01, eps=0)
+    for step in range(5):
+        galore.zero_grad()
+        _loss(weight, _inputs(step)).backward()
+        galore.step()
+    basis = dct_basis(16, w0)  # all 16 vectors, in index order
+    y = nn.Parameter(w0 @ basis.T)
+    adamw = torch.optim.AdamW([y], lr=0.01, eps=0, weight_decay=0)
+    for step in range(5):
+        adamw.zero_grad()
+        _loss(y @ basis, _inputs(step)).backward()
+        adamw.step()
+    torch.testing.assert_close(weight.detach(), (y @ basis).detach(), rtol=1e-5, atol=1e-6)

@@ -23,12 +23,18 @@ Deliberate deviations from the reference:
    reference keeps a projector object there, which does not survive saving), so a resumed run continues
    bit for bit.
 2. ``proj_type="full"`` (projection on both sides) is refused by name rather than implemented.
-3. ``per_layer=True`` updates each parameter as soon as its gradient is accumulated (a
+3. ``basis="dct"`` (a group key) is the SVD-free variant of "SVD-Free Low-Rank Adaptive Gradient
+   Optimization for Large Language Models": instead of an SVD of the gradient, the ``rank`` vectors of a
+   fixed orthonormal DCT-II basis that capture most of the gradient's energy (``||G d_k||``), chosen again
+   at each refresh; the state holds their indices, not a projection matrix (the basis is shared by every
+   matrix of that size and computed once).
+4. ``per_layer=True`` updates each parameter as soon as its gradient is accumulated (a
    ``post_accumulate_grad`` hook) and frees that gradient at once, so the full gradient never exists
    (the reference shows this in an example with one optimizer per parameter); ``step()`` then only
    counts steps. Gradient accumulation over several backward passes is not possible in this mode.
 """
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -44,6 +50,9 @@ __all__ = [
     "projection",
     "project",
     "project_back",
+    "dct_basis",
+    "dct_columns",
+    "dct_projection",
 ]
 
 _PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -65,6 +74,39 @@ def projection(grad: Tensor, rank: int, side: str) -> Tensor:
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     basis = vh[:rank] if side == "right" else u[:, :rank]
     return basis.to(grad.dtype)
+
+
+@functools.cache
+def _dct_matrix(n: int) -> Tensor:
+    """The orthonormal DCT-II matrix (``n x n``, rows the basis vectors), float64 on the CPU."""
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    matrix = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2 / n)
+    matrix[0] /= math.sqrt(2)
+    return matrix
+
+
+def dct_basis(n: int, like: Tensor) -> Tensor:
+    """The orthonormal DCT-II basis of size ``n`` (rows), in ``like``'s dtype and on its device."""
+    return _dct_matrix(n).to(device=like.device, dtype=like.dtype)
+
+
+def dct_columns(grad: Tensor, rank: int, side: str) -> Tensor:
+    """SVD-free GaLore's choice: the ``rank`` DCT basis vectors (of the projected side) that capture the
+    most of ``grad``'s energy, as sorted indices."""
+    if side == "right":
+        energy = (grad.float() @ dct_basis(grad.shape[1], grad.float()).T).square().sum(dim=0)
+    else:
+        energy = (dct_basis(grad.shape[0], grad.float()) @ grad.float()).square().sum(dim=1)
+    return energy.topk(rank).indices.sort().values
+
+
+def dct_projection(grad: Tensor, columns: Tensor, side: str) -> Tensor:
+    """The projection of the chosen DCT vectors, shaped as :func:`projection`'s (``rank x n`` right,
+    ``m x rank`` left)."""
+    if side == "right":
+        return dct_basis(grad.shape[1], grad)[columns]
+    return dct_basis(grad.shape[0], grad)[columns].T
 
 
 def project(grad: Tensor, basis: Tensor, side: str) -> Tensor:
@@ -97,7 +139,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     Group keys (galore-torch's): ``rank`` (projection rank, at most ``min(m, n)`` of every matrix in the
     group), ``update_proj_gap`` (steps between projection refreshes, default 200), ``scale`` (multiplies
     the projected-back step, default 0.25), ``proj_type`` (``"std"``: the smaller side of the matrix, the
-    default; ``"reverse_std"``, ``"left"``, ``"right"``).
+    default; ``"reverse_std"``, ``"left"``, ``"right"``); weightkit's ``basis``: ``"svd"`` (GaLore, the
+    default) or ``"dct"`` (SVD-free, module docstring).
 
     Raises:
         WeightkitError: a bad hyperparameter, a ``rank`` larger than a matrix of its group or below 1, an
@@ -166,9 +209,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         projected = "rank" in group
         if projected:
             side = _side(grad.shape, group.get("proj_type", "std"))
-            if state["step"] % group.get("update_proj_gap", 200) == 0:
-                state["projection"] = projection(grad, group["rank"], side)
-            grad = project(grad, state["projection"], side)
+            refresh = state["step"] % group.get("update_proj_gap", 200) == 0
+            if group.get("basis", "svd") == "dct":
+                if refresh:
+                    state["columns"] = dct_columns(grad, group["rank"], side)
+                basis = dct_projection(grad, state["columns"], side)
+            else:
+                if refresh:
+                    state["projection"] = projection(grad, group["rank"], side)
+                basis = state["projection"]
+            grad = project(grad, basis, side)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -181,13 +231,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         normalised = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         if projected:
-            normalised = project_back(normalised, state["projection"], side) * group.get("scale", 0.25)
+            normalised = project_back(normalised, basis, side) * group.get("scale", 0.25)
         p.add_(normalised, alpha=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
 def _check_projected_group(group: dict) -> None:
+    if group.get("basis", "svd") not in ("svd", "dct"):
+        raise WeightkitError(f"GaLoreAdamW: unknown basis {group['basis']!r}; expected 'svd' or 'dct'")
     proj_type = group.get("proj_type", "std")
     if proj_type == "full":
         raise WeightkitError("GaLoreAdamW: proj_type 'full' (projection on both sides) is not implemented")
