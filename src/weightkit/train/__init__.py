@@ -10,7 +10,7 @@ from weightkit.train.adamp import SGDP, AdamP
 from weightkit.train.galore import GaLoreAdamW, galore_param_groups, galore_state_bytes
 from weightkit.train.orthograd import OrthoGrad
 from weightkit.train.stablemax import stablemax, stablemax_cross_entropy
-from weightkit.train.zeroth_order import ZerothOrderSGD
+from weightkit.train.zeroth_order import DistributedZerothOrderSGD, ZerothOrderSGD
 
 __all__ = [
     "GaLoreAdamW",
@@ -19,6 +19,7 @@ __all__ = [
     "AdamP",
     "SGDP",
     "ZerothOrderSGD",
+    "DistributedZerothOrderSGD",
     "OrthoGrad",
     "stablemax",
     "stablemax_cross_entropy",

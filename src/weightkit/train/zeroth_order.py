@@ -19,7 +19,7 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["ZerothOrderSGD", "directions"]
+__all__ = ["ZerothOrderSGD", "DistributedZerothOrderSGD", "directions"]
 
 
 def directions(params: list[Tensor], seed: int):
@@ -68,28 +68,36 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 if p.requires_grad:
                     p.add_(next(noise), alpha=scale)
 
-    @torch.no_grad()
-    def step(self, closure):
-        if closure is None:
-            raise WeightkitError("ZerothOrderSGD.step needs a closure that returns the loss")
-        seed = self.seed + self.steps
+    def _probe(self, seed: int, closure) -> tuple[float, float] | None:
+        """The mean probe loss and the projected gradient along ``seed``'s direction; theta is moved back
+        (to within rounding). With ``closure=None`` only the moves are made."""
         eps = [group["eps"] for group in self.param_groups]
         if len(set(eps)) > 1:  # one directional derivative per step, measured at one scale
-            raise WeightkitError("ZerothOrderSGD: every parameter group must share one eps")
+            raise WeightkitError("zeroth-order SGD: every parameter group must share one eps")
         self._move(seed, eps)
-        plus = float(closure())
+        plus = None if closure is None else float(closure())
         self._move(seed, [-2 * e for e in eps])
-        minus = float(closure())
+        minus = None if closure is None else float(closure())
         self._move(seed, eps)  # back to theta
-        self.projected_grad = (plus - minus) / (2 * eps[0])
+        return None if closure is None else ((plus + minus) / 2, (plus - minus) / (2 * eps[0]))
+
+    def _decay(self) -> None:
         for group in self.param_groups:
             if group["weight_decay"] > 0:
                 for p in group["params"]:
                     if p.requires_grad:
                         p.mul_(1 - group["lr"] * group["weight_decay"])
+
+    @torch.no_grad()
+    def step(self, closure):
+        if closure is None:
+            raise WeightkitError("ZerothOrderSGD.step needs a closure that returns the loss")
+        seed = self.seed + self.steps
+        loss, self.projected_grad = self._probe(seed, closure)
+        self._decay()
         self._move(seed, [-group["lr"] * self.projected_grad for group in self.param_groups])
         self.steps += 1
-        return (plus + minus) / 2
+        return loss
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -103,3 +111,78 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             raise WeightkitError("this state_dict was not saved by ZerothOrderSGD (no 'zeroth_order' entry)")
         super().load_state_dict(state_dict)
         self.seed, self.steps = saved["seed"], saved["steps"]
+
+
+class DistributedZerothOrderSGD(ZerothOrderSGD):
+    """MeZO over ``torch.distributed`` processes that exchange only scalars ("Just One Byte (per gradient)").
+
+    Zelikman, Huang, Liang, Haber, Goodman, "Just One Byte (per gradient): A Note on Low-Bandwidth
+    Decentralized Language Model Finetuning Using Shared Randomness", arXiv 2306.10015.
+
+    At step ``t`` process ``r`` of ``N`` probes its own direction (seed ``seed + t N + r``) on its own data
+    (its ``closure``), the ``N`` projected gradients are all-gathered, and every process applies all of
+    them in rank order, each along its direction regenerated from its seed:
+    ``theta <- theta - (lr / N) sum_r g_r z_r``. Every process also replays every other process's probe
+    moves (perturb, perturb back: they do not cancel exactly in floating point), so all compute the same
+    operations on the same numbers and the copies stay bit-identical, while the only traffic is ``N``
+    scalars per step (one process is :class:`ZerothOrderSGD`). ``bytes_exchanged`` counts what one
+    process received in the last step.
+
+    ``one_byte=scale`` sends each projected gradient as one signed byte, ``round(g / scale)`` clipped to
+    [-127, 127], and every process (the sender too) applies the decoded ``q * scale``. The paper exchanges one
+    byte per projected gradient; this linear code with a fixed ``scale`` is weightkit's choice, as is the
+    seed ``seed + t N + r`` (the paper seeds by machine and sample).
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                 one_byte: float | None = None):  # fmt: skip
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise WeightkitError(
+                "DistributedZerothOrderSGD needs a torch.distributed process group: launch with torchrun "
+                "and call weightkit.runtime.distributed.init_distributed first"
+            )
+        if one_byte is not None and one_byte <= 0:
+            raise WeightkitError(f"one_byte is the code's step and must be > 0, got {one_byte}")
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed)
+        self.one_byte = one_byte
+        self.bytes_exchanged = 0
+
+    def _exchange(self, grad: float) -> list[float]:
+        """Every process's projected gradient, by rank, as every process applies it."""
+        world = torch.distributed.get_world_size()
+        if self.one_byte is None:
+            local = torch.tensor([grad], dtype=torch.float64)
+        else:
+            local = (
+                torch.tensor([round(grad / self.one_byte)], dtype=torch.float64)
+                .clamp(-127, 127)
+                .to(torch.int8)
+            )
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(gathered, local)
+        self.bytes_exchanged = world * local.element_size()
+        if self.one_byte is None:
+            return [float(g) for g in gathered]
+        return [int(g) * self.one_byte for g in gathered]
+
+    @torch.no_grad()
+    def step(self, closure):
+        if closure is None:
+            raise WeightkitError("DistributedZerothOrderSGD.step needs a closure that returns the loss")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        seeds = [self.seed + self.steps * world + r for r in range(world)]
+        # Every process makes every process's probe moves, in rank order, evaluating the loss only at its
+        # own: a move and its undoing round, so the parameters stay bit-identical only if every process
+        # rounds the same sequence of moves.
+        for r, seed in enumerate(seeds):
+            if r == rank:
+                loss, grad = self._probe(seed, closure)
+            else:
+                self._probe(seed, None)
+        grads = self._exchange(grad)
+        self.projected_grad = grads
+        self._decay()
+        for seed, g in zip(seeds, grads, strict=True):
+            self._move(seed, [-group["lr"] * g / world for group in self.param_groups])
+        self.steps += 1
+        return loss
