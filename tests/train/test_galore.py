@@ -197,7 +197,8 @@ def test_svd_free_galore_holds_indices_instead_of_a_projection_and_trains():
     optimizer = GaLoreAdamW(groups, lr=1e-2)
     losses = _train(model, optimizer, 30)
     state = optimizer.state[model.model.layers[0].mlp.down_proj.weight]  # 64 x 128: left side, m < n
-    assert set(state) == {"step", "columns", "exp_avg", "exp_avg_sq"} and state["columns"].shape == (8,)
+    assert set(state) == {"step", "next_refresh", "gap", "columns", "exp_avg", "exp_avg_sq"}
+    assert state["columns"].shape == (8,)
     assert state["exp_avg"].shape == (8, 128)
     assert sum(losses[-5:]) / 5 < losses[0] - 1, losses
 
@@ -221,3 +222,55 @@ def test_full_rank_dct_galore_without_refresh_is_adamw_in_the_dct_basis():
         _loss(y @ basis, _inputs(step)).backward()
         adamw.step()
     torch.testing.assert_close(weight.detach(), (y @ basis).detach(), rtol=1e-5, atol=1e-6)
+
+
+# -- Q-GaLore: quantized projections, lazy refresh ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_projection_codes_round_trip_within_half_a_step(bits):
+    from weightkit.train.galore import dequantize_rows, quantize_rows
+
+    rows = torch.randn(5, 33, generator=torch.Generator().manual_seed(0))  # odd length: a padded nibble
+    codes, scales = quantize_rows(rows, bits)
+    assert codes.shape == (5, 33 if bits == 8 else 17) and codes.element_size() == 1
+    back = dequantize_rows(codes, scales, bits, 33)
+    assert ((back - rows).abs() <= scales / 2 + 1e-7).all()
+
+
+def test_q_galore_stores_a_4_bit_projection_and_trains_as_the_full_precision_one():
+    results = {}
+    for bits in (None, 4):
+        model = tiny_llama(seed=0, hidden_size=64, intermediate_size=128)
+        keys = {"update_proj_gap": 200, "scale": 0.25} | ({"proj_bits": bits} if bits else {})
+        optimizer = GaLoreAdamW(galore_param_groups(model, rank=8, **keys), lr=1e-2)
+        losses = _train(model, optimizer, 30)
+        state = optimizer.state[model.model.layers[0].self_attn.q_proj.weight]  # 64 x 64
+        stored = (
+            [state["projection"]] if bits is None else [state["projection_codes"], state["projection_scales"]]
+        )
+        results[bits] = (sum(losses[-5:]) / 5, sum(t.numel() * t.element_size() for t in stored))
+    assert results[4][1] == 8 * 32 + 8 * 4 < results[None][1] / 7  # codes + scales vs 8 x 64 float32
+    assert abs(results[4][0] - results[None][0]) < 0.1, results
+
+
+def test_lazy_refresh_doubles_the_gap_once_the_projection_stops_moving(monkeypatch):
+    import weightkit.train.galore as galore
+
+    svds = []
+    real = galore.projection
+    monkeypatch.setattr(galore, "projection", lambda *args: svds.append(1) or real(*args))
+    direction = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(**lazy):
+        svds.clear()
+        weight = nn.Parameter(torch.zeros(24, 16))
+        optimizer = GaLoreAdamW([{"params": [weight], "rank": 4, "update_proj_gap": 2, **lazy}], lr=1e-2)
+        for step in range(40):
+            weight.grad = direction * (1 + 0.01 * step)  # the subspace never moves
+            optimizer.step()
+        return len(svds), optimizer.state[weight]["gap"]
+
+    assert run() == (20, 2)
+    refreshes, gap = run(cos_threshold=0.99, queue_size=2)
+    assert gap >= 8 and refreshes <= 8, (refreshes, gap)

@@ -28,7 +28,14 @@ Deliberate deviations from the reference:
    fixed orthonormal DCT-II basis that capture most of the gradient's energy (``||G d_k||``), chosen again
    at each refresh; the state holds their indices, not a projection matrix (the basis is shared by every
    matrix of that size and computed once).
-4. ``per_layer=True`` updates each parameter as soon as its gradient is accumulated (a
+4. Q-GaLore's options ("Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive Low-Rank
+   Gradients", arXiv 2407.08296), as group keys: ``proj_bits`` (8 or 4) stores the projection as
+   symmetric round-to-nearest codes with one scale per basis vector (4-bit codes two to a byte);
+   ``cos_threshold`` (with ``queue_size``, default 5) compares each new projection with the one it replaces
+   (the mean |cosine| of corresponding basis vectors) and, once the last ``queue_size`` comparisons average
+   at least the threshold, doubles that parameter's refresh gap: a layer whose subspace has stopped
+   moving takes fewer SVDs. Q-GaLore's INT8 weights with stochastic rounding are not part of this.
+5. ``per_layer=True`` updates each parameter as soon as its gradient is accumulated (a
    ``post_accumulate_grad`` hook) and frees that gradient at once, so the full gradient never exists
    (the reference shows this in an example with one optimizer per parameter); ``step()`` then only
    counts steps. Gradient accumulation over several backward passes is not possible in this mode.
@@ -140,7 +147,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     group), ``update_proj_gap`` (steps between projection refreshes, default 200), ``scale`` (multiplies
     the projected-back step, default 0.25), ``proj_type`` (``"std"``: the smaller side of the matrix, the
     default; ``"reverse_std"``, ``"left"``, ``"right"``); weightkit's ``basis``: ``"svd"`` (GaLore, the
-    default) or ``"dct"`` (SVD-free, module docstring).
+    default) or ``"dct"`` (SVD-free), and Q-GaLore's ``proj_bits``, ``cos_threshold``, ``queue_size``
+    (module docstring).
 
     Raises:
         WeightkitError: a bad hyperparameter, a ``rank`` larger than a matrix of its group or below 1, an
@@ -209,15 +217,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
         projected = "rank" in group
         if projected:
             side = _side(grad.shape, group.get("proj_type", "std"))
-            refresh = state["step"] % group.get("update_proj_gap", 200) == 0
+            refresh = state["step"] == state.setdefault("next_refresh", 0)
+            if refresh:
+                state["next_refresh"] = state["step"] + state.setdefault(
+                    "gap", group.get("update_proj_gap", 200)
+                )
             if group.get("basis", "svd") == "dct":
                 if refresh:
                     state["columns"] = dct_columns(grad, group["rank"], side)
                 basis = dct_projection(grad, state["columns"], side)
             else:
                 if refresh:
-                    state["projection"] = projection(grad, group["rank"], side)
-                basis = state["projection"]
+                    _store_projection(state, group, projection(grad, group["rank"], side), side)
+                length = grad.shape[1] if side == "right" else grad.shape[0]
+                basis = _stored_projection(state, group, side, length, grad.dtype)
             grad = project(grad, basis, side)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
@@ -237,7 +250,65 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
+def _store_projection(state: dict, group: dict, basis: Tensor, side: str) -> None:
+    """Keep a new projection (quantized with ``proj_bits``), and with ``cos_threshold`` lengthen the
+    parameter's refresh gap once the projection has stopped moving (Q-GaLore's lazy refresh)."""
+    bits = group.get("proj_bits")
+    vectors = basis if side == "right" else basis.T  # one basis vector per row
+    if group.get("cos_threshold") is not None and ("projection" in state or "projection_codes" in state):
+        old = _stored_projection(state, group, side, vectors.shape[1], basis.dtype)
+        old_vectors = old if side == "right" else old.T
+        similarity = float(torch.nn.functional.cosine_similarity(old_vectors, vectors, dim=1).abs().mean())
+        recent = [*state.get("similarities", []), similarity][-group.get("queue_size", 5) :]
+        state["similarities"] = recent
+        if len(recent) == group.get("queue_size", 5) and sum(recent) / len(recent) >= group["cos_threshold"]:
+            state["gap"] *= 2
+            state["next_refresh"] = state["step"] + state["gap"]
+            state["similarities"] = []
+    if bits is None:
+        state["projection"] = basis
+        return
+    codes, scales = quantize_rows(vectors, bits)
+    state["projection_codes"], state["projection_scales"] = codes, scales
+
+
+def _stored_projection(state: dict, group: dict, side: str, length: int, dtype: torch.dtype) -> Tensor:
+    """The stored projection (basis vectors of ``length`` values), dequantized when stored quantized."""
+    if group.get("proj_bits") is None:
+        return state["projection"]
+    codes, scales = state["projection_codes"], state["projection_scales"]
+    vectors = dequantize_rows(codes, scales, group["proj_bits"], length).to(dtype)
+    return vectors if side == "right" else vectors.T
+
+
+def quantize_rows(matrix: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric round-to-nearest codes of each row of ``matrix``, each with its own scale
+    (``max |row| / (2^(bits-1) - 1)``): int8 codes, two 4-bit codes per byte for ``bits=4`` (the row
+    padded to an even length), and float32 scales."""
+    top = 2 ** (bits - 1) - 1
+    scales = matrix.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / top
+    codes = torch.round(matrix.float() / scales).clamp(-top, top).to(torch.int8)
+    if bits == 4:
+        if codes.shape[1] % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        low, high = (codes[:, 0::2] & 0xF).to(torch.uint8), (codes[:, 1::2] & 0xF).to(torch.uint8)
+        codes = low | (high << 4)
+    return codes, scales
+
+
+def dequantize_rows(codes: Tensor, scales: Tensor, bits: int, length: int) -> Tensor:
+    """The float32 rows (of ``length`` values) that :func:`quantize_rows` encoded."""
+    if bits == 4:
+        nibbles = torch.stack([codes & 0xF, codes >> 4], dim=2).reshape(codes.shape[0], -1).to(torch.int8)
+        codes = torch.where(nibbles > 7, nibbles - 16, nibbles)[:, :length]
+    return codes.float() * scales
+
+
 def _check_projected_group(group: dict) -> None:
+    if group.get("proj_bits") not in (None, 8, 4):
+        raise WeightkitError(f"GaLoreAdamW: proj_bits must be 8 or 4 (or absent), got {group['proj_bits']!r}")
+    if group.get("proj_bits") is not None and group.get("basis", "svd") == "dct":
+        raise WeightkitError("GaLoreAdamW: proj_bits quantizes an SVD projection; basis 'dct' stores indices")
     if group.get("basis", "svd") not in ("svd", "dct"):
         raise WeightkitError(f"GaLoreAdamW: unknown basis {group['basis']!r}; expected 'svd' or 'dct'")
     proj_type = group.get("proj_type", "std")
