@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
+from weightkit.train.common import closure_loss
 
 __all__ = ["AdamP", "SGDP", "radial_projection"]
 
@@ -77,10 +78,7 @@ class AdamP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -127,10 +125,7 @@ class SGDP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             momentum, dampening = group["momentum"], group["dampening"]
             for p in group["params"]:

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError
+from weightkit.train.common import closure_loss
 
 __all__ = [
     "GaLoreAdamW",
@@ -195,10 +196,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         """One AdamW/GaLore step for every parameter with a gradient (with ``per_layer``, they were updated
         in their gradient hooks already: this only runs ``closure``)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if self.per_layer:
             return loss
         for group in self.param_groups:

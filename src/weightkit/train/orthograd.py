@@ -11,6 +11,7 @@ norm of ``g``; any optimizer then steps on it. No deviation.
 import torch
 
 from weightkit.errors import WeightkitError
+from weightkit.train.common import closure_loss
 
 __all__ = ["OrthoGrad", "orthogonal_gradient"]
 
@@ -41,10 +42,7 @@ class OrthoGrad(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
