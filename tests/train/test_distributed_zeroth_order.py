@@ -33,6 +33,9 @@ for _ in range(4):
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump({"grads": grads, "bytes": optimizer.bytes_exchanged}, f)
+# Leave the group together: a process exiting with gloo's threads alive can abort ("terminate called").
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
