@@ -19,7 +19,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
-from weightkit.errors import WeightkitError, require_finite
+from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import (
@@ -39,10 +39,10 @@ __all__ = ["compress_checkpoint"]
 class _StreamedModel:
     """Fills a meta-device model's modules from a checkpoint, and writes and frees them when done."""
 
-    def __init__(self, model: nn.Module, reader: CheckpointReader, writer: CheckpointWriter):
-        self.model, self.reader, self.writer = model, reader, writer
-        self.names = CheckpointNames(model, reader.names())
-        self.names.refuse_fused(reader.path)
+    def __init__(
+        self, model: nn.Module, reader: CheckpointReader, writer: CheckpointWriter, names: CheckpointNames
+    ):
+        self.model, self.reader, self.writer, self.names = model, reader, writer, names
 
     def read(self, model_name: str) -> torch.Tensor | None:
         ckpt_name = self.names.to_ckpt(model_name)
@@ -111,13 +111,10 @@ def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress
     name in the model to stream by. The output holds the tensors under the model's names, which
     transformers and :func:`weightkit.load` read back as they are.
     """
+    from weightkit.compress import compress  # the package imports this module
+
     model = auto_cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
-    for name, param in model.named_parameters():
-        require_finite(param, name)
-    entry_for_config(config).fn(
-        model, config, data=data, tokenizer=tokenizer, progress=progress, device=device
-    )
-    return model
+    return compress(model, config, data, tokenizer=tokenizer, progress=progress, device=device)
 
 
 def compress_checkpoint(
@@ -169,22 +166,20 @@ def compress_checkpoint(
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
         tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
-        fused = CheckpointNames(model, reader.names()).fused
+        names = CheckpointNames(model, reader.names())
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if fused:
+            if names.fused:  # no one-to-one names to stream by
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)
-                write_generation_config(writer, model, model_dir)
-                writer.write_json("config.json", quantized_model_config(model))
-                return Path(out_dir)
-            streamed = _StreamedModel(model, reader, writer)
-            if isinstance(config, RTNConfig):
+            elif isinstance(config, RTNConfig):
+                streamed = _StreamedModel(model, reader, writer, names)
                 _stream_rtn(model, config, streamed, progress, device)
             else:
+                streamed = _StreamedModel(model, reader, writer, names)
                 blocks = tuple(name for name, _ in block_lists(model))
                 streamed.load("", model, skip=blocks)
                 entry.fn(
