@@ -69,10 +69,10 @@ def model_task(config: Mapping) -> str:
 
 
 def _holds_linear(module: nn.Module) -> bool:
-    # Imported here: the merge verbs use this module without paying for transformers at start-up.
-    from transformers.pytorch_utils import Conv1D
+    # Imported here: select imports transformers, which the merge verbs do not pay for at start-up.
+    from weightkit.select import LINEAR_TYPES
 
-    return any(isinstance(m, nn.Linear | Conv1D) or hasattr(m, "base_layer") for m in module.modules())
+    return any(isinstance(m, LINEAR_TYPES) or hasattr(m, "base_layer") for m in module.modules())
 
 
 def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -166,8 +166,10 @@ _BERT = BlockLayout(
 )
 
 
-def _t5(block: str, gated: bool) -> BlockLayout:
-    ff = "layer.2" if block == "decoder" else "layer.1"
+def _t5(config: Mapping, block_list: str) -> BlockLayout:
+    decoder = "decoder" in block_list.split(".")  # its blocks hold a cross-attention layer before the MLP
+    gated = config.get("is_gated_act", False)
+    ff = "layer.2" if decoder else "layer.1"
     return BlockLayout(
         attention=("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v"),
         attention_out="layer.0.SelfAttention.o",
@@ -180,11 +182,11 @@ def _t5(block: str, gated: bool) -> BlockLayout:
         gated=gated,
         # T5Stack calls each block with (hidden, mask, position_bias, encoder_hidden_states, encoder_mask,
         # encoder_decoder_position_bias): the first block returns the two biases it computed.
-        carries=((1, 1), (2, 4)) if block == "decoder" else ((1, 1),),
+        carries=((1, 1), (2, 4)) if decoder else ((1, 1),),
     )
 
 
-def _opt(config: Mapping) -> BlockLayout:
+def _opt(config: Mapping, block_list: str) -> BlockLayout:
     pre = config.get("do_layer_norm_before", True)
     return BlockLayout(
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -196,7 +198,7 @@ def _opt(config: Mapping) -> BlockLayout:
     )
 
 
-def _falcon(config: Mapping) -> BlockLayout:
+def _falcon(config: Mapping, block_list: str) -> BlockLayout:
     # FalconAttention._split_heads: the fused rows' layout depends on the variant.
     if config.get("new_decoder_architecture"):
         fused = "per-group"
@@ -258,7 +260,7 @@ _VIT = BlockLayout(
     mlp_norm="layernorm_after",
 )
 
-# model_type -> the layout of its blocks (a function of the config where the layout depends on it).
+# model_type -> the layout of its blocks, or a function of the config and the block list's name giving it.
 # Checked by building each from a tiny config with the pinned transformers (tests/test_architectures.py).
 LAYOUTS = {
     **dict.fromkeys(
@@ -290,7 +292,7 @@ LAYOUTS = {
         _BERT,
     ),
     "vit": _VIT,
-    "t5": lambda config, block: _t5(block, config.get("is_gated_act", False)),
+    "t5": _t5,
 }
 
 
@@ -317,9 +319,7 @@ def block_layout(config: Mapping, block_list: str, *, purpose: str | None = None
                 stacklevel=3,
             )
         return None
-    if model_type == "t5":
-        return layout(config, "decoder" if "decoder" in block_list.split(".") else "encoder")
-    return layout(config) if callable(layout) else layout
+    return layout(config, block_list) if callable(layout) else layout
 
 
 @dataclass(frozen=True)
