@@ -21,7 +21,7 @@ from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig
 from weightkit.compress.stream import compress_checkpoint
 from weightkit.errors import WeightkitError
 from weightkit.models import load_model, model_auto_class
-from weightkit.testing import TINY_CONFIGS, save_tiny, tiny_model, tiny_tokenizer
+from weightkit.testing import TINY_CONFIGS, model_output, save_tiny, tiny_model, tiny_tokenizer
 
 CALIBRATION = [
     "The weights of a neural network are the numbers it learned during training on text.",
@@ -29,27 +29,11 @@ CALIBRATION = [
     "Merging combines what several fine-tunes of one base model learned into one model.",
     "An adapter adds a small trainable piece beside a frozen layer of a large model.",
 ] * 4
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # float32 outputs of the same function computed two ways
 
 
 def _task(architecture: str) -> str:
     return model_task(tiny_model(architecture).config.to_dict())
-
-
-def _inputs(task: str) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    if task == "vision":
-        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=generator)}
-    ids = torch.randint(4, 128, (2, 12), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if task == "seq2seq":
-        inputs["decoder_input_ids"] = ids[:, :6]
-    return inputs
-
-
-def _output(model: nn.Module, task: str) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**_inputs(task))
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +112,9 @@ def _fold_random_scales(model: nn.Module) -> int:
 def test_awq_folds_leave_the_model_function_unchanged(architecture):
     model = tiny_model(architecture, seed=1)
     task = model_task(model.config.to_dict())
-    before = _output(model, task)
+    before = model_output(model, task)
     assert _fold_random_scales(model) >= 2 * len(block_lists(model))
-    torch.testing.assert_close(_output(model, task), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model_output(model, task), before, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_architecture_works_without_a_layout_and_says_so():
@@ -157,10 +141,6 @@ def _refused(architecture: str, verb: str, run) -> bool:
     return True
 
 
-def _tolerances(task: str) -> dict:
-    return {"rtol": 1e-4, "atol": 1e-4}
-
-
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_adapter_api_and_peft_agree(architecture, tmp_path, model_dir):
     """adapt (the API) on every Linear, saved in PEFT's format: PEFT loads it onto the base with the same
@@ -175,15 +155,15 @@ def test_adapter_api_and_peft_agree(architecture, tmp_path, model_dir):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    adapted = _output(model, task)
+    adapted = model_output(model, task)
     save_adapter(model, tmp_path / "adapter", base_model=str(base))
     peft_model = PeftModel.from_pretrained(load_model(base)[0], tmp_path / "adapter")
-    torch.testing.assert_close(_output(peft_model, task), adapted, **_tolerances(task))
-    assert not torch.allclose(_output(load_model(base)[0], task), adapted, atol=1e-3)
+    torch.testing.assert_close(model_output(peft_model, task), adapted, **CLOSE)
+    assert not torch.allclose(model_output(load_model(base)[0], task), adapted, atol=1e-3)
 
     merge_adapter_checkpoint(base, tmp_path / "adapter", tmp_path / "merged", progress=False)
     merged = model_auto_class(task).from_pretrained(tmp_path / "merged", local_files_only=True).eval()
-    torch.testing.assert_close(_output(merged, task), adapted, **_tolerances(task))
+    torch.testing.assert_close(model_output(merged, task), adapted, **CLOSE)
 
 
 def _transformers_load(path, architecture: str) -> nn.Module:
@@ -211,10 +191,10 @@ def test_compress_rtn_loads_in_transformers(architecture, tmp_path, model_dir):
     task = _task(architecture)
     ours = load(out)
     theirs = _transformers_load(out, architecture)
-    original = _output(load_model(base)[0], task)
-    torch.testing.assert_close(_output(theirs, task), _output(ours, task), rtol=1e-4, atol=1e-4)
+    original = model_output(load_model(base)[0], task)
+    torch.testing.assert_close(model_output(theirs, task), model_output(ours, task), rtol=1e-4, atol=1e-4)
     # 8-bit per-channel rounding: close to the original, but not equal to it.
-    error = (_output(ours, task) - original).norm() / original.norm()
+    error = (model_output(ours, task) - original).norm() / original.norm()
     assert 0 < error < 0.05, error
 
 
@@ -238,9 +218,11 @@ def test_compress_calibrated_loads_in_transformers(architecture, method, tmp_pat
             return
     task = _task(architecture)
     theirs = _transformers_load(out, architecture)
-    torch.testing.assert_close(_output(theirs, task), _output(load(out), task), rtol=1e-4, atol=1e-4)
-    original = _output(load_model(base)[0], task)
-    error = (_output(theirs, task) - original).norm() / original.norm()
+    torch.testing.assert_close(
+        model_output(theirs, task), model_output(load(out), task), rtol=1e-4, atol=1e-4
+    )
+    original = model_output(load_model(base)[0], task)
+    error = (model_output(theirs, task) - original).norm() / original.norm()
     assert 0 < error < 0.5, error
 
 
@@ -271,7 +253,9 @@ def test_merge_and_extract_lora(architecture, tmp_path, model_dir):
     summary = extract_lora(a, tmp_path / "finetune", tmp_path / "lora", rank=2, progress=False)
     assert summary["modules"] and summary["max_relative_error"] < 1e-4
     peft_model = PeftModel.from_pretrained(load_model(a)[0], tmp_path / "lora")
-    torch.testing.assert_close(_output(peft_model, task), _output(finetune, task), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        model_output(peft_model, task), model_output(finetune, task), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -338,11 +322,11 @@ def test_adapt_trains(architecture, tmp_path, model_dir):
     assert saved["r"] == 2 and saved["peft_type"] == "LORA"
     if _task(architecture) == "causal-lm":  # a classifier's head needs the label count: see tests/adapt
         peft_model = PeftModel.from_pretrained(load_model(base)[0], out)
-        trained = _output(peft_model, "causal-lm")
+        trained = model_output(peft_model, "causal-lm")
         torch.testing.assert_close(
-            trained, _output(load(base, adapter=out), "causal-lm"), rtol=1e-4, atol=1e-4
+            trained, model_output(load(base, adapter=out), "causal-lm"), rtol=1e-4, atol=1e-4
         )
-        assert not torch.allclose(trained, _output(load_model(base)[0], "causal-lm"), atol=1e-4)
+        assert not torch.allclose(trained, model_output(load_model(base)[0], "causal-lm"), atol=1e-4)
 
 
 def test_a_model_type_without_a_layout_is_compressed_block_by_block_with_a_warning(tmp_path):
@@ -360,7 +344,9 @@ def test_a_model_type_without_a_layout_is_compressed_block_by_block_with_a_warni
     with pytest.warns(UserWarning, match="no layer layout for model_type 'gptj'"):
         compress_checkpoint(base, tmp_path / "awq", awq, data=CALIBRATION, progress=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "awq", local_files_only=True)
-    torch.testing.assert_close(_output(theirs, "causal-lm"), _output(load(tmp_path / "awq"), "causal-lm"))
+    torch.testing.assert_close(
+        model_output(theirs, "causal-lm"), model_output(load(tmp_path / "awq"), "causal-lm")
+    )
     assert sum(type(m).__name__ == "QuantizedLinear" for m in load(tmp_path / "awq").modules()) == 2 * 6
 
 
@@ -381,9 +367,9 @@ def test_awq_folds_of_every_falcon_variant_leave_the_model_function_unchanged(va
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    before = _output(model, "causal-lm")
+    before = model_output(model, "causal-lm")
     assert _fold_random_scales(model) >= 2
-    torch.testing.assert_close(_output(model, "causal-lm"), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model_output(model, "causal-lm"), before, rtol=1e-4, atol=1e-4)
 
 
 def test_every_architecture_is_aligned_in_test_align():

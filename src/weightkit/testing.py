@@ -23,6 +23,8 @@ __all__ = [
     "tiny_bert",
     "tiny_gpt2",
     "tiny_model",
+    "example_inputs",
+    "model_output",
     "TINY_CONFIGS",
     "tiny_tokenizer",
     "save_tiny",
@@ -153,6 +155,26 @@ def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
     config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
     torch.manual_seed(seed)
     return model_auto_class(model_task(config.to_dict())).from_config(config).eval()
+
+
+def example_inputs(task: str) -> dict:
+    """Fixed inputs for a tiny model of :func:`weightkit.arch.model_task` ``task``: two 12-token sequences
+    (and the first 6 as the decoder's for ``seq2seq``), or two random 32x32 images for ``vision``."""
+    generator = torch.Generator().manual_seed(0)
+    if task == "vision":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=generator)}
+    ids = torch.randint(4, 128, (2, 12), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "seq2seq":
+        inputs["decoder_input_ids"] = ids[:, :6]
+    return inputs
+
+
+def model_output(model: nn.Module, task: str) -> torch.Tensor:
+    """``model``'s logits (or last hidden state) on :func:`example_inputs`, without gradients."""
+    with torch.no_grad():
+        out = model(**example_inputs(task))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 # Training text for tiny tokenizers: plain English so merges look like real subwords.

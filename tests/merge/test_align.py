@@ -30,7 +30,7 @@ from weightkit.arch import model_task
 from weightkit.errors import WeightkitError
 from weightkit.merge.align import align_checkpoint, transformer_blocks, transformer_spec
 from weightkit.merge.rebasin import apply_permutation, weight_matching
-from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_model, tiny_tokenizer
+from weightkit.testing import model_output, save_tiny, tiny_bert, tiny_llama, tiny_model, tiny_tokenizer
 
 # -- helpers -------------------------------------------------------------------------------------------
 
@@ -179,18 +179,8 @@ ARCHITECTURES = ALIGNED
 def _outputs(directory):
     """The tiny model saved in ``directory``, loaded with transformers, on fixed inputs of its task."""
     config = json.loads((directory / "config.json").read_text())
-    task = model_task(config)
     model = type(tiny_model(config["model_type"])).from_pretrained(directory, local_files_only=True).eval()
-    generator = torch.Generator().manual_seed(0)
-    if task == "vision":
-        inputs = {"pixel_values": torch.randn(2, 3, 32, 32, generator=generator)}
-    else:
-        inputs = {"input_ids": torch.randint(4, 128, (2, 12), generator=generator)}
-        if task == "seq2seq":
-            inputs["decoder_input_ids"] = inputs["input_ids"][:, :6]
-    with torch.no_grad():
-        out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return model_output(model, model_task(config))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
