@@ -333,15 +333,15 @@ def test_a_nan_on_one_process_stops_every_process_and_process_0_keeps_the_last_g
 
 def _spy_on_adapt(monkeypatch):
     """Record the config and initialisation batches ``weightkit adapt`` passes to ``adapt``."""
-    import weightkit.adapt
+    import weightkit.adapt.trainer
 
-    calls, real = [], weightkit.adapt.adapt
+    calls, real = [], weightkit.adapt.trainer.adapt
 
     def spy(model, config, **kwargs):
         calls.append({"config": config, "data": kwargs.get("data")})
         return real(model, config, **kwargs)
 
-    monkeypatch.setattr(weightkit.adapt, "adapt", spy)
+    monkeypatch.setattr(weightkit.adapt.trainer, "adapt", spy)
     return calls
 
 

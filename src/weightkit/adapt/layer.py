@@ -15,6 +15,7 @@ layer's own dtype (half the adapter memory, for inference-only adapters).
 
 The methods' layers differ only in their math; this module holds what is common, written once:
 
+- :func:`adapt`: add an adapter of the method its config names (the package's entry point);
 - :class:`AdapterModule`: the base class of adapter layers (``weight``/``bias`` read through);
 - :class:`AdapterLayer`: the protocol (``base_layer``, ``active``, ``adapter_names``, ``merge``, ``unmerge``);
 - :func:`wrap_targets`: wrap the selected modules (already wrapped layers are reused);
@@ -39,6 +40,7 @@ from weightkit.runtime.training import forward_batch
 from weightkit.select import LINEAR_TYPES, select_modules
 
 __all__ = [
+    "adapt",
     "is_int",
     "adapter_dtype",
     "AdapterModule",
@@ -200,6 +202,32 @@ def adapter_configs(model: nn.Module) -> dict[str, Any]:
 # ``<module>.base_layer.weight``); an adapter named like one of them makes keys that cannot be read back.
 _KEY_PARTS = {"base_layer", "weight", "bias", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
               "lora_magnitude_vector", "modules_to_save", "original_module"}  # fmt: skip
+
+
+def adapt(
+    model: nn.Module, config, *, name: str = "default", data=None, autocast_adapter_dtype: bool = True
+) -> nn.Module:
+    """Add adapter ``name`` of the method ``config`` names to ``model`` (in place) and freeze the rest.
+
+    Args:
+        model: any ``torch.nn.Module``; Hugging Face models first of all.
+        config: e.g. ``LoRAConfig(rank=8, alpha=16, targets=["re:.*\\.(q_proj|v_proj)"])``.
+        name: the adapter's name (several adapters can live on one model); a Python identifier.
+        data: batches for data-driven initialisations (EVA's activations, LoRA-SB's gradient): an
+            iterable of dicts the model takes as keyword arguments (with ``labels`` where a loss is needed).
+            They run where the model is (move the model to its device first).
+        autocast_adapter_dtype: PEFT's option of that name (``get_peft_model``), and its default: on
+            float16/bfloat16 (and float8) layers the adapter's tensors are float32, so small optimizer steps
+            are not rounded away; the forward casts inputs to float32 for the adapter and the sum back.
+            ``False`` keeps each layer's dtype (half the adapter memory; for adapters that are not trained).
+
+    Returns:
+        ``model``.
+    """
+    check_new_adapter_name(model, name)
+    return entry_for_config(config).fn(
+        model, config, name=name, data=data, autocast_adapter_dtype=autocast_adapter_dtype
+    )
 
 
 def check_new_adapter_name(model: nn.Module, name: str) -> None:

@@ -14,36 +14,34 @@ its own device (``cuda:LOCAL_RANK`` on GPUs, gloo on the CPU).
 """
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from weightkit.adapt.layer import adapter_configs, trainable_parameters
+from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
+from weightkit.adapt.layer import adapt, adapter_configs, trainable_parameters
+from weightkit.adapt.lora_sb import LoRASBConfig
 from weightkit.adapt.peft_format import LABELS_FILE, save_adapter
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
-from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
-from weightkit.runtime.distributed import barrier, init_distributed, is_main_process
+from weightkit.runtime.distributed import barrier, is_main_process
 from weightkit.runtime.training import (
     Schedule,
     TrainConfig,
+    checkpoints_dir,
     first_step_lr,
     latest_checkpoint,
-    load_examples,
     make_batches,
+    prepare_training,
     split_examples,
     train_loop,
 )
 
 __all__ = ["train_adapter", "finetune"]
-
-# The names PEFT gives a sequence classifier's head (PeftModelForSequenceClassification's modules_to_save).
-_CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def train_adapter(
@@ -141,12 +139,6 @@ def train_adapter(
     }
 
 
-def checkpoints_dir(out_dir: str | Path) -> Path:
-    """Where the checkpoints of a run saving its adapter to ``out_dir`` go: ``<out_dir>-checkpoints``."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + "-checkpoints")
-
-
 def finetune(
     model_dir: str | Path,
     adapter_config,
@@ -194,69 +186,16 @@ def finetune(
     (the method and its options, the training settings, the data, the model) must be the checkpoint's: a
     difference is refused by name. IncreLoRA, whose rank schedule is not saved, cannot resume.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    from weightkit.adapt import adapt
-    from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
-    from weightkit.adapt.lora_sb import LoRASBConfig
-    from weightkit.arch import model_task
-    from weightkit.data import stdlib_docstrings
-    from weightkit.models import load_model, load_tokenizer
-
     # Absolute: the saved adapter's base_model_name_or_path, which PEFT's AutoPeftModel loads from any cwd.
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir)
     check_target(out_dir, overwrite=overwrite)  # before training, not when saving after it
     if resume:
         latest_checkpoint(checkpoints_dir(out_dir))  # before the model is loaded
-    device = resolve_device(device)
-    texts, labels = load_examples(data) if data is not None else (stdlib_docstrings("calib"), None)
-    eval_texts, eval_labels = load_examples(eval_data) if eval_data is not None else (None, None)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
-    kind = model_task(json.loads(config_file.read_text()))
-    if kind not in ("causal-lm", "encoder"):
-        raise WeightkitError(
-            f"{model_dir} is a {kind} model; weightkit adapt trains causal LMs on text and text encoders as "
-            "classifiers. Adapt it in your own training loop with the Python API (weightkit.adapt.adapt)"
-        )
-    init_distributed(device)
-    torch.manual_seed(train.seed)  # the classification head's and the adapter's initialisation
-    head, extra_json = [], None
-    if kind == "causal-lm":
-        if labels is not None:
-            labels = eval_labels = None  # a decoder learns the texts; labels are not used
-        model, tokenizer, _ = load_model(model_dir, allow_pickle=allow_pickle)
-    else:
-        # transformers, which loads the classifier, would give its own layers (no QuantizedLinear to adapt).
-        refuse_quantized(
-            model_dir, verb="weightkit adapt on an encoder", instead="adapt the full-precision model"
-        )
-        if labels is None:
-            raise WeightkitError(
-                "an encoder is fine-tuned as a classifier: give --data a .jsonl/.json file whose records "
-                "have 'text' and 'label'"
-            )
-        label_names = sorted({str(v) for v in labels + (eval_labels or [])})
-        ids = {v: i for i, v in enumerate(label_names)}
-        labels = [ids[str(v)] for v in labels]
-        eval_labels = [ids[str(v)] for v in eval_labels] if eval_labels is not None else None
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, id2label=dict(enumerate(label_names)), label2id=ids, local_files_only=True
-        )
-        tokenizer = load_tokenizer(model_dir)
-        head = [n for n in _CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
-        if not head:  # PEFT would neither train nor save another head
-            raise WeightkitError(
-                f"{type(model).__name__} has no classification head named {' or '.join(_CLASSIFIER_HEADS)}"
-            )
-        extra_json = {LABELS_FILE: label_names}
-    if tokenizer is None:
-        raise WeightkitError(f"{model_dir} has no tokenizer files; training needs the model's tokenizer")
-    model.to(device)
-    if eval_texts is None:
-        fraction, seed = train.eval_fraction, train.seed
-        texts, labels, eval_texts, eval_labels = split_examples(texts, labels, fraction, seed)
+    setup = prepare_training(
+        model_dir, train, verb="weightkit adapt", device=resolve_device(device), data=data,
+        eval_data=eval_data, allow_pickle=allow_pickle,
+    )  # fmt: skip
+    model, tokenizer, texts, labels = setup.model, setup.tokenizer, setup.texts, setup.labels
     lora_sb = isinstance(adapter_config, LoRASBConfig) and adapter_config.init == "gradient"
     if lora_sb and adapter_config.init_lr is None:
         adapter_config = dataclasses.replace(adapter_config, init_lr=first_step_lr(train))
@@ -266,10 +205,12 @@ def finetune(
     )  # fmt: skip
     adapt(model, adapter_config, data=init_data, autocast_adapter_dtype=autocast_adapter_dtype)
     schedule = IncreLoRAController(model) if isinstance(adapter_config, IncreLoRAConfig) else None
+    # A classifier's label names go beside the adapter (weightkit.load gives them back).
+    extra_json = {LABELS_FILE: setup.label_names} if setup.label_names is not None else None
     summary = train_adapter(
-        model, tokenizer, texts, labels, out_dir, train,
-        eval_texts=eval_texts, eval_labels=eval_labels, head=head, schedule=schedule, extra_json=extra_json,
+        model, tokenizer, texts, labels, out_dir, train, eval_texts=setup.eval_texts,
+        eval_labels=setup.eval_labels, head=setup.head, schedule=schedule, extra_json=extra_json,
         settings={"model": str(model_dir), "autocast_adapter_dtype": autocast_adapter_dtype}, resume=resume,
         overwrite=overwrite, progress=progress,
     )  # fmt: skip
-    return {"model": str(model_dir), "kind": kind, **summary}
+    return {"model": str(model_dir), "kind": setup.task, **summary}

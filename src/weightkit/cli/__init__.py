@@ -11,7 +11,7 @@ from typing import Any
 from rich.markup import escape
 
 import weightkit
-from weightkit.cli import adapt, compress, merge
+from weightkit.cli import adapt, compress, merge, train
 from weightkit.cli import eval as evaluate
 from weightkit.cli.common import common_options, method_options_help
 from weightkit.errors import WeightkitError
@@ -46,6 +46,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     evaluate.add_parsers(sub)
     merge.add_parsers(sub)
     adapt.add_parsers(sub)
+    train.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
@@ -112,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         message = escape(str(interrupt))
         console.print(f"[bold red]interrupted[/bold red] {message}", highlight=False, soft_wrap=True)
         return 130
-    if args.json:
+    if _leave_process_group() and args.json:  # under torchrun, process 0 alone reports
         print(json.dumps(result, indent=2))
     return 0
+
+
+def _leave_process_group() -> bool:
+    """Leave the torchrun process group a command joined, all processes together (a process exiting with
+    gloo's threads alive can abort), and say whether this process is the one that reports (rank 0)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return True
+    rank = torch.distributed.get_rank()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return rank == 0

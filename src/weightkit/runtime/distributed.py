@@ -18,7 +18,19 @@ import torch
 from weightkit.errors import WeightkitError
 from weightkit.runtime.device import local_rank
 
-__all__ = ["init_distributed", "rank_and_world", "is_main_process", "barrier", "gather_scalars"]
+__all__ = [
+    "launched_processes",
+    "init_distributed",
+    "rank_and_world",
+    "is_main_process",
+    "barrier",
+    "gather_scalars",
+]
+
+
+def launched_processes() -> int:
+    """How many processes torchrun started for this run (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -34,7 +46,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         WeightkitError: a CUDA device other than this process's own ``cuda:LOCAL_RANK`` (every process
             would share one GPU, which NCCL refuses).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if world == 1:
         return 0, 1
     if device.type == "cuda":

@@ -1,19 +1,30 @@
-"""The training loop the verbs share (``weightkit adapt`` now, ``train`` next): batches, AdamW with a linear
-warm-up, gradient clipping, NaN/Inf checks, evaluation, checkpoints and DistributedDataParallel.
+"""The training loop the verbs share (``weightkit adapt`` and ``weightkit train``): batches, the optimizer
+with a linear warm-up, gradient clipping, NaN/Inf checks, evaluation, checkpoints and
+DistributedDataParallel; and :func:`prepare_training`, the model and examples both verbs start from.
 
 What is trained and how it is saved belong to the verb: :func:`train_loop` takes the parameters to update
-and a ``save_checkpoint`` function, and returns; the verb saves its result.
+(and optionally the optimizer over them) and a ``save_checkpoint`` function, and returns; the verb saves
+its result.
 
 - Examples are texts, with a class label each (classification) or none (causal language modelling, the
   labels are the input ids). Each epoch reshuffles them (from ``seed``) and tokenizes them into batches.
-- AdamW (no weight decay), the learning rate rising linearly over ``warmup_steps`` then constant, gradients
-  clipped to norm 1.0. An evaluation on the held-out examples after every epoch and at the end.
+- The optimizer is AdamW (no weight decay) unless the verb gives one; the learning rate rises linearly over
+  ``warmup_steps`` then stays constant. Three kinds of optimizer step:
+
+  - gradient (AdamW, AdamP, GaLore): backward, gradients clipped to norm 1.0, ``optimizer.step()``;
+  - in backward (``optimizer.per_layer``: GaLore's per-layer mode): each parameter is updated in its
+    gradient hook during backward, so the gradients are neither clipped nor checked (the loss is);
+  - forward only (``optimizer.forward_only``: zeroth-order SGD): ``optimizer.step(closure)`` evaluates the
+    loss itself, with dropout off (the probes of one step must see the same function); an optimizer that
+    meets a non-finite loss does not apply that step.
+- An evaluation on the held-out examples after every epoch and at the end.
 - A checkpoint every ``save_every`` steps (``<checkpoints>/checkpoint-<step>``). Each holds, beside what
   the verb saves, the loop's state (``trainer_state.json`` + ``trainer_state.safetensors``: the trained
-  parameters, AdamW's and the warm-up's state, the step, the data order, every process's random state and
-  the run's settings), so ``resume=True`` continues from the newest one exactly as the run would have gone
-  on: the same final parameters, bit for bit. A resumed run must have the settings the checkpoint was
-  trained with (each is compared, a difference is refused by name).
+  parameters unless the verb saves the whole model, the optimizer's and the warm-up's state, the step, the
+  data order, every process's random state and the run's settings), so ``resume=True`` continues from the
+  newest one exactly as the run would have gone on: the same final parameters, bit for bit. A resumed run
+  must have the settings the checkpoint was trained with (each is compared, a difference is refused by
+  name).
 - Ctrl-C (SIGINT) stops training at the end of the step it is in and saves the state to
   ``<checkpoints>/interrupted``, a checkpoint like the others (a second Ctrl-C stops at once, saving
   nothing if an update was under way); a ``KeyboardInterrupt`` then says where it is. Under torchrun,
@@ -21,9 +32,11 @@ and a ``save_checkpoint`` function, and returns; the verb saves its result.
 - A loss or gradient that is NaN/Inf stops training before the bad step is applied: the state as it was
   (the last good one) is saved to ``<checkpoints>/last-good`` and the error names the step.
 - The model trains where it is (move it to its device first). Under ``torchrun --nproc-per-node N`` each
-  process takes every N-th batch, DistributedDataParallel averages the gradients, and every process
-  stops on a NaN/Inf that any of them meets (the losses are shared before anyone steps back from the
-  collectives); only process 0 writes checkpoints and shows progress.
+  process takes every N-th batch, DistributedDataParallel averages the gradients (a forward-only optimizer
+  keeps the processes in step itself: ``DistributedZerothOrderSGD``), and every process stops on a NaN/Inf
+  that any of them meets (the losses are shared before anyone steps back from the collectives); only
+  process 0 writes checkpoints and shows progress. At the end the processes compare their trained
+  parameters (a SHA-256 of their bytes) and refuse to return if they differ.
 """
 
 import dataclasses
@@ -42,28 +55,38 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from weightkit.data import load_texts, tokenize_batches
+from weightkit.arch import model_task
+from weightkit.data import load_texts, stdlib_docstrings, tokenize_batches
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
+from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.runtime.distributed import barrier, gather_scalars, init_distributed
 
 __all__ = [
     "TrainConfig",
     "Schedule",
+    "TrainingSetup",
+    "prepare_training",
     "load_examples",
     "split_examples",
     "make_batches",
     "forward_batch",
     "evaluate",
     "first_step_lr",
+    "checkpoints_dir",
     "latest_checkpoint",
     "train_loop",
 ]
 
+# The names PEFT gives a sequence classifier's head (PeftModelForSequenceClassification's modules_to_save).
+CLASSIFIER_HEADS = ("classifier", "score")
 # The loop's own part of a checkpoint directory, and the checkpoint Ctrl-C writes.
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 INTERRUPTED = "interrupted"
+# Version of the loop's checkpoint files (1: AdamW's state only); a tensor's place in the JSON.
+STATE_FORMAT = 2
+_TENSOR = "__tensor__"
 
 
 @dataclass
@@ -111,6 +134,121 @@ class Schedule(Protocol):
 
     def step(self) -> Any:
         """Called after every optimizer step."""
+
+
+@dataclass
+class TrainingSetup:
+    """What a training verb starts from (:func:`prepare_training`).
+
+    Attributes:
+        model: the model, on its device, in training mode's dtype.
+        tokenizer: its tokenizer.
+        task: ``"causal-lm"`` (trained on the texts) or ``"encoder"`` (trained as a classifier).
+        texts, labels: the training examples (``labels``: class ids, for a classifier).
+        eval_texts, eval_labels: the held-out examples.
+        head: a classifier's new head modules (``classifier`` or ``score``); none for a causal LM.
+        label_names: a classifier's label names, by class id.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    task: str
+    texts: list[str]
+    labels: list[int] | None
+    eval_texts: list[str]
+    eval_labels: list[int] | None
+    head: list[str]
+    label_names: list[str] | None
+
+
+def prepare_training(
+    model_dir: Path,
+    config: TrainConfig,
+    *,
+    verb: str,
+    device: torch.device,
+    data: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    weights_from: Path | None = None,
+    allow_pickle: bool = False,
+) -> TrainingSetup:
+    """Load a Hugging Face model directory and the examples to train it on, as ``weightkit adapt`` and
+    ``weightkit train`` do.
+
+    Causal LMs (any transformers knows) train on the causal-LM loss of the texts (default: docstrings of
+    Python's standard library; labels in the data are not used). Encoders need a ``.jsonl``/``.json`` file
+    whose records have ``text`` and ``label``: the model loads as ``AutoModelForSequenceClassification``
+    with a new classification head (class ids in sorted label order, the names in ``config.id2label``).
+    Without ``eval_data``, ``config.eval_fraction`` of the examples is held out (drawn by ``config.seed``).
+    Joins the torchrun process group, seeds torch with ``config.seed`` (the new head's initialisation) and
+    moves the model to ``device``.
+
+    Args:
+        model_dir: the model directory (its config, tokenizer and, unless ``weights_from``, weights).
+        config: the run's training settings.
+        verb: the command, for messages (``"weightkit adapt"``).
+        device: where training runs.
+        data, eval_data: example files.
+        dtype: the weights' dtype (``None``: the checkpoint's).
+        weights_from: load the weights from this directory instead (a checkpoint being resumed).
+        allow_pickle: also read ``.bin``/``.pt`` pickle checkpoints (trusted files only).
+
+    Raises:
+        WeightkitError: not a model directory; neither a causal LM nor a text encoder; an encoder without
+            labelled data, quantized, or without a head PEFT knows; no tokenizer.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from weightkit.models import load_model, load_tokenizer
+
+    texts, labels = load_examples(data) if data is not None else (stdlib_docstrings("calib"), None)
+    eval_texts, eval_labels = load_examples(eval_data) if eval_data is not None else (None, None)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
+    task = model_task(json.loads(config_file.read_text()))
+    if task not in ("causal-lm", "encoder"):
+        raise WeightkitError(
+            f"{model_dir} is a {task} model; {verb} trains causal LMs on text and text encoders as "
+            "classifiers. Train it in your own loop with the Python API (weightkit.adapt, weightkit.train)"
+        )
+    init_distributed(device)
+    torch.manual_seed(config.seed)  # a new classification head's initialisation (and an adapter's)
+    head, label_names = [], None
+    if task == "causal-lm":
+        labels = eval_labels = None  # a decoder learns the texts
+        model, _, _ = load_model(weights_from or model_dir, dtype=dtype, allow_pickle=allow_pickle)
+    else:
+        # transformers, which loads the classifier, would give its own layers (no QuantizedLinear).
+        refuse_quantized(model_dir, verb=f"{verb} on an encoder", instead="train the full-precision model")
+        if labels is None:
+            raise WeightkitError(
+                "an encoder is trained as a classifier: give --data a .jsonl/.json file whose records "
+                "have 'text' and 'label'"
+            )
+        label_names = sorted({str(v) for v in labels + (eval_labels or [])})
+        ids = {v: i for i, v in enumerate(label_names)}
+        labels = [ids[str(v)] for v in labels]
+        eval_labels = [ids[str(v)] for v in eval_labels] if eval_labels is not None else None
+        model = AutoModelForSequenceClassification.from_pretrained(
+            weights_from or model_dir, id2label=dict(enumerate(label_names)), label2id=ids,
+            local_files_only=True, dtype=dtype or "auto",
+        )  # fmt: skip
+        head = [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+        if not head:  # PEFT would neither train nor save another head
+            raise WeightkitError(
+                f"{type(model).__name__} has no classification head named {' or '.join(CLASSIFIER_HEADS)}"
+            )
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise WeightkitError(f"{model_dir} has no tokenizer files; training needs the model's tokenizer")
+    model.to(device)
+    if eval_texts is None:
+        texts, labels, eval_texts, eval_labels = split_examples(
+            texts, labels, config.eval_fraction, config.seed
+        )
+    return TrainingSetup(model, tokenizer, task, texts, labels, eval_texts, eval_labels, head, label_names)
 
 
 def load_examples(path: str | Path) -> tuple[list[str], list[Any] | None]:
@@ -205,6 +343,12 @@ def first_step_lr(config: TrainConfig) -> float:
     return config.lr * _warmup_factor(0, config.warmup_steps)
 
 
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    """Where the checkpoints of a run saving its result to ``out_dir`` go: ``<out_dir>-checkpoints``."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + "-checkpoints")
+
+
 def latest_checkpoint(checkpoints: Path) -> Path:
     """The newest checkpoint in ``checkpoints`` that training can resume from: ``checkpoint-<step>`` or
     ``interrupted``, whichever holds the most steps (``last-good`` is left out: it leads to a NaN).
@@ -233,6 +377,8 @@ def train_loop(
     params: list[nn.Parameter],
     save_checkpoint: Callable[[Path, dict[str, Any], dict[str, dict[str, Tensor]]], None],
     checkpoints: Path,
+    optimizer: torch.optim.Optimizer | None = None,
+    model_in_checkpoint: bool = False,
     eval_texts: list[str] = (),
     eval_labels: list[int] | None = None,
     schedule: Schedule | None = None,
@@ -253,11 +399,17 @@ def train_loop(
             (replacing one that exists); called on process 0 only, for ``<checkpoints>/checkpoint-<step>``,
             ``<checkpoints>/last-good`` and ``<checkpoints>/interrupted``.
         checkpoints: the directory checkpoints go to.
+        optimizer: an optimizer over exactly ``params``, built with ``config.lr`` (default: AdamW without
+            weight decay). Its kind of step is read from its ``per_layer`` and ``forward_only`` attributes
+            (module docstring).
+        model_in_checkpoint: ``save_checkpoint`` writes the whole model, the trained parameters exactly as
+            they are: the loop then keeps no copy of its own, and with ``resume`` the model given must have
+            been loaded from :func:`latest_checkpoint` of ``checkpoints``.
         eval_texts, eval_labels: held-out examples, evaluated after every epoch and at the end.
         schedule: a method's training-time part (IncreLoRA's controller): its ``regularization()`` is added
-            to the loss and its ``step()`` runs after every optimizer step. Under DDP it may leave some
-            parameters out of a step (unused parameters are allowed then). Its state is not saved: a run
-            with one cannot resume.
+            to the loss and its ``step()`` runs after every optimizer step (gradient optimizers only). Under
+            DDP it may leave some parameters out of a step (unused parameters are allowed then). Its state is
+            not saved: a run with one cannot resume.
         settings: what else the result depends on (the method and its options, the base model), JSON
             values; saved with every checkpoint and compared on resume.
         resume: continue from :func:`latest_checkpoint` of ``checkpoints``.
@@ -265,12 +417,14 @@ def train_loop(
 
     Returns:
         ``{"steps", "train_loss" (mean of the last 10 steps over all processes), "eval": {...} (the final
-        evaluation), "history": [...] (each evaluation with its step)}``.
+        evaluation), "history": [...] (each evaluation with its step)}``, and under torchrun
+        ``"replicas": {"processes", "sha256"}``, the digest every process's trained parameters share.
 
     Raises:
-        WeightkitError: no training examples; a NaN/Inf loss or gradient on any process (after the last
-            good state is saved), on every process; ``resume`` without a checkpoint, with other settings
-            than the checkpoint's (named) or with a ``schedule``.
+        WeightkitError: no training examples; an optimizer over other parameters; a per-layer optimizer
+            under torchrun; a NaN/Inf loss or gradient on any process (after the last good state is saved),
+            on every process; ``resume`` without a checkpoint, with other settings than the checkpoint's
+            (named) or with a ``schedule``; processes whose trained parameters differ at the end.
         KeyboardInterrupt: Ctrl-C, after the state is saved to ``<checkpoints>/interrupted`` (its message
             says so).
     """
@@ -280,6 +434,9 @@ def train_loop(
         raise WeightkitError("nothing to train: no trainable parameters")
     device = next(model.parameters()).device
     rank, world = init_distributed(device)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    kind = _step_kind(optimizer, params, world, schedule)
     classification = labels is not None
     kwargs = {"batch_size": config.batch_size, "max_length": config.max_length}
     eval_batches = make_batches(tokenizer, list(eval_texts), eval_labels, **kwargs) if eval_texts else []
@@ -288,6 +445,10 @@ def train_loop(
     steps = config.max_steps
     total_steps = steps if steps is not None else config.epochs * math.ceil(n_batches / world)
     param_names = _parameter_names(model, params)
+    # The optimizer's state_dict numbers the parameters in its groups' order.
+    optimizer_names = _parameter_names(
+        model, [p for group in optimizer.param_groups for p in group["params"]]
+    )
     run_settings = _run_settings(config, world, device, texts, labels, settings)
 
     def batches_for_epoch() -> list[dict]:
@@ -305,20 +466,25 @@ def train_loop(
             )
         where = latest_checkpoint(checkpoints)
         saved = json.loads((where / TRAINER_STATE_JSON).read_text())
+        if saved.get("format") != STATE_FORMAT:
+            raise WeightkitError(
+                f"cannot resume from {where}: its trainer state was written by an older weightkit "
+                f"(format {saved.get('format', 1)}, this one reads {STATE_FORMAT}); run without --resume"
+            )
         saved_tensors = load_file(where / TRAINER_STATE_TENSORS)
         _check_settings(saved["settings"], run_settings, saved["params"], param_names, where)
-        with torch.no_grad():
-            for name, param in zip(param_names, params, strict=True):
-                param.copy_(saved_tensors[f"param.{name}"])
+        if not model_in_checkpoint:
+            with torch.no_grad():
+                for name, param in zip(param_names, params, strict=True):
+                    param.copy_(saved_tensors[f"param.{name}"])
 
     trained = model
-    if world > 1:
+    if world > 1 and kind != "forward-only":
         trained = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=schedule is not None,
         )
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = config.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_factor(s, warmup))
     # Where training stands: steps taken, the order's random state before this epoch's shuffle, the
@@ -326,7 +492,7 @@ def train_loop(
     step, losses, history, epoch_batches, position = 0, [], [], [], 0
     epoch_order = order_rng.getstate()
     if saved is not None:
-        optimizer.load_state_dict(_optimizer_state(saved["optimizer"], saved_tensors, param_names))
+        optimizer.load_state_dict(_unpack_optimizer(saved["optimizer"], saved_tensors, optimizer_names))
         lr_schedule.load_state_dict(saved["lr_schedule"])
         step, losses, history, position = saved["step"], saved["losses"], saved["history"], saved["position"]
         epoch_order = _random_state(saved["epoch_order"])
@@ -340,16 +506,16 @@ def train_loop(
         rng_states = _gather(boundary_rng, world)
         if rank != 0:
             return
-        optimizer_state = optimizer.state_dict()
-        tensors = {f"param.{name}": param for name, param in zip(param_names, params, strict=True)}
-        for index, stats in optimizer_state["state"].items():
-            tensors.update({f"optimizer.{param_names[index]}.{key}": value for key, value in stats.items()})
+        tensors = {}
+        if not model_in_checkpoint:
+            tensors = {f"param.{name}": param for name, param in zip(param_names, params, strict=True)}
+        optimizer_state = _pack_optimizer(optimizer.state_dict(), optimizer_names, tensors)
         for process, states in enumerate(rng_states):
             tensors.update({f"rng.{process}.{key}": value for key, value in states.items()})
         state = {
-            "step": step, "position": position, "epoch_order": epoch_order, "losses": losses[-10:],
-            "history": history, "settings": run_settings, "params": param_names,
-            "optimizer": optimizer_state["param_groups"], "lr_schedule": lr_schedule.state_dict(),
+            "format": STATE_FORMAT, "step": step, "position": position, "epoch_order": epoch_order,
+            "losses": losses[-10:], "history": history, "settings": run_settings, "params": param_names,
+            "optimizer": optimizer_state, "lr_schedule": lr_schedule.state_dict(),
         }  # fmt: skip
         save_checkpoint(where, {TRAINER_STATE_JSON: state}, {TRAINER_STATE_TENSORS: tensors})
 
@@ -364,8 +530,14 @@ def train_loop(
             f"{checkpoints / 'last-good'} (try a lower --lr)"
         )
 
-    model.train()
-    updating = False  # between the optimizer step and the step's end: no consistent state to save
+    def check(step_losses: list[float]) -> None:
+        bad = [(r, value) for r, value in enumerate(step_losses) if not math.isfinite(value)]
+        if bad:
+            where = [f"{value} on process {r}" if world > 1 else str(value) for r, value in bad]
+            raise stop(f"the loss is {', '.join(where)}", step + 1)
+
+    model.train(kind != "forward-only")  # zeroth-order probes of one step must see one function: no dropout
+    updating = False  # between the first change of a parameter and the step's end: no state to save
     with _Bar(total_steps, step, enabled=progress and rank == 0) as bar, _CtrlC(world == 1) as ctrl_c:
         try:
             while step < total_steps:
@@ -378,25 +550,32 @@ def train_loop(
                         )
                     order_state = order_rng.getstate()
                     epoch_order, epoch_batches, position = order_state, batches_for_epoch(), 0
-                loss = forward_batch(trained, epoch_batches[position]).loss
-                if schedule is not None:
-                    loss = loss + schedule.regularization()
-                # Shared before backward(): a process that stopped alone would leave the others waiting in
-                # DDP's gradient all-reduce.
-                step_losses = gather_scalars(loss)
-                bad = [(r, value) for r, value in enumerate(step_losses) if not math.isfinite(value)]
-                if bad:
-                    where = [f"{value} on process {r}" if world > 1 else str(value) for r, value in bad]
-                    raise stop(f"the loss is {', '.join(where)}", step + 1)
-                loss.backward()
-                # DDP's gradients are averaged over the processes, so every process sees the same norm.
-                grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
-                if not torch.isfinite(grad_norm):
-                    raise stop("the gradient is not finite", step + 1)
-                updating = True
-                optimizer.step()
+                batch = epoch_batches[position]
+                if kind == "forward-only":
+                    updating = True
+                    # Applied only when the loss is finite on this process (and, distributed, on all).
+                    loss = optimizer.step(lambda batch=batch: forward_batch(model, batch).loss)
+                    step_losses = gather_scalars(torch.as_tensor(loss, dtype=torch.float32, device=device))
+                    check(step_losses)
+                else:
+                    loss = forward_batch(trained, batch).loss
+                    if schedule is not None:
+                        loss = loss + schedule.regularization()
+                    # Shared before backward(): a process that stopped alone would leave the others waiting
+                    # in DDP's gradient all-reduce.
+                    step_losses = gather_scalars(loss)
+                    check(step_losses)
+                    updating = kind == "in-backward"
+                    loss.backward()
+                    if kind == "gradient":
+                        # DDP's gradients are averaged over the processes: every process sees the same norm.
+                        grad_norm = nn.utils.clip_grad_norm_(params, 1.0)
+                        if not torch.isfinite(grad_norm):
+                            raise stop("the gradient is not finite", step + 1)
+                    updating = True
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
                 if schedule is not None:
                     schedule.step()
                 step, position = step + 1, position + 1
@@ -416,12 +595,51 @@ def train_loop(
             ) from None
     final = evaluate(model, eval_batches, classification=classification) if eval_batches else {}
     history.append({"step": step, **final})
-    return {
+    summary = {
         "steps": step,
         "train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "eval": final,
         "history": history,
     }
+    if world > 1:
+        summary["replicas"] = {"processes": world, "sha256": _same_on_every_process(params, world)}
+    return summary
+
+
+def _step_kind(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], world: int, schedule) -> str:
+    """``"gradient"``, ``"in-backward"`` or ``"forward-only"`` (module docstring), after checking that the
+    optimizer fits the run."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if held != {id(p) for p in params}:
+        raise WeightkitError("the optimizer must hold exactly the parameters being trained")
+    kind = "forward-only" if getattr(optimizer, "forward_only", False) else "gradient"
+    kind = "in-backward" if getattr(optimizer, "per_layer", False) else kind
+    if kind == "in-backward" and world > 1:
+        raise WeightkitError(
+            "a per-layer optimizer updates each parameter during backward, before DistributedDataParallel "
+            "averages the gradients: it cannot train under torchrun"
+        )
+    if schedule is not None and kind != "gradient":
+        raise WeightkitError(f"a training-time schedule needs a gradient optimizer, not a {kind} one")
+    return kind
+
+
+def _same_on_every_process(params: list[nn.Parameter], world: int) -> str:
+    """The SHA-256 of the trained parameters' bytes, checked to be every process's.
+
+    Raises:
+        WeightkitError: the processes hold different parameters.
+    """
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    digests = _gather(digest.hexdigest(), world)
+    if len(set(digests)) > 1:
+        raise WeightkitError(
+            "after training the processes hold different parameters (SHA-256 by process: "
+            f"{', '.join(d[:12] for d in digests)})"
+        )
+    return digests[0]
 
 
 def _parameter_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
@@ -456,15 +674,41 @@ def _check_settings(saved: dict, current: dict, saved_params: list, params: list
         raise WeightkitError(f"cannot resume from {where}: it trained other parameters than this run's")
 
 
-def _optimizer_state(groups: list[dict], tensors: dict[str, Tensor], names: list[str]) -> dict[str, Any]:
-    """AdamW's ``state_dict`` from a checkpoint: its per-parameter tensors are saved by parameter name."""
-    state = {}
-    for index, name in enumerate(names):
-        prefix = f"optimizer.{name}."
-        stats = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        if stats:
-            state[index] = stats
-    return {"state": state, "param_groups": groups}
+def _pack_optimizer(state_dict: dict, names: list[str], tensors: dict[str, Tensor]) -> Any:
+    """An optimizer's ``state_dict`` as JSON, its tensors moved to ``tensors`` (``optimizer/...`` keys).
+
+    Any optimizer's: per-parameter state (keyed by parameter name instead of number), the groups, and
+    whatever else it saves (zeroth-order SGD's seed and step count). Tuples come back as lists."""
+    state_dict = {**state_dict, "state": {names[i]: v for i, v in state_dict["state"].items()}}
+
+    def pack(value: Any, key: str) -> Any:
+        if isinstance(value, Tensor):
+            tensors[key] = value
+            return {_TENSOR: key}
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise WeightkitError(
+                    f"cannot save the optimizer's state: {key} has keys that are not strings"
+                )
+            return {k: pack(v, f"{key}/{k}") for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [pack(v, f"{key}/{i}") for i, v in enumerate(value)]
+        return value
+
+    return pack(state_dict, "optimizer")
+
+
+def _unpack_optimizer(value: Any, tensors: dict[str, Tensor], names: list[str]) -> dict:
+    """The ``state_dict`` :func:`_pack_optimizer` saved, for an optimizer whose parameters are ``names``."""
+
+    def unpack(value: Any) -> Any:
+        if isinstance(value, dict):
+            return tensors[value[_TENSOR]] if _TENSOR in value else {k: unpack(v) for k, v in value.items()}
+        return [unpack(v) for v in value] if isinstance(value, list) else value
+
+    state_dict = unpack(value)
+    number = {name: i for i, name in enumerate(names)}
+    return {**state_dict, "state": {number[name]: v for name, v in state_dict["state"].items()}}
 
 
 def _random_state(value: list) -> tuple:

@@ -81,7 +81,8 @@ def projection(grad: Tensor, rank: int, side: str) -> Tensor:
     or ``m x rank`` left singular vectors (columns), in ``grad``'s dtype, computed in float32."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     basis = vh[:rank] if side == "right" else u[:, :rank]
-    return basis.to(grad.dtype)
+    # A copy of its own: the slice would keep all of u or vh alive in the optimizer's state.
+    return basis.clone(memory_format=torch.contiguous_format).to(grad.dtype)
 
 
 @functools.cache
@@ -204,6 +205,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._update(p, group)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype; Q-GaLore's codes and the DCT indices
+        # are integers and must stay so.
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if torch.is_tensor(value) and not value.is_floating_point():
+                    self.state[params[index]][key] = value.to(params[index].device)
 
     def _update(self, p: Tensor, group: dict) -> None:
         grad = p.grad
@@ -333,10 +344,22 @@ def _check_projected_group(group: dict) -> None:
 
 
 def galore_param_groups(model: nn.Module, rank: int, **group_keys) -> list[dict]:
-    """The usual split: every 2-D weight of a linear layer projected at ``rank`` (``group_keys``:
-    ``update_proj_gap``, ``scale``, ``proj_type``), every other trainable parameter plain AdamW."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
-    chosen = {id(p) for p in matrices}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    groups = [{"params": matrices, "rank": rank, **group_keys}] if matrices else []
+    """GaLore's usual split (the paper's, and galore-torch's examples): the weights of the linear layers in
+    the model's repeated blocks (attention and MLP) projected at ``rank`` (``group_keys``:
+    ``update_proj_gap``, ``scale``, ``proj_type`` ...), every other trainable parameter (embeddings, norms,
+    the output head) plain AdamW.
+
+    Raises:
+        WeightkitError: the model has no repeated blocks of linear layers.
+    """
+    from weightkit.arch import block_lists
+    from weightkit.select import LINEAR_TYPES
+
+    matrices = {}  # by id: a weight shared by two layers is one parameter
+    for _, blocks in block_lists(model):
+        for module in blocks.modules():
+            if isinstance(module, LINEAR_TYPES) and module.weight.requires_grad:
+                matrices[id(module.weight)] = module.weight
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in matrices]
+    groups = [{"params": list(matrices.values()), "rank": rank, **group_keys}] if matrices else []
     return groups + ([{"params": others}] if others else [])

@@ -14,12 +14,17 @@ gradients). Deliberate deviation: the step's seed is ``seed + step`` (the paper 
 so a run is reproducible and resumes from ``state_dict()`` exactly.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
 __all__ = ["ZerothOrderSGD", "DistributedZerothOrderSGD", "directions"]
+
+# The one-byte code of a NaN/Inf projected gradient (finite ones are clipped to [-127, 127]).
+_NOT_FINITE = -128
 
 
 def directions(params: list[Tensor], seed: int):
@@ -44,8 +49,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
 
     ``step(closure)`` needs ``closure()`` to return the loss at the current parameters (a scalar tensor or
     float; it runs under ``torch.no_grad()``) and returns the mean of the two probes' losses. The
-    projected gradient of the last step is ``optimizer.projected_grad``.
+    projected gradient of the last step is ``optimizer.projected_grad``. A step whose loss is NaN or
+    infinite is not applied (the parameters are back where they were, to within rounding, and the step is
+    not counted): the caller sees the non-finite loss and decides.
     """
+
+    # No backward pass: training loops call step(closure) instead (weightkit.runtime.training).
+    forward_only = True
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0):
         if lr < 0 or eps <= 0 or weight_decay < 0:
@@ -94,6 +104,8 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             raise WeightkitError("ZerothOrderSGD.step needs a closure that returns the loss")
         seed = self.seed + self.steps
         loss, self.projected_grad = self._probe(seed, closure)
+        if not math.isfinite(self.projected_grad):
+            return loss
         self._decay()
         self._move(seed, [-group["lr"] * self.projected_grad for group in self.param_groups])
         self.steps += 1
@@ -129,7 +141,8 @@ class DistributedZerothOrderSGD(ZerothOrderSGD):
     process received in the last step.
 
     ``one_byte=scale`` sends each projected gradient as one signed byte, ``round(g / scale)`` clipped to
-    [-127, 127], and every process (the sender too) applies the decoded ``q * scale``. The paper exchanges one
+    [-127, 127] (-128 for a NaN/Inf), and every process (the sender too) applies the decoded ``q * scale``.
+    A step in which any process's loss is NaN/Inf is applied by none. The paper exchanges one
     byte per projected gradient; this linear code with a fixed ``scale`` is weightkit's choice, as is the
     seed ``seed + t N + r`` (the paper seeds by machine and sample).
     """
@@ -153,17 +166,14 @@ class DistributedZerothOrderSGD(ZerothOrderSGD):
         if self.one_byte is None:
             local = torch.tensor([grad], dtype=torch.float64)
         else:
-            local = (
-                torch.tensor([round(grad / self.one_byte)], dtype=torch.float64)
-                .clamp(-127, 127)
-                .to(torch.int8)
-            )
+            code = max(-127, min(127, round(grad / self.one_byte))) if math.isfinite(grad) else _NOT_FINITE
+            local = torch.tensor([code], dtype=torch.int8)
         gathered = [torch.empty_like(local) for _ in range(world)]
         torch.distributed.all_gather(gathered, local)
         self.bytes_exchanged = world * local.element_size()
         if self.one_byte is None:
             return [float(g) for g in gathered]
-        return [int(g) * self.one_byte for g in gathered]
+        return [math.nan if int(q) == _NOT_FINITE else int(q) * self.one_byte for q in gathered]
 
     @torch.no_grad()
     def step(self, closure):
@@ -181,6 +191,8 @@ class DistributedZerothOrderSGD(ZerothOrderSGD):
                 self._probe(seed, None)
         grads = self._exchange(grad)
         self.projected_grad = grads
+        if not all(math.isfinite(g) for g in grads):
+            return loss
         self._decay()
         for seed, g in zip(seeds, grads, strict=True):
             self._move(seed, [-group["lr"] * g / world for group in self.param_groups])
