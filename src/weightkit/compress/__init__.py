@@ -4,46 +4,12 @@
 one without loading the whole model (see :mod:`weightkit.compress.stream`).
 """
 
-import torch
-from torch import nn
-
 from weightkit import _callable_package
+from weightkit.compress.model import compress
 from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
 from weightkit.compress.stream import compress_checkpoint
-from weightkit.errors import require_finite
-from weightkit.registry import entry_for_config
-from weightkit.runtime.device import resolve_device
 
 __all__ = ["compress", "compress_checkpoint", "RTNConfig", "GPTQConfig", "AWQConfig"]
-
-
-def compress(
-    model: nn.Module,
-    config,
-    data=None,
-    *,
-    tokenizer=None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-) -> nn.Module:
-    """Compress ``model`` in place with the method ``config`` names, and return it.
-
-    Args:
-        model: a Hugging Face ``transformers`` model (see :mod:`weightkit.arch`).
-        config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``.
-        data: calibration data for GPTQ/AWQ: ``None`` (docstrings of Python's standard library), a
-            text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.
-        tokenizer: the model's tokenizer, needed when ``data`` is text.
-        progress: show a progress bar.
-        device: where to compute (``"cuda"``, ``"cuda:1"``, ``"cpu"`` ...); ``None``: where the model
-            is. The model stays where it is: GPTQ/AWQ move one transformer block at a time to
-            ``device`` (and, to capture the first block's inputs, the embeddings), RTN one weight.
-    """
-    entry = entry_for_config(config)
-    target = None if device is None else resolve_device(device)
-    for name, param in model.named_parameters():
-        require_finite(param, name)
-    return entry.fn(model, config, data=data, tokenizer=tokenizer, progress=progress, device=target)
 
 
 _callable_package(__name__, compress)

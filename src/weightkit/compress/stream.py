@@ -16,6 +16,7 @@ from torch import nn
 
 from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
@@ -111,8 +112,6 @@ def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress
     name in the model to stream by. The output holds the tensors under the model's names, which
     transformers and :func:`weightkit.load` read back as they are.
     """
-    from weightkit.compress import compress  # the package imports this module
-
     model = auto_cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
     return compress(model, config, data, tokenizer=tokenizer, progress=progress, device=device)
 
