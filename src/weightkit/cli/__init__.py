@@ -1,6 +1,7 @@
 """The ``weightkit`` command: a thin shell over the Python API, one subcommand per verb."""
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -125,6 +126,9 @@ def _leave_process_group() -> bool:
     if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return True
     rank = torch.distributed.get_rank()
+    # A DistributedDataParallel wrapper left in a reference cycle would keep the group alive past
+    # destroy_process_group, to be torn down at interpreter exit, where gloo's threads can abort.
+    gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return rank == 0
