@@ -5,7 +5,7 @@ import json
 import warnings
 from typing import Any
 
-from weightkit.cli.common import common_options, print_table, refuse_existing
+from weightkit.cli.common import common_options, print_table, refuse_existing, train_config, training_options
 from weightkit.errors import WeightkitError
 
 
@@ -22,7 +22,6 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
 
     from weightkit.adapt.trainer import finetune
     from weightkit.registry import config_from_dict, lookup
-    from weightkit.runtime.training import TrainConfig
 
     entry = lookup("adapt", args.method)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
@@ -46,11 +45,7 @@ def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
             "(training learns the opposite factors); give a positive alpha unless that is meant",
             stacklevel=1,
         )
-    train = TrainConfig(
-        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        max_length=args.seq_len, warmup_steps=args.warmup_steps, save_every=args.save_every,
-        seed=args.seed if args.seed is not None else 0,
-    )  # fmt: skip
+    train = train_config(args, lr=args.lr, seed=args.seed if args.seed is not None else 0)
     summary = finetune(
         args.model, adapter_config, args.output, train, data=args.data, eval_data=args.eval_data,
         device=args.device, autocast_adapter_dtype=args.autocast_adapter_dtype, overwrite=args.force,
@@ -122,26 +117,9 @@ def add_parsers(sub) -> None:
         "projections)",
     )
     t.add_argument("--option", action="append", default=[], help="any other method option, KEY=VALUE")
-    t.add_argument(
-        "--data",
-        help="training examples: .txt (passages split by blank lines), .jsonl/.json with 'text' (and 'label' "
-        "for encoders) (default for decoders: Python standard-library docstrings)",
-    )
-    t.add_argument("--eval-data", help="held-out examples (default: 10%% of --data)")
-    t.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs passes)")
-    t.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
+    training_options(t, result="adapter")
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    t.add_argument("--batch-size", type=int, default=8, help="examples per step and process (default: 8)")
-    t.add_argument("--seq-len", type=int, default=256, help="max tokens per example (default: 256)")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
     t.add_argument("--seed", type=int, help="seed of initialisation, shuffling and split (default: 0)")
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in OUTPUT-checkpoints/ (checkpoint-N, or interrupted after "
-        "Ctrl-C), with the same options; ends with the adapter the whole run would have given",
-    )
     t.add_argument(
         "--autocast-adapter-dtype",
         action=argparse.BooleanOptionalAction,

@@ -9,7 +9,15 @@ from rich.table import Table
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
-__all__ = ["size_arg", "refuse_existing", "mb", "print_table", "common_options"]
+__all__ = [
+    "size_arg",
+    "refuse_existing",
+    "mb",
+    "print_table",
+    "common_options",
+    "training_options",
+    "train_config",
+]
 
 
 def size_arg(text: str) -> int:
@@ -79,6 +87,45 @@ def common_options(
             help="where to compute: cuda, cuda:1, cpu, mps ... (default: cuda when available, else cpu; "
             "under torchrun each process takes cuda:LOCAL_RANK)",
         )
+
+
+def training_options(parser: argparse.ArgumentParser, *, result: str) -> None:
+    """The options of the training loop ``adapt`` and ``train`` share (``--lr`` and ``--seed`` are each
+    verb's own); ``result`` names what the run ends with, for ``--resume``'s help."""
+    parser.add_argument(
+        "--data",
+        help="training examples: .txt (passages split by blank lines), .jsonl/.json with 'text' (and 'label' "
+        "for encoders) (default for decoders: Python standard-library docstrings)",
+    )
+    parser.add_argument("--eval-data", help="held-out examples (default: 10%% of --data)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs passes)")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="examples per step and process (default: 8)"
+    )
+    parser.add_argument("--seq-len", type=int, default=256, help="max tokens per example (default: 256)")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUTPUT-checkpoints/ (checkpoint-N, or interrupted after "
+        f"Ctrl-C), with the same options; ends with the {result} the whole run would have given",
+    )
+
+
+def train_config(args: argparse.Namespace, *, lr: float, seed: int):
+    """The :class:`~weightkit.runtime.training.TrainConfig` of :func:`training_options`' values."""
+    from weightkit.runtime.training import TrainConfig
+
+    return TrainConfig(
+        max_steps=args.max_steps, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
+        max_length=args.seq_len, warmup_steps=args.warmup_steps, save_every=args.save_every, seed=seed,
+    )  # fmt: skip
 
 
 def method_options_help(kind: str, method: str) -> str:

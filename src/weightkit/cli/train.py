@@ -3,7 +3,7 @@
 import argparse
 from typing import Any
 
-from weightkit.cli.common import common_options, mb, print_table
+from weightkit.cli.common import common_options, mb, print_table, train_config, training_options
 
 # Mirrors weightkit.train.trainer.OPTIMIZERS (imported lazily: torch is not loaded to show --help).
 _OPTIMIZERS = ("galore", "galore-layerwise", "qgalore", "svdfree", "adamw", "adamp", "zo", "zo-dist")
@@ -11,14 +11,9 @@ _OPTIMIZERS = ("galore", "galore-layerwise", "qgalore", "svdfree", "adamw", "ada
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.distributed import is_main_process
-    from weightkit.runtime.training import TrainConfig
     from weightkit.train.trainer import default_lr, train_model
 
-    lr = default_lr(args.optimizer) if args.lr is None else args.lr
-    config = TrainConfig(
-        max_steps=args.max_steps, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
-        max_length=args.seq_len, warmup_steps=args.warmup_steps, save_every=args.save_every, seed=args.seed,
-    )  # fmt: skip
+    config = train_config(args, lr=default_lr(args.optimizer) if args.lr is None else args.lr, seed=args.seed)
     summary = train_model(
         args.model, args.output, config, optimizer=args.optimizer, rank=args.rank,
         update_proj_gap=args.update_proj_gap, data=args.data, eval_data=args.eval_data, device=args.device,
@@ -84,25 +79,8 @@ def add_parsers(sub) -> None:
         "--update-proj-gap", type=int, default=200, help="steps between GaLore's projection refreshes "
         "(default: 200)"
     )  # fmt: skip
-    t.add_argument(
-        "--data",
-        help="training examples: .txt (passages split by blank lines), .jsonl/.json with 'text' (and 'label' "
-        "for encoders) (default for decoders: Python standard-library docstrings)",
-    )
-    t.add_argument("--eval-data", help="held-out examples (default: 10%% of --data)")
-    t.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs passes)")
-    t.add_argument("--epochs", type=int, default=1, help="passes over the data (default: 1)")
+    training_options(t, result="model")
     t.add_argument("--lr", type=float, help="learning rate (default: 1e-5; 1e-6 for zo and zo-dist)")
-    t.add_argument("--batch-size", type=int, default=8, help="examples per step and process (default: 8)")
-    t.add_argument("--seq-len", type=int, default=256, help="max tokens per example (default: 256)")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (default: 0)")
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
     t.add_argument("--seed", type=int, default=0, help="seed of shuffling, split, head and MeZO's directions")
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in OUTPUT-checkpoints/ (checkpoint-N, or interrupted after "
-        "Ctrl-C), with the same options; ends with the model the whole run would have given",
-    )
     t.set_defaults(run=_cmd_train)
     common_options(t, force=True, allow_pickle=True, device=True)
