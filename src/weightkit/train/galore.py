@@ -86,18 +86,19 @@ def projection(grad: Tensor, rank: int, side: str) -> Tensor:
 
 
 @functools.cache
-def _dct_matrix(n: int) -> Tensor:
-    """The orthonormal DCT-II matrix (``n x n``, rows the basis vectors), float64 on the CPU."""
+def _dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The orthonormal DCT-II matrix (``n x n``, rows the basis vectors), built in float64 and kept once per
+    size, dtype and device (every step of every matrix of that size reads it)."""
     k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
     matrix = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2 / n)
     matrix[0] /= math.sqrt(2)
-    return matrix
+    return matrix.to(device=device, dtype=dtype)
 
 
 def dct_basis(n: int, like: Tensor) -> Tensor:
     """The orthonormal DCT-II basis of size ``n`` (rows), in ``like``'s dtype and on its device."""
-    return _dct_matrix(n).to(device=like.device, dtype=like.dtype)
+    return _dct_matrix(n, like.dtype, like.device)
 
 
 def dct_columns(grad: Tensor, rank: int, side: str) -> Tensor:
