@@ -252,10 +252,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step = state["step"]
         step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        normalised = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        denominator = exp_avg_sq.sqrt().add_(group["eps"])
         if projected:
-            normalised = project_back(normalised, basis, side) * group.get("scale", 0.25)
-        p.add_(normalised, alpha=-step_size)
+            # Projected back and added in one matrix product: no full-size temporary.
+            low_rank, alpha = exp_avg / denominator, -step_size * group.get("scale", 0.25)
+            if side == "right":
+                p.addmm_(low_rank, basis, alpha=alpha)
+            else:
+                p.addmm_(basis, low_rank, alpha=alpha)
+        else:
+            p.addcdiv_(exp_avg, denominator, value=-step_size)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
