@@ -104,13 +104,15 @@ def run_json(
     threads: int | None = None,
     log_file: str | os.PathLike | None = None,
     timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run ``cmd``, return the JSON object on the last line of its stdout.
 
     stderr (progress bars, library logs) goes to ``log_file`` when given, else is kept in memory and
     shown only on failure. ``threads`` pins OMP/MKL threads too, so a child never oversubscribes.
+    ``env`` adds to (or overrides) this process's environment.
     """
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)

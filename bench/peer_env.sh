@@ -2,6 +2,7 @@
 # Creates the virtual environment of a peer tool on a CPU-only torch:
 #   llmcompressor (default) -> bench/.venv-peer      (quantization peer, bench/quant.py)
 #   mergekit                -> bench/.venv-mergekit  (merging peer, bench/merge.py)
+#   galore                  -> bench/.venv-galore    (GaLore peer, galore-torch; bench/train.py)
 #
 # Why a separate venv per peer: each pins its own versions of transformers, compressed-tensors,
 # pydantic, accelerate ..., which weightkit's own venv does not share. The benchmarks run the peer as a
@@ -11,7 +12,7 @@
 # is installed first, then pinned in the same `pip install` as the peer, so the resolver keeps it (or
 # fails loudly) instead of swapping in a CUDA build.
 #
-# Usage: bash bench/peer_env.sh [llmcompressor|mergekit]   (idempotent; re-installs only when pins change)
+# Usage: bash bench/peer_env.sh [llmcompressor|mergekit|galore]   (idempotent; re-installs only when pins change)
 #        PEER_VENV=/other/dir bash bench/peer_env.sh ...
 set -euo pipefail
 
@@ -34,8 +35,16 @@ case "$PEER" in
         CHECK="import torch, mergekit; assert torch.version.cuda is None, torch.version.cuda"
         SHOW="torch|mergekit|transformers|safetensors|accelerate|pydantic|numpy"
         ;;
+    galore)
+        # galore-torch 1.0 requires torch, transformers and bitsandbytes (its 8-bit optimizer is imported by
+        # its __init__); transformers pinned to weightkit's (constraints.txt) so both load the model alike.
+        VENV="${PEER_VENV:-$HERE/.venv-galore}"
+        PINS="galore-torch==1.0 transformers==5.25.0 psutil"
+        CHECK="import torch, galore_torch; assert torch.version.cuda is None, torch.version.cuda"
+        SHOW="torch|galore-torch|transformers|bitsandbytes|tokenizers|numpy"
+        ;;
     *)
-        echo "unknown peer: $PEER (expected llmcompressor or mergekit)" >&2
+        echo "unknown peer: $PEER (expected llmcompressor, mergekit or galore)" >&2
         exit 2
         ;;
 esac

@@ -336,6 +336,116 @@ def quant_memory() -> str:
     return _table(header, rows)
 
 
+# -- train ------------------------------------------------------------------------------------------------
+
+_TRAIN_ROWS = ("adamw", "galore", "galore-per-layer", "q-galore", "galore-svd-free", "galore-torch", "mezo",
+               "inference", "theory", "galore-lr10x", "adamw-lr2.5x")  # fmt: skip
+_WEIGHTKIT_TRAIN = (
+    "galore",
+    "galore-per-layer",
+    "q-galore",
+    "galore-svd-free",
+    "mezo",
+    "theory",
+    "galore-lr10x",
+)
+
+
+def _plain_or_bold(ratio: float | None, bold: bool) -> str:
+    """A two-digit ratio, bold when it is a weightkit row's and below 1."""
+    if ratio is None:
+        return "–"
+    text = f"{ratio:.2f}"
+    return f"**{text}**" if bold and ratio < 1 else text
+
+
+def train() -> str:
+    """The training benchmark (``bench/train.py``): optimizer state, step time, peak RSS and held-out loss of
+    every optimizer, each against AdamW and against galore-torch (bold: a weightkit ratio below 1)."""
+    result = _load("train")
+    ft, pre, step = result["fine_tune"], result.get("pretrain", {}), result["step_seconds"]
+    memory = result["memory"][f"batch_{result['settings']['batch_size']}"]
+    theory, mib = result["theory"], 2**20
+    adamw_state, peer_state = ft["adamw"]["state_bytes"]["held"], ft["galore-torch"]["state_bytes"]["held"]
+    labels = {**result["labels"], "theory": f"GaLore's count (rank {result['settings']['rank']})"}
+    rows = []
+    for name in _TRAIN_ROWS:
+        ours, label = name in _WEIGHTKIT_TRAIN, labels[name]
+        run = ft.get(name)
+        if name == "theory":
+            held, views, extra = theory["galore"], None, 0
+        elif run is not None and run["state_bytes"] is not None:
+            held, views = run["state_bytes"]["held"], run["state_bytes"]["views"]
+            extra = run.get("shared_dct_basis_bytes", 0)
+        else:
+            held = views = extra = None
+        if held is None:
+            state = ratios = "–"
+        else:
+            state = f"{held / mib:.1f}" + (f" ({views / mib:.1f})" if views not in (None, held) else "")
+            state += f" + {extra / mib:.1f} shared bases" if extra else ""
+            ratios = " / ".join([
+                "–" if name == "adamw" else _plain_or_bold((held + extra) / adamw_state, ours),
+                "–" if name == "galore-torch" else _plain_or_bold((held + extra) / peer_state, ours),
+            ])  # fmt: skip
+        if name in step:
+            vs_peer = "–" if name in ("galore-torch", "mezo", "inference") else _plain_or_bold(
+                step[name] / step["galore-torch"], ours)  # fmt: skip
+            vs_adamw = "–" if name == "adamw" else _plain_or_bold(step[name] / step["adamw"], ours)
+            timing = f"{step[name] * 1e3:.0f}: {vs_adamw} / {vs_peer}"
+        else:
+            timing = "–"
+        if name in memory:
+            m = memory[name]
+            rss = f"{m['peak_rss_mib']:.0f} (+{m['peak_rss_mib'] - m['rss_before_train_mib']:.0f})"
+            if name != "adamw":
+                rss += ": " + _plain_or_bold(m["peak_rss_mib"] / memory["adamw"]["peak_rss_mib"], ours)
+            if name == "mezo":
+                rss += f"; vs inference {m['peak_rss_mib'] / memory['inference']['peak_rss_mib']:.2f}"
+        else:
+            rss = "–"
+        losses = []
+        for runs, digits in ((ft, 4), (pre, 3)):
+            if name in runs:
+                delta = runs[name]["final_eval_loss"] - runs["adamw"]["final_eval_loss"]
+                losses.append(f"{runs[name]['final_eval_loss']:.{digits}f}"
+                              + ("" if name == "adamw" else f" ({delta:+.{digits}f})"))  # fmt: skip
+            else:
+                losses.append("–")
+        rows.append([label, state, ratios, timing, rss, *losses])
+    s = result["settings"]
+    header = [
+        "optimizer", "optimizer state, MiB (as views)", "state vs AdamW / vs galore-torch",
+        "step, ms: vs AdamW / vs galore-torch", "peak RSS, MiB (+ in training): vs AdamW",
+        f"held-out loss, fine-tuning {s['fine_tune_steps']} steps (vs AdamW)",
+        f"held-out loss, pre-training {s['pretrain_steps']} steps (vs AdamW)",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def train_targets() -> str:
+    """The issue's targets for the training benchmark, each with what was measured."""
+    result = _load("train")
+    rows = []
+    for t in result["targets"]:
+        value = t["value"]
+        if "held" in value and "theory" in value:
+            held, views, theory = (value[k] / 2**20 for k in ("held", "views", "theory"))
+            shown = f"{held:.2f} MiB held ({views:.2f} as views) vs {theory:.2f}"
+        elif "galore_torch" in value:
+            shown = f"{value['held'] / 2**20:.2f} vs {value['galore_torch'] / 2**20:.2f} MiB"
+        elif "saved_mib" in value:
+            shown = f"{value['saved_mib']:.1f} MiB saved vs {value['gradient_mib']:.1f} MiB of gradient"
+        elif "gap" in value:
+            shown = f"{value['gap']:+.4f} vs {value['paper_gap_60m']:.4f} nats"
+        elif "vs_adamw" in value:
+            shown = f"{value['ratio']:.2f}x (vs AdamW {value['vs_adamw']:.2f}x)"
+        else:
+            shown = f"{value['ratio']:.2f}x"
+        rows.append([t["target"], shown, "yes" if t["met"] else "**no**"])
+    return _table(["target", "measured", "met"], rows)
+
+
 # -- suite case lists -------------------------------------------------------------------------------------
 
 
@@ -434,6 +544,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "merge-startup": merge_startup,
     "quant-peer": quant_peer,
     "quant-memory": quant_memory,
+    "train": train,
+    "train-targets": train_targets,
 }
 
 
