@@ -261,6 +261,12 @@ def _token_stream(tokenizer, plays: dict[str, str]):
 
 def perplexity(model, tokenizer, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over ``texts``, each scored on its own from ``<s>``, padding excluded."""
+    return math.exp(mean_nll(model, tokenizer, texts, max_len, batch_size))
+
+
+def mean_nll(model, tokenizer, texts: list[str], max_len: int = 256, batch_size: int = 16) -> float:
+    """Mean next-token NLL (nats per token) over ``texts``, each scored on its own from ``<s>``, truncated
+    to ``max_len``, padding excluded. Leaves the model in eval mode."""
     import torch
     import torch.nn.functional as F
 
@@ -284,7 +290,7 @@ def perplexity(model, tokenizer, texts: list[str], max_len: int = 256, batch_siz
                 reduction="sum",
             ).item()
             count += int((targets != -100).sum())
-    return math.exp(nll / count)
+    return nll / count
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import peak_rss_mib, read_jsonl, rss_mib  # noqa: E402
+from small_llama import mean_nll  # noqa: E402
 
 JOBS = (
     "adamw",  # torch.optim.AdamW
@@ -84,34 +85,12 @@ class Batches:
 
 
 def held_out_loss(model, tokenizer, texts: list[str], max_len: int, batch_size: int) -> float:
-    """Mean next-token NLL (nats per token) over ``texts``, each from ``<s>``, truncated to ``max_len``,
-    padding excluded; batches no larger than the training batch (so it never sets the peak)."""
-    import torch
-    import torch.nn.functional as F
-
+    """Mean next-token NLL (nats per token) over ``texts`` (small_llama's), the model's mode kept; batches no
+    larger than the training batch (so it never sets the peak)."""
     was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size],
-                truncation=True,
-                max_length=max_len,
-                padding=True,
-                return_tensors="pt",
-            )
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-            nll += F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                targets.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            ).item()
-            count += int((targets != -100).sum())
+    loss = mean_nll(model, tokenizer, texts, max_len, batch_size)
     model.train(was_training)
-    return nll / count
+    return loss
 
 
 # -------------------------------------------------------------------------------------- optimizer state
