@@ -263,3 +263,10 @@ def test_train_trains_on_the_gpu(llama_dir, data, tmp_path, optimizer):
         data=data, device="cuda", progress=False,
     )  # fmt: skip
     assert summary["steps"] == 2 and AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+
+def test_the_cli_offers_exactly_the_optimizers_train_model_builds():
+    # The CLI keeps its own copy of the names so that --help does not import torch.
+    from weightkit.cli.train import _OPTIMIZERS
+
+    assert set(_OPTIMIZERS) == set(OPTIMIZERS)
