@@ -14,7 +14,7 @@ from weightkit.inspect.similarity import (
     weight_similarity,
 )
 from weightkit.models import default_model_path
-from weightkit.testing import save_tiny, tiny_bert, tiny_llama
+from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_model
 
 
 def _hsic_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -103,7 +103,9 @@ def _batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def test_activation_similarity_equals_cka_and_cosine_of_the_hidden_states():
-    model = tiny_bert(num_hidden_layers=3)
+    # Larger initial weights than BERT's 0.02, so that each block changes its input a lot (CKA ~0.5,
+    # cosine ~0.1) and the comparison below is not between numbers that are all near 1.
+    model = tiny_bert(num_hidden_layers=3, initializer_range=0.3)
     batches = _batches()
     # Independent reference: transformers' own hidden states (BERT: embeddings, then each layer's output).
     states = [[] for _ in range(4)]
@@ -129,12 +131,16 @@ def test_activation_similarity_equals_cka_and_cosine_of_the_hidden_states():
 
 
 def test_activation_similarity_leaves_padding_out():
-    model = tiny_bert(num_hidden_layers=2)
+    model = tiny_bert(num_hidden_layers=2, initializer_range=0.3)
     batches = _batches()
     # Other ids under attention_mask 0 change the padded positions' states only.
     repadded = [
         {**b, "input_ids": torch.where(b["attention_mask"].bool(), b["input_ids"], 77)} for b in batches
     ]
+    with torch.no_grad():  # the padded positions' states do change, so counting them would show
+        padded = ~batches[0]["attention_mask"].bool()
+        old, new = (model(**batch[0]).last_hidden_state[padded] for batch in (batches, repadded))
+    assert not torch.allclose(old, new, atol=1e-3)
     first = activation_similarity(model, batches)
     second = activation_similarity(model, repadded)
     for a, b in zip(first.rows, second.rows, strict=True):
@@ -194,6 +200,27 @@ def test_an_error_inside_a_hook_still_removes_the_hooks():
         activation_similarity(model, [batch])
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert model.config.use_cache is True
+
+
+def test_blocks_that_do_not_chain_are_refused():
+    model = tiny_llama(num_hidden_layers=2)
+    # Something between the blocks (registered before weightkit's hooks, so they see its change).
+    handle = model.model.layers[1].register_forward_pre_hook(lambda _m, args: (2 * args[0], *args[1:]))
+    with pytest.raises(WeightkitError, match="does not read exactly what model.layers.0 outputs"):
+        activation_similarity(model, _batches())
+    handle.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_an_encoder_decoder_is_refused_for_activations_but_its_weights_compare(tmp_path):
+    model = tiny_model("t5")
+    with pytest.raises(WeightkitError, match="'seq2seq'"):
+        activation_similarity(model, _batches())
+    rows = weight_similarity(save_tiny(model, tmp_path / "t5"))
+    # Each list of blocks in module order, pair by pair: the encoder's, then the decoder's.
+    lists = [r["block"].rsplit(".", 1)[0] for r in rows]
+    assert lists == sorted(lists, key=["encoder.block", "decoder.block"].index)
+    assert {r["role"] for r in rows if r["block"].startswith("decoder")} >= {"layer.1.EncDecAttention.q"}
 
 
 # -- weights -------------------------------------------------------------------------------------------------
