@@ -205,3 +205,24 @@ def test_compare_dispatches_full_checkpoints_and_adds_task_vectors_for_two(tmp_p
     assert list(tables) == [f"change:{dirs[0]}", f"change:{dirs[1]}", "task_vectors"]
     assert tables[f"change:{dirs[1]}"].rows == compare_checkpoints(base_dir, dirs[1]).rows
     assert list(compare(base_dir, dirs[:1])) == [f"change:{dirs[0]}"]
+
+
+def test_task_vector_rows_name_what_one_fine_tune_lacks_or_only_fine_tunes_have(tmp_path):
+    base_dir = _save(tmp_path / "base", {"w": torch.zeros(2), "gone": torch.zeros(2)})
+    ft0 = _save(tmp_path / "ft0", {"w": torch.ones(2), "gone": torch.ones(2), "new": torch.ones(1)})
+    ft1 = _save(tmp_path / "ft1", {"w": -torch.ones(2), "new": torch.ones(1)})
+    rows = {row["name"]: row for row in task_vector_agreement(base_dir, [ft0, ft1]).rows}
+    assert rows["w"]["sign_conflict_rate"] == 1.0 and rows["w"]["cosine"][0][1] == pytest.approx(-1.0)
+    assert rows["gone"]["status"] == "mismatch" and rows["gone"]["reason"] == f"absent in {ft1}"
+    assert rows["new"]["reason"] == f"absent in base (present in {ft0}, {ft1})"
+    assert len(rows) == 3
+
+
+def test_a_quantized_checkpoint_is_refused_as_a_full_precision_one(tmp_path):
+    base_dir = _save(tmp_path / "base", {"w": torch.zeros(2)})
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"}}
+    quantized = _save(tmp_path / "quantized", {"w": torch.zeros(2)}, config)
+    with pytest.raises(WeightkitError, match="is a quantized checkpoint"):
+        compare_checkpoints(base_dir, quantized)
+    with pytest.raises(WeightkitError, match="is a quantized checkpoint"):
+        task_vector_agreement(quantized, [base_dir, base_dir.parent / "other"])

@@ -169,3 +169,17 @@ def test_a_g_idx_tensor_is_refused(ct_checkpoint):
     )
     with pytest.raises(WeightkitError, match="g_idx"):
         quantization_error(base_dir, quantized)
+
+
+def test_a_tensor_that_cannot_be_compared_is_one_row_not_two(ct_checkpoint):
+    base_dir, quantized, base, stored = ct_checkpoint
+    save_file({**base, "model.ids": torch.arange(4)}, base_dir / "model.safetensors")
+    save_file(
+        {**stored, "model.ids": torch.arange(4), "model.c.weight": torch.ones(2)},
+        quantized / "model.safetensors",
+    )
+    rows = [row for row in quantization_error(base_dir, quantized).rows if row["status"] == "mismatch"]
+    assert [(row["name"], row["reason"]) for row in rows] == [
+        ("model.ids", "not a floating-point tensor (torch.int64)"),
+        ("model.c.weight", "absent in base"),
+    ]

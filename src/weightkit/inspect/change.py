@@ -23,6 +23,7 @@ from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader
 from weightkit.inspect.spectral import effective_rank, energy_rank, singular_values, stable_rank
+from weightkit.quantized.compressed_tensors import refuse_quantized
 
 __all__ = [
     "Table",
@@ -36,6 +37,11 @@ __all__ = [
 ]
 
 TOP_SINGULAR_VALUES = 32  # how many singular values of a difference a row keeps, for the plot
+# How a comparison of full-precision checkpoints refuses a quantized one (refuse_quantized's "instead").
+FULL_PRECISION_ONLY = (
+    "compare a quantized checkpoint with the full-precision model it was made from (weightkit.inspect."
+    "compare.compare does, with quantization_error)"
+)
 
 
 @dataclass
@@ -122,9 +128,14 @@ def unpaired_reason(name: str, readers: dict[str, CheckpointReader], base: Check
 
 def names_absent_from_base(
     base: CheckpointReader, readers: dict[str, CheckpointReader]
-) -> list[tuple[str, str]]:
-    """``(name, label)`` of the tensors a compared checkpoint has and the base lacks."""
-    return [(name, label) for label, reader in readers.items() for name in reader.names() if name not in base]
+) -> dict[str, list[str]]:
+    """The tensors the compared checkpoints have and the base lacks: name -> labels of those that have it."""
+    absent: dict[str, list[str]] = {}
+    for label, reader in readers.items():
+        for name in reader.names():
+            if name not in base:
+                absent.setdefault(name, []).append(label)
+    return absent
 
 
 _CHANGE_KEYS = (
@@ -157,7 +168,12 @@ def compare_checkpoints(base: str | Path, other: str | Path) -> Table:
 
     Summary keys: ``compared`` (tensors compared, unchanged ones included), ``changed``, ``mismatched``;
     over all compared tensors as one vector: ``relative_change``, ``cosine``, ``sign_agreement``.
+
+    Raises:
+        WeightkitError: a checkpoint cannot be read, or a tensor holds NaN/Inf (named).
     """
+    refuse_quantized(base, verb="comparing checkpoints", instead=FULL_PRECISION_ONLY)
+    refuse_quantized(other, verb="comparing checkpoints", instead=FULL_PRECISION_ONLY)
     rows = []
     base_sq = delta_sq = other_sq = dot = 0.0
     agree = entries = 0
@@ -190,7 +206,7 @@ def compare_checkpoints(base: str | Path, other: str | Path) -> Table:
             rows.append(
                 _change_row(name, a.shape, "unchanged" if unchanged else "compared", reason, **values)
             )
-        for name, _ in names_absent_from_base(a_reader, readers):
+        for name in names_absent_from_base(a_reader, readers):
             rows.append(_change_row(name, b_reader.shape(name), "mismatch", "absent in base"))
     compared = [row for row in rows if row["status"] != "mismatch"]
     summary = {

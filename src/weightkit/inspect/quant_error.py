@@ -24,7 +24,12 @@ from torch import Tensor, nn
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
 from weightkit.inspect.change import Table
-from weightkit.quantized.compressed_tensors import config_groups, is_quantized_checkpoint, scheme_of
+from weightkit.quantized.compressed_tensors import (
+    config_groups,
+    is_quantized_checkpoint,
+    refuse_quantized,
+    scheme_of,
+)
 from weightkit.quantized.grid import QuantScheme, dequantize
 from weightkit.quantized.pack import unpack_int32
 
@@ -32,6 +37,7 @@ __all__ = ["sqnr_db", "relative_error", "dequantize_packed", "quantization_error
 
 # The tensors one pack-quantized layer NAME stores in place of NAME.weight.
 _PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+_INSTEAD = "compare against the full-precision model it was made from"
 
 
 def sqnr_db(weight: Tensor, approximation: Tensor) -> float:
@@ -139,12 +145,20 @@ def _row(name, shape, status, reason=None, scheme: QuantScheme | None = None, sq
     }
 
 
-def _stored_approximation(name: str, shape, q_reader, groups, ignore, path: Path):
-    """``(scheme or None, Ŵ, names used)`` for base tensor ``name`` from the quantized checkpoint, or the
-    reason it has no counterpart there."""
+def _counterpart(name: str, q_reader: CheckpointReader) -> tuple[str | None, list[str]]:
+    """The packed layer (or None) and the tensors of the quantized checkpoint that stand for base tensor
+    ``name``: ``NAME.weight_packed`` ... for ``NAME.weight`` of a packed layer, else the same name."""
     layer = name.removesuffix(".weight")
     if name.endswith(".weight") and f"{layer}.weight_packed" in q_reader:
-        names = [f"{layer}.{suffix}" for suffix in _PACKED_SUFFIXES if f"{layer}.{suffix}" in q_reader]
+        return layer, [f"{layer}.{suffix}" for suffix in _PACKED_SUFFIXES if f"{layer}.{suffix}" in q_reader]
+    return None, [name] if name in q_reader else []
+
+
+def _stored_approximation(name: str, shape, q_reader, groups, ignore, path: Path):
+    """``(scheme or None, Ŵ)`` for base tensor ``name`` from the quantized checkpoint, or the reason it
+    has no counterpart there."""
+    layer, names = _counterpart(name, q_reader)
+    if layer is not None:
         tensors = {n.removeprefix(f"{layer}."): q_reader.get(n) for n in names}
         # compressed-tensors matches a group's targets against the module's name or class; only Linear
         # layers are packed, so a meta-device Linear stands in for the layer of the model not built here.
@@ -152,14 +166,14 @@ def _stored_approximation(name: str, shape, q_reader, groups, ignore, path: Path
         approximation = dequantize_packed(tensors, scheme, layer)
         if tuple(approximation.shape) != tuple(shape):
             return f"shape {tuple(shape)} in base but {tuple(approximation.shape)} packed"
-        return scheme, approximation, names
-    if name not in q_reader:
+        return scheme, approximation
+    if not names:
         return "absent in the quantized checkpoint"
     if q_reader.shape(name) != shape or not q_reader.dtype(name).is_floating_point:
         return (
             f"shape {tuple(shape)} in base but {tuple(q_reader.shape(name))} {q_reader.dtype(name)} quantized"
         )
-    return None, q_reader.get_finite(name), [name]
+    return None, q_reader.get_finite(name)
 
 
 def quantization_error(base: str | Path, quantized: str | Path) -> Table:
@@ -180,6 +194,7 @@ def quantization_error(base: str | Path, quantized: str | Path) -> Table:
         WeightkitError: ``quantized`` is not a supported compressed-tensors checkpoint (module docstring),
             a packed layer is malformed, or a tensor holds NaN/Inf.
     """
+    refuse_quantized(base, verb="the base of a quantization-error comparison", instead=_INSTEAD)
     quantized = Path(quantized)
     rows = []
     signal = noise = 0.0
@@ -196,6 +211,7 @@ def quantization_error(base: str | Path, quantized: str | Path) -> Table:
                 raise WeightkitError(f"{quantized}: {name} (activation ordering with g_idx) is not supported")
         for name in w_reader.names():
             shape = w_reader.shape(name)
+            consumed.update(_counterpart(name, q_reader)[1])
             if not w_reader.dtype(name).is_floating_point:
                 rows.append(
                     _row(name, shape, "mismatch", f"not a floating-point tensor ({w_reader.dtype(name)})")
@@ -205,8 +221,7 @@ def quantization_error(base: str | Path, quantized: str | Path) -> Table:
             if isinstance(paired, str):
                 rows.append(_row(name, shape, "mismatch", paired))
                 continue
-            scheme, approximation, used = paired
-            consumed.update(used)
+            scheme, approximation = paired
             weight = w_reader.get_finite(name)
             sqnr = sqnr_db(weight, approximation) if weight.any() else None
             rows.append(

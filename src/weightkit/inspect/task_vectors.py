@@ -14,6 +14,7 @@ flattened model.
 """
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
-from weightkit.inspect.change import Table, names_absent_from_base, unpaired_reason
+from weightkit.inspect.change import FULL_PRECISION_ONLY, Table, names_absent_from_base, unpaired_reason
+from weightkit.quantized.compressed_tensors import refuse_quantized
 
 __all__ = [
     "trim_to_density",
@@ -85,20 +87,25 @@ def task_vector_agreement(
     all compared tensors), ``compared``, ``mismatched``.
 
     Raises:
-        WeightkitError: fewer than two fine-tunes, or an invalid ``density``.
+        WeightkitError: fewer than two fine-tunes, one given twice, an invalid ``density``, an unreadable
+            checkpoint, or a tensor holding NaN/Inf (named).
     """
     if len(finetunes) < 2:
         raise WeightkitError(f"task-vector agreement needs at least two fine-tunes, got {len(finetunes)}")
     if density is not None and not 0 < density <= 1:
         raise WeightkitError(f"density must be in (0, 1], got {density}")
     labels = [str(path) for path in finetunes]
+    if len(set(labels)) < len(labels):
+        raise WeightkitError(f"a fine-tune is given twice: {labels}")
+    for path in (base, *finetunes):
+        refuse_quantized(path, verb="task-vector agreement", instead=FULL_PRECISION_ONLY)
     k = len(finetunes)
     gram = torch.zeros(k, k, dtype=torch.float64)
     conflicts = entries = 0
     rows = []
-    base_reader = CheckpointReader(base)
-    tuned = [CheckpointReader(path) for path in finetunes]
-    try:
+    with ExitStack() as stack:
+        base_reader = stack.enter_context(CheckpointReader(base))
+        tuned = [stack.enter_context(CheckpointReader(path)) for path in finetunes]
         readers = dict(zip(labels, tuned, strict=True))
         for name in base_reader.names():
             shape = list(base_reader.shape(name))
@@ -125,15 +132,10 @@ def task_vector_agreement(
                     pairwise_cosine(tensor_gram).tolist(),
                 )
             )
-        for name, label in names_absent_from_base(base_reader, readers):
-            rows.append(
-                _agreement_row(
-                    name, list(readers[label].shape(name)), "mismatch", f"absent in base ({label})"
-                )
-            )
-    finally:
-        for reader in (base_reader, *tuned):
-            reader.close()
+        for name, labels_with_it in names_absent_from_base(base_reader, readers).items():
+            shape = list(readers[labels_with_it[0]].shape(name))
+            reason = f"absent in base (present in {', '.join(labels_with_it)})"
+            rows.append(_agreement_row(name, shape, "mismatch", reason))
     compared = sum(row["status"] == "compared" for row in rows)
     summary = {
         "models": labels,
