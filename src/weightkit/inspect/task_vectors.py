@@ -9,8 +9,8 @@ overall, and the ``k x k`` cosine matrix of the task vectors, each taken as one 
 What counts as a conflict: an entry where, among the task vectors that are nonzero there, at least one is
 positive and one negative (:func:`sign_conflicts`), counted over all entries. Optionally after TIES' trim
 step (:func:`trim_to_density`). Deviation from the paper: the trim keeps the top ``density`` share of each
-task vector per tensor (as mergekit and ``weightkit.merge`` do, so it streams), not one top-k over the whole
-flattened model.
+task vector per tensor (as mergekit's TIES does, and so that it streams), not one top-k over the whole
+flattened model as the paper's code does (``weightkit.merge`` offers both).
 """
 
 import math
@@ -36,10 +36,11 @@ __all__ = [
 
 def trim_to_density(task_vectors: Tensor, density: float) -> Tensor:
     """TIES' trim step: in each row of ``task_vectors`` (``[k, n]``, one task vector per row) keep the
-    ``ceil(density * n)`` entries of largest magnitude and zero the rest (ties broken by ``torch.topk``)."""
+    ``int(density * n)`` entries of largest magnitude and zero the rest (ties broken by ``torch.topk``); the
+    count is rounded down as in mergekit's and ``weightkit.merge``'s per-tensor trim, so it may keep none."""
     if not 0 < density <= 1:
         raise WeightkitError(f"density must be in (0, 1], got {density}")
-    keep = math.ceil(density * task_vectors.shape[1])
+    keep = int(density * task_vectors.shape[1])
     kept = torch.zeros_like(task_vectors)
     index = task_vectors.abs().topk(keep, dim=1).indices
     return kept.scatter_(1, index, task_vectors.gather(1, index))
@@ -75,8 +76,7 @@ def task_vector_agreement(
     An entry is conflicting when, among the task vectors that are nonzero there, at least one is
     positive and one negative (:func:`sign_conflicts`). Without ``density`` the raw task vectors are used;
     with it, each task vector is first trimmed to its ``density`` share of largest-magnitude entries, as
-    TIES' trim step does. Deviation from the paper: the trim is per tensor (as mergekit and
-    ``weightkit.merge`` do, so it streams), not one top-k over the whole flattened model.
+    TIES' trim step does, per tensor (module docstring).
 
     Row keys: ``name``, ``shape``, ``status`` (``"compared"`` or ``"mismatch"``), ``reason``,
     ``sign_conflict_rate`` (conflicting entries / entries of the tensor), ``cosine`` (the ``k x k``
