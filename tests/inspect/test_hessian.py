@@ -18,6 +18,7 @@ from weightkit.inspect.hessian import (
     ritz,
     slq_density,
 )
+from weightkit.testing import tiny_llama
 
 
 def _mlp_problem():
@@ -46,6 +47,16 @@ def _mlp_problem():
     return model, loss_fn, dense
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run many small operations: on a shared 2-core machine one thread is several times faster
+    than two that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def mlp_problem():
     return _mlp_problem()
@@ -71,6 +82,39 @@ def test_lanczos_top_eigenvalues_equal_the_dense_hessians(mlp_problem):
     early = hessian_eigenvalues(model, loss_fn, k=5, iterations=20, seed=0)
     assert abs(float(early[0] - expected[0])) < 1e-9 * scale
     assert abs(float(early[4] - expected[4])) > 1e-6 * scale
+
+
+def test_on_a_tiny_llama_lanczos_agrees_with_the_dense_hessian():
+    # 1,112 parameters, eager attention, float64 (transformers still computes the attention softmax in
+    # float32, so both Hessians carry float32 rounding: agreement to 1e-6 of the largest eigenvalue).
+    sizes = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = tiny_llama(
+        **sizes, num_key_value_heads=1, vocab_size=32, max_position_embeddings=16, attn_implementation="eager"
+    ).double()
+    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(0))
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def flat_loss(flat):
+        params = dict(
+            zip(
+                names,
+                (
+                    part.view(s)
+                    for part, s in zip(flat.split([s.numel() for s in shapes]), shapes, strict=True)
+                ),
+                strict=True,
+            )
+        )
+        return torch.func.functional_call(model, params, (), {"input_ids": ids, "labels": ids}).loss
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = torch.linalg.eigvalsh(torch.autograd.functional.hessian(flat_loss, flat, vectorize=True)).flip(
+        0
+    )
+    top = hessian_eigenvalues(model, lambda m: m(input_ids=ids, labels=ids).loss, k=5, iterations=60)
+    assert flat.numel() == 1112
+    torch.testing.assert_close(top, expected[:5], rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_lanczos_is_seeded_and_refuses_what_it_cannot_answer(mlp_problem):
@@ -166,7 +210,8 @@ def _states(seed_a: int, seed_b: int):
 def test_the_barrier_between_a_model_and_itself_is_exactly_zero():
     model, state_a, _ = _states(0, 1)
     x = torch.randn(16, 4)
-    result = loss_barrier(model, state_a, state_a, lambda m: float(m(x).square().mean()), points=7)
+    with torch.no_grad():
+        result = loss_barrier(model, state_a, state_a, lambda m: float(m(x).square().mean()), points=7)
     assert result.barrier == 0.0
     assert len(set(result.losses)) == 1 and result.ts[0] == 0.0 and result.ts[-1] == 1.0
 
@@ -189,19 +234,31 @@ def test_a_known_bump_gives_its_height_and_place():
     # peaks at 1 at t = 0.5, so the barrier is 0.25 there.
     model = nn.Linear(1, 1, bias=False)
     state_a, state_b = {"weight": torch.zeros(1, 1)}, {"weight": torch.ones(1, 1)}
-    result = loss_barrier(model, state_a, state_b, lambda m: 1 - (float(m.weight) - 0.5) ** 2, points=5)
+    result = loss_barrier(
+        model, state_a, state_b, lambda m: 1 - (float(m.weight.detach()) - 0.5) ** 2, points=5
+    )
     assert result.barrier == pytest.approx(0.25) and result.barrier_t == 0.5
     assert result.curve()[2] == pytest.approx((0.5, 1.0))
 
 
-def test_the_barrier_restores_the_weights_keeps_integer_buffers_and_checks_states():
+def test_the_barrier_moves_only_parameters_restores_the_weights_and_checks_states():
     model, state_a, state_b = _states(0, 1)
     model.register_buffer("steps", torch.tensor(7))
+    model.register_buffer("running", torch.zeros(2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state_a["steps"], state_b["steps"] = torch.tensor(1), torch.tensor(2)
+    state_a["running"], state_b["running"] = torch.ones(2), torch.full((2,), 3.0)
     seen = []
-    loss_barrier(model, state_a, state_b, lambda m: seen.append(int(m.steps)) or 0.0, points=3)
-    assert seen == [1, 1, 1]
+
+    def record(m):
+        seen.append((int(m.steps), m.running.tolist(), float(m[0].weight[0, 0].detach())))
+        return 0.0
+
+    loss_barrier(model, state_a, state_b, record, points=3)
+    # Buffers (integer or not) stay state_a's; the parameters move from a to b.
+    assert [(steps, running) for steps, running, _ in seen] == [(1, [1.0, 1.0])] * 3
+    w_a, w_b = float(state_a["0.weight"][0, 0]), float(state_b["0.weight"][0, 0])
+    assert [w for _, _, w in seen] == pytest.approx([w_a, (w_a + w_b) / 2, w_b])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
 

@@ -31,7 +31,7 @@ from weightkit.adapt.trainer import train_adapter
 from weightkit.arch import model_task
 from weightkit.data import load_texts, stdlib_docstrings
 from weightkit.errors import WeightkitError
-from weightkit.inspect.hessian import hessian_density, hessian_eigenvalues, loss_barrier
+from weightkit.inspect.hessian import hessian_operator, lanczos, loss_barrier, slq_density
 from weightkit.inspect.intrinsic import IntrinsicDimension, d90_bisect, d90_sweep
 from weightkit.merge.align import align_checkpoint
 from weightkit.models import load_model, load_tokenizer
@@ -151,17 +151,17 @@ def hessian_run(
     )  # fmt: skip
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")
-    loss = float(mean_loss(model, batches).detach())
-    top = hessian_eigenvalues(model, lambda m: mean_loss(m, batches), k=k, iterations=iterations, seed=seed)
-    density = hessian_density(
-        model, lambda m: mean_loss(m, batches), probes=probes, iterations=iterations, seed=seed
-    )
+    # One operator (one graph) serves both: the products of Lanczos and of every SLQ probe.
+    operator = hessian_operator(model, lambda m: mean_loss(m, batches))
+    on = {"dtype": operator.dtype, "device": operator.device}
+    top = lanczos(operator, operator.dim, k=k, iterations=iterations, seed=seed, **on)
+    density = slq_density(operator, operator.dim, probes=probes, iterations=iterations, seed=seed, **on)
     return {
         "eigenvalues": top.tolist(),
         "density": density.curve(),
         "sigma": density.sigma,
-        "loss": loss,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss": operator.loss,
+        "parameters": operator.dim,
         "examples": sum(b["input_ids"].shape[0] for b in batches),
         "iterations": iterations,
         "probes": probes,

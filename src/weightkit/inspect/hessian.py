@@ -368,10 +368,10 @@ def loss_barrier(
     """Evaluate ``loss_fn(model)`` at ``points`` evenly spaced ``t`` in ``[0, 1]`` with the model's weights
     set to ``(1 - t) state_a + t state_b``, and the barrier above the chord (module docstring).
 
-    Floating-point tensors are interpolated (``torch.lerp``: exactly ``state_a`` at 0 and ``state_b`` at 1);
-    other tensors (integer buffers such as position ids) are ``state_a``'s. The model's own state is put
-    back afterwards, even when ``loss_fn`` raises. ``loss_fn`` runs as given: put the model in eval mode and
-    under ``torch.no_grad()`` there if wanted.
+    The model's floating-point parameters are interpolated (``torch.lerp``: exactly ``state_a`` at 0 and
+    ``state_b`` at 1); everything else in its state (buffers such as running statistics, integer tensors) is
+    ``state_a``'s all along. The model's own state is put back afterwards, even when ``loss_fn`` raises.
+    ``loss_fn`` runs as given: put the model in eval mode and under ``torch.no_grad()`` there if wanted.
 
     Raises:
         WeightkitError: fewer than 2 points, states whose names or shapes differ from the model's, or a loss
@@ -381,14 +381,17 @@ def loss_barrier(
         raise WeightkitError(f"the loss barrier needs at least 2 points (the two ends), got {points}")
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     _check_states(saved, state_a, state_b)
+    # Tied parameters appear under each of their names in the state dict: every name is interpolated alike.
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     ts = torch.linspace(0, 1, points, dtype=torch.float64).tolist()
     losses = []
     try:
         for t in ts:
             state = {}
             for name, tensor in saved.items():
-                a, b = state_a[name].to(tensor.device), state_b[name].to(tensor.device)
-                state[name] = torch.lerp(a, b.to(a.dtype), t) if a.is_floating_point() else a
+                a = state_a[name].to(tensor.device)
+                moves = name in parameters and a.is_floating_point()
+                state[name] = torch.lerp(a, state_b[name].to(a.device, a.dtype), t) if moves else a
             model.load_state_dict(state)
             loss = float(loss_fn(model))
             if not math.isfinite(loss):
