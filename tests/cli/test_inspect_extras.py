@@ -162,6 +162,27 @@ def test_intrinsic_dimension_of_a_tiny_classifier(classification_files):
     assert dims[0] < intrinsic.d90 <= dims[-1]
 
 
+def test_intrinsic_dimension_of_a_causal_lm_measures_the_gain_in_held_out_loss(llama_dir, texts_file):
+    train = TrainConfig(max_steps=4, lr=1e-2, batch_size=8, max_length=32)
+    result = intrinsic_dimension_run(
+        llama_dir, texts_file, bounds=(8, 64), train=train, full_lr=1e-2, eval_data=texts_file, device="cpu"
+    )
+    intrinsic = result["intrinsic"]
+    assert result["metric"] == "negative eval loss"
+    assert intrinsic.full_score == -result["full"]["eval_loss"]
+    # The reference is the model before fine-tuning, scored on the same held-out texts (a plain reference).
+    model, tokenizer, _ = load_model(llama_dir)
+    batches = make_batches(tokenizer, TEXTS[:8], None, batch_size=8, max_length=32)
+    with torch.no_grad():
+        assert intrinsic.reference == pytest.approx(-float(mean_loss(model, batches)), rel=1e-5)
+    assert intrinsic.threshold == pytest.approx(
+        intrinsic.reference + 0.9 * (intrinsic.full_score - intrinsic.reference)
+    )
+    # The bisection tried doubling dimensions from 8 and never beyond 64.
+    tried = [d for d, _ in intrinsic.curve]
+    assert tried[0] == 8 and max(tried) <= 64 and tried == [run["d"] for run in result["runs"]]
+
+
 def test_intrinsic_dimension_needs_one_search():
     with pytest.raises(WeightkitError, match="either dims"):
         intrinsic_dimension_run("unused", None, dims=[1], bounds=(1, 2))

@@ -190,6 +190,8 @@ def test_a_loss_that_is_not_a_finite_scalar_is_refused(mlp_problem):
         hessian_operator(model, lambda m: m(torch.zeros(2, 8, dtype=torch.float64)))
     with pytest.raises(WeightkitError, match="nan"):
         hessian_operator(model, lambda m: m(torch.zeros(1, 8, dtype=torch.float64)).sum() * math.nan)
+    with torch.no_grad(), pytest.raises(WeightkitError, match="no_grad"):
+        hessian_operator(model, lambda m: m(torch.zeros(1, 8, dtype=torch.float64)).sum())
 
 
 # -- loss barrier ----------------------------------------------------------------------------------------

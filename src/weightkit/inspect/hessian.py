@@ -129,6 +129,10 @@ def hessian_operator(
         raise WeightkitError("the loss function must return a scalar tensor (one loss value)")
     if not torch.isfinite(loss):
         raise WeightkitError(f"the loss is {float(loss.detach())}: its Hessian is undefined")
+    if not loss.requires_grad:
+        raise WeightkitError(
+            "the loss does not depend on the parameters through autograd (computed under torch.no_grad()?)"
+        )
     return HessianOperator(loss.reshape(()), params)
 
 
