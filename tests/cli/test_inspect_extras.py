@@ -141,6 +141,30 @@ def classification_files(tmp_path_factory):
     return bert, root / "train.jsonl", root / "eval.jsonl"
 
 
+def test_a_sequence_classifier_is_scored_by_its_labels_cross_entropy(tmp_path, classification_files):
+    _, train_file, _ = classification_files
+    torch.manual_seed(0)
+    config = tiny_bert().config
+    config.id2label, config.label2id = {0: "fox", 1: "nn"}, {"fox": 0, "nn": 1}
+    classifier = BertForSequenceClassification(config).eval()
+    path = save_tiny(classifier, tmp_path / "classifier", tiny_tokenizer(128, kind="encoder"))
+    result = barrier_run(path, path, train_file, align=False, device="cpu", points=3, examples=6)
+    records = [json.loads(line) for line in train_file.read_text().splitlines()][:6]
+    batch = make_batches(
+        tiny_tokenizer(128, kind="encoder"), [r["text"] for r in records],
+        [config.label2id[r["label"]] for r in records], batch_size=6, max_length=128,
+    )[0]  # fmt: skip
+    with torch.no_grad():
+        logits = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = float(torch.nn.functional.cross_entropy(logits, batch["labels"]))
+    assert result["before"].losses == pytest.approx([expected] * 3, rel=1e-5)
+    assert result["before"].barrier == 0.0
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "a cat", "label": "cat"}))
+    with pytest.raises(WeightkitError, match=r"labels \['cat'\] are not the model's"):
+        barrier_run(path, path, other, align=False, device="cpu")
+
+
 def test_intrinsic_dimension_of_a_tiny_classifier(classification_files):
     bert, train_file, eval_file = classification_files
     train = TrainConfig(max_steps=20, lr=3e-3, batch_size=8, max_length=16)
