@@ -257,7 +257,9 @@ def intrinsic_dimension_run(
         data, eval_data: example files (:func:`weightkit.runtime.training.prepare_training`).
         dims: the dimensions to sweep (:func:`~weightkit.inspect.intrinsic.d90_sweep`, the papers' way), or
         bounds: ``(low, high)`` for :func:`~weightkit.inspect.intrinsic.d90_bisect` instead; exactly one.
-        train: steps, subspace learning rate, batch size, seed (default ``TrainConfig(lr=1e-2)``).
+        train: steps, subspace learning rate, batch size, seed (default ``TrainConfig(lr=3e-3)``: Fastfood
+            moves every tensor by a unit-length column per coordinate, so small tensors (biases, norms) are
+            sensitive; on the tiny test classifier lr 3e-2 already diverged at d = 1024).
         full_lr: the full fine-tune's learning rate.
         said: SAID (a learned scale per tensor, counted in ``d``) instead of DID.
         device: where to train (default: the GPU when there is one).
@@ -268,7 +270,7 @@ def intrinsic_dimension_run(
     """
     if (dims is None) == (bounds is None):
         raise WeightkitError("give either dims (a sweep) or bounds (a bisection), not both or neither")
-    train = train if train is not None else TrainConfig(lr=1e-2)
+    train = train if train is not None else TrainConfig(lr=3e-3)
     start = time.perf_counter()
     device = resolve_device(device)
     setup = prepare_training(
