@@ -14,6 +14,7 @@ from rich.markup import escape
 import weightkit
 from weightkit.cli import adapt, compress, merge, train
 from weightkit.cli import eval as evaluate
+from weightkit.cli import inspect as inspect_
 from weightkit.cli.common import common_options, method_options_help
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
@@ -48,6 +49,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     merge.add_parsers(sub)
     adapt.add_parsers(sub)
     train.add_parsers(sub)
+    inspect_.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
