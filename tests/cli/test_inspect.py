@@ -83,3 +83,16 @@ def test_an_existing_report_is_replaced_only_with_force(tmp_path, capsys, llama_
     code, _, _ = run(capsys, "inspect", llama_dir, "-o", out, "--device", "cpu", "--spectra", "0", "--force")
     assert code == 0 and len(json.loads((out / "metrics.json").read_text())) > 0
     assert not [p for p in (out / "plots").iterdir() if p.name.startswith("spectrum_")]  # --spectra 0
+
+
+def test_inspect_starts_without_importing_transformers():
+    # `weightkit inspect` skips transformers' import (cli._WITHOUT_TRANSFORMERS): it reads tensors, not
+    # models. A module of the report that imports transformers (or weightkit.models) at the top undoes that.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, weightkit.cli, weightkit.cli.inspect, weightkit.inspect.report; "
+        "sys.exit('transformers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -179,8 +179,10 @@ def test_write_report_writes_rows_plots_and_a_page_holding_added_sections(tmp_pa
 
 def test_nan_metrics_are_json_null(tmp_path):
     rows = [{"name": "w", "shape": [2, 2], "dtype": "float32", "stable_rank": math.nan}]
-    out = write_report(InspectResult(source="x", rows=rows), tmp_path / "r")
+    result = InspectResult(source="x", rows=rows)
+    out = write_report(result, tmp_path / "r")
     assert json.loads((out / "metrics.json").read_text())[0]["stable_rank"] is None
+    assert result.json_rows()[0]["stable_rank"] is None and math.isnan(result.rows[0]["stable_rank"])
 
 
 def test_the_report_directory_is_refused_or_replaced_as_the_writers_are(tmp_path, odd_file):
@@ -210,6 +212,6 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, odd_file, monkeypatch)
         raise OSError("disk full")
 
     monkeypatch.setattr(report, "_html", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WeightkitError, match="out failed: disk full. Nothing was written"):
         write_report(result, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["odd.safetensors"]

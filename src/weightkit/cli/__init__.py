@@ -22,7 +22,7 @@ from weightkit.progress import console
 __all__ = ["main"]
 
 # Subcommands that never import transformers (~2 s of start-up).
-_WITHOUT_TRANSFORMERS = ("merge", "align")
+_WITHOUT_TRANSFORMERS = ("merge", "align", "inspect")
 # Subcommands made of large elementwise tensor operations, streamed checkpoint to checkpoint. Their OpenMP
 # threads sleep at the end of each operation instead of spinning: libgomp's default spin (300k pauses,
 # milliseconds) gains nothing between operations that each take milliseconds, and on a shared machine it

@@ -81,7 +81,7 @@ def _cmd_inspect(args: argparse.Namespace) -> list[dict[str, Any]]:
         _print_rows(result.rows)
         seconds = time.perf_counter() - start
         results.print(f"report written to [bold]{out}[/bold] ({seconds:.1f} s): open {out / 'report.html'}")
-    return result.rows
+    return result.json_rows()
 
 
 def _count(text: str) -> int:

@@ -102,6 +102,10 @@ class InspectResult:
         """Every column of the table: ``name``, ``shape``, ``dtype``, the metrics, ``skipped``."""
         return [*_ROW_KEYS, *self.metric_names, _SKIPPED]
 
+    def json_rows(self) -> list[dict[str, Any]]:
+        """:attr:`rows` ready for strict JSON: a NaN or infinite metric becomes ``None`` (null)."""
+        return [{key: _number(value) for key, value in row.items()} for row in self.rows]
+
     def _flat_rows(self) -> list[dict[str, Any]]:
         # One cell per column, shape as "768x384", so the CSV and the DataFrame hold the same values.
         return [
@@ -452,8 +456,8 @@ def write_report(
         ``out_dir``.
 
     Raises:
-        WeightkitError: ``out_dir`` cannot be written (:func:`check_report_target`), or two figures share
-            a name. Nothing is left at ``out_dir`` then.
+        WeightkitError: ``out_dir`` cannot be written (:func:`check_report_target`, or the write failed),
+            or two figures share a name. Nothing changes at ``out_dir`` then.
     """
     target = Path(os.path.abspath(out_dir))
     check_report_target(out_dir, overwrite=overwrite)
@@ -462,11 +466,13 @@ def write_report(
     duplicates = sorted({f.name for f in figures if sum(g.name == f.name for g in figures) > 1})
     if duplicates:
         raise WeightkitError(f"two report figures share the file name {duplicates[0]!r}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        rows = [{key: _number(value) for key, value in row.items()} for row in result.rows]
-        text = json.dumps(rows, indent=2, allow_nan=False) + "\n"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise WeightkitError(f"cannot create a directory beside {out_dir}: {err.strerror or err}") from err
+    try:
+        text = json.dumps(result.json_rows(), indent=2, allow_nan=False) + "\n"
         (tmp / "metrics.json").write_text(text, encoding="utf-8")
         result.to_csv(tmp / "metrics.csv")
         (tmp / "plots").mkdir()
@@ -484,6 +490,9 @@ def write_report(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+    except OSError as err:  # disk full, quota, permissions: one message, and nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WeightkitError(f"writing {out_dir} failed: {err}. Nothing was written to {out_dir}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
