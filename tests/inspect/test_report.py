@@ -14,12 +14,13 @@ from safetensors.torch import save_file
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
 from weightkit.inspect.metrics import matrix_metrics
-from weightkit.inspect.plots import heatmap_png
+from weightkit.inspect.plots import heatmap_png, spectrum_png
 from weightkit.inspect.report import (
     Figure,
     InspectResult,
     Section,
     inspect_checkpoint,
+    metric_sections,
     spectrum_choice,
     write_report,
 )
@@ -215,3 +216,16 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, odd_file, monkeypatch)
     with pytest.raises(WeightkitError, match="out failed: disk full. Nothing was written"):
         write_report(result, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["odd.safetensors"]
+
+
+def test_a_spectrum_is_drawn_with_the_rows_power_law_fit_when_matrix_metrics_gives_one():
+    eigenvalues = torch.linspace(0.1, 10.0, 50, dtype=torch.float64)
+    fitted = {"name": "w", "shape": [50, 50], "dtype": "float32", "alpha": 2.5, "xmin": 1.0}
+    unfitted = {**fitted, "name": "v", "alpha": math.nan}  # a fit that failed draws no line
+    result = InspectResult(source="x", rows=[fitted, unfitted], spectra={"w": eigenvalues, "v": eigenvalues})
+    spectra = {f.name: f for f in metric_sections(result)[1].figures}
+    assert spectra["spectrum_w"].png == spectrum_png(eigenvalues, title="w", alpha=2.5, xmin=1.0)
+    assert "alpha=2.5" in spectra["spectrum_w"].title
+    assert spectra["spectrum_v"].png == spectrum_png(eigenvalues, title="v")
+    bars = {f.name for f in metric_sections(result)[0].figures}
+    assert bars == {"bars_alpha"}  # the bar metrics the rows hold (xmin is not one of them)

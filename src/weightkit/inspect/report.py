@@ -106,8 +106,9 @@ class InspectResult:
         """:attr:`rows` ready for strict JSON: a NaN or infinite metric becomes ``None`` (null)."""
         return [{key: _number(value) for key, value in row.items()} for row in self.rows]
 
-    def _flat_rows(self) -> list[dict[str, Any]]:
-        # One cell per column, shape as "768x384", so the CSV and the DataFrame hold the same values.
+    def table_rows(self) -> list[dict[str, Any]]:
+        """Every row with every column of :attr:`columns` (``None`` where it has no value) and the shape as
+        ``"768x384"``: the cells of the CSV, the DataFrame and the HTML table."""
         return [
             {
                 column: _shape_text(row["shape"]) if column == "shape" else row.get(column)
@@ -129,7 +130,7 @@ class InspectResult:
                 "InspectResult.to_pandas needs pandas, which is not installed: pip install pandas "
                 "(or use result.rows or result.to_csv)"
             ) from None
-        return pd.DataFrame(self._flat_rows(), columns=self.columns)
+        return pd.DataFrame(self.table_rows(), columns=self.columns)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the rows as CSV (header = :attr:`columns`; an empty cell where a row has no value)."""
@@ -137,7 +138,7 @@ class InspectResult:
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
-            writer.writerows(self._flat_rows())
+            writer.writerows(self.table_rows())
         return path
 
 
@@ -326,7 +327,7 @@ def metric_sections(result: InspectResult) -> list[Section]:
     skipped = len(result.rows) - len(analysed)
     table = Section(
         "Weight matrices",
-        rows=result.rows,
+        rows=result.table_rows(),  # every column in every row: the metrics before the skip reasons
         figures=bars,
         note=f"{len(analysed)} matrices analysed, {skipped} tensors skipped (the reason is in their row).",
     )
@@ -375,7 +376,7 @@ def _table_html(rows: list[dict[str, Any]]) -> str:
             f"{html.escape(_cell(row.get(c)))}</td>"
             for c in columns
         )
-        body.append(f"<tr{' class=skipped' if _SKIPPED in row else ''}>{cells}</tr>")
+        body.append(f"<tr{' class=skipped' if row.get(_SKIPPED) else ''}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
