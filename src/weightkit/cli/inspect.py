@@ -31,7 +31,11 @@ columns (one row per tensor, in checkpoint order; --json uses these names):
   svd             which SVD computed the singular values (randomized for huge matrices)
   skipped         why a tensor has no metrics: not a matrix (bias, norm, conv kernel, scalar),
                   integer data, or a matrix the metrics refuse (all zeros, NaN/Inf)
-  (metrics appear as this version of weightkit computes them: report.html lists them all)
+  A metric column appears when this version of weightkit computes it; the terminal table shows the
+  main ones, the report files all of them.
+
+--json prints the rows as a JSON list, one object per tensor with the names above (stdout holds
+nothing else; a metric that could not be computed is null).
 
 report directory: metrics.json (the rows), metrics.csv, plots/*.png (per-layer bars of the main
 metrics; spectra of --spectra matrices) and report.html (self-contained, opens offline).
@@ -118,6 +122,7 @@ def add_parsers(sub) -> None:
         "--spectra",
         type=_count,
         default=12,
+        metavar="N",
         help="how many matrices get a spectrum plot: all of them when the checkpoint has at most this many, "
         "else this many evenly spaced in checkpoint order, first and last included; 0 for none "
         "(default: 12)",

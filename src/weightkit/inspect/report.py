@@ -170,8 +170,12 @@ def _not_a_matrix(shape: tuple[int, ...], dtype: torch.dtype) -> str | None:
         return "1-D (a bias or a norm's scale), not a matrix"
     if len(shape) > 2:
         return f"{len(shape)}-D (a convolution kernel or stacked weights), not a matrix"
+    if dtype.is_complex:
+        return f"{str(dtype).removeprefix('torch.')} values, not real-valued weights"
     if not dtype.is_floating_point:
-        return f"{str(dtype).removeprefix('torch.')} values (codes or indices), not real-valued weights"
+        return (
+            f"{str(dtype).removeprefix('torch.')} values (codes, indices or masks), not real-valued weights"
+        )
     return None
 
 
