@@ -96,3 +96,20 @@ def test_inspect_starts_without_importing_transformers():
         "sys.exit('transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_inspect_lets_openmp_threads_sleep(tmp_path):
+    # Spinning OpenMP threads between inspect's many short SVDs doubled its time on a busy machine.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = (
+        "import os, sys; from weightkit.cli import main; code = main(sys.argv[1:]); "
+        "print(code, os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    missing = tmp_path / "missing"
+    cmd = [sys.executable, "-c", code, "inspect", str(missing), "-o", str(tmp_path / "r"), "--device", "cpu"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["1", "PASSIVE"]  # 1: the missing model is refused after the policy is set

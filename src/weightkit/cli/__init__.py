@@ -27,8 +27,9 @@ _WITHOUT_TRANSFORMERS = ("merge", "align", "inspect")
 # threads sleep at the end of each operation instead of spinning: libgomp's default spin (300k pauses,
 # milliseconds) gains nothing between operations that each take milliseconds, and on a shared machine it
 # occupies the core the other thread needs. Measured on the 1B merge bench with other jobs running (load
-# 4-5 on 2 cores): task arithmetic took 23-26 s spinning, 19-20 s passive.
-_PASSIVE_OPENMP = ("merge", "align", "extract-lora")
+# 4-5 on 2 cores): task arithmetic took 23-26 s spinning, 19-20 s passive. `inspect` runs many SVDs of a
+# few milliseconds each: on the bundled MiniLM at load 3-4 it took 47-105 s spinning, 22-24 s passive.
+_PASSIVE_OPENMP = ("merge", "align", "extract-lora", "inspect")
 
 
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
