@@ -14,6 +14,7 @@ from rich.markup import escape
 import weightkit
 from weightkit.cli import adapt, compress, merge, train
 from weightkit.cli import eval as evaluate
+from weightkit.cli import inspect as inspect_
 from weightkit.cli.common import common_options, method_options_help
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
@@ -21,13 +22,14 @@ from weightkit.progress import console
 __all__ = ["main"]
 
 # Subcommands that never import transformers (~2 s of start-up).
-_WITHOUT_TRANSFORMERS = ("merge", "align")
+_WITHOUT_TRANSFORMERS = ("merge", "align", "inspect")
 # Subcommands made of large elementwise tensor operations, streamed checkpoint to checkpoint. Their OpenMP
 # threads sleep at the end of each operation instead of spinning: libgomp's default spin (300k pauses,
 # milliseconds) gains nothing between operations that each take milliseconds, and on a shared machine it
 # occupies the core the other thread needs. Measured on the 1B merge bench with other jobs running (load
-# 4-5 on 2 cores): task arithmetic took 23-26 s spinning, 19-20 s passive.
-_PASSIVE_OPENMP = ("merge", "align", "extract-lora")
+# 4-5 on 2 cores): task arithmetic took 23-26 s spinning, 19-20 s passive. `inspect` runs many SVDs of a
+# few milliseconds each: on the bundled MiniLM at load 3-4 it took 47-105 s spinning, 22-24 s passive.
+_PASSIVE_OPENMP = ("merge", "align", "extract-lora", "inspect")
 
 
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,6 +50,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     merge.add_parsers(sub)
     adapt.add_parsers(sub)
     train.add_parsers(sub)
+    inspect_.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",

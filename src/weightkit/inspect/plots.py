@@ -1,0 +1,190 @@
+"""The inspect report's plots as PNG bytes (matplotlib, Agg backend): issue 15, item 7.
+
+Every function takes plain numbers (tensors or sequences) and returns the PNG file's bytes, so the
+report embeds them in its HTML and writes them beside it, and tests read them back. Figures are drawn
+with a fixed size, resolution and style and without the PNG's software/date metadata, so the same input
+gives the same bytes.
+
+- :func:`spectrum_png`: a matrix's empirical spectral density, the eigenvalues ``lambda = sigma^2`` of
+  ``W^T W`` on log-log axes, with the fitted power law from ``xmin`` on when the fit is given.
+- :func:`metric_bars_png`: one metric per layer, layers in checkpoint order.
+- :func:`heatmap_png`: any square or rectangular matrix with row/column labels (layer similarity).
+- :func:`comparison_bars_png`: grouped bars, one group per label, one bar per series (checkpoint comparison).
+"""
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from weightkit.errors import WeightkitError
+
+__all__ = ["powerlaw_density", "spectrum_png", "metric_bars_png", "heatmap_png", "comparison_bars_png"]
+
+_DPI = 100
+# Above this many bars the x labels (tensor names) would overlap: label every k-th bar only.
+_MAX_LABELS = 40
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also what makes the output independent of the machine's backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    # No "Software" (matplotlib version) or date chunks: the bytes depend on the data alone.
+    fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def powerlaw_density(eigenvalues: Tensor, alpha: float, xmin: float, points: Tensor) -> Tensor:
+    """The fitted power law as a density of *all* the eigenvalues, at ``points`` (each ``>= xmin``).
+
+    The fit ``p(x) = (alpha - 1) / xmin * (x / xmin)^-alpha`` is a density of the tail ``x >= xmin``
+    alone; the histogram it is drawn over is a density of every eigenvalue, so the line is scaled by the
+    tail's share of the eigenvalues. Drawn this way it lies on the histogram where the fit is good.
+
+    Raises:
+        WeightkitError: ``alpha <= 1`` (no normalisable power law) or ``xmin <= 0``.
+    """
+    if not alpha > 1 or not xmin > 0:
+        raise WeightkitError(f"a power-law fit needs alpha > 1 and xmin > 0; got alpha={alpha}, xmin={xmin}")
+    tail_share = (eigenvalues >= xmin).double().mean()
+    return tail_share * (alpha - 1) / xmin * (points.double() / xmin) ** -alpha
+
+
+def spectrum_png(
+    eigenvalues: Tensor, *, title: str, alpha: float | None = None, xmin: float | None = None
+) -> bytes:
+    """A log-log histogram (density, log-spaced bins) of the positive ``eigenvalues``, and when
+    ``alpha`` and ``xmin`` are given the fitted power law from ``xmin`` on (slope ``-alpha``) and a
+    dashed line at ``xmin``.
+
+    Raises:
+        WeightkitError: fewer than two positive eigenvalues, or only one of ``alpha``/``xmin`` given.
+    """
+    if (alpha is None) != (xmin is None):
+        raise WeightkitError("spectrum_png draws a power-law fit from both alpha and xmin; got only one")
+    values = eigenvalues.detach().double().cpu().flatten()
+    positive = values[values > 0]  # zero eigenvalues (rank deficiency) have no place on a log axis
+    if positive.numel() < 2:
+        raise WeightkitError(f"{title}: fewer than two positive eigenvalues, no spectrum to draw")
+    low, high = float(positive.min()), float(positive.max())
+    if low == high:
+        low, high = low / 2, high * 2  # one repeated value: one visible bar
+    bins = torch.logspace(math.log10(low), math.log10(high), 51, dtype=torch.float64)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(positive.numpy(), bins=bins.numpy(), density=True, color="#4c72b0", alpha=0.75, label="ESD")
+    if alpha is not None and xmin is not None:
+        line_x = torch.logspace(math.log10(max(xmin, low)), math.log10(high), 100, dtype=torch.float64)
+        line_y = powerlaw_density(positive, alpha, xmin, line_x)
+        ax.plot(line_x.numpy(), line_y.numpy(), color="#c44e52", lw=2, label=f"power law, alpha={alpha:.3g}")
+        ax.axvline(xmin, color="#555555", ls="--", lw=1, label=f"xmin={xmin:.3g}")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue of WᵀW (σ²)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    # Fixed margins: tight_layout measures every tick label of the log axes, which took most of the time.
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.91)
+    return _png(fig)
+
+
+def _label_every(n: int) -> int:
+    return max(1, math.ceil(n / _MAX_LABELS))
+
+
+def metric_bars_png(names: Sequence[str], values: Sequence[float | None], *, metric: str) -> bytes:
+    """One bar per layer (``names`` in checkpoint order) of ``metric``; ``None`` (a skipped tensor, or a
+    metric that tensor has not) leaves an empty slot so the positions stay those of the checkpoint.
+
+    Raises:
+        WeightkitError: ``names`` and ``values`` differ in length, or no value is given.
+    """
+    if len(names) != len(values):
+        raise WeightkitError(f"{metric}: {len(names)} names but {len(values)} values")
+    if all(v is None for v in values):
+        raise WeightkitError(f"{metric}: no layer has a value to plot")
+    heights = [math.nan if v is None else float(v) for v in values]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.25 * len(names), 16.0)), 4.5))
+    ax.bar(range(len(names)), heights, color="#4c72b0")
+    step = _label_every(len(names))
+    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)])
+    ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per layer", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def heatmap_png(
+    matrix: Tensor, *, row_labels: Sequence[str], col_labels: Sequence[str], title: str, value_label: str
+) -> bytes:
+    """A heatmap of a 2-D ``matrix`` (row ``i`` labelled ``row_labels[i]``), with a colour bar named
+    ``value_label``.
+
+    Raises:
+        WeightkitError: ``matrix`` is not 2-D or the labels do not match its shape.
+    """
+    if matrix.dim() != 2 or matrix.shape != (len(row_labels), len(col_labels)):
+        raise WeightkitError(
+            f"{title}: a {len(row_labels)} x {len(col_labels)} heatmap needs a matrix of that shape, "
+            f"got {tuple(matrix.shape)}"
+        )
+    plt = _pyplot()
+    side = max(4.0, min(0.3 * max(matrix.shape), 14.0))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(matrix.detach().double().cpu().numpy(), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=value_label)
+    rows, cols = _label_every(len(row_labels)), _label_every(len(col_labels))
+    ax.set_yticks(range(0, len(row_labels), rows), [row_labels[i] for i in range(0, len(row_labels), rows)])
+    ax.set_xticks(range(0, len(col_labels), cols), [col_labels[i] for i in range(0, len(col_labels), cols)])
+    ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def comparison_bars_png(
+    labels: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str, ylabel: str
+) -> bytes:
+    """Grouped bars: for each of ``labels`` (layers, say) one bar per series (checkpoints, say), series
+    in the mapping's order, with a legend.
+
+    Raises:
+        WeightkitError: no series, or a series whose length is not ``len(labels)``.
+    """
+    if not series:
+        raise WeightkitError(f"{title}: no series to compare")
+    for name, values in series.items():
+        if len(values) != len(labels):
+            raise WeightkitError(
+                f"{title}: series {name!r} has {len(values)} values for {len(labels)} labels"
+            )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.3 * len(labels) * len(series), 16.0)), 4.5))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        positions = [j - 0.4 + width * (i + 0.5) for j in range(len(labels))]
+        ax.bar(positions, [float(v) for v in values], width=width, label=name)
+    step = _label_every(len(labels))
+    ax.set_xticks(range(0, len(labels), step), [labels[i] for i in range(0, len(labels), step)])
+    ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
