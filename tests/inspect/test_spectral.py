@@ -9,7 +9,12 @@ import torch
 
 from weightkit.errors import WeightkitError
 from weightkit.inspect import effective_rank, energy_rank, singular_values, stable_rank
-from weightkit.inspect.spectral import energy_rank_from_singular_values, randomized_singular_values, spectrum
+from weightkit.inspect.spectral import (
+    energy_rank_from_singular_values,
+    entry_sums,
+    randomized_singular_values,
+    spectrum,
+)
 
 
 def _orthogonal(n: int, seed: int = 0) -> torch.Tensor:
@@ -129,3 +134,12 @@ def test_a_matrix_above_the_full_rank_limit_gets_a_randomized_spectrum_and_says_
 def test_the_randomized_svd_refuses_a_rank_outside_the_matrix():
     with pytest.raises(WeightkitError, match="k must be in"):
         randomized_singular_values(torch.eye(4), 5)
+
+
+def test_entry_sums_accumulate_in_float64():
+    # 3 million float32 entries; per-block float32 norms (sqrt then squared) leave ~1e-8 relative.
+    tensor = torch.randn(3_000_001, generator=torch.Generator().manual_seed(8)).abs() + 1
+    reference = tensor.double()
+    sum_abs, sum_sq = entry_sums(tensor)
+    assert sum_abs == pytest.approx(float(reference.sum()), rel=1e-7)
+    assert sum_sq == pytest.approx(float(reference.square().sum()), rel=1e-7)

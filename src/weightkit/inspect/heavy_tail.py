@@ -31,17 +31,21 @@ It matches weightwatcher 0.7.7's ``analyze()`` with its defaults (read in its so
 - weightwatcher skips a layer whose smaller side is under 8 (``min_evals``) or over 15000
   (``max_evals``), or whose larger side is over 50000 (``max_N``, e.g. a 128k-token embedding); here a
   matrix with fewer than 8 eigenvalues above the floor has no fit (``None``) and larger matrices are fitted
-  anyway — the report says which rows weightwatcher would not have.
+  anyway (weightwatcher has no row for them to compare with).
 
 The search over ``xmin`` is vectorised: the alphas from a reverse cumulative sum of ``log lambda``, the KS
-distances as one masked (candidate x eigenvalue) array, in blocks of rows to bound memory. Differences to
-weightwatcher are float64 round-off (1e-12 in alpha), except that weightwatcher on a CUDA machine takes
-float32 singular values (``svd_method="fast"``), which this module never does.
+distances as one masked (candidate x eigenvalue) array, in blocks of rows to bound memory. weightwatcher
+on a CPU computes float64 singular values of the weight (cast from float32);
+:func:`weightkit.inspect.spectral.spectrum` does the same for a float64 weight (alphas then agree to
+1e-12) but works in float32 for a float32/16-bit one, for speed. Measured |alpha - weightwatcher's alpha|
+with float32 spectra: the bundled MiniLM (39 matrices) median 2.9e-6, worst 7.4e-5; a randomly initialised
+162M Llama (hidden 768, intermediate 3072, 12 layers, vocabulary 32000, untied; 86 matrices) median 5.4e-5,
+worst 0.011 (random-matrix spectra have a flat KS minimum, so float32 round-off can move ``xmin`` there).
 
 With a truncated (randomized) spectrum the fit sees only the top eigenvalues, so ``xmin`` is searched among
 them: exact when weightwatcher's ``xmin`` lies in that range (the tail of trained weights usually does),
-otherwise a different, tail-only fit — :func:`weightkit.inspect.metrics.matrix_metrics` marks such rows
-through its ``svd`` column.
+otherwise a different, tail-only fit; :func:`weightkit.inspect.metrics.matrix_metrics` rows computed
+this way say ``randomized (k=...)`` in their ``svd`` column.
 
 **Marchenko-Pastur outliers** (:func:`mp_outliers`). For an ``N x M`` matrix (``N >= M``, aspect ratio
 ``q = M / N <= 1``) of i.i.d. entries of variance ``v``, the eigenvalues of the ``M x M`` Gram matrix lie
@@ -52,9 +56,11 @@ largest eigenvalue of a white Wishart matrix is Tracy-Widom with, in Johnstone's
 ("On the distribution of the largest eigenvalue in principal components analysis", 2001),
 ``mu = (sqrt(N - 1) + sqrt(M))^2`` and ``s = (sqrt(N - 1) + sqrt(M)) (1/sqrt(N - 1) + 1/sqrt(M))^(1/3)``
 (times ``v``). An eigenvalue counts as an outlier above ``v (mu + 4 s)``: 4 Tracy-Widom scales put the
-false-alarm probability of a pure-noise matrix near 1e-4 (the TW1 upper tail), so a Gaussian matrix gives 0
-and spikes above the BBP threshold (Baik, Ben Arous, Péché), which detach by far more, are counted.
-Since ``v`` includes the spikes' energy, the count is conservative on matrices dominated by their spikes.
+false-alarm probability of a pure-noise matrix near 1e-4 (the TW1 upper tail), so a Gaussian matrix gives
+0. A planted rank-one spike of strength ``s`` above the BBP threshold ``(N M)^(1/4)`` (Baik, Ben Arous,
+Péché) appears at ``(s^2 + N)(s^2 + M) / s^2`` and is counted once that clears the margin; weaker spikes
+stay in the bulk and are not. Since ``v`` includes the spikes' energy, the count is conservative on
+matrices dominated by their spikes.
 
 **Generalized Gaussian** (:func:`generalized_gaussian_fit`). "It Takes a Good Model to Train a Good Model:
 Generalized Gaussian Priors for Optimized LLMs" (arXiv 2506.00486) models trained weights as
@@ -62,10 +68,11 @@ Generalized Gaussian Priors for Optimized LLMs" (arXiv 2506.00486) models traine
 the material available here (abstract and project summary), so this module uses the standard
 moment-ratio estimator (Sharifi and Leon-Garcia, 1995): the shape solves
 ``(E|w|)^2 / E[w^2] = Gamma(2/shape)^2 / (Gamma(1/shape) Gamma(3/shape))`` (monotone in the shape, solved
-by bracketing), then ``scale = sqrt(E[w^2] Gamma(1/shape) / Gamma(3/shape))``. It takes two passes of
-sums over the entries (no sort, no iteration over data), unlike the maximum-likelihood fit, with which it
-agrees within sampling error on the millions of entries of a weight matrix; entries are not centred
-(the GG is centred at 0, as weights are).
+by bracketing), then ``scale = sqrt(E[w^2] Gamma(1/shape) / Gamma(3/shape))``. It needs two sums over
+the entries, where the maximum-likelihood fit iterates over all of them; the MLE is statistically more
+efficient, but on the 160,000-entry samples of the tests the moment estimate is already within 3% of the
+true shape (a weight matrix has millions of entries). Entries are not centred (the GG is centred at 0, as
+weights are).
 """
 
 import math
@@ -77,7 +84,7 @@ from scipy.special import gammaln
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
-from weightkit.inspect.spectral import spectrum
+from weightkit.inspect.spectral import entry_sums, spectrum
 
 __all__ = [
     "PowerLawFit",
@@ -255,14 +262,12 @@ def generalized_gaussian_fit(weight: Tensor) -> GeneralizedGaussianFit:
         WeightkitError: ``weight`` holds NaN/Inf, is all zeros, or its ratio lies outside the shape range
             (0.05, 50) — e.g. a matrix whose entries take only two values of equal magnitude.
     """
-    entries = weight.detach().flatten()
-    if not entries.dtype.is_floating_point:
-        entries = entries.to(torch.float64)
-    if entries.numel() == 0 or not torch.isfinite(entries).all():
+    if weight.numel() == 0:
+        raise WeightkitError("a generalized-Gaussian fit needs entries; the tensor is empty")
+    sum_abs, sum_sq = entry_sums(weight)
+    if not math.isfinite(sum_sq):  # a NaN or Inf entry (or squares beyond float range)
         raise WeightkitError("a generalized-Gaussian fit needs finite entries")
-    # Sums accumulate in float64 whatever the stored dtype, without a float64 copy of the tensor.
-    mean_abs = float(entries.abs().sum(dtype=torch.float64)) / entries.numel()
-    mean_sq = float(entries.square().sum(dtype=torch.float64)) / entries.numel()
+    mean_abs, mean_sq = sum_abs / weight.numel(), sum_sq / weight.numel()
     if mean_sq == 0:
         raise WeightkitError("the tensor is all zeros: it has no distribution shape")
     ratio = mean_abs**2 / mean_sq

@@ -25,6 +25,22 @@ With a randomized spectrum, what needs every singular value is unknown and is ``
 ``effective_rank`` and the WeLore columns always, ``rank_90``/``rank_99`` when the top values do not hold
 that share of the energy, ``mp_outliers`` when every computed value is an outlier (the count could be
 higher). The power-law fit then searches ``xmin`` among the top eigenvalues only (see heavy_tail).
+
+Speed against weightwatcher 0.7.7's ``analyze()`` (bench/inspect_peer.py in bench/.venv-weightwatcher;
+weightkit timed over the same checkpoint read tensor by tensor with ``CheckpointReader``, reading included;
+2-core CPU shared with other jobs, so the numbers move by ~20%):
+
+====================================  ==========  ===============  =========  ===============
+model                                 threads     weightwatcher    weightkit  peak RSS (ww/wk)
+====================================  ==========  ===============  =========  ===============
+bundled MiniLM (39 matrices)          1           5.85 s           0.83 s     803 / 399 MB
+bundled MiniLM                        2           2.11 s           0.47 s     797 / 398 MB
+random-init 162M Llama (86 matrices)  1           20.8 s           7.8 s      1665 / 563 MB
+random-init 162M Llama                2           18.9 s           4.3 s      1668 / 537 MB
+====================================  ==========  ===============  =========  ===============
+
+On the Llama shapes 80% of weightkit's time is the float32 Gram products and ``eigvalsh`` (spectral's
+docstring has the per-layer numbers), 11% the power-law fit, the rest reading and sums.
 """
 
 import math
