@@ -107,6 +107,7 @@ MIN_EIGENVALUES = 8
 
 _SMALL_SAMPLE = 20  # weightwatcher 0.7.7's SMALL_N_CUTOFF: below it, its small-sample estimator
 _BLOCK_ELEMENTS = 1 << 22  # (candidate x eigenvalue) entries per block of the KS search: 32 MB of float64
+_BLOCK_ROWS = 128  # candidates per block: the triangle's skipped part outweighs the per-block overhead
 _TRACY_WIDOM_SCALES = 4.0
 
 
@@ -133,19 +134,21 @@ def _ks_distances(log_values: Tensor, alphas: Tensor, valid: Tensor) -> Tensor:
     """KS distance of the tail starting at each candidate ``i`` (row) to its fit; 1 where not ``valid``."""
     count = log_values.numel()
     candidates = alphas.numel()
-    positions = torch.arange(count, device=log_values.device)
-    distances = torch.ones(candidates, dtype=torch.float64, device=log_values.device)
-    rows_per_block = max(1, _BLOCK_ELEMENTS // count)
-    # Blocks of candidates bound the memory of the (candidate x eigenvalue) array for large spectra; each
-    # block is one vectorised computation.
+    device = log_values.device
+    distances = torch.ones(candidates, dtype=torch.float64, device=device)
+    # Blocks of candidates, each one vectorised computation over the eigenvalues from the block's first
+    # candidate on: the (candidate x eigenvalue) array is triangular, so small blocks skip most of the
+    # lower half and bound the memory for large spectra.
+    rows_per_block = max(1, min(_BLOCK_ROWS, _BLOCK_ELEMENTS // count))
     for start in range(0, candidates, rows_per_block):
-        rows = torch.arange(start, min(start + rows_per_block, candidates), device=log_values.device)
-        offset = positions[None, :] - rows[:, None]  # j - i: the tail index of eigenvalue j
-        in_tail = offset >= 0
-        log_ratio = (log_values[None, :] - log_values[rows, None]).clamp_min(0)
+        rows = torch.arange(start, min(start + rows_per_block, candidates), device=device)
+        offset = torch.arange(start, count, device=device)[None, :] - rows[:, None]  # j - i, the tail index
+        log_ratio = (log_values[None, start:] - log_values[rows, None]).clamp_min(0)
         fitted_cdf = 1 - torch.exp((1 - alphas[rows, None]) * log_ratio)
         empirical_cdf = offset.to(torch.float64) / (count - rows).to(torch.float64)[:, None]
-        gaps = torch.where(in_tail, (fitted_cdf - empirical_cdf).abs(), torch.zeros((), dtype=torch.float64))
+        gaps = torch.where(
+            offset >= 0, (fitted_cdf - empirical_cdf).abs(), torch.zeros((), dtype=torch.float64)
+        )
         distances[rows] = torch.where(valid[rows], gaps.amax(1), distances[rows])
     return distances
 
