@@ -3,6 +3,7 @@
 #   llmcompressor (default) -> bench/.venv-peer      (quantization peer, bench/quant.py)
 #   mergekit                -> bench/.venv-mergekit  (merging peer, bench/merge.py)
 #   galore                  -> bench/.venv-galore    (GaLore peer, galore-torch; bench/train.py)
+#   weightwatcher           -> bench/.venv-weightwatcher (spectral-analysis peer; bench/inspect_peer.py)
 #
 # Why a separate venv per peer: each pins its own versions of transformers, compressed-tensors,
 # pydantic, accelerate ..., which weightkit's own venv does not share. The benchmarks run the peer as a
@@ -12,7 +13,7 @@
 # is installed first, then pinned in the same `pip install` as the peer, so the resolver keeps it (or
 # fails loudly) instead of swapping in a CUDA build.
 #
-# Usage: bash bench/peer_env.sh [llmcompressor|mergekit|galore]   (idempotent; re-installs only when pins change)
+# Usage: bash bench/peer_env.sh [llmcompressor|mergekit|galore|weightwatcher]   (idempotent; re-installs only when pins change)
 #        PEER_VENV=/other/dir bash bench/peer_env.sh ...
 set -euo pipefail
 
@@ -43,8 +44,16 @@ case "$PEER" in
         CHECK="import torch, galore_torch; assert torch.version.cuda is None, torch.version.cuda"
         SHOW="torch|galore-torch|transformers|bitsandbytes|tokenizers|numpy"
         ;;
+    weightwatcher)
+        # weightwatcher analyzes an instantiated torch model, so the peer loads the HF directory with
+        # transformers (pinned to weightkit's, constraints.txt, so both read the checkpoint alike).
+        VENV="${PEER_VENV:-$HERE/.venv-weightwatcher}"
+        PINS="weightwatcher==0.7.7 transformers==5.25.0 psutil"
+        CHECK="import torch, weightwatcher; assert torch.version.cuda is None, torch.version.cuda"
+        SHOW="torch|weightwatcher|powerlaw|transformers|numpy|scipy|pandas"
+        ;;
     *)
-        echo "unknown peer: $PEER (expected llmcompressor, mergekit or galore)" >&2
+        echo "unknown peer: $PEER (expected llmcompressor, mergekit, galore or weightwatcher)" >&2
         exit 2
         ;;
 esac

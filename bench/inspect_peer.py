@@ -1,0 +1,85 @@
+"""weightwatcher's side of the inspect benchmark: runs inside bench/.venv-weightwatcher (bench/peer_env.sh).
+
+Loads a Hugging Face model directory with the class its config names (so module names are the checkpoint's
+tensor names minus ``.weight``), runs ``weightwatcher.WeightWatcher(model).analyze()`` with its default
+settings, and prints one JSON object: per analyzed layer its checkpoint tensor name, alpha, alpha_weighted,
+xmin, D and the matrix shape, plus the wall time of analyze(), the load time and the process's peak RSS.
+
+    bench/.venv-weightwatcher/bin/python bench/inspect_peer.py MODEL_DIR > ww.json
+
+Peak RSS is the process's maximum resident set (``ru_maxrss``), so it includes the loaded model, as a
+user of weightwatcher would pay it.
+"""
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+
+import torch
+import transformers
+import weightwatcher
+
+
+def load_model(model_dir: str) -> torch.nn.Module:
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architectures = getattr(config, "architectures", None) or []
+    if len(architectures) != 1 or not hasattr(transformers, architectures[0]):
+        raise SystemExit(
+            f"{model_dir}: config.architectures must name one transformers class, got {architectures}"
+        )
+    model_class = getattr(transformers, architectures[0])
+    return model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    args = parser.parse_args()
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+
+    start = time.perf_counter()
+    model = load_model(args.model_dir)
+    load_seconds = time.perf_counter() - start
+    tensor_names = {name for name, _ in model.named_parameters()}
+
+    start = time.perf_counter()
+    details = weightwatcher.WeightWatcher(model=model).analyze()
+    analyze_seconds = time.perf_counter() - start
+
+    layers = []
+    for row in details.to_dict(orient="records"):
+        name = f"{row['longname']}.weight"
+        if name not in tensor_names:
+            raise SystemExit(f"weightwatcher layer {row['longname']!r} has no tensor {name!r} in the model")
+        layers.append(
+            {
+                "name": name,
+                "alpha": float(row["alpha"]),
+                "alpha_weighted": float(row["alpha_weighted"]),
+                "xmin": float(row["xmin"]),
+                "D": float(row["D"]),
+                "N": int(row["N"]),
+                "M": int(row["M"]),
+            }
+        )
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    json.dump(
+        {
+            "weightwatcher": weightwatcher.__version__,
+            "model_dir": args.model_dir,
+            "load_seconds": load_seconds,
+            "analyze_seconds": analyze_seconds,
+            "peak_rss_mb": peak_rss_mb,
+            "layers": layers,
+        },
+        sys.stdout,
+        indent=1,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()
