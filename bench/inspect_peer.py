@@ -7,14 +7,13 @@ xmin, D and the matrix shape, plus the wall time of analyze(), the load time and
 
     bench/.venv-weightwatcher/bin/python bench/inspect_peer.py MODEL_DIR > ww.json
 
-Peak RSS is the process's maximum resident set (``ru_maxrss``), so it includes the loaded model, as a
-user of weightwatcher would pay it.
+Peak RSS is the process's maximum resident set (VmHWM), so it includes the loaded model, as a user of
+weightwatcher would pay it. ``--threads N`` sets torch's thread count (the driver pins OMP/MKL too).
 """
 
 import argparse
 import json
 import logging
-import resource
 import sys
 import time
 
@@ -37,7 +36,10 @@ def load_model(model_dir: str) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
 
     start = time.perf_counter()
@@ -65,18 +67,18 @@ def main() -> None:
                 "M": int(row["M"]),
             }
         )
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    with open("/proc/self/status") as f:  # VmHWM, the peak of this process (not of the parent it forked from)
+        peak_rss_mib = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     json.dump(
         {
             "weightwatcher": weightwatcher.__version__,
             "model_dir": args.model_dir,
             "load_seconds": load_seconds,
             "analyze_seconds": analyze_seconds,
-            "peak_rss_mb": peak_rss_mb,
+            "peak_rss_mib": peak_rss_mib,
             "layers": layers,
         },
         sys.stdout,
-        indent=1,
     )
     print()
 
