@@ -261,7 +261,8 @@ def test_compare_with_a_peft_lora_adapter(tmp_path, capsys, llama_dir):
     adapted = [name for name, row in rows.items() if "compare" in row]
     assert len(adapted) == 4 and all(".q_proj." in n or ".v_proj." in n for n in adapted)
     layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
-    delta = 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # s = alpha / r = 2
+    with torch.no_grad():  # s = alpha / r = 2
+        delta = 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     values = torch.linalg.svdvals(delta.double())
     p = values / values.sum()
     numbers = rows["model.layers.1.self_attn.v_proj.weight"]["compare"][str(tmp_path / "adapter")]
