@@ -58,6 +58,7 @@ numbers of comparison OTHER for a tensor are in that tensor's row under "compare
 change, quantization or adapter), the task vectors' under "task_vectors"; a tensor that only a
 comparison has (e.g. absent in MODEL) gets a row with "name" and those alone. A NaN or infinite number
 is null (the SQNR of an exact copy: its relative_error is 0).
+
 examples:
   weightkit inspect ./my-model -o ./my-model-report
   weightkit inspect ./model.safetensors -o report --json > rows.json
@@ -312,7 +313,7 @@ def _print_summaries(summary: dict[str, Any]) -> None:
         d90 = intrinsic["d90"] if intrinsic["d90"] is not None else "not reached"
         results.print(
             f"intrinsic dimension ({intrinsic['subspace']}): d90 {d90}; full fine-tune {intrinsic['metric']} "
-            f"{intrinsic['full_score']:.4g}, threshold {intrinsic['threshold']:.4g}"
+            f"{intrinsic['full_score']:.6g}, threshold {intrinsic['threshold']:.6g}"
         )
 
 
