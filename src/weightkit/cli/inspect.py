@@ -179,7 +179,8 @@ def _summary_line(summary: dict[str, Any]) -> str:
     )
 
 
-def _run_compare(args, sections, summary) -> dict[str, Any]:
+def _run_compare(args: argparse.Namespace, sections: list, summary: dict[str, Any]) -> dict[str, Any]:
+    """--compare: the tables of :func:`~weightkit.inspect.compare.compare`, their sections and summaries."""
     from weightkit.inspect.compare import compare
     from weightkit.inspect.report import comparison_sections
 
@@ -195,7 +196,8 @@ def _run_compare(args, sections, summary) -> dict[str, Any]:
     return tables
 
 
-def _run_similarity(args, sections, summary) -> None:
+def _run_similarity(args: argparse.Namespace, sections: list, summary: dict[str, Any]) -> None:
+    """--similarity: weight similarity, and with --data the activation similarity; their candidates."""
     from weightkit.inspect.report import similarity_sections
     from weightkit.inspect.similarity import layer_similarity, redundant_blocks, weight_similarity
 
@@ -230,7 +232,8 @@ def _cmd_inspect(args: argparse.Namespace) -> list[dict[str, Any]]:
         spectra=args.spectra,
         progress=not args.json,
     )
-    if args.similarity and args.data is not None or args.hessian or args.barrier or args.intrinsic_dim:
+    runs_models = args.similarity and args.data is not None
+    if runs_models or any(v is not None for v in (args.hessian, args.barrier, args.intrinsic_dim)):
         import transformers
 
         # These load models: our own progress bars say what is happening (as main() does for other verbs).
@@ -257,7 +260,7 @@ def _cmd_inspect(args: argparse.Namespace) -> list[dict[str, Any]]:
     return strict_json(rows)
 
 
-def _run_extras(args, sections, summary) -> None:
+def _run_extras(args: argparse.Namespace, sections: list, summary: dict[str, Any]) -> None:
     """--hessian, --barrier, --intrinsic-dim: they train, align or differentiate the model
     (:mod:`weightkit.cli.inspect_extras`, imported here: it loads transformers)."""
     from weightkit.cli.inspect_extras import barrier_run, hessian_run, intrinsic_dimension_run
@@ -295,7 +298,10 @@ def _print_summaries(summary: dict[str, Any]) -> None:
         if "activations" in similarity:
             _print_table("layer similarity (activations)", similarity["activations"])
         found = similarity["candidates"]
-        _print_table("redundant blocks", found) if found else results.print("redundant blocks: none found")
+        if found:
+            _print_table("redundant blocks", found)
+        else:
+            results.print("redundant blocks: none found")
     hessian = summary.get("hessian")
     if hessian is not None:
         top = ", ".join(f"{v:.4g}" for v in hessian["eigenvalues"])
