@@ -13,15 +13,18 @@ from safetensors.torch import save_file
 
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
+from weightkit.inspect.change import Table
 from weightkit.inspect.metrics import matrix_metrics
-from weightkit.inspect.plots import heatmap_png, spectrum_png
+from weightkit.inspect.plots import heatmap_png, line_plot_png, spectrum_png
 from weightkit.inspect.report import (
     Figure,
     InspectResult,
     Section,
+    comparison_sections,
     inspect_checkpoint,
     metric_sections,
     spectrum_choice,
+    strict_json,
     write_report,
 )
 from weightkit.testing import save_tiny, tiny_gpt2
@@ -229,3 +232,69 @@ def test_a_spectrum_is_drawn_with_the_rows_power_law_fit_when_matrix_metrics_giv
     assert spectra["spectrum_v"].png == spectrum_png(eigenvalues, title="v")
     bars = {f.name for f in metric_sections(result)[0].figures}
     assert bars == {"bars_alpha"}  # the bar metrics the rows hold (xmin is not one of them)
+
+
+# -- the sections of the other analyses, and the extra files ------------------------------------------------
+
+
+def test_strict_json_makes_nested_non_finite_numbers_null():
+    value = {"a": [math.inf, (1.0, math.nan)], 2: {"b": -math.inf, "c": "x", "d": 3}}
+    assert strict_json(value) == {"a": [None, [1.0, None]], "2": {"b": None, "c": "x", "d": 3}}
+    json.dumps(strict_json(value), allow_nan=False)  # strict JSON now
+
+
+def test_write_report_writes_the_rows_and_extra_json_files_it_is_given(tmp_path):
+    rows = [{"name": "w", "shape": [2, 2], "dtype": "float32", "stable_rank": 1.5}]
+    result = InspectResult(source="x", rows=rows)
+    nested = [{**rows[0], "compare": {"other": {"sqnr_db": math.inf}}}, {"name": "extra", "compare": {}}]
+    out = write_report(result, tmp_path / "r", rows=nested, json_files={"summary.json": {"x": (1, math.nan)}})
+    assert json.loads((out / "metrics.json").read_text())[0]["compare"] == {"other": {"sqnr_db": None}}
+    assert json.loads((out / "summary.json").read_text()) == {"x": [1, None]}
+    assert (out / "metrics.csv").read_text().splitlines()[0].split(",") == result.columns  # the matrices only
+    for name in ("metrics.csv", "metrics.json", "../summary.json", "summary.txt"):
+        with pytest.raises(WeightkitError, match="cannot be an extra file of a report"):
+            write_report(result, tmp_path / "s", json_files={name: {}})
+    assert not (tmp_path / "s").exists()
+
+
+def _change_table() -> Table:
+    rows = [
+        {"name": "a.weight", "shape": [4, 3], "status": "compared", "relative_change": 0.5,
+         "delta_singular_values": [3.0, 2.0, 1.0]},
+        {"name": "b", "shape": [3], "status": "compared", "relative_change": 0.25,
+         "delta_singular_values": None},
+        {"name": "c.weight", "shape": [2, 2], "status": "mismatch", "relative_change": None,
+         "delta_singular_values": None},
+    ]  # fmt: skip
+    return Table(rows, {"compared": 2, "relative_change": 0.4})
+
+
+def test_comparison_sections_tabulate_scalars_and_draw_lists():
+    tv = Table(
+        [{"name": "a.weight", "shape": [4, 3], "status": "compared", "sign_conflict_rate": 0.5,
+          "cosine": [[1.0, 0.1], [0.1, 1.0]]}],
+        {"models": ["x", "y"], "density": None, "sign_conflict_rate": 0.5,
+         "cosine": [[1.0, 0.1], [0.1, 1.0]]},
+    )  # fmt: skip
+    change, task_vectors = comparison_sections({"change:ft": _change_table(), "task_vectors": tv})
+    assert change.title == "Comparison: change:ft" and "relative_change: 0.4" in change.note
+    assert [set(row) for row in change.rows] == [{"name", "shape", "status", "relative_change"}] * 3
+    assert [f.name for f in change.figures] == ["compare0_relative_change", "compare0_delta_spectra"]
+    assert [f.name for f in task_vectors.figures] == ["compare1_cosine", "compare1_sign_conflicts"]
+    assert "cosine" not in task_vectors.rows[0]
+    assert "(raw task vectors): 0.5" in task_vectors.note
+    with pytest.raises(WeightkitError, match="no report section for a comparison named 'merge:x'"):
+        comparison_sections({"merge:x": _change_table()})
+
+
+def test_line_plot_is_deterministic_and_refuses_what_it_cannot_draw():
+    # (line_plot_png is the plot this report's curves use; tested here beside its callers.)
+    series = {"before": ([0, 0.5, 1], [1.0, 2.0, 1.0]), "after": ([0, 0.5, 1], [1.0, 1.0, 1.0])}
+    png = line_plot_png(series, title="t", xlabel="x", ylabel="y", hline=(1.5, "threshold"))
+    assert png.startswith(b"\x89PNG") and png == line_plot_png(
+        series, title="t", xlabel="x", ylabel="y", hline=(1.5, "threshold")
+    )
+    with pytest.raises(WeightkitError, match="has no point to draw"):
+        line_plot_png({"zero": ([1, 2], [0.0, 0.0])}, title="t", xlabel="x", ylabel="y", log_y=True)
+    with pytest.raises(WeightkitError, match="has 2 x values but 1 y values"):
+        line_plot_png({"bad": ([1, 2], [1.0])}, title="t", xlabel="x", ylabel="y")

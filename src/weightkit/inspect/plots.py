@@ -10,6 +10,8 @@ gives the same bytes.
 - :func:`metric_bars_png`: one metric per layer, layers in checkpoint order.
 - :func:`heatmap_png`: any square or rectangular matrix with row/column labels (layer similarity).
 - :func:`comparison_bars_png`: grouped bars, one group per label, one bar per series (checkpoint comparison).
+- :func:`line_plot_png`: curves ``y(x)`` on one chart, optionally log axes and a labelled horizontal line
+  (a Hessian's eigenvalue density, the loss along a path between checkpoints, a score against ``d``).
 """
 
 import io
@@ -21,7 +23,14 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["powerlaw_density", "spectrum_png", "metric_bars_png", "heatmap_png", "comparison_bars_png"]
+__all__ = [
+    "powerlaw_density",
+    "spectrum_png",
+    "metric_bars_png",
+    "heatmap_png",
+    "comparison_bars_png",
+    "line_plot_png",
+]
 
 _DPI = 100
 # Above this many bars the x labels (tensor names) would overlap: label every k-th bar only.
@@ -183,6 +192,66 @@ def comparison_bars_png(
     step = _label_every(len(labels))
     ax.set_xticks(range(0, len(labels), step), [labels[i] for i in range(0, len(labels), step)])
     ax.tick_params(axis="x", labelrotation=90, labelsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# On a log y axis, values below the largest one times this are not drawn: a density estimated with Gaussian
+# kernels falls to 1e-300 between its peaks, which would stretch the axis over hundreds of decades.
+_LOG_Y_RANGE = 1e-8
+
+
+def line_plot_png(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = False,
+    log_y: bool = False,
+    hline: tuple[float, str] | None = None,
+) -> bytes:
+    """One line (with point markers) per entry of ``series`` (label -> ``(xs, ys)``), in the mapping's
+    order, with a legend; ``hline`` ``(y, label)`` adds a dashed horizontal line (a threshold, say).
+
+    ``log_x``/``log_y`` put that axis on a log scale, where non-positive values are not drawn; on a log y
+    axis the range also stops eight decades below the largest value.
+
+    Raises:
+        WeightkitError: no series, a series whose ``xs`` and ``ys`` differ in length, or one with no point
+            that can be drawn.
+    """
+    if not series:
+        raise WeightkitError(f"{title}: no curve to draw")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    top = -math.inf
+    for name, (xs, ys) in series.items():
+        if len(xs) != len(ys):
+            raise WeightkitError(f"{title}: curve {name!r} has {len(xs)} x values but {len(ys)} y values")
+        points = [
+            (float(x), float(y))
+            for x, y in zip(xs, ys, strict=True)
+            if math.isfinite(float(x)) and math.isfinite(float(y)) and not (log_x and x <= 0)
+            and not (log_y and y <= 0)
+        ]  # fmt: skip
+        if not points:
+            raise WeightkitError(f"{title}: curve {name!r} has no point to draw")
+        top = max(top, *(y for _, y in points))
+        x_values, y_values = zip(*points, strict=True)
+        # Markers only where the points are few enough to be read one by one (a sweep, not a density).
+        ax.plot(x_values, y_values, lw=1.5, marker="o" if len(points) <= 40 else None, ms=4, label=name)
+    if hline is not None:
+        ax.axhline(hline[0], color="#555555", ls="--", lw=1, label=hline[1])
+    if log_x:
+        ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log", nonpositive="mask")
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], top * _LOG_Y_RANGE))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

@@ -10,8 +10,12 @@ with ``skipped`` saying why, never a number.
 
 :func:`write_report` lays the page out as a list of :class:`Section` (a title, a table, figures): the
 metric sections of the result first, then any the caller adds (layer similarity, a checkpoint
-comparison ...), all rendered the same way. The directory is written beside its target and renamed into
-place when complete, as the checkpoint writer does, so a failure never leaves a half-written report.
+comparison ...), all rendered the same way. The builders of those other sections are here too, each
+taking the result of one analysis (:func:`comparison_sections`, :func:`similarity_sections`,
+:func:`hessian_section`, :func:`barrier_section`, :func:`intrinsic_dimension_section`): their tables hold
+the scalar columns, and what is a list or a matrix per row (top singular values, cosine matrices, curves)
+becomes a figure. The directory is written beside its target and renamed into place when complete, as
+the checkpoint writer does, so a failure never leaves a half-written report.
 """
 
 import base64
@@ -33,8 +37,15 @@ from torch import Tensor
 from weightkit.checkpoint import CheckpointReader
 from weightkit.checkpoint.writer import default_permissions
 from weightkit.errors import WeightkitError
+from weightkit.inspect.change import Table
 from weightkit.inspect.metrics import matrix_metrics
-from weightkit.inspect.plots import metric_bars_png, spectrum_png
+from weightkit.inspect.plots import (
+    comparison_bars_png,
+    heatmap_png,
+    line_plot_png,
+    metric_bars_png,
+    spectrum_png,
+)
 from weightkit.inspect.spectral import singular_values
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import refuse_quantized
@@ -49,6 +60,12 @@ __all__ = [
     "metric_sections",
     "check_report_target",
     "write_report",
+    "strict_json",
+    "comparison_sections",
+    "similarity_sections",
+    "hessian_section",
+    "barrier_section",
+    "intrinsic_dimension_section",
     "BAR_METRICS",
 ]
 
@@ -71,6 +88,10 @@ BAR_METRICS = (
 _QUANTIZED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "qweight", "qzeros")
 # Files of a report: a --force overwrite replaces only a directory holding one of them (or nothing).
 _REPORT_FILES = ("report.html", "metrics.json")
+# What write_report always writes itself: no extra JSON file may take one of these names.
+_OWN_FILES = ("report.html", "metrics.json", "metrics.csv", "plots")
+# At most this many differences get a line in the plot of their top singular values (evenly spaced).
+_SPECTRUM_LINES = 8
 
 
 @dataclass
@@ -347,6 +368,313 @@ def metric_sections(result: InspectResult) -> list[Section]:
     return [table, Section("Spectra", figures=spectra, note=f"Empirical spectral densities of {shown}.")]
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` ready for strict JSON, recursively: a NaN or infinite float becomes ``None`` (null), a tuple
+    a list, a mapping's keys strings."""
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict):
+        return {str(key): strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def _scalar_columns(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without the columns that hold a list or a matrix in some row (``shape`` excepted, shown as
+    ``768x384``): those are drawn as figures, not put in table cells."""
+    bulky = {k for row in rows for k, v in row.items() if k != "shape" and isinstance(v, (list, tuple, dict))}
+    return [{k: v for k, v in row.items() if k not in bulky} for row in rows]
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    """The scalar entries of a summary as ``key: value`` pairs (its lists and matrices are figures)."""
+    return ", ".join(
+        f"{key}: {_cell(value) or 'n/a'}"
+        for key, value in summary.items()
+        if not isinstance(value, (list, dict))
+    )
+
+
+def _bars(name: str, title: str, rows: Sequence[dict[str, Any]], metric: str) -> list[Figure]:
+    """A bar per row of ``metric`` (rows by ``name``), or no figure when no row has a finite value."""
+    values = [_number(row.get(metric)) for row in rows]
+    if not any(isinstance(v, (int, float)) for v in values):
+        return []
+    return [Figure(name, title, metric_bars_png([row["name"] for row in rows], values, metric=metric))]
+
+
+def _change_figures(stem: str, table: Table) -> list[Figure]:
+    figures = _bars(
+        f"{stem}_relative_change", "relative change ||B - A||_F / ||A||_F per tensor", table.rows,
+        "relative_change",
+    )  # fmt: skip
+    by_name = {row["name"]: row for row in table.rows if row.get("delta_singular_values")}
+    chosen = spectrum_choice(list(by_name), _SPECTRUM_LINES)
+    if chosen:
+        series = {
+            name: (
+                range(1, len(by_name[name]["delta_singular_values"]) + 1),
+                by_name[name]["delta_singular_values"],
+            )
+            for name in chosen
+        }
+        png = line_plot_png(
+            series,
+            title="top singular values of ΔW = B - A",
+            xlabel="index",
+            ylabel="singular value",
+            log_y=True,
+        )
+        shown = f"{len(chosen)} of the {len(by_name)} changed matrices, evenly spaced in checkpoint order"
+        figures.append(Figure(f"{stem}_delta_spectra", f"top singular values of ΔW, {shown}", png))
+    return figures
+
+
+def _quantization_figures(stem: str, table: Table) -> list[Figure]:
+    quantized = [row for row in table.rows if row.get("quantized")]
+    return _bars(
+        f"{stem}_sqnr_db", "SQNR (dB) per quantized layer (an exact copy, infinite SQNR, has no bar)",
+        quantized, "sqnr_db",
+    )  # fmt: skip
+
+
+def _adapter_figures(stem: str, table: Table) -> list[Figure]:
+    if not table.rows:
+        return []
+    names = [row["name"] for row in table.rows]
+
+    def values(key: str) -> list[float]:
+        return [math.nan if row.get(key) is None else row[key] for row in table.rows]
+
+    ranks = comparison_bars_png(
+        names,
+        {"nominal rank r": values("rank"), "effective rank of ΔW": values("effective_rank"),
+         "stable rank of ΔW": values("stable_rank")},
+        title="adapter rank per module", ylabel="rank",
+    )  # fmt: skip
+    return [
+        Figure(f"{stem}_ranks", "nominal, effective and stable rank of each module's ΔW = s·BA", ranks),
+        *_bars(f"{stem}_norm", "||ΔW||_F per adapted module", table.rows, "frobenius_norm"),
+    ]
+
+
+def _task_vector_figures(stem: str, table: Table) -> list[Figure]:
+    models = table.summary["models"]
+    cosine = torch.tensor(table.summary["cosine"], dtype=torch.float64)
+    heatmap = heatmap_png(
+        cosine, row_labels=models, col_labels=models, title="cosine of the task vectors", value_label="cosine"
+    )
+    return [
+        Figure(
+            f"{stem}_cosine",
+            "cosine between the task vectors θ_i - θ_base, each over the whole model",
+            heatmap,
+        ),
+        *_bars(
+            f"{stem}_sign_conflicts", "TIES sign-conflict rate per tensor", table.rows, "sign_conflict_rate"
+        ),
+    ]
+
+
+# What each kind of comparison of weightkit.inspect.compare.compare (its table names' prefix) is, and draws.
+_COMPARISONS = {
+    "change": ("Per-tensor change from MODEL (A) to the other checkpoint (B)", _change_figures),
+    "quantization": ("Per-layer quantization error of a quantized copy of MODEL", _quantization_figures),
+    "adapter": ("What a PEFT LoRA adapter changes: ΔW = s·BA per adapted module", _adapter_figures),
+    "task_vectors": ("Agreement of the task vectors θ_i - θ_MODEL of the fine-tunes", _task_vector_figures),
+}
+
+
+def comparison_sections(tables: dict[str, Table]) -> list[Section]:
+    """One section per table of :func:`weightkit.inspect.compare.compare` (its name says its kind:
+    ``change:``, ``quantization:``, ``adapter:`` or ``task_vectors``): the rows' scalar columns as the
+    table, the summary as the note, and the figures of that kind (relative change and ΔW's top singular
+    values; SQNR per layer; the adapter's ranks and norms; the task vectors' cosine heatmap and sign
+    conflicts per tensor).
+
+    Raises:
+        WeightkitError: a table name of an unknown kind.
+    """
+    sections = []
+    for i, (name, table) in enumerate(tables.items()):
+        kind = name.split(":", 1)[0]
+        if kind not in _COMPARISONS:
+            raise WeightkitError(
+                f"no report section for a comparison named {name!r} (kinds: {list(_COMPARISONS)})"
+            )
+        what, figures = _COMPARISONS[kind]
+        note = f"{what}. Summary: {_summary_text(table.summary)}."
+        if kind == "task_vectors":
+            trim = table.summary["density"]
+            how = "raw task vectors" if trim is None else f"each trimmed to its top {trim:g} share per tensor"
+            note += (
+                f" Sign-conflict rate over the model ({how}): {_cell(table.summary['sign_conflict_rate'])}."
+            )
+        sections.append(
+            Section(
+                f"Comparison: {name}",
+                rows=_scalar_columns(table.rows),
+                figures=figures(f"compare{i}", table),
+                note=note,
+            )
+        )
+    return sections
+
+
+def similarity_sections(
+    activations: Any | None, weight_rows: Sequence[dict[str, Any]], candidates: Sequence[dict[str, Any]]
+) -> list[Section]:
+    """The layer-similarity sections: the activation similarity of consecutive blocks (an
+    :class:`~weightkit.inspect.similarity.ActivationSimilarity`, or None when no data was run) with the
+    block x block CKA heatmap and bars of each block's output-vs-input CKA and cosine; the weight similarity
+    rows of :func:`~weightkit.inspect.similarity.weight_similarity` with their cosines per block pair and
+    role; the candidates of :func:`~weightkit.inspect.similarity.redundant_blocks`."""
+    sections = []
+    if activations is not None:
+        blocks = [row["block"] for row in activations.rows]
+        heatmap = heatmap_png(
+            activations.cka_matrix, row_labels=activations.labels, col_labels=activations.labels,
+            title="linear CKA between the blocks' outputs", value_label="linear CKA",
+        )  # fmt: skip
+        in_out = comparison_bars_png(
+            blocks,
+            {"CKA(input, output)": [row["cka_in_out"] for row in activations.rows],
+             "token cosine(input, output)": [row["cosine_in_out"] for row in activations.rows]},
+            title="how little each block changes its input (1: not at all)", ylabel="similarity",
+        )  # fmt: skip
+        tokens = f"on the first {activations.heatmap_tokens} tokens"
+        sections.append(
+            Section(
+                "Layer similarity: activations",
+                rows=list(activations.rows),
+                figures=[
+                    Figure(
+                        "similarity_cka", f"linear CKA between every two blocks' outputs, {tokens}", heatmap
+                    ),
+                    Figure(
+                        "similarity_in_out",
+                        "CKA and mean token cosine of each block's output and input",
+                        in_out,
+                    ),
+                ],
+                note=(
+                    "Each block's output against its input (cka_in_out, cosine_in_out: ShortGPT's block "
+                    "influence is 1 - cosine) and against the next block's output (cka_next, cosine_next), "
+                    f"over every non-padding token of the calibration data; the heatmap is {tokens}."
+                ),
+            )
+        )
+    if weight_rows:
+        pairs = list(dict.fromkeys(f"{row['block']} → {row['next']}" for row in weight_rows))
+        roles = list(dict.fromkeys(row["role"] for row in weight_rows))
+        cosine = {(f"{row['block']} → {row['next']}", row["role"]): row["cosine"] for row in weight_rows}
+        series = {
+            role: [math.nan if cosine.get((pair, role)) is None else cosine[(pair, role)] for pair in pairs]
+            for role in roles
+        }
+        png = comparison_bars_png(pairs, series, title="weight cosine of consecutive blocks", ylabel="cosine")
+        sections.append(
+            Section(
+                "Layer similarity: weights",
+                rows=list(weight_rows),
+                figures=[
+                    Figure("similarity_weights", "cosine of each layer's weights with the next block's", png)
+                ],
+                note="Each linear layer of a block against the same layer of the next block (no data used).",
+            )
+        )
+    sections.append(
+        Section(
+            "Redundant blocks",
+            rows=list(candidates),
+            note=(
+                "Candidates to drop (output nearly equal to input: token cosine and CKA >= 0.95) or to share "
+                "(every layer's weight cosine with the previous block >= 0.9); thresholds are this report's "
+                "heuristic, not a paper's. " + ("" if candidates else "No block is a candidate.")
+            ),
+        )
+    )
+    return sections
+
+
+def hessian_section(result: dict[str, Any]) -> Section:
+    """The Hessian's top eigenvalues (a table) and its eigenvalue density (a plot, log y), from
+    :func:`weightkit.cli.inspect_extras.hessian_run`'s result."""
+    xs, ys = zip(*result["density"], strict=True)
+    png = line_plot_png(
+        {"SLQ density": (xs, ys)}, title="Hessian eigenvalue density", xlabel="eigenvalue", ylabel="density",
+        log_y=True,
+    )  # fmt: skip
+    return Section(
+        "Curvature: Hessian of the loss",
+        rows=[{"rank": i + 1, "eigenvalue": value} for i, value in enumerate(result["eigenvalues"])],
+        figures=[
+            Figure("hessian_density", f"eigenvalue density (Gaussian width {result['sigma']:.3g})", png)
+        ],
+        note=(
+            f"Top eigenvalues by Lanczos and the density by stochastic Lanczos quadrature of the loss "
+            f"{result['loss']:.4g} on {result['examples']} examples, w.r.t. all {result['parameters']} "
+            f"parameters ({result['iterations']} Lanczos steps, {result['probes']} probes, "
+            f"{result['seconds']:.1f} s)."
+        ),
+    )
+
+
+def barrier_section(result: dict[str, Any], model: str, other: str) -> Section:
+    """The loss barrier between ``model`` and ``other`` before (and after) permutation alignment (a table)
+    and the loss along the straight line between them (a plot), from
+    :func:`weightkit.cli.inspect_extras.barrier_run`'s result."""
+    paths = {"before alignment": result["before"]}
+    if result["after"] is not None:
+        paths["after alignment"] = result["after"]
+    rows = [
+        {"path": label, "barrier": path.barrier, "barrier_t": path.barrier_t, "loss_t0": path.losses[0],
+         "loss_t1": path.losses[-1], "loss_max": max(path.losses)}
+        for label, path in paths.items()
+    ]  # fmt: skip
+    png = line_plot_png(
+        {label: (path.ts, path.losses) for label, path in paths.items()},
+        title="loss along (1 - t) MODEL + t OTHER", xlabel="t", ylabel="loss",
+    )  # fmt: skip
+    return Section(
+        f"Linear mode connectivity: {model} → {other}",
+        rows=rows,
+        figures=[Figure("barrier", "loss along the straight line between the checkpoints", png)],
+        note=(
+            "barrier = max over t of L(t) - ((1 - t) L(0) + t L(1)): 0 when the path never rises above the "
+            "chord between its ends."
+        ),
+    )
+
+
+def intrinsic_dimension_section(result: dict[str, Any]) -> Section:
+    """The d90 search (a table of its runs) and the score-vs-d curve (log x) with its threshold, from
+    :func:`weightkit.cli.inspect_extras.intrinsic_dimension_run`'s result."""
+    found = result["intrinsic"]
+    metric = result["metric"]
+    png = line_plot_png(
+        {"subspace fine-tune": ([d for d, _ in found.curve], [score for _, score in found.curve])},
+        title=f"{metric} after training d numbers (full fine-tune: {found.full_score:.4g})", xlabel="d",
+        ylabel=metric, log_x=True, hline=(found.threshold, f"90% threshold {found.threshold:.4g}"),
+    )  # fmt: skip
+    rows = [
+        {"d": run["d"], "score": run["score"], "trainable_parameters": run["trainable_parameters"]}
+        for run in result["runs"]
+    ]
+    d90 = "not reached in the range tried" if found.d90 is None else str(found.d90)
+    return Section(
+        "Intrinsic dimension",
+        rows=rows,
+        figures=[Figure("intrinsic_dimension", f"{metric} against the subspace dimension d", png)],
+        note=(
+            f"d90 = {d90}: the smallest d whose {metric} reaches {found.threshold:.4g}, "
+            f"{found.fraction:g} of the way from {found.reference:.4g} (nothing learned) to the full "
+            f"fine-tune's {found.full_score:.4g} ({result['seconds']:.1f} s)."
+        ),
+    )
+
+
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
@@ -450,6 +778,8 @@ def write_report(
     *,
     sections: Sequence[Section] = (),
     overwrite: bool = False,
+    rows: Sequence[dict[str, Any]] | None = None,
+    json_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report directory: ``metrics.json`` (the rows), ``metrics.csv``, ``plots/*.png`` and
     ``report.html`` (self-contained: the plots embedded, opens offline).
@@ -457,14 +787,28 @@ def write_report(
     The page holds :func:`metric_sections` of ``result`` followed by ``sections``; adding a part to the
     report is adding a :class:`Section` there.
 
+    Args:
+        rows: what ``metrics.json`` holds instead of ``result.json_rows()`` (the CLI's rows with the
+            comparisons nested in them); made strict JSON by :func:`strict_json`.
+        json_files: more files of the report, file name -> its content as JSON (:func:`strict_json`),
+            e.g. ``{"summary.json": {...}}``.
+
     Returns:
         ``out_dir``.
 
     Raises:
         WeightkitError: ``out_dir`` cannot be written (:func:`check_report_target`, or the write failed),
-            or two figures share a name. Nothing changes at ``out_dir`` then.
+            two figures share a name, or a ``json_files`` name is one of the report's own files or not a
+            plain ``.json`` file name. Nothing changes at ``out_dir`` then.
     """
     target = Path(os.path.abspath(out_dir))
+    json_files = json_files or {}
+    for name in json_files:
+        if name in _OWN_FILES or not name.endswith(".json") or Path(name).name != name:
+            raise WeightkitError(
+                f"{name!r} cannot be an extra file of a report: it must be a plain .json file name other "
+                f"than {', '.join(_OWN_FILES)}"
+            )
     check_report_target(out_dir, overwrite=overwrite)
     all_sections = [*metric_sections(result), *sections]
     figures = [figure for section in all_sections for figure in section.figures]
@@ -477,8 +821,10 @@ def write_report(
     except OSError as err:
         raise WeightkitError(f"cannot create a directory beside {out_dir}: {err.strerror or err}") from err
     try:
-        text = json.dumps(result.json_rows(), indent=2, allow_nan=False) + "\n"
-        (tmp / "metrics.json").write_text(text, encoding="utf-8")
+        metrics = result.json_rows() if rows is None else strict_json(list(rows))
+        for name, content in {"metrics.json": metrics, **json_files}.items():
+            text = json.dumps(strict_json(content), indent=2, allow_nan=False) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
         result.to_csv(tmp / "metrics.csv")
         (tmp / "plots").mkdir()
         for figure in figures:
