@@ -18,27 +18,26 @@ analyze(), each without its process start-up and, for weightwatcher, without loa
 whole-process time (start-up, loading, the report for weightkit), and peak RSS (VmHWM of each process).
 Alpha agreement: the absolute difference per layer both sides fit (median and worst, and which layer).
 
-    python bench/inspect.py                 # all models, 1 and 2 threads -> bench/results/inspect.json
-    python bench/inspect.py --models minilm --threads 2 --out inspect-quick
+    python bench/inspect_bench.py           # all models, 1 and 2 threads -> bench/results/inspect.json
+    python bench/inspect_bench.py --models minilm --threads 2 --out inspect-quick
+
+(Not ``bench/inspect.py``: a script's folder comes first on ``sys.path``, so that name would shadow the
+standard library's ``inspect`` for every script in ``bench/``.)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# This file is bench/inspect.py: run as a script, its folder comes first on sys.path and would shadow the
-# standard library's ``inspect`` (imported by dataclasses, torch ...). Its folder goes last instead.
-BENCH_PATH = sys.path.pop(0)
-sys.path.append(BENCH_PATH)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
 
 from common import BENCH_DIR, run_json, weightkit_source_state, write_result  # noqa: E402
 
