@@ -26,24 +26,9 @@ With a randomized spectrum, what needs every singular value is unknown and is ``
 that share of the energy, ``mp_outliers`` when every computed value is an outlier (the count could be
 higher). The power-law fit then searches ``xmin`` among the top eigenvalues only (see heavy_tail).
 
-Speed against weightwatcher 0.7.7's ``analyze()`` (bench/inspect_peer.py in bench/.venv-weightwatcher;
-weightkit timed over the same checkpoint read tensor by tensor with ``CheckpointReader``, reading included;
-2-core CPU shared with other jobs, so the numbers move by ~20%):
-
-====================================  ==========  ===============  =========  ===============
-model                                 threads     weightwatcher    weightkit  peak RSS (ww/wk)
-====================================  ==========  ===============  =========  ===============
-bundled MiniLM (39 matrices)          1           5.85 s           0.83 s     803 / 399 MB
-bundled MiniLM                        2           2.11 s           0.47 s     797 / 398 MB
-random-init 162M Llama (86 matrices)  1           20.8 s           7.8 s      1665 / 563 MB
-random-init 162M Llama                2           18.9 s           4.3 s      1668 / 537 MB
-====================================  ==========  ===============  =========  ===============
-
-On the Llama shapes (one thread) 88% of weightkit's time is the spectrum, i.e. the float32 Gram products
-and ``eigvalsh`` (spectral's docstring has the per-layer numbers), 5% the power-law fit, 3% the
-generalized-Gaussian sums, 3% reading. The ≥5x target is met on MiniLM with one thread (7x) but not on the
-Llama shapes (2.7x to 4.4x): there weightwatcher's own time is almost all SciPy's SVD, and the Gram route
-is only 2.2x (square) to 3.4x (3072 x 768) faster than it per matrix.
+Speed and agreement with weightwatcher 0.7.7 are measured by ``bench/inspect_bench.py`` (results in
+``bench/results/inspect.json``, tabled in the README): most of the time is the spectrum (the float32 Gram
+product and ``eigvalsh``), a few percent the power-law fit and the generalized-Gaussian sums.
 """
 
 import math
@@ -55,6 +40,7 @@ from weightkit.errors import WeightkitError
 from weightkit.inspect.heavy_tail import fit_power_law, generalized_gaussian_fit, mp_outliers
 from weightkit.inspect.spectral import (
     MAX_FULL_RANK,
+    Spectrum,
     effective_rank_from_singular_values,
     energy_rank_from_singular_values,
     spectrum,
@@ -62,13 +48,23 @@ from weightkit.inspect.spectral import (
 )
 from weightkit.inspect.welore import welore_label, welore_rank
 
-__all__ = ["matrix_metrics"]
+__all__ = ["matrix_metrics", "matrix_metrics_with_spectrum"]
 
 
 def matrix_metrics(
     weight: Tensor, *, device: torch.device | str | None = None, max_full_rank: int = MAX_FULL_RANK
 ) -> dict[str, float | int | str | None]:
     """The per-matrix metrics of a 2-D ``weight``, by column name (module docstring).
+
+    Same arguments and errors as :func:`matrix_metrics_with_spectrum`, which also returns the spectrum.
+    """
+    return matrix_metrics_with_spectrum(weight, device=device, max_full_rank=max_full_rank)[0]
+
+
+def matrix_metrics_with_spectrum(
+    weight: Tensor, *, device: torch.device | str | None = None, max_full_rank: int = MAX_FULL_RANK
+) -> tuple[dict[str, float | int | str | None], Spectrum]:
+    """The per-matrix metrics of a 2-D ``weight`` and the spectrum they were read from (for its plot).
 
     Args:
         weight: the matrix, any float dtype (float64 is computed in float64, others in float32).
@@ -92,7 +88,7 @@ def matrix_metrics(
     gg = generalized_gaussian_fit(weight)
     outliers = mp_outliers(values, spec.shape, spec.frobenius_sq)
     welore = welore_rank(values) if spec.complete else None
-    return {
+    metrics = {
         "stable_rank": stable_rank_from_singular_values(values, spec.frobenius_sq),
         "effective_rank": effective_rank_from_singular_values(values) if spec.complete else None,
         "rank_90": energy_rank_from_singular_values(values, 0.90, spec.frobenius_sq),
@@ -110,3 +106,4 @@ def matrix_metrics(
         "welore_label": welore_label(welore.ratio) if welore else None,
         "svd": spec.method,
     }
+    return metrics, spec

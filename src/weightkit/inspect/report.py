@@ -26,7 +26,10 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from weightkit.checkpoint import CheckpointReader
 from weightkit.checkpoint.writer import default_permissions
 from weightkit.errors import WeightkitError
 from weightkit.inspect.change import Table
-from weightkit.inspect.metrics import matrix_metrics
+from weightkit.inspect.metrics import matrix_metrics_with_spectrum
 from weightkit.inspect.plots import (
     comparison_bars_png,
     heatmap_png,
@@ -46,7 +49,6 @@ from weightkit.inspect.plots import (
     metric_bars_png,
     spectrum_png,
 )
-from weightkit.inspect.spectral import singular_values
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import refuse_quantized
 from weightkit.runtime.device import resolve_device
@@ -228,6 +230,26 @@ def _refuse_quantized_tensors(reader: CheckpointReader) -> None:
         )
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch (and its BLAS/LAPACK) on one thread, for work spread over threads of its own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _analysed(weight: Tensor) -> tuple[dict[str, Any], Tensor] | str:
+    """``(metrics, eigenvalues on the CPU)`` of one matrix, or why :func:`matrix_metrics` refused it."""
+    try:
+        metrics, spec = matrix_metrics_with_spectrum(weight)
+    except WeightkitError as err:
+        return str(err)
+    return metrics, spec.values.square().cpu()
+
+
 def inspect_checkpoint(
     path: str | os.PathLike,
     *,
@@ -237,6 +259,12 @@ def inspect_checkpoint(
     progress: bool = False,
 ) -> InspectResult:
     """The per-matrix metrics of every tensor of a checkpoint, read one tensor at a time.
+
+    On the CPU with ``n = torch.get_num_threads()`` above 1, ``n`` matrices are analysed at once, each on
+    one thread (torch is set to one thread meanwhile and restored after): the spectrum's ``eigvalsh`` is a
+    chain of small steps that gains little from a second thread, so two matrices side by side finish sooner
+    than two threads on each in turn (measured by bench/inspect_bench.py). At most ``n`` tensors are in
+    memory; with one thread, or on a GPU, one.
 
     Args:
         path: a Hugging Face model directory or a ``.safetensors`` file.
@@ -254,34 +282,49 @@ def inspect_checkpoint(
         instead="inspect the model before it was quantized (dequantized inspection is not supported yet)",
     )
     device = resolve_device(device)
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
     rows = []
     kept: dict[str, Tensor] = {}
+    pending: deque[tuple[dict[str, Any], Future]] = deque()
+
+    def finish_oldest() -> None:
+        row, future = pending.popleft()
+        outcome = future.result()
+        if isinstance(outcome, str):
+            row[_SKIPPED] = outcome
+            return
+        metrics, eigenvalues = outcome
+        row.update({key: _scalar(key, value) for key, value in metrics.items()})
+        if row["name"] in plotted:
+            kept[row["name"]] = eigenvalues
+
     with CheckpointReader(path, allow_pickle=allow_pickle) as reader:
         _refuse_quantized_tensors(reader)
         names = reader.names()
         matrices = [n for n in names if _not_a_matrix(reader.shape(n), reader.dtype(n)) is None]
         plotted = set(spectrum_choice(matrices, spectra))
-        for name in track(names, "inspecting tensors", enabled=progress):
-            shape, dtype = reader.shape(name), reader.dtype(name)
-            dtype_name = str(dtype).removeprefix("torch.")
-            row: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype_name}
-            rows.append(row)
-            reason = _not_a_matrix(shape, dtype)
-            if reason is not None:
-                row[_SKIPPED] = reason
-                continue
-            weight = reader.get(name).to(device)
-            try:
-                metrics = matrix_metrics(weight)
-                if name in plotted:
-                    kept[name] = singular_values(weight).square().cpu()
-            except WeightkitError as err:
-                row[_SKIPPED] = str(err)
-                continue
-            finally:
-                del weight  # the next tensor is read only after this one is released
-            row.update({key: _scalar(key, value) for key, value in metrics.items()})
-    return InspectResult(source=str(path), rows=rows, spectra=kept)
+        with ThreadPoolExecutor(workers) as pool, _one_torch_thread() if workers > 1 else nullcontext():
+            for name in track(names, "inspecting tensors", enabled=progress):
+                shape, dtype = reader.shape(name), reader.dtype(name)
+                dtype_name = str(dtype).removeprefix("torch.")
+                row: dict[str, Any] = {"name": name, "shape": list(shape), "dtype": dtype_name}
+                rows.append(row)
+                reason = _not_a_matrix(shape, dtype)
+                if reason is not None:
+                    row[_SKIPPED] = reason
+                    continue
+                while len(pending) >= workers:  # the next tensor is read only when a worker is free
+                    finish_oldest()
+                if workers == 1:  # in this thread: the tensor is released before the next one is read
+                    future: Future = Future()
+                    future.set_result(_analysed(reader.get(name).to(device)))
+                else:
+                    future = pool.submit(_analysed, reader.get(name).to(device))
+                pending.append((row, future))
+            while pending:
+                finish_oldest()
+    # Rows keep checkpoint order; spectra too (they were kept as their matrices finished, in that order).
+    return InspectResult(source=str(path), rows=rows, spectra={n: kept[n] for n in matrices if n in kept})
 
 
 # -- the report ------------------------------------------------------------------------------------------
