@@ -27,9 +27,8 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,17 +229,6 @@ def _refuse_quantized_tensors(reader: CheckpointReader) -> None:
         )
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """torch (and its BLAS/LAPACK) on one thread, for work spread over threads of its own."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _analysed(weight: Tensor) -> tuple[dict[str, Any], Tensor] | str:
     """``(metrics, eigenvalues on the CPU)`` of one matrix, or why :func:`matrix_metrics` refused it."""
     try:
@@ -260,11 +248,13 @@ def inspect_checkpoint(
 ) -> InspectResult:
     """The per-matrix metrics of every tensor of a checkpoint, read one tensor at a time.
 
-    On the CPU with ``n = torch.get_num_threads()`` above 1, ``n`` matrices are analysed at once, each on
-    one thread (torch is set to one thread meanwhile and restored after): the spectrum's ``eigvalsh`` is a
-    chain of small steps that gains little from a second thread, so two matrices side by side finish sooner
-    than two threads on each in turn (measured by bench/inspect_bench.py). At most ``n`` tensors are in
-    memory; with one thread, or on a GPU, one.
+    On the CPU with ``n = torch.get_num_threads()`` above 1, up to ``n`` matrices are analysed at once, each
+    on one thread (torch is set to one thread meanwhile and restored after): the spectrum's ``eigvalsh`` is
+    a chain of small steps that gains little from a second thread, so two matrices side by side finish
+    sooner than two threads on each in turn (measured by bench/inspect_bench.py). Matrices in flight hold
+    at most as many entries together as the checkpoint's largest matrix, so peak memory is that of one
+    matrix at a time; a matrix too large to share that budget (the embeddings, ``lm_head``) is analysed
+    alone, on every thread. With one thread, or on a GPU, one matrix at a time.
 
     Args:
         path: a Hugging Face model directory or a ``.safetensors`` file.
@@ -282,14 +272,20 @@ def inspect_checkpoint(
         instead="inspect the model before it was quantized (dequantized inspection is not supported yet)",
     )
     device = resolve_device(device)
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else 1
     rows = []
     kept: dict[str, Tensor] = {}
-    pending: deque[tuple[dict[str, Any], Future]] = deque()
+    pending: deque[tuple[dict[str, Any], int, Future]] = deque()
+
+    def in_flight() -> int:
+        return sum(entries for _, entries, _ in pending)
 
     def finish_oldest() -> None:
-        row, future = pending.popleft()
-        outcome = future.result()
+        row, _, future = pending.popleft()
+        record(row, future.result())
+
+    def record(row: dict[str, Any], outcome: tuple[dict[str, Any], Tensor] | str) -> None:
         if isinstance(outcome, str):
             row[_SKIPPED] = outcome
             return
@@ -298,12 +294,13 @@ def inspect_checkpoint(
         if row["name"] in plotted:
             kept[row["name"]] = eigenvalues
 
-    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:
+    with CheckpointReader(path, allow_pickle=allow_pickle) as reader, ThreadPoolExecutor(workers) as pool:
         _refuse_quantized_tensors(reader)
         names = reader.names()
         matrices = [n for n in names if _not_a_matrix(reader.shape(n), reader.dtype(n)) is None]
         plotted = set(spectrum_choice(matrices, spectra))
-        with ThreadPoolExecutor(workers) as pool, _one_torch_thread() if workers > 1 else nullcontext():
+        budget = max((math.prod(reader.shape(n)) for n in matrices), default=0)  # entries in flight
+        try:
             for name in track(names, "inspecting tensors", enabled=progress):
                 shape, dtype = reader.shape(name), reader.dtype(name)
                 dtype_name = str(dtype).removeprefix("torch.")
@@ -313,16 +310,24 @@ def inspect_checkpoint(
                 if reason is not None:
                     row[_SKIPPED] = reason
                     continue
-                while len(pending) >= workers:  # the next tensor is read only when a worker is free
+                entries = math.prod(shape)
+                alone = workers == 1 or 2 * entries > budget
+                # The next tensor is read only when a worker is free and the entries in flight allow it.
+                while pending and (alone or len(pending) >= workers or in_flight() + entries > budget):
                     finish_oldest()
-                if workers == 1:  # in this thread: the tensor is released before the next one is read
-                    future: Future = Future()
-                    future.set_result(_analysed(reader.get(name).to(device)))
-                else:
-                    future = pool.submit(_analysed, reader.get(name).to(device))
-                pending.append((row, future))
+                if alone:  # in this thread, on every thread: released before the next tensor is read
+                    torch.set_num_threads(threads)
+                    record(row, _analysed(reader.get(name).to(device)))
+                else:  # the workers run while torch is on one thread (its setting is the process's)
+                    torch.set_num_threads(1)
+                    pending.append((row, entries, pool.submit(_analysed, reader.get(name).to(device))))
             while pending:
                 finish_oldest()
+        finally:
+            for _, _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            torch.set_num_threads(threads)
     # Rows keep checkpoint order; spectra too (they were kept as their matrices finished, in that order).
     return InspectResult(source=str(path), rows=rows, spectra={n: kept[n] for n in matrices if n in kept})
 
