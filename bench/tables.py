@@ -449,6 +449,47 @@ def train_targets() -> str:
 # -- suite case lists -------------------------------------------------------------------------------------
 
 
+# -- inspect ------------------------------------------------------------------------------------------------
+
+_INSPECT_MODELS = {
+    "minilm": "MiniLM (22.7M)",
+    "small-llama": "small Llama (trained)",
+    "llama-134m": "Llama 134M",
+}
+
+
+def _seconds(ours: float, theirs: float) -> str:
+    return f"{ours:.1f} vs {theirs:.1f} s: {_ratio(ours, theirs, 2)}"
+
+
+def inspect() -> str:
+    """``bench/inspect_bench.py``: weightkit inspect against weightwatcher's analyze(), per model and thread
+    count: time (metrics in process, the same in a fresh process, the whole command with its report), peak
+    RSS and how far apart the two tools' alphas are per layer."""
+    result = _load("inspect")
+    rows = []
+    for run in result["runs"]:
+        ours, theirs, alpha = run["weightkit"], run["weightwatcher"], run["alpha"]
+        rss, cli_rss = ours["inspect_peak_rss_mib"], ours["cli_peak_rss_mib"]
+        peer_rss = theirs["peak_rss_mib"]
+        rows.append([
+            _INSPECT_MODELS.get(run["model"], run["model"]),
+            str(run["threads"]),
+            f"{alpha['layers_compared']} / {theirs['layers']}",
+            _seconds(ours["inspect_seconds"], theirs["analyze_seconds"]),
+            _seconds(ours["inspect_process_seconds"], theirs["process_seconds"]),
+            _seconds(ours["cli_process_seconds"], theirs["process_seconds"]),
+            f"{rss:.0f} / {cli_rss:.0f} vs {peer_rss:.0f} MiB: "
+            f"{_ratio(rss, peer_rss, 2)} / {_ratio(cli_rss, peer_rss, 2)}",
+            f"{alpha['median_abs_diff']:.1e} / {alpha['worst_abs_diff']:.1e}",
+        ])  # fmt: skip
+    header = [
+        "model", "threads", "layers (both / ww)", "metrics, in process", "metrics, whole process",
+        "command with report vs ww process", "peak RSS (metrics / command)", "|Δalpha| median / worst",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
 def _from_tests(relative: str):
     """A module of the test suite's case lists (``tests/...py``), loaded by path (``tests`` is no package)."""
     spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
@@ -546,6 +587,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "quant-memory": quant_memory,
     "train": train,
     "train-targets": train_targets,
+    "inspect": inspect,
 }
 
 

@@ -5,6 +5,7 @@ model = weightkit.load("path/to/model")
 weightkit.compress(model, weightkit.GPTQConfig(bits=4, group_size=128), data="calib.txt", tokenizer=tok)
 weightkit.compress_checkpoint("path/to/model", "out", weightkit.AWQConfig(bits=4))  # streamed
 weightkit.merge("base", ["ft-a", "ft-b"], config_from_dict("merge", {"method": "ties"}), "merged")
+rows = weightkit.inspect("path/to/model").to_pandas()  # spectra, alpha, ranks: one row per weight matrix
 """
 
 import sys
@@ -25,6 +26,7 @@ _API = {
     "merge": "weightkit.merge",
     "adapt": "weightkit.adapt",
     "LoRAConfig": "weightkit.adapt",
+    "inspect": "weightkit.inspect",
 }
 
 __all__ = ["WeightkitError", "load", *_API]
