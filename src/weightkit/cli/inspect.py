@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from weightkit.cli.common import common_options
@@ -17,7 +19,7 @@ from weightkit.progress import results
 
 # The metrics the terminal table shows, in this order, when matrix_metrics returns them (the report
 # files hold all of them).
-_TABLE_METRICS = ("alpha", "stable_rank", "effective_rank", "rank_90", "mp_outliers", "welore_label", "svd")
+_TABLE_METRICS = ("alpha", "stable_rank", "effective_rank", "welore_label")
 
 _COLUMNS_HELP = """\
 columns (one row per tensor, in checkpoint order; --json uses these names):
@@ -70,23 +72,33 @@ examples:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    present = {key for row in rows for key in row}
+    """The analysed matrices with the main metrics (the report files hold every column), then the skipped
+    tensors counted by reason: on an 80-column terminal a reason column would squeeze the names away."""
+    analysed = [row for row in rows if "skipped" not in row]
+    present = {key for row in analysed for key in row}
     metrics = [m for m in _TABLE_METRICS if m in present]
-    table = Table(title="weightkit inspect")
-    # Numbers stay whole; on a narrow terminal the names and the reasons of skipped rows wrap instead.
-    table.add_column("name", justify="left", overflow="fold")
+    randomized = any(str(row.get("svd", "full")) != "full" for row in analysed)
+    table = Table(title="weightkit inspect", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("name", justify="left", overflow="fold", min_width=14)
     table.add_column("shape", justify="right", no_wrap=True)
     for metric in metrics:
         table.add_column(metric, justify="right", no_wrap=True)
-    table.add_column("skipped", justify="left", style="dim", overflow="fold")
-    for row in rows:
-        shape = "x".join(map(str, row["shape"])) or "scalar"
-        table.add_row(row["name"], shape, *(_cell(row.get(m)) for m in metrics), row.get("skipped", ""))
+    if randomized:
+        table.add_column("svd", justify="left", no_wrap=True)
+    for row in analysed:
+        cells = [_cell(row.get(m)) for m in metrics] + ([str(row.get("svd"))] if randomized else [])
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), *cells)
     results.print(table)
+    reasons: dict[str, int] = {}
+    for row in rows:
+        if "skipped" in row:
+            reasons[row["skipped"]] = reasons.get(row["skipped"], 0) + 1
+    for reason, count in reasons.items():
+        results.print(f"skipped {count} tensor{'s' if count > 1 else ''}: {escape(reason)}", soft_wrap=True)
 
 
 def _check_options(args: argparse.Namespace) -> None:
