@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny Llama and BERT model directories (seeded, with tokenizers) and text files."""
+"""Shared fixtures: tiny Llama and BERT model directories (with tokenizers), text files, one torch thread."""
 
 import pytest
+import torch
 from sample_texts import TEXTS
 
 from weightkit.models import default_model_path, load_model
@@ -42,3 +43,14 @@ def minilm():
     """The bundled all-MiniLM-L6-v2 (model, tokenizer); tests must not modify the model in place."""
     model, tokenizer, _ = load_model(default_model_path())
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``): tiny models
+    run many small operations, and on a shared 2-core machine one thread is several times faster than two
+    that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

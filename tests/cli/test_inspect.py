@@ -13,6 +13,8 @@ from weightkit.cli import main
 from weightkit.inspect.metrics import matrix_metrics
 from weightkit.progress import results
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def run(capsys, *args):
     code = main([str(a) for a in args])
@@ -117,15 +119,6 @@ def test_inspect_lets_openmp_threads_sleep(tmp_path):
 
 
 # -- the analyses of the options: --compare, --similarity, --hessian, --barrier, --intrinsic-dim -------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small operations: on a shared 2-core machine one thread is faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,7 @@ from weightkit.models import load_model
 from weightkit.runtime.training import TrainConfig, make_batches
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small operations: on a shared 2-core machine one thread is several times faster
-    than two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from weightkit.inspect.hessian import (
 )
 from weightkit.testing import tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _mlp_problem():
     """A 212-parameter MLP (float64) with a cross-entropy loss on fixed random data, and its dense Hessian
@@ -45,16 +47,6 @@ def _mlp_problem():
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     dense = torch.autograd.functional.hessian(flat_loss, flat)
     return model, loss_fn, dense
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run many small operations: on a shared 2-core machine one thread is several times faster
-    than two that wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
