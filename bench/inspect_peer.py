@@ -46,6 +46,9 @@ def main() -> None:
     model = load_model(args.model_dir)
     load_seconds = time.perf_counter() - start
     tensor_names = {name for name, _ in model.named_parameters()}
+    # A tied output head (GPT-2's lm_head) is the input embedding's tensor: named_parameters lists it once,
+    # under the embedding's name, and the checkpoint stores it once. weightwatcher analyses it twice.
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - tensor_names
 
     start = time.perf_counter()
     details = weightwatcher.WeightWatcher(model=model).analyze()
@@ -54,6 +57,8 @@ def main() -> None:
     layers = []
     for row in details.to_dict(orient="records"):
         name = f"{row['longname']}.weight"
+        if name in tied:
+            continue
         if name not in tensor_names:
             raise SystemExit(f"weightwatcher layer {row['longname']!r} has no tensor {name!r} in the model")
         layers.append(
