@@ -13,6 +13,7 @@ from weightkit.inspect.plots import (
     comparison_bars_png,
     heatmap_png,
     metric_bars_png,
+    metric_panels_png,
     powerlaw_density,
     spectrum_png,
 )
@@ -74,6 +75,21 @@ def test_metric_bars_keep_checkpoint_positions_and_refuse_mismatches():
         metric_bars_png(["a", "b", "c"], [1.0, 2.0], metric="alpha")
     with pytest.raises(WeightkitError, match="no layer has a value"):
         metric_bars_png(["a"], [None], metric="alpha")
+
+
+def test_metric_panels_stack_one_panel_per_metric_and_refuse_mismatches():
+    series = {"alpha": [2.0, None, 4.0], "stable_rank": [1.0, 2.0, 3.0]}
+    png = metric_panels_png(["a", "b", "c"], series)
+    assert png == metric_panels_png(["a", "b", "c"], series)  # deterministic bytes
+    assert png != metric_panels_png(["a", "b", "c"], {**series, "alpha": [2.0, 4.0, None]})  # slots kept
+    one = Image.open(io.BytesIO(metric_panels_png(["a", "b", "c"], {"alpha": series["alpha"]})))
+    assert Image.open(io.BytesIO(png)).height > one.height  # a panel more, a taller figure
+    with pytest.raises(WeightkitError, match="3 names but 2 values"):
+        metric_panels_png(["a", "b", "c"], {"alpha": [1.0, 2.0]})
+    with pytest.raises(WeightkitError, match="no layer has a value"):
+        metric_panels_png(["a"], {"alpha": [None]})
+    with pytest.raises(WeightkitError, match="at least one metric"):
+        metric_panels_png(["a"], {})
 
 
 def test_heatmap_and_comparison_bars_refuse_labels_that_do_not_fit_the_data():

@@ -197,7 +197,7 @@ def test_write_report_writes_rows_plots_and_a_page_holding_added_sections(tmp_pa
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",") == result.columns
     plots = sorted(p.name for p in (out / "plots").iterdir())
     spectra = [p for p in plots if p.startswith("spectrum_")]
-    assert len(spectra) == 2 and "sim.png" in plots and "bars_stable_rank.png" in plots
+    assert len(spectra) == 2 and "sim.png" in plots and "metrics_per_layer.png" in plots
     page = (out / "report.html").read_text()
     for png in (out / "plots").iterdir():  # every plot written is embedded, byte for byte
         assert f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" in page
@@ -254,8 +254,9 @@ def test_a_spectrum_is_drawn_with_the_rows_power_law_fit_when_matrix_metrics_giv
     assert spectra["spectrum_w"].png == spectrum_png(eigenvalues, title="w", alpha=2.5, xmin=1.0)
     assert "alpha=2.5" in spectra["spectrum_w"].title
     assert spectra["spectrum_v"].png == spectrum_png(eigenvalues, title="v")
-    bars = {f.name for f in metric_sections(result)[0].figures}
-    assert bars == {"bars_alpha"}  # the bar metrics the rows hold (xmin is not one of them)
+    (bars,) = metric_sections(result)[0].figures
+    assert bars.name == "metrics_per_layer"
+    assert bars.title.startswith("alpha per weight matrix")  # the bar metrics the rows hold (xmin is not one)
 
 
 # -- the sections of the other analyses, and the extra files ------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "powerlaw_density",
     "spectrum_png",
     "metric_bars_png",
+    "metric_panels_png",
     "heatmap_png",
     "comparison_bars_png",
     "line_plot_png",
@@ -137,6 +138,44 @@ def metric_bars_png(names: Sequence[str], values: Sequence[float | None], *, met
     # Fixed margins, room below for the rotated names: tight_layout measured every label, a third of the time.
     longest = max(len(name) for name in names[::step])
     fig.subplots_adjust(left=0.08, right=0.99, top=0.93, bottom=min(0.6, 0.1 + 0.0095 * longest))
+    return _png(fig)
+
+
+def metric_panels_png(names: Sequence[str], series: dict[str, Sequence[float | None]]) -> bytes:
+    """One panel of bars per metric of ``series`` (metric -> one value per name), stacked on one shared axis
+    of layers (``names`` in checkpoint order; the names are written once, under the last panel). ``None``
+    leaves an empty slot. One figure instead of one per metric: each figure's tick labels cost as much to
+    draw as its bars.
+
+    Raises:
+        WeightkitError: no metric, a metric whose values differ in length from ``names``, or a metric
+            with no value at all.
+    """
+    if not series:
+        raise WeightkitError("metric_panels_png needs at least one metric")
+    for metric, values in series.items():
+        if len(values) != len(names):
+            raise WeightkitError(f"{metric}: {len(names)} names but {len(values)} values")
+        if all(v is None for v in values):
+            raise WeightkitError(f"{metric}: no layer has a value to plot")
+    plt = _pyplot()
+    step = _label_every(len(names))
+    longest = max(len(name) for name in names[::step])
+    label_inches = 0.3 + 0.05 * longest  # room for the rotated names (fontsize 6)
+    panel_inches = 1.5
+    height = panel_inches * len(series) + label_inches + 0.4
+    fig, axes = plt.subplots(
+        len(series), 1, figsize=(max(6.0, min(0.25 * len(names), 16.0)), height), sharex=True, squeeze=False
+    )
+    for ax, (metric, values) in zip(axes[:, 0], series.items(), strict=True):
+        ax.bar(range(len(names)), [math.nan if v is None else float(v) for v in values], color="#4c72b0")
+        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    last = axes[-1, 0]
+    last.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)])
+    last.tick_params(axis="x", labelrotation=90, labelsize=6)
+    top, bottom = 1 - 0.3 / height, label_inches / height
+    fig.subplots_adjust(left=0.08, right=0.99, top=top, bottom=bottom, hspace=0.12)
     return _png(fig)
 
 

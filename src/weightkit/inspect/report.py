@@ -46,6 +46,7 @@ from weightkit.inspect.plots import (
     heatmap_png,
     line_plot_png,
     metric_bars_png,
+    metric_panels_png,
     spectrum_png,
 )
 from weightkit.progress import track
@@ -384,19 +385,14 @@ def _file_stem(name: str) -> str:
 
 
 def metric_sections(result: InspectResult) -> list[Section]:
-    """The report's sections for ``result``: the per-matrix table with one bar plot per metric of
-    :data:`BAR_METRICS` that the rows hold, and the spectra kept in ``result.spectra``."""
+    """The report's sections for ``result``: the per-matrix table with one figure of bars per layer, a panel
+    for each metric of :data:`BAR_METRICS` that the rows hold, and the spectra kept in ``result.spectra``."""
     analysed = [row for row in result.rows if _SKIPPED not in row]
     names = [row["name"] for row in analysed]
-    bars = [
-        Figure(
-            f"bars_{metric}",
-            f"{metric} per weight matrix, in checkpoint order",
-            metric_bars_png(names, [_number(row.get(metric)) for row in analysed], metric=metric),
-        )
-        for metric in BAR_METRICS
-        if any(isinstance(_number(row.get(metric)), (int, float)) for row in analysed)
-    ]
+    columns = {metric: [_number(row.get(metric)) for row in analysed] for metric in BAR_METRICS}
+    series = {m: values for m, values in columns.items() if any(isinstance(v, (int, float)) for v in values)}
+    title = f"{', '.join(series)} per weight matrix, in checkpoint order"
+    bars = [Figure("metrics_per_layer", title, metric_panels_png(names, series))] if series else []
     skipped = len(result.rows) - len(analysed)
     table = Section(
         "Weight matrices",
