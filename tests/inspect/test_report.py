@@ -68,6 +68,23 @@ def test_rows_are_matrix_metrics_of_each_tensor_read_directly_in_checkpoint_orde
     assert matrices == 2 * 7 + 2  # 7 linears per block, embed_tokens and lm_head
 
 
+def test_rows_carry_the_singular_values_in_json_but_not_in_the_table_columns(llama_dir, tmp_path):
+    result = inspect_checkpoint(llama_dir, device="cpu", spectra=0)
+    with CheckpointReader(llama_dir) as reader:
+        for row in result.rows:
+            if "skipped" in row:
+                assert "singular_values" not in row
+                continue
+            expected = torch.linalg.svdvals(reader.get(row["name"]).double())
+            got = torch.tensor(row["singular_values"], dtype=torch.float64)
+            # float32 weights go through their float32 Gram matrix: values to its noise floor, sqrt(n eps)
+            # times the largest (weightkit.inspect.spectral's docstring)
+            floor = (len(expected) * torch.finfo(torch.float32).eps) ** 0.5 * float(expected[0])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=floor)
+    assert "singular_values" not in result.columns
+    assert "singular_values" not in result.to_csv(tmp_path / "m.csv").read_text().splitlines()[0]
+
+
 def test_every_tensor_that_is_not_a_weight_matrix_is_skipped_with_its_reason(odd_file):
     rows = {row["name"]: row for row in inspect_checkpoint(odd_file, device="cpu").rows}
     assert rows["scalar"]["skipped"] == "a scalar, not a matrix"

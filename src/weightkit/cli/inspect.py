@@ -36,6 +36,8 @@ columns (one row per tensor, in checkpoint order; --json uses these names):
   gg_shape, gg_scale   generalized-Gaussian fit of the weight values
   welore_ratio, welore_label   WeLore's rank-reduction ratio and LRC / N-LRC label
   svd             which SVD computed the singular values (randomized for huge matrices)
+  singular_values the matrix's singular values, largest first (JSON only: --json and metrics.json; the
+                  top ones alone when svd says randomized)
   skipped         why a tensor has no metrics: not a matrix (bias, norm, conv kernel, scalar),
                   integer data, or a matrix the metrics refuse (all zeros, NaN/Inf)
   A metric column appears when this version of weightkit computes it; the terminal table shows the

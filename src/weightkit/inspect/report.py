@@ -74,6 +74,8 @@ __all__ = [
 # The columns every row has before its metrics, and the one a skipped row has instead of them.
 _ROW_KEYS = ("name", "shape", "dtype")
 _SKIPPED = "skipped"
+# Each analysed row's singular values (a list, largest first): in the JSON rows, not in the table's columns.
+_SPECTRUM = "singular_values"
 # Metrics that get a per-layer bar plot, in this order, when matrix_metrics returns them.
 BAR_METRICS = (
     "alpha",
@@ -103,7 +105,9 @@ class InspectResult:
     Attributes:
         source: the checkpoint inspected, as given.
         rows: one dict per tensor, in checkpoint order: ``name``, ``shape`` (list), ``dtype``, then
-            either the metrics of ``matrix_metrics`` by their names or ``skipped`` (the reason).
+            either the metrics of ``matrix_metrics`` by their names and ``singular_values`` (a list, largest
+            first; the top ones only where the ``svd`` column says randomized), or ``skipped`` (the reason).
+            The singular values are in the JSON rows, not in the table's columns (CSV, DataFrame, HTML).
         spectra: the eigenvalues of ``W^T W`` (``sigma^2``, float64, largest first) of the matrices
             chosen for a spectrum plot (:func:`spectrum_choice`), by tensor name.
     """
@@ -117,7 +121,7 @@ class InspectResult:
         """The metric columns, in the order ``matrix_metrics`` returns them."""
         names: dict[str, None] = {}
         for row in self.rows:
-            names.update(dict.fromkeys(k for k in row if k not in _ROW_KEYS and k != _SKIPPED))
+            names.update(dict.fromkeys(k for k in row if k not in (*_ROW_KEYS, _SKIPPED, _SPECTRUM)))
         return list(names)
 
     @property
@@ -171,7 +175,7 @@ def _shape_text(shape: list[int]) -> str:
 
 def _scalar(key: str, value: Any) -> float | int | str | bool | None:
     """A metric's value as a plain Python scalar (a 0-d tensor or numpy scalar unwrapped)."""
-    if key in (*_ROW_KEYS, _SKIPPED):
+    if key in (*_ROW_KEYS, _SKIPPED, _SPECTRUM):
         raise WeightkitError(
             f"matrix_metrics returned {key!r}, a name the report reserves for its own column"
         )
@@ -231,12 +235,12 @@ def _refuse_quantized_tensors(reader: CheckpointReader) -> None:
 
 
 def _analysed(weight: Tensor) -> tuple[dict[str, Any], Tensor] | str:
-    """``(metrics, eigenvalues on the CPU)`` of one matrix, or why :func:`matrix_metrics` refused it."""
+    """``(metrics, singular values on the CPU)`` of one matrix, or why :func:`matrix_metrics` refused it."""
     try:
         metrics, spec = matrix_metrics_with_spectrum(weight)
     except WeightkitError as err:
         return str(err)
-    return metrics, spec.values.square().cpu()
+    return metrics, spec.values.cpu()
 
 
 def inspect_checkpoint(
@@ -290,10 +294,11 @@ def inspect_checkpoint(
         if isinstance(outcome, str):
             row[_SKIPPED] = outcome
             return
-        metrics, eigenvalues = outcome
+        metrics, values = outcome
         row.update({key: _scalar(key, value) for key, value in metrics.items()})
+        row[_SPECTRUM] = values.tolist()
         if row["name"] in plotted:
-            kept[row["name"]] = eigenvalues
+            kept[row["name"]] = values.square()
 
     with CheckpointReader(path, allow_pickle=allow_pickle) as reader, ThreadPoolExecutor(workers) as pool:
         _refuse_quantized_tensors(reader)
