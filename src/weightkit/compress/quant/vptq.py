@@ -68,8 +68,10 @@ CODEBOOK_DTYPE = torch.float16  # how codebooks are stored; every size below cou
 _CODEBOOK_ENTRY_BITS = 16
 # The longest index the paper and its reference kernels use: 2^16 codewords (a uint16 index).
 _MAX_INDEX_BITS = 16
-# Distances are computed for this many (vector, codeword) pairs at a time, bounding memory (~128 MB).
-_DISTANCE_CHUNK = 2**25
+# Distances are computed for this many (vector, codeword) pairs at a time (8 MB in float64). Small chunks
+# are also faster: k-means on 36 864 vectors, k = 256, 20 steps took 1.5 s with 2^25 pairs a chunk and
+# 0.4 s with 2^20 (float64, one thread; the large buffers were page-faulted in afresh on every step).
+_DISTANCE_CHUNK = 2**20
 
 
 @dataclass(frozen=True)
