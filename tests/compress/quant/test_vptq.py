@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from weightkit.compress.quant import vptq
 from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.vptq import (
     VPTQSpec,
@@ -113,9 +114,11 @@ def test_kmeans_is_seeded():
     assert not torch.equal(a, hessian_weighted_kmeans(vectors, weight, 16, iterations=5, seed=4))
 
 
-def test_nearest_codeword_matches_brute_force():
+@pytest.mark.parametrize("chunk", [2**20, 100])  # one chunk; chunks of 2 vectors
+def test_nearest_codeword_matches_brute_force(monkeypatch, chunk):
+    monkeypatch.setattr(vptq, "_DISTANCE_CHUNK", chunk)
     g = torch.Generator().manual_seed(5)
-    vectors, codebook = torch.randn(300, 3, generator=g), torch.randn(40, 3, generator=g)
+    vectors, codebook = torch.randn(301, 3, generator=g), torch.randn(40, 3, generator=g)
     brute = ((vectors[:, None] - codebook[None]) ** 2).sum(-1).argmin(1)
     assert torch.equal(nearest_codeword(vectors, codebook), brute)
 
@@ -123,14 +126,14 @@ def test_nearest_codeword_matches_brute_force():
 # --- quantization --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("residual", [0, 4])
-def test_exact_when_codebook_holds_every_distinct_vector(residual):
+@pytest.mark.parametrize(("k", "residual"), [(16, 0), (32, 0), (16, 4)])
+def test_exact_when_codebook_holds_every_distinct_vector(k, residual):
     g = torch.Generator().manual_seed(6)
     v, distinct = 4, 16
     words = torch.randn(distinct, v, generator=g).half().float()  # fp16-representable: stored exactly
     picks = torch.randint(0, distinct, (32 // v, 48), generator=g)
     w = vptq_dequantize(picks, words)
-    q = vptq_quantize(w, random_hessian(48, seed=7), VPTQSpec(v, distinct, residual))
+    q = vptq_quantize(w, random_hessian(48, seed=7), VPTQSpec(v, k, residual))
     assert q.codebook.dtype == torch.float16
     assert torch.equal(q.dequantize(), w)
 
@@ -156,6 +159,18 @@ def test_codebook_is_kmeans_weighted_by_each_vectors_hessian_diagonal():
     assert torch.equal(q.codebook, expected)
     unweighted = hessian_weighted_kmeans(weight_to_vectors(w, 4), torch.ones(48), 8, iterations=5, seed=3)
     assert not torch.equal(q.codebook, unweighted.half())
+
+
+def test_a_dead_input_column_does_not_matter():
+    w = correlated_weight(16, 24, rank=2, seed=20)
+    h = random_hessian(24, seed=21)
+    h[5, :] = 0
+    h[:, 5] = 0  # input 5 never fires
+    q = vptq_quantize(w, h, VPTQSpec(4, 16, 4), kmeans_iterations=5)
+    other = w.clone()
+    other[:, 5] = 100.0
+    q_other = vptq_quantize(other, h, VPTQSpec(4, 16, 4), kmeans_iterations=5)
+    assert torch.equal(q.dequantize(), q_other.dequantize())
 
 
 def test_act_order_sweeps_by_decreasing_hessian_diagonal():

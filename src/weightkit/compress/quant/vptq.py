@@ -340,8 +340,8 @@ def vptq_quantize(
         damp: fraction of the mean Hessian diagonal added to its diagonal before inverting (GPTQ's).
         block_size: columns per lazy batch update; changes speed, not the result.
         act_order: sweep the columns in order of decreasing ``H_jj`` (the most activated input channels
-            first, while there is still freedom left to compensate their error). The codebooks do not
-            depend on it, and the indices come back in the original column order.
+            first, while there is still freedom left to compensate their error). The main codebook does
+            not depend on it; the indices come back in the original column order.
         kmeans_iterations: most Lloyd steps per codebook.
         seed: seeds the k-means starting centroids.
         name: the tensor's name for error messages.
@@ -384,7 +384,7 @@ def vptq_quantize(
     W[:, dead] = 0
 
     def kmeans(vectors: Tensor, k: int) -> Tensor:
-        """A codebook trained in the original column order (so ``act_order`` cannot change it), in fp16."""
+        """A codebook in fp16, trained on vectors in the original column order (as ``vector_weight``)."""
         centroids = hessian_weighted_kmeans(
             vectors, vector_weight, k, iterations=kmeans_iterations, seed=seed
         )
