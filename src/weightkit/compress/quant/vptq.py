@@ -398,7 +398,7 @@ def vptq_quantize(
     # Indices and residuals come back to the original column order through this.
     unpermute = torch.argsort(perm) if act_order else slice(None)
     U = _factor_inverse_hessian(H, damp, name)
-    # Errors are kept as ``w - q`` rather than the paper's ``(w - q) / U_jj``: U's rows are divided once.
+    # Errors are kept as ``w - q`` rather than GPTQ's ``(w - q) / U_jj``: U's rows are divided once.
     U = U / U.diagonal().unsqueeze(1)
 
     indices, _, left = _sweep(W.clone(), U, codebook.to(cdtype), None, block_size)
