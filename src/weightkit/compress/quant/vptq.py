@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from weightkit.compress.quant.gptq import _factor_inverse_hessian
+from weightkit.compress.quant.gptq import factor_inverse_hessian
 from weightkit.errors import WeightkitError
 
 __all__ = [
@@ -397,7 +397,7 @@ def vptq_quantize(
         W, H = W[:, perm], H[perm][:, perm]
     # Indices and residuals come back to the original column order through this.
     unpermute = torch.argsort(perm) if act_order else slice(None)
-    U = _factor_inverse_hessian(H, damp, name)
+    U = factor_inverse_hessian(H, damp, name)
     # Errors are kept as ``w - q`` rather than GPTQ's ``(w - q) / U_jj``: U's rows are divided once.
     U = U / U.diagonal().unsqueeze(1)
 
