@@ -28,7 +28,7 @@ from torch import Tensor
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams
 
-__all__ = ["gptq_quantize", "shrink_hessian"]
+__all__ = ["gptq_quantize", "shrink_hessian", "factor_inverse_hessian"]
 
 _CHOLESKY_RETRIES = 4
 
@@ -43,7 +43,7 @@ def _one_cpu_thread():
         torch.set_num_threads(threads)
 
 
-def _factor_inverse_hessian(h: Tensor, damp: float, name: str) -> Tensor:
+def factor_inverse_hessian(h: Tensor, damp: float, name: str) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``H^-1 = U^T U``), retrying with more damping."""
     mean_diag = float(h.diagonal().mean())
     if not mean_diag > 0:
@@ -218,7 +218,7 @@ def gptq_quantize(
     col_group = (perm // group).tolist()  # group of each column in sweep order
     q_min, q_max = scheme.q_min, scheme.q_max
 
-    U = _factor_inverse_hessian(H, damp, name)
+    U = factor_inverse_hessian(H, damp, name)
     # Errors are kept as ``w - q`` rather than the paper's ``(w - q) / U_ii``: U's rows are divided by
     # their diagonal once instead, one tensor op less per column.
     U = U / U.diagonal().unsqueeze(1)

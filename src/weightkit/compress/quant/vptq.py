@@ -1,0 +1,415 @@
+"""VPTQ: vector post-training quantization with Hessian-weighted k-means codebooks.
+
+"VPTQ: Extreme Low-bit Vector Post-Training Quantization for Large Language Models", arXiv:2409.17066
+(Microsoft; reference code: github.com/microsoft/VPTQ, whose ``algorithm.md`` gives the settings used).
+
+A weight ``[out, in]`` is cut into vectors of ``v`` consecutive *output* rows within one input column
+(the reference's layout, ``enable_transpose``, which its quantizer always turns on: every vector lies
+in a single column, so every weight of a vector multiplies the same input feature and shares one
+Hessian row). Each vector is stored as the
+index of its nearest codeword in a codebook of ``k`` vectors (``log2(k) / v`` bits per weight); the
+codebook itself is stored in fp16. The algorithm, as in the paper and its reference code:
+
+1. **Hessian-weighted k-means** on the layer's vectors trains the codebook (the reference's
+   ``kmeans_mode="hessian"``). A vector in column ``j`` weighs ``H_jj``: the output error of changing
+   column ``j`` alone by ``dw`` is ``H_jj ||dw||^2`` (``tr(dW H dW^T)`` with the off-diagonal terms,
+   which the sweep below compensates, left out). The diagonal of ``H`` itself, not of its inverse: the
+   weight is the cost of an error, not GPTQ's post-compensation cost ``1 / [H^-1]_jj``. As every
+   coordinate of a vector has the same weight, the weighting changes only the centroid update (a
+   weighted mean), not which centroid is nearest.
+2. **A GPTQ column sweep** assigns the vectors: column by column, each vector of the column takes its
+   nearest codeword, and the column's error moves onto the columns not yet quantized through the upper
+   Cholesky factor of ``H^-1``, exactly GPTQ's update (the reference runs its sweep with a step of
+   one column in this layout). Lazy block updates as in GPTQ; optionally the columns go
+   in order of decreasing ``H_jj`` (the reference's ``enable_perm``, GPTQ's ``act_order``).
+3. **Residual codebook** (optional): a second Hessian-weighted k-means on the residual the first sweep
+   left (``updated weight - its codeword``), then the sweep runs again from the original weight, each
+   vector taking its nearest main codeword and then the residual codeword nearest to what is left.
+
+Deliberate deviations and what is not done:
+
+- k-means starts from ``k`` distinct vectors of the layer drawn with a seeded generator (the reference
+  draws random vectors too, with cuML) and keeps a centroid that loses all its vectors where it is
+  (the reference leaves that to cuML); it stops after ``kmeans_iterations`` Lloyd steps or as soon as no
+  assignment changes (the reference: 100 steps or a relative tolerance of 1e-5).
+- Centroids are rounded to fp16 *before* the sweep, so the error feedback uses exactly the values the
+  codebook will be stored with.
+- The weight's rows must be a multiple of ``v`` (the reference pads the column); anything else is refused.
+- Not done (there is no option for them, so nothing is silently approximated): the reference's outlier
+  codebook (``npercent``: its own codebook and vector length for the first ``N%`` of the columns; the
+  settings in ``algorithm.md`` use ``npercent 0``), several codebooks per layer (``group_num > 1``), the
+  per-column weight normalisation the reference's examples turn on (``enable_norm``: each column
+  standardised by its mean and standard deviation before quantization, both stored), and the
+  layer-wise and end-to-end fine-tuning of the codebooks. Export, CLI and model integration are not here.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from weightkit.compress.quant.gptq import factor_inverse_hessian
+from weightkit.errors import WeightkitError
+
+__all__ = [
+    "VPTQSpec",
+    "VPTQWeight",
+    "hessian_weighted_kmeans",
+    "nearest_codeword",
+    "vectors_to_weight",
+    "vptq_dequantize",
+    "vptq_quantize",
+    "vptq_spec_for_bits",
+    "weight_to_vectors",
+]
+
+CODEBOOK_DTYPE = torch.float16  # how codebooks are stored; every size below counts 16 bits per entry
+_CODEBOOK_ENTRY_BITS = 16
+# The longest index the paper and its reference kernels use: 2^16 codewords (a uint16 index).
+_MAX_INDEX_BITS = 16
+# Distances are computed for this many (vector, codeword) pairs at a time (8 MB in float64). Small chunks
+# are also faster: k-means on 36 864 vectors, k = 256, 20 steps took 1.5 s with 2^25 pairs a chunk and
+# 0.4 s with 2^20 (float64, one thread; the large buffers were page-faulted in afresh on every step).
+_DISTANCE_CHUNK = 2**20
+
+
+@dataclass(frozen=True)
+class VPTQSpec:
+    """The codebook shape of one layer.
+
+    Attributes:
+        vector_length: ``v``, output rows per vector.
+        centroids: ``k``, codewords in the main codebook, a power of two.
+        residual_centroids: codewords in the residual codebook (a power of two), or 0 for none.
+    """
+
+    vector_length: int
+    centroids: int
+    residual_centroids: int = 0
+
+    def __post_init__(self):
+        if self.vector_length < 1:
+            raise WeightkitError(f"vector length must be a positive integer, got {self.vector_length}")
+        for what, k in (("centroids", self.centroids), ("residual centroids", self.residual_centroids)):
+            if k == 0 and what == "residual centroids":
+                continue
+            if k < 2 or k & (k - 1) or k > 2**_MAX_INDEX_BITS:
+                raise WeightkitError(f"{what} must be a power of two from 2 to {2**_MAX_INDEX_BITS}, got {k}")
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of the index (indices) stored per vector."""
+        bits = int(math.log2(self.centroids))
+        return bits + (int(math.log2(self.residual_centroids)) if self.residual_centroids else 0)
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Refuse a weight these codebooks cannot quantize, naming the tensor."""
+        if len(shape) != 2:
+            raise WeightkitError(
+                f"{name}: only 2-D weights can be vector-quantized, got shape {tuple(shape)}"
+            )
+        rows, cols = shape
+        if rows % self.vector_length:
+            raise WeightkitError(
+                f"{name}: vector length {self.vector_length} does not divide its {rows} output rows "
+                f"(shape {tuple(shape)}); choose a vector length that divides {rows}"
+            )
+        vectors = rows // self.vector_length * cols
+        for what, k in (("codebook", self.centroids), ("residual codebook", self.residual_centroids)):
+            if k > vectors:
+                raise WeightkitError(
+                    f"{name}: a {what} of {k} codewords is larger than the {vectors} vectors of length "
+                    f"{self.vector_length} in this {rows}x{cols} weight; use fewer bits or a shorter "
+                    f"vector length"
+                )
+
+    def storage_bits(self, shape: tuple[int, int], name: str = "weight") -> tuple[int, int]:
+        """``(index_bits, codebook_bits)`` stored for a weight of ``shape``: ``log2(k)`` (plus
+        ``log2(k_residual)``) bits per vector, and 16 bits per codebook entry."""
+        self.check_shape(shape, name)
+        vectors = shape[0] // self.vector_length * shape[1]
+        codewords = self.centroids + self.residual_centroids
+        return vectors * self.index_bits, codewords * self.vector_length * _CODEBOOK_ENTRY_BITS
+
+    def effective_bits(self, shape: tuple[int, int], name: str = "weight") -> float:
+        """Bits per weight, indices and codebooks together, for a weight of ``shape``."""
+        index_bits, codebook_bits = self.storage_bits(shape, name)
+        return (index_bits + codebook_bits) / (shape[0] * shape[1])
+
+
+def vptq_spec_for_bits(
+    shape: tuple[int, int],
+    bits: float,
+    *,
+    vector_length: int = 8,
+    residual_bits: float = 0,
+    name: str = "weight",
+) -> VPTQSpec:
+    """The codebooks giving ``bits`` index bits per weight with vectors of ``vector_length``.
+
+    ``bits`` counts the indices only, as the paper's and the reference's model names do
+    (``v8-k65536`` is 2 bits); :meth:`VPTQSpec.effective_bits` adds the fp16 codebooks. ``residual_bits``
+    of them go to a residual codebook: ``bits=2, vector_length=8`` gives ``k = 2^16``, and with
+    ``residual_bits=1`` ``k = 2^8`` plus a residual ``k = 2^8``.
+
+    Raises:
+        WeightkitError: ``bits * vector_length`` or ``residual_bits * vector_length`` is not a whole
+            number of index bits, a codebook would need more than 16 index bits, or a codebook has more
+            codewords than the layer has vectors.
+    """
+    if not 0 <= residual_bits < bits:
+        raise WeightkitError(f"residual bits must lie in [0, bits={bits}), got {residual_bits}")
+    per_vector = []
+    for what, b in (("bits", bits), ("residual bits", residual_bits)):
+        # A product of two floats (0.3 * 10): whole within rounding error counts as whole.
+        exact = b * vector_length
+        if abs(exact - round(exact)) > 1e-9:
+            raise WeightkitError(
+                f"{name}: {what} {b} x vector length {vector_length} = {exact:g} index bits per vector; "
+                f"it must be a whole number"
+            )
+        per_vector.append(round(exact))
+    main_index, residual_index = per_vector[0] - per_vector[1], per_vector[1]
+    if main_index > _MAX_INDEX_BITS or residual_index > _MAX_INDEX_BITS:
+        raise WeightkitError(
+            f"{name}: {main_index} index bits per vector for the codebook and {residual_index} for the "
+            f"residual codebook; each can have at most {_MAX_INDEX_BITS} (2^{_MAX_INDEX_BITS} codewords): "
+            f"use a shorter vector length or give more bits to the residual codebook"
+        )
+    spec = VPTQSpec(vector_length, 2**main_index, 2**residual_index if residual_index else 0)
+    spec.check_shape(tuple(shape), name)
+    return spec
+
+
+def weight_to_vectors(w: Tensor, vector_length: int) -> Tensor:
+    """``[out, in] -> [out // v * in, v]``; vector ``r * in + j`` is rows ``r*v`` to ``r*v+v-1`` of column j.
+
+    The paper's layout: a vector never spans two input columns, so the column sweep quantizes whole
+    vectors and every entry of a vector shares one Hessian diagonal ``H_jj``.
+    """
+    rows, cols = w.shape
+    return w.reshape(rows // vector_length, vector_length, cols).transpose(1, 2).reshape(-1, vector_length)
+
+
+def vectors_to_weight(vectors: Tensor, cols: int) -> Tensor:
+    """Inverse of :func:`weight_to_vectors` for a weight with ``cols`` input columns."""
+    v = vectors.shape[1]
+    return vectors.reshape(-1, cols, v).transpose(1, 2).reshape(-1, cols)
+
+
+def nearest_codeword(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """Index (``int64``, ``[n]``) of the codeword nearest (Euclidean) to each of ``vectors`` ``[n, v]``."""
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term is the same for every codeword.
+    sq_norms = codebook.square().sum(1)
+    chunk = max(1, _DISTANCE_CHUNK // codebook.shape[0])
+    return torch.cat(
+        [torch.addmm(sq_norms, part, codebook.T, alpha=-2).argmin(1) for part in vectors.split(chunk)]
+    )
+
+
+def hessian_weighted_kmeans(
+    vectors: Tensor, sample_weight: Tensor, k: int, *, iterations: int = 100, seed: int = 0
+) -> Tensor:
+    """Codebook ``[k, v]`` of weighted k-means (Lloyd) on ``vectors`` ``[n, v]``, in ``vectors``' dtype.
+
+    Each centroid is the ``sample_weight``-weighted mean of the vectors nearest to it; VPTQ weighs a
+    vector by the Hessian diagonal ``H_jj`` of its column. Starts from ``k`` distinct vectors drawn with
+    ``seed`` (all of them, repeated to ``k`` rows, if there are fewer than ``k``); stops after
+    ``iterations`` steps or when no vector changes centroid. A centroid left without vectors stays put.
+    """
+    if k > vectors.shape[0]:
+        raise WeightkitError(f"k-means with {k} centroids needs at least {k} vectors, got {vectors.shape[0]}")
+    if sample_weight.shape != vectors.shape[:1] or bool((sample_weight < 0).any()):
+        raise WeightkitError("k-means sample weights must be one non-negative number per vector")
+    generator = torch.Generator(device=vectors.device).manual_seed(seed)
+    distinct = torch.unique(vectors, dim=0)
+    draw = torch.randperm(distinct.shape[0], generator=generator, device=vectors.device)
+    if distinct.shape[0] < k:  # every distinct vector is a centroid; the copies never win a vector
+        draw = draw.repeat(-(-k // distinct.shape[0]))
+    centroids = distinct[draw[:k]].clone()
+    assignment = None
+    for _ in range(iterations):
+        new_assignment = nearest_codeword(vectors, centroids)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        mass = torch.zeros(k, dtype=vectors.dtype, device=vectors.device).index_add_(
+            0, assignment, sample_weight
+        )
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, vectors * sample_weight.unsqueeze(1))
+        filled = mass > 0
+        centroids[filled] = sums[filled] / mass[filled].unsqueeze(1)
+    return centroids
+
+
+def vptq_dequantize(
+    indices: Tensor,
+    codebook: Tensor,
+    residual_indices: Tensor | None = None,
+    residual_codebook: Tensor | None = None,
+) -> Tensor:
+    """The weight ``[out, in]`` from indices ``[out // v, in]`` and codebooks ``[k, v]``, in their dtype.
+
+    Element ``[r * v + i, j]`` is ``codebook[indices[r, j], i]``, plus the residual codeword's ``i``-th
+    entry.
+    """
+    if (residual_indices is None) != (residual_codebook is None):
+        raise WeightkitError("residual indices and a residual codebook go together; got only one of them")
+    vectors = codebook[indices]  # [out // v, in, v]
+    if residual_codebook is not None:
+        vectors = vectors + residual_codebook[residual_indices]
+    groups, cols, v = vectors.shape
+    return vectors.transpose(1, 2).reshape(groups * v, cols)
+
+
+@dataclass
+class VPTQWeight:
+    """A vector-quantized ``[out, in]`` weight: indices ``[out // v, in]`` (``int32``) into fp16 codebooks."""
+
+    indices: Tensor
+    codebook: Tensor  # [k, v], float16
+    residual_indices: Tensor | None = None
+    residual_codebook: Tensor | None = None  # [k_residual, v], float16
+
+    @property
+    def spec(self) -> VPTQSpec:
+        residual = 0 if self.residual_codebook is None else self.residual_codebook.shape[0]
+        return VPTQSpec(self.codebook.shape[1], self.codebook.shape[0], residual)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight in ``dtype`` (the sum of fp16 codewords is taken in ``dtype``, not in fp16)."""
+        residual = None if self.residual_codebook is None else self.residual_codebook.to(dtype)
+        return vptq_dequantize(self.indices, self.codebook.to(dtype), self.residual_indices, residual)
+
+
+def _sweep(
+    W: Tensor, U: Tensor, codebook: Tensor, residual_codebook: Tensor | None, block_size: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """GPTQ's column sweep with vector codewords; ``W`` is updated in place.
+
+    ``U`` is the upper Cholesky factor of ``H^-1`` with rows divided by their diagonal. Returns the
+    indices ``[out // v, in]``, residual indices or None, and ``W - Q`` with ``W`` as updated by the
+    sweep (what is left for a residual codebook to fit).
+    """
+    rows, cols = W.shape
+    v = codebook.shape[1]
+    indices = torch.empty(rows // v, cols, dtype=torch.int64, device=W.device)
+    residual_indices = None if residual_codebook is None else torch.empty_like(indices)
+    left = torch.empty_like(W)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        WT = W[:, b0:b1].T.contiguous()  # the block's columns as contiguous rows
+        ET = torch.empty_like(WT)
+        for i in range(b1 - b0):
+            column = WT[i].reshape(-1, v)
+            idx = nearest_codeword(column, codebook)
+            q = codebook[idx]
+            indices[:, b0 + i] = idx
+            if residual_codebook is not None:
+                ridx = nearest_codeword(column - q, residual_codebook)
+                q = q + residual_codebook[ridx]
+                residual_indices[:, b0 + i] = ridx
+            torch.sub(WT[i], q.reshape(-1), out=ET[i])
+            # GPTQ's update: this column's error moves onto the block's remaining columns.
+            WT[i + 1 :].addr_(U[b0 + i, b0 + i + 1 : b1], ET[i], alpha=-1)
+        left[:, b0:b1] = ET.T
+        # Lazy batch update: the rest of the matrix gets the whole block's error at once.
+        W[:, b1:] -= ET.T @ U[b0:b1, b1:]
+    return indices, residual_indices, left
+
+
+def vptq_quantize(
+    w: Tensor,
+    h: Tensor,
+    spec: VPTQSpec,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    kmeans_iterations: int = 100,
+    seed: int = 0,
+    name: str = "weight",
+) -> VPTQWeight:
+    """Vector-quantize ``w`` with VPTQ given the Hessian of its inputs.
+
+    Args:
+        w: weight ``[out, in]``; ``out`` must be a multiple of ``spec.vector_length``.
+        h: ``[in, in]`` Hessian from :class:`~weightkit.compress.quant.hessian.Hessian`.
+        spec: vector length and codebook sizes (see :func:`vptq_spec_for_bits`).
+        damp: fraction of the mean Hessian diagonal added to its diagonal before inverting (GPTQ's).
+        block_size: columns per lazy batch update; changes speed, not the result.
+        act_order: sweep the columns in order of decreasing ``H_jj`` (the most activated input channels
+            first, while there is still freedom left to compensate their error). The main codebook does
+            not depend on it; the indices come back in the original column order.
+        kmeans_iterations: most Lloyd steps per codebook.
+        seed: seeds the k-means starting centroids.
+        name: the tensor's name for error messages.
+
+    Returns:
+        Indices and fp16 codebooks; :meth:`VPTQWeight.dequantize` gives the quantized weight.
+
+    Raises:
+        WeightkitError: bad shapes, non-finite inputs, a codebook larger than the layer's vectors, or a
+            Hessian that stays singular after retries.
+
+    Notes:
+        Work is done in float32 (float64 if ``w`` or ``h`` is float64). Inputs with ``H_jj == 0`` never
+        fire: their weights are set to zero, weigh nothing in k-means, and ``H_jj`` becomes 1 so the
+        inverse exists.
+    """
+    spec.check_shape(tuple(w.shape), name)
+    rows, cols = w.shape
+    if h.shape != (cols, cols):
+        raise WeightkitError(f"{name}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
+    if block_size < 1 or kmeans_iterations < 1:
+        raise WeightkitError(
+            f"block_size and kmeans_iterations must be positive, got {block_size} and {kmeans_iterations}"
+        )
+    if damp < 0:
+        raise WeightkitError(f"damp must be non-negative, got {damp}")
+    if not bool(torch.isfinite(w).all()):
+        raise WeightkitError(f"{name}: weight has NaN or Inf values")
+    if not bool(torch.isfinite(h).all()):
+        raise WeightkitError(f"{name}: Hessian has NaN or Inf values; check the calibration inputs")
+
+    cdtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
+    W = w.to(cdtype).clone()
+    H = h.to(cdtype).clone()
+    v = spec.vector_length
+    # The k-means weight of vector ``r * in + j`` is its column's H_jj, taken before dead columns are patched.
+    vector_weight = H.diagonal().repeat(rows // v)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    def kmeans(vectors: Tensor, k: int) -> Tensor:
+        """A codebook in fp16, trained on vectors in the original column order (as ``vector_weight``)."""
+        centroids = hessian_weighted_kmeans(
+            vectors, vector_weight, k, iterations=kmeans_iterations, seed=seed
+        )
+        return centroids.to(CODEBOOK_DTYPE)
+
+    codebook = kmeans(weight_to_vectors(W, v), spec.centroids)
+
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    # Indices and residuals come back to the original column order through this.
+    unpermute = torch.argsort(perm) if act_order else slice(None)
+    U = factor_inverse_hessian(H, damp, name)
+    # Errors are kept as ``w - q`` rather than GPTQ's ``(w - q) / U_jj``: U's rows are divided once.
+    U = U / U.diagonal().unsqueeze(1)
+
+    indices, _, left = _sweep(W.clone(), U, codebook.to(cdtype), None, block_size)
+    if not spec.residual_centroids:
+        return VPTQWeight(indices[:, unpermute].to(torch.int32), codebook)
+
+    residual_codebook = kmeans(weight_to_vectors(left[:, unpermute], v), spec.residual_centroids)
+    indices, residual_indices, _ = _sweep(W, U, codebook.to(cdtype), residual_codebook.to(cdtype), block_size)
+    return VPTQWeight(
+        indices[:, unpermute].to(torch.int32),
+        codebook,
+        residual_indices[:, unpermute].to(torch.int32),
+        residual_codebook,
+    )
