@@ -51,6 +51,7 @@ __all__ = [
     "config_groups",
     "check_exportable",
     "export_tensors",
+    "float_scheme_from_weights_args",
     "float_tensors",
     "is_quantized_checkpoint",
     "packed_tensors",
@@ -60,6 +61,7 @@ __all__ = [
     "refuse_quantized",
     "scheme_from_weights_args",
     "scheme_of",
+    "unpack_e2m1",
 ]
 
 
@@ -125,6 +127,32 @@ def scheme_from_weights_args(args: dict, where: str) -> QuantScheme:
         raise WeightkitError(f"{where}: activation ordering 'group' (weights with g_idx) is not supported")
     group_size = args.get("group_size") if strategy == "group" else None
     return QuantScheme(bits=int(args["num_bits"]), group_size=group_size, symmetric=bool(args["symmetric"]))
+
+
+def float_scheme_from_weights_args(args: dict, where: str) -> FloatScheme:
+    """The weightkit float scheme of a compressed-tensors ``weights`` block of type float.
+
+    weightkit holds static symmetric FP8 E4M3 with strategy "channel" or "group" (format
+    "float-quantized"), and NVFP4: 4 bits, strategy "tensor_group", group size 16, E4M3 group scales
+    (format "nvfp4-pack-quantized").
+
+    Raises:
+        WeightkitError: anything else (e.g. per-tensor or block FP8, MXFP4, dynamic or asymmetric), naming
+            ``where`` and the fields.
+    """
+    bits, strategy, group_size = args.get("num_bits"), args.get("strategy"), args.get("group_size")
+    static = args.get("type") == "float" and not args.get("dynamic") and args.get("symmetric", True)
+    if static and bits == 8 and strategy in ("group", "channel"):
+        return FloatScheme("e4m3", group_size if strategy == "group" else None)
+    nvfp4 = strategy == "tensor_group" and group_size == 16
+    if static and bits == 4 and nvfp4 and args.get("scale_dtype") in (None, "torch.float8_e4m3fn"):
+        return FloatScheme("e2m1", 16)
+    raise WeightkitError(
+        f"{where}: weightkit reads static symmetric float weights as FP8 with strategy 'channel' or "
+        f"'group', or NVFP4 (4 bits, strategy 'tensor_group', group size 16); got type {args.get('type')!r}, "
+        f"num_bits {bits!r}, strategy {strategy!r}, group_size {group_size!r}, "
+        f"dynamic {args.get('dynamic')!r}"
+    )
 
 
 def quantization_config(modules: dict[str, QuantScheme | FloatScheme], ignore: list[str]) -> dict:
@@ -287,6 +315,15 @@ def packed_tensors(quantized: QuantizedWeight, bias: torch.Tensor | None) -> dic
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of the NVFP4 packing: ``uint8 [rows, cols / 2]`` -> E2M1 values ``[rows, cols]`` held in
+    ``float8_e4m3fn`` (which represents each exactly)."""
+    magnitudes = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32)
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int64)
+    values = magnitudes[codes & 7]
+    return torch.where(codes & 8 != 0, -values, values).to(torch.float8_e4m3fn)
+
+
 def _pack_e2m1(values: torch.Tensor) -> torch.Tensor:
     """E2M1 values ``[rows, cols]`` (``cols`` even) as codes packed two per byte, even column low."""
     magnitudes = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32)
@@ -371,30 +408,51 @@ def refuse_quantized(path: str | Path, *, verb: str, instead: str) -> None:
         )
 
 
-def config_groups(qc: dict, path: Path) -> tuple[list[tuple[str, list[str], QuantScheme]], list[str]]:
-    """``[(group name, targets, scheme)]`` and the ignore list of a pack-quantized quantization_config."""
+def config_groups(
+    qc: dict, path: Path, *, floats: bool = False
+) -> tuple[list[tuple[str, list[str], QuantScheme | FloatScheme]], list[str]]:
+    """``[(group name, targets, scheme)]`` and the ignore list of a compressed-tensors quantization_config.
+
+    Reads "pack-quantized" groups (integer ``QuantScheme``); with ``floats`` also "float-quantized" (FP8)
+    and "nvfp4-pack-quantized" (FP4) groups as ``FloatScheme``. Any other format is refused by name.
+    """
     where = f"{path / 'config.json'} quantization_config"
     fmt = qc.get("format")
+    readable = (
+        ("pack-quantized", "float-quantized", "nvfp4-pack-quantized") if floats else ("pack-quantized",)
+    )
     groups = []
     for group_name, group in (qc.get("config_groups") or {}).items():
         group_format = group.get("format") or fmt
-        if group_format != "pack-quantized":
+        if group_format not in readable:
             raise WeightkitError(
                 f"{where} group {group_name}: format {group_format!r} is not supported by weightkit.load "
-                f"(it reads 'pack-quantized'); load it with transformers instead"
+                f"(it reads {', '.join(map(repr, readable))}); load it with transformers instead"
             )
         if group.get("input_activations") or group.get("output_activations"):
             raise WeightkitError(f"{where} group {group_name}: activation quantization is not supported")
         if not group.get("weights"):
             raise WeightkitError(f"{where} group {group_name} has no weights scheme")
-        scheme = scheme_from_weights_args(group["weights"], f"{where} group {group_name}")
+        if group_format == "pack-quantized":
+            scheme = scheme_from_weights_args(group["weights"], f"{where} group {group_name}")
+        else:
+            scheme = float_scheme_from_weights_args(
+                group["weights"], f"{where} group {group_name} (format {group_format!r})"
+            )
+            if _format_of(scheme) != group_format:
+                raise WeightkitError(
+                    f"{where} group {group_name}: format {group_format!r} does not hold "
+                    f"{scheme.bits}-bit float weights (they are stored as {_format_of(scheme)!r})"
+                )
         groups.append((group_name, list(group.get("targets") or []), scheme))
     if not groups:
         raise WeightkitError(f"{where} has no config_groups")
     return groups, list(qc.get("ignore") or [])
 
 
-def scheme_of(name: str, module: nn.Module, groups, ignore: list[str], path: Path) -> QuantScheme:
+def scheme_of(
+    name: str, module: nn.Module, groups, ignore: list[str], path: Path
+) -> QuantScheme | FloatScheme:
     """The scheme of the first config group whose targets match the module (compressed-tensors' rules)."""
     from compressed_tensors.utils.match import is_match
 

@@ -13,6 +13,7 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors.torch import load_file
 
+from weightkit import load
 from weightkit.cli import main
 from weightkit.compress import compress, compress_checkpoint
 from weightkit.compress.quant import FloatQuantizedLinear, FP4Config, FP8Config
@@ -176,6 +177,37 @@ def test_transformers_default_float32_path_runs_nvfp4(tmp_path, llama_dir):
     out = compress_checkpoint(llama_dir, tmp_path / "fp4", FP4Config(), progress=False)
     with torch.no_grad():
         load_with_transformers(out)(input_ids=IDS)
+
+
+@pytest.mark.parametrize("config", [FP8Config(group_size=16), FP4Config()], ids=str)
+def test_weightkit_load_reads_the_export_back_exactly(tmp_path, llama_dir, config):
+    out = compress_checkpoint(llama_dir, tmp_path / "q", config, progress=False)
+    ours = compress(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), config, progress=False)
+    loaded = load(out)
+    got = linears(loaded)
+    assert got.keys() == linears(ours).keys()
+    for name, layer in linears(ours).items():
+        assert got[name].scheme == layer.scheme
+        assert torch.equal(got[name].qweight.view(torch.uint8), layer.qweight.view(torch.uint8)), name
+        assert torch.equal(got[name].dequantized_weight(), layer.dequantized_weight()), name
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits)
+
+
+def test_weightkit_load_refuses_float_schemes_it_cannot_hold(tmp_path, llama_dir):
+    out = compress_checkpoint(llama_dir, tmp_path / "q", FP8Config(), progress=False)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "tensor"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(WeightkitError, match="strategy 'tensor'"):
+        load(out)
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        strategy="channel", num_bits=4
+    )
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(WeightkitError, match="num_bits 4"):
+        load(out)
 
 
 def test_e5m2_is_refused_before_anything_is_written(tmp_path, llama_dir):
