@@ -141,6 +141,18 @@ def test_nvfp4_has_fp8_group_scales_a_global_scale_and_e2m1_values():
     assert ((q.dequantize().float() - w).abs() <= effective * 1.0 * 1.07 + 1e-2).all()
 
 
+@pytest.mark.parametrize(
+    "scheme", [FloatScheme("e4m3"), FloatScheme("e5m2", 16, "m1"), FloatScheme("e2m1", 16)]
+)
+def test_zero_weights_and_zero_groups_stay_zero_and_finite(scheme):
+    w = torch.zeros(4, 32)
+    w[0, 16:] = torch.linspace(-1, 1, 16)  # one live group beside zero groups
+    for weight in (torch.zeros(4, 32), w):
+        q = float_quantize(weight, scheme)
+        assert torch.isfinite(q.scale.float()).all() and torch.isfinite(q.qweight.float()).all()
+        assert torch.equal(q.dequantize().float() == 0, weight == 0)
+
+
 def test_schemes_refuse_what_they_cannot_store():
     with pytest.raises(WeightkitError, match="group_size 32 is not supported"):
         FloatScheme("e2m1", 32)

@@ -76,7 +76,7 @@ def _config_from_args(args: argparse.Namespace):
     method = config_to_dict(config)["method"]
     if args.calib is not None and method in _DATA_FREE:
         raise WeightkitError(
-            f"--calib applies to --method gptq or awq only; {method} uses no calibration data"
+            f"--calib applies to --method gptq or awq only; {method.upper()} uses no calibration data"
         )
     return config
 

@@ -215,14 +215,15 @@ def nvfp4_scales(w: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(scale, global_scale)``: ``float8_e4m3fn [out, in // 16]`` and ``float32 [1]``.
     """
-    absmax = w.detach().abs().amax().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    absmax = w.detach().abs().amax().to(torch.float32)
     global_scale = (FORMATS["e4m3"].max * FORMATS["e2m1"].max / absmax).reshape(1)
+    # An all-zero (or vanishingly small) tensor has no finite global scale: 1, as compressed-tensors does.
+    global_scale = torch.where(torch.isfinite(global_scale), global_scale, 1.0)
     local = absmax_scales(w, "e2m1", NVFP4_GROUP_SIZE).to(torch.float32) * global_scale
-    # A group of zeros would get scale 0 (and a division by zero): the smallest E4M3 value is harmless.
-    scale = round_to_format(local, "e4m3", name="NVFP4 group scales")
-    tiny = torch.tensor(2.0**-9, dtype=torch.float8_e4m3fn).to(torch.float32)
-    scale = torch.where(scale.to(torch.float32) == 0, tiny, scale.to(torch.float32)).to(torch.float8_e4m3fn)
-    return scale, global_scale
+    # A group whose scale rounds to 0 in E4M3 would divide by zero; its weights are below E2M1's reach at
+    # any representable scale, so the smallest E4M3 number (2^-9) is as good and keeps them finite (0).
+    scale = round_to_format(local, "e4m3", name="NVFP4 group scales").to(torch.float32)
+    return torch.where(scale == 0, 2.0**-9, scale).to(torch.float8_e4m3fn), global_scale
 
 
 def float_quantize(w: Tensor, scheme: FloatScheme, *, name: str = "weight") -> FloatQuantizedWeight:
