@@ -168,17 +168,16 @@ def quantization_config(modules: dict[str, QuantScheme | FloatScheme], ignore: l
         ignore: names of the linear layers that stay unquantized; with a single scheme this must list
             every such layer, since ``"Linear"`` matches them all.
 
-    Each group names its format ("pack-quantized" for integer grids, "float-quantized" for FP8,
-    "nvfp4-pack-quantized" for FP4); the top-level ``format`` is that format when all groups share it,
-    else "mixed-precision".
+    The format is "pack-quantized" for integer grids, "float-quantized" for FP8, "nvfp4-pack-quantized"
+    for FP4, named at the top and in each group; all modules must share it.
 
     Returns:
         A JSON-ready dict, as compressed-tensors writes it (``quant_method`` "compressed-tensors",
         ``quantization_status`` "compressed").
 
     Raises:
-        WeightkitError: ``modules`` is empty, a name is both quantized and ignored, or a scheme has no
-            compressed-tensors format (E5M2).
+        WeightkitError: ``modules`` is empty, a name is both quantized and ignored, a scheme has no
+            compressed-tensors format (E5M2), or the schemes need different formats.
     """
     if not modules:
         raise WeightkitError("no quantized modules: nothing to describe in a quantization_config")
@@ -199,14 +198,21 @@ def quantization_config(modules: dict[str, QuantScheme | FloatScheme], ignore: l
             "output_activations": None,
             "format": _format_of(scheme),
         }
-    formats = {group["format"] for group in groups.values()}
+    formats = sorted({group["format"] for group in groups.values()})
+    if len(formats) > 1:
+        # transformers 5.25's dequantizing load runs every group through the compressor of one format.
+        raise WeightkitError(
+            f"the quantized layers use {' and '.join(formats)} grids: one checkpoint holds one "
+            "compressed-tensors format (transformers cannot dequantize a mix); quantize every layer with "
+            "integer grids or every layer with float grids"
+        )
     try:
         ct_version = version("compressed-tensors")
     except PackageNotFoundError:  # the format does not need the package; the field is informational
         ct_version = None
     config = {
         "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "format": formats[0],
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": list(ignore),

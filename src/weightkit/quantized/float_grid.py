@@ -22,9 +22,11 @@ largest group scale near the top of the E4M3 range (:func:`nvfp4_scales`). The d
 :mod:`weightkit.quantized.compressed_tensors`), so an export dequantizes bit-identically there.
 
 Deviations from the paper: the paper quantizes with GPTQ (and adds LoRC low-rank compensation); here the
-rounding is round-to-nearest, calibration-free (GPTQ/LoRC on float grids are not done). FP4 uses the
-NVFP4 two-level scales (the only FP4 layout transformers and vLLM read), and the power-of-two
-constraints apply to FP8 and to plain per-channel/per-group FP4 scales held in memory, not to NVFP4.
+rounding is round-to-nearest, calibration-free (GPTQ/LoRC on float grids are not done). The paper's FP4
+scales are per row or per group; here FP4 is NVFP4 (groups of 16, E4M3 group scales, a global scale), the
+only FP4 layout transformers and vLLM read. The paper designs its power-of-two constraints for FP4 weights
+(the FP4 -> FP8 cast); NVFP4's scales are E4M3 numbers by format, so here the constraints are offered for
+FP8 weights only (where they make the dequantization an exponent shift too) and refused for FP4.
 """
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ import transformers
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.quant_scheme import FP8_DYNAMIC, NVFP4A16
 from safetensors.torch import load_file
 
 from weightkit import load
@@ -19,7 +20,9 @@ from weightkit.compress import compress, compress_checkpoint
 from weightkit.compress.quant import FloatQuantizedLinear, FP4Config, FP8Config
 from weightkit.compress.quant.export import save_quantized
 from weightkit.errors import WeightkitError
+from weightkit.quantized.compressed_tensors import float_tensors, quantization_config
 from weightkit.quantized.float_grid import FloatScheme, float_quantize
+from weightkit.quantized.grid import QuantScheme
 from weightkit.testing import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,8 +117,6 @@ def test_compressed_tensors_stores_and_restores_fp8_exactly_as_we_do(group_size)
 
 
 def test_compressed_tensors_stores_and_restores_nvfp4_exactly_as_we_do():
-    from weightkit.quantized.compressed_tensors import float_tensors
-
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5))
     ours = float_quantize(w, FloatScheme("e2m1", 16))
     scheme = QuantizationScheme(
@@ -208,6 +209,17 @@ def test_weightkit_load_refuses_float_schemes_it_cannot_hold(tmp_path, llama_dir
     config_path.write_text(json.dumps(config))
     with pytest.raises(WeightkitError, match="num_bits 4"):
         load(out)
+
+
+def test_quantization_config_equals_compressed_tensors_presets_and_refuses_mixed_formats():
+    fp8 = quantization_config({"a": FloatScheme("e4m3")}, ["lm_head"])
+    assert fp8["format"] == "float-quantized"
+    assert fp8["config_groups"]["group_0"]["weights"] == FP8_DYNAMIC["weights"].model_dump(mode="json")
+    nvfp4 = quantization_config({"a": FloatScheme("e2m1", 16)}, ["lm_head"])
+    assert nvfp4["format"] == "nvfp4-pack-quantized"
+    assert nvfp4["config_groups"]["group_0"]["weights"] == NVFP4A16["weights"].model_dump(mode="json")
+    with pytest.raises(WeightkitError, match="float-quantized and pack-quantized grids: one checkpoint"):
+        quantization_config({"a": FloatScheme("e4m3"), "b": QuantScheme(4, 16)}, [])
 
 
 def test_e5m2_is_refused_before_anything_is_written(tmp_path, llama_dir):
