@@ -78,7 +78,7 @@ def test_compress_puts_every_selected_linear_on_its_grid(config):
     assert len(layers) == 14 and not isinstance(model.lm_head, FloatQuantizedLinear)
     expected = float_quantize(up, config.scheme_for("up_proj"))
     got = layers["model.layers.1.mlp.up_proj"]
-    assert torch.equal(got.qweight.view(torch.uint8), expected.qweight.view(torch.uint8))
+    assert torch.equal(got.qweight_bits, expected.qweight.view(torch.uint8))
     assert torch.equal(got.dequantized_weight(), expected.dequantize())
 
 
@@ -95,6 +95,24 @@ def test_streamed_checkpoint_equals_compressing_the_loaded_model(tmp_path, llama
         ), name
     qc = json.loads((streamed / "config.json").read_text())["quantization_config"]
     assert qc == json.loads((saved / "config.json").read_text())["quantization_config"]
+
+
+def test_casting_the_model_keeps_the_stored_format():
+    """``.half()`` casts every floating-point tensor: the grid values and NVFP4's scales must not follow."""
+    for config in (FP8Config(), FP4Config()):
+        model = compress(tiny_llama(seed=0), config, progress=False)
+        before = {n: float_tensors(m.quantized, None) for n, m in linears(model).items()}
+        model.half()
+        for name, layer in linears(model).items():
+            after = float_tensors(layer.quantized, None)
+            for suffix, tensor in after.items():
+                if suffix == "weight_scale" and isinstance(config, FP8Config):
+                    assert tensor.dtype == torch.float16  # the model's precision, as integer grids' scales
+                    continue
+                assert tensor.dtype == before[name][suffix].dtype
+                assert torch.equal(
+                    tensor.view(-1).view(torch.uint8), before[name][suffix].view(-1).view(torch.uint8)
+                )
 
 
 # -- compressed-tensors and transformers --------------------------------------------------------------
@@ -189,7 +207,7 @@ def test_weightkit_load_reads_the_export_back_exactly(tmp_path, llama_dir, confi
     assert got.keys() == linears(ours).keys()
     for name, layer in linears(ours).items():
         assert got[name].scheme == layer.scheme
-        assert torch.equal(got[name].qweight.view(torch.uint8), layer.qweight.view(torch.uint8)), name
+        assert torch.equal(got[name].qweight_bits, layer.qweight_bits), name
         assert torch.equal(got[name].dequantized_weight(), layer.dequantized_weight()), name
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits)
@@ -226,7 +244,7 @@ def test_e5m2_is_refused_before_anything_is_written(tmp_path, llama_dir):
     with pytest.raises(WeightkitError, match="E5M2 weights cannot be saved"):
         compress_checkpoint(llama_dir, tmp_path / "out", FP8Config(fp8_format="e5m2"), progress=False)
     model = compress(tiny_llama(seed=0), FP8Config(fp8_format="e5m2"), progress=False)
-    assert linears(model)["model.layers.0.mlp.up_proj"].qweight.dtype == torch.float8_e5m2
+    assert linears(model)["model.layers.0.mlp.up_proj"].quantized.qweight.dtype == torch.float8_e5m2
     with pytest.raises(WeightkitError, match="E5M2 weights cannot be saved"):
         save_quantized(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
