@@ -23,6 +23,7 @@ from weightkit.errors import WeightkitError
 from weightkit.quantized.compressed_tensors import float_tensors, quantization_config
 from weightkit.quantized.float_grid import FloatScheme, float_quantize
 from weightkit.quantized.grid import QuantScheme
+from weightkit.recipe import dump_config, load_config
 from weightkit.testing import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,6 +59,15 @@ def test_configs_refuse_what_they_cannot_do_by_name():
         FP8Config(overrides={"re:.*down_proj": {"bits": 4}})
 
 
+@pytest.mark.parametrize(
+    "config", [FP8Config(group_size=32, power_of_two="m2"), FP4Config()], ids=["fp8-g32-m2", "fp4"]
+)
+def test_configs_round_trip_through_a_recipe(tmp_path, config):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(dump_config(config))
+    assert load_config(recipe) == config
+
+
 def test_fp8_overrides_change_the_grid_of_the_modules_they_match():
     config = FP8Config(
         group_size=16, overrides={"re:.*down_proj": {"group_size": None, "power_of_two": "m2"}}
@@ -69,7 +79,9 @@ def test_fp8_overrides_change_the_grid_of_the_modules_they_match():
 # -- in memory and streamed ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [FP8Config(group_size=16, power_of_two="m1"), FP4Config()], ids=str)
+@pytest.mark.parametrize(
+    "config", [FP8Config(group_size=16, power_of_two="m1"), FP4Config()], ids=["fp8-g16-m1", "fp4"]
+)
 def test_compress_puts_every_selected_linear_on_its_grid(config):
     original = tiny_llama(seed=0)
     up = original.model.layers[1].mlp.up_proj.weight.detach().clone()
@@ -82,7 +94,7 @@ def test_compress_puts_every_selected_linear_on_its_grid(config):
     assert torch.equal(got.dequantized_weight(), expected.dequantize())
 
 
-@pytest.mark.parametrize("config", [FP8Config(), FP4Config()], ids=str)
+@pytest.mark.parametrize("config", [FP8Config(), FP4Config()], ids=["fp8", "fp4"])
 def test_streamed_checkpoint_equals_compressing_the_loaded_model(tmp_path, llama_dir, config):
     streamed = compress_checkpoint(llama_dir, tmp_path / "streamed", config, progress=False)
     model = compress(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), config, progress=False)
@@ -151,7 +163,9 @@ def test_compressed_tensors_stores_and_restores_nvfp4_exactly_as_we_do():
     assert torch.equal(restored, ours.dequantize())
 
 
-@pytest.mark.parametrize("config", [FP8Config(), FP8Config(group_size=16, power_of_two="m2")], ids=str)
+@pytest.mark.parametrize(
+    "config", [FP8Config(), FP8Config(group_size=16, power_of_two="m2")], ids=["fp8-channel", "fp8-g16-m2"]
+)
 def test_transformers_loads_fp8_with_our_weights_bit_for_bit(tmp_path, llama_dir, config):
     out = compress_checkpoint(llama_dir, tmp_path / "fp8", config, progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -198,7 +212,7 @@ def test_transformers_default_float32_path_runs_nvfp4(tmp_path, llama_dir):
         load_with_transformers(out)(input_ids=IDS)
 
 
-@pytest.mark.parametrize("config", [FP8Config(group_size=16), FP4Config()], ids=str)
+@pytest.mark.parametrize("config", [FP8Config(group_size=16), FP4Config()], ids=["fp8-g16", "fp4"])
 def test_weightkit_load_reads_the_export_back_exactly(tmp_path, llama_dir, config):
     out = compress_checkpoint(llama_dir, tmp_path / "q", config, progress=False)
     ours = compress(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), config, progress=False)
@@ -260,6 +274,16 @@ def test_cli_fp8_and_fp4(tmp_path, capsys, llama_dir):
     assert summary["config"] == {**summary["config"], "method": "fp8", "group_size": 16, "power_of_two": "m1"}
     assert main([*argv, "fp4", "-o", str(tmp_path / "b")]) == 0
     assert json.loads(capsys.readouterr().out)["compression_ratio"] > 1
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: fp8\ngroup_size: 16\npower_of_two: m1\n")
+    assert (
+        main(["compress", str(llama_dir), "--json", "--recipe", str(recipe), "-o", str(tmp_path / "r")]) == 0
+    )
+    capsys.readouterr()
+    a, r = stored(tmp_path / "a"), stored(tmp_path / "r")
+    assert a.keys() == r.keys() and all(
+        torch.equal(a[k].view(torch.uint8), r[k].view(torch.uint8)) for k in a
+    )
     for bad, message in (
         (["fp4", "--group-size", "32"], "groups are 16 columns; --group-size 32 is not supported"),
         (["fp4", "--power-of-two", "m1"], "--power-of-two applies to --method fp8 only, not fp4"),
