@@ -158,6 +158,8 @@ def test_schemes_refuse_what_they_cannot_store():
         FloatScheme("e2m1", 32)
     with pytest.raises(WeightkitError, match="power-of-two scales are not supported for FP4"):
         FloatScheme("e2m1", 16, "m1")
+    with pytest.raises(WeightkitError, match="power_of_two 'm2' ties a row's group scales"):
+        FloatScheme("e4m3", None, "m2")
     with pytest.raises(WeightkitError, match="unknown float format 'e3m4'"):
         FloatScheme("e3m4")
     with pytest.raises(WeightkitError, match="group size 16 does not divide its 40"):

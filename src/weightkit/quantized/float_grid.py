@@ -133,6 +133,11 @@ class FloatScheme:
             raise WeightkitError(f"group_size must be a positive integer or None, got {self.group_size}")
         if self.power_of_two not in (None, "m1", "m2"):
             raise WeightkitError(f"power_of_two must be None, 'm1' or 'm2', got {self.power_of_two!r}")
+        if self.power_of_two == "m2" and self.group_size is None:
+            raise WeightkitError(
+                "power_of_two 'm2' ties a row's group scales to its largest one: with one scale per output "
+                "channel (group_size None) it changes nothing; give a group_size, or use 'm1'"
+            )
         if self.format == "e2m1":
             if self.group_size != NVFP4_GROUP_SIZE:
                 raise WeightkitError(
@@ -184,12 +189,14 @@ def absmax_scales(w: Tensor, fmt: str, group_size: int | None) -> Tensor:
 
 
 def power_of_two_scales(scale: Tensor, method: str) -> Tensor:
-    """The paper's scale constraints (ZeroQuant-FP, Section 4) that make FP4 -> FP8 casting a shift.
+    """The paper's two scale constraints, M1 and M2, that make FP4 -> FP8 casting an exponent shift.
 
     - ``"m1"``: every scale becomes ``2^ceil(log2 s)``, a power of two;
-    - ``"m2"``: per output row, ``s_max * 2^ceil(log2(s / s_max))``: the row keeps one real factor
-      ``s_max`` (applied per output channel after the matrix product) and its groups differ from it by
-      powers of two.
+    - ``"m2"``: the scales of a vector share its largest, ``s_max * 2^ceil(log2(s / s_max))``. The paper
+      collects the scales into a vector without tying it to a layout here; weightkit takes the vector to
+      be one output row's group scales, so the row keeps one real factor ``s_max`` (applicable per output
+      channel after the matrix product) and its groups differ from it by powers of two (so
+      :class:`FloatScheme` refuses M2 without groups, where it would change nothing).
 
     Both round the scale *up*, so the grid still covers every weight (none clips); the price is a
     coarser step, at most twice the unconstrained one.

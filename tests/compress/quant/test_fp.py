@@ -70,10 +70,12 @@ def test_configs_round_trip_through_a_recipe(tmp_path, config):
 
 def test_fp8_overrides_change_the_grid_of_the_modules_they_match():
     config = FP8Config(
-        group_size=16, overrides={"re:.*down_proj": {"group_size": None, "power_of_two": "m2"}}
+        group_size=16, overrides={"re:.*down_proj": {"group_size": None, "power_of_two": "m1"}}
     )
-    assert config.scheme_for("model.layers.0.mlp.down_proj") == FloatScheme("e4m3", None, "m2")
+    assert config.scheme_for("model.layers.0.mlp.down_proj") == FloatScheme("e4m3", None, "m1")
     assert config.scheme_for("model.layers.0.mlp.up_proj") == FloatScheme("e4m3", 16, None)
+    with pytest.raises(WeightkitError, match="power_of_two 'm2' ties"):
+        FP8Config(group_size=16, power_of_two="m2", overrides={"re:.*down_proj": {"group_size": None}})
 
 
 # -- in memory and streamed ---------------------------------------------------------------------------
