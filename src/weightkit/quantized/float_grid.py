@@ -38,6 +38,7 @@ from weightkit.errors import WeightkitError, require_finite
 
 __all__ = [
     "FORMATS",
+    "NVFP4_GROUP_SIZE",
     "FloatFormat",
     "FloatScheme",
     "FloatQuantizedWeight",
