@@ -23,10 +23,16 @@ from transformers import (
 
 from weightkit.arch import model_task
 from weightkit.checkpoint import CheckpointReader
-from weightkit.errors import WeightkitError
-from weightkit.quantized.compressed_tensors import config_groups, is_quantized_checkpoint, scheme_of
+from weightkit.errors import WeightkitError, require_finite
+from weightkit.quantized.compressed_tensors import (
+    config_groups,
+    is_quantized_checkpoint,
+    scheme_of,
+    unpack_e2m1,
+)
+from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
-from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 from weightkit.quantized.pack import unpack_int32
 
 __all__ = [
@@ -250,7 +256,15 @@ class CheckpointNames:
 
 # -- loading -----------------------------------------------------------------------------------------
 
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "bias")
+_QUANT_SUFFIXES = (
+    "weight",  # FP8 (float-quantized) stores its grid values under the plain name
+    "weight_packed",
+    "weight_scale",
+    "weight_shape",
+    "weight_zero_point",
+    "weight_global_scale",
+    "bias",
+)
 
 
 def _model_class(config: dict):
@@ -327,6 +341,12 @@ def _quantized_linear(
         ).T.contiguous()
     if dtype is not None:
         scale = scale.to(dtype)
+    bias = _bias(reader, ckpt_name, linear, dtype)
+    return QuantizedLinear(QuantizedWeight(qweight, scale, zero_point, scheme), bias)
+
+
+def _bias(reader, ckpt_name: str, linear: nn.Linear, dtype) -> torch.Tensor | None:
+    """The stored bias of a quantized layer (in ``dtype`` if given), checked against the model's layer."""
     bias_name = f"{ckpt_name}.bias"
     bias = reader.get(bias_name) if bias_name in reader else None
     if (bias is None) != (linear.bias is None):
@@ -335,7 +355,54 @@ def _quantized_linear(
         )
     if bias is not None and dtype is not None:
         bias = bias.to(dtype)
-    return QuantizedLinear(QuantizedWeight(qweight, scale, zero_point, scheme), bias)
+    return bias
+
+
+def _stored(reader, name: str, dtype: torch.dtype, shape: tuple[int, ...], fmt: str) -> torch.Tensor:
+    """A stored tensor of a ``fmt`` layer that must have exactly this dtype and shape (named in the error
+    otherwise)."""
+    if name not in reader:
+        raise WeightkitError(f"{name} is missing: the quantization_config says the layer is {fmt}")
+    tensor = reader.get(name)
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        raise WeightkitError(
+            f"{name} is {tensor.dtype} of shape {tuple(tensor.shape)}, expected {dtype} of shape {shape}"
+        )
+    return tensor
+
+
+def _float_quantized_linear(
+    reader, ckpt_name: str, linear: nn.Linear, scheme: FloatScheme, dtype
+) -> FloatQuantizedLinear:
+    """Rebuild one ``FloatQuantizedLinear`` (FP8 float-quantized or NVFP4), checking dtypes and shapes.
+
+    With ``dtype``, FP8 scales are converted as integer scales are; NVFP4's E4M3 group scales and float32
+    global scale stay as stored (they are part of the format, not of the model's precision).
+    """
+    out_features, in_features = linear.out_features, linear.in_features
+    groups = (out_features, in_features // (scheme.group_size or in_features))
+    if scheme.format == "e2m1":
+        fmt = "nvfp4-pack-quantized"
+        packed_shape = (out_features, in_features // 2)
+        qweight = unpack_e2m1(_stored(reader, f"{ckpt_name}.weight_packed", torch.uint8, packed_shape, fmt))
+        scale = _stored(reader, f"{ckpt_name}.weight_scale", torch.float8_e4m3fn, groups, fmt)
+        global_scale = _stored(reader, f"{ckpt_name}.weight_global_scale", torch.float32, (1,), fmt)
+        require_finite(global_scale, f"{ckpt_name}.weight_global_scale")
+    else:
+        shape = (out_features, in_features)
+        qweight = _stored(reader, f"{ckpt_name}.weight", torch.float8_e4m3fn, shape, "float-quantized")
+        scale, global_scale = reader.get(f"{ckpt_name}.weight_scale"), None
+        if tuple(scale.shape) != groups:
+            raise WeightkitError(
+                f"{ckpt_name}.weight_scale has shape {tuple(scale.shape)}, expected {groups}"
+            )
+        if dtype is not None:
+            scale = scale.to(dtype)
+    # torch.isfinite has no float8 kernel; the float32 copy holds the same values.
+    require_finite(qweight.to(torch.float32), f"{ckpt_name}.weight")
+    require_finite(scale.to(torch.float32), f"{ckpt_name}.weight_scale")
+    quantized = FloatQuantizedWeight(qweight, scale, global_scale, scheme)
+    return FloatQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
 
 def load_quantized(
@@ -345,11 +412,14 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     reader=None,
 ) -> nn.Module:
-    """Load a compressed-tensors pack-quantized directory into a model with ``QuantizedLinear`` layers.
+    """Load a compressed-tensors directory into a model with ``QuantizedLinear`` / ``FloatQuantizedLinear``
+    layers.
 
     The model is built from ``config.json`` without its ``quantization_config`` (parameters on the meta
-    device, so nothing is allocated twice), every packed layer becomes a ``QuantizedLinear`` with the
-    unpacked grid values, scales and zero points, and the other tensors are loaded as stored.
+    device, so nothing is allocated twice), every pack-quantized layer becomes a ``QuantizedLinear`` with the
+    unpacked grid values, scales and zero points, every float-quantized (FP8 E4M3) or nvfp4-pack-quantized
+    (FP4) layer a ``FloatQuantizedLinear`` with its stored values and scales, and the other tensors are
+    loaded as stored.
 
     Args:
         path: the quantized model directory.
@@ -361,8 +431,9 @@ def load_quantized(
         The model in eval mode; ``model.config`` has no ``quantization_config``.
 
     Raises:
-        WeightkitError: a group is not a static integer group/channel pack-quantized scheme, a tensor is
-            missing or has the wrong shape, or the checkpoint has tensors the model does not.
+        WeightkitError: a group is not a static integer group/channel pack-quantized scheme, FP8 E4M3
+            channel/group or NVFP4; a tensor is missing or has the wrong shape or dtype; or the checkpoint
+            has tensors the model does not.
     """
     path = Path(path)
     own_reader = reader is None
@@ -372,7 +443,7 @@ def load_quantized(
         config = reader.config
         if not is_quantized_checkpoint(config):
             raise WeightkitError(f"{path / 'config.json'} has no compressed-tensors quantization_config")
-        groups, ignore = config_groups(config["quantization_config"], path)
+        groups, ignore = config_groups(config["quantization_config"], path, floats=True)
         if model_cls is None:
             model_cls = _model_class(config)
         return _build(path, reader, model_cls, groups, ignore, dtype)
@@ -385,10 +456,9 @@ def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
     model = skeleton(path, model_cls, dtype)
     names = CheckpointNames(model, reader.names())
     names.refuse_fused(path)
+    # Every compressed-tensors quantized layer stores a weight_scale (and only those do).
     packed_modules = {
-        names.to_model(n.removesuffix(".weight_packed"))
-        for n in reader.names()
-        if n.endswith(".weight_packed")
+        names.to_model(n.removesuffix(".weight_scale")) for n in reader.names() if n.endswith(".weight_scale")
     }
     consumed: set[str] = set()
     for name in sorted(packed_modules):
@@ -404,7 +474,11 @@ def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
             )
         ckpt_name = names.to_ckpt(name)
         scheme = scheme_of(ckpt_name, linear, groups, ignore, path)
-        model.set_submodule(name, _quantized_linear(reader, ckpt_name, linear, scheme, dtype))
+        if isinstance(scheme, FloatScheme):
+            layer = _float_quantized_linear(reader, ckpt_name, linear, scheme, dtype)
+        else:
+            layer = _quantized_linear(reader, ckpt_name, linear, scheme, dtype)
+        model.set_submodule(name, layer)
         consumed.update(f"{ckpt_name}.{suffix}" for suffix in _QUANT_SUFFIXES)
 
     expected = set(model.state_dict())

@@ -11,7 +11,10 @@ from weightkit.cli.common import common_options, mb, print_table, refuse_existin
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
-_METHODS = ("rtn", "gptq", "awq")
+_INT_METHODS = ("rtn", "gptq", "awq")
+_METHODS = (*_INT_METHODS, "fp8", "fp4")
+# Methods that use no calibration data.
+_DATA_FREE = ("rtn", "fp8", "fp4")
 
 
 def _group_size_arg(text: str) -> int | None:
@@ -28,9 +31,11 @@ def _group_size_arg(text: str) -> int | None:
 # method or a --recipe would not use is refused by name instead of ignored.
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
-    "bits": ("bits", _METHODS, "--bits"),
+    "bits": ("bits", _INT_METHODS, "--bits"),
     "group_size": ("group_size", _METHODS, "--group-size"),
-    "asym": ("symmetric", _METHODS, "--asym"),
+    "asym": ("symmetric", _INT_METHODS, "--asym"),
+    "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
+    "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
     "act_order": ("act_order", ("gptq",), "--act-order/--no-act-order"),
     "damp": ("damp", ("gptq",), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
@@ -68,8 +73,11 @@ def _config_from_args(args: argparse.Namespace):
                 field, _, flag = _FLAGS[dest]
                 message = re.sub(rf"\b{field}\b", flag, message)
             raise WeightkitError(message) from None
-    if args.calib is not None and config_to_dict(config)["method"] == "rtn":
-        raise WeightkitError("--calib applies to --method gptq or awq only; RTN uses no calibration data")
+    method = config_to_dict(config)["method"]
+    if args.calib is not None and method in _DATA_FREE:
+        raise WeightkitError(
+            f"--calib applies to --method gptq or awq only; {method.upper()} uses no calibration data"
+        )
     return config
 
 
@@ -127,6 +135,11 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 def _setting(config) -> str:
     group = f"g{config.group_size}" if config.group_size else "per-channel"
+    if hasattr(config, "fp8_format"):
+        pow2 = f" pow2-{config.power_of_two}" if config.power_of_two else ""
+        return f"fp8 {config.fp8_format} {group}{pow2}"
+    if not hasattr(config, "bits"):
+        return f"fp4 e2m1 {group} (nvfp4)"
     return f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
 
 
@@ -134,7 +147,7 @@ def add_parsers(sub) -> None:
     """Add ``compress`` to the ``weightkit`` subcommands."""
     c = sub.add_parser(
         "compress",
-        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ)",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ) or FP8/FP4",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -144,6 +157,8 @@ def add_parsers(sub) -> None:
         epilog=(
             "examples:\n"
             "  weightkit compress ./my-model -o ./my-model-w4 --method gptq --bits 4 --group-size 128\n"
+            "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
+            "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,13 +169,26 @@ def add_parsers(sub) -> None:
     method = c.add_argument_group("method (or --recipe)")
     flag = functools.partial(method.add_argument, default=argparse.SUPPRESS)
     flag("--method", choices=_METHODS, help="quantization method (default: gptq)")
-    flag("--bits", type=int, help="bits per weight, 2-8 (default: 4)")
+    flag("--bits", type=int, help="integer methods: bits per weight, 2-8 (default: 4)")
     flag(
         "--group-size",
         type=_group_size_arg,
-        help="input columns per scale: 32, 64, 128 ... or 'channel' for per-channel (default: 128)",
+        help="input columns per scale: 32, 64, 128 ... or 'channel' for per-channel (default: 128; fp8: "
+        "channel; fp4: 16, the only size NVFP4 stores)",
     )
     flag("--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)")
+    flag(
+        "--fp8-format",
+        choices=("e4m3", "e5m2"),
+        help="FP8: e4m3 (saved as compressed-tensors float-quantized) or e5m2 (no saved format: refused "
+        "when saving) (default: e4m3)",
+    )
+    flag(
+        "--power-of-two",
+        choices=("m1", "m2"),
+        help="FP8: ZeroQuant-FP's power-of-two scales: m1 rounds each scale up to a power of two, m2 keeps "
+        "one real factor per output row (default: exact scales)",
+    )
     flag(
         "--act-order",
         action=argparse.BooleanOptionalAction,

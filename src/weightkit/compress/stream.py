@@ -1,8 +1,8 @@
 """Compress a checkpoint directory into a new one without holding the whole model in memory.
 
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
-safetensors files only when needed. RTN reads, quantizes and writes one tensor at a time. GPTQ and AWQ
-hold the embeddings and the other tensors outside the transformer blocks, plus *one* block: a block's
+safetensors files only when needed. RTN, FP8 and FP4 read, quantize and write one tensor at a time. GPTQ
+and AWQ hold the embeddings and the other tensors outside the transformer blocks, plus *one* block: a block's
 weights are read just before it is calibrated, and once it is quantized it is written to the output
 and its memory is freed. The output equals ``compress`` on the loaded model followed by
 ``save_quantized`` (tested), written atomically.
@@ -18,23 +18,30 @@ from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
+from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import (
+    check_exportable,
     export_tensors,
+    float_tensors,
     packed_tensors,
     quantized_model_config,
     refuse_quantized,
 )
+from weightkit.quantized.float_grid import float_quantize
 from weightkit.quantized.grid import rtn_quantize
-from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
 
 __all__ = ["compress_checkpoint"]
+
+# Methods that quantize each weight on its own, without data: streamed one tensor at a time.
+_TENSOR_WISE = (RTNConfig, FP8Config, FP4Config)
 
 
 class _StreamedModel:
@@ -81,13 +88,19 @@ class _StreamedModel:
         block.to("meta")
 
 
-def _stream_rtn(
-    model: nn.Module, config: RTNConfig, streamed: _StreamedModel, progress: bool, device: torch.device
+def _stream_tensor_wise(
+    model: nn.Module,
+    config: RTNConfig | FP8Config | FP4Config,
+    streamed: _StreamedModel,
+    progress: bool,
+    device: torch.device,
 ) -> None:
-    """RTN one tensor at a time: each selected weight is read, rounded on ``device``, packed and written."""
+    """RTN/FP8/FP4 one tensor at a time: each selected weight is read, rounded on ``device``, packed and
+    written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
-    for name in track(list(model.state_dict()), "RTN", enabled=progress):
+    label = {RTNConfig: "RTN", FP8Config: "FP8", FP4Config: "FP4"}[type(config)]
+    for name in track(list(model.state_dict()), label, enabled=progress):
         module_name = weights.get(name)
         tensor = streamed.read(name)
         if tensor is None:
@@ -96,12 +109,18 @@ def _stream_rtn(
             streamed.writer.add(name, tensor)
             continue
         linear = linears[module_name]
-        quantized = rtn_quantize(tensor.to(device), config.scheme_for(module_name), name=name)
+        scheme = config.scheme_for(module_name)
+        if isinstance(config, RTNConfig):
+            quantized = rtn_quantize(tensor.to(device), scheme, name=name)
+            layer, tensors = QuantizedLinear(quantized, linear.bias), packed_tensors(quantized, None)
+        else:
+            quantized = float_quantize(tensor.to(device), scheme, name=name)
+            layer, tensors = FloatQuantizedLinear(quantized, linear.bias), float_tensors(quantized, None)
         # The bias is a tensor of its own in the checkpoint (written under the same name); the
         # meta-device layer stays in the model so the config can describe it.
-        for suffix, packed in packed_tensors(quantized, None).items():
+        for suffix, packed in tensors.items():
             streamed.writer.add(f"{module_name}.{suffix}", packed)
-        model.set_submodule(module_name, QuantizedLinear(quantized, linear.bias).to("meta"))
+        model.set_submodule(module_name, layer.to("meta"))
 
 
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
@@ -133,14 +152,14 @@ def compress_checkpoint(
     Args:
         model_dir: a Hugging Face model directory.
         out_dir: the compressed-tensors pack-quantized directory to create (atomically).
-        config: ``RTNConfig``, ``GPTQConfig`` or ``AWQConfig``.
+        config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``GPTQConfig`` or ``AWQConfig``.
         data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
         allow_pickle: accept ``.bin`` pickle weights (read with ``weights_only``).
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
-            :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN moves
+            :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4 move
             one weight at a time to ``device``, GPTQ/AWQ the embeddings (to capture the first block's
             inputs) and then one block at a time. A checkpoint whose tensors transformers fuses on
             load (a mixture of experts) is loaded whole instead (:func:`_compress_whole`).
@@ -150,12 +169,14 @@ def compress_checkpoint(
 
     Raises:
         WeightkitError: bad input (not a model directory, a quantized checkpoint, unsupported architecture,
-            NaN/Inf weights, shapes the grid cannot take, no calibration text ...); nothing is left at
-            ``out_dir``.
+            NaN/Inf weights, shapes the grid cannot take, no calibration text, a grid compressed-tensors
+            cannot store such as FP8 E5M2 ...); nothing is left at ``out_dir``.
     """
     refuse_quantized(
         model_dir, verb="weightkit compress", instead="compress the full-precision model it was made from"
     )
+    if isinstance(config, FP8Config):
+        check_exportable(config.scheme_for(""), f"fp8_format {config.fp8_format!r}")
     entry = entry_for_config(config)
     device = resolve_device(device)
     model_dir = Path(model_dir)
@@ -164,7 +185,7 @@ def compress_checkpoint(
             raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
-        tokenizer = None if isinstance(config, RTNConfig) else load_tokenizer(model_dir)
+        tokenizer = None if isinstance(config, _TENSOR_WISE) else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
@@ -174,9 +195,9 @@ def compress_checkpoint(
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)
-            elif isinstance(config, RTNConfig):
+            elif isinstance(config, _TENSOR_WISE):
                 streamed = _StreamedModel(model, reader, writer, names)
-                _stream_rtn(model, config, streamed, progress, device)
+                _stream_tensor_wise(model, config, streamed, progress, device)
             else:
                 streamed = _StreamedModel(model, reader, writer, names)
                 blocks = tuple(name for name, _ in block_lists(model))

@@ -1,18 +1,27 @@
-"""Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, exported as compressed-tensors."""
+"""Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, FP8/FP4 float grids, exported as
+compressed-tensors."""
 
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
+from weightkit.compress.quant.fp import FP4Config, FP8Config, quantize_float
 from weightkit.compress.quant.rtn import RTNConfig, quantize_rtn
+from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
-from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 
 __all__ = [
     "AWQConfig",
+    "FP4Config",
+    "FP8Config",
+    "FloatQuantizedLinear",
+    "FloatQuantizedWeight",
+    "FloatScheme",
     "GPTQConfig",
     "QuantScheme",
     "QuantizedLinear",
     "QuantizedWeight",
     "RTNConfig",
     "quantize_awq",
+    "quantize_float",
     "quantize_gptq",
     "quantize_rtn",
 ]

@@ -1,4 +1,5 @@
-"""Save a model with ``QuantizedLinear`` layers as a compressed-tensors "pack-quantized" HF directory.
+"""Save a model with quantized layers as a compressed-tensors HF directory ("pack-quantized" for integer
+grids, "float-quantized" / "nvfp4-pack-quantized" for FP8 / FP4).
 
 The layout (packed grid values, scales, shapes, zero points and the ``quantization_config`` block) is
 :mod:`weightkit.quantized.compressed_tensors`; this module writes it through the one atomic writer.
