@@ -22,6 +22,8 @@ _API = {
     "RTNConfig": "weightkit.compress",
     "GPTQConfig": "weightkit.compress",
     "AWQConfig": "weightkit.compress",
+    "FP8Config": "weightkit.compress",
+    "FP4Config": "weightkit.compress",
     "save_quantized": "weightkit.compress.quant.export",
     "merge": "weightkit.merge",
     "adapt": "weightkit.adapt",

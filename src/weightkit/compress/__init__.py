@@ -6,10 +6,18 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 
 from weightkit import _callable_package
 from weightkit.compress.model import compress
-from weightkit.compress.quant import AWQConfig, GPTQConfig, RTNConfig
+from weightkit.compress.quant import AWQConfig, FP4Config, FP8Config, GPTQConfig, RTNConfig
 from weightkit.compress.stream import compress_checkpoint
 
-__all__ = ["compress", "compress_checkpoint", "RTNConfig", "GPTQConfig", "AWQConfig"]
+__all__ = [
+    "compress",
+    "compress_checkpoint",
+    "RTNConfig",
+    "GPTQConfig",
+    "AWQConfig",
+    "FP8Config",
+    "FP4Config",
+]
 
 
 _callable_package(__name__, compress)
