@@ -10,6 +10,7 @@ from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError
 from weightkit.inspect.heavy_tail import generalized_gaussian_fit, powerlaw_fit
 from weightkit.inspect.metrics import matrix_metrics
+from weightkit.inspect.spectral import stable_rank
 from weightkit.inspect.welore import welore_rank
 from weightkit.models import default_model_path
 
@@ -115,3 +116,10 @@ def test_a_matrix_with_too_few_eigenvalues_has_no_fit_but_its_other_metrics():
 def test_what_is_not_a_weight_matrix_is_refused_by_name(tensor, message):
     with pytest.raises(WeightkitError, match=message):
         matrix_metrics(tensor)
+
+
+def test_numpy_arrays_and_lists_are_taken_as_tensors():
+    weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    from_numpy = matrix_metrics(weight.numpy())
+    assert from_numpy == matrix_metrics(weight)
+    assert stable_rank(weight.tolist()) == pytest.approx(stable_rank(weight.double()))

@@ -82,7 +82,7 @@ import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError
-from weightkit.inspect.spectral import entry_sums, spectrum
+from weightkit.inspect.spectral import as_tensor, entry_sums, spectrum
 
 __all__ = [
     "PowerLawFit",
@@ -277,6 +277,7 @@ def generalized_gaussian_fit(weight: Tensor) -> GeneralizedGaussianFit:
         WeightkitError: ``weight`` holds NaN/Inf, is all zeros, or its ratio lies outside the shape range
             (0.05, 50) — e.g. a matrix whose entries take only two values of equal magnitude.
     """
+    weight = as_tensor(weight)
     if weight.numel() == 0:
         raise WeightkitError("a generalized-Gaussian fit needs entries; the tensor is empty")
     sum_abs, sum_sq = entry_sums(weight)

@@ -41,6 +41,7 @@ from weightkit.inspect.heavy_tail import fit_power_law, generalized_gaussian_fit
 from weightkit.inspect.spectral import (
     MAX_FULL_RANK,
     Spectrum,
+    as_tensor,
     effective_rank_from_singular_values,
     energy_rank_from_singular_values,
     spectrum,
@@ -76,6 +77,7 @@ def matrix_metrics_with_spectrum(
             a bias or a norm's scale; the report skips it with this message), is empty, holds NaN/Inf, or
             is all zeros.
     """
+    weight = as_tensor(weight)
     if not weight.dtype.is_floating_point:
         raise WeightkitError(
             f"a {weight.dtype} tensor holds indices or counts, not weights: it has no spectrum"

@@ -66,6 +66,7 @@ __all__ = [
     "effective_rank_from_singular_values",
     "energy_rank_from_singular_values",
     "entry_sums",
+    "as_tensor",
     "MAX_FULL_RANK",
     "RANDOMIZED_RANK",
 ]
@@ -80,8 +81,15 @@ RANDOMIZED_RANK = 256
 low energy ranks and the top of the power-law tail."""
 
 
+def as_tensor(weight) -> Tensor:
+    """``weight`` as a tensor: a tensor as it is, a NumPy array or nested list through ``torch.as_tensor``
+    (every public function here takes either)."""
+    return weight if isinstance(weight, Tensor) else torch.as_tensor(weight)
+
+
 def _checked_matrix(weight: Tensor) -> Tensor:
     """``weight`` detached, in float32 or float64 (whichever holds its stored precision), after checks."""
+    weight = as_tensor(weight)
     if weight.dim() != 2:
         raise WeightkitError(
             f"a weight matrix is 2-D; got shape {tuple(weight.shape)} (a bias, norm scale or conv kernel "
