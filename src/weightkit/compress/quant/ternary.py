@@ -16,10 +16,11 @@ channel (:func:`ternary_quantize`). Deliberate differences and what is not done:
 
 - **No reactivation.** Its whole purpose is a gradient path during quantization-aware training (the
   paper trains on 10B tokens). Applied to a pretrained model without training, ``C(W)`` is a constant
-  ``1e-3 * sum`` of the small weights: it corrects no error (``W - W_hat`` is unchanged, and the bias
-  approximates nothing of ``x @ W_dead``), and most models here (Llama, ``attention_bias=False``) have
-  no bias tensor in which transformers would load it. Adding it would be a different, untested method
-  under Tequila's name, so it is left out.
+  ``1e-3 * sum`` of the small weights, fitted to nothing: ``W - W_hat`` is unchanged, and an
+  input-independent constant cannot stand for ``x @ W_dead``, which averages to about 0 over inputs
+  that are roughly symmetric (the paper's own argument for making it input-independent). Most models
+  here (Llama, ``attention_bias=False``) also have no bias tensor in which transformers would load it.
+  Adding it would be a different, untested method under Tequila's name, so it is left out.
 - **Scales per group (or per output channel)**, where BitNet b1.58 uses one per tensor: the grids and
   the compressed-tensors export here have a scale per group or channel, and a finer scale fits better.
 - **The dead-zone width is a parameter**, ``threshold * mean|w|`` with ``threshold = 0.5`` by default,
