@@ -96,6 +96,8 @@ def test_bad_options_are_refused_by_name():
         ternary_quantize(torch.randn(4, 64), group_size=24, name="up.weight")
     with pytest.raises(WeightkitError, match="only 2-D weights"):
         ternary_quantize(torch.randn(4, 4, 4), group_size=None)
+    with pytest.raises(WeightkitError, match="q.weight"):
+        ternary_quantize(torch.tensor([[1.0, float("nan")]]), group_size=None, name="q.weight")
 
 
 def test_config_round_trips_through_a_recipe(tmp_path):

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.compress.quant.module import quantize_linear, selected_linears
-from weightkit.errors import WeightkitError
+from weightkit.errors import WeightkitError, require_finite
 from weightkit.progress import track
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
 from weightkit.registry import register
@@ -92,13 +92,14 @@ def ternary_quantize(
         ``[out, groups]`` in ``w``'s dtype.
 
     Raises:
-        WeightkitError: ``w`` is not 2-D, the group size does not divide its columns, or
-            ``threshold <= 0``.
+        WeightkitError: ``w`` is not 2-D, the group size does not divide its columns, it holds NaN/Inf,
+            or ``threshold <= 0``.
     """
     if not threshold > 0:
         raise WeightkitError(f"{name}: threshold must be > 0, got {threshold}")
     scheme = QuantScheme(bits=2, group_size=group_size, symmetric=True)
     scheme.check_shape(tuple(w.shape), name)
+    require_finite(w, name)  # sign(NaN) is NaN: it has no ternary value
     groups = w.to(torch.promote_types(w.dtype, torch.float32)).reshape(
         w.shape[0], -1, group_size or w.shape[1]
     )
