@@ -24,6 +24,7 @@ _API = {
     "AWQConfig": "weightkit.compress",
     "FP8Config": "weightkit.compress",
     "FP4Config": "weightkit.compress",
+    "TernaryConfig": "weightkit.compress",
     "save_quantized": "weightkit.compress.quant.export",
     "merge": "weightkit.merge",
     "adapt": "weightkit.adapt",

@@ -12,9 +12,9 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq")
-_METHODS = (*_INT_METHODS, "fp8", "fp4")
+_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary")
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
 
 
 def _group_size_arg(text: str) -> int | None:
@@ -36,6 +36,7 @@ _FLAGS = {
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
+    "threshold": ("threshold", ("ternary",), "--threshold"),
     "act_order": ("act_order", ("gptq",), "--act-order/--no-act-order"),
     "damp": ("damp", ("gptq",), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
@@ -138,6 +139,8 @@ def _setting(config) -> str:
     if hasattr(config, "fp8_format"):
         pow2 = f" pow2-{config.power_of_two}" if config.power_of_two else ""
         return f"fp8 {config.fp8_format} {group}{pow2}"
+    if hasattr(config, "threshold"):
+        return f"ternary {group} threshold {config.threshold:g}"
     if not hasattr(config, "bits"):
         return f"fp4 e2m1 {group} (nvfp4)"
     return f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
@@ -147,7 +150,7 @@ def add_parsers(sub) -> None:
     """Add ``compress`` to the ``weightkit`` subcommands."""
     c = sub.add_parser(
         "compress",
-        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ) or FP8/FP4",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ), FP8/FP4 or ternary",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -159,6 +162,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-w4 --method gptq --bits 4 --group-size 128\n"
             "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
             "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
+            "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -174,7 +178,7 @@ def add_parsers(sub) -> None:
         "--group-size",
         type=_group_size_arg,
         help="input columns per scale: 32, 64, 128 ... or 'channel' for per-channel (default: 128; fp8: "
-        "channel; fp4: 16, the only size NVFP4 stores)",
+        "channel; fp4: 16, the only size NVFP4 stores; ternary: 128)",
     )
     flag("--asym", action="store_true", help="asymmetric grid with a zero point (default: symmetric)")
     flag(
@@ -188,6 +192,12 @@ def add_parsers(sub) -> None:
         choices=("m1", "m2"),
         help="FP8: ZeroQuant-FP's power-of-two scales: m1 rounds each scale up to a power of two, m2 keeps "
         "one real factor per output row (default: exact scales)",
+    )
+    flag(
+        "--threshold",
+        type=float,
+        help="ternary: weights with |w| <= threshold * mean|w| of their group become 0 (default: 0.5, "
+        "BitNet b1.58's rounding)",
     )
     flag(
         "--act-order",

@@ -1,10 +1,10 @@
 """Compress a checkpoint directory into a new one without holding the whole model in memory.
 
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
-safetensors files only when needed. RTN, FP8 and FP4 read, quantize and write one tensor at a time. GPTQ
-and AWQ hold the embeddings and the other tensors outside the transformer blocks, plus *one* block: a block's
-weights are read just before it is calibrated, and once it is quantized it is written to the output
-and its memory is freed. The output equals ``compress`` on the loaded model followed by
+safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
+time. GPTQ and AWQ hold the embeddings and the other tensors outside the transformer blocks, plus *one*
+block: a block's weights are read just before it is calibrated, and once it is quantized it is written to
+the output and its memory is freed. The output equals ``compress`` on the loaded model followed by
 ``save_quantized`` (tested), written atomically.
 """
 
@@ -21,6 +21,7 @@ from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
+from weightkit.compress.quant.ternary import TernaryConfig, ternary_quantize
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
@@ -41,7 +42,7 @@ from weightkit.runtime.device import resolve_device
 __all__ = ["compress_checkpoint"]
 
 # Methods that quantize each weight on its own, without data: streamed one tensor at a time.
-_TENSOR_WISE = (RTNConfig, FP8Config, FP4Config)
+_TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 
 
 class _StreamedModel:
@@ -90,16 +91,16 @@ class _StreamedModel:
 
 def _stream_tensor_wise(
     model: nn.Module,
-    config: RTNConfig | FP8Config | FP4Config,
+    config: RTNConfig | FP8Config | FP4Config | TernaryConfig,
     streamed: _StreamedModel,
     progress: bool,
     device: torch.device,
 ) -> None:
-    """RTN/FP8/FP4 one tensor at a time: each selected weight is read, rounded on ``device``, packed and
-    written."""
+    """RTN/FP8/FP4/ternary one tensor at a time: each selected weight is read, rounded on ``device``,
+    packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
-    label = {RTNConfig: "RTN", FP8Config: "FP8", FP4Config: "FP4"}[type(config)]
+    label = {RTNConfig: "RTN", FP8Config: "FP8", FP4Config: "FP4", TernaryConfig: "ternary"}[type(config)]
     for name in track(list(model.state_dict()), label, enabled=progress):
         module_name = weights.get(name)
         tensor = streamed.read(name)
@@ -112,6 +113,11 @@ def _stream_tensor_wise(
         scheme = config.scheme_for(module_name)
         if isinstance(config, RTNConfig):
             quantized = rtn_quantize(tensor.to(device), scheme, name=name)
+            layer, tensors = QuantizedLinear(quantized, linear.bias), packed_tensors(quantized, None)
+        elif isinstance(config, TernaryConfig):
+            quantized = ternary_quantize(
+                tensor.to(device), group_size=config.group_size, threshold=config.threshold, name=name
+            )
             layer, tensors = QuantizedLinear(quantized, linear.bias), packed_tensors(quantized, None)
         else:
             quantized = float_quantize(tensor.to(device), scheme, name=name)
@@ -152,17 +158,19 @@ def compress_checkpoint(
     Args:
         model_dir: a Hugging Face model directory.
         out_dir: the compressed-tensors pack-quantized directory to create (atomically).
-        config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``GPTQConfig`` or ``AWQConfig``.
+        config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig`` or
+            ``AWQConfig``.
         data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
         allow_pickle: accept ``.bin`` pickle weights (read with ``weights_only``).
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
-            :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4 move
-            one weight at a time to ``device``, GPTQ/AWQ the embeddings (to capture the first block's
-            inputs) and then one block at a time. A checkpoint whose tensors transformers fuses on
-            load (a mixture of experts) is loaded whole instead (:func:`_compress_whole`).
+            :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU;
+            RTN/FP8/FP4/ternary move one weight at a time to ``device``, GPTQ/AWQ the embeddings (to
+            capture the first block's inputs) and then one block at a time. A checkpoint whose tensors
+            transformers fuses on load (a mixture of experts) is loaded whole instead
+            (:func:`_compress_whole`).
 
     Returns:
         ``out_dir``.

@@ -1,9 +1,10 @@
-"""Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, FP8/FP4 float grids, exported as
-compressed-tensors."""
+"""Weight-only quantization: RTN, GPTQ and AWQ to 2-8 bit integer grids, FP8/FP4 float grids, ternary
+weights, exported as compressed-tensors."""
 
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
 from weightkit.compress.quant.fp import FP4Config, FP8Config, quantize_float
 from weightkit.compress.quant.rtn import RTNConfig, quantize_rtn
+from weightkit.compress.quant.ternary import TernaryConfig, quantize_ternary, ternary_quantize
 from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
 from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
@@ -20,8 +21,11 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedWeight",
     "RTNConfig",
+    "TernaryConfig",
     "quantize_awq",
     "quantize_float",
     "quantize_gptq",
     "quantize_rtn",
+    "quantize_ternary",
+    "ternary_quantize",
 ]
