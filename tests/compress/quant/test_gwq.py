@@ -4,16 +4,19 @@ gradient, and the gain over RTN at an equal bit budget on a weight with planted 
 import pytest
 import torch
 
+from weightkit.compress.quant.calibrated import calibration_batches
 from weightkit.compress.quant.gwq import (
+    GWQConfig,
     gwq_quantize,
     gwq_storage_bits,
+    gwq_weights,
     lm_loss_gradients,
     outlier_count,
     select_outliers,
 )
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
-from weightkit.testing import tiny_llama
+from weightkit.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -194,6 +197,40 @@ def test_lm_loss_gradients_refusals():
         lm_loss_gradients(model, [], ["model.layers.0.self_attn.q_proj"])
     with pytest.raises(WeightkitError, match="no token to predict"):
         lm_loss_gradients(model, [{"input_ids": ids[:, :1], "attention_mask": ids[:, :1] * 0 + 1}], [])
+
+
+# -- a whole model ------------------------------------------------------------------------------------------
+
+
+def test_gwq_weights_on_a_model_keeps_the_top_gradient_fraction_of_each_selected_layer():
+    model = tiny_llama(seed=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    texts = ["The quick brown fox jumps over the lazy dog.", "A weight that matters has a large gradient."]
+    config = GWQConfig(
+        bits=3, group_size=16, outlier_fraction=0.02, overrides={"re:.*down_proj": {"bits": 4}}
+    )
+    result = gwq_weights(model, config, data=texts, tokenizer=tiny_tokenizer())
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert sorted(result) == sorted(linears)  # lm_head is left alone by default
+    gradients = lm_loss_gradients(model, calibration_batches(config, texts, tiny_tokenizer()), linears)
+    for name, q in result.items():
+        weight = model.get_submodule(name).weight
+        assert q.dense.scheme.bits == (4 if name.endswith("down_proj") else 3)
+        assert len(q.outlier_index) == round(0.02 * weight.numel())
+        assert q.outlier_index.tolist() == reference_outliers(gradients[name].abs(), len(q.outlier_index))
+        assert torch.equal(
+            q.dequantize().reshape(-1)[q.outlier_index.long()],
+            weight.detach().half().float().reshape(-1)[q.outlier_index.long()],
+        )
+    # The model itself is not changed.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.5])
+def test_config_refuses_an_outlier_fraction_outside_zero_one(fraction):
+    with pytest.raises(WeightkitError, match="outlier_fraction must be in"):
+        GWQConfig(outlier_fraction=fraction)
 
 
 # -- refusals ------------------------------------------------------------------------------------------------

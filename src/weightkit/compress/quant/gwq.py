@@ -36,21 +36,44 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from weightkit.compress.quant.calibrated import calibration_batches
+from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
+from weightkit.compress.quant.module import selected_linears
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams, quantize_to_grid
 
 __all__ = [
+    "GWQConfig",
     "SparseOutlierWeight",
     "outlier_count",
     "select_outliers",
     "gwq_quantize",
     "gwq_storage_bits",
     "lm_loss_gradients",
+    "gwq_weights",
 ]
 
 SCALE_BITS = 16
 OUTLIER_VALUE_BITS = 16
 OUTLIER_INDEX_BITS = 32
+
+
+@dataclass
+class GWQConfig(WeightQuantFields, CalibrationFields):
+    """GWQ (arXiv:2411.00850): the weights with the largest loss gradient on calibration text stay in
+    16 bit, the rest are rounded to the grid (see ``WeightQuantFields``/``CalibrationFields``).
+
+    Attributes (besides the grid and calibration fields):
+        outlier_fraction: share of each weight matrix kept in float16, in ``[0, 1)``; the paper keeps
+            1%. Each outlier costs 48 bits (value and position), so 1% adds 0.48 bits per weight.
+    """
+
+    outlier_fraction: float = 0.01
+
+    def __post_init__(self):
+        WeightQuantFields.__post_init__(self)
+        CalibrationFields.__post_init__(self)
+        outlier_count(0, self.outlier_fraction)  # validates
 
 
 @dataclass
@@ -221,3 +244,30 @@ def lm_loss_gradients(
             p.requires_grad_(requires_grad)
             p.grad = grad
         model.train(was_training)
+
+
+def gwq_weights(
+    model: nn.Module, config: GWQConfig, *, data=None, tokenizer=None
+) -> dict[str, SparseOutlierWeight]:
+    """GWQ of every linear layer ``config`` selects, from the gradient of ``model``'s LM loss on
+    calibration ``data`` (see :func:`weightkit.compress.quant.calibrated.calibration_batches`).
+
+    The model is not changed: the caller decides what holds the result (replacing the layers needs a
+    quantized linear with a sparse part, which does not exist yet).
+
+    Returns:
+        ``{module name: SparseOutlierWeight}``.
+    """
+    linears = selected_linears(model, config)
+    batches = calibration_batches(config, data, tokenizer)
+    gradients = lm_loss_gradients(model, batches, list(linears))
+    return {
+        name: gwq_quantize(
+            linear.weight.detach(),
+            gradients.pop(name),  # pop: each gradient is freed once its layer is done
+            config.scheme_for(name),
+            outlier_fraction=config.outlier_fraction,
+            name=f"{name}.weight",
+        )
+        for name, linear in linears.items()
+    }
