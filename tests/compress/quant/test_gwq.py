@@ -92,6 +92,17 @@ def test_outliers_restored_exactly_and_the_rest_on_a_grid_fitted_without_them(sy
                 assert restored[row, col] == (code - zp) * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_outliers_of_a_16_bit_weight_are_restored_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(7)
+    weight = (torch.randn(8, 32, generator=gen) * torch.logspace(-6, 2, 32)).to(dtype)
+    gradient = torch.randn(8, 32, generator=gen)
+    q = gwq_quantize(weight, gradient, QuantScheme(3, 16), outlier_fraction=0.25)
+    assert q.outlier_value.dtype == dtype
+    positions = q.outlier_index.long()
+    assert torch.equal(q.dequantize().reshape(-1)[positions], weight.reshape(-1)[positions])
+
+
 def test_no_outliers_is_plain_rtn():
     weight, gradient = torch.randn(8, 32), torch.randn(8, 32)
     scheme = QuantScheme(4, 16, symmetric=False)
