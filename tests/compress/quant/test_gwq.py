@@ -206,6 +206,8 @@ def test_lm_loss_gradients_refusals():
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(WeightkitError, match="no calibration batches"):
         lm_loss_gradients(model, [], ["model.layers.0.self_attn.q_proj"])
+    with pytest.raises(WeightkitError, match="LlamaModel returns no loss"):
+        lm_loss_gradients(model.model, [{"input_ids": ids, "attention_mask": ids * 0 + 1}], [])
     with pytest.raises(WeightkitError, match="no token to predict"):
         lm_loss_gradients(model, [{"input_ids": ids[:, :1], "attention_mask": ids[:, :1] * 0 + 1}], [])
 

@@ -28,7 +28,7 @@ of v2-v4; the method section's equations could not be retrieved) leaves room:
 
 Storage (:func:`gwq_storage_bits`): the dense grid at ``bits`` per weight for *every* position (an
 outlier's slot is kept, as a dense kernel needs), one float16 scale per group, one ``bits``-bit zero
-point per group for an asymmetric grid, and per outlier a float16 value plus an int32 row-major
+point per group for an asymmetric grid, and per outlier a 16-bit value plus an int32 row-major
 position (48 bits). With ``outlier_count = 0`` this is plain RTN's size, so the two compare at an equal
 budget.
 """
@@ -205,8 +205,9 @@ def lm_loss_gradients(
     loss weighted by its share of the predicted tokens, so the sum is the gradient of the loss over all
     the tokens together, whatever the batching. Padding (``attention_mask == 0``) is not predicted.
     Only the named weights get gradients; memory beyond the forward/backward of one batch is one
-    float32-or-model-dtype gradient per named weight (as much as those weights). The model's
-    ``requires_grad`` flags and ``.grad`` fields are left as they were.
+    gradient in the weight's dtype per named weight (as much again as those weights; they are also
+    accumulated in that dtype). The model's ``requires_grad`` flags and ``.grad`` fields are left as
+    they were.
 
     Args:
         model: a causal LM taking ``input_ids``, ``attention_mask`` and ``labels`` (transformers').
@@ -217,8 +218,8 @@ def lm_loss_gradients(
         ``{name: gradient}``, each shaped like the weight.
 
     Raises:
-        WeightkitError: no batches, no token to predict in them, or a named weight the loss does not
-            reach.
+        WeightkitError: no batches, no token to predict in them, a model that returns no loss (not a
+            causal LM), or a named weight the loss does not reach.
     """
     if not batches:
         raise WeightkitError("no calibration batches to compute gradients on")
@@ -244,11 +245,17 @@ def lm_loss_gradients(
             if n == 0:
                 continue
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=label)
+            if getattr(out, "loss", None) is None:
+                raise WeightkitError(
+                    f"{type(model).__name__} returns no loss for labels: GWQ ranks weights by the gradient "
+                    "of a causal LM's next-token loss, so it needs a causal language model"
+                )
             (out.loss * (n / total)).backward()
         unused = [name for name, w in weights.items() if w.grad is None]
         if unused:
             raise WeightkitError(f"{unused[0]}: the loss does not depend on this weight (no gradient)")
-        return {name: w.grad.detach().clone() for name, w in weights.items()}
+        # No copy: ``finally`` detaches these tensors from the parameters.
+        return {name: w.grad.detach() for name, w in weights.items()}
     finally:
         for p, (requires_grad, grad) in zip(params, saved, strict=True):
             p.requires_grad_(requires_grad)
