@@ -82,6 +82,7 @@ def test_float64_inputs_are_trained_in_float64_and_bfloat16_weights_keep_rtn_sca
         (torch.ones(4, 32), torch.ones(0, 32), 1, 1e-3, "calibration inputs must be"),
         (torch.ones(4, 32), torch.ones(2, 32, 1), 1, 1e-3, "calibration inputs must be"),
         (torch.ones(4, 32, dtype=torch.int32), torch.ones(2, 32), 1, 1e-3, "floating-point"),
+        (torch.ones(4, 32), torch.ones(2, 32, device="meta"), 1, 1e-3, "calibration inputs are on meta"),
         (torch.full((4, 32), float("nan")), torch.ones(2, 32), 1, 1e-3, "weight hold NaN"),
         (torch.ones(4, 32), torch.full((2, 32), float("inf")), 1, 1e-3, "inputs hold NaN"),
         (torch.ones(4, 32), torch.ones(2, 32), -1, 1e-3, "steps must be a non-negative"),

@@ -60,6 +60,8 @@ def _check_inputs(w: Tensor, x: Tensor, scheme: QuantScheme, steps: int, lr: flo
             f"{name}: calibration inputs must be [n >= 1, {w.shape[1]}] for a weight of shape "
             f"{tuple(w.shape)}, got {tuple(x.shape)}"
         )
+    if x.device != w.device:
+        raise WeightkitError(f"{name}: calibration inputs are on {x.device} but the weight is on {w.device}")
     for label, t in (("weight", w), ("calibration inputs", x)):
         if not bool(torch.isfinite(t).all()):
             raise WeightkitError(f"{name}: the {label} hold NaN or infinite values")
