@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.quantized.grid import check_grouped_shape
 
 __all__ = [
     "FORMATS",
@@ -157,13 +158,7 @@ class FloatScheme:
 
     def check_shape(self, shape: tuple[int, ...], name: str) -> None:
         """Refuse a weight this scheme cannot quantize, naming the tensor."""
-        if len(shape) != 2:
-            raise WeightkitError(f"{name}: only 2-D weights can be quantized, got shape {tuple(shape)}")
-        if self.group_size is not None and shape[1] % self.group_size:
-            raise WeightkitError(
-                f"{name}: group size {self.group_size} does not divide its {shape[1]} input columns "
-                f"(shape {tuple(shape)})"
-            )
+        check_grouped_shape(shape, self.group_size, name)
 
 
 @dataclass

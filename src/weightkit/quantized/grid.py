@@ -19,12 +19,25 @@ from weightkit.errors import WeightkitError
 
 __all__ = [
     "QuantScheme",
+    "check_grouped_shape",
     "QuantizedWeight",
     "compute_qparams",
     "quantize_to_grid",
     "dequantize",
     "rtn_quantize",
 ]
+
+
+def check_grouped_shape(shape: tuple[int, ...], group_size: int | None, name: str) -> None:
+    """Refuse, naming the tensor, a weight that is not 2-D or whose input columns ``group_size`` does not
+    divide (``None``: one group per row). Every grid with per-group scales (integer or float) needs both."""
+    if len(shape) != 2:
+        raise WeightkitError(f"{name}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+    if group_size is not None and shape[1] % group_size:
+        raise WeightkitError(
+            f"{name}: group size {group_size} does not divide its {shape[1]} input columns "
+            f"(shape {tuple(shape)}); choose a group size that divides {shape[1]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -59,13 +72,7 @@ class QuantScheme:
 
     def check_shape(self, shape: tuple[int, ...], name: str) -> None:
         """Refuse a weight this scheme cannot quantize, naming the tensor."""
-        if len(shape) != 2:
-            raise WeightkitError(f"{name}: only 2-D weights can be quantized, got shape {tuple(shape)}")
-        if self.group_size is not None and shape[1] % self.group_size:
-            raise WeightkitError(
-                f"{name}: group size {self.group_size} does not divide its {shape[1]} input columns "
-                f"(shape {tuple(shape)}); choose a group size that divides {shape[1]}"
-            )
+        check_grouped_shape(shape, self.group_size, name)
 
 
 @dataclass

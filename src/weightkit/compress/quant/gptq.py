@@ -28,7 +28,7 @@ from torch import Tensor
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams
 
-__all__ = ["gptq_quantize", "shrink_hessian", "factor_inverse_hessian"]
+__all__ = ["gptq_quantize", "shrink_hessian", "factor_inverse_hessian", "sweep_inputs"]
 
 _CHOLESKY_RETRIES = 4
 
@@ -125,6 +125,41 @@ def _set_grid(grid: Tensor, groups: slice, scale: Tensor, zero: Tensor | None) -
         grid[2, groups] = (zero * scale).T
 
 
+def sweep_inputs(
+    w: Tensor, h: Tensor, *, damp: float, block_size: int, name: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a GPTQ-style column sweep (GPTQ's, VPTQ's) starts from: the weight ``[out, in]`` and its inputs'
+    Hessian ``[in, in]`` checked, copied to the compute dtype (float64 if either is float64, else float32),
+    and inputs that never fire (``H_jj == 0``) made harmless: their weights zeroed and ``H_jj`` set to 1 so
+    the inverse exists.
+
+    Returns:
+        ``(W, H, diagonal)``: the copies, and the Hessian's diagonal before dead inputs were patched.
+
+    Raises:
+        WeightkitError: a Hessian of another shape, ``block_size < 1``, ``damp < 0``, or NaN/Inf in either.
+    """
+    cols = w.shape[1]
+    if h.shape != (cols, cols):
+        raise WeightkitError(f"{name}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
+    if block_size < 1:
+        raise WeightkitError(f"block_size must be a positive integer, got {block_size}")
+    if damp < 0:
+        raise WeightkitError(f"damp must be non-negative, got {damp}")
+    if not bool(torch.isfinite(w).all()):
+        raise WeightkitError(f"{name}: weight has NaN or Inf values")
+    if not bool(torch.isfinite(h).all()):
+        raise WeightkitError(f"{name}: Hessian has NaN or Inf values; check the calibration inputs")
+    cdtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
+    W = w.to(cdtype).clone()
+    H = h.to(cdtype).clone()
+    diagonal = H.diagonal().clone()
+    dead = diagonal == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, diagonal
+
+
 def gptq_quantize(
     w: Tensor,
     h: Tensor,
@@ -170,24 +205,8 @@ def gptq_quantize(
     """
     scheme.check_shape(tuple(w.shape), name)
     rows, cols = w.shape
-    if h.shape != (cols, cols):
-        raise WeightkitError(f"{name}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
-    if block_size < 1:
-        raise WeightkitError(f"block_size must be a positive integer, got {block_size}")
-    if damp < 0:
-        raise WeightkitError(f"damp must be non-negative, got {damp}")
-    if not bool(torch.isfinite(w).all()):
-        raise WeightkitError(f"{name}: weight has NaN or Inf values")
-    if not bool(torch.isfinite(h).all()):
-        raise WeightkitError(f"{name}: Hessian has NaN or Inf values; check the calibration inputs")
-
-    cdtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
-    W = w.to(cdtype).clone()
-    H = h.to(cdtype).clone()
-
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H, _ = sweep_inputs(w, h, damp=damp, block_size=block_size, name=name)
+    cdtype = W.dtype
 
     group = scheme.group_size or cols
     n_groups = cols // group

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from weightkit.compress.quant.gptq import factor_inverse_hessian
+from weightkit.compress.quant.gptq import factor_inverse_hessian, sweep_inputs
 from weightkit.errors import WeightkitError
 
 __all__ = [
@@ -359,29 +359,14 @@ def vptq_quantize(
         inverse exists.
     """
     spec.check_shape(tuple(w.shape), name)
-    rows, cols = w.shape
-    if h.shape != (cols, cols):
-        raise WeightkitError(f"{name}: Hessian has shape {tuple(h.shape)}, expected ({cols}, {cols})")
-    if block_size < 1 or kmeans_iterations < 1:
-        raise WeightkitError(
-            f"block_size and kmeans_iterations must be positive, got {block_size} and {kmeans_iterations}"
-        )
-    if damp < 0:
-        raise WeightkitError(f"damp must be non-negative, got {damp}")
-    if not bool(torch.isfinite(w).all()):
-        raise WeightkitError(f"{name}: weight has NaN or Inf values")
-    if not bool(torch.isfinite(h).all()):
-        raise WeightkitError(f"{name}: Hessian has NaN or Inf values; check the calibration inputs")
-
-    cdtype = torch.float64 if torch.float64 in (w.dtype, h.dtype) else torch.float32
-    W = w.to(cdtype).clone()
-    H = h.to(cdtype).clone()
+    if kmeans_iterations < 1:
+        raise WeightkitError(f"kmeans_iterations must be a positive integer, got {kmeans_iterations}")
+    rows = w.shape[0]
+    W, H, diagonal = sweep_inputs(w, h, damp=damp, block_size=block_size, name=name)
+    cdtype = W.dtype
     v = spec.vector_length
     # The k-means weight of vector ``r * in + j`` is its column's H_jj, taken before dead columns are patched.
-    vector_weight = H.diagonal().repeat(rows // v)
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    vector_weight = diagonal.repeat(rows // v)
 
     def kmeans(vectors: Tensor, k: int) -> Tensor:
         """A codebook in fp16, trained on vectors in the original column order (as ``vector_weight``)."""
