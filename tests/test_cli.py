@@ -124,7 +124,7 @@ def test_a_device_this_machine_lacks_is_refused_by_name(tmp_path, capsys, llama_
 
 
 def test_compress_runs_on_the_device_asked(tmp_path, capsys, monkeypatch, llama_dir):
-    from weightkit.compress import stream
+    from weightkit.compress.quant import rtn
     from weightkit.quantized.grid import rtn_quantize
 
     seen = []
@@ -133,7 +133,7 @@ def test_compress_runs_on_the_device_asked(tmp_path, capsys, monkeypatch, llama_
         seen.append(w.device.type)
         return rtn_quantize(torch.zeros(w.shape), scheme, **kwargs)  # meta holds no values to round
 
-    monkeypatch.setattr(stream, "rtn_quantize", record)
+    monkeypatch.setattr(rtn, "rtn_quantize", record)  # what RTNConfig.quantize_weight calls
     argv = ["compress", llama_dir, "-o", tmp_path / "on-meta", "--method", "rtn", "--group-size", "32"]
     code, stdout, _ = run(capsys, *argv, "--device", "meta", "--json")
     assert code == 0 and set(seen) == {"meta"} and json.loads(stdout)["device"] == "meta"

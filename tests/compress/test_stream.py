@@ -104,6 +104,7 @@ def test_tied_embeddings_quantize_with_every_method_and_load_in_transformers(tmp
 
 
 def test_streamed_rtn_rounds_each_weight_on_the_device(tmp_path, monkeypatch, llama_dir):
+    from weightkit.compress.quant import rtn as rtn_module
     from weightkit.quantized.grid import rtn_quantize
 
     placements = []
@@ -112,7 +113,8 @@ def test_streamed_rtn_rounds_each_weight_on_the_device(tmp_path, monkeypatch, ll
         placements.append(w.device.type)
         return rtn_quantize(torch.zeros(w.shape), scheme, **kwargs)  # meta holds no values to round
 
-    monkeypatch.setattr(stream_module, "rtn_quantize", record)
+    # RTNConfig.quantize_weight rounds each weight the stream reads (rtn_quantize looked up in its module)
+    monkeypatch.setattr(rtn_module, "rtn_quantize", record)
     compress_checkpoint(llama_dir, tmp_path / "out", CONFIGS["rtn"], progress=False, device="meta")
     assert placements == ["meta"] * 14
 

@@ -21,21 +21,18 @@ from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
-from weightkit.compress.quant.ternary import TernaryConfig, ternary_quantize
+from weightkit.compress.quant.ternary import TernaryConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import (
     check_exportable,
     export_tensors,
-    float_tensors,
-    packed_tensors,
     quantized_model_config,
     refuse_quantized,
+    stored_tensors,
 )
-from weightkit.quantized.float_grid import float_quantize
-from weightkit.quantized.grid import rtn_quantize
-from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
+from weightkit.quantized.linear import quantized_layer
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
 
@@ -96,12 +93,12 @@ def _stream_tensor_wise(
     progress: bool,
     device: torch.device,
 ) -> None:
-    """RTN/FP8/FP4/ternary one tensor at a time: each selected weight is read, rounded on ``device``,
-    packed and written."""
+    """RTN/FP8/FP4/ternary one tensor at a time: each selected weight is read, quantized on ``device`` by
+    ``config.quantize_weight`` (as :func:`~weightkit.compress.quant.module.quantize_each_weight` does in
+    memory), packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
-    label = {RTNConfig: "RTN", FP8Config: "FP8", FP4Config: "FP4", TernaryConfig: "ternary"}[type(config)]
-    for name in track(list(model.state_dict()), label, enabled=progress):
+    for name in track(list(model.state_dict()), config.LABEL, enabled=progress):
         module_name = weights.get(name)
         tensor = streamed.read(name)
         if tensor is None:
@@ -109,24 +106,12 @@ def _stream_tensor_wise(
         if module_name is None:
             streamed.writer.add(name, tensor)
             continue
-        linear = linears[module_name]
-        scheme = config.scheme_for(module_name)
-        if isinstance(config, RTNConfig):
-            quantized = rtn_quantize(tensor.to(device), scheme, name=name)
-            layer, tensors = QuantizedLinear(quantized, linear.bias), packed_tensors(quantized, None)
-        elif isinstance(config, TernaryConfig):
-            quantized = ternary_quantize(
-                tensor.to(device), group_size=config.group_size, threshold=config.threshold, name=name
-            )
-            layer, tensors = QuantizedLinear(quantized, linear.bias), packed_tensors(quantized, None)
-        else:
-            quantized = float_quantize(tensor.to(device), scheme, name=name)
-            layer, tensors = FloatQuantizedLinear(quantized, linear.bias), float_tensors(quantized, None)
+        quantized = config.quantize_weight(tensor.to(device), module_name, name)
         # The bias is a tensor of its own in the checkpoint (written under the same name); the
         # meta-device layer stays in the model so the config can describe it.
-        for suffix, packed in tensors.items():
+        for suffix, packed in stored_tensors(quantized, None).items():
             streamed.writer.add(f"{module_name}.{suffix}", packed)
-        model.set_submodule(module_name, layer.to("meta"))
+        model.set_submodule(module_name, quantized_layer(quantized, linears[module_name].bias).to("meta"))
 
 
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:

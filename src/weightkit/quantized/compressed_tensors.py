@@ -61,6 +61,7 @@ __all__ = [
     "refuse_quantized",
     "scheme_from_weights_args",
     "scheme_of",
+    "stored_tensors",
     "unpack_e2m1",
 ]
 
@@ -294,8 +295,7 @@ def export_tensors(
     for name, layer in quantized.items():
         if name.startswith(skip):
             continue
-        layer_tensors = packed_tensors if isinstance(layer, QuantizedLinear) else float_tensors
-        for suffix, tensor in layer_tensors(layer.quantized, layer.bias).items():
+        for suffix, tensor in stored_tensors(layer.quantized, layer.bias).items():
             yield f"{prefix}{name}.{suffix}", tensor
 
 
@@ -364,6 +364,16 @@ def float_tensors(quantized: FloatQuantizedWeight, bias: torch.Tensor | None) ->
     if bias is not None:
         out["bias"] = bias.detach().cpu()
     return out
+
+
+def stored_tensors(
+    quantized: QuantizedWeight | FloatQuantizedWeight, bias: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """One quantized weight (and its layer's bias) as the checkpoint stores it: :func:`packed_tensors` for
+    an integer grid, :func:`float_tensors` for a float one."""
+    if isinstance(quantized, QuantizedWeight):
+        return packed_tensors(quantized, bias)
+    return float_tensors(quantized, bias)
 
 
 def is_quantized_checkpoint(config: dict | None) -> bool:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from weightkit.quantized.float_grid import FORMATS, FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, dequantize
 
-__all__ = ["QuantizedLinear", "FloatQuantizedLinear"]
+__all__ = ["QuantizedLinear", "FloatQuantizedLinear", "quantized_layer"]
 
 
 class QuantizedLinear(nn.Module):
@@ -94,3 +94,13 @@ class FloatQuantizedLinear(nn.Module):
         group = f"g{s.group_size}" if s.group_size else "per-channel"
         pow2 = f" pow2-{s.power_of_two}" if s.power_of_two else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {s.format} {group}{pow2}"
+
+
+def quantized_layer(
+    quantized: QuantizedWeight | FloatQuantizedWeight, bias: Tensor | None
+) -> QuantizedLinear | FloatQuantizedLinear:
+    """The layer holding ``quantized``: ``QuantizedLinear`` for an integer grid, ``FloatQuantizedLinear``
+    for a float one."""
+    if isinstance(quantized, QuantizedWeight):
+        return QuantizedLinear(quantized, bias)
+    return FloatQuantizedLinear(quantized, bias)

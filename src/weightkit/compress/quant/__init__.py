@@ -2,9 +2,10 @@
 weights, exported as compressed-tensors."""
 
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
-from weightkit.compress.quant.fp import FP4Config, FP8Config, quantize_float
-from weightkit.compress.quant.rtn import RTNConfig, quantize_rtn
-from weightkit.compress.quant.ternary import TernaryConfig, quantize_ternary, ternary_quantize
+from weightkit.compress.quant.fp import FP4Config, FP8Config
+from weightkit.compress.quant.module import quantize_each_weight
+from weightkit.compress.quant.rtn import RTNConfig
+from weightkit.compress.quant.ternary import TernaryConfig, ternary_quantize
 from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
 from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
@@ -23,9 +24,7 @@ __all__ = [
     "RTNConfig",
     "TernaryConfig",
     "quantize_awq",
-    "quantize_float",
+    "quantize_each_weight",
     "quantize_gptq",
-    "quantize_rtn",
-    "quantize_ternary",
     "ternary_quantize",
 ]

@@ -14,19 +14,17 @@ E5M2 has no compressed-tensors format and is refused when saving.
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-import torch
-from torch import nn
+from torch import Tensor
 
-from weightkit.compress.quant.module import selected_linears
+from weightkit.compress.quant.module import quantize_each_weight
 from weightkit.errors import WeightkitError
-from weightkit.progress import track
-from weightkit.quantized.float_grid import NVFP4_GROUP_SIZE, FloatScheme, float_quantize
-from weightkit.quantized.linear import FloatQuantizedLinear
+from weightkit.quantized.float_grid import NVFP4_GROUP_SIZE, FloatQuantizedWeight, FloatScheme, float_quantize
 from weightkit.registry import register
 from weightkit.select import DEFAULT_IGNORE, resolve
 
-__all__ = ["FP8Config", "FP4Config", "quantize_float"]
+__all__ = ["FP8Config", "FP4Config"]
 
 _FP8_OVERRIDE_KEYS = ("group_size", "power_of_two")
 
@@ -57,6 +55,8 @@ class FP8Config:
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     overrides: dict[str, dict] = field(default_factory=dict)
 
+    LABEL: ClassVar[str] = "FP8"
+
     def __post_init__(self):
         if self.fp8_format not in ("e4m3", "e5m2"):
             raise WeightkitError(f"fp8_format must be 'e4m3' or 'e5m2', got {self.fp8_format!r}")
@@ -75,6 +75,10 @@ class FP8Config:
         base = {"group_size": self.group_size, "power_of_two": self.power_of_two}
         return FloatScheme(self.fp8_format, **{**base, **(resolve(module_name, self.overrides) or {})})
 
+    def quantize_weight(self, weight: Tensor, module_name: str, name: str) -> FloatQuantizedWeight:
+        """The FP8 grid of ``weight``, the weight of module ``module_name`` (``name`` in messages)."""
+        return float_quantize(weight, self.scheme_for(module_name), name=name)
+
 
 @dataclass
 class FP4Config:
@@ -90,6 +94,8 @@ class FP4Config:
     targets: list[str] = field(default_factory=lambda: ["_default"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
 
+    LABEL: ClassVar[str] = "FP4"
+
     def __post_init__(self):
         self.scheme_for("")  # validates
 
@@ -100,30 +106,10 @@ class FP4Config:
     def scheme_for(self, module_name: str) -> FloatScheme:
         return FloatScheme("e2m1", self.group_size)
 
-
-def quantize_float(
-    model: nn.Module,
-    config: FP8Config | FP4Config,
-    *,
-    progress: bool = True,
-    device: torch.device | None = None,
-    **_unused,
-) -> nn.Module:
-    """Replace each selected ``nn.Linear`` of ``model`` by a ``FloatQuantizedLinear`` on its FP8/FP4 grid.
-
-    With a ``device``, each weight is rounded there, one at a time, and its layer moved back to where the
-    weight was; without one, where the weight is.
-    """
-    linears = selected_linears(model, config)
-    label = "FP4" if isinstance(config, FP4Config) else "FP8"
-    for name, linear in track(linears.items(), label, total=len(linears), enabled=progress):
-        weight = linear.weight.detach()
-        quantized = float_quantize(
-            weight.to(device or weight.device), config.scheme_for(name), name=f"{name}.weight"
-        )
-        model.set_submodule(name, FloatQuantizedLinear(quantized, linear.bias).to(weight.device))
-    return model
+    def quantize_weight(self, weight: Tensor, module_name: str, name: str) -> FloatQuantizedWeight:
+        """The NVFP4 grid of ``weight``, the weight of module ``module_name`` (``name`` in messages)."""
+        return float_quantize(weight, self.scheme_for(module_name), name=name)
 
 
-register("compress", "fp8", FP8Config, quantize_float)
-register("compress", "fp4", FP4Config, quantize_float)
+register("compress", "fp8", FP8Config, quantize_each_weight)
+register("compress", "fp4", FP4Config, quantize_each_weight)

@@ -1,17 +1,19 @@
-"""Which linear layers a quantization config selects, and swapping them for ``QuantizedLinear``."""
+"""Which linear layers a quantization config selects, and swapping them for quantized layers."""
 
 import warnings
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.compress.quant.config import WeightQuantFields
 from weightkit.errors import WeightkitError
+from weightkit.progress import track
 from weightkit.quantized.grid import QuantizedWeight
-from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.linear import QuantizedLinear, quantized_layer
 from weightkit.select import matches, select_modules
 
-__all__ = ["selected_linears", "quantize_linear"]
+__all__ = ["selected_linears", "quantize_linear", "quantize_each_weight"]
 
 
 def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, nn.Linear]:
@@ -71,3 +73,28 @@ def quantize_linear(model: nn.Module, name: str, quantized: QuantizedWeight) -> 
     layer = QuantizedLinear(quantized, model.get_submodule(name).bias)
     model.set_submodule(name, layer)
     return layer
+
+
+def quantize_each_weight(
+    model: nn.Module,
+    config,
+    *,
+    progress: bool = True,
+    device: torch.device | None = None,
+    **_unused,
+) -> nn.Module:
+    """The method of the configs that quantize each weight on its own, without data (RTN, FP8, FP4,
+    ternary): each selected ``nn.Linear`` of ``model`` becomes the layer holding
+    ``config.quantize_weight(weight, module_name, tensor_name)`` (``QuantizedLinear`` or
+    ``FloatQuantizedLinear``).
+
+    With a ``device``, each weight is quantized there, one at a time, and its layer moved back to where the
+    weight was; without one, where the weight is. :func:`weightkit.compress.compress_checkpoint` streams
+    the same ``quantize_weight`` tensor by tensor.
+    """
+    linears = selected_linears(model, config)
+    for name, linear in track(linears.items(), config.LABEL, total=len(linears), enabled=progress):
+        weight = linear.weight.detach()
+        quantized = config.quantize_weight(weight.to(device or weight.device), name, f"{name}.weight")
+        model.set_submodule(name, quantized_layer(quantized, linear.bias).to(weight.device))
+    return model

@@ -5,45 +5,27 @@ Each selected linear weight is put on a min/max grid per group and rounded indep
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
-from torch import nn
+from torch import Tensor
 
 from weightkit.compress.quant.config import WeightQuantFields
-from weightkit.compress.quant.module import quantize_linear, selected_linears
-from weightkit.progress import track
-from weightkit.quantized.grid import rtn_quantize
+from weightkit.compress.quant.module import quantize_each_weight
+from weightkit.quantized.grid import QuantizedWeight, rtn_quantize
 from weightkit.registry import register
 
-__all__ = ["RTNConfig", "quantize_rtn"]
+__all__ = ["RTNConfig"]
 
 
 @dataclass
 class RTNConfig(WeightQuantFields):
     """Round-to-nearest weight quantization (see ``WeightQuantFields`` for the fields)."""
 
+    LABEL: ClassVar[str] = "RTN"
 
-def quantize_rtn(
-    model: nn.Module,
-    config: RTNConfig,
-    *,
-    progress: bool = True,
-    device: torch.device | None = None,
-    **_unused,
-) -> nn.Module:
-    """Replace each selected ``nn.Linear`` of ``model`` by a ``QuantizedLinear`` holding its RTN grid.
-
-    With a ``device``, each weight is rounded there, one at a time, and its quantized layer moved back
-    to where the weight was; without one, where the weight is.
-    """
-    linears = selected_linears(model, config)
-    for name, linear in track(linears.items(), "RTN", total=len(linears), enabled=progress):
-        weight = linear.weight.detach()
-        quantized = rtn_quantize(
-            weight.to(device or weight.device), config.scheme_for(name), name=f"{name}.weight"
-        )
-        quantize_linear(model, name, quantized).to(weight.device)
-    return model
+    def quantize_weight(self, weight: Tensor, module_name: str, name: str) -> QuantizedWeight:
+        """The RTN grid of ``weight``, the weight of module ``module_name`` (``name`` in messages)."""
+        return rtn_quantize(weight, self.scheme_for(module_name), name=name)
 
 
-register("compress", "rtn", RTNConfig, quantize_rtn)
+register("compress", "rtn", RTNConfig, quantize_each_weight)

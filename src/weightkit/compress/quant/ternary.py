@@ -34,18 +34,18 @@ never used; a true 1.58-bit packing has no compressed-tensors format.)
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from weightkit.compress.quant.module import quantize_linear, selected_linears
+from weightkit.compress.quant.module import quantize_each_weight
 from weightkit.errors import WeightkitError, require_finite
-from weightkit.progress import track
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
 from weightkit.registry import register
 from weightkit.select import DEFAULT_IGNORE
 
-__all__ = ["TernaryConfig", "ternary_quantize", "quantize_ternary"]
+__all__ = ["TernaryConfig", "ternary_quantize"]
 
 
 @dataclass
@@ -66,6 +66,8 @@ class TernaryConfig:
     targets: list[str] = field(default_factory=lambda: ["_default"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
 
+    LABEL: ClassVar[str] = "ternary"
+
     def __post_init__(self):
         if not self.threshold > 0:
             raise WeightkitError(f"threshold must be > 0 (a fraction of mean |w|), got {self.threshold}")
@@ -78,6 +80,10 @@ class TernaryConfig:
     def scheme_for(self, module_name: str) -> QuantScheme:
         """The 2-bit symmetric grid that holds the ternary values (same for every module)."""
         return QuantScheme(bits=2, group_size=self.group_size, symmetric=True)
+
+    def quantize_weight(self, weight: Tensor, module_name: str, name: str) -> QuantizedWeight:
+        """The ternary grid of ``weight`` (``name`` in messages; every module gets the same grid)."""
+        return ternary_quantize(weight, group_size=self.group_size, threshold=self.threshold, name=name)
 
 
 def ternary_quantize(
@@ -109,30 +115,4 @@ def ternary_quantize(
     return QuantizedWeight(q.to(torch.int8).reshape(w.shape), scale.squeeze(-1).to(w.dtype), None, scheme)
 
 
-def quantize_ternary(
-    model: nn.Module,
-    config: TernaryConfig,
-    *,
-    progress: bool = True,
-    device: torch.device | None = None,
-    **_unused,
-) -> nn.Module:
-    """Replace each selected ``nn.Linear`` of ``model`` by a ``QuantizedLinear`` holding its ternary weight.
-
-    With a ``device``, each weight is quantized there, one at a time, and its layer moved back to where the
-    weight was; without one, where the weight is.
-    """
-    linears = selected_linears(model, config)
-    for name, linear in track(linears.items(), "ternary", total=len(linears), enabled=progress):
-        weight = linear.weight.detach()
-        quantized = ternary_quantize(
-            weight.to(device or weight.device),
-            group_size=config.group_size,
-            threshold=config.threshold,
-            name=f"{name}.weight",
-        )
-        quantize_linear(model, name, quantized).to(weight.device)
-    return model
-
-
-register("compress", "ternary", TernaryConfig, quantize_ternary)
+register("compress", "ternary", TernaryConfig, quantize_each_weight)
