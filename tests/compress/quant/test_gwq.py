@@ -8,7 +8,6 @@ from weightkit.compress.quant.calibrated import calibration_batches
 from weightkit.compress.quant.gwq import (
     GWQConfig,
     gwq_quantize,
-    gwq_storage_bits,
     gwq_weights,
     lm_loss_gradients,
     outlier_count,
@@ -16,6 +15,7 @@ from weightkit.compress.quant.gwq import (
 )
 from weightkit.errors import WeightkitError
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
+from weightkit.quantized.outliers import outlier_storage_bits
 from weightkit.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -108,14 +108,14 @@ def test_no_outliers_is_plain_rtn():
     scheme = QuantScheme(4, 16, symmetric=False)
     q = gwq_quantize(weight, gradient, scheme, outlier_fraction=0.0)
     assert torch.equal(q.dequantize(), rtn_quantize(weight, scheme).dequantize())
-    assert q.storage_bits() == gwq_storage_bits((8, 32), scheme, 0)
+    assert q.storage_bits() == outlier_storage_bits((8, 32), scheme, 0)
 
 
 def test_storage_bits_known_answers():
     # 3-bit, groups of 128, symmetric: 3 + 16/128 bits per weight, + 48 bits per outlier.
-    assert gwq_storage_bits((64, 128), QuantScheme(3, 128), 64) == 64 * 128 * 3 + 64 * 16 + 64 * 48
+    assert outlier_storage_bits((64, 128), QuantScheme(3, 128), 64) == 64 * 128 * 3 + 64 * 16 + 64 * 48
     # Asymmetric, per channel: a 16-bit scale and a 4-bit zero point per row.
-    assert gwq_storage_bits((10, 20), QuantScheme(4, None, symmetric=False), 0) == 200 * 4 + 10 * 20
+    assert outlier_storage_bits((10, 20), QuantScheme(4, None, symmetric=False), 0) == 200 * 4 + 10 * 20
 
 
 # -- the claim: better than RTN at an equal budget -----------------------------------------------------------
@@ -154,7 +154,7 @@ def test_gwq_beats_rtn_at_equal_bits_per_weight_on_planted_sensitive_entries():
     # weight; RTN 3 bits spends the same 0.5 extra bits on scales, as groups of 32.
     gwq = gwq_quantize(weight, w.grad, QuantScheme(3, 128), outlier_fraction=64 / 8192)
     rtn_scheme = QuantScheme(3, 32)
-    assert gwq.storage_bits() == gwq_storage_bits((64, 128), rtn_scheme, 0) == 3.5 * 8192
+    assert gwq.storage_bits() == outlier_storage_bits((64, 128), rtn_scheme, 0) == 3.5 * 8192
 
     # Control at the same budget: the 64 largest |w| kept instead (a gradient-blind choice).
     by_magnitude = gwq_quantize(weight, weight, QuantScheme(3, 128), outlier_fraction=64 / 8192)

@@ -6,17 +6,15 @@ import torch
 from weightkit.compress.quant import vptq
 from weightkit.compress.quant.gptq import gptq_quantize
 from weightkit.compress.quant.vptq import (
-    VPTQSpec,
-    VPTQWeight,
     hessian_weighted_kmeans,
     nearest_codeword,
     vectors_to_weight,
-    vptq_dequantize,
     vptq_quantize,
     vptq_spec_for_bits,
     weight_to_vectors,
 )
 from weightkit.errors import WeightkitError
+from weightkit.quantized.codebook import VPTQSpec, VPTQWeight, vptq_dequantize
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

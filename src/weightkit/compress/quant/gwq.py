@@ -26,7 +26,7 @@ of v2-v4; the method section's equations could not be retrieved) leaves room:
   bfloat16 weights**, so an outlier of a 16-bit model is restored bit for bit (bfloat16 -> float16
   could lose range or low-magnitude precision). A float32 outlier outside float16's range is refused.
 
-Storage (:func:`gwq_storage_bits`): the dense grid at ``bits`` per weight for *every* position (an
+Storage (:func:`outlier_storage_bits`): the dense grid at ``bits`` per weight for *every* position (an
 outlier's slot is kept, as a dense kernel needs), one float16 scale per group, one ``bits``-bit zero
 point per group for an asymmetric grid, and per outlier a 16-bit value plus an int32 row-major
 position (48 bits). With ``outlier_count = 0`` this is plain RTN's size, so the two compare at an equal
@@ -43,21 +43,16 @@ from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.module import selected_linears
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams, quantize_to_grid
+from weightkit.quantized.outliers import SparseOutlierWeight
 
 __all__ = [
     "GWQConfig",
-    "SparseOutlierWeight",
     "outlier_count",
     "select_outliers",
     "gwq_quantize",
-    "gwq_storage_bits",
     "lm_loss_gradients",
     "gwq_weights",
 ]
-
-SCALE_BITS = 16
-OUTLIER_VALUE_BITS = 16
-OUTLIER_INDEX_BITS = 32
 
 
 @dataclass
@@ -76,46 +71,6 @@ class GWQConfig(WeightQuantFields, CalibrationFields):
         WeightQuantFields.__post_init__(self)
         CalibrationFields.__post_init__(self)
         outlier_count(0, self.outlier_fraction)  # validates
-
-
-@dataclass
-class SparseOutlierWeight:
-    """A ``[out, in]`` weight as a low-bit grid plus a sparse set of float16 outliers.
-
-    ``dense`` holds every position; at an outlier position its value is the grid's code for 0 and is
-    replaced by the outlier on dequantization.
-    """
-
-    dense: QuantizedWeight
-    outlier_index: Tensor  # int32 [k], row-major positions in [out, in], ascending
-    outlier_value: Tensor  # float16 [k] (bfloat16 for a bfloat16 weight)
-
-    def dequantize(self) -> Tensor:
-        """The weight, ``[out, in]`` in the dense scale's dtype, outliers restored."""
-        weight = self.dense.dequantize()
-        flat = weight.reshape(-1)
-        flat[self.outlier_index.long()] = self.outlier_value.to(weight.dtype)
-        return weight
-
-    def storage_bits(self) -> int:
-        """Bits this weight occupies (see :func:`gwq_storage_bits`)."""
-        return gwq_storage_bits(tuple(self.dense.qweight.shape), self.dense.scheme, len(self.outlier_index))
-
-
-def gwq_storage_bits(shape: tuple[int, int], scheme: QuantScheme, outliers: int) -> int:
-    """Bits of a ``shape`` weight stored on ``scheme``'s grid with ``outliers`` float16 outliers.
-
-    Packed grid (``bits`` per position) + one float16 scale per group + one ``bits``-bit zero point per
-    group if asymmetric + 48 bits (float16 value, int32 position) per outlier. ``outliers=0`` is RTN.
-    """
-    rows, cols = shape
-    groups = rows * (cols // (scheme.group_size or cols))
-    zero_point_bits = 0 if scheme.symmetric else scheme.bits
-    return (
-        rows * cols * scheme.bits
-        + groups * (SCALE_BITS + zero_point_bits)
-        + outliers * (OUTLIER_VALUE_BITS + OUTLIER_INDEX_BITS)
-    )
 
 
 def outlier_count(numel: int, outlier_fraction: float) -> int:

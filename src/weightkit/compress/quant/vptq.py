@@ -40,102 +40,31 @@ Deliberate deviations and what is not done:
   settings in ``algorithm.md`` use ``npercent 0``), several codebooks per layer (``group_num > 1``), the
   per-column weight normalisation the reference's examples turn on (``enable_norm``: each column
   standardised by its mean and standard deviation before quantization, both stored), and the
-  layer-wise and end-to-end fine-tuning of the codebooks. Export, CLI and model integration are not here.
-"""
+  layer-wise and end-to-end fine-tuning of the codebooks.
 
-import math
-from dataclasses import dataclass
+The stored form (:class:`~weightkit.quantized.codebook.VPTQWeight`) is :mod:`weightkit.quantized.codebook`.
+"""
 
 import torch
 from torch import Tensor
 
 from weightkit.compress.quant.gptq import factor_inverse_hessian, sweep_inputs
 from weightkit.errors import WeightkitError
+from weightkit.quantized.codebook import CODEBOOK_DTYPE, MAX_INDEX_BITS, VPTQSpec, VPTQWeight
 
 __all__ = [
-    "VPTQSpec",
-    "VPTQWeight",
     "hessian_weighted_kmeans",
     "nearest_codeword",
     "vectors_to_weight",
-    "vptq_dequantize",
     "vptq_quantize",
     "vptq_spec_for_bits",
     "weight_to_vectors",
 ]
 
-CODEBOOK_DTYPE = torch.float16  # how codebooks are stored; every size below counts 16 bits per entry
-_CODEBOOK_ENTRY_BITS = 16
-# The longest index the paper and its reference kernels use: 2^16 codewords (a uint16 index).
-_MAX_INDEX_BITS = 16
 # Distances are computed for this many (vector, codeword) pairs at a time (8 MB in float64). Small chunks
 # are also faster: k-means on 36 864 vectors, k = 256, 20 steps took 1.5 s with 2^25 pairs a chunk and
 # 0.4 s with 2^20 (float64, one thread; the large buffers were page-faulted in afresh on every step).
 _DISTANCE_CHUNK = 2**20
-
-
-@dataclass(frozen=True)
-class VPTQSpec:
-    """The codebook shape of one layer.
-
-    Attributes:
-        vector_length: ``v``, output rows per vector.
-        centroids: ``k``, codewords in the main codebook, a power of two.
-        residual_centroids: codewords in the residual codebook (a power of two), or 0 for none.
-    """
-
-    vector_length: int
-    centroids: int
-    residual_centroids: int = 0
-
-    def __post_init__(self):
-        if self.vector_length < 1:
-            raise WeightkitError(f"vector length must be a positive integer, got {self.vector_length}")
-        for what, k in (("centroids", self.centroids), ("residual centroids", self.residual_centroids)):
-            if k == 0 and what == "residual centroids":
-                continue
-            if k < 2 or k & (k - 1) or k > 2**_MAX_INDEX_BITS:
-                raise WeightkitError(f"{what} must be a power of two from 2 to {2**_MAX_INDEX_BITS}, got {k}")
-
-    @property
-    def index_bits(self) -> int:
-        """Bits of the index (indices) stored per vector."""
-        bits = int(math.log2(self.centroids))
-        return bits + (int(math.log2(self.residual_centroids)) if self.residual_centroids else 0)
-
-    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
-        """Refuse a weight these codebooks cannot quantize, naming the tensor."""
-        if len(shape) != 2:
-            raise WeightkitError(
-                f"{name}: only 2-D weights can be vector-quantized, got shape {tuple(shape)}"
-            )
-        rows, cols = shape
-        if rows % self.vector_length:
-            raise WeightkitError(
-                f"{name}: vector length {self.vector_length} does not divide its {rows} output rows "
-                f"(shape {tuple(shape)}); choose a vector length that divides {rows}"
-            )
-        vectors = rows // self.vector_length * cols
-        for what, k in (("codebook", self.centroids), ("residual codebook", self.residual_centroids)):
-            if k > vectors:
-                raise WeightkitError(
-                    f"{name}: a {what} of {k} codewords is larger than the {vectors} vectors of length "
-                    f"{self.vector_length} in this {rows}x{cols} weight; use fewer bits or a shorter "
-                    f"vector length"
-                )
-
-    def storage_bits(self, shape: tuple[int, int], name: str = "weight") -> tuple[int, int]:
-        """``(index_bits, codebook_bits)`` stored for a weight of ``shape``: ``log2(k)`` (plus
-        ``log2(k_residual)``) bits per vector, and 16 bits per codebook entry."""
-        self.check_shape(shape, name)
-        vectors = shape[0] // self.vector_length * shape[1]
-        codewords = self.centroids + self.residual_centroids
-        return vectors * self.index_bits, codewords * self.vector_length * _CODEBOOK_ENTRY_BITS
-
-    def effective_bits(self, shape: tuple[int, int], name: str = "weight") -> float:
-        """Bits per weight, indices and codebooks together, for a weight of ``shape``."""
-        index_bits, codebook_bits = self.storage_bits(shape, name)
-        return (index_bits + codebook_bits) / (shape[0] * shape[1])
 
 
 def vptq_spec_for_bits(
@@ -171,10 +100,10 @@ def vptq_spec_for_bits(
             )
         per_vector.append(round(exact))
     main_index, residual_index = per_vector[0] - per_vector[1], per_vector[1]
-    if main_index > _MAX_INDEX_BITS or residual_index > _MAX_INDEX_BITS:
+    if main_index > MAX_INDEX_BITS or residual_index > MAX_INDEX_BITS:
         raise WeightkitError(
             f"{name}: {main_index} index bits per vector for the codebook and {residual_index} for the "
-            f"residual codebook; each can have at most {_MAX_INDEX_BITS} (2^{_MAX_INDEX_BITS} codewords): "
+            f"residual codebook; each can have at most {MAX_INDEX_BITS} (2^{MAX_INDEX_BITS} codewords): "
             f"use a shorter vector length or give more bits to the residual codebook"
         )
     spec = VPTQSpec(vector_length, 2**main_index, 2**residual_index if residual_index else 0)
@@ -241,46 +170,6 @@ def hessian_weighted_kmeans(
         filled = mass > 0
         centroids[filled] = sums[filled] / mass[filled].unsqueeze(1)
     return centroids
-
-
-def vptq_dequantize(
-    indices: Tensor,
-    codebook: Tensor,
-    residual_indices: Tensor | None = None,
-    residual_codebook: Tensor | None = None,
-) -> Tensor:
-    """The weight ``[out, in]`` from indices ``[out // v, in]`` and codebooks ``[k, v]``, in their dtype.
-
-    Element ``[r * v + i, j]`` is ``codebook[indices[r, j], i]``, plus the residual codeword's ``i``-th
-    entry.
-    """
-    if (residual_indices is None) != (residual_codebook is None):
-        raise WeightkitError("residual indices and a residual codebook go together; got only one of them")
-    vectors = codebook[indices]  # [out // v, in, v]
-    if residual_codebook is not None:
-        vectors = vectors + residual_codebook[residual_indices]
-    groups, cols, v = vectors.shape
-    return vectors.transpose(1, 2).reshape(groups * v, cols)
-
-
-@dataclass
-class VPTQWeight:
-    """A vector-quantized ``[out, in]`` weight: indices ``[out // v, in]`` (``int32``) into fp16 codebooks."""
-
-    indices: Tensor
-    codebook: Tensor  # [k, v], float16
-    residual_indices: Tensor | None = None
-    residual_codebook: Tensor | None = None  # [k_residual, v], float16
-
-    @property
-    def spec(self) -> VPTQSpec:
-        residual = 0 if self.residual_codebook is None else self.residual_codebook.shape[0]
-        return VPTQSpec(self.codebook.shape[1], self.codebook.shape[0], residual)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight in ``dtype`` (the sum of fp16 codewords is taken in ``dtype``, not in fp16)."""
-        residual = None if self.residual_codebook is None else self.residual_codebook.to(dtype)
-        return vptq_dequantize(self.indices, self.codebook.to(dtype), self.residual_indices, residual)
 
 
 def _sweep(
