@@ -1,14 +1,23 @@
-"""``QuantizedLinear`` and ``FloatQuantizedLinear``: linear layers that store their weight on an integer or a
-floating-point grid and dequantize on use."""
+"""Linear layers that store their weight quantized and dequantize it on use: ``QuantizedLinear`` (integer
+grid), ``FloatQuantizedLinear`` (FP8/FP4 grid), ``VPTQLinear`` (vector codebooks) and
+``OutlierQuantizedLinear`` (integer grid plus sparse 16-bit outliers)."""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.float_grid import FORMATS, FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, dequantize
+from weightkit.quantized.outliers import SparseOutlierWeight
 
-__all__ = ["QuantizedLinear", "FloatQuantizedLinear", "quantized_layer"]
+__all__ = [
+    "QuantizedLinear",
+    "FloatQuantizedLinear",
+    "VPTQLinear",
+    "OutlierQuantizedLinear",
+    "quantized_layer",
+]
 
 
 class QuantizedLinear(nn.Module):
@@ -96,11 +105,97 @@ class FloatQuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {s.format} {group}{pow2}"
 
 
+class VPTQLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` holding a vector-quantized weight (VPTQ).
+
+    Buffers: ``indices`` (int32 ``[out // v, in]``), ``codebook`` (float16 ``[k, v]``), and with a residual
+    codebook ``residual_indices`` and ``residual_codebook``; ``bias`` if any. Codebooks are part of the
+    format and stay float16 under ``.to(dtype)`` casts only through :attr:`quantized`, which reads them back
+    as float16. The forward pass dequantizes the weight in the input's dtype.
+    """
+
+    def __init__(self, quantized: VPTQWeight, bias: Tensor | None):
+        super().__init__()
+        groups, self.in_features = quantized.indices.shape
+        self.out_features = groups * quantized.codebook.shape[1]
+        self.register_buffer("indices", quantized.indices)
+        self.register_buffer("codebook", quantized.codebook)
+        self.register_buffer("residual_indices", quantized.residual_indices)
+        self.register_buffer("residual_codebook", quantized.residual_codebook)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def quantized(self) -> VPTQWeight:
+        residual = None if self.residual_codebook is None else self.residual_codebook.half()
+        return VPTQWeight(self.indices, self.codebook.half(), self.residual_indices, residual)
+
+    def dequantized_weight(self) -> Tensor:
+        return self.quantized.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
+
+    def extra_repr(self) -> str:
+        spec = self.quantized.spec
+        residual = f" + residual k={spec.residual_centroids}" if spec.residual_centroids else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"vptq v={spec.vector_length} k={spec.centroids}{residual}"
+        )
+
+
+class OutlierQuantizedLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` holding an integer grid plus sparse 16-bit outliers (GWQ).
+
+    Buffers: ``QuantizedLinear``'s (``qweight``, ``weight_scale``, ``weight_zero_point``) for the grid,
+    ``outlier_index`` (int32 ``[k]``, row-major positions) and ``outlier_value`` (``[k]``, float16, or
+    bfloat16 for a bfloat16 model), which replace the grid's values at those positions; ``bias`` if any.
+    Not a subclass of ``QuantizedLinear``: code that reads a ``QuantizedLinear``'s grid alone would miss
+    the outliers.
+    """
+
+    def __init__(self, quantized: SparseOutlierWeight, bias: Tensor | None):
+        super().__init__()
+        dense = quantized.dense
+        self.scheme: QuantScheme = dense.scheme
+        self.out_features, self.in_features = dense.qweight.shape
+        self.register_buffer("qweight", dense.qweight)
+        self.register_buffer("weight_scale", dense.scale)
+        self.register_buffer("weight_zero_point", dense.zero_point)
+        self.register_buffer("outlier_index", quantized.outlier_index)
+        self.register_buffer("outlier_value", quantized.outlier_value)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def quantized(self) -> SparseOutlierWeight:
+        dense = QuantizedWeight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme)
+        return SparseOutlierWeight(dense, self.outlier_index, self.outlier_value)
+
+    def dequantized_weight(self) -> Tensor:
+        return self.quantized.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        grid = "sym" if s.symmetric else "asym"
+        group = f"g{s.group_size}" if s.group_size else "per-channel"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int{s.bits} {grid} {group}, "
+            f"{len(self.outlier_index)} outliers"
+        )
+
+
 def quantized_layer(
-    quantized: QuantizedWeight | FloatQuantizedWeight, bias: Tensor | None
-) -> QuantizedLinear | FloatQuantizedLinear:
+    quantized: QuantizedWeight | FloatQuantizedWeight | VPTQWeight | SparseOutlierWeight, bias: Tensor | None
+) -> nn.Module:
     """The layer holding ``quantized``: ``QuantizedLinear`` for an integer grid, ``FloatQuantizedLinear``
-    for a float one."""
-    if isinstance(quantized, QuantizedWeight):
-        return QuantizedLinear(quantized, bias)
-    return FloatQuantizedLinear(quantized, bias)
+    for a float one, ``VPTQLinear`` for codebooks, ``OutlierQuantizedLinear`` for a grid with outliers."""
+    layers = {
+        QuantizedWeight: QuantizedLinear,
+        FloatQuantizedWeight: FloatQuantizedLinear,
+        VPTQWeight: VPTQLinear,
+        SparseOutlierWeight: OutlierQuantizedLinear,
+    }
+    return layers[type(quantized)](quantized, bias)
