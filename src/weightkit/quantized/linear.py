@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from weightkit.quantized.codebook import VPTQWeight
+from weightkit.quantized.codebook import CODEBOOK_DTYPE, VPTQWeight
 from weightkit.quantized.float_grid import FORMATS, FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, dequantize
 from weightkit.quantized.outliers import SparseOutlierWeight
@@ -108,26 +108,33 @@ class FloatQuantizedLinear(nn.Module):
 class VPTQLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` holding a vector-quantized weight (VPTQ).
 
-    Buffers: ``indices`` (int32 ``[out // v, in]``), ``codebook`` (float16 ``[k, v]``), and with a residual
-    codebook ``residual_indices`` and ``residual_codebook``; ``bias`` if any. Codebooks are part of the
-    format and stay float16 under ``.to(dtype)`` casts only through :attr:`quantized`, which reads them back
-    as float16. The forward pass dequantizes the weight in the input's dtype.
+    Buffers: ``indices`` (int32 ``[out // v, in]``), ``codebook_bits`` (the float16 ``[k, v]`` codebook's
+    bits as ``int16``), with a residual codebook ``residual_indices`` and ``residual_codebook_bits``, and
+    ``bias`` if any. The codebooks are held as integer bits, as ``FloatQuantizedLinear`` holds its grid,
+    because ``Module.to(dtype)`` casts every floating-point buffer and a bfloat16 cast would round them.
+    The forward pass dequantizes the weight.
     """
 
     def __init__(self, quantized: VPTQWeight, bias: Tensor | None):
         super().__init__()
         groups, self.in_features = quantized.indices.shape
         self.out_features = groups * quantized.codebook.shape[1]
+        residual = quantized.residual_codebook
         self.register_buffer("indices", quantized.indices)
-        self.register_buffer("codebook", quantized.codebook)
+        self.register_buffer("codebook_bits", quantized.codebook.view(torch.int16))
         self.register_buffer("residual_indices", quantized.residual_indices)
-        self.register_buffer("residual_codebook", quantized.residual_codebook)
+        self.register_buffer(
+            "residual_codebook_bits", None if residual is None else residual.view(torch.int16)
+        )
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
     def quantized(self) -> VPTQWeight:
-        residual = None if self.residual_codebook is None else self.residual_codebook.half()
-        return VPTQWeight(self.indices, self.codebook.half(), self.residual_indices, residual)
+        bits = self.residual_codebook_bits
+        residual = None if bits is None else bits.view(CODEBOOK_DTYPE)
+        return VPTQWeight(
+            self.indices, self.codebook_bits.view(CODEBOOK_DTYPE), self.residual_indices, residual
+        )
 
     def dequantized_weight(self) -> Tensor:
         return self.quantized.dequantize()
@@ -148,10 +155,10 @@ class OutlierQuantizedLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` holding an integer grid plus sparse 16-bit outliers (GWQ).
 
     Buffers: ``QuantizedLinear``'s (``qweight``, ``weight_scale``, ``weight_zero_point``) for the grid,
-    ``outlier_index`` (int32 ``[k]``, row-major positions) and ``outlier_value`` (``[k]``, float16, or
-    bfloat16 for a bfloat16 model), which replace the grid's values at those positions; ``bias`` if any.
-    Not a subclass of ``QuantizedLinear``: code that reads a ``QuantizedLinear``'s grid alone would miss
-    the outliers.
+    ``outlier_index`` (int32 ``[k]``, row-major positions) and ``outlier_value_bits`` (the ``[k]`` float16,
+    or bfloat16 for a bfloat16 model, outlier values' bits as ``int16``, so dtype casts of the model leave
+    them exact), which replace the grid's values at those positions; ``bias`` if any. Not a subclass of
+    ``QuantizedLinear``: code that reads a ``QuantizedLinear``'s grid alone would miss the outliers.
     """
 
     def __init__(self, quantized: SparseOutlierWeight, bias: Tensor | None):
@@ -159,17 +166,20 @@ class OutlierQuantizedLinear(nn.Module):
         dense = quantized.dense
         self.scheme: QuantScheme = dense.scheme
         self.out_features, self.in_features = dense.qweight.shape
+        self.outlier_dtype: torch.dtype = quantized.outlier_value.dtype
         self.register_buffer("qweight", dense.qweight)
         self.register_buffer("weight_scale", dense.scale)
         self.register_buffer("weight_zero_point", dense.zero_point)
         self.register_buffer("outlier_index", quantized.outlier_index)
-        self.register_buffer("outlier_value", quantized.outlier_value)
+        self.register_buffer("outlier_value_bits", quantized.outlier_value.view(torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
     def quantized(self) -> SparseOutlierWeight:
         dense = QuantizedWeight(self.qweight, self.weight_scale, self.weight_zero_point, self.scheme)
-        return SparseOutlierWeight(dense, self.outlier_index, self.outlier_value)
+        return SparseOutlierWeight(
+            dense, self.outlier_index, self.outlier_value_bits.view(self.outlier_dtype)
+        )
 
     def dequantized_weight(self) -> Tensor:
         return self.quantized.dequantize()
