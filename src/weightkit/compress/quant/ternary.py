@@ -14,13 +14,18 @@ is computed once and fused into the kernel.
 What is implemented here is the data-free part: the absmean ternary quantizer, per group or per output
 channel (:func:`ternary_quantize`). Deliberate differences and what is not done:
 
-- **No reactivation.** Its whole purpose is a gradient path during quantization-aware training (the
-  paper trains on 10B tokens). Applied to a pretrained model without training, ``C(W)`` is a constant
+- **No reactivation.** Its whole purpose is a gradient path during quantization-aware training. In the
+  authors' code (Tencent/AngelSlim, branch ``tequila``, ``TernaryQuant/models/utils_quant.py``,
+  ``UltraQuantV2``, run by ``script/run_train_deepspeed_sample_uqv2_lrud.sh`` with ``--eps 1e-3`` on
+  UltraFineWeb 10B tokens) ``lambda`` is a fixed hyper-parameter and only the full-precision weights are
+  trained. Applied to a pretrained model without that training, ``C(W)`` is a constant
   ``1e-3 * sum`` of the small weights, fitted to nothing: ``W - W_hat`` is unchanged, and an
   input-independent constant cannot stand for ``x @ W_dead``, which averages to about 0 over inputs
-  that are roughly symmetric (the paper's own argument for making it input-independent). Most models
-  here (Llama, ``attention_bias=False``) also have no bias tensor in which transformers would load it.
-  Adding it would be a different, untested method under Tequila's name, so it is left out.
+  that are roughly symmetric (the paper's own argument for making it input-independent). Fitting it
+  instead (a bias per channel from calibration data) is bias correction, and training the weights on
+  calibration data is straight-through ternary training; neither is Tequila. Most models here (Llama,
+  ``attention_bias=False``) also have no bias tensor in which transformers would load it. So it is left
+  out.
 - **Scales per group (or per output channel)**, where BitNet b1.58 uses one per tensor: the grids and
   the compressed-tensors export here have a scale per group or channel, and a finer scale fits better.
 - **The dead-zone width is a parameter**, ``threshold * mean|w|`` with ``threshold = 0.5`` by default,
