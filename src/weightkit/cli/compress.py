@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from weightkit.cli import compress_sweep
 from weightkit.cli.common import common_options, mb, print_table, refuse_existing
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
@@ -15,6 +16,14 @@ _INT_METHODS = ("rtn", "gptq", "awq")
 _METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary")
 # Methods that use no calibration data.
 _DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+
+
+def _methods_arg(text: str) -> str:
+    """One method, or (with --sweep) a comma list of them."""
+    for name in text.split(","):
+        if name.strip() not in _METHODS:
+            raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(_METHODS)})")
+    return text
 
 
 def _group_size_arg(text: str) -> int | None:
@@ -88,6 +97,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.registry import config_to_dict
     from weightkit.runtime.device import resolve_device
 
+    if args.sweep is not None:
+        return compress_sweep.run_sweep(args, _FLAGS)
+    compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)
     device = resolve_device(args.device)
     out = Path(args.output)
@@ -163,7 +175,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
             "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
             "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
-            "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
+            "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
+            "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -172,7 +185,12 @@ def add_parsers(sub) -> None:
     # Method flags default to "not given" (see _FLAGS); the defaults in their help are the configs'.
     method = c.add_argument_group("method (or --recipe)")
     flag = functools.partial(method.add_argument, default=argparse.SUPPRESS)
-    flag("--method", choices=_METHODS, help="quantization method (default: gptq)")
+    flag(
+        "--method",
+        type=_methods_arg,
+        metavar="{" + ",".join(_METHODS) + "}",
+        help="quantization method, or with --sweep a comma list of methods to compare (default: gptq)",
+    )
     flag("--bits", type=int, help="integer methods: bits per weight, 2-8 (default: 4)")
     flag(
         "--group-size",
@@ -229,5 +247,6 @@ def add_parsers(sub) -> None:
         help="calibration text for GPTQ/AWQ: .txt (passages split by blank lines), .jsonl or .json with a "
         "'text' field (default: docstrings of Python's standard library)",
     )
+    compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)
     common_options(c, force=True, max_shard_size=True, allow_pickle=True, device=True)
