@@ -557,6 +557,10 @@ def test_help_with_a_method_lists_that_methods_options(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--method", "awq", "--help"])
     assert "options of --method awq" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # compress --sweep compares a comma list of methods: each one's options
+        main(["compress", "--method", "rtn,fp8", "--help"])
+    out = capsys.readouterr().out
+    assert "options of --method rtn" in out and "options of --method fp8" in out
     with pytest.raises(SystemExit):  # merge's method is the recipe's merge_method: its parameters
         main(["merge", "--method", "breadcrumbs_ties", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -78,7 +78,9 @@ def _with_method_help(sub: argparse._SubParsersAction, argv: list[str]) -> None:
     index = argv.index("--method") + 1
     if index < len(argv):
         subcommand = sub.choices[argv[0]]
-        subcommand.epilog = method_options_help(_METHOD_HELP[argv[0]], argv[index])
+        # A comma list (compress --sweep compares methods): each method's options.
+        methods = [name.strip() for name in argv[index].split(",")]
+        subcommand.epilog = "\n\n".join(method_options_help(_METHOD_HELP[argv[0]], m) for m in methods)
         subcommand.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
