@@ -12,11 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightkit import load
+from weightkit.adapt import LoRAConfig, adapt
 from weightkit.checkpoint import weights_size
 from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.quant.gwq import gwq_quantize
 from weightkit.compress.quant.vptq import vptq_quantize
 from weightkit.errors import WeightkitError
+from weightkit.inspect.compare import compare
+from weightkit.inspect.report import inspect_checkpoint
+from weightkit.inspect.similarity import weight_similarity
+from weightkit.models import load_model
 from weightkit.quantized.codebook import VPTQSpec
 from weightkit.quantized.compressed_tensors import is_quantized_checkpoint, refuse_quantized
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
@@ -293,7 +298,32 @@ def test_load_refuses_a_checkpoint_whose_layers_are_not_its_configs_format(saved
 def test_verbs_needing_full_precision_refuse_it_by_name(saved):
     config = json.loads((saved["gwq"] / "config.json").read_text())
     assert is_quantized_checkpoint(config)
-    with pytest.raises(WeightkitError, match=r"quantized checkpoint \(weightkit vptq\)"):
+    with pytest.raises(
+        WeightkitError, match=r"quantized checkpoint \(weightkit vptq\).*\(weightkit eval works on"
+    ):
         refuse_quantized(saved["vptq"], verb="merging", instead="merge the full-precision models")
     with pytest.raises(WeightkitError, match=r"quantized checkpoint \(weightkit gwq, 2 and 3 and 4 bits\)"):
         refuse_quantized(saved["gwq"], verb="merging", instead="merge the full-precision models")
+
+
+def test_other_verbs_handle_it_or_refuse_it_by_name(saved, tmp_path):
+    # eval and adapt's training load through load_model: the quantized layers, as weightkit.load gives.
+    model, _, task = load_model(saved["vptq"])
+    assert task == "causal-lm" and isinstance(model.get_submodule(Q_PROJ), VPTQLinear)
+    for kind, layer in (("vptq", "VPTQLinear"), ("gwq", "OutlierQuantizedLinear")):
+        with pytest.raises(WeightkitError, match=rf"{Q_PROJ} is a {layer} layer .* adapters do not work"):
+            adapt(load(saved[kind]), LoRAConfig(targets=["all-linear"]))
+
+    base = tmp_path / "base"
+    base.mkdir()
+    tiny_llama(seed=1).save_pretrained(base)
+    with pytest.raises(WeightkitError, match=r"quant_method 'weightkit', format 'gwq' is not supported"):
+        compare(base, [saved["gwq"]])
+    with pytest.raises(WeightkitError, match="is a quantized checkpoint"):
+        weight_similarity(saved["vptq"])
+    with pytest.raises(WeightkitError, match=r"quantized checkpoint \(weightkit vptq\)"):
+        inspect_checkpoint(saved["vptq"])
+    # A bare weights file (no config.json to say it is quantized): refused by its codebook tensors.
+    shutil.copy(saved["vptq"] / "model.safetensors", tmp_path / "bare.safetensors")
+    with pytest.raises(WeightkitError, match="holds quantized tensors"):
+        inspect_checkpoint(tmp_path / "bare.safetensors")

@@ -341,9 +341,16 @@ def refuse_quantized(path: str | Path, *, verb: str, instead: str) -> None:
         return  # no readable config.json (or a bare weights file): the verb's reader reports what is wrong
     description = quantization_description(config if isinstance(config, dict) else None)
     if description is not None:
+        # Adapters do not work over weightkit's own VPTQ/GWQ layers (weightkit.adapt refuses them).
+        own_format = config["quantization_config"].get("quant_method") == "weightkit"
+        works = (
+            "weightkit eval works"
+            if own_format
+            else "weightkit eval, and weightkit adapt on a causal LM, work"
+        )
         raise WeightkitError(
             f"{path} is a quantized checkpoint ({description}): {verb} needs full-precision weights; "
-            f"{instead}. (weightkit eval, and weightkit adapt on a causal LM, work on quantized checkpoints.)"
+            f"{instead}. ({works} on quantized checkpoints.)"
         )
 
 
