@@ -421,7 +421,11 @@ def _float_quantized_linear(
 def _vptq_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> VPTQLinear:
     """Rebuild one ``VPTQLinear`` from its stored tensors (checked by name); ``dtype`` casts the bias only,
     the float16 codebooks are part of the format."""
-    stored = {s: reader.get(f"{ckpt_name}.{s}") for s in VPTQ_SUFFIXES if f"{ckpt_name}.{s}" in reader}
+    stored = {
+        s: reader.get(f"{ckpt_name}.{s}")
+        for s in VPTQ_SUFFIXES
+        if s != "bias" and f"{ckpt_name}.{s}" in reader
+    }
     shape = (linear.out_features, linear.in_features)
     quantized = vptq_weight_from_stored(stored, shape, ckpt_name)
     return VPTQLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
