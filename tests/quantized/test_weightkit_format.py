@@ -230,3 +230,26 @@ def test_quantized_model_config_of_each_weightkit_format():
     gwq = quantized_model_config(quantized_llama({"self_attn.q_proj": "gwq"}))["quantization_config"]
     assert gwq["format"] == "gwq"
     assert "model.layers.0.self_attn.q_proj" not in gwq["ignore"] and "lm_head" in gwq["ignore"]
+
+
+def test_writers_refuse_what_the_format_does_not_hold():
+    quantized = random_vptq()
+    with pytest.raises(WeightkitError, match="codebooks are stored in torch.float16, got a torch.float32"):
+        stored_tensors(VPTQWeight(quantized.indices, quantized.codebook.float()), None)
+    with pytest.raises(WeightkitError, match=r"outside the unsigned 3-bit range"):
+        stored_tensors(VPTQWeight(quantized.indices + 8, quantized.codebook), None)  # k = 8
+    outliers = outlier_weight()
+    with pytest.raises(WeightkitError, match="float16/bfloat16 values at int32 positions, got torch.float32"):
+        stored_tensors(SparseOutlierWeight(outliers.dense, outliers.outlier_index, torch.zeros(4)), None)
+
+
+def test_a_subclass_of_a_quantized_layer_is_refused_not_stored_as_its_parent():
+    class GroupedVPTQLinear(VPTQLinear):
+        pass
+
+    model = quantized_llama({"self_attn.q_proj": "vptq"})
+    model.model.layers[0].self_attn.q_proj.__class__ = GroupedVPTQLinear
+    with pytest.raises(
+        WeightkitError, match=r"q_proj is a GroupedVPTQLinear, a subclass of a quantized layer"
+    ):
+        quantized_model_config(model)
