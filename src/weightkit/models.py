@@ -437,12 +437,12 @@ def _outlier_linear(
     """Rebuild one ``OutlierQuantizedLinear`` from its grid and outliers (checked by name); ``dtype`` casts
     the scales and bias, the 16-bit outlier values stay as stored."""
     dense = _grid_weight(reader, ckpt_name, linear, scheme, dtype)
-    values = reader.get(f"{ckpt_name}.weight") if f"{ckpt_name}.weight" in reader else None
-    if values is None:
+    if f"{ckpt_name}.weight" not in reader:
         raise WeightkitError(
             f"{ckpt_name}.weight (the outlier values) is missing: the checkpoint is weightkit gwq"
         )
-    index = reader.get(f"{ckpt_name}.weight_outlier_index")
+    # weight_outlier_index is there: it marks the layer as a gwq one (_quantized_modules).
+    values, index = reader.get(f"{ckpt_name}.weight"), reader.get(f"{ckpt_name}.weight_outlier_index")
     quantized = outlier_weight_from_stored(dense, values, index, ckpt_name)
     return OutlierQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
