@@ -40,9 +40,11 @@ def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
     """Load the model of a Hugging Face directory, offline, in eval mode, with an adapter applied.
 
     The class is the one named in ``config.json``'s ``architectures`` (a ``BertForMaskedLM`` comes back
-    as one); a compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear`` layers. With
-    a classifier's adapter (PEFT's ``SEQ_CLS``, what ``weightkit adapt`` trains on an encoder) the model is
-    the sequence classifier it was trained as, with its head and ``config.id2label``.
+    as one); a quantized checkpoint comes back with weightkit's quantized layers (``QuantizedLinear`` /
+    ``FloatQuantizedLinear`` for compressed-tensors, ``VPTQLinear`` / ``OutlierQuantizedLinear`` for
+    weightkit's own VPTQ / GWQ format, which only this function reads). With a classifier's adapter
+    (PEFT's ``SEQ_CLS``, what ``weightkit adapt`` trains on an encoder) the model is the sequence classifier
+    it was trained as, with its head and ``config.id2label``.
 
     Args:
         path: the model directory.

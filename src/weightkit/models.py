@@ -1,4 +1,5 @@
-"""Loading Hugging Face models (plain and compressed-tensors quantized, offline); the bundled default model.
+"""Loading Hugging Face models (plain, compressed-tensors quantized and in weightkit's VPTQ/GWQ format,
+offline); the bundled default model.
 
 Below the verbs: nothing here imports adapt, compress, merge, train or inspect. What a model computes and
 where its blocks are is :mod:`weightkit.arch`'s description.
@@ -7,7 +8,8 @@ where its blocks are is :mod:`weightkit.arch`'s description.
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +34,21 @@ from weightkit.quantized.compressed_tensors import (
 )
 from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
-from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
+from weightkit.quantized.linear import (
+    FloatQuantizedLinear,
+    OutlierQuantizedLinear,
+    QuantizedLinear,
+    VPTQLinear,
+)
 from weightkit.quantized.pack import unpack_int32
+from weightkit.quantized.weightkit_format import (
+    GWQ_SUFFIXES,
+    QUANT_METHOD,
+    VPTQ_SUFFIXES,
+    outlier_weight_from_stored,
+    vptq_weight_from_stored,
+    weightkit_format,
+)
 
 __all__ = [
     "default_model_path",
@@ -79,9 +94,9 @@ def load_model(
     """Load a local Hugging Face model directory, offline.
 
     Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``. A directory holding a
-    compressed-tensors "pack-quantized" checkpoint (what
-    :func:`weightkit.compress.quant.export.save_quantized` writes) loads through :func:`load_quantized`,
-    so its quantized layers are weightkit ``QuantizedLinear`` modules holding the exact stored grid values.
+    quantized checkpoint :func:`weightkit.compress.quant.export.save_quantized` writes (compressed-tensors,
+    or weightkit's VPTQ/GWQ format) loads through :func:`load_quantized`, so its quantized layers are
+    weightkit's quantized layers holding the exact stored values.
 
     Args:
         path: a directory with ``config.json`` and safetensors weights.
@@ -285,8 +300,9 @@ def load(
     """Load the model of a Hugging Face directory, offline, in eval mode.
 
     The class is the one named in ``config.json``'s ``architectures`` (so a ``BertForMaskedLM`` comes
-    back as one). A compressed-tensors pack-quantized checkpoint comes back with ``QuantizedLinear``
-    layers (see :func:`load_quantized`).
+    back as one). A quantized checkpoint comes back with weightkit's quantized layers: ``QuantizedLinear`` /
+    ``FloatQuantizedLinear`` for compressed-tensors, ``VPTQLinear`` / ``OutlierQuantizedLinear`` for
+    weightkit's own "vptq" / "gwq" format (see :func:`load_quantized`).
 
     Args:
         path: the model directory.
@@ -312,10 +328,8 @@ def load(
     return model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
 
 
-def _quantized_linear(
-    reader, ckpt_name: str, linear: nn.Linear, scheme: QuantScheme, dtype
-) -> QuantizedLinear:
-    """Rebuild one ``QuantizedLinear`` from its packed tensors, checking every shape against the layer."""
+def _grid_weight(reader, ckpt_name: str, linear: nn.Linear, scheme: QuantScheme, dtype) -> QuantizedWeight:
+    """One layer's integer grid from its pack-quantized tensors, checking every shape against the layer."""
     out_features, in_features = linear.out_features, linear.in_features
     shape = [int(v) for v in reader.get(f"{ckpt_name}.weight_shape").tolist()]
     if shape != [out_features, in_features]:
@@ -341,8 +355,7 @@ def _quantized_linear(
         ).T.contiguous()
     if dtype is not None:
         scale = scale.to(dtype)
-    bias = _bias(reader, ckpt_name, linear, dtype)
-    return QuantizedLinear(QuantizedWeight(qweight, scale, zero_point, scheme), bias)
+    return QuantizedWeight(qweight, scale, zero_point, scheme)
 
 
 def _bias(reader, ckpt_name: str, linear: nn.Linear, dtype) -> torch.Tensor | None:
@@ -405,6 +418,95 @@ def _float_quantized_linear(
     return FloatQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
 
+def _vptq_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> VPTQLinear:
+    """Rebuild one ``VPTQLinear`` from its stored tensors (checked by name); ``dtype`` casts the bias only,
+    the float16 codebooks are part of the format."""
+    stored = {
+        s: reader.get(f"{ckpt_name}.{s}")
+        for s in VPTQ_SUFFIXES
+        if s != "bias" and f"{ckpt_name}.{s}" in reader
+    }
+    shape = (linear.out_features, linear.in_features)
+    quantized = vptq_weight_from_stored(stored, shape, ckpt_name)
+    return VPTQLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
+
+
+def _outlier_linear(
+    reader, ckpt_name: str, linear: nn.Linear, scheme: QuantScheme, dtype
+) -> OutlierQuantizedLinear:
+    """Rebuild one ``OutlierQuantizedLinear`` from its grid and outliers (checked by name); ``dtype`` casts
+    the scales and bias, the 16-bit outlier values stay as stored."""
+    dense = _grid_weight(reader, ckpt_name, linear, scheme, dtype)
+    if f"{ckpt_name}.weight" not in reader:
+        raise WeightkitError(
+            f"{ckpt_name}.weight (the outlier values) is missing: the checkpoint is weightkit gwq"
+        )
+    # weight_outlier_index is there: it marks the layer as a gwq one (_quantized_modules).
+    values, index = reader.get(f"{ckpt_name}.weight"), reader.get(f"{ckpt_name}.weight_outlier_index")
+    quantized = outlier_weight_from_stored(dense, values, index, ckpt_name)
+    return OutlierQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
+
+
+@dataclass(frozen=True)
+class _StoredLayers:
+    """How a checkpoint's format stores its quantized layers.
+
+    Attributes:
+        name: the format, for messages.
+        markers: the suffixes that every quantized layer of the format stores, and no other tensor does:
+            a layer storing another set of them belongs to another format (a mix, refused).
+        suffixes: every tensor a layer may store, all read by ``read``.
+        read: ``(reader, the layer's checkpoint name, the model's nn.Linear, dtype) -> quantized layer``.
+    """
+
+    name: str
+    markers: frozenset[str]
+    suffixes: tuple[str, ...]
+    read: Callable[..., nn.Module]
+
+
+# Every suffix that marks a quantized layer of some format (weightkit's or compressed-tensors').
+_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index"})
+
+
+def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
+    """The stored layers of a quantized checkpoint's ``quantization_config``, its groups read and checked."""
+    if qc.get("quant_method") == QUANT_METHOD:
+        fmt = weightkit_format(qc, str(path / "config.json"))
+        if fmt == "vptq":
+            return _StoredLayers(
+                "weightkit vptq",
+                frozenset({"weight_codebook"}),
+                VPTQ_SUFFIXES,
+                _vptq_linear,
+            )
+        groups, ignore = config_groups(qc, path)  # the grid: pack-quantized groups only
+
+        def read_gwq(reader, ckpt_name, linear, dtype):
+            scheme = scheme_of(ckpt_name, linear, groups, ignore, path)
+            return _outlier_linear(reader, ckpt_name, linear, scheme, dtype)
+
+        return _StoredLayers(
+            "weightkit gwq", frozenset({"weight_scale", "weight_outlier_index"}), GWQ_SUFFIXES, read_gwq
+        )
+    groups, ignore = config_groups(qc, path, floats=True)
+
+    def read_compressed_tensors(reader, ckpt_name, linear, dtype):
+        scheme = scheme_of(ckpt_name, linear, groups, ignore, path)
+        if isinstance(scheme, FloatScheme):
+            return _float_quantized_linear(reader, ckpt_name, linear, scheme, dtype)
+        return QuantizedLinear(
+            _grid_weight(reader, ckpt_name, linear, scheme, dtype), _bias(reader, ckpt_name, linear, dtype)
+        )
+
+    return _StoredLayers(
+        f"compressed-tensors {qc.get('format')}",
+        frozenset({"weight_scale"}),
+        _QUANT_SUFFIXES,
+        read_compressed_tensors,
+    )
+
+
 def load_quantized(
     path: str | os.PathLike,
     *,
@@ -412,19 +514,26 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     reader=None,
 ) -> nn.Module:
-    """Load a compressed-tensors directory into a model with ``QuantizedLinear`` / ``FloatQuantizedLinear``
-    layers.
+    """Load a quantized directory (compressed-tensors, or weightkit's "vptq" / "gwq" format) into a model
+    with weightkit's quantized layers.
 
     The model is built from ``config.json`` without its ``quantization_config`` (parameters on the meta
-    device, so nothing is allocated twice), every pack-quantized layer becomes a ``QuantizedLinear`` with the
-    unpacked grid values, scales and zero points, every float-quantized (FP8 E4M3) or nvfp4-pack-quantized
-    (FP4) layer a ``FloatQuantizedLinear`` with its stored values and scales, and the other tensors are
-    loaded as stored.
+    device, so nothing is allocated twice), and each quantized layer is rebuilt from its stored tensors:
+
+    - compressed-tensors: every pack-quantized layer becomes a ``QuantizedLinear`` with the unpacked grid
+      values, scales and zero points, every float-quantized (FP8 E4M3) or nvfp4-pack-quantized (FP4)
+      layer a ``FloatQuantizedLinear`` with its stored values and scales;
+    - weightkit "vptq": every layer a ``VPTQLinear`` with its unpacked indices and float16 codebooks;
+    - weightkit "gwq": every layer an ``OutlierQuantizedLinear`` with its grid and 16-bit outliers.
+
+    The other tensors are loaded as stored.
 
     Args:
         path: the quantized model directory.
         model_cls: a transformers model class or Auto class; default from ``config.json``.
-        dtype: dtype for the floating-point weights and scales; ``None`` keeps the stored ones.
+        dtype: dtype for the floating-point weights, scales and biases; ``None`` keeps the stored ones.
+            What belongs to a format stays as stored: VPTQ's float16 codebooks, GWQ's 16-bit outlier
+            values, NVFP4's E4M3 scales and global scale.
         reader: an open ``CheckpointReader`` of ``path`` to reuse.
 
     Returns:
@@ -432,8 +541,9 @@ def load_quantized(
 
     Raises:
         WeightkitError: a group is not a static integer group/channel pack-quantized scheme, FP8 E4M3
-            channel/group or NVFP4; a tensor is missing or has the wrong shape or dtype; or the checkpoint
-            has tensors the model does not.
+            channel/group or NVFP4; an unknown weightkit format; a layer stored in another format than the
+            checkpoint's (a mix); a tensor is missing or has the wrong shape or dtype (named); or the
+            checkpoint has tensors the model does not.
     """
     path = Path(path)
     own_reader = reader is None
@@ -442,26 +552,42 @@ def load_quantized(
     try:
         config = reader.config
         if not is_quantized_checkpoint(config):
-            raise WeightkitError(f"{path / 'config.json'} has no compressed-tensors quantization_config")
-        groups, ignore = config_groups(config["quantization_config"], path, floats=True)
+            raise WeightkitError(
+                f"{path / 'config.json'} has no compressed-tensors or weightkit quantization_config"
+            )
+        stored_layers = _stored_layers(config["quantization_config"], path)
         if model_cls is None:
             model_cls = _model_class(config)
-        return _build(path, reader, model_cls, groups, ignore, dtype)
+        return _build(path, reader, model_cls, stored_layers, dtype)
     finally:
         if own_reader:
             reader.close()
 
 
-def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
+def _quantized_modules(reader, names: CheckpointNames, stored_layers: _StoredLayers, path: Path) -> list[str]:
+    """The model names of the layers the checkpoint stores quantized, in order; a layer whose stored
+    tensors mark another format than the checkpoint's is refused by name."""
+    markers: dict[str, set[str]] = {}
+    for ckpt_name in reader.names():
+        module, _, suffix = ckpt_name.rpartition(".")
+        if suffix in _MARKERS:
+            markers.setdefault(module, set()).add(suffix)
+    for module, found in markers.items():
+        if found != stored_layers.markers:
+            raise WeightkitError(
+                f"{path}: {module} stores {', '.join(sorted(found))}, but a {stored_layers.name} layer "
+                f"stores {', '.join(sorted(stored_layers.markers))}: one checkpoint holds layers of one "
+                "format, the one its quantization_config names"
+            )
+    return sorted(names.to_model(module) for module in markers)
+
+
+def _build(path: Path, reader, model_cls, stored_layers: _StoredLayers, dtype) -> nn.Module:
     model = skeleton(path, model_cls, dtype)
     names = CheckpointNames(model, reader.names())
     names.refuse_fused(path)
-    # Every compressed-tensors quantized layer stores a weight_scale (and only those do).
-    packed_modules = {
-        names.to_model(n.removesuffix(".weight_scale")) for n in reader.names() if n.endswith(".weight_scale")
-    }
     consumed: set[str] = set()
-    for name in sorted(packed_modules):
+    for name in _quantized_modules(reader, names, stored_layers, path):
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -473,13 +599,8 @@ def _build(path: Path, reader, model_cls, groups, ignore, dtype) -> nn.Module:
                 f"{path}: {name} is stored packed but is a {type(linear).__name__}, not a Linear"
             )
         ckpt_name = names.to_ckpt(name)
-        scheme = scheme_of(ckpt_name, linear, groups, ignore, path)
-        if isinstance(scheme, FloatScheme):
-            layer = _float_quantized_linear(reader, ckpt_name, linear, scheme, dtype)
-        else:
-            layer = _quantized_linear(reader, ckpt_name, linear, scheme, dtype)
-        model.set_submodule(name, layer)
-        consumed.update(f"{ckpt_name}.{suffix}" for suffix in _QUANT_SUFFIXES)
+        model.set_submodule(name, stored_layers.read(reader, ckpt_name, linear, dtype))
+        consumed.update(f"{ckpt_name}.{suffix}" for suffix in stored_layers.suffixes)
 
     expected = set(model.state_dict())
     state = {}

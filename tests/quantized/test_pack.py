@@ -5,7 +5,14 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from weightkit.errors import WeightkitError
-from weightkit.quantized.pack import pack_int32, packed_cols, unpack_int32
+from weightkit.quantized.pack import (
+    pack_bits,
+    pack_int32,
+    packed_bytes,
+    packed_cols,
+    unpack_bits,
+    unpack_int32,
+)
 
 
 def random_grid(rows: int, cols: int, bits: int, seed: int) -> torch.Tensor:
@@ -89,3 +96,75 @@ def test_refuses_bad_input():
         unpack_int32(torch.zeros(2, 3, dtype=torch.int32), 4, 8)
     with pytest.raises(WeightkitError, match="bits"):
         pack_int32(torch.zeros(2, 2, dtype=torch.int8), 9)
+
+
+# -- byte streams of 1 to 16 bits (pack_bits) -----------------------------------------------------------
+
+
+def stream_reference(values: list[int], bits: int) -> list[int]:
+    """Bit-by-bit loop: bit b of value j is stream bit j*bits + b, bit s % 8 of byte s // 8."""
+    out = [0] * -(-len(values) * bits // 8)
+    for j, value in enumerate(values):
+        for b in range(bits):
+            pos = j * bits + b
+            out[pos // 8] |= ((value >> b) & 1) << (pos % 8)
+    return out
+
+
+def known_patterns(bits: int) -> list[int]:
+    """All ones, all zeros, alternating bits both ways, the top bit alone, 1, and a count that is not a
+    multiple of 8 (so values straddle bytes and the last byte is padded)."""
+    top = (1 << bits) - 1
+    alternating = int("10" * 8, 2) & top
+    return [top, 0, alternating, top ^ alternating, 1 << (bits - 1), 1, top, 0, alternating, 1, top]
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_bits_known_patterns_match_the_bit_loop_and_round_trip(bits):
+    values = known_patterns(bits)
+    packed = pack_bits(torch.tensor(values, dtype=torch.int32), bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (packed_bytes(len(values), bits),) == (-(-len(values) * bits // 8),)
+    assert packed.tolist() == stream_reference(values, bits)
+    assert unpack_bits(packed, bits, len(values)).tolist() == values
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_bits_random_rows_round_trip_each_row_its_own_stream(bits):
+    g = torch.Generator().manual_seed(bits)
+    values = torch.randint(0, 1 << bits, (3, 37), generator=g, dtype=torch.int64)
+    packed = pack_bits(values, bits)
+    assert packed.shape == (3, packed_bytes(37, bits))
+    for row in range(3):
+        assert packed[row].tolist() == stream_reference(values[row].tolist(), bits)
+    unpacked = unpack_bits(packed, bits, 37)
+    assert unpacked.dtype == torch.int32 and torch.equal(unpacked, values.to(torch.int32))
+
+
+def test_pack_bits_hand_computed_examples():
+    # 16 bits: little-endian bytes of each value in turn.
+    assert pack_bits(torch.tensor([0x1234, 0xABCD]), 16).tolist() == [0x34, 0x12, 0xCD, 0xAB]
+    # 12 bits: 0xABC then 0x123 -> bits 0-11 and 12-23: 0xBC, 0x3A (0x3 over 0xA), 0x12.
+    assert pack_bits(torch.tensor([0xABC, 0x123]), 12).tolist() == [0xBC, 0x3A, 0x12]
+    # 1 bit: value j is bit j; nine values spill one bit into a second byte.
+    assert pack_bits(torch.tensor([1, 0, 1, 1, 0, 0, 0, 0, 1]), 1).tolist() == [0b1101, 0b1]
+    # 3 bits: 7 at value 2 straddles bits 6, 7 | 8.
+    assert pack_bits(torch.tensor([0, 0, 7]), 3).tolist() == [0b11000000, 0b1]
+    assert pack_bits(torch.zeros(0, dtype=torch.int32), 5).shape == (0,)
+
+
+def test_pack_bits_refuses_bad_input():
+    with pytest.raises(WeightkitError, match=r"outside the unsigned 4-bit range \[0, 15\]"):
+        pack_bits(torch.tensor([16]), 4)
+    with pytest.raises(WeightkitError, match="outside the unsigned"):
+        pack_bits(torch.tensor([-1]), 4)
+    with pytest.raises(WeightkitError, match="integer tensor"):
+        pack_bits(torch.tensor([1.0]), 4)
+    with pytest.raises(WeightkitError, match="1 to 16 bits"):
+        pack_bits(torch.tensor([1]), 17)
+    with pytest.raises(WeightkitError, match="1 to 16 bits"):
+        unpack_bits(torch.zeros(1, dtype=torch.uint8), 0, 1)
+    with pytest.raises(WeightkitError, match="take 2 bytes"):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 3, 5)
+    with pytest.raises(WeightkitError, match="uint8"):
+        unpack_bits(torch.zeros(2, dtype=torch.int8), 3, 5)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
-from weightkit.quantized.linear import QuantizedLinear
+from weightkit.quantized.linear import OutlierQuantizedLinear, QuantizedLinear, VPTQLinear
 from weightkit.registry import entry_for_config
 from weightkit.runtime.training import forward_batch
 from weightkit.select import LINEAR_TYPES, select_modules
@@ -53,6 +53,7 @@ __all__ = [
     "adapter_layers",
     "adapter_configs",
     "check_new_adapter_name",
+    "refuse_unadaptable_layers",
     "adapter_keys",
     "adapter_state",
     "wrap_targets",
@@ -225,9 +226,32 @@ def adapt(
         ``model``.
     """
     check_new_adapter_name(model, name)
+    refuse_unadaptable_layers(model)
     return entry_for_config(config).fn(
         model, config, name=name, data=data, autocast_adapter_dtype=autocast_adapter_dtype
     )
+
+
+def refuse_unadaptable_layers(model: nn.Module) -> None:
+    """Refuse a model holding VPTQ or GWQ layers (``VPTQLinear``, ``OutlierQuantizedLinear``, as
+    :func:`weightkit.load` gives for weightkit's own quantized format): no adapter method handles them yet,
+    and unhandled they would be skipped silently (they are not ``nn.Linear``, so ``all-linear`` and
+    patterns would not select them, and subspace methods would train only their bias).
+
+    Raises:
+        WeightkitError: naming the first such layer.
+    """
+    found = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, (VPTQLinear, OutlierQuantizedLinear))),
+        None,
+    )
+    if found is not None:
+        name, layer = found
+        raise WeightkitError(
+            f"{name} is a {type(layer).__name__} layer (VPTQ or GWQ, weightkit's own quantized format): "
+            "adapters do not work over such layers; adapt the full-precision model, or one quantized with "
+            "RTN, GPTQ or AWQ (LoRA, rsLoRA and DoRA adapt those)"
+        )
 
 
 def check_new_adapter_name(model: nn.Module, name: str) -> None:

@@ -39,6 +39,7 @@ from weightkit.adapt.layer import (
     adapter_state,
     check_new_adapter_name,
     fan_in_fan_out,
+    refuse_unadaptable_layers,
 )
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
@@ -302,6 +303,7 @@ def load_adapter(
     """
     adapter_dir = Path(adapter_dir)
     check_new_adapter_name(model, name)
+    refuse_unadaptable_layers(model)
     keep_inactive = bool(adapter_configs(model))
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():

@@ -25,13 +25,8 @@ from weightkit.compress.quant.ternary import TernaryConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
-from weightkit.quantized.compressed_tensors import (
-    check_exportable,
-    export_tensors,
-    quantized_model_config,
-    refuse_quantized,
-    stored_tensors,
-)
+from weightkit.quantized.compressed_tensors import check_exportable, refuse_quantized
+from weightkit.quantized.formats import export_tensors, quantized_model_config, stored_tensors
 from weightkit.quantized.linear import quantized_layer
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -142,7 +137,8 @@ def compress_checkpoint(
 
     Args:
         model_dir: a Hugging Face model directory.
-        out_dir: the compressed-tensors pack-quantized directory to create (atomically).
+        out_dir: the quantized model directory to create (atomically), in the format of the layers
+            ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig`` or
             ``AWQConfig``.
         data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.

@@ -113,6 +113,11 @@ def dequantize_packed(tensors: dict[str, Tensor], scheme: QuantScheme, layer: st
 def _refuse_unsupported(qc: dict, path: Path) -> None:
     """Refuse, by name, quantization_config features that change what the stored tensors mean."""
     where = f"{path / 'config.json'} quantization_config"
+    if qc.get("quant_method") != "compressed-tensors":
+        raise WeightkitError(
+            f"{where}: quant_method {qc.get('quant_method')!r}, format {qc.get('format')!r} is not "
+            "supported: the quantization error is measured on compressed-tensors pack-quantized checkpoints"
+        )
     status = qc.get("quantization_status")
     if status != "compressed":
         raise WeightkitError(f"{where}: quantization_status {status!r} is not supported (only 'compressed')")

@@ -88,8 +88,15 @@ BAR_METRICS = (
     "spectral_norm",
 )
 # Tensors that only exist in quantized checkpoints (compressed-tensors' packed and FP8 layouts, GPTQ and
-# AWQ): read as stored they are integer codes and scales, not the weights.
-_QUANTIZED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "qweight", "qzeros")
+# AWQ, weightkit's VPTQ codebooks): read as stored they are integer codes and scales, not the weights.
+_QUANTIZED_TENSORS = (
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "qweight",
+    "qzeros",
+    "weight_codebook",
+)
 # Files of a report: a --force overwrite replaces only a directory holding one of them (or nothing).
 _REPORT_FILES = ("report.html", "metrics.json")
 # What write_report always writes itself: no extra JSON file may take one of these names.

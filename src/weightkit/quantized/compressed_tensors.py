@@ -26,15 +26,16 @@ E5M2 weights have no compressed-tensors format (its float8 storage dtype is E4M3
 ``config.json`` gains a ``quantization_config`` block that says which modules use which scheme; the
 schema is the one compressed-tensors' own ``ModelCompressor.update_config`` writes.
 
-Writing: :func:`export_tensors` gives a model's tensors in this layout and :func:`quantized_model_config`
-its ``config.json``. Reading: :func:`is_quantized_checkpoint`, :func:`config_groups` and
-:func:`scheme_of` interpret a stored ``quantization_config`` (the model loader in :mod:`weightkit.models`
-rebuilds the layers). :func:`refuse_quantized` is the one error of the verbs that need full-precision
-weights (merging, compressing, Fisher ...) on a quantized checkpoint.
+Writing: :func:`packed_tensors` and :func:`float_tensors` give one layer's tensors in this layout and
+:func:`quantization_config` the block; :mod:`weightkit.quantized.formats` picks them (or weightkit's own
+format, :mod:`weightkit.quantized.weightkit_format`, for layers compressed-tensors has no format for) for
+a whole model. Reading: :func:`is_quantized_checkpoint`, :func:`config_groups` and :func:`scheme_of`
+interpret a stored ``quantization_config`` (the model loader in :mod:`weightkit.models` rebuilds the
+layers). :func:`refuse_quantized` is the one error of the verbs that need full-precision weights (merging,
+compressing, Fisher ...) on a quantized checkpoint.
 """
 
 import json
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,24 +45,20 @@ from torch import nn
 from weightkit.errors import WeightkitError
 from weightkit.quantized.float_grid import FloatQuantizedWeight, FloatScheme
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme
-from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 from weightkit.quantized.pack import pack_int32
 
 __all__ = [
     "config_groups",
     "check_exportable",
-    "export_tensors",
     "float_scheme_from_weights_args",
     "float_tensors",
     "is_quantized_checkpoint",
     "packed_tensors",
     "quantization_config",
-    "quantized_model_config",
     "quantization_description",
     "refuse_quantized",
     "scheme_from_weights_args",
     "scheme_of",
-    "stored_tensors",
     "unpack_e2m1",
 ]
 
@@ -227,78 +224,6 @@ def quantization_config(modules: dict[str, QuantScheme | FloatScheme], ignore: l
     return config
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the first floating-point tensor in the model (what transformers calls its dtype)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
-
-
-def _model_config(model: nn.Module) -> dict:
-    """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return {}
-    data = config.to_dict()
-    data.pop("quantization_config", None)
-    dtype = _float_dtype(model)
-    if dtype is not None:
-        data["dtype"] = str(dtype).removeprefix("torch.")
-    return data
-
-
-def quantized_model_config(model: nn.Module) -> dict:
-    """``config.json`` for ``model`` after quantization: its HF config plus the ``quantization_config``.
-
-    Every ``QuantizedLinear`` and ``FloatQuantizedLinear`` is described by its scheme; every remaining
-    ``nn.Linear`` is ignored. Works on a model whose parameters are on the meta device (only types, names
-    and dtypes are read).
-
-    Raises:
-        WeightkitError: the model has no quantized layers, or one whose scheme cannot be saved (E5M2).
-    """
-    quantized = {name: m.scheme for name, m in model.named_modules() if isinstance(m, _QUANTIZED_LAYERS)}
-    if not quantized:
-        raise WeightkitError("the model has no QuantizedLinear layers: quantize it before saving it")
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    config = _model_config(model)
-    config["quantization_config"] = quantization_config(quantized, ignore)
-    return config
-
-
-_QUANTIZED_LAYERS = (QuantizedLinear, FloatQuantizedLinear)
-
-
-def export_tensors(
-    module: nn.Module, prefix: str = "", *, skip: tuple[str, ...] = ()
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` pairs of ``module`` as a compressed-tensors checkpoint stores them.
-
-    Plain tensors come as they are (tensors sharing storage, i.e. tied embeddings, only under their first
-    name, as ``save_pretrained`` does); each ``QuantizedLinear`` comes in the packed layout of the module
-    docstring, each ``FloatQuantizedLinear`` in its float format. Names get ``prefix``; submodules whose
-    names start with an entry of ``skip`` are left out.
-    """
-    quantized = {name: m for name, m in module.named_modules() if isinstance(m, _QUANTIZED_LAYERS)}
-    quantized_prefixes = tuple(f"{name}." for name in quantized)
-    skip = tuple(f"{s}." for s in skip)
-    seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
-    for name, tensor in module.state_dict().items():
-        if name.startswith(quantized_prefixes) or name.startswith(skip):
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue  # a tied weight: the loader re-ties it from the config
-        seen.add(key)
-        yield prefix + name, tensor.detach()
-    for name, layer in quantized.items():
-        if name.startswith(skip):
-            continue
-        for suffix, tensor in stored_tensors(layer.quantized, layer.bias).items():
-            yield f"{prefix}{name}.{suffix}", tensor
-
-
 def packed_tensors(quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One quantized weight (and its layer's bias) in compressed-tensors' pack-quantized layout."""
     bits = quantized.scheme.bits
@@ -366,20 +291,18 @@ def float_tensors(quantized: FloatQuantizedWeight, bias: torch.Tensor | None) ->
     return out
 
 
-def stored_tensors(
-    quantized: QuantizedWeight | FloatQuantizedWeight, bias: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """One quantized weight (and its layer's bias) as the checkpoint stores it: :func:`packed_tensors` for
-    an integer grid, :func:`float_tensors` for a float one."""
-    if isinstance(quantized, QuantizedWeight):
-        return packed_tensors(quantized, bias)
-    return float_tensors(quantized, bias)
+# The quant_methods of the checkpoints weightkit writes and reads: compressed-tensors, and weightkit's own
+# format for VPTQ and GWQ layers (weightkit.quantized.weightkit_format.QUANT_METHOD).
+_WEIGHTKIT_QUANT_METHODS = ("compressed-tensors", "weightkit")
 
 
 def is_quantized_checkpoint(config: dict | None) -> bool:
-    """Whether a ``config.json`` dict describes a compressed-tensors quantized checkpoint."""
+    """Whether a ``config.json`` dict describes a quantized checkpoint of a format weightkit writes and
+    :func:`weightkit.load` reads: compressed-tensors (``quant_method`` "compressed-tensors") or weightkit's
+    own VPTQ/GWQ format (``quant_method`` "weightkit"). Code that reads the stored tensors itself must tell
+    the two apart by ``quant_method``."""
     qc = (config or {}).get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+    return isinstance(qc, dict) and qc.get("quant_method") in _WEIGHTKIT_QUANT_METHODS
 
 
 def quantization_description(config: dict | None) -> str | None:
@@ -390,7 +313,7 @@ def quantization_description(config: dict | None) -> str | None:
     if not isinstance(qc, dict):
         return None
     method = qc.get("quant_method", "unknown method")
-    if method == "compressed-tensors":
+    if method in _WEIGHTKIT_QUANT_METHODS:  # weightkit's gwq format describes its grid as compressed-tensors
         groups = (qc.get("config_groups") or {}).values()
         bits = {(group.get("weights") or {}).get("num_bits") for group in groups}
         what = f"{method} {qc.get('format')}"
@@ -418,9 +341,16 @@ def refuse_quantized(path: str | Path, *, verb: str, instead: str) -> None:
         return  # no readable config.json (or a bare weights file): the verb's reader reports what is wrong
     description = quantization_description(config if isinstance(config, dict) else None)
     if description is not None:
+        # Adapters do not work over weightkit's own VPTQ/GWQ layers (weightkit.adapt refuses them).
+        own_format = config["quantization_config"].get("quant_method") == "weightkit"
+        works = (
+            "weightkit eval works"
+            if own_format
+            else "weightkit eval, and weightkit adapt on a causal LM, work"
+        )
         raise WeightkitError(
             f"{path} is a quantized checkpoint ({description}): {verb} needs full-precision weights; "
-            f"{instead}. (weightkit eval, and weightkit adapt on a causal LM, work on quantized checkpoints.)"
+            f"{instead}. ({works} on quantized checkpoints.)"
         )
 
 

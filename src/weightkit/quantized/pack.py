@@ -1,13 +1,17 @@
-"""Dense bit packing of low-bit grid values into ``int32`` words.
+"""Dense bit packing of low-bit values: little-endian bit streams of bytes, and compressed-tensors' ``int32``
+words built on them.
 
-The layout is compressed-tensors' "pack-quantized" layout, so packed weights load unchanged in
-``transformers`` and vLLM:
+A stream of ``bits``-bit unsigned values is little-endian: value ``j`` occupies stream bits
+``[j*bits, (j+1)*bits)``, its least significant bit first, and stream bit ``s`` is bit ``s % 8`` of byte
+``s // 8``. Values may straddle bytes; the only padding is the zero bits that fill the last byte, so ``n``
+values take ``ceil(n * bits / 8)`` bytes (:func:`pack_bits`, 1 to 16 bits, for VPTQ's codebook indices).
+
+compressed-tensors' "pack-quantized" layout (so packed weights load unchanged in ``transformers`` and
+vLLM) is that stream, per row, read as ``int32`` words (:func:`pack_int32`):
 
 - a value ``q`` on the signed ``bits``-bit grid is stored unsigned, as ``q + 2^(bits-1)``;
-- each row is one little-endian bit stream: element ``j`` occupies bits ``[j*bits, (j+1)*bits)``
-  of the stream, and bit ``k`` of word ``w`` is stream bit ``32*w + k``;
-- values may straddle two words; the only padding is the zero bits that fill the row's last word,
-  so a row of ``cols`` values takes ``ceil(cols * bits / 32)`` words.
+- each row is one stream; bit ``k`` of word ``w`` is stream bit ``32*w + k``, so a row of ``cols``
+  values takes ``ceil(cols * bits / 32)`` words (the last one zero-padded).
 
 Zero points are packed along dim 0 there: pack them as ``pack_int32(zp.T, bits).T``.
 """
@@ -19,7 +23,14 @@ from torch import Tensor
 
 from weightkit.errors import WeightkitError
 
-__all__ = ["pack_int32", "unpack_int32", "packed_cols"]
+__all__ = ["pack_bits", "unpack_bits", "packed_bytes", "pack_int32", "unpack_int32", "packed_cols"]
+
+MAX_STREAM_BITS = 16
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    """Number of bytes that hold ``count`` values of ``bits`` bits in one stream."""
+    return math.ceil(count * bits / 8)
 
 
 def packed_cols(cols: int, bits: int) -> int:
@@ -27,15 +38,81 @@ def packed_cols(cols: int, bits: int) -> int:
     return math.ceil(cols * bits / 32)
 
 
-def _check_bits(bits: int) -> None:
+def _check_stream_bits(bits: int) -> None:
+    if not 1 <= bits <= MAX_STREAM_BITS:
+        raise WeightkitError(f"bit streams hold 1 to {MAX_STREAM_BITS} bits per value, got {bits}")
+
+
+def _byte_positions(count: int, bits: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """First byte and bit-in-byte of each of ``count`` values, and how many bytes a value can touch."""
+    stream_bit = torch.arange(count, device=device, dtype=torch.int64) * bits
+    # A value starting at bit 7 of a byte reaches 7 + bits - 1 bits further: at most 3 bytes for 16 bits.
+    return stream_bit // 8, stream_bit % 8, (7 + bits + 7) // 8
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Pack unsigned ``bits``-bit values into little-endian byte streams, one per row (last dimension).
+
+    Args:
+        values: an integer tensor ``[..., n]``, each value in ``[0, 2^bits)``.
+        bits: bits per value, 1 to 16.
+
+    Returns:
+        ``uint8 [..., ceil(n * bits / 8)]`` (module docstring).
+
+    Raises:
+        WeightkitError: ``values`` is not an integer tensor, or a value does not fit in ``bits`` bits.
+    """
+    _check_stream_bits(bits)
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool or values.dim() == 0:
+        raise WeightkitError(
+            f"pack_bits expects an integer tensor of at least one dimension, got {values.dtype} of shape "
+            f"{tuple(values.shape)}"
+        )
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
+        raise WeightkitError(
+            f"values range over [{int(values.min())}, {int(values.max())}], outside the unsigned {bits}-bit "
+            f"range [0, {(1 << bits) - 1}]; packing them would corrupt their neighbours"
+        )
+    count = values.shape[-1]
+    first_byte, shift, spans = _byte_positions(count, bits, values.device)
+    # int64 holds a value shifted by up to 7 bits; each byte of it lands in byte ``first_byte + t``. Every
+    # stream bit comes from exactly one value, so adding the pieces is a bitwise OR.
+    shifted = values.to(torch.int64) << shift
+    out = torch.zeros(
+        *values.shape[:-1], packed_bytes(count, bits) + spans, dtype=torch.int64, device=values.device
+    )
+    for t in range(spans):
+        out.index_add_(-1, first_byte + t, (shifted >> (8 * t)) & 0xFF)
+    return out[..., : packed_bytes(count, bits)].to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` values of each stream, as ``int32 [..., count]``.
+
+    Raises:
+        WeightkitError: ``packed`` is not ``uint8``, or its streams have the wrong length for ``count``.
+    """
+    _check_stream_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() == 0:
+        raise WeightkitError(
+            f"unpack_bits expects a uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    if packed.shape[-1] != packed_bytes(count, bits):
+        raise WeightkitError(
+            f"{count} values of {bits} bits take {packed_bytes(count, bits)} bytes per stream, "
+            f"but the packed tensor has {packed.shape[-1]}"
+        )
+    first_byte, shift, spans = _byte_positions(count, bits, packed.device)
+    padded = torch.nn.functional.pad(packed.to(torch.int32), (0, spans))
+    # At most 3 bytes (24 bits) per value: the window fits int32 with room to spare.
+    window = sum(padded[..., first_byte + t] << (8 * t) for t in range(spans))
+    return (window >> shift.to(torch.int32)) & ((1 << bits) - 1)
+
+
+def _check_grid_bits(bits: int) -> None:
     if not 1 <= bits <= 8:
         raise WeightkitError(f"packing supports 1 to 8 bits per value, got {bits}")
-
-
-def _bit_positions(cols: int, bits: int, plane: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Word index and bit-in-word of bit ``plane`` of every element of a row."""
-    stream_bit = torch.arange(cols, device=device, dtype=torch.int64) * bits + plane
-    return stream_bit // 32, stream_bit % 32
 
 
 def pack_int32(q: Tensor, bits: int) -> Tensor:
@@ -52,7 +129,7 @@ def pack_int32(q: Tensor, bits: int) -> Tensor:
     Raises:
         WeightkitError: ``q`` is not a 2-D ``int8`` tensor, or a value does not fit in ``bits`` bits.
     """
-    _check_bits(bits)
+    _check_grid_bits(bits)
     if q.dtype != torch.int8 or q.dim() != 2:
         raise WeightkitError(f"pack_int32 expects a 2-D int8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
     offset = 1 << (bits - 1)
@@ -62,15 +139,13 @@ def pack_int32(q: Tensor, bits: int) -> Tensor:
             f"[{-offset}, {offset - 1}]; packing them would corrupt their neighbours"
         )
     rows, cols = q.shape
-    unsigned = q.to(torch.int64) + offset
-    # int64 accumulation: every stream bit is set by exactly one element, so adding the shifted bits
-    # is a bitwise OR, and bit 31 does not overflow before the final two's-complement wrap below.
-    words = torch.zeros(rows, packed_cols(cols, bits), dtype=torch.int64, device=q.device)
-    for plane in range(bits):
-        word, shift = _bit_positions(cols, bits, plane, q.device)
-        words.index_add_(1, word, ((unsigned >> plane) & 1) << shift)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    stream = pack_bits(q.to(torch.int16) + offset, bits)
+    stream = torch.nn.functional.pad(stream, (0, 4 * packed_cols(cols, bits) - stream.shape[1]))
+    # Word w is bytes 4w .. 4w+3, least significant first; built arithmetically, not by a view, so the
+    # result does not depend on the machine's byte order. int64 until the two's-complement wrap.
+    byte_weight = torch.tensor([1, 1 << 8, 1 << 16, 1 << 24], dtype=torch.int64, device=q.device)
+    words = (stream.reshape(rows, -1, 4).to(torch.int64) * byte_weight).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
@@ -87,7 +162,7 @@ def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
     Raises:
         WeightkitError: ``packed`` is not 2-D ``int32`` or has the wrong number of words for ``cols``.
     """
-    _check_bits(bits)
+    _check_grid_bits(bits)
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise WeightkitError(
             f"unpack_int32 expects a 2-D int32 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
@@ -97,9 +172,9 @@ def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
             f"{cols} values of {bits} bits take {packed_cols(cols, bits)} int32 words per row, "
             f"but the packed tensor has {packed.shape[1]}"
         )
-    unsigned = torch.zeros(packed.shape[0], cols, dtype=torch.int32, device=packed.device)
-    for plane in range(bits):
-        word, shift = _bit_positions(cols, bits, plane, packed.device)
-        # Arithmetic right shift sign-extends negative words; the "& 1" keeps only the wanted bit.
-        unsigned |= ((packed[:, word] >> shift.to(torch.int32)) & 1) << plane
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=packed.device)
+    stream = (
+        ((packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(packed.shape[0], -1)
+    )
+    unsigned = unpack_bits(stream[:, : packed_bytes(cols, bits)], bits, cols)
     return (unsigned - (1 << (bits - 1))).to(torch.int8)

@@ -338,7 +338,7 @@ def test_export_is_smaller_than_the_float_original(tmp_path):
 
 
 def test_save_quantized_refuses_unquantized_models_and_existing_dirs(tmp_path):
-    with pytest.raises(WeightkitError, match="no QuantizedLinear"):
+    with pytest.raises(WeightkitError, match="no quantized layers"):
         save_quantized(tiny_llama(), tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
     model = quantize(tiny_llama(), dict.fromkeys(block_linears("llama")[:1], SYM_G32))

@@ -1,8 +1,10 @@
-"""Save a model with quantized layers as a compressed-tensors HF directory ("pack-quantized" for integer
-grids, "float-quantized" / "nvfp4-pack-quantized" for FP8 / FP4).
+"""Save a model with quantized layers as a HF directory: compressed-tensors ("pack-quantized" for integer
+grids, "float-quantized" / "nvfp4-pack-quantized" for FP8 / FP4), or weightkit's own format for VPTQ and
+GWQ layers ("vptq" / "gwq", which only :func:`weightkit.load` reads).
 
-The layout (packed grid values, scales, shapes, zero points and the ``quantization_config`` block) is
-:mod:`weightkit.quantized.compressed_tensors`; this module writes it through the one atomic writer.
+Which format stores which layer is :mod:`weightkit.quantized.formats`, the layouts
+:mod:`weightkit.quantized.compressed_tensors` and :mod:`weightkit.quantized.weightkit_format`; this module
+writes them through the one atomic writer.
 """
 
 import os
@@ -11,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from weightkit.checkpoint import CheckpointWriter
-from weightkit.quantized.compressed_tensors import export_tensors, quantized_model_config
+from weightkit.quantized.formats import export_tensors, quantized_model_config
 
 __all__ = ["save_quantized", "write_generation_config"]
 
@@ -32,16 +34,18 @@ def save_quantized(
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write a model holding ``QuantizedLinear`` layers as a compressed-tensors pack-quantized directory.
+    """Write a model holding quantized layers as a quantized model directory.
 
-    Non-quantized tensors of the state dict are written as they are; each ``QuantizedLinear`` is written
-    in the packed layout (module docstring). Tensors that share storage (tied embeddings) are written
-    once, under the first name, as ``save_pretrained`` does. Config, tokenizer and other non-weight files
-    are copied from ``source_dir``; ``config.json`` is written from ``model.config`` (when the model has
-    one) plus the ``quantization_config`` block. The write is atomic.
+    Non-quantized tensors of the state dict are written as they are; each quantized layer in its format's
+    layout (module docstring): ``QuantizedLinear`` and ``FloatQuantizedLinear`` in compressed-tensors',
+    ``VPTQLinear`` and ``OutlierQuantizedLinear`` in weightkit's (one format per checkpoint). Tensors that
+    share storage (tied embeddings) are written once, under the first name, as ``save_pretrained`` does.
+    Config, tokenizer and other non-weight files are copied from ``source_dir``; ``config.json`` is written
+    from ``model.config`` (when the model has one) plus the ``quantization_config`` block. The write is
+    atomic.
 
     Args:
-        model: the quantized model (a transformers model, or any module with ``QuantizedLinear`` layers).
+        model: the quantized model (a transformers model, or any module with quantized layers).
         out_dir: the directory to create.
         source_dir: the original model directory whose tokenizer and other files to copy.
         overwrite: replace an existing ``out_dir``.
@@ -51,7 +55,8 @@ def save_quantized(
         ``out_dir``.
 
     Raises:
-        WeightkitError: the model has no ``QuantizedLinear``, or ``out_dir`` exists and not ``overwrite``.
+        WeightkitError: the model has no quantized layer or layers of two formats, or ``out_dir`` exists
+            and not ``overwrite``.
     """
     config = quantized_model_config(model)
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
