@@ -99,11 +99,12 @@ def test_vptq_checkpoint_loads_back_bit_identical(vptq_weights, tmp_path, dtype)
     for name, quantized in vptq_weights.items():
         layer = loaded.get_submodule(name)
         assert isinstance(layer, VPTQLinear)
-        assert torch.equal(layer.indices, quantized.indices) and layer.codebook.dtype == torch.float16
-        assert torch.equal(layer.codebook, quantized.codebook)
+        assert torch.equal(layer.indices, quantized.indices)
+        assert layer.quantized.codebook.dtype == torch.float16
+        assert torch.equal(layer.quantized.codebook, quantized.codebook)
         if quantized.residual_codebook is not None:
             assert torch.equal(layer.residual_indices, quantized.residual_indices)
-            assert torch.equal(layer.residual_codebook, quantized.residual_codebook)
+            assert torch.equal(layer.quantized.residual_codebook, quantized.residual_codebook)
     assert loaded.model.embed_tokens.weight.dtype == dtype
     assert torch.equal(logits(loaded), logits(model))
 
@@ -119,12 +120,12 @@ def test_gwq_checkpoint_loads_back_bit_identical(tmp_path, dtype):
     for name in block_linears(tiny_llama(seed=1)):
         ours, theirs = model.get_submodule(name), loaded.get_submodule(name)
         assert isinstance(theirs, OutlierQuantizedLinear) and theirs.scheme == ours.scheme
-        for buffer in ("qweight", "weight_scale", "weight_zero_point", "outlier_index", "outlier_value"):
+        for buffer in ("qweight", "weight_scale", "weight_zero_point", "outlier_index", "outlier_value_bits"):
             a, b = getattr(ours, buffer), getattr(theirs, buffer)
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), (name, buffer)
         outliers += len(theirs.outlier_index)
     assert outliers > 0 and loaded.model.layers[0].mlp.up_proj.outlier_index.numel() == 0  # the 0% layer
-    assert loaded.model.layers[0].self_attn.q_proj.outlier_value.dtype == (
+    assert loaded.model.layers[0].self_attn.q_proj.quantized.outlier_value.dtype == (
         torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     )
     assert torch.equal(logits(loaded), logits(model))
@@ -133,7 +134,7 @@ def test_gwq_checkpoint_loads_back_bit_identical(tmp_path, dtype):
 def test_load_dtype_casts_the_model_but_not_codebooks_or_outliers(vptq_weights, tmp_path):
     save_quantized(vptq_model(vptq_weights), tmp_path / "vptq")
     loaded = load(tmp_path / "vptq", dtype=torch.bfloat16)
-    assert loaded.get_submodule(Q_PROJ).codebook.dtype == torch.float16
+    assert loaded.get_submodule(Q_PROJ).quantized.codebook.dtype == torch.float16
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(logits(loaded), logits(vptq_model(vptq_weights, torch.bfloat16)))
 
@@ -149,7 +150,7 @@ def test_load_dtype_casts_the_model_but_not_codebooks_or_outliers(vptq_weights, 
             name, OutlierQuantizedLinear(SparseOutlierWeight(dense, q.outlier_index, q.outlier_value), None)
         )
     layer = loaded.get_submodule(Q_PROJ)
-    assert layer.weight_scale.dtype == torch.bfloat16 and layer.outlier_value.dtype == torch.float16
+    assert layer.weight_scale.dtype == torch.bfloat16 and layer.quantized.outlier_value.dtype == torch.float16
     assert torch.equal(logits(loaded), logits(expected))
 
 
