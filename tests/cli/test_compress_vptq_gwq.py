@@ -103,10 +103,11 @@ def test_the_saved_model_reads_back_as_the_in_memory_result(
     from weightkit import load
     from weightkit.registry import config_from_dict
 
-    out = tmp_path / "out"
-    code, _, err = run(capsys, "compress", llama_dir, "-o", out, *flags, "--calib", text_file, "--json")
+    out, calibration = tmp_path / "out", ["--calib", text_file, "--calib-samples", "8", "--seq-len", "64"]
+    code, _, err = run(capsys, "compress", llama_dir, "-o", out, *flags, *calibration, "--json")
     assert code == 0, err
-    expected = _in_memory(llama_dir, config_from_dict("compress", config), text_file)
+    config = config_from_dict("compress", {**config, "calib_samples": 8, "calib_max_length": 64})
+    expected = _in_memory(llama_dir, config, text_file)
     ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
     with torch.no_grad():
         torch.testing.assert_close(load(out)(ids).logits, expected(ids).logits, atol=1e-5, rtol=1e-5)

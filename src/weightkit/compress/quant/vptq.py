@@ -258,7 +258,9 @@ class VPTQConfig(CalibrationFields):
         act_order: sweep the input columns from the most activated (the reference's ``enable_perm``,
             on in its published settings).
         kmeans_iterations: most Lloyd steps per codebook (the reference's ``kiter``: 100). The time of
-            VPTQ is mostly k-means: each step compares every vector with every codeword.
+            VPTQ is mostly k-means: each step compares every vector with every codeword (2 bits on the
+            bundled MiniLM, 36 layers with ``v = 4, k = 256``: 29 minutes on 2 CPU cores shared with
+            other jobs, against 2.7 minutes for GPTQ).
         block_size: columns per lazy batch update (speed only, the result is the same).
         targets: module names or ``re:`` patterns to quantize; ``_default`` means every linear layer.
         ignore: names or patterns left in full precision (default: embeddings, lm_head, norms, pooler).
