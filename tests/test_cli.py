@@ -201,20 +201,26 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
     assert code == 0 and json.loads(stdout)["config"]["act_order"] is False
     _assert_fails(
         capsys, tmp_path, ["compress", llama_dir, "--method", "rtn", "--group-size", "32", "--act-order"],
-        "--act-order", "gptq only",
+        "--act-order", "gptq or vptq only",
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["--method", "awq", "--group-size", "32", "--damp", "0.05"], ["--damp", "gptq only", "not awq"]),
+        (
+            ["--method", "awq", "--group-size", "32", "--damp", "0.05"],
+            ["--damp", "gptq or vptq only", "not awq"],
+        ),
         (["--method", "gptq", "--group-size", "32", "--duo-scaling"], ["--duo-scaling", "awq only"]),
         (
             ["--method", "rtn", "--group-size", "32", "--no-hessian-shrinkage"],
             ["--hessian-shrinkage", "gptq only"],
         ),
-        (["--method", "rtn", "--group-size", "32", "--seq-len", "64"], ["--seq-len", "gptq or awq only"]),
+        (
+            ["--method", "rtn", "--group-size", "32", "--seq-len", "64"],
+            ["--seq-len", "gptq or awq or gwq or vptq only"],
+        ),
         (
             ["--method", "rtn", "--group-size", "32", "--calib", "texts.txt"],
             ["--calib", "RTN uses no calibration data"],

@@ -12,10 +12,11 @@ from weightkit.cli.common import common_options, mb, print_table, refuse_existin
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
-_INT_METHODS = ("rtn", "gptq", "awq")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary")
+_INT_METHODS = ("rtn", "gptq", "awq", "gwq")
+_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
 # Methods that use no calibration data.
 _DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+_CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
 def _methods_arg(text: str) -> str:
@@ -35,24 +36,38 @@ def _group_size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"group size must be a number or 'channel', got {text!r}") from None
 
 
+def _bits_arg(text: str) -> int | float:
+    """A whole number as an ``int`` (the integer grids' bits), anything else as a ``float`` (VPTQ's index
+    bits per weight may be fractional; an integer method refuses it by name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 # Method flags: argparse dest -> (config field, the methods that take it, the flag as typed). They
 # default to "not given" (argparse.SUPPRESS), so the config's own defaults apply and a flag that the
 # method or a --recipe would not use is refused by name instead of ignored.
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
-    "bits": ("bits", _INT_METHODS, "--bits"),
-    "group_size": ("group_size", _METHODS, "--group-size"),
+    "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
+    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
     "threshold": ("threshold", ("ternary",), "--threshold"),
-    "act_order": ("act_order", ("gptq",), "--act-order/--no-act-order"),
-    "damp": ("damp", ("gptq",), "--damp"),
+    "act_order": ("act_order", ("gptq", "vptq"), "--act-order/--no-act-order"),
+    "damp": ("damp", ("gptq", "vptq"), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
     "duo_scaling": ("duo_scaling", ("awq",), "--duo-scaling/--no-duo-scaling"),
-    "calib_samples": ("calib_samples", ("gptq", "awq"), "--calib-samples"),
-    "seq_len": ("calib_max_length", ("gptq", "awq"), "--seq-len"),
-    "seed": ("seed", ("gptq", "awq"), "--seed"),
+    "vector_length": ("vector_length", ("vptq",), "--vector-length"),
+    "residual_bits": ("residual_bits", ("vptq",), "--residual-bits"),
+    "kmeans_iterations": ("kmeans_iterations", ("vptq",), "--kmeans-iterations"),
+    "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
+    "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
+    "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
+    "seed": ("seed", _CALIBRATED, "--seed"),
 }
 
 
@@ -81,12 +96,13 @@ def _config_from_args(args: argparse.Namespace):
             message = str(err)
             for dest in given.keys() - {"asym"}:  # --asym sets the opposite of its field: no rewording
                 field, _, flag = _FLAGS[dest]
-                message = re.sub(rf"\b{field}\b", flag, message)
+                message = re.sub(rf"\b{field}\b", flag, message, count=1)  # the field, not a word of the text
             raise WeightkitError(message) from None
     method = config_to_dict(config)["method"]
     if args.calib is not None and method in _DATA_FREE:
         raise WeightkitError(
-            f"--calib applies to --method gptq or awq only; {method.upper()} uses no calibration data"
+            f"--calib applies to --method {', '.join(_CALIBRATED)} only; {method.upper()} uses no "
+            "calibration data"
         )
     return config
 
@@ -147,7 +163,14 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "vector_length"):
+        v = f"v{config.vector_length}" if config.vector_length else "v per layer"
+        residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
+        return f"vptq {config.bits:g} index bits/weight{residual}, {v}"
     group = f"g{config.group_size}" if config.group_size else "per-channel"
+    if hasattr(config, "outlier_fraction"):
+        grid = f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+        return f"gwq {grid} + {config.outlier_fraction:.2%} fp16 outliers"
     if hasattr(config, "fp8_format"):
         pow2 = f" pow2-{config.power_of_two}" if config.power_of_two else ""
         return f"fp8 {config.fp8_format} {group}{pow2}"
@@ -162,12 +185,16 @@ def add_parsers(sub) -> None:
     """Add ``compress`` to the ``weightkit`` subcommands."""
     c = sub.add_parser(
         "compress",
-        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ), FP8/FP4 or ternary",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ), FP8/FP4, ternary or "
+        "VPTQ codebooks",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
             "Embeddings, "
-            "lm_head and norms stay in full precision."
+            "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
+            "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
+            "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
+            "loads it whole (causal LMs only); the other methods stream it."
         ),
         epilog=(
             "examples:\n"
@@ -175,6 +202,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
             "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
             "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
+            "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
+            "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -191,7 +220,13 @@ def add_parsers(sub) -> None:
         metavar="{" + ",".join(_METHODS) + "}",
         help="quantization method, or with --sweep a comma list of methods to compare (default: gptq)",
     )
-    flag("--bits", type=int, help="integer methods: bits per weight, 2-8 (default: 4)")
+    flag(
+        "--bits",
+        type=_bits_arg,
+        help="integer methods (rtn, gptq, awq, gwq): bits per weight, 2-8 (default: 4); vptq: index bits per "
+        "weight, may be fractional with a fitting vector length (2.5 with v=2, 4 ...), codebooks not "
+        "counted (default: 2)",
+    )
     flag(
         "--group-size",
         type=_group_size_arg,
@@ -220,9 +255,9 @@ def add_parsers(sub) -> None:
     flag(
         "--act-order",
         action=argparse.BooleanOptionalAction,
-        help="GPTQ: quantize the most-activated input columns first (default: on)",
+        help="GPTQ/VPTQ: quantize the most-activated input columns first (default: on)",
     )
-    flag("--damp", type=float, help="GPTQ: Hessian dampening fraction (default: 0.01)")
+    flag("--damp", type=float, help="GPTQ/VPTQ: Hessian dampening fraction (default: 0.01)")
     flag(
         "--hessian-shrinkage",
         action=argparse.BooleanOptionalAction,
@@ -236,16 +271,43 @@ def add_parsers(sub) -> None:
         help="AWQ: scale candidates from input and weight magnitudes, x^a / w^(1-a), as llm-compressor and "
         "AutoAWQ (default: on; off is the paper's x^a)",
     )
-    flag("--calib-samples", type=int, help="GPTQ/AWQ: calibration texts used (default: 128)")
-    flag("--seq-len", type=int, help="GPTQ/AWQ: max tokens per calibration text (default: 512)")
-    flag("--seed", type=int, help="GPTQ/AWQ: seed for picking calibration texts (default: 0)")
+    flag(
+        "--vector-length",
+        type=int,
+        help="VPTQ: output rows per vector; longer fits better but the codebook grows as 2^(bits x length) "
+        "(default: per layer, the longest whose codebook stays under 0.125 bits per weight with at most "
+        "4096 codewords)",
+    )
+    flag(
+        "--residual-bits",
+        type=float,
+        help="VPTQ: of --bits, the index bits per weight of a residual codebook (default: 0, none)",
+    )
+    flag(
+        "--kmeans-iterations",
+        type=int,
+        help="VPTQ: most k-means steps per codebook; the time of VPTQ is mostly these (default: 100)",
+    )
+    flag(
+        "--outlier-fraction",
+        type=float,
+        help="GWQ: share of each weight kept in 16 bit, by largest loss gradient, in [0, 1); each costs 48 "
+        "bits (default: 0.01)",
+    )
+    flag("--calib-samples", type=int, help="GPTQ/AWQ/VPTQ/GWQ: calibration texts used (default: 128)")
+    flag("--seq-len", type=int, help="GPTQ/AWQ/VPTQ/GWQ: max tokens per calibration text (default: 512)")
+    flag(
+        "--seed",
+        type=int,
+        help="GPTQ/AWQ/VPTQ/GWQ: seed for picking calibration texts (and VPTQ's k-means) (default: 0)",
+    )
     method.add_argument(
         "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"
     )
     c.add_argument(
         "--calib",
-        help="calibration text for GPTQ/AWQ: .txt (passages split by blank lines), .jsonl or .json with a "
-        "'text' field (default: docstrings of Python's standard library)",
+        help="calibration text for GPTQ/AWQ/VPTQ/GWQ: .txt (passages split by blank lines), .jsonl or .json "
+        "with a 'text' field (default: docstrings of Python's standard library)",
     )
     compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)

@@ -6,7 +6,16 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 
 from weightkit import _callable_package
 from weightkit.compress.model import compress
-from weightkit.compress.quant import AWQConfig, FP4Config, FP8Config, GPTQConfig, RTNConfig, TernaryConfig
+from weightkit.compress.quant import (
+    AWQConfig,
+    FP4Config,
+    FP8Config,
+    GPTQConfig,
+    GWQConfig,
+    RTNConfig,
+    TernaryConfig,
+    VPTQConfig,
+)
 from weightkit.compress.stream import compress_checkpoint
 
 __all__ = [
@@ -18,6 +27,8 @@ __all__ = [
     "FP8Config",
     "FP4Config",
     "TernaryConfig",
+    "VPTQConfig",
+    "GWQConfig",
 ]
 
 

@@ -25,14 +25,16 @@ def compress(
 
     Args:
         model: a Hugging Face ``transformers`` model (see :mod:`weightkit.arch`).
-        config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``.
-        data: calibration data for GPTQ/AWQ: ``None`` (docstrings of Python's standard library), a
-            text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.
+        config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``,
+            ``VPTQConfig(bits=2)``, ``GWQConfig(bits=3, outlier_fraction=0.01)``.
+        data: calibration data for GPTQ/AWQ/VPTQ/GWQ: ``None`` (docstrings of Python's standard library),
+            a text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.
         tokenizer: the model's tokenizer, needed when ``data`` is text.
         progress: show a progress bar.
         device: where to compute (``"cuda"``, ``"cuda:1"``, ``"cpu"`` ...); ``None``: where the model
-            is. The model stays where it is: GPTQ/AWQ move one transformer block at a time to
-            ``device`` (and, to capture the first block's inputs, the embeddings), RTN one weight.
+            is. The model stays where it is: GPTQ/AWQ/VPTQ move one transformer block at a time to
+            ``device`` (and, to capture the first block's inputs, the embeddings), RTN one weight, GWQ a
+            copy of the whole model for its gradient pass and then one weight at a time.
     """
     entry = entry_for_config(config)
     target = None if device is None else resolve_device(device)

@@ -2,9 +2,10 @@
 
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
-time. GPTQ and AWQ hold the embeddings and the other tensors outside the transformer blocks, plus *one*
-block: a block's weights are read just before it is calibrated, and once it is quantized it is written to
-the output and its memory is freed. The output equals ``compress`` on the loaded model followed by
+time. GPTQ, AWQ and VPTQ hold the embeddings and the other tensors outside the transformer blocks, plus
+*one* block: a block's weights are read just before it is calibrated, and once it is quantized it is
+written to the output and its memory is freed. GWQ needs the gradient of the whole model's loss, so it
+loads the model whole. The output equals ``compress`` on the loaded model followed by
 ``save_quantized`` (tested), written atomically.
 """
 
@@ -19,6 +20,7 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
+from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
@@ -112,10 +114,11 @@ def _stream_tensor_wise(
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
     """The model of ``model_dir`` loaded whole by transformers and compressed in memory.
 
-    For checkpoints some of whose tensors transformers merges into one parameter when it loads them (a
-    mixture of experts' experts, fused into 3-D parameters by transformers 5): they have no one-to-one
-    name in the model to stream by. The output holds the tensors under the model's names, which
-    transformers and :func:`weightkit.load` read back as they are.
+    For GWQ, whose gradients are of the whole model's loss, and for checkpoints some of whose tensors
+    transformers merges into one parameter when it loads them (a mixture of experts' experts, fused into
+    3-D parameters by transformers 5): they have no one-to-one name in the model to stream by. The output
+    holds the tensors under the model's names, which transformers and :func:`weightkit.load` read back as
+    they are.
     """
     model = auto_cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
     return compress(model, config, data, tokenizer=tokenizer, progress=progress, device=device)
@@ -139,19 +142,20 @@ def compress_checkpoint(
         model_dir: a Hugging Face model directory.
         out_dir: the quantized model directory to create (atomically), in the format of the layers
             ``config`` makes (:mod:`weightkit.quantized.formats`).
-        config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig`` or
-            ``AWQConfig``.
-        data: calibration data for GPTQ/AWQ, as for :func:`weightkit.compress.compress`.
+        config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
+            ``AWQConfig``, ``VPTQConfig`` or ``GWQConfig``.
+        data: calibration data for GPTQ/AWQ/VPTQ/GWQ, as for :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
         allow_pickle: accept ``.bin`` pickle weights (read with ``weights_only``).
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU;
-            RTN/FP8/FP4/ternary move one weight at a time to ``device``, GPTQ/AWQ the embeddings (to
-            capture the first block's inputs) and then one block at a time. A checkpoint whose tensors
-            transformers fuses on load (a mixture of experts) is loaded whole instead
-            (:func:`_compress_whole`).
+            RTN/FP8/FP4/ternary move one weight at a time to ``device``, GPTQ/AWQ/VPTQ the embeddings (to
+            capture the first block's inputs) and then one block at a time. GWQ (causal LMs only) and a
+            checkpoint whose tensors transformers fuses on load (a mixture of experts) are loaded whole
+            instead (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the
+            selected weights.
 
     Returns:
         ``out_dir``.
@@ -172,6 +176,8 @@ def compress_checkpoint(
     with CheckpointReader(model_dir, allow_pickle=allow_pickle) as reader:
         if reader.config is None:
             raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
+        if isinstance(config, GWQConfig):  # before loading it whole
+            require_causal_lm(reader.config, str(model_dir))
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
         tokenizer = None if isinstance(config, _TENSOR_WISE) else load_tokenizer(model_dir)
@@ -180,7 +186,7 @@ def compress_checkpoint(
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused:  # no one-to-one names to stream by
+            if names.fused or isinstance(config, GWQConfig):  # no one-to-one names to stream by, or GWQ
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)

@@ -1,7 +1,8 @@
-"""GPTQ and AWQ applied to a whole model, block by block on calibration text.
+"""GPTQ, AWQ and VPTQ applied to a whole model, block by block on calibration text.
 
-The math is in ``gptq.py`` and ``awq.py`` (pure functions over tensors); this module feeds them the
-activations each linear layer sees (``blockwise.py``) and swaps the layers for ``QuantizedLinear``.
+The math is in ``gptq.py``, ``awq.py`` and ``vptq.py`` (pure functions over tensors); this module feeds
+them the activations each linear layer sees (``blockwise.py``) and swaps the layers for ``QuantizedLinear``
+(``VPTQLinear`` for VPTQ).
 """
 
 import warnings
@@ -34,13 +35,23 @@ from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.gptq import gptq_quantize, shrink_hessian
 from weightkit.compress.quant.hessian import Hessian
 from weightkit.compress.quant.module import quantize_linear, selected_linears
+from weightkit.compress.quant.vptq import VPTQConfig, vptq_quantize
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
+from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.grid import QuantizedWeight, rtn_quantize
 from weightkit.registry import register
 
-__all__ = ["GPTQConfig", "AWQConfig", "BlockStore", "quantize_gptq", "quantize_awq", "calibration_batches"]
+__all__ = [
+    "GPTQConfig",
+    "AWQConfig",
+    "BlockStore",
+    "quantize_gptq",
+    "quantize_awq",
+    "quantize_vptq",
+    "calibration_batches",
+]
 
 
 @dataclass
@@ -281,7 +292,7 @@ def _no_tokens() -> WeightkitError:
     return WeightkitError("calibration data has no tokens (all padding?)")
 
 
-def _round_in_place(linear: nn.Module, quantized: QuantizedWeight) -> None:
+def _round_in_place(linear: nn.Module, quantized: QuantizedWeight | VPTQWeight) -> None:
     """Give a still-plain ``nn.Linear`` its rounded weight (fast to run; swapped when the block is done)."""
     linear.weight.data.copy_(quantized.dequantize())
 
@@ -340,13 +351,7 @@ def quantize_gptq(
     def quantize_block(prefix, block, groups, inputs, here, last):
         done = {}
         for group in groups:
-            first = next(iter(group.values()))
-            hessian = Hessian()
-            run_batches(
-                block, inputs, here, modules=[first], on_input=lambda _i, x, h=hessian: h.add(x), until=first
-            )
-            if not hessian.count:
-                raise _no_tokens()
+            hessian = _group_hessian(block, group, inputs, here)
             h = hessian.value()
             if config.hessian_shrinkage:
                 h = shrink_hessian(h, hessian.count)
@@ -354,6 +359,65 @@ def quantize_gptq(
         return done, None if last else run_batches(block, inputs, here)
 
     return _walk_blocks(model, config, data, tokenizer, progress, "GPTQ", quantize_block, store, device)
+
+
+def _group_hessian(block: nn.Module, group: dict[str, nn.Module], inputs, here: torch.device) -> Hessian:
+    """The Hessian of the input a group's layers share, over every calibration batch run through the block
+    (as it is now: the groups before hold their rounded weights) up to the group's first layer."""
+    first = next(iter(group.values()))
+    hessian = Hessian()
+    run_batches(block, inputs, here, modules=[first], on_input=lambda _i, x: hessian.add(x), until=first)
+    if not hessian.count:
+        raise _no_tokens()
+    return hessian
+
+
+@torch.no_grad()
+def quantize_vptq(
+    model: nn.Module,
+    config: VPTQConfig,
+    *,
+    data=None,
+    tokenizer=None,
+    progress: bool = True,
+    store: "BlockStore | None" = None,
+    device: torch.device | None = None,
+):
+    """Quantize ``model`` in place with VPTQ on calibration ``data`` (see :func:`calibration_batches`):
+    every selected layer becomes a ``VPTQLinear``.
+
+    As :func:`quantize_gptq`, group by group in call order, each on the inputs the groups before it (already
+    rounded) produce: per group one Hessian of the shared input, and each layer of the group gets its own
+    codebooks (:func:`~weightkit.compress.quant.vptq.vptq_quantize`; the vector length and codebook size
+    from ``config.scheme_for(name).spec_for(shape)``, checked for every layer before any work). No Hessian
+    shrinkage: the paper's Hessian, dampened by ``config.damp``.
+
+    Args:
+        device: where to calibrate (see :func:`_walk_blocks`); ``None``: where the model is.
+    """
+
+    def quantize_block(prefix, block, groups, inputs, here, last):
+        done = {}
+        for group in groups:
+            h = _group_hessian(block, group, inputs, here).value()
+            for rel, linear in group.items():
+                name = f"{prefix}.{rel}.weight"
+                weight = linear.weight.detach()
+                done[rel] = vptq_quantize(
+                    weight,
+                    h,
+                    config.scheme_for(f"{prefix}.{rel}").spec_for(tuple(weight.shape), name),
+                    damp=config.damp,
+                    block_size=config.block_size,
+                    act_order=config.act_order,
+                    kmeans_iterations=config.kmeans_iterations,
+                    seed=config.seed,
+                    name=name,
+                )
+                _round_in_place(linear, done[rel])
+        return done, None if last else run_batches(block, inputs, here)
+
+    return _walk_blocks(model, config, data, tokenizer, progress, "VPTQ", quantize_block, store, device)
 
 
 def _fold_for(block_folds: list[Fold], group: dict[str, nn.Module]) -> Fold | None:
@@ -591,3 +655,4 @@ def quantize_awq(
 
 register("compress", "gptq", GPTQConfig, quantize_gptq)
 register("compress", "awq", AWQConfig, quantize_awq)
+register("compress", "vptq", VPTQConfig, quantize_vptq)

@@ -33,17 +33,24 @@ position (48 bits). With ``outlier_count = 0`` this is plain RTN's size, so the 
 budget.
 """
 
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from weightkit.arch import model_task
+from weightkit.compress.quant.blockwise import borrowed
 from weightkit.compress.quant.calibrated import calibration_batches
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.compress.quant.module import selected_linears
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.progress import track
 from weightkit.quantized.grid import QuantizedWeight, QuantScheme, compute_qparams, quantize_to_grid
+from weightkit.quantized.linear import quantized_layer
 from weightkit.quantized.outliers import SparseOutlierWeight
+from weightkit.registry import register
 
 __all__ = [
     "GWQConfig",
@@ -51,7 +58,8 @@ __all__ = [
     "select_outliers",
     "gwq_quantize",
     "lm_loss_gradients",
-    "gwq_weights",
+    "require_causal_lm",
+    "quantize_gwq",
 ]
 
 
@@ -59,6 +67,10 @@ __all__ = [
 class GWQConfig(WeightQuantFields, CalibrationFields):
     """GWQ (arXiv:2411.00850): the weights with the largest loss gradient on calibration text stay in
     16 bit, the rest are rounded to the grid (see ``WeightQuantFields``/``CalibrationFields``).
+
+    Causal LMs only (the gradient is of the next-token loss), and the whole model is held in memory with
+    the gradients of the selected weights: ``compress_checkpoint`` loads the model whole for GWQ instead of
+    streaming it (:func:`quantize_gwq`).
 
     Attributes (besides the grid and calibration fields):
         outlier_fraction: share of each weight matrix kept in float16, in ``[0, 1)``; the paper keeps
@@ -152,7 +164,11 @@ def gwq_quantize(
 
 
 def lm_loss_gradients(
-    model: nn.Module, batches: list[dict[str, Tensor]], names: list[str]
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    names: list[str],
+    *,
+    device: torch.device | None = None,
 ) -> dict[str, Tensor]:
     """Gradient of the mean next-token loss over all calibration tokens, for the named linear weights.
 
@@ -168,6 +184,7 @@ def lm_loss_gradients(
         model: a causal LM taking ``input_ids``, ``attention_mask`` and ``labels`` (transformers').
         batches: dicts with ``input_ids`` and ``attention_mask`` (``weightkit.data.tokenize_batches``).
         names: module names of linear layers (``model.get_submodule(name).weight``).
+        device: where the model is: each batch is moved there for its pass (``None``: as they are).
 
     Returns:
         ``{name: gradient}``, each shaped like the weight.
@@ -199,7 +216,11 @@ def lm_loss_gradients(
         for batch, label, n in zip(batches, labels, predicted, strict=True):
             if n == 0:
                 continue
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=label)
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                labels=label.to(device),
+            )
             if getattr(out, "loss", None) is None:
                 raise WeightkitError(
                     f"{type(model).__name__} returns no loss for labels: GWQ ranks weights by the gradient "
@@ -218,28 +239,65 @@ def lm_loss_gradients(
         model.train(was_training)
 
 
-def gwq_weights(
-    model: nn.Module, config: GWQConfig, *, data=None, tokenizer=None
-) -> dict[str, SparseOutlierWeight]:
-    """GWQ of every linear layer ``config`` selects, from the gradient of ``model``'s LM loss on
-    calibration ``data`` (see :func:`weightkit.compress.quant.calibrated.calibration_batches`).
+def require_causal_lm(config: Mapping, what: str) -> None:
+    """Refuse a model that is not a causal LM (``config``: its ``config.json``), naming it as ``what``.
 
-    The model is not changed: the caller decides what holds the result (replacing the layers needs a
-    quantized linear with a sparse part, which does not exist yet).
-
-    Returns:
-        ``{module name: SparseOutlierWeight}``.
+    GWQ ranks weights by the gradient of the next-token loss; an encoder (BERT, MiniLM), an
+    encoder-decoder or an image model has no such loss.
     """
+    task = model_task(config)
+    if task != "causal-lm":
+        kind = {"encoder": "an encoder", "seq2seq": "an encoder-decoder", "vision": "an image model"}[task]
+        raise WeightkitError(
+            f"{what} (model_type {config.get('model_type')!r}) is {kind}: GWQ ranks weights by the gradient "
+            "of a causal LM's next-token loss, which it does not have; use method gptq, awq or vptq"
+        )
+
+
+def quantize_gwq(
+    model: nn.Module,
+    config: GWQConfig,
+    *,
+    data=None,
+    tokenizer=None,
+    progress: bool = True,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Quantize ``model`` in place with GWQ: every linear layer ``config`` selects becomes an
+    ``OutlierQuantizedLinear`` (:func:`gwq_quantize` of its weight and its gradient).
+
+    The gradients are of the whole model's next-token loss on calibration ``data`` (see
+    :func:`~weightkit.compress.quant.calibrated.calibration_batches`, :func:`lm_loss_gradients`), so the
+    whole model is in memory, and as much again for the gradients of the selected weights: unlike GPTQ,
+    GWQ cannot go block by block (``compress_checkpoint`` loads the model whole for it).
+
+    Args:
+        device: where to compute; ``None``: where the model is. With a device, the gradient pass runs on a
+            copy of the model there and each layer is quantized there, one at a time; the model and its
+            new layers stay where the model was.
+
+    Raises:
+        WeightkitError: not a causal LM (:func:`require_causal_lm`), a weight the grid cannot take or no
+            calibration text (all checked before anything is computed), or what :func:`gwq_quantize`
+            refuses in a weight's values (NaN/Inf, an outlier beyond float16's range).
+    """
+    require_causal_lm(model.config.to_dict(), type(model).__name__)
     linears = selected_linears(model, config)
     batches = calibration_batches(config, data, tokenizer)
-    gradients = lm_loss_gradients(model, batches, list(linears))
-    return {
-        name: gwq_quantize(
-            linear.weight.detach(),
+    here = device or next(model.parameters()).device
+    with borrowed([model], here) if device is not None else nullcontext():
+        gradients = lm_loss_gradients(model, batches, list(linears), device=here)
+    for name, linear in track(linears.items(), "GWQ", total=len(linears), enabled=progress):
+        weight = linear.weight.detach()
+        quantized = gwq_quantize(
+            weight.to(here),
             gradients.pop(name),  # pop: each gradient is freed once its layer is done
             config.scheme_for(name),
             outlier_fraction=config.outlier_fraction,
             name=f"{name}.weight",
         )
-        for name, linear in linears.items()
-    }
+        model.set_submodule(name, quantized_layer(quantized, linear.bias).to(weight.device))
+    return model
+
+
+register("compress", "gwq", GWQConfig, quantize_gwq)

@@ -9,8 +9,9 @@ from transformers.pytorch_utils import Conv1D
 from weightkit.compress.quant.config import WeightQuantFields
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
+from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.grid import QuantizedWeight
-from weightkit.quantized.linear import QuantizedLinear, quantized_layer
+from weightkit.quantized.linear import quantized_layer
 from weightkit.select import matches, select_modules
 
 __all__ = ["selected_linears", "quantize_linear", "quantize_each_weight"]
@@ -68,9 +69,10 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
     return linears
 
 
-def quantize_linear(model: nn.Module, name: str, quantized: QuantizedWeight) -> QuantizedLinear:
-    """Swap the ``nn.Linear`` called ``name`` for a ``QuantizedLinear`` holding ``quantized``."""
-    layer = QuantizedLinear(quantized, model.get_submodule(name).bias)
+def quantize_linear(model: nn.Module, name: str, quantized: QuantizedWeight | VPTQWeight) -> nn.Module:
+    """Swap the ``nn.Linear`` called ``name`` for the layer holding ``quantized`` (``QuantizedLinear``,
+    ``VPTQLinear``: :func:`~weightkit.quantized.linear.quantized_layer`)."""
+    layer = quantized_layer(quantized, model.get_submodule(name).bias)
     model.set_submodule(name, layer)
     return layer
 

@@ -35,6 +35,9 @@ Deliberate deviations and what is not done:
 - Centroids are rounded to fp16 *before* the sweep, so the error feedback uses exactly the values the
   codebook will be stored with.
 - The weight's rows must be a multiple of ``v`` (the reference pads the column); anything else is refused.
+- The vector length and codebook size for a number of bits per weight are chosen per layer by a rule of
+  weightkit's (:func:`vptq_spec_for_layer`) unless given: the paper and the reference take them as
+  settings for the whole model (``v8-k65536`` ...), tuned on GPUs for 7B-405B models.
 - Not done (there is no option for them, so nothing is silently approximated): the reference's outlier
   codebook (``npercent``: its own codebook and vector length for the first ``N%`` of the columns; the
   settings in ``algorithm.md`` use ``npercent 0``), several codebooks per layer (``group_num > 1``), the
@@ -45,19 +48,30 @@ Deliberate deviations and what is not done:
 The stored form (:class:`~weightkit.quantized.codebook.VPTQWeight`) is :mod:`weightkit.quantized.codebook`.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
+from weightkit.compress.quant.config import CalibrationFields
 from weightkit.compress.quant.gptq import factor_inverse_hessian, sweep_inputs
 from weightkit.errors import WeightkitError
 from weightkit.quantized.codebook import CODEBOOK_DTYPE, MAX_INDEX_BITS, VPTQSpec, VPTQWeight
+from weightkit.select import DEFAULT_IGNORE
 
 __all__ = [
+    "AUTO_MAX_INDEX_BITS",
+    "WEIGHTS_PER_CODEBOOK_ENTRY",
+    "VPTQConfig",
+    "VPTQScheme",
+    "auto_vector_lengths",
     "hessian_weighted_kmeans",
     "nearest_codeword",
     "vectors_to_weight",
+    "vptq_codebooks",
     "vptq_quantize",
     "vptq_spec_for_bits",
+    "vptq_spec_for_layer",
     "weight_to_vectors",
 ]
 
@@ -65,6 +79,46 @@ __all__ = [
 # are also faster: k-means on 36 864 vectors, k = 256, 20 steps took 1.5 s with 2^25 pairs a chunk and
 # 0.4 s with 2^20 (float64, one thread; the large buffers were page-faulted in afresh on every step).
 _DISTANCE_CHUNK = 2**20
+
+
+# The automatic choice of vector length (``vector_length=None``, see :func:`vptq_spec_for_layer`):
+# at most this many index bits per codebook (4096 codewords), which bounds the k-means cost ...
+AUTO_MAX_INDEX_BITS = 12
+# ... and at least this many weights per fp16 codebook entry (codebooks cost at most 16/128 = 0.125 bits per
+# weight, what one fp16 scale per group of 128 costs an integer grid; every codeword has >= 128 vectors).
+WEIGHTS_PER_CODEBOOK_ENTRY = 128
+
+
+def vptq_codebooks(
+    bits: float, *, vector_length: int, residual_bits: float = 0, name: str = "weight"
+) -> VPTQSpec:
+    """The codebooks giving ``bits`` index bits per weight with vectors of ``vector_length``, whatever the
+    weight's shape (:func:`vptq_spec_for_bits` checks a shape too).
+
+    Raises:
+        WeightkitError: ``bits * vector_length`` or ``residual_bits * vector_length`` is not a whole
+            number of index bits, or a codebook would need more than 16 index bits.
+    """
+    if not 0 <= residual_bits < bits:
+        raise WeightkitError(f"residual bits must lie in [0, bits={bits}), got {residual_bits}")
+    per_vector = []
+    for what, b in (("bits", bits), ("residual bits", residual_bits)):
+        # A product of two floats (0.3 * 10): whole within rounding error counts as whole.
+        exact = b * vector_length
+        if abs(exact - round(exact)) > 1e-9:
+            raise WeightkitError(
+                f"{name}: {what} {b} x vector length {vector_length} = {exact:g} index bits per vector; "
+                f"it must be a whole number"
+            )
+        per_vector.append(round(exact))
+    main_index, residual_index = per_vector[0] - per_vector[1], per_vector[1]
+    if main_index > MAX_INDEX_BITS or residual_index > MAX_INDEX_BITS:
+        raise WeightkitError(
+            f"{name}: {main_index} index bits per vector for the codebook and {residual_index} for the "
+            f"residual codebook; each can have at most {MAX_INDEX_BITS} (2^{MAX_INDEX_BITS} codewords): "
+            f"use a shorter vector length or give more bits to the residual codebook"
+        )
+    return VPTQSpec(vector_length, 2**main_index, 2**residual_index if residual_index else 0)
 
 
 def vptq_spec_for_bits(
@@ -87,28 +141,183 @@ def vptq_spec_for_bits(
             number of index bits, a codebook would need more than 16 index bits, or a codebook has more
             codewords than the layer has vectors.
     """
-    if not 0 <= residual_bits < bits:
-        raise WeightkitError(f"residual bits must lie in [0, bits={bits}), got {residual_bits}")
-    per_vector = []
-    for what, b in (("bits", bits), ("residual bits", residual_bits)):
-        # A product of two floats (0.3 * 10): whole within rounding error counts as whole.
-        exact = b * vector_length
-        if abs(exact - round(exact)) > 1e-9:
-            raise WeightkitError(
-                f"{name}: {what} {b} x vector length {vector_length} = {exact:g} index bits per vector; "
-                f"it must be a whole number"
-            )
-        per_vector.append(round(exact))
-    main_index, residual_index = per_vector[0] - per_vector[1], per_vector[1]
-    if main_index > MAX_INDEX_BITS or residual_index > MAX_INDEX_BITS:
-        raise WeightkitError(
-            f"{name}: {main_index} index bits per vector for the codebook and {residual_index} for the "
-            f"residual codebook; each can have at most {MAX_INDEX_BITS} (2^{MAX_INDEX_BITS} codewords): "
-            f"use a shorter vector length or give more bits to the residual codebook"
-        )
-    spec = VPTQSpec(vector_length, 2**main_index, 2**residual_index if residual_index else 0)
+    spec = vptq_codebooks(bits, vector_length=vector_length, residual_bits=residual_bits, name=name)
     spec.check_shape(tuple(shape), name)
     return spec
+
+
+def auto_vector_lengths(bits: float, residual_bits: float = 0) -> list[int]:
+    """The vector lengths :func:`vptq_spec_for_layer` chooses from, longest first: those giving each
+    codebook a whole number of index bits per vector, at most :data:`AUTO_MAX_INDEX_BITS`."""
+    if not 0 <= residual_bits < bits:
+        return []
+    lengths = []
+    # The main codebook has (bits - residual_bits) * v index bits: no longer vector can stay under the cap.
+    for v in range(int(AUTO_MAX_INDEX_BITS / (bits - residual_bits) + 1e-9), 0, -1):
+        try:
+            spec = vptq_codebooks(bits, vector_length=v, residual_bits=residual_bits)
+        except WeightkitError:  # not a whole number of index bits
+            continue
+        if max(spec.centroids, spec.residual_centroids) <= 2**AUTO_MAX_INDEX_BITS:
+            lengths.append(v)
+    return lengths
+
+
+def vptq_spec_for_layer(
+    shape: tuple[int, int],
+    bits: float,
+    *,
+    vector_length: int | None = None,
+    residual_bits: float = 0,
+    name: str = "weight",
+) -> VPTQSpec:
+    """The codebooks of one ``[out, in]`` layer: :func:`vptq_spec_for_bits` for a given ``vector_length``;
+    for ``None``, the longest vector length ``v`` (of :func:`auto_vector_lengths`) such that
+
+    1. ``v`` divides the ``out`` rows (vectors run along the rows, the paper's layout), and
+    2. the fp16 codebooks have at most one entry per :data:`WEIGHTS_PER_CODEBOOK_ENTRY` (128) weights:
+       ``(k + k_residual) * v * 128 <= out * in``.
+
+    Why: at equal index bits a longer vector quantizes better (a codebook in more dimensions fits the
+    joint distribution of the weights; the reference's published 2-bit models use ``v = 8, k = 65536``, and
+    ``v = 12`` or 16 with a residual codebook), but the codebook grows as ``2^(bits * v)``. Rule 2 keeps the
+    codebooks to 0.125 bits per weight (what an integer grid's fp16 scale per group of 128 costs, so "2
+    bits" means about the same size for both) and gives every codeword at least 128 vectors to be trained
+    on. :data:`AUTO_MAX_INDEX_BITS` (4096 codewords) bounds the time: a k-means step, and the sweep,
+    compare every vector with every codeword, ``out * in * k / v`` pairs, at 0.07e9-0.25e9 pairs per second
+    measured on 2 CPU cores (the lower for short vectors). A 4096x4096 layer at 2 bits with ``v = 4,
+    k = 256`` is 1.1e9 pairs, several seconds per step (up to 100 steps); with ``v = 8, k = 65536`` (0.5
+    bits of codebook per weight there) 1.4e11 pairs, over ten minutes per step. Examples at 2 bits:
+    384x384 (MiniLM) and 4096x4096 get ``v = 4, k = 256`` (0.11 and 0.001 bits of codebook per weight);
+    3072x8192 gets ``v = 6, k = 4096`` (0.016 bits); 32x64 gets ``v = 1, k = 4``. Ask for a
+    ``vector_length`` to go beyond (up to 16 index bits per codebook).
+
+    Raises:
+        WeightkitError: the weight is not 2-D, or no vector length satisfies the rules (a layer too small
+            for ``bits`` or with a row count no allowed length divides), naming the layer.
+    """
+    if vector_length is not None:
+        return vptq_spec_for_bits(
+            shape, bits, vector_length=vector_length, residual_bits=residual_bits, name=name
+        )
+    if len(shape) != 2:
+        raise WeightkitError(f"{name}: only 2-D weights can be vector-quantized, got shape {tuple(shape)}")
+    rows, cols = shape
+    lengths = auto_vector_lengths(bits, residual_bits)
+    for v in lengths:
+        spec = vptq_codebooks(bits, vector_length=v, residual_bits=residual_bits, name=name)
+        codewords = spec.centroids + spec.residual_centroids
+        if rows % v == 0 and codewords * v * WEIGHTS_PER_CODEBOOK_ENTRY <= rows * cols:
+            return spec
+    raise WeightkitError(
+        f"{name}: no vector length fits {bits:g} index bits per weight in this {rows}x{cols} weight: the "
+        f"lengths giving whole index bits ({', '.join(map(str, lengths))}) either do not divide its {rows} "
+        f"rows or need codebooks of more than one fp16 entry per {WEIGHTS_PER_CODEBOOK_ENTRY} weights; give "
+        f"a vector length, fewer bits, or leave the layer out (ignore)"
+    )
+
+
+@dataclass(frozen=True)
+class VPTQScheme:
+    """How one layer is vector-quantized: ``bits`` index bits per weight (``residual_bits`` of them in a
+    residual codebook) with vectors of ``vector_length``, or of a length chosen from the layer's shape
+    (``None``, :func:`vptq_spec_for_layer`). What ``VPTQConfig.scheme_for`` gives, as a grid config's
+    ``QuantScheme``: the codebooks themselves depend on the shape."""
+
+    bits: float
+    vector_length: int | None = None
+    residual_bits: float = 0
+
+    def spec_for(self, shape: tuple[int, int], name: str) -> VPTQSpec:
+        """The codebooks of a weight of ``shape`` (``name`` in messages)."""
+        return vptq_spec_for_layer(
+            shape, self.bits, vector_length=self.vector_length, residual_bits=self.residual_bits, name=name
+        )
+
+    def check_shape(self, shape: tuple[int, ...], name: str) -> None:
+        """Refuse a weight this scheme cannot quantize, naming the tensor."""
+        self.spec_for(shape, name)
+
+
+@dataclass
+class VPTQConfig(CalibrationFields):
+    """VPTQ (arXiv:2409.17066): vectors of weights replaced by the nearest codeword of a k-means codebook
+    trained per layer, assigned column by column with GPTQ's error feedback (see the module docstring).
+
+    Attributes (besides the calibration fields; ``seed`` also seeds k-means):
+        bits: index bits per weight, the indices only (the fp16 codebooks add a little, counted in the
+            saved size): ``log2(k) / v``, so it may be fractional (2.5 with vectors of 2, 4, 6 ...).
+        vector_length: ``v``, output rows per vector; ``None`` chooses it per layer from the layer's shape
+            (:func:`vptq_spec_for_layer`: the longest whose codebooks stay under 0.125 bits per weight
+            with at most 4096 codewords). Longer vectors quantize better and cost exponentially larger
+            codebooks.
+        residual_bits: of ``bits``, the index bits per weight of a second, residual codebook fitted to
+            what the first leaves (0: none). ``bits=2, vector_length=8, residual_bits=1`` is two
+            codebooks of 256.
+        damp: fraction of the mean Hessian diagonal added to its diagonal before inverting (GPTQ's).
+        act_order: sweep the input columns from the most activated (the reference's ``enable_perm``,
+            on in its published settings).
+        kmeans_iterations: most Lloyd steps per codebook (the reference's ``kiter``: 100). The time of
+            VPTQ is mostly k-means: each step compares every vector with every codeword (2 bits on the
+            bundled MiniLM, 36 layers with ``v = 4, k = 256``: 29 minutes on 2 CPU cores shared with
+            other jobs, against 2.7 minutes for GPTQ).
+        block_size: columns per lazy batch update (speed only, the result is the same).
+        targets: module names or ``re:`` patterns to quantize; ``_default`` means every linear layer.
+        ignore: names or patterns left in full precision (default: embeddings, lm_head, norms, pooler).
+    """
+
+    bits: float = 2.0
+    vector_length: int | None = None
+    residual_bits: float = 0
+    damp: float = 0.01
+    act_order: bool = True
+    kmeans_iterations: int = 100
+    block_size: int = 128
+    targets: list[str] = field(default_factory=lambda: ["_default"])
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    def __post_init__(self):
+        CalibrationFields.__post_init__(self)
+        if not 0 < self.bits <= MAX_INDEX_BITS:
+            raise WeightkitError(f"bits must be in (0, {MAX_INDEX_BITS}], got {self.bits}")
+        if not 0 <= self.residual_bits < self.bits:
+            raise WeightkitError(
+                f"residual_bits must lie in [0, bits={self.bits:g}), got {self.residual_bits}"
+            )
+        self.bits, self.residual_bits = float(self.bits), float(self.residual_bits)
+        if self.vector_length is not None:
+            if isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int):
+                raise WeightkitError(
+                    f"vector_length must be a positive integer or None, got {self.vector_length!r}"
+                )
+            if self.vector_length < 1:
+                raise WeightkitError(
+                    f"vector_length must be a positive integer or None, got {self.vector_length}"
+                )
+            vptq_codebooks(
+                self.bits, vector_length=self.vector_length, residual_bits=self.residual_bits, name="vptq"
+            )
+        elif not auto_vector_lengths(self.bits, self.residual_bits):
+            split = f" with residual_bits {self.residual_bits:g}" if self.residual_bits else ""
+            raise WeightkitError(
+                f"bits {self.bits:g}{split}: no vector length gives each codebook a whole number of index "
+                f"bits per vector, at most {AUTO_MAX_INDEX_BITS}; use a multiple of 1/v for a short vector "
+                f"length v (2, 2.5, 1.75 ...), or give vector_length"
+            )
+        if not 0 <= self.damp < 1:
+            raise WeightkitError(f"damp must be in [0, 1), got {self.damp}")
+        if self.kmeans_iterations < 1:
+            raise WeightkitError(f"kmeans_iterations must be at least 1, got {self.kmeans_iterations}")
+        if self.block_size < 1:
+            raise WeightkitError(f"block_size must be at least 1, got {self.block_size}")
+
+    @property
+    def overrides(self) -> dict[str, dict]:
+        return {}  # one rule for every layer: nothing to vary per module
+
+    def scheme_for(self, module_name: str) -> VPTQScheme:
+        """How ``module_name`` is quantized (the same rule for every module)."""
+        return VPTQScheme(self.bits, self.vector_length, self.residual_bits)
 
 
 def weight_to_vectors(w: Tensor, vector_length: int) -> Tensor:
