@@ -12,8 +12,9 @@ skipped with a message (and a ``skipped`` record), so adding a method is one lin
 Each quantization runs in a fresh process (its peak RSS is its own), through what ``weightkit compress``
 runs (``compress_checkpoint``: read, quantize, write); its output is then loaded with ``weightkit.load``
 and scored here:
-- MiniLM: mean cosine of sentence embeddings to fp32 on 256 held-out stdlib docstrings (higher is better);
-- small Llama: perplexity on 256 passages of three plays it never saw (lower is better).
+- MiniLM: mean cosine of sentence embeddings to fp32 on 128 held-out stdlib docstrings (higher is better);
+- small Llama: perplexity on 64 passages of three plays it never saw (lower is better).
+The two models run side by side, one thread each in this process (scoring with one torch thread each).
 
 Peers, on the same models and scored by the same evaluation code (:data:`PEERS`):
 - llm-compressor 0.14 (``bench/.venv-peer``): FP8 E4M3 per-channel weights (its FP8_DYNAMIC weights
@@ -31,9 +32,12 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -54,9 +58,10 @@ from common import (  # noqa: E402
     write_result,
 )
 
-# 64 calibration texts (not quant.py's 128) keep the whole run near 15 minutes on 2 cores: AWQ on the small
-# Llama costs ~0.45 s per text, and GPTQ's and AWQ's quality changes little between 64 and 128 texts here.
-CALIB_TEXTS, MAX_LEN, EVAL_TEXTS = 64, 256, 256
+# 64 calibration texts and 128 / 64 evaluation texts (quant.py: 128 and 256) keep the run short on 2 busy
+# cores: AWQ on the small Llama costs ~0.45 s per text, and every output is scored once.
+CALIB_TEXTS, MAX_LEN = 64, 256
+EVAL_TEXTS = {"minilm": 128, "small-llama": 64}
 MODELS = ("minilm", "small-llama")
 HQQ_VENV = BENCH_DIR / ".venv-hqq"
 
@@ -94,9 +99,9 @@ def int_points(bits: tuple[int, ...] = (2, 3, 4, 8), **fields) -> tuple[Point, .
 # Registry name -> the settings benchmarked. Calibration fields (calib_samples, calib_max_length) are added
 # to every config class that has them, so a calibrated method needs nothing more here.
 METHODS: dict[str, Method] = {
-    "rtn": Method("RTN", int_points()),
-    "gptq": Method("GPTQ", int_points()),
-    "awq": Method("AWQ", int_points()),
+    "rtn": Method("RTN", int_points()),  # W8 once, as the near-lossless end of the integer curves
+    "gptq": Method("GPTQ", int_points((2, 3, 4))),
+    "awq": Method("AWQ", int_points((2, 3, 4))),
     "fp8": Method("FP8 E4M3", (Point(8, {"fp8_format": "e4m3", "group_size": None}, "E4M3 per channel"),)),
     "fp4": Method("FP4 (NVFP4)", (Point(4, {}, "E2M1 g16"),)),
     "ternary": Method("ternary", tuple(Point(1.58, {"group_size": g}, f"g{g}") for g in (128, 64))),
@@ -121,8 +126,9 @@ PEERS: dict[str, Peer] = {
     "llmc-nvfp4": Peer(
         "llm-compressor NVFP4A16", "llm-compressor", (Point(4, {"method": "nvfp4"}, "E2M1 g16"),), "fp4"
     ),
-    # HQQ at 8 bits would only confirm that 8 bits are lossless, at ~1 min per model: left out.
-    "hqq": Peer("HQQ", "hqq", int_points((2, 3, 4)), "rtn"),
+    # The low bits, where a calibration-free method has something to show; HQQ costs ~1 min per bit width
+    # and model on a CPU here.
+    "hqq": Peer("HQQ", "hqq", int_points((2, 3)), "rtn"),
 }
 
 # What weightkit leaves in full precision on these two models (its default ignore list), for the peers.
@@ -135,8 +141,9 @@ DESCRIPTION = {
     "lm_head and norms included, which stay in full precision); HQQ: the bytes HQQ stores (bit-packed "
     "codes, float16 scales and zeros, every other tensor as in the float32 checkpoint)",
     "quality": "minilm: mean cosine of sentence embeddings (mean-pooled, L2-normalised) to the fp32 "
-    f"model's on {EVAL_TEXTS} held-out stdlib docstrings (higher is better); small-llama: perplexity on "
-    f"{EVAL_TEXTS} held-out passages of plays it never saw, at most {MAX_LEN} tokens each (lower is better)",
+    f"model's on {EVAL_TEXTS['minilm']} held-out stdlib docstrings (higher is better); small-llama: "
+    f"perplexity on {EVAL_TEXTS['small-llama']} held-out passages (spread over three plays it never saw), "
+    f"at most {MAX_LEN} tokens each (lower is better)",
     "quality_change": "relative change vs fp32 in the direction of worse: minilm 1 - cosine, small-llama "
     "perplexity / fp32 perplexity - 1 (0 = lossless)",
     "evaluated_by": "how the output was loaded for scoring; the scoring code (weightkit.eval) is the same",
@@ -163,10 +170,10 @@ def _texts(model: str) -> tuple[list[str], list[str]]:
     if model == "minilm":
         from weightkit.data import stdlib_docstrings
 
-        return stdlib_docstrings("calib")[:CALIB_TEXTS], stdlib_docstrings("eval")[:EVAL_TEXTS]
+        return stdlib_docstrings("calib")[:CALIB_TEXTS], stdlib_docstrings("eval")[: EVAL_TEXTS[model]]
     from small_llama import corpus_passages, spread
 
-    return spread(corpus_passages("train"), CALIB_TEXTS), spread(corpus_passages("eval"), EVAL_TEXTS)
+    return spread(corpus_passages("train"), CALIB_TEXTS), spread(corpus_passages("eval"), EVAL_TEXTS[model])
 
 
 def _model_dir(model: str) -> Path:
@@ -357,7 +364,15 @@ def low_bit_target(records: list[dict], contenders=("gwq", "vptq"), baselines=("
         "method": "each GWQ/VPTQ point of <= 3 nominal bits against the RTN and GPTQ size-vs-quality curves "
         "interpolated linearly in size (MB) at its size",
         "comparisons": comparisons,
-        "not_measured": [f"{m}: not registered in this weightkit" for m in missing],
+        "not_measured": [
+            f"{m}: "
+            + (
+                "not registered in this weightkit"
+                if any("skipped" in r for r in records if r["method"] == m)
+                else "no result at <= 3 bits"
+            )
+            for m in missing
+        ],  # fmt: skip
         "met": None if missing or not judged else all(judged),
     }
 
@@ -382,8 +397,10 @@ def fp8_target(records: list[dict], tolerance: float = 0.001) -> dict:
 
 
 def plot(records: list[dict], references: dict, path: Path) -> None:
-    """Size vs quality per model: every method and peer a line, fp32 a dotted line and a star."""
+    """Size vs quality per model: every method and peer a line, fp32's quality a dotted line (its size is in
+    the legend: drawn as a point, it would squeeze every curve into the left of the chart)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -403,14 +420,16 @@ def plot(records: list[dict], references: dict, path: Path) -> None:
             ax.plot(sizes, qualities, style, marker="o", label=series)
             for r in rows:
                 ax.annotate(r["label"], (r["size_mb"], r["quality"]), fontsize=6, alpha=0.7)
-        ax.axhline(ref["quality"], color="black", linestyle=":", linewidth=1, label="fp32")
-        ax.plot([ref["size_mb"]], [ref["quality"]], "k*", markersize=10)
+        label = f"fp32 ({ref['size_mb']:.1f} MB)"
+        ax.axhline(ref["quality"], color="black", linestyle=":", linewidth=1, label=label)
         ax.set_xlabel("size of the weight files, MB")
         if model == "minilm":
             ax.set_ylabel("mean cosine to fp32 embeddings (higher is better)")
         else:
             ax.set_ylabel("held-out perplexity (lower is better, log scale)")
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_title(f"{model}: size vs quality")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -433,13 +452,55 @@ def _peer_comparison(record: dict, peer: dict) -> dict:
     }
 
 
-def run_model(model: str, methods: list[str], peers: list[str], tmp: Path) -> tuple[dict, list[dict]]:
+def attach_peer_comparisons(records: list[dict]) -> None:
+    """``vs_peer`` on each weightkit record whose scheme a peer ran too (same model and label)."""
+    for name, peer in PEERS.items():
+        for p in (r for r in records if r["method"] == name and "quality" in r):
+            for r in records:
+                same = r["method"] == peer.same_scheme_as and (r["model"], r["label"]) == (
+                    p["model"],
+                    p["label"],
+                )
+                if same and "quality" in r:
+                    r["vs_peer"] = _peer_comparison(r, p)
+
+
+class Results:
+    """What has been measured so far, across the models' threads; written out after every record, so a
+    run that is stopped keeps what it measured."""
+
+    def __init__(self, models: list[str], write: bool):
+        self.models, self.write = models, write
+        self.references: dict[str, dict] = {}
+        self.records: list[dict] = []
+        self.start, self.load_at_start = time.perf_counter(), os.getloadavg()
+        self.lock = threading.Lock()
+
+    def add(self, record: dict | None = None, *, reference: tuple[str, dict] | None = None) -> None:
+        with self.lock:
+            if reference:
+                self.references[reference[0]] = reference[1]
+            if record:
+                self.records.append(record)
+            if self.write and self.references:
+                attach_peer_comparisons(self.records)
+                run = {
+                    "load_average_at_start": self.load_at_start,
+                    "seconds_so_far": round(time.perf_counter() - self.start, 1),
+                    "models_side_by_side": len(self.models),
+                }
+                references = {m: self.references[m] for m in self.models if m in self.references}
+                write(references, self.records, run)
+
+
+def run_model(model: str, methods: list[str], peers: list[str], tmp: Path, results: Results) -> None:
     calib, held_out = _texts(model)
     calib_file = write_jsonl(calib, tmp / f"{model}-calib.jsonl")
     scorer = Scorer(model, held_out)
-    reference = {"size_mb": weight_file_mb(_model_dir(model)), "quality": scorer.fp32}
+    reference = {"size_mb": weight_file_mb(_model_dir(model)), "quality": scorer.fp32,
+                 "calib_texts": len(calib), "eval_texts": len(held_out)}  # fmt: skip
     print(model, "fp32", reference, flush=True)
-    records = []
+    results.add(reference=(model, reference))
 
     def attempt(record: dict, job, out: Path, loader: str) -> None:
         """Run ``job`` and score its output; a job that fails is recorded with its error, not fatal."""
@@ -447,16 +508,16 @@ def run_model(model: str, methods: list[str], peers: list[str], tmp: Path) -> tu
             record.update(job())
         except RuntimeError as err:
             print(model, record["method"], record["label"], "FAILED", err, flush=True)
-            records.append({**record, "failed": str(err)[-2000:]})
+            results.add({**record, "failed": str(err)[-2000:]})
             return
         record["quality"] = scorer.load_and_score(out, loader)
         record["quality_change"] = scorer.change(record["quality"])
         record["evaluated_by"] = loader
         record["size_vs_fp32"] = record["size_mb"] / reference["size_mb"]
         record["load_average_after"] = os.getloadavg()[0]
-        records.append(record)
         shown = {k: record[k] for k in ("size_mb", "quality", "quant_seconds", "peak_rss_mib")}
         print(model, record["method"], record["label"], shown, flush=True)
+        results.add(record)
 
     for name in methods:
         method = METHODS[name]
@@ -467,7 +528,7 @@ def run_model(model: str, methods: list[str], peers: list[str], tmp: Path) -> tu
             if fields is None:
                 message = f"method {name!r} is not registered in this weightkit: skipped"
                 print(model, message, flush=True)
-                records.append({**base, "skipped": message})
+                results.add({**base, "skipped": message})
                 break
             out = tmp / f"{model}-{name}-{point.label.replace(' ', '_')}"
             job = partial(_run_weightkit, model, name, fields, calib_file, out)
@@ -479,12 +540,6 @@ def run_model(model: str, methods: list[str], peers: list[str], tmp: Path) -> tu
             base = {"model": model, "method": name, "tool": peer.tool, "series": peer.label,
                     "label": point.label, "bits": point.bits, "config": point.fields}  # fmt: skip
             attempt(base, partial(_run_peer, model, peer, point, calib_file, out), out, LOADERS[name])
-    for name, peer in PEERS.items():
-        for p in (r for r in records if r["method"] == name):
-            for r in records:
-                if r["method"] == peer.same_scheme_as and r["label"] == p["label"] and "quality" in r:
-                    r["vs_peer"] = _peer_comparison(r, p)
-    return {**reference, "calib_texts": len(calib), "eval_texts": len(held_out)}, records
 
 
 def main() -> None:
@@ -496,9 +551,14 @@ def main() -> None:
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or PNG")
+    parser.add_argument("--plot-only", action="store_true", help="redraw compress.png from compress.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
+        return
+    if args.plot_only:
+        result = json.loads((RESULTS_DIR / "compress.json").read_text())
+        plot(result["records"], result["references"], RESULTS_DIR / "compress.png")
         return
     methods = args.methods.split(",")
     peers = [] if args.no_peers else args.peers.split(",")
@@ -508,19 +568,27 @@ def main() -> None:
     if any(PEERS[p].tool == "llm-compressor" for p in peers):
         ensure_peer_env()
     if "hqq" in peers:
-        import subprocess
-
         subprocess.run(["bash", str(PEER_ENV_SCRIPT), "hqq"], check=True)
-    start, load_at_start = time.perf_counter(), os.getloadavg()
-    references, records = {}, []
-    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
-        for model in args.models.split(","):
-            references[model], rows = run_model(model, methods, peers, Path(tmp))
-            records += rows
-    targets = [low_bit_target(records), fp8_target(records)]
-    print(json.dumps(targets, indent=1))
-    if args.no_write:
-        return
+    models = args.models.split(",")
+    results = Results(models, write=not args.no_write)
+    # One torch thread per model's scoring thread: two threads sharing one intra-op pool on 2 busy cores
+    # slowed scoring several-fold. The jobs are processes with their own threads.
+    import torch
+
+    torch.set_num_threads(1)
+    # The models run side by side (one thread each, every job still a process of its own): on a shared
+    # machine this halves the wall time; each job's time and memory are its own process's either way.
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp,
+        ThreadPoolExecutor(len(models)) as pool,
+    ):
+        for future in [pool.submit(run_model, m, methods, peers, Path(tmp), results) for m in models]:
+            future.result()
+    print(json.dumps([low_bit_target(results.records), fp8_target(results.records)], indent=1))
+
+
+def write(references: dict, records: list[dict], run: dict) -> None:
+    """``bench/results/compress.json`` and ``compress.png`` from what has been measured so far."""
     hqq_freeze = HQQ_VENV / "peer-freeze.txt"
     versions = {
         "llm-compressor venv": {
@@ -537,16 +605,15 @@ def main() -> None:
             "what": DESCRIPTION,
             "weightkit_commit": weightkit_source_state(),
             "peer_versions": versions,
-            "load_average_at_start": load_at_start,
-            "total_seconds": round(time.perf_counter() - start, 1),
+            **run,
             "methods": {name: m.label for name, m in METHODS.items()},
             "references": references,
             "records": records,
-            "targets": targets,
+            "targets": [low_bit_target(records), fp8_target(records)],
         },
     )
     plot(records, references, RESULTS_DIR / "compress.png")
-    print(f"wrote {path} and {RESULTS_DIR / 'compress.png'}")
+    print(f"wrote {path} and {RESULTS_DIR / 'compress.png'}", flush=True)
 
 
 if __name__ == "__main__":
