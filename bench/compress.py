@@ -1,6 +1,6 @@
 """Compression benchmark: every weightkit quantization method as a size-vs-quality curve, with peers.
 
-    flock /tmp/weightkit-bench.lock .venv/bin/python bench/compress.py    # ~15 min on 2 cores
+    flock /tmp/weightkit-bench.lock .venv/bin/python bench/compress.py    # ~27 min on 2 busy cores
     .venv/bin/python bench/compress.py --models minilm --methods rtn,fp8 --no-peers --no-write   # a look
 
 Writes ``bench/results/compress.json`` (its ``what`` block defines every field) and
@@ -400,7 +400,6 @@ def plot(records: list[dict], references: dict, path: Path) -> None:
     """Size vs quality per model: every method and peer a line, fp32's quality a dotted line (its size is in
     the legend: drawn as a point, it would squeeze every curve into the left of the chart)."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -425,12 +424,17 @@ def plot(records: list[dict], references: dict, path: Path) -> None:
         ax.set_xlabel("size of the weight files, MB")
         if model == "minilm":
             ax.set_ylabel("mean cosine to fp32 embeddings (higher is better)")
+            title = f"{model}: size vs quality"
         else:
-            ax.set_ylabel("held-out perplexity (lower is better, log scale)")
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_title(f"{model}: size vs quality")
+            ax.set_ylabel("held-out perplexity (lower is better)")
+            # A method far off (post-training ternary) would flatten every other curve: the axis stops at
+            # 5% above fp32 and the title names what lies beyond.
+            top = ref["quality"] * 1.05
+            ax.set_ylim(top=top)
+            beyond = sorted({f"{r['series']} {r['label']} ({r['quality']:.0f})"
+                             for rows in lines.values() for r in rows if r["quality"] > top})  # fmt: skip
+            title = f"{model}: size vs quality" + ("\noff the chart: " + ", ".join(beyond) if beyond else "")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

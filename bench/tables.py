@@ -400,7 +400,7 @@ def compress_targets() -> str:
     for missing in low_bits["not_measured"]:
         rows.append([low_bits["target"], missing, "not measured"])
     for m in fp8["per_model"]:
-        measured = f"{m['quality_change']:.3%} worse than fp32"
+        measured = f"quality change vs fp32 {m['quality_change']:+.3%} (0: lossless; below 0: better)"
         rows.append(
             [f"{fp8['target']}: {m['model']} ({m['label']})", measured, "yes" if m["met"] else "**no**"]
         )
