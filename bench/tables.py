@@ -336,6 +336,77 @@ def quant_memory() -> str:
     return _table(header, rows)
 
 
+# -- compress ---------------------------------------------------------------------------------------------
+
+_COMPRESS_QUALITY = {"minilm": ("cosine", 4), "small-llama": ("ppl", 2)}
+
+
+def _compress_quality(record: dict) -> str:
+    """The quality and its relative loss vs fp32, e.g. ``0.9505 (-4.95%)`` or ``69.12 (+0.52%)``."""
+    digits = _COMPRESS_QUALITY[record["model"]][1]
+    change = record["quality_change"] * (-1 if record["model"] == "minilm" else 1)
+    return f"{record['quality']:.{digits}f} ({change:+.2%})"
+
+
+def compress() -> str:
+    """``bench/compress.py``: every method and peer per model and setting: size, quality, time, memory, and
+    the ratios against the peer run of the same scheme (bold: weightkit faster / leaner)."""
+    result = _load("compress")
+    rows = []
+    for model, ref in result["references"].items():
+        metric = _COMPRESS_QUALITY[model][0]
+        rows.append([model, "fp32", "–", f"{ref['size_mb']:.1f}", f"{metric} {ref['quality']:.4g}",
+                     "–", "–", "–", "–"])  # fmt: skip
+        for r in (r for r in result["records"] if r["model"] == model):
+            name = r["series"] if r["tool"] == "weightkit" else f"{r['series']} (peer)"
+            if "quality" not in r:
+                why = "not registered: skipped" if "skipped" in r else "failed (see the JSON)"
+                rows.append([model, name, "–", "–", why, "–", "–", "–", "–"])
+                continue
+            peer = r.get("vs_peer")
+            versus = "–" if peer is None else (
+                f"{peer['peer']}: time {_plain_or_bold(peer['ratio_quant_seconds'], True)}"
+                f" (process {_plain_or_bold(peer['ratio_wall_seconds'], True)})"
+                f", RSS {_plain_or_bold(peer['ratio_peak_rss_mib'], True)}"
+                f", size {peer['ratio_size_mb']:.3f}, quality {peer['quality_delta']:+.4f}"
+            )  # fmt: skip
+            rows.append([
+                model, name, r["label"], f"{r['size_mb']:.1f} ({r['size_vs_fp32']:.2f})",
+                _compress_quality(r), f"{r['quant_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
+                f"{r['peak_rss_mib']:.0f}", versus,
+            ])  # fmt: skip
+    header = [
+        "model", "method", "setting", "size, MB (vs fp32)", "quality (vs fp32)", "quantization call, s",
+        "whole process, s", "peak RSS, MiB", "vs the peer of the same scheme",
+    ]  # fmt: skip
+    return _table(header, rows)
+
+
+def compress_targets() -> str:
+    """The issue's targets for ``bench/compress.py``, each with what was measured ("not measured" when a
+    method is not registered yet)."""
+    result = _load("compress")
+    low_bits, fp8 = result["targets"]
+    rows = []
+    for c in low_bits["comparisons"]:
+        digits = _COMPRESS_QUALITY[c["model"]][1]
+        met = "not judged" if c["beats"] is None else "yes" if c["beats"] else "**no**"
+        at_size = f"{c['baseline'].upper()} {c['baseline_quality_at_size']:.{digits}f}"
+        rows.append([
+            f"{low_bits['target']}: {c['method'].upper()} {c['label']}, {c['model']}, {c['size_mb']:.1f} MB",
+            f"{c['quality']:.{digits}f} vs {at_size} ({c['how']})",
+            met,
+        ])  # fmt: skip
+    for missing in low_bits["not_measured"]:
+        rows.append([low_bits["target"], missing, "not measured"])
+    for m in fp8["per_model"]:
+        measured = f"quality change vs fp32 {m['quality_change']:+.3%} (0: lossless; below 0: better)"
+        rows.append(
+            [f"{fp8['target']}: {m['model']} ({m['label']})", measured, "yes" if m["met"] else "**no**"]
+        )
+    return _table(["target", "measured", "met"], rows)
+
+
 # -- train ------------------------------------------------------------------------------------------------
 
 _TRAIN_ROWS = ("adamw", "galore", "galore-per-layer", "q-galore", "galore-svd-free", "galore-torch", "mezo",
@@ -585,6 +656,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "merge-startup": merge_startup,
     "quant-peer": quant_peer,
     "quant-memory": quant_memory,
+    "compress": compress,
+    "compress-targets": compress_targets,
     "train": train,
     "train-targets": train_targets,
     "inspect": inspect,
