@@ -473,10 +473,10 @@ class Results:
     """What has been measured so far, across the models' threads; written out after every record, so a
     run that is stopped keeps what it measured."""
 
-    def __init__(self, models: list[str], write: bool):
+    def __init__(self, models: list[str], write: bool, kept: list[dict] = ()):
         self.models, self.write = models, write
         self.references: dict[str, dict] = {}
-        self.records: list[dict] = []
+        self.records: list[dict] = list(kept)
         self.start, self.load_at_start = time.perf_counter(), os.getloadavg()
         self.lock = threading.Lock()
 
@@ -556,6 +556,11 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or PNG")
     parser.add_argument("--plot-only", action="store_true", help="redraw compress.png from compress.json")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep compress.json's records of the methods and peers not run now (rerun some methods only)",
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
@@ -574,7 +579,11 @@ def main() -> None:
     if "hqq" in peers:
         subprocess.run(["bash", str(PEER_ENV_SCRIPT), "hqq"], check=True)
     models = args.models.split(",")
-    results = Results(models, write=not args.no_write)
+    kept = []
+    if args.update:  # the same models' other records, measured by an earlier run (its commit is in the JSON)
+        earlier = json.loads((RESULTS_DIR / "compress.json").read_text())["records"]
+        kept = [r for r in earlier if r["model"] in models and r["method"] not in {*methods, *peers}]
+    results = Results(models, write=not args.no_write, kept=kept)
     # One torch thread per model's scoring thread: two threads sharing one intra-op pool on 2 busy cores
     # slowed scoring several-fold. The jobs are processes with their own threads.
     import torch
