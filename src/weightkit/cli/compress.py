@@ -11,7 +11,7 @@ from weightkit.cli.common import common_options, mb, print_table, refuse_existin
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
-_INT_METHODS = ("rtn", "gptq", "awq")
+_INT_METHODS = ("rtn", "gptq", "awq", "flexround")
 _METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary")
 # Methods that use no calibration data.
 _DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
@@ -41,9 +41,11 @@ _FLAGS = {
     "damp": ("damp", ("gptq",), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
     "duo_scaling": ("duo_scaling", ("awq",), "--duo-scaling/--no-duo-scaling"),
-    "calib_samples": ("calib_samples", ("gptq", "awq"), "--calib-samples"),
-    "seq_len": ("calib_max_length", ("gptq", "awq"), "--seq-len"),
-    "seed": ("seed", ("gptq", "awq"), "--seed"),
+    "steps": ("steps", ("flexround",), "--steps"),
+    "lr": ("lr", ("flexround",), "--lr"),
+    "calib_samples": ("calib_samples", ("gptq", "awq", "flexround"), "--calib-samples"),
+    "seq_len": ("calib_max_length", ("gptq", "awq", "flexround"), "--seq-len"),
+    "seed": ("seed", ("gptq", "awq", "flexround"), "--seed"),
 }
 
 
@@ -143,14 +145,18 @@ def _setting(config) -> str:
         return f"ternary {group} threshold {config.threshold:g}"
     if not hasattr(config, "bits"):
         return f"fp4 e2m1 {group} (nvfp4)"
-    return f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+    grid = f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+    if hasattr(config, "steps"):
+        return f"{grid} flexround {config.steps} steps lr {config.lr:g}"
+    return grid
 
 
 def add_parsers(sub) -> None:
     """Add ``compress`` to the ``weightkit`` subcommands."""
     c = sub.add_parser(
         "compress",
-        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ), FP8/FP4 or ternary",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, FlexRound), FP8/FP4 or "
+        "ternary",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -163,6 +169,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
             "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
             "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
+            "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 200\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,9 +225,16 @@ def add_parsers(sub) -> None:
         help="AWQ: scale candidates from input and weight magnitudes, x^a / w^(1-a), as llm-compressor and "
         "AutoAWQ (default: on; off is the paper's x^a)",
     )
-    flag("--calib-samples", type=int, help="GPTQ/AWQ: calibration texts used (default: 128)")
-    flag("--seq-len", type=int, help="GPTQ/AWQ: max tokens per calibration text (default: 512)")
-    flag("--seed", type=int, help="GPTQ/AWQ: seed for picking calibration texts (default: 0)")
+    flag(
+        "--steps",
+        type=int,
+        help="FlexRound: Adam steps per transformer block, one calibration batch each; 0 is round-to-nearest "
+        "(default: 200)",
+    )
+    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.001)")
+    flag("--calib-samples", type=int, help="GPTQ/AWQ/FlexRound: calibration texts used (default: 128)")
+    flag("--seq-len", type=int, help="GPTQ/AWQ/FlexRound: max tokens per calibration text (default: 512)")
+    flag("--seed", type=int, help="GPTQ/AWQ/FlexRound: seed for picking calibration texts (default: 0)")
     method.add_argument(
         "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"
     )

@@ -6,7 +6,15 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 
 from weightkit import _callable_package
 from weightkit.compress.model import compress
-from weightkit.compress.quant import AWQConfig, FP4Config, FP8Config, GPTQConfig, RTNConfig, TernaryConfig
+from weightkit.compress.quant import (
+    AWQConfig,
+    FlexRoundConfig,
+    FP4Config,
+    FP8Config,
+    GPTQConfig,
+    RTNConfig,
+    TernaryConfig,
+)
 from weightkit.compress.stream import compress_checkpoint
 
 __all__ = [
@@ -15,6 +23,7 @@ __all__ = [
     "RTNConfig",
     "GPTQConfig",
     "AWQConfig",
+    "FlexRoundConfig",
     "FP8Config",
     "FP4Config",
     "TernaryConfig",

@@ -2,6 +2,7 @@
 weights, exported as compressed-tensors."""
 
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig, quantize_awq, quantize_gptq
+from weightkit.compress.quant.flexround import FlexRoundConfig, quantize_flexround
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.module import quantize_each_weight
 from weightkit.compress.quant.rtn import RTNConfig
@@ -13,6 +14,7 @@ from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 __all__ = [
     "AWQConfig",
     "FP4Config",
+    "FlexRoundConfig",
     "FP8Config",
     "FloatQuantizedLinear",
     "FloatQuantizedWeight",
@@ -25,6 +27,7 @@ __all__ = [
     "TernaryConfig",
     "quantize_awq",
     "quantize_each_weight",
+    "quantize_flexround",
     "quantize_gptq",
     "ternary_quantize",
 ]
