@@ -169,7 +169,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-fp8 --method fp8 --group-size channel\n"
             "  weightkit compress ./my-model -o ./my-model-nvfp4 --method fp4\n"
             "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
-            "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 200\n"
+            "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -229,9 +229,9 @@ def add_parsers(sub) -> None:
         "--steps",
         type=int,
         help="FlexRound: Adam steps per transformer block, one calibration batch each; 0 is round-to-nearest "
-        "(default: 200)",
+        "(default: 100)",
     )
-    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.001)")
+    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
     flag("--calib-samples", type=int, help="GPTQ/AWQ/FlexRound: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="GPTQ/AWQ/FlexRound: max tokens per calibration text (default: 512)")
     flag("--seed", type=int, help="GPTQ/AWQ/FlexRound: seed for picking calibration texts (default: 0)")
