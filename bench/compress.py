@@ -102,7 +102,13 @@ METHODS: dict[str, Method] = {
     "rtn": Method("RTN", int_points()),  # W8 once, as the near-lossless end of the integer curves
     "gptq": Method("GPTQ", int_points((2, 3, 4))),
     "awq": Method("AWQ", int_points((2, 3, 4))),
-    "fp8": Method("FP8 E4M3", (Point(8, {"fp8_format": "e4m3", "group_size": None}, "E4M3 per channel"),)),
+    "fp8": Method(
+        "FP8 E4M3",
+        (
+            Point(8, {"fp8_format": "e4m3", "group_size": None}, "E4M3 per channel"),
+            Point(8, {"fp8_format": "e4m3", "group_size": 32}, "E4M3 g32"),
+        ),
+    ),
     "fp4": Method("FP4 (NVFP4)", (Point(4, {}, "E2M1 g16"),)),
     "ternary": Method("ternary", tuple(Point(1.58, {"group_size": g}, f"g{g}") for g in (128, 64))),
     "gwq": Method("GWQ", int_points((2, 3, 4), outlier_fraction=0.01)),

@@ -12,7 +12,7 @@ from weightkit.cli.common import common_options, mb, print_table, refuse_existin
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
-_INT_METHODS = ("rtn", "gptq", "awq", "gwq")
+_INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
 _METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
 # Methods that use no calibration data.
 _DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
@@ -65,6 +65,8 @@ _FLAGS = {
     "residual_bits": ("residual_bits", ("vptq",), "--residual-bits"),
     "kmeans_iterations": ("kmeans_iterations", ("vptq",), "--kmeans-iterations"),
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
+    "steps": ("steps", ("flexround",), "--steps"),
+    "lr": ("lr", ("flexround",), "--lr"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -178,15 +180,18 @@ def _setting(config) -> str:
         return f"ternary {group} threshold {config.threshold:g}"
     if not hasattr(config, "bits"):
         return f"fp4 e2m1 {group} (nvfp4)"
-    return f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+    grid = f"int{config.bits} {'sym' if config.symmetric else 'asym'} {group}"
+    if hasattr(config, "steps"):
+        return f"{grid} flexround {config.steps} steps lr {config.lr:g}"
+    return grid
 
 
 def add_parsers(sub) -> None:
     """Add ``compress`` to the ``weightkit`` subcommands."""
     c = sub.add_parser(
         "compress",
-        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ), FP8/FP4, ternary or "
-        "VPTQ codebooks",
+        help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
+        "ternary or VPTQ codebooks",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -204,6 +209,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-ternary --method ternary --group-size 64\n"
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
+            "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -223,9 +229,9 @@ def add_parsers(sub) -> None:
     flag(
         "--bits",
         type=_bits_arg,
-        help="integer methods (rtn, gptq, awq, gwq): bits per weight, 2-8 (default: 4); vptq: index bits per "
-        "weight, may be fractional with a fitting vector length (2.5 with v=2, 4 ...), codebooks not "
-        "counted (default: 2)",
+        help="integer methods (rtn, gptq, awq, gwq, flexround): bits per weight, 2-8 (default: 4); vptq: "
+        "index bits per weight, may be fractional with a fitting vector length (2.5 with v=2, 4 ...), "
+        "codebooks not counted (default: 2)",
     )
     flag(
         "--group-size",
@@ -294,20 +300,27 @@ def add_parsers(sub) -> None:
         help="GWQ: share of each weight kept in 16 bit, by largest loss gradient, in [0, 1); each costs 48 "
         "bits (default: 0.01)",
     )
-    flag("--calib-samples", type=int, help="GPTQ/AWQ/VPTQ/GWQ: calibration texts used (default: 128)")
-    flag("--seq-len", type=int, help="GPTQ/AWQ/VPTQ/GWQ: max tokens per calibration text (default: 512)")
+    flag(
+        "--steps",
+        type=int,
+        help="FlexRound: Adam steps per transformer block, one calibration batch each; 0 is round-to-nearest "
+        "(default: 100)",
+    )
+    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
+    flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")
     flag(
         "--seed",
         type=int,
-        help="GPTQ/AWQ/VPTQ/GWQ: seed for picking calibration texts (and VPTQ's k-means) (default: 0)",
+        help="calibrated methods: seed for picking calibration texts (and VPTQ's k-means) (default: 0)",
     )
     method.add_argument(
         "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"
     )
     c.add_argument(
         "--calib",
-        help="calibration text for GPTQ/AWQ/VPTQ/GWQ: .txt (passages split by blank lines), .jsonl or .json "
-        "with a 'text' field (default: docstrings of Python's standard library)",
+        help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound: .txt (passages split by blank lines), .jsonl "
+        "or .json with a 'text' field (default: docstrings of Python's standard library)",
     )
     compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)

@@ -8,6 +8,7 @@ from weightkit import _callable_package
 from weightkit.compress.model import compress
 from weightkit.compress.quant import (
     AWQConfig,
+    FlexRoundConfig,
     FP4Config,
     FP8Config,
     GPTQConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "RTNConfig",
     "GPTQConfig",
     "AWQConfig",
+    "FlexRoundConfig",
     "FP8Config",
     "FP4Config",
     "TernaryConfig",

@@ -8,6 +8,7 @@ from weightkit.compress.quant.calibrated import (
     quantize_gptq,
     quantize_vptq,
 )
+from weightkit.compress.quant.flexround import FlexRoundConfig, quantize_flexround
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, quantize_gwq
 from weightkit.compress.quant.module import quantize_each_weight
@@ -21,6 +22,7 @@ from weightkit.quantized.linear import FloatQuantizedLinear, QuantizedLinear
 __all__ = [
     "AWQConfig",
     "FP4Config",
+    "FlexRoundConfig",
     "FP8Config",
     "FloatQuantizedLinear",
     "FloatQuantizedWeight",
@@ -35,6 +37,7 @@ __all__ = [
     "VPTQConfig",
     "quantize_awq",
     "quantize_each_weight",
+    "quantize_flexround",
     "quantize_gptq",
     "quantize_gwq",
     "quantize_vptq",
