@@ -113,7 +113,7 @@ METHODS: dict[str, Method] = {
     "ternary": Method("ternary", tuple(Point(1.58, {"group_size": g}, f"g{g}") for g in (128, 64))),
     "gwq": Method("GWQ", int_points((2, 3, 4), outlier_fraction=0.01)),
     "vptq": Method("VPTQ", tuple(Point(b, {"bits": float(b)}, f"{b} bits") for b in (2, 3))),
-    "flexround": Method("FlexRound", int_points((2, 3, 4))),
+    "flexround": Method("FlexRound", int_points((3, 4))),  # 100 Adam steps per block: minutes per point
 }
 
 
