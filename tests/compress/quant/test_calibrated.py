@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from weightkit.arch import block_layout, block_lists, folds
-from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
+from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, VPTQConfig, compress
 from weightkit.compress.quant.blockwise import capture_block_inputs, input_groups, run_batches
 from weightkit.compress.quant.calibrated import _divide_output, _fold_for, calibration_batches
 from weightkit.data import tokenize_batches
@@ -519,3 +519,25 @@ def test_awq_searches_each_layer_on_its_own_grid_and_never_clips_query_or_key(mo
         name.removeprefix("model.layers.0.").removesuffix(".weight") for name in clipped if ".0." in name
     }
     assert layers == {"self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTQConfig(bits=3, group_size=16),
+        AWQConfig(bits=3, group_size=16),
+        VPTQConfig(bits=2, vector_length=2, kmeans_iterations=5),
+    ],
+    ids=["gptq", "awq", "vptq"],
+)
+def test_a_model_in_training_mode_calibrates_without_dropout_and_keeps_its_mode(config):
+    model = tiny_bert(seed=1, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).train()
+    batches = tokenize_batches(tiny_tokenizer(128, kind="encoder"), TEXTS[:8], max_length=32, batch_size=4)
+    weights = []
+    for seed in (0, 1):  # with dropout on, the Hessians and the block outputs would differ by seed
+        torch.manual_seed(seed)
+        quantized = compress(copy.deepcopy(model), config, data=batches, progress=False)
+        layers = [m for m in quantized.encoder.layer.modules() if hasattr(m, "dequantized_weight")]
+        weights.append([m.dequantized_weight() for m in layers])
+        assert all(m.training for m in quantized.encoder.layer.modules() if m not in layers)
+    assert len(weights[0]) == 12 and all(torch.equal(a, b) for a, b in zip(*weights, strict=True))

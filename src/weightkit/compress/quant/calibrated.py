@@ -6,6 +6,8 @@ them the activations each linear layer sees (``blockwise.py``) and swaps the lay
 """
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -224,7 +226,32 @@ def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[
         )
 
 
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run with every module of ``model`` in eval mode (no dropout: the captured inputs, any targets and
+    the outputs for the next block all see the same deterministic model); each module's mode is restored
+    after, also after an error."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store, device) -> nn.Module:
+    """See :func:`_walk_blocks_in_eval_mode`; run with the model in eval mode (a model in training mode would
+    calibrate with dropout on), its modules' modes restored after."""
+    with _eval_mode(model):
+        return _walk_blocks_in_eval_mode(
+            model, config, data, tokenizer, progress, label, quantize_block, store, device
+        )
+
+
+def _walk_blocks_in_eval_mode(
+    model, config, data, tokenizer, progress, label, quantize_block, store, device
+) -> nn.Module:
     """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
     ``quantize_block(prefix, block, groups, inputs, device, last)`` gets the block's selected layers as

@@ -275,20 +275,6 @@ def _block_error(output: Tensor, target: Tensor, rows: Tensor) -> Tensor:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run with every module of ``model`` in eval mode (no dropout: the captured inputs, the targets, the
-    training steps and the outputs for the next block all see the same deterministic model); each
-    module's mode is restored after, also after an error."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-@contextmanager
 def _frozen(block: nn.Module) -> Iterator[None]:
     """Run with every parameter of ``block`` frozen (only the FlexRound factors learn); the
     ``requires_grad`` flags are restored after, also after an error."""
@@ -381,10 +367,7 @@ def quantize_flexround(
                 _round_in_place(linears[rel], quantized)
             return done, None if last else run_batches(block, inputs, here)
 
-    with _eval_mode(model):
-        return _walk_blocks(
-            model, config, data, tokenizer, progress, "FlexRound", quantize_block, store, device
-        )
+    return _walk_blocks(model, config, data, tokenizer, progress, "FlexRound", quantize_block, store, device)
 
 
 register("compress", "flexround", FlexRoundConfig, quantize_flexround)
