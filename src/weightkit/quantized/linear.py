@@ -20,7 +20,26 @@ __all__ = [
 ]
 
 
-class QuantizedLinear(nn.Module):
+def _grid_text(scheme: QuantScheme) -> str:
+    """An integer grid as layers print it: ``int4 sym g128``."""
+    group = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
+    return f"int{scheme.bits} {'sym' if scheme.symmetric else 'asym'} {group}"
+
+
+class _DequantizingLinear(nn.Module):
+    """What the quantized linear layers share: the forward pass dequantizes the stored weight (the
+    subclass's ``quantized``) in the input's dtype; activations stay in floating point."""
+
+    bias: nn.Parameter | None
+
+    def dequantized_weight(self) -> Tensor:
+        return self.quantized.dequantize()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
+
+
+class QuantizedLinear(_DequantizingLinear):
     """Drop-in replacement for ``nn.Linear`` holding int8 grid values, scales and zero points.
 
     Buffers: ``qweight`` (int8 ``[out, in]``), ``weight_scale`` (``[out, groups]``),
@@ -48,17 +67,11 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return dequantize(self.qweight, self.weight_scale, self.weight_zero_point)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
-
     def extra_repr(self) -> str:
-        s = self.scheme
-        grid = "sym" if s.symmetric else "asym"
-        group = f"g{s.group_size}" if s.group_size else "per-channel"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int{s.bits} {grid} {group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {_grid_text(self.scheme)}"
 
 
-class FloatQuantizedLinear(nn.Module):
+class FloatQuantizedLinear(_DequantizingLinear):
     """Drop-in replacement for ``nn.Linear`` holding its weight on an FP8 or FP4 grid.
 
     Buffers: ``qweight_bits`` (``uint8 [out, in]``, the bits of the grid values in the format's storage
@@ -92,12 +105,6 @@ class FloatQuantizedLinear(nn.Module):
         global_scale = self.weight_global_scale_bits.view(torch.float32)
         return FloatQuantizedWeight(qweight, scale, global_scale, self.scheme)
 
-    def dequantized_weight(self) -> Tensor:
-        return self.quantized.dequantize()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
-
     def extra_repr(self) -> str:
         s = self.scheme
         group = f"g{s.group_size}" if s.group_size else "per-channel"
@@ -105,7 +112,7 @@ class FloatQuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {s.format} {group}{pow2}"
 
 
-class VPTQLinear(nn.Module):
+class VPTQLinear(_DequantizingLinear):
     """Drop-in replacement for ``nn.Linear`` holding a vector-quantized weight (VPTQ).
 
     Buffers: ``indices`` (int32 ``[out // v, in]``), ``codebook_bits`` (the float16 ``[k, v]`` codebook's
@@ -136,12 +143,6 @@ class VPTQLinear(nn.Module):
             self.indices, self.codebook_bits.view(CODEBOOK_DTYPE), self.residual_indices, residual
         )
 
-    def dequantized_weight(self) -> Tensor:
-        return self.quantized.dequantize()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
-
     def extra_repr(self) -> str:
         spec = self.quantized.spec
         residual = f" + residual k={spec.residual_centroids}" if spec.residual_centroids else ""
@@ -151,7 +152,7 @@ class VPTQLinear(nn.Module):
         )
 
 
-class OutlierQuantizedLinear(nn.Module):
+class OutlierQuantizedLinear(_DequantizingLinear):
     """Drop-in replacement for ``nn.Linear`` holding an integer grid plus sparse 16-bit outliers (GWQ).
 
     Buffers: ``QuantizedLinear``'s (``qweight``, ``weight_scale``, ``weight_zero_point``) for the grid,
@@ -181,18 +182,9 @@ class OutlierQuantizedLinear(nn.Module):
             dense, self.outlier_index, self.outlier_value_bits.view(self.outlier_dtype)
         )
 
-    def dequantized_weight(self) -> Tensor:
-        return self.quantized.dequantize()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
-
     def extra_repr(self) -> str:
-        s = self.scheme
-        grid = "sym" if s.symmetric else "asym"
-        group = f"g{s.group_size}" if s.group_size else "per-channel"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, int{s.bits} {grid} {group}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, {_grid_text(self.scheme)}, "
             f"{len(self.outlier_index)} outliers"
         )
 
