@@ -34,6 +34,10 @@ Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
             f"{Q_PROJ}: a codebook of 65536 codewords is larger than the 128 vectors of length 8",
         ),
         (["--method", "vptq", "--vector-length", "3"], f"{Q_PROJ}: vector length 3 does not divide its 32"),
+        (  # "bits" in the prose stays a word; only the field's own mentions become the flag
+            ["--method", "vptq", "--bits", "2", "--vector-length", "64"],
+            "vptq: 128 index bits per vector for the codebook",
+        ),
         (["--method", "vptq", "--bits", "5"], f"{Q_PROJ}: no vector length fits 5 index bits per weight"),
         (["--method", "gptq", "--bits", "2.5"], "gptq: --bits=2.5: expected an integer"),
         (

@@ -1,6 +1,7 @@
 """What the subcommands share: argument types, the output check, tables and the common options."""
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,10 @@ def method_options_help(kind: str, method: str) -> str:
         text = f"{field.name} = {default!r}" + (f": {first}" if first else "")
         lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def name_flag(message: str, field: str, flag: str) -> str:
+    """``message`` with the config field ``field`` called by its ``flag``, where the message names the field
+    (``bits must be ...``, ``bits 2.3: ...``, ``bits=9``), not where the word is prose (``index bits per
+    vector``)."""
+    return re.sub(rf"(?<![\w-]){field}(?= must| is|=| \d)", flag, message)

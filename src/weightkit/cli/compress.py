@@ -2,13 +2,12 @@
 
 import argparse
 import functools
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from weightkit.cli import compress_sweep
-from weightkit.cli.common import common_options, mb, print_table, refuse_existing
+from weightkit.cli.common import common_options, mb, name_flag, print_table, refuse_existing
 from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
@@ -98,7 +97,7 @@ def _config_from_args(args: argparse.Namespace):
             message = str(err)
             for dest in given.keys() - {"asym"}:  # --asym sets the opposite of its field: no rewording
                 field, _, flag = _FLAGS[dest]
-                message = re.sub(rf"\b{field}\b", flag, message, count=1)  # the field, not a word of the text
+                message = name_flag(message, field, flag)
             raise WeightkitError(message) from None
     method = config_to_dict(config)["method"]
     if args.calib is not None and method in _DATA_FREE:

@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import math
-import re
 import time
 import types
 import typing
@@ -32,7 +31,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from weightkit.cli.common import mb, print_table, refuse_existing
+from weightkit.cli.common import mb, name_flag, print_table, refuse_existing
 from weightkit.errors import WeightkitError
 from weightkit.progress import console, results
 
@@ -373,7 +372,7 @@ def run_sweep(args: argparse.Namespace, flags: dict) -> dict[str, Any]:
         message = str(err)
         for dest, (field, _, flag) in flags.items():
             if hasattr(args, dest) and dest not in ("method", "asym"):  # --asym sets the opposite field
-                message = re.sub(rf"\b{field}\b", flag, message)
+                message = name_flag(message, field, flag)
         raise WeightkitError(message) from None
     calibrates = any(_uses_calibration(point.config) for point in points)
     if args.calib is not None and not calibrates:
