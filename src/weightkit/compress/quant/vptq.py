@@ -259,8 +259,8 @@ class VPTQConfig(CalibrationFields):
             on in its published settings).
         kmeans_iterations: most Lloyd steps per codebook (the reference's ``kiter``: 100). The time of
             VPTQ is mostly k-means: each step compares every vector with every codeword (2 bits on the
-            bundled MiniLM, 36 layers with ``v = 4, k = 256``: 29 minutes on 2 CPU cores shared with
-            other jobs, against 2.7 minutes for GPTQ).
+            bundled MiniLM, 36 layers with ``v = 4, k = 256``, 64 calibration texts: 444 s in
+            ``bench/compress.py`` on a CPU core shared with another job, against 55 s for GPTQ).
         block_size: columns per lazy batch update (speed only, the result is the same).
         targets: module names or ``re:`` patterns to quantize; ``_default`` means every linear layer.
         ignore: names or patterns left in full precision (default: embeddings, lm_head, norms, pooler).
