@@ -170,7 +170,7 @@ def test_cli_ternary_flags_recipe_and_refusals(tmp_path, capsys, llama_dir):
     for bad, message in (
         (["--group-size", "24"], "group size 24 does not divide its 32 input columns"),
         (["--threshold", "0"], "--threshold must be > 0"),
-        (["--bits", "2"], "--bits applies to --method rtn or gptq or awq or gwq or flexround or vptq only, not ternary"),
+        (["--bits", "2"], "--bits applies to --method rtn or gptq or awq or gwq or flexround or vptq"),
     ):
         assert main([*argv, *bad, "-o", str(tmp_path / "c")]) == 1
         assert message in " ".join(capsys.readouterr().err.split())
