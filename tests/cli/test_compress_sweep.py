@@ -202,6 +202,11 @@ def test_an_interrupted_sweep_keeps_its_finished_points(tmp_path, capsys, monkey
         (["--method", "rtn", "--max-eval-texts", "4"], ["--max-eval-texts applies to --sweep only"]),
         (["--method", "rtn", "--sweep", "bits=2", "--max-eval-texts", "0"], ["--max-eval-texts must be"]),
         (["--recipe", "r.yaml", "--sweep", "bits=2,4"], ["--recipe with --sweep", "one per point"]),
+        (  # a shape no point's turn has come for yet: refused up front (the model's layers are 32 wide)
+            ["--method", "rtn,vptq", "--group-size", "16", "--sweep", "bits=2,3"],
+            ["--method vptq at 3:", "no vector length fits 3 index bits"],
+        ),
+        (["--method", "rtn", "--sweep", "group_size=16,64"], ["--method rtn at 64:", "does not divide"]),
     ],
 )
 def test_bad_sweeps_are_refused_before_anything_is_written(tmp_path, capsys, llama_dir, argv, fragments):

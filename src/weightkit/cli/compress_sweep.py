@@ -341,6 +341,27 @@ def _check_model(path: str, allow_pickle: bool) -> str:
     return kind
 
 
+def _check_layers(path: str, kind: str, points: list[SweepPoint]) -> None:
+    """Every point's layer selection and shapes against the model, built on the meta device (no weight is
+    read), so a setting some layer cannot take (a group size that does not divide it, a codebook larger
+    than it) stops the sweep before any point is written, not when its turn comes."""
+    import warnings
+
+    from weightkit.compress.quant.module import selected_linears
+    from weightkit.models import model_auto_class, skeleton
+
+    model = skeleton(Path(path), model_auto_class(kind))
+    with warnings.catch_warnings():  # what selected_linears warns about, compress says again per point
+        warnings.simplefilter("ignore")
+        for point in points:
+            try:
+                selected_linears(model, point.config)
+            except WeightkitError as err:
+                raise WeightkitError(
+                    f"--method {point.method} at {_value_label(point.value)}: {err}"
+                ) from None
+
+
 def run_sweep(args: argparse.Namespace, flags: dict) -> dict[str, Any]:
     """``weightkit compress ... --sweep``: validate the whole grid, then compress and evaluate each point.
 
@@ -379,6 +400,7 @@ def run_sweep(args: argparse.Namespace, flags: dict) -> dict[str, Any]:
         raise WeightkitError(f"--calib applies to methods that calibrate; {', '.join(methods)} use no data")
     kind = _check_model(args.model, args.allow_pickle)
     texts, text_source = _eval_texts(args, calibrates)
+    _check_layers(args.model, kind, points)
     device = resolve_device(args.device)
     out = Path(args.output)
     refuse_existing(out, args.force)
