@@ -12,9 +12,11 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_SHARE_METHODS = ("recursive",)
+_METHODS = (*_QUANT_METHODS, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "recursive")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -51,7 +53,7 @@ def _bits_arg(text: str) -> int | float:
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
+    "group_size": ("group_size", tuple(m for m in _QUANT_METHODS if m != "vptq"), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
@@ -66,6 +68,9 @@ _FLAGS = {
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
     "steps": ("steps", ("flexround",), "--steps"),
     "lr": ("lr", ("flexround",), "--lr"),
+    "blocks": ("blocks", ("recursive",), "--blocks"),
+    "init": ("init", ("recursive",), "--init"),
+    "relax_rank": ("relax_rank", ("recursive",), "--relax-rank"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -164,6 +169,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "blocks"):
+        relaxed = f", LoRA rank {config.relax_rank} per layer" if config.relax_rank else ""
+        return f"recursive {config.blocks} shared layers, {config.init_method} init{relaxed}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -190,7 +198,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks",
+        "ternary or VPTQ codebooks, or tie its layers into fewer shared ones (recursive)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -198,7 +206,9 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other methods stream it."
+            "loads it whole (causal LMs only); the other quantization methods stream it. recursive ties the "
+            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), loading the "
+            'model whole, and saves weightkit\'s "shared" format, which weightkit.load reads.'
         ),
         epilog=(
             "examples:\n"
@@ -209,6 +219,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-llm -o ./my-llm-rec --method recursive --blocks 4 --relax-rank 16\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -306,6 +317,25 @@ def add_parsers(sub) -> None:
         "(default: 100)",
     )
     flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag(
+        "--blocks",
+        type=int,
+        help="recursive: K, the unique layers kept; layer l runs shared layer l mod K, so K must divide the "
+        "layer count (required)",
+    )
+    flag(
+        "--init",
+        choices=("stepwise", "average", "lower"),
+        help="recursive: shared layers from pretrained ones at regular intervals (stepwise), averaged over "
+        "the layers they serve (average) or the first K (lower) (default: stepwise; average with "
+        "--relax-rank)",
+    )
+    flag(
+        "--relax-rank",
+        type=int,
+        help="recursive: rank of each layer's own LoRA, from the SVD of what tying took from it; 0 is strict "
+        "recursion (default: 0)",
+    )
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")
     flag(

@@ -17,6 +17,7 @@ from weightkit.compress.quant import (
     TernaryConfig,
     VPTQConfig,
 )
+from weightkit.compress.share import RecursiveConfig
 from weightkit.compress.stream import compress_checkpoint
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "TernaryConfig",
     "VPTQConfig",
     "GWQConfig",
+    "RecursiveConfig",
 ]
 
 
