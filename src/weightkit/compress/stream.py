@@ -4,10 +4,10 @@ DESIGN rule 4: the model is built with its parameters on the meta device, and we
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
 time. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and the other tensors outside the transformer
 blocks, plus *one* block: a block's weights are read just before it is calibrated, and once it is
-quantized it is written to the output and its memory is freed. GWQ needs the gradient of the whole
-model's loss, and recursive layer tying makes each shared weight from every layer it serves, so they load
-the model whole. The output equals ``compress`` on the loaded model followed by
-``save_quantized`` (tested), written atomically.
+quantized it is written to the output and its memory is freed. Recursive layer tying reads one linear of
+every block at a time (each shared weight is made from the layers it serves). GWQ needs the gradient of the
+whole model's loss, so it loads the model whole. The output equals ``compress`` on the loaded model
+followed by ``save_quantized`` (tested), written atomically.
 """
 
 import os
@@ -25,7 +25,6 @@ from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
-from weightkit.compress.share.recursive import RecursiveConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
@@ -39,9 +38,6 @@ __all__ = ["compress_checkpoint"]
 
 # Methods that quantize each weight on its own, without data: streamed one tensor at a time.
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
-# Methods that need the whole model at once: GWQ (gradients of the whole model's loss) and recursive
-# (each shared weight is made from every layer it serves).
-_WHOLE_MODEL = (GWQConfig, RecursiveConfig)
 
 
 class _StreamedModel:
@@ -119,8 +115,7 @@ def _stream_tensor_wise(
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
     """The model of ``model_dir`` loaded whole by transformers and compressed in memory.
 
-    For GWQ, whose gradients are of the whole model's loss, recursive layer tying, whose shared weights are
-    made from every layer they serve, and for checkpoints some of whose tensors
+    For GWQ, whose gradients are of the whole model's loss, and for checkpoints some of whose tensors
     transformers merges into one parameter when it loads them (a mixture of experts' experts, fused into
     3-D parameters by transformers 5): they have no one-to-one name in the model to stream by. The output
     holds the tensors under the model's names, which transformers and :func:`weightkit.load` read back as
@@ -158,10 +153,10 @@ def compress_checkpoint(
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4/ternary
             move one weight at a time to ``device``, GPTQ/AWQ/VPTQ/FlexRound the embeddings (to capture the
-            first block's inputs) and then one block at a time. GWQ (causal LMs only), recursive and a
-            checkpoint whose tensors transformers fuses on load (a mixture of experts) are loaded whole
-            instead (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the
-            selected weights, recursive's the model plus its shared weights.
+            first block's inputs) and then one block at a time, recursive one linear of every block at a
+            time. GWQ (causal LMs only) and a checkpoint whose tensors transformers fuses on load (a mixture
+            of experts) are loaded whole instead (:func:`_compress_whole`): GWQ's peak memory is the model
+            plus the gradients of the selected weights.
 
     Returns:
         ``out_dir``.
@@ -192,7 +187,7 @@ def compress_checkpoint(
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused or isinstance(config, _WHOLE_MODEL):  # no one-to-one names to stream by
+            if names.fused or isinstance(config, GWQConfig):  # no one-to-one names to stream by, or GWQ
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)

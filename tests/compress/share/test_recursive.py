@@ -200,9 +200,15 @@ def test_strict_recursion_stores_k_of_the_l_layers_linear_weights(tmp_path, llam
 
 
 @pytest.mark.parametrize("relax_rank", [0, 4])
-def test_checkpoint_round_trip_is_bit_identical_with_tied_atoms(tmp_path, llama6_dir, relax_rank):
+def test_checkpoint_round_trip_is_bit_identical_with_tied_atoms(
+    tmp_path, monkeypatch, llama6_dir, relax_rank
+):
     config = RecursiveConfig(blocks=2, relax_rank=relax_rank)
-    out = compress_checkpoint(llama6_dir, tmp_path / "out", config, progress=False)
+    with monkeypatch.context() as patch:  # streamed: the model is never loaded whole
+        patch.setattr(
+            "weightkit.compress.stream._compress_whole", lambda *a, **k: pytest.fail("loaded whole")
+        )
+        out = compress_checkpoint(llama6_dir, tmp_path / "out", config, progress=False)
     in_memory = compress(load(llama6_dir), config, progress=False)
     loaded = load(out)
     assert torch.equal(logits(loaded), logits(in_memory))
@@ -337,3 +343,29 @@ def test_cli_bad_input_gets_one_message_and_writes_nothing(tmp_path, capsys, lla
     assert code == 1 and stdout == "" and "Traceback" not in err
     assert message in " ".join(err.split())
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def encoder_output(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+
+def test_streamed_encoder_with_biases_matches_the_in_memory_result(tmp_path, bert_dir):
+    config = RecursiveConfig(blocks=1, relax_rank=3)
+    out = compress_checkpoint(bert_dir, tmp_path / "out", config, progress=False)
+    in_memory = compress(load(bert_dir), config, progress=False)
+    save_quantized(in_memory, tmp_path / "saved")
+    saved, streamed = load_file(tmp_path / "saved/model.safetensors"), load_file(out / "model.safetensors")
+    assert saved.keys() == streamed.keys() and all(torch.equal(saved[k], streamed[k]) for k in saved)
+    assert "encoder.layer.1.attention.self.query.bias" in streamed
+    assert torch.equal(encoder_output(load(out)), encoder_output(in_memory))
+
+
+def test_the_real_minilm_with_one_shared_layer_per_layer_is_reproduced_exactly(tmp_path):
+    from weightkit.models import default_model_path
+
+    out = compress_checkpoint(
+        default_model_path(), tmp_path / "out", RecursiveConfig(blocks=6), progress=False
+    )
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    assert torch.equal(encoder_output(load(out), ids), encoder_output(load(default_model_path()), ids))

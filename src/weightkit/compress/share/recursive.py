@@ -39,24 +39,29 @@ Deliberate deviations:
   are trainable parameters (``weightkit.load`` ties the atoms again).
 
 In memory (:func:`recursive_share`) the model is changed in place. :func:`~weightkit.compress.
-compress_checkpoint` loads the checkpoint whole for it (averaging needs every layer of a kind at once),
-then saves weightkit's "shared" format (:mod:`weightkit.quantized.shared`), which :func:`weightkit.load`
-reads and transformers refuses. Only models with one stack of layers (decoder-only or encoder-only) are
+compress_checkpoint` streams: it reads one linear of every layer at a time (``q_proj`` of all ``L``
+layers, then ``k_proj`` ...), which averaging and the residuals need at once, writes its ``K`` shared weights
+and ``L`` LoRAs and frees them; peak memory is the embeddings plus ``L`` weights of one linear. The output is
+weightkit's "shared" format (:mod:`weightkit.quantized.shared`), which :func:`weightkit.load` reads and
+transformers refuses; it equals ``recursive_share`` on the loaded model saved with ``save_quantized``
+(tested). Only models with one stack of layers (decoder-only or encoder-only) are
 handled; encoder-decoders are refused.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from weightkit.arch import block_lists
+from weightkit.checkpoint import CheckpointWriter
 from weightkit.errors import WeightkitError
 from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
-from weightkit.quantized.shared import share_linears
+from weightkit.quantized.shared import SharedLinear, atom_set_indices, share_linears, shared_tensors
 from weightkit.registry import register
 from weightkit.select import DEFAULT_IGNORE, select_modules
 
@@ -237,6 +242,101 @@ def _tied_linears(model: nn.Module, config: RecursiveConfig) -> tuple[str, dict[
     return list_name, tied
 
 
+def _tie(
+    weights: Sequence[Tensor], sources: list[list[int]], relax_rank: int, device: torch.device | None
+) -> list[tuple[nn.Parameter, dict[int, tuple[Tensor, Tensor]]]]:
+    """For each shared layer ``k`` of one linear: its atoms ``[1, out, in]`` (the shared weight) and, with
+    ``relax_rank``, the LoRA ``(A, B)`` of each layer it serves, by layer index. ``weights`` is that linear's
+    weight in every layer; the results are on their device, computed on ``device`` (``None``: the same)."""
+    count, blocks = len(weights), len(sources)
+    home = weights[0].device
+    work = home if device is None else device
+    tied = []
+    for k in range(blocks):
+        shared = average_weight([weights[i].to(work) for i in sources[k]])
+        loras = {}
+        if relax_rank:
+            for layer in range(k, count, blocks):
+                lora_a, lora_b = residual_lora(weights[layer].to(work), shared, relax_rank)
+                loras[layer] = (lora_a.to(home), lora_b.to(home))
+        tied.append((nn.Parameter(shared.to(home)[None]), loras))
+    return tied
+
+
+class TensorStore(Protocol):
+    """Where a checkpoint's tensors are read from and the output's written to, one tensor at a time (the
+    streaming ``compress_checkpoint``'s store)."""
+
+    writer: CheckpointWriter
+
+    def read(self, model_name: str) -> Tensor | None:
+        """The checkpoint's tensor of the model's ``model_name`` (finite), or ``None`` if it has none."""
+
+
+def _meta_shared(model: nn.Module, list_name: str, tied: dict[str, list[nn.Linear]], config) -> dict:
+    """Swap the tied linears of a meta-device ``model`` for meta-device ``SharedLinear`` layers, tied as
+    they will be, and return ``(linear name, shared layer) -> its atom set's index`` in the output."""
+    count, blocks = len(next(iter(tied.values()))), config.blocks
+    atoms_of = {}
+    for inner, linears in tied.items():
+        weight = linears[0].weight
+        for k in range(blocks):
+            atoms = nn.Parameter(torch.empty((1, *weight.shape), dtype=weight.dtype, device="meta"))
+            members = {f"{list_name}.{layer}.{inner}": layer for layer in range(k, count, blocks)}
+            ones = {name: torch.ones(1, dtype=weight.dtype, device="meta") for name in members}
+            rank, (out_features, in_features) = config.relax_rank, weight.shape
+            loras = {
+                name: (
+                    torch.empty((rank, in_features), dtype=weight.dtype, device="meta"),
+                    torch.empty((out_features, rank), dtype=weight.dtype, device="meta"),
+                )
+                for name in members
+                if rank
+            }
+            share_linears(model, atoms, ones, loras=loras)
+            atoms_of[(inner, k)] = atoms
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SharedLinear)}
+    indices = atom_set_indices(layers)
+    return {key: indices[id(atoms)] for key, atoms in atoms_of.items()}
+
+
+def _stream(model, list_name, tied, config, sources, store: TensorStore, progress, device) -> None:
+    """Recursion from a checkpoint, one linear (all its layers) at a time: its weights in every layer are
+    read, tied and written in the "shared" layout; the layers' other tensors are copied as they are. The
+    meta-device ``model`` is left holding meta-device ``SharedLinear`` layers that describe the output."""
+    count, blocks = len(next(iter(tied.values()))), config.blocks
+    own = {f"{list_name}.{layer}.{inner}" for inner in tied for layer in range(count)}
+    for name in model.state_dict():
+        module, _, _ = name.rpartition(".")
+        if name.startswith(f"{list_name}.") and module not in own:
+            tensor = store.read(name)
+            if tensor is not None:  # None: a buffer the model computes itself
+                store.writer.add(name, tensor)
+    has_bias = {inner: linears[0].bias is not None for inner, linears in tied.items()}
+    set_index = _meta_shared(model, list_name, tied, config)
+    for inner in track(list(tied), "recursive", enabled=progress):
+        names = [f"{list_name}.{layer}.{inner}" for layer in range(count)]
+        weights = [_required(store, f"{name}.weight") for name in names]
+        biases = [_required(store, f"{name}.bias") if has_bias[inner] else None for name in names]
+        layers, indices = {}, {}
+        for k, (atoms, loras) in enumerate(_tie(weights, sources, config.relax_rank, device)):
+            indices[id(atoms)] = set_index[(inner, k)]
+            for layer in range(k, count, blocks):
+                lora_a, lora_b = loras.get(layer, (None, None))
+                ones = torch.ones(1, dtype=atoms.dtype)
+                layers[layer] = SharedLinear(atoms, ones, biases[layer], lora_a=lora_a, lora_b=lora_b)
+        in_order = {names[layer]: layers[layer] for layer in range(count)}
+        for name, tensor in shared_tensors(in_order, set_index=indices):
+            store.writer.add(name, tensor)
+
+
+def _required(store: TensorStore, name: str) -> Tensor:
+    tensor = store.read(name)
+    if tensor is None:
+        raise WeightkitError(f"the checkpoint lacks {name}, which the model needs")
+    return tensor
+
+
 def recursive_share(
     model: nn.Module,
     config: RecursiveConfig,
@@ -245,14 +345,25 @@ def recursive_share(
     tokenizer=None,
     progress: bool = True,
     device: torch.device | None = None,
+    store: TensorStore | None = None,
 ) -> nn.Module:
     """Tie ``model``'s layers into ``config.blocks`` shared layers, in place (module docstring).
 
     Every selected linear of layer ``l`` becomes a ``SharedLinear`` holding shared layer ``l mod K``'s
     weight (one ``nn.Parameter`` for all the layers looping over it), with its own bias and, when
     ``relax_rank > 0``, its own LoRA factors from the SVD of its residual. ``data`` and ``tokenizer`` are
-    not used (the conversion needs no data). ``device``: where the averages and SVDs are computed (``None``:
-    where the weights are); the model stays where it is.
+    not used (the conversion needs no data).
+
+    Args:
+        model: the model; with ``store``, built on the meta device (its layers are read from the store).
+        config: the settings.
+        data: unused.
+        tokenizer: unused.
+        progress: show a progress bar.
+        device: where the averages and SVDs are computed (``None``: where the weights are); the model stays
+            where it is.
+        store: for :func:`~weightkit.compress.compress_checkpoint`: read the layers' tensors from it and
+            write the output's there, one linear of every layer at a time.
 
     Returns:
         ``model``.
@@ -263,26 +374,19 @@ def recursive_share(
             cannot tie, or a selection that differs between layers; checked before anything changes.
     """
     list_name, tied = _tied_linears(model, config)
-    count, k = len(next(iter(tied.values()))), config.blocks
-    sources = source_layers(count, k, config.init_method)
+    count, blocks = len(next(iter(tied.values()))), config.blocks
+    sources = source_layers(count, blocks, config.init_method)
+    if store is not None:
+        _stream(model, list_name, tied, config, sources, store, progress, device)
+        return model
     for inner, linears in track(list(tied.items()), "recursive", enabled=progress):
-        # Hold every layer's original weight before swapping any module: a shared layer may be made
-        # from a layer that another shared layer's swap replaces.
+        # Every layer's weight is taken before any module is swapped: a shared layer may be made from a
+        # layer that belongs to another shared layer.
         weights = [linear.weight.detach() for linear in linears]
-        home = weights[0].device
-        work = home if device is None else device
-        for shared_index in range(k):
-            shared = average_weight([weights[i].to(work) for i in sources[shared_index]])
-            members = range(shared_index, count, k)
-            names = {layer: f"{list_name}.{layer}.{inner}" for layer in members}
-            loras = {}
-            if config.relax_rank:
-                for layer in members:
-                    lora_a, lora_b = residual_lora(weights[layer].to(work), shared, config.relax_rank)
-                    loras[names[layer]] = (lora_a.to(home), lora_b.to(home))
-            atoms = nn.Parameter(shared.to(home)[None].clone())
-            ones = {names[layer]: torch.ones(1, dtype=atoms.dtype, device=home) for layer in members}
-            share_linears(model, atoms, ones, loras=loras)
+        for k, (atoms, loras) in enumerate(_tie(weights, sources, config.relax_rank, device)):
+            names = {layer: f"{list_name}.{layer}.{inner}" for layer in range(k, count, blocks)}
+            ones = {name: torch.ones(1, dtype=atoms.dtype, device=atoms.device) for name in names.values()}
+            share_linears(model, atoms, ones, loras={names[layer]: lora for layer, lora in loras.items()})
     return model
 
 
