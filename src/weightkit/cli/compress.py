@@ -120,6 +120,13 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.device import resolve_device
 
     if args.sweep is not None:
+        swept = [m.strip() for m in getattr(args, "method", "").split(",")]
+        sharing = [m for m in swept if m in _SHARE_METHODS]
+        if sharing:  # the sweep checks each point's quantization grid against the model before it starts
+            raise WeightkitError(
+                f"--sweep compares quantization methods; --method {sharing[0]} cannot be swept: run it once "
+                "per setting instead"
+            )
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)

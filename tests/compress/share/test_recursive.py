@@ -335,6 +335,7 @@ def test_cli_writes_the_recursive_model(tmp_path, capsys, llama6_dir):
         (["--blocks", "2", "--relax-rank", "-1"], "--relax-rank must be a whole number of at least 0"),
         (["--blocks", "2", "--group-size", "32"], "--group-size applies to --method"),
         (["--blocks", "2", "--calib", "x.txt"], "--calib applies to --method"),
+        (["--sweep", "blocks=1,2"], "--method recursive cannot be swept"),
     ],
 )
 def test_cli_bad_input_gets_one_message_and_writes_nothing(tmp_path, capsys, llama6_dir, argv, message):
