@@ -214,8 +214,9 @@ def add_parsers(sub) -> None:
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
             "loads it whole (causal LMs only); the other quantization methods stream it. recursive ties the "
-            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), loading the "
-            'model whole, and saves weightkit\'s "shared" format, which weightkit.load reads.'
+            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), reading one "
+            'linear of every layer at a time, and saves weightkit\'s "shared" format, which weightkit.load '
+            "reads."
         ),
         epilog=(
             "examples:\n"
