@@ -17,6 +17,7 @@ from weightkit.compress.quant.export import save_quantized
 from weightkit.compress.share.recursive import average_weight, residual_lora, source_layers, stepwise_layers
 from weightkit.errors import WeightkitError
 from weightkit.quantized.shared import SharedLinear
+from weightkit.registry import config_from_dict, config_to_dict
 from weightkit.testing import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 IDS = torch.tensor([[1, 5, 17, 33, 64, 99, 127, 3, 8, 21], [4, 9, 2, 77, 120, 6, 45, 13, 90, 31]])
@@ -132,6 +133,12 @@ def test_layer_l_runs_shared_layer_l_mod_k_initialised_as_the_paper_says(init):
     )
     shared_count = sum(p.numel() for p in model.parameters())
     assert shared_count < sum(p.numel() for p in original.values())
+
+
+def test_config_round_trips_through_a_recipe_dict():
+    config = RecursiveConfig(blocks=2, init="lower", relax_rank=8, ignore=["re:.*lm_head"])
+    data = config_to_dict(config)
+    assert data["method"] == "recursive" and config_from_dict("compress", data) == config
 
 
 def test_default_init_is_stepwise_strict_and_average_relaxed():
