@@ -40,6 +40,12 @@ from weightkit.quantized.linear import (
     QuantizedLinear,
     VPTQLinear,
 )
+from weightkit.quantized.lowrank import (
+    LOWRANK_SUFFIXES,
+    LowRankLinear,
+    LowRankWeight,
+    lowrank_weight_from_stored,
+)
 from weightkit.quantized.pack import unpack_int32
 from weightkit.quantized.weightkit_format import (
     GWQ_SUFFIXES,
@@ -447,6 +453,16 @@ def _outlier_linear(
     return OutlierQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
 
+def _lowrank_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> LowRankLinear:
+    """Rebuild one ``LowRankLinear`` from its stored factors (checked by name); ``dtype`` casts the factors
+    and the bias."""
+    stored = {s: reader.get(f"{ckpt_name}.{s}") for s in LOWRANK_SUFFIXES if f"{ckpt_name}.{s}" in reader}
+    weight = lowrank_weight_from_stored(stored, (linear.out_features, linear.in_features), ckpt_name)
+    if dtype is not None:
+        weight = LowRankWeight(weight.up.to(dtype), weight.down.to(dtype))
+    return LowRankLinear(weight, _bias(reader, ckpt_name, linear, dtype))
+
+
 @dataclass(frozen=True)
 class _StoredLayers:
     """How a checkpoint's format stores its quantized layers.
@@ -466,7 +482,7 @@ class _StoredLayers:
 
 
 # Every suffix that marks a quantized layer of some format (weightkit's or compressed-tensors').
-_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index"})
+_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index", "weight_up", "weight_down"})
 
 
 def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
@@ -480,6 +496,9 @@ def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
                 VPTQ_SUFFIXES,
                 _vptq_linear,
             )
+        if fmt == "lowrank":
+            markers = frozenset({"weight_up", "weight_down"})
+            return _StoredLayers("weightkit lowrank", markers, LOWRANK_SUFFIXES, _lowrank_linear)
         groups, ignore = config_groups(qc, path)  # the grid: pack-quantized groups only
 
         def read_gwq(reader, ckpt_name, linear, dtype):

@@ -4,7 +4,8 @@
   (:mod:`weightkit.quantized.compressed_tensors`), which transformers and vLLM load;
 - ``VPTQLinear`` (codebooks) and ``OutlierQuantizedLinear`` (grid plus 16-bit outliers): weightkit's own
   format "vptq" / "gwq" (:mod:`weightkit.quantized.weightkit_format`), which compressed-tensors has no
-  equivalent of and only :func:`weightkit.load` reads.
+  equivalent of and only :func:`weightkit.load` reads;
+- ``LowRankLinear`` (two low-rank factors): weightkit's format "lowrank" (:mod:`weightkit.quantized.lowrank`).
 
 A checkpoint holds one format: a model mixing layers of two formats is refused, naming a layer of each.
 The layer types and their stored forms are listed once here (:data:`LAYER_FORMATS`, :func:`stored_tensors`),
@@ -27,10 +28,17 @@ from weightkit.quantized.linear import (
     QuantizedLinear,
     VPTQLinear,
 )
+from weightkit.quantized.lowrank import LowRankLinear, LowRankWeight, lowrank_tensors
 from weightkit.quantized.outliers import SparseOutlierWeight
 from weightkit.quantized.weightkit_format import outlier_tensors, vptq_tensors, weightkit_quantization_config
 
-__all__ = ["LAYER_FORMATS", "export_tensors", "quantized_model_config", "stored_tensors"]
+__all__ = [
+    "LAYER_FORMATS",
+    "export_tensors",
+    "plain_model_config",
+    "quantized_model_config",
+    "stored_tensors",
+]
 
 COMPRESSED_TENSORS = "compressed-tensors"
 # Layer type -> the checkpoint format that stores it (weightkit's own formats by their "format" name).
@@ -39,6 +47,7 @@ LAYER_FORMATS: dict[type[nn.Module], str] = {
     FloatQuantizedLinear: COMPRESSED_TENSORS,
     VPTQLinear: "vptq",
     OutlierQuantizedLinear: "gwq",
+    LowRankLinear: "lowrank",
 }
 _QUANTIZED_LAYERS = tuple(LAYER_FORMATS)
 # Stored weight type -> its tensors in its layer's format.
@@ -47,6 +56,7 @@ _STORED = {
     FloatQuantizedWeight: float_tensors,
     VPTQWeight: vptq_tensors,
     SparseOutlierWeight: outlier_tensors,
+    LowRankWeight: lowrank_tensors,
 }
 
 
@@ -55,7 +65,7 @@ def stored_tensors(
     bias: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """One quantized weight (and its layer's bias) as its checkpoint format stores it, by the weight's type:
-    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq or gwq layout.
+    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq, gwq or lowrank layout.
 
     Raises:
         WeightkitError: a weight type no format stores.
@@ -119,8 +129,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _model_config(model: nn.Module) -> dict:
-    """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
+def plain_model_config(model: nn.Module) -> dict:
+    """The model's HF config as config.json would hold it, without a ``quantization_config``, or ``{}`` for
+    a plain module."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
@@ -161,7 +172,7 @@ def quantized_model_config(model: nn.Module) -> dict:
         )
     (fmt,) = first_of_format
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    config = _model_config(model)
+    config = plain_model_config(model)
     if fmt == COMPRESSED_TENSORS:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore
