@@ -65,7 +65,8 @@ def stored_tensors(
     bias: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """One quantized weight (and its layer's bias) as its checkpoint format stores it, by the weight's type:
-    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq, gwq or lowrank layout.
+    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq, gwq or lowrank
+    layout.
 
     Raises:
         WeightkitError: a weight type no format stores.

@@ -161,8 +161,8 @@ def weightkit_quantization_config(fmt: str, grids: Mapping[str, QuantScheme], ig
 
 
 def weightkit_format(qc: dict, where: str) -> str:
-    """The format ("vptq", "gwq" or "lowrank") of a weightkit ``quantization_config``; anything else is refused, naming
-    ``where`` (e.g. the config.json's path)."""
+    """The format ("vptq", "gwq" or "lowrank") of a weightkit ``quantization_config``; anything else is
+    refused, naming ``where`` (e.g. the config.json's path)."""
     fmt = qc.get("format")
     if qc.get("quant_method") != QUANT_METHOD or fmt not in FORMATS:
         raise WeightkitError(
