@@ -4,7 +4,8 @@ per-matrix rank rule (read by ``weightkit inspect`` and applied by ``weightkit c
 WeLore's rank rule (:func:`welore_rank`, :func:`welore_label`): Jaiswal et al., "From GaLore to WeLore:
 How Low-Rank Weights Non-uniformly Emerge from Low-Rank Gradients" (arXiv 2407.11239; code
 github.com/VITA-Group/WeLore). WeLore reads each matrix's heavy-tailed singular value spectrum to choose how
-much rank it can lose, non-uniformly across matrices, with one global threshold. As the reference code does it (``utils.adaptive_rank_pruning`` and
+much rank it can lose, non-uniformly across matrices, with one global threshold. As the reference code
+does it (``utils.adaptive_rank_pruning`` and
 ``lib/rank_reduction.do_rank_reduction``):
 
 1. min-max normalise the singular values: ``s' = (s - min s) / (max s - min s)`` (in [0, 1]);
