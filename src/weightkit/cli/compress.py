@@ -12,9 +12,10 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_LOW_RANK = ("svd", "welore")
+_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq", *_LOW_RANK)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", *_LOW_RANK)
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -51,11 +52,14 @@ def _bits_arg(text: str) -> int | float:
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
+    "group_size": ("group_size", tuple(m for m in _METHODS if m not in ("vptq", *_LOW_RANK)), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
-    "threshold": ("threshold", ("ternary",), "--threshold"),
+    "threshold": ("threshold", ("ternary", "welore"), "--threshold"),
+    "ratio": ("ratio", ("svd",), "--ratio"),
+    "rank_reduction": ("rank_reduction", ("welore",), "--rank-reduction"),
+    "min_ratio": ("min_ratio", ("welore",), "--min-ratio"),
     "act_order": ("act_order", ("gptq", "vptq"), "--act-order/--no-act-order"),
     "damp": ("damp", ("gptq", "vptq"), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
@@ -164,6 +168,17 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "ratio"):
+        return f"svd, {config.ratio:.0%} of the selected weights' parameters kept"
+    if hasattr(config, "min_ratio"):
+        from weightkit.linalg import WELORE_THRESHOLD
+
+        target = (
+            f"rank reduction {config.rank_reduction:g}"
+            if config.rank_reduction is not None
+            else f"threshold {WELORE_THRESHOLD if config.threshold is None else config.threshold:g}"
+        )
+        return f"welore {target}, LRC above {config.min_ratio:g} of a matrix's rank"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -190,7 +205,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks",
+        "ternary or VPTQ codebooks, or factor it (SVD, WeLore)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -198,7 +213,9 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other methods stream it."
+            "loads it whole (causal LMs only); the other methods stream it. SVD and WeLore replace linear "
+            "layers by two low-rank factors, saved in weightkit's format too (weightkit export --dense "
+            "expands it into an ordinary checkpoint)."
         ),
         epilog=(
             "examples:\n"
@@ -209,6 +226,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-model -o ./my-model-svd --method svd --ratio 0.5\n"
+            "  weightkit compress ./my-model -o ./my-model-welore --method welore --rank-reduction 0.5\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -255,7 +274,26 @@ def add_parsers(sub) -> None:
         "--threshold",
         type=float,
         help="ternary: weights with |w| <= threshold * mean|w| of their group become 0 (default: 0.5, "
-        "BitNet b1.58's rounding)",
+        "BitNet b1.58's rounding); welore: singular values normalised to [0, 1] below it are dropped, one "
+        "threshold for every matrix (default: 0.175)",
+    )
+    flag(
+        "--ratio",
+        type=float,
+        help="svd: fraction of the selected layers' weight parameters kept, in (0, 1], ranks allocated "
+        "across layers by singular-value energy (default: 0.5)",
+    )
+    flag(
+        "--rank-reduction",
+        type=float,
+        help="welore: instead of --threshold, the share of the selected matrices' total rank to remove, in "
+        "(0, 1); the threshold is solved for it",
+    )
+    flag(
+        "--min-ratio",
+        type=float,
+        help="welore: a matrix losing more than this share of its rank is a low-rank component, stored as "
+        "two factors; the others stay dense (default: 0.4999)",
     )
     flag(
         "--act-order",
