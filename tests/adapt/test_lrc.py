@@ -75,3 +75,10 @@ def test_adapter_flags_are_refused_for_lrc(welore_dir, tmp_path, capsys):
     code = main(["adapt", str(welore_dir), "-o", str(tmp_path / "ft"), "--method", "lrc", "--rank", "4"])
     assert code == 1 and "--rank does not apply to method lrc" in " ".join(capsys.readouterr().err.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_over_low_rank_layers_is_refused_instead_of_skipping_them(welore_dir):
+    from weightkit.adapt import LoRAConfig, adapt
+
+    with pytest.raises(WeightkitError, match="is a LowRankLinear layer .* --method lrc"):
+        adapt(weightkit.load(welore_dir), LoRAConfig(rank=2, targets=["all-linear"]))
