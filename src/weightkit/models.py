@@ -543,7 +543,8 @@ def load_quantized(
       values, scales and zero points, every float-quantized (FP8 E4M3) or nvfp4-pack-quantized (FP4)
       layer a ``FloatQuantizedLinear`` with its stored values and scales;
     - weightkit "vptq": every layer a ``VPTQLinear`` with its unpacked indices and float16 codebooks;
-    - weightkit "gwq": every layer an ``OutlierQuantizedLinear`` with its grid and 16-bit outliers.
+    - weightkit "gwq": every layer an ``OutlierQuantizedLinear`` with its grid and 16-bit outliers;
+    - weightkit "lowrank": every factored layer a ``LowRankLinear`` with its two factors.
 
     The other tensors are loaded as stored.
 
