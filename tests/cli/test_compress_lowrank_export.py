@@ -62,6 +62,7 @@ def test_the_flags_make_the_in_memory_result(tmp_path, capsys, llama_dir, flags,
         (["--method", "welore", "--threshold", "0.2", "--rank-reduction", "0.5"], "not both"),
         (["--method", "welore", "--rank-reduction", "0.99"], "a rank reduction of 0.99 is out of reach"),
         (["--method", "svd", "--calib", "x.txt"], "--calib applies to --method"),
+        (["--method", "rtn,svd", "--sweep", "bits=4"], "run --method svd once per setting instead"),
     ],
 )
 def test_bad_low_rank_input_gets_one_message_and_writes_nothing(tmp_path, capsys, llama_dir, argv, message):

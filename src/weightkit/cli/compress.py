@@ -119,6 +119,13 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.device import resolve_device
 
     if args.sweep is not None:
+        # The sweep checks each point's layers as a quantization grid would take them.
+        low_rank = [m for m in getattr(args, "method", "").split(",") if m.strip() in _LOW_RANK]
+        if low_rank:
+            raise WeightkitError(
+                f"--sweep compares the quantization methods; run --method {low_rank[0].strip()} once per "
+                "setting instead"
+            )
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)
