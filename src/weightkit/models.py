@@ -40,6 +40,12 @@ from weightkit.quantized.linear import (
     QuantizedLinear,
     VPTQLinear,
 )
+from weightkit.quantized.lowrank import (
+    LOWRANK_SUFFIXES,
+    LowRankLinear,
+    LowRankWeight,
+    lowrank_weight_from_stored,
+)
 from weightkit.quantized.pack import unpack_int32
 from weightkit.quantized.shared import SHARED_SUFFIXES, shared_layer_reader
 from weightkit.quantized.weightkit_format import (
@@ -448,6 +454,16 @@ def _outlier_linear(
     return OutlierQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
 
+def _lowrank_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> LowRankLinear:
+    """Rebuild one ``LowRankLinear`` from its stored factors (checked by name); ``dtype`` casts the factors
+    and the bias."""
+    stored = {s: reader.get(f"{ckpt_name}.{s}") for s in LOWRANK_SUFFIXES if f"{ckpt_name}.{s}" in reader}
+    weight = lowrank_weight_from_stored(stored, (linear.out_features, linear.in_features), ckpt_name)
+    if dtype is not None:
+        weight = LowRankWeight(weight.up.to(dtype), weight.down.to(dtype))
+    return LowRankLinear(weight, _bias(reader, ckpt_name, linear, dtype))
+
+
 @dataclass(frozen=True)
 class _StoredLayers:
     """How a checkpoint's format stores its quantized layers.
@@ -467,7 +483,9 @@ class _StoredLayers:
 
 
 # Every suffix that marks a quantized layer of some format (weightkit's or compressed-tensors').
-_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index", "weight_atom_set"})
+_MARKERS = frozenset(
+    {"weight_scale", "weight_codebook", "weight_outlier_index", "weight_up", "weight_down", "weight_atom_set"}
+)
 
 
 def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
@@ -486,6 +504,9 @@ def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
             return _StoredLayers(
                 "weightkit shared", frozenset({"weight_atom_set"}), SHARED_SUFFIXES, read_shared
             )
+        if fmt == "lowrank":
+            markers = frozenset({"weight_up", "weight_down"})
+            return _StoredLayers("weightkit lowrank", markers, LOWRANK_SUFFIXES, _lowrank_linear)
         groups, ignore = config_groups(qc, path)  # the grid: pack-quantized groups only
 
         def read_gwq(reader, ckpt_name, linear, dtype):
@@ -530,7 +551,8 @@ def load_quantized(
       values, scales and zero points, every float-quantized (FP8 E4M3) or nvfp4-pack-quantized (FP4)
       layer a ``FloatQuantizedLinear`` with its stored values and scales;
     - weightkit "vptq": every layer a ``VPTQLinear`` with its unpacked indices and float16 codebooks;
-    - weightkit "gwq": every layer an ``OutlierQuantizedLinear`` with its grid and 16-bit outliers.
+    - weightkit "gwq": every layer an ``OutlierQuantizedLinear`` with its grid and 16-bit outliers;
+    - weightkit "lowrank": every factored layer a ``LowRankLinear`` with its two factors.
 
     The other tensors are loaded as stored.
 

@@ -11,7 +11,7 @@ from weightkit.errors import WeightkitError
 from weightkit.inspect.heavy_tail import generalized_gaussian_fit, powerlaw_fit
 from weightkit.inspect.metrics import matrix_metrics
 from weightkit.inspect.spectral import stable_rank
-from weightkit.inspect.welore import welore_rank
+from weightkit.linalg import welore_rank
 from weightkit.models import default_model_path
 
 COLUMNS = {

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import weightkit.quantized.linear as linear_module
+import weightkit.quantized.lowrank as lowrank_module
 import weightkit.quantized.shared as shared_module
 from weightkit.errors import WeightkitError
 from weightkit.quantized.codebook import VPTQWeight
@@ -75,9 +76,9 @@ def test_outlier_tensors_are_the_pack_quantized_grid_plus_the_outliers():
 def test_every_quantized_layer_type_has_a_checkpoint_format():
     layers = [
         getattr(module, n)
-        for module in (linear_module, shared_module)
+        for module in (linear_module, lowrank_module, shared_module)
         for n in module.__all__
-        if isinstance(getattr(module, n), type)
+        if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), nn.Module)
     ]
     assert set(layers) == set(LAYER_FORMATS)
 

@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from weightkit.errors import WeightkitError
 from weightkit.quantized.linear import OutlierQuantizedLinear, QuantizedLinear, VPTQLinear
+from weightkit.quantized.lowrank import LowRankLinear
 from weightkit.registry import entry_for_config
 from weightkit.runtime.training import forward_batch
 from weightkit.select import LINEAR_TYPES, select_modules
@@ -233,10 +234,10 @@ def adapt(
 
 
 def refuse_unadaptable_layers(model: nn.Module) -> None:
-    """Refuse a model holding VPTQ or GWQ layers (``VPTQLinear``, ``OutlierQuantizedLinear``, as
-    :func:`weightkit.load` gives for weightkit's own quantized format): no adapter method handles them yet,
-    and unhandled they would be skipped silently (they are not ``nn.Linear``, so ``all-linear`` and
-    patterns would not select them, and subspace methods would train only their bias).
+    """Refuse a model holding VPTQ, GWQ or low-rank layers (``VPTQLinear``, ``OutlierQuantizedLinear``,
+    ``LowRankLinear``, as :func:`weightkit.load` gives for weightkit's own format): no adapter method handles
+    them yet, and unhandled they would be skipped silently (they are not ``nn.Linear``, so ``all-linear``
+    and patterns would not select them, and subspace methods would train only their bias).
 
     Raises:
         WeightkitError: naming the first such layer.
@@ -245,6 +246,12 @@ def refuse_unadaptable_layers(model: nn.Module) -> None:
         ((n, m) for n, m in model.named_modules() if isinstance(m, (VPTQLinear, OutlierQuantizedLinear))),
         None,
     )
+    low_rank = next((n for n, m in model.named_modules() if isinstance(m, LowRankLinear)), None)
+    if low_rank is not None:
+        raise WeightkitError(
+            f"{low_rank} is a LowRankLinear layer (weightkit svd/welore factors): adapters do not work over "
+            "such layers; train the factors themselves with --method lrc (weightkit.adapt.lrc.finetune_lrc)"
+        )
     if found is not None:
         name, layer = found
         raise WeightkitError(

@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 
 import weightkit
-from weightkit.cli import adapt, compress, merge, train
+from weightkit.cli import adapt, compress, export, merge, train
 from weightkit.cli import eval as evaluate
 from weightkit.cli import inspect as inspect_
 from weightkit.cli.common import common_options, method_options_help
@@ -46,6 +46,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser.add_argument("--version", action="version", version=f"weightkit {weightkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     compress.add_parsers(sub)
+    export.add_parsers(sub)
     evaluate.add_parsers(sub)
     merge.add_parsers(sub)
     adapt.add_parsers(sub)

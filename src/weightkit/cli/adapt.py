@@ -17,12 +17,49 @@ def _option_value(text: str) -> Any:
         return text
 
 
+def _cmd_lrc(args: argparse.Namespace) -> dict[str, Any]:
+    """``--method lrc``: train a WeLore checkpoint's low-rank factors (weightkit.adapt.lrc), no adapter."""
+    from weightkit.adapt.lrc import finetune_lrc
+
+    given = {
+        "--rank": args.rank is not None,
+        "--alpha": args.alpha is not None,
+        "--target": args.target is not None,
+        "--option": bool(args.option),
+        "--no-autocast-adapter-dtype": not args.autocast_adapter_dtype,
+        "--allow-pickle": args.allow_pickle,
+    }
+    if any(given.values()):
+        flags = ", ".join(flag for flag, on in given.items() if on)
+        raise WeightkitError(
+            f"{flags} does not apply to method lrc: it trains the factors the checkpoint's low-rank layers "
+            "already have, adding no adapter"
+        )
+    train = train_config(args, lr=args.lr, seed=args.seed if args.seed is not None else 0)
+    summary = finetune_lrc(
+        args.model, args.output, train, data=args.data, eval_data=args.eval_data, device=args.device,
+        overwrite=args.force, resume=args.resume, progress=not args.json,
+    )  # fmt: skip
+    if not args.json:
+        rows = [{"setting": "method", "value": "lrc"}]
+        rows += [
+            {"setting": k, "value": summary[k]}
+            for k in ("lrc_layers", "steps", "trainable_parameters", "total_parameters")
+        ]
+        rows.append({"setting": "train loss (last 10 steps)", "value": f"{summary['train_loss']:.4f}"})
+        rows += [{"setting": k, "value": f"{v:.4f}"} for k, v in summary["eval"].items()]
+        print_table(f"model with trained low-rank components saved to {summary['output']}", rows)
+    return summary
+
+
 def _cmd_adapt(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
     from weightkit.adapt.trainer import finetune
     from weightkit.registry import config_from_dict, lookup
 
+    if args.method == "lrc":
+        return _cmd_lrc(args)
     entry = lookup("adapt", args.method)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
     values: dict[str, Any] = {"method": args.method}
@@ -95,7 +132,8 @@ def add_parsers(sub) -> None:
             "examples:\n"
             "  weightkit adapt ./llama -o ./adapter --rank 8 --data train.jsonl --max-steps 500\n"
             "  weightkit adapt ./minilm -o ./cls --method eva --rank 8 --data reviews.jsonl --epochs 3\n"
-            "  weightkit adapt ./llama -o ./out --method lora --option dora=true --target 're:.*proj'"
+            "  weightkit adapt ./llama -o ./out --method lora --option dora=true --target 're:.*proj'\n"
+            "  weightkit adapt ./llama-welore -o ./llama-welore-ft --method lrc --data train.txt"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,7 +143,9 @@ def add_parsers(sub) -> None:
         "--method",
         default="lora",
         help="adapter method: lora, dora, pissa, olora, eva, lora_sb, lora_xs, svfit, bone, mos, increlora, "
-        "did, said (intrinsic-dimension subspaces; their size is --option dim=N) (default: lora)",
+        "did, said (intrinsic-dimension subspaces; their size is --option dim=N); or lrc: train the low-rank "
+        "factors of a `weightkit compress --method welore` output, everything else frozen, and save that "
+        "checkpoint (no adapter) (default: lora)",
     )
     t.add_argument("--rank", type=int, help="adapter rank (method default if not given; not for did/said)")
     t.add_argument("--alpha", type=float, help="LoRA-style scaling numerator alpha (method default)")

@@ -13,10 +13,11 @@ from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
 _QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_LOW_RANK = ("svd", "welore")
 _SHARE_METHODS = ("recursive",)
-_METHODS = (*_QUANT_METHODS, *_SHARE_METHODS)
+_METHODS = (*_QUANT_METHODS, *_LOW_RANK, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "recursive")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", *_LOW_RANK, "recursive")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -57,7 +58,10 @@ _FLAGS = {
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
-    "threshold": ("threshold", ("ternary",), "--threshold"),
+    "threshold": ("threshold", ("ternary", "welore"), "--threshold"),
+    "ratio": ("ratio", ("svd",), "--ratio"),
+    "rank_reduction": ("rank_reduction", ("welore",), "--rank-reduction"),
+    "min_ratio": ("min_ratio", ("welore",), "--min-ratio"),
     "act_order": ("act_order", ("gptq", "vptq"), "--act-order/--no-act-order"),
     "damp": ("damp", ("gptq", "vptq"), "--damp"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
@@ -121,11 +125,11 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.sweep is not None:
         swept = [m.strip() for m in getattr(args, "method", "").split(",")]
-        sharing = [m for m in swept if m in _SHARE_METHODS]
-        if sharing:  # the sweep checks each point's quantization grid against the model before it starts
+        structural = [m for m in swept if m not in _QUANT_METHODS]
+        if structural:  # the sweep checks each point's quantization grid against the model before it starts
             raise WeightkitError(
-                f"--sweep compares quantization methods; --method {sharing[0]} cannot be swept: run it once "
-                "per setting instead"
+                f"--sweep compares quantization methods; --method {structural[0]} cannot be swept: run it "
+                "once per setting instead"
             )
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
@@ -179,6 +183,17 @@ def _setting(config) -> str:
     if hasattr(config, "blocks"):
         relaxed = f", LoRA rank {config.relax_rank} per layer" if config.relax_rank else ""
         return f"recursive {config.blocks} shared layers, {config.init_method} init{relaxed}"
+    if hasattr(config, "ratio"):
+        return f"svd, {config.ratio:.0%} of the selected weights' parameters kept"
+    if hasattr(config, "min_ratio"):
+        from weightkit.linalg import WELORE_THRESHOLD
+
+        target = (
+            f"rank reduction {config.rank_reduction:g}"
+            if config.rank_reduction is not None
+            else f"threshold {WELORE_THRESHOLD if config.threshold is None else config.threshold:g}"
+        )
+        return f"welore {target}, LRC above {config.min_ratio:g} of a matrix's rank"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -205,7 +220,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks, or tie its layers into fewer shared ones (recursive)",
+        "ternary or VPTQ codebooks, factor it (SVD, WeLore) or tie its layers into fewer shared ones "
+        "(recursive)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -213,10 +229,10 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other quantization methods stream it. recursive ties the "
-            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), reading one "
-            'linear of every layer at a time, and saves weightkit\'s "shared" format, which weightkit.load '
-            "reads."
+            "loads it whole (causal LMs only); the other methods stream it. SVD and WeLore replace linear "
+            "layers by two low-rank factors; recursive ties the layers into K shared ones looped over the "
+            "depth (optionally with a LoRA per layer). Both are saved in weightkit's format too, which "
+            "weightkit.load reads (weightkit export --dense expands it into an ordinary checkpoint)."
         ),
         epilog=(
             "examples:\n"
@@ -228,6 +244,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
             "  weightkit compress ./my-llm -o ./my-llm-rec --method recursive --blocks 4 --relax-rank 16\n"
+            "  weightkit compress ./my-model -o ./my-model-svd --method svd --ratio 0.5\n"
+            "  weightkit compress ./my-model -o ./my-model-welore --method welore --rank-reduction 0.5\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -274,7 +292,26 @@ def add_parsers(sub) -> None:
         "--threshold",
         type=float,
         help="ternary: weights with |w| <= threshold * mean|w| of their group become 0 (default: 0.5, "
-        "BitNet b1.58's rounding)",
+        "BitNet b1.58's rounding); welore: singular values normalised to [0, 1] below it are dropped, one "
+        "threshold for every matrix (default: 0.175)",
+    )
+    flag(
+        "--ratio",
+        type=float,
+        help="svd: fraction of the selected layers' weight parameters kept, in (0, 1], ranks allocated "
+        "across layers by singular-value energy (default: 0.5)",
+    )
+    flag(
+        "--rank-reduction",
+        type=float,
+        help="welore: instead of --threshold, the share of the selected matrices' total rank to remove, in "
+        "(0, 1); the threshold is solved for it",
+    )
+    flag(
+        "--min-ratio",
+        type=float,
+        help="welore: a matrix losing more than this share of its rank is a low-rank component, stored as "
+        "two factors; the others stay dense (default: 0.4999)",
     )
     flag(
         "--act-order",

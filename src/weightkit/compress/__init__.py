@@ -5,6 +5,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 """
 
 from weightkit import _callable_package
+from weightkit.compress.lowrank import SVDConfig, WeLoreConfig
 from weightkit.compress.model import compress
 from weightkit.compress.quant import (
     AWQConfig,
@@ -33,6 +34,8 @@ __all__ = [
     "VPTQConfig",
     "GWQConfig",
     "RecursiveConfig",
+    "SVDConfig",
+    "WeLoreConfig",
 ]
 
 

@@ -2,12 +2,13 @@
 
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
-time. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and the other tensors outside the transformer
-blocks, plus *one* block: a block's weights are read just before it is calibrated, and once it is
-quantized it is written to the output and its memory is freed. Recursive layer tying reads one linear of
-every block at a time (each shared weight is made from the layers it serves). GWQ needs the gradient of the
-whole model's loss, so it loads the model whole. The output equals ``compress`` on the loaded model
-followed by ``save_quantized`` (tested), written atomically.
+time; SVD and WeLore read each selected weight twice, once for its singular values and, once every rank
+is chosen from all of them, again to factor it. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and
+the other tensors outside the transformer blocks, plus *one* block: a block's weights are read just before
+it is calibrated, and once it is quantized it is written to the output and its memory is freed. Recursive
+layer tying reads one linear of every block at a time (each shared weight is made from the layers it
+serves). GWQ needs the gradient of the whole model's loss, so it loads the model whole. The output equals
+``compress`` on the loaded model followed by ``save_quantized`` (tested), written atomically.
 """
 
 import os
@@ -18,6 +19,8 @@ from torch import nn
 
 from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.compress.lowrank import SVDConfig, WeLoreConfig
+from weightkit.compress.lowrank.factor import factor_streamed
 from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
@@ -38,6 +41,8 @@ __all__ = ["compress_checkpoint"]
 
 # Methods that quantize each weight on its own, without data: streamed one tensor at a time.
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
+# Methods that choose every weight's rank from all the weights' spectra: streamed in two passes.
+_LOW_RANK = (SVDConfig, WeLoreConfig)
 
 
 class _StreamedModel:
@@ -144,7 +149,8 @@ def compress_checkpoint(
         out_dir: the quantized model directory to create (atomically), in the format of the layers
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
-            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig`` or ``RecursiveConfig``.
+            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``SVDConfig``,
+            ``WeLoreConfig`` or ``RecursiveConfig``.
         data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound, as for :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
@@ -181,7 +187,7 @@ def compress_checkpoint(
             require_causal_lm(reader.config, str(model_dir))
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
-        tokenizer = None if isinstance(config, _TENSOR_WISE) else load_tokenizer(model_dir)
+        tokenizer = None if isinstance(config, _TENSOR_WISE + _LOW_RANK) else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
@@ -194,6 +200,8 @@ def compress_checkpoint(
             elif isinstance(config, _TENSOR_WISE):
                 streamed = _StreamedModel(model, reader, writer, names)
                 _stream_tensor_wise(model, config, streamed, progress, device)
+            elif isinstance(config, _LOW_RANK):
+                factor_streamed(model, config, _StreamedModel(model, reader, writer, names), progress, device)
             else:
                 streamed = _StreamedModel(model, reader, writer, names)
                 blocks = tuple(name for name, _ in block_lists(model))

@@ -6,7 +6,7 @@ PNG plots and one offline HTML page; ``weightkit inspect MODEL -o DIR`` does bot
 
 The parts, each usable alone:
 
-- per-matrix spectra (:mod:`.spectral`, :mod:`.heavy_tail`, :mod:`.welore`, :mod:`.metrics`): stable and
+- per-matrix spectra (:mod:`.spectral`, :mod:`.heavy_tail`, :mod:`.metrics`): stable and
   effective rank, energy ranks, weightwatcher's power-law fit, Marchenko-Pastur outliers, the
   generalized-Gaussian fit, WeLore's rank reduction and LRC label, randomized SVD for huge matrices;
 - comparing checkpoints (:mod:`.compare`: :mod:`.change`, :mod:`.quant_error`, :mod:`.adapter`,
@@ -48,7 +48,7 @@ from weightkit.inspect.spectral import (
     spectrum,
     stable_rank,
 )
-from weightkit.inspect.welore import welore_label, welore_rank
+from weightkit.linalg import welore_label, welore_rank
 
 inspect = inspect_checkpoint  # ``weightkit.inspect(path)``, as ``weightkit.merge(...)`` is merge's
 

@@ -17,7 +17,7 @@ Columns:
 - ``mp_outliers``: eigenvalues above the Marchenko-Pastur bulk edge;
 - ``gg_shape``, ``gg_scale``: the generalized-Gaussian fit of the entries;
 - ``welore_ratio``, ``welore_label``: WeLore's rank reduction ratio and LRC / N-LRC label
-  (:mod:`weightkit.inspect.welore`, the paper's defaults);
+  (:mod:`weightkit.linalg`, the paper's defaults);
 - ``svd``: ``"full"``, or ``"randomized (k=...)"`` for a matrix whose smaller side exceeds
   :data:`~weightkit.inspect.spectral.MAX_FULL_RANK`.
 
@@ -47,7 +47,7 @@ from weightkit.inspect.spectral import (
     spectrum,
     stable_rank_from_singular_values,
 )
-from weightkit.inspect.welore import welore_label, welore_rank
+from weightkit.linalg import welore_label, welore_rank
 
 __all__ = ["matrix_metrics", "matrix_metrics_with_spectrum"]
 

@@ -6,7 +6,8 @@
   format "vptq" / "gwq" (:mod:`weightkit.quantized.weightkit_format`), which compressed-tensors has no
   equivalent of and only :func:`weightkit.load` reads;
 - ``SharedLinear`` (atoms shared between layers): weightkit's format "shared"
-  (:mod:`weightkit.quantized.shared`).
+  (:mod:`weightkit.quantized.shared`);
+- ``LowRankLinear`` (two low-rank factors): weightkit's format "lowrank" (:mod:`weightkit.quantized.lowrank`).
 
 A checkpoint holds one format: a model mixing layers of two formats is refused, naming a layer of each.
 The layer types and their stored forms are listed once here (:data:`LAYER_FORMATS`, :func:`stored_tensors`),
@@ -29,11 +30,18 @@ from weightkit.quantized.linear import (
     QuantizedLinear,
     VPTQLinear,
 )
+from weightkit.quantized.lowrank import LowRankLinear, LowRankWeight, lowrank_tensors
 from weightkit.quantized.outliers import SparseOutlierWeight
 from weightkit.quantized.shared import SharedLinear, shared_quantization_config, shared_tensors
 from weightkit.quantized.weightkit_format import outlier_tensors, vptq_tensors, weightkit_quantization_config
 
-__all__ = ["LAYER_FORMATS", "export_tensors", "quantized_model_config", "stored_tensors"]
+__all__ = [
+    "LAYER_FORMATS",
+    "export_tensors",
+    "plain_model_config",
+    "quantized_model_config",
+    "stored_tensors",
+]
 
 COMPRESSED_TENSORS = "compressed-tensors"
 # Layer type -> the checkpoint format that stores it (weightkit's own formats by their "format" name).
@@ -43,6 +51,7 @@ LAYER_FORMATS: dict[type[nn.Module], str] = {
     VPTQLinear: "vptq",
     OutlierQuantizedLinear: "gwq",
     SharedLinear: "shared",
+    LowRankLinear: "lowrank",
 }
 _QUANTIZED_LAYERS = tuple(LAYER_FORMATS)
 # Stored weight type -> its tensors in its layer's format.
@@ -51,6 +60,7 @@ _STORED = {
     FloatQuantizedWeight: float_tensors,
     VPTQWeight: vptq_tensors,
     SparseOutlierWeight: outlier_tensors,
+    LowRankWeight: lowrank_tensors,
 }
 
 
@@ -59,7 +69,8 @@ def stored_tensors(
     bias: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
     """One quantized weight (and its layer's bias) as its checkpoint format stores it, by the weight's type:
-    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq or gwq layout.
+    compressed-tensors' pack-quantized (integer grid) or float layouts, weightkit's vptq, gwq or lowrank
+    layout.
 
     Raises:
         WeightkitError: a weight type no format stores.
@@ -128,8 +139,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _model_config(model: nn.Module) -> dict:
-    """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
+def plain_model_config(model: nn.Module) -> dict:
+    """The model's HF config as config.json would hold it, without a ``quantization_config``, or ``{}`` for
+    a plain module."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return {}
@@ -170,7 +182,7 @@ def quantized_model_config(model: nn.Module) -> dict:
         )
     (fmt,) = first_of_format
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    config = _model_config(model)
+    config = plain_model_config(model)
     if fmt == COMPRESSED_TENSORS:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore

@@ -35,6 +35,11 @@ class _DequantizingLinear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return self.quantized.dequantize()
 
+    def dense_weight(self) -> Tensor:
+        """The ``[out, in]`` weight the layer computes with, what every weightkit layer offers (``weightkit
+        export --dense`` writes it as a plain ``nn.Linear``'s)."""
+        return self.dequantized_weight()
+
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias)
 

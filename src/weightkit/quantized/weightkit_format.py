@@ -1,5 +1,6 @@
-"""weightkit's own checkpoint format, for the quantized layers compressed-tensors has no format for: VPTQ's
-vector codebooks (format "vptq") and GWQ's integer grid plus sparse 16-bit outliers (format "gwq"); the
+"""weightkit's own checkpoint format, for the compressed layers compressed-tensors has no format for: VPTQ's
+vector codebooks (format "vptq"), GWQ's integer grid plus sparse 16-bit outliers (format "gwq") and
+low-rank factor pairs (format "lowrank", whose layout is :mod:`weightkit.quantized.lowrank`'s); the
 weight-sharing layers' format "shared" is laid out in :mod:`weightkit.quantized.shared`.
 
 Only :func:`weightkit.load` reads it. It is built so that loaders that do not know it fail loudly:
@@ -9,7 +10,7 @@ which transformers refuses with a size-mismatch error (tested).
 
 ``config.json``'s ``quantization_config``::
 
-    {"quant_method": "weightkit", "format": "vptq" | "gwq", "weightkit_version": "...",
+    {"quant_method": "weightkit", "format": "vptq" | "gwq" | "lowrank", "weightkit_version": "...",
      # gwq only: the grid, as compressed-tensors describes a pack-quantized one
      "config_groups": {...}, "ignore": [...]}
 
@@ -59,8 +60,8 @@ __all__ = [
 ]
 
 QUANT_METHOD = "weightkit"
-# "shared" (weight-sharing layers) is described in weightkit.quantized.shared, which builds on this module.
-FORMATS = ("vptq", "gwq", "shared")
+# "lowrank" and "shared" are laid out in weightkit.quantized.lowrank / .shared, which build on this module.
+FORMATS = ("vptq", "gwq", "lowrank", "shared")
 # The tensors one quantized layer NAME stores, as NAME.<suffix>.
 VPTQ_SUFFIXES = (
     "weight",
@@ -140,7 +141,7 @@ def outlier_tensors(quantized: SparseOutlierWeight, bias: Tensor | None) -> dict
 
 
 def weightkit_quantization_config(fmt: str, grids: Mapping[str, QuantScheme], ignore: list[str]) -> dict:
-    """The ``quantization_config`` of a checkpoint in format ``fmt`` ("vptq" or "gwq").
+    """The ``quantization_config`` of a checkpoint in format ``fmt`` ("vptq", "gwq" or "lowrank").
 
     Args:
         fmt: the format of every quantized layer.
@@ -162,8 +163,8 @@ def weightkit_quantization_config(fmt: str, grids: Mapping[str, QuantScheme], ig
 
 
 def weightkit_format(qc: dict, where: str) -> str:
-    """The format ("vptq" or "gwq") of a weightkit ``quantization_config``; anything else is refused, naming
-    ``where`` (e.g. the config.json's path)."""
+    """The format ("vptq", "gwq" or "lowrank") of a weightkit ``quantization_config``; anything else is
+    refused, naming ``where`` (e.g. the config.json's path)."""
     fmt = qc.get("format")
     if qc.get("quant_method") != QUANT_METHOD or fmt not in FORMATS:
         raise WeightkitError(
