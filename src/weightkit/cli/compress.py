@@ -1,4 +1,4 @@
-"""``weightkit compress``: quantize a Hugging Face model directory."""
+"""``weightkit compress``: quantize a Hugging Face model directory, or share its weights across blocks."""
 
 import argparse
 import functools
@@ -12,9 +12,12 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+# Weight sharing across blocks (no grid: --bits and --group-size do not apply); not sweepable.
+_SHARE_METHODS = ("dictionary", "foldgpt")
+_METHODS = (*_QUANT_METHODS, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "dictionary")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -51,7 +54,7 @@ def _bits_arg(text: str) -> int | float:
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
+    "group_size": ("group_size", tuple(m for m in _QUANT_METHODS if m != "vptq"), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
@@ -66,6 +69,9 @@ _FLAGS = {
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
     "steps": ("steps", ("flexround",), "--steps"),
     "lr": ("lr", ("flexround",), "--lr"),
+    "atoms": ("atoms", ("dictionary",), "--atoms"),
+    "drop": ("drop", ("foldgpt",), "--drop"),
+    "share": ("share", ("foldgpt",), "--share"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -115,6 +121,12 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.device import resolve_device
 
     if args.sweep is not None:
+        shared = [m for m in getattr(args, "method", "").split(",") if m.strip() in _SHARE_METHODS]
+        if shared:
+            raise WeightkitError(
+                f"--sweep compares quantization methods; {', '.join(shared)} cannot be swept (run each "
+                "setting on its own)"
+            )
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)
@@ -164,6 +176,10 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "atoms"):
+        return f"dictionary {config.atoms} atoms for {','.join(config.projections)}"
+    if hasattr(config, "share"):
+        return f"foldgpt drop {config.drop} blocks, share groups of {config.share}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -190,7 +206,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks",
+        "ternary or VPTQ codebooks, or share weights across its blocks (dictionary, FoldGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -198,7 +214,11 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other methods stream it."
+            "loads it whole (causal LMs only); the other quantizers stream it. Weight sharing: dictionary "
+            "(MASA) writes each attention projection type as combinations of a few atoms shared by all "
+            "blocks; foldgpt removes the blocks whose output is most like their input and shares the rest "
+            "in gated groups. Both load the model whole and save in weightkit's shared format (a foldgpt "
+            "model with --share 1 is a plain checkpoint with fewer layers)."
         ),
         epilog=(
             "examples:\n"
@@ -209,6 +229,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-model -o ./my-model-dict --method dictionary --atoms 2\n"
+            "  weightkit compress ./my-llm -o ./my-llm-fold --method foldgpt --drop 4 --share 2\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -306,6 +328,22 @@ def add_parsers(sub) -> None:
         "(default: 100)",
     )
     flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag(
+        "--atoms",
+        type=int,
+        help="dictionary: shared matrix atoms per attention projection type, at least 1 and fewer than the "
+        "blocks (default: 2)",
+    )
+    flag(
+        "--drop",
+        type=int,
+        help="foldgpt: blocks to remove, those whose output is most like their input (default: 1)",
+    )
+    flag(
+        "--share",
+        type=int,
+        help="foldgpt: blocks per weight-sharing group among those kept; 1 shares nothing (default: 2)",
+    )
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")
     flag(
@@ -318,8 +356,8 @@ def add_parsers(sub) -> None:
     )
     c.add_argument(
         "--calib",
-        help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound: .txt (passages split by blank lines), .jsonl "
-        "or .json with a 'text' field (default: docstrings of Python's standard library)",
+        help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT: .txt (passages split by blank "
+        "lines), .jsonl or .json with a 'text' field (default: docstrings of Python's standard library)",
     )
     compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)
