@@ -41,6 +41,7 @@ from weightkit.quantized.linear import (
     VPTQLinear,
 )
 from weightkit.quantized.pack import unpack_int32
+from weightkit.quantized.shared import SHARED_SUFFIXES, shared_layer_reader
 from weightkit.quantized.weightkit_format import (
     GWQ_SUFFIXES,
     QUANT_METHOD,
@@ -466,7 +467,7 @@ class _StoredLayers:
 
 
 # Every suffix that marks a quantized layer of some format (weightkit's or compressed-tensors').
-_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index"})
+_MARKERS = frozenset({"weight_scale", "weight_codebook", "weight_outlier_index", "weight_atom_set"})
 
 
 def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
@@ -479,6 +480,11 @@ def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
                 frozenset({"weight_codebook"}),
                 VPTQ_SUFFIXES,
                 _vptq_linear,
+            )
+        if fmt == "shared":
+            read_shared = shared_layer_reader(qc, str(path / "config.json"))
+            return _StoredLayers(
+                "weightkit shared", frozenset({"weight_atom_set"}), SHARED_SUFFIXES, read_shared
             )
         groups, ignore = config_groups(qc, path)  # the grid: pack-quantized groups only
 

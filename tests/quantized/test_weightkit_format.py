@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import weightkit.quantized.linear as linear_module
+import weightkit.quantized.shared as shared_module
 from weightkit.errors import WeightkitError
 from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.formats import LAYER_FORMATS, quantized_model_config, stored_tensors
@@ -73,9 +74,10 @@ def test_outlier_tensors_are_the_pack_quantized_grid_plus_the_outliers():
 
 def test_every_quantized_layer_type_has_a_checkpoint_format():
     layers = [
-        getattr(linear_module, n)
-        for n in linear_module.__all__
-        if isinstance(getattr(linear_module, n), type)
+        getattr(module, n)
+        for module in (linear_module, shared_module)
+        for n in module.__all__
+        if isinstance(getattr(module, n), type)
     ]
     assert set(layers) == set(LAYER_FORMATS)
 

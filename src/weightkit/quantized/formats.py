@@ -4,7 +4,9 @@
   (:mod:`weightkit.quantized.compressed_tensors`), which transformers and vLLM load;
 - ``VPTQLinear`` (codebooks) and ``OutlierQuantizedLinear`` (grid plus 16-bit outliers): weightkit's own
   format "vptq" / "gwq" (:mod:`weightkit.quantized.weightkit_format`), which compressed-tensors has no
-  equivalent of and only :func:`weightkit.load` reads.
+  equivalent of and only :func:`weightkit.load` reads;
+- ``SharedLinear`` (atoms shared between layers): weightkit's format "shared"
+  (:mod:`weightkit.quantized.shared`).
 
 A checkpoint holds one format: a model mixing layers of two formats is refused, naming a layer of each.
 The layer types and their stored forms are listed once here (:data:`LAYER_FORMATS`, :func:`stored_tensors`),
@@ -28,6 +30,7 @@ from weightkit.quantized.linear import (
     VPTQLinear,
 )
 from weightkit.quantized.outliers import SparseOutlierWeight
+from weightkit.quantized.shared import SharedLinear, shared_quantization_config, shared_tensors
 from weightkit.quantized.weightkit_format import outlier_tensors, vptq_tensors, weightkit_quantization_config
 
 __all__ = ["LAYER_FORMATS", "export_tensors", "quantized_model_config", "stored_tensors"]
@@ -39,6 +42,7 @@ LAYER_FORMATS: dict[type[nn.Module], str] = {
     FloatQuantizedLinear: COMPRESSED_TENSORS,
     VPTQLinear: "vptq",
     OutlierQuantizedLinear: "gwq",
+    SharedLinear: "shared",
 }
 _QUANTIZED_LAYERS = tuple(LAYER_FORMATS)
 # Stored weight type -> its tensors in its layer's format.
@@ -104,11 +108,16 @@ def export_tensors(
             continue  # a tied weight: the loader re-ties it from the config
         seen.add(key)
         yield prefix + name, tensor.detach()
+    shared = {}
     for name, layer in quantized.items():
         if name.startswith(skip):
             continue
+        if isinstance(layer, SharedLinear):
+            shared[name] = layer  # atoms are stored once for all their layers: written together below
+            continue
         for suffix, tensor in stored_tensors(layer.quantized, layer.bias).items():
             yield f"{prefix}{name}.{suffix}", tensor
+    yield from shared_tensors(shared, prefix)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
@@ -166,6 +175,8 @@ def quantized_model_config(model: nn.Module) -> dict:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore
         )
+    elif fmt == "shared":
+        config["quantization_config"] = shared_quantization_config(layers, ignore)
     else:
         grids = {name: m.scheme for name, m in layers.items() if isinstance(m, OutlierQuantizedLinear)}
         config["quantization_config"] = weightkit_quantization_config(fmt, grids, ignore)

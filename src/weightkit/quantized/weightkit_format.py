@@ -1,5 +1,6 @@
 """weightkit's own checkpoint format, for the quantized layers compressed-tensors has no format for: VPTQ's
-vector codebooks (format "vptq") and GWQ's integer grid plus sparse 16-bit outliers (format "gwq").
+vector codebooks (format "vptq") and GWQ's integer grid plus sparse 16-bit outliers (format "gwq"); the
+weight-sharing layers' format "shared" is laid out in :mod:`weightkit.quantized.shared`.
 
 Only :func:`weightkit.load` reads it. It is built so that loaders that do not know it fail loudly:
 transformers 5 skips an unknown ``quant_method`` with a mere warning and would otherwise run the model
@@ -58,7 +59,8 @@ __all__ = [
 ]
 
 QUANT_METHOD = "weightkit"
-FORMATS = ("vptq", "gwq")
+# "shared" (weight-sharing layers) is described in weightkit.quantized.shared, which builds on this module.
+FORMATS = ("vptq", "gwq", "shared")
 # The tensors one quantized layer NAME stores, as NAME.<suffix>.
 VPTQ_SUFFIXES = (
     "weight",
