@@ -24,11 +24,19 @@ from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
+from weightkit.compress.share.dictionary import DictionaryConfig
+from weightkit.compress.share.foldgpt import FoldGPTConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import check_exportable, refuse_quantized
-from weightkit.quantized.formats import export_tensors, quantized_model_config, stored_tensors
+from weightkit.quantized.formats import (
+    LAYER_FORMATS,
+    export_tensors,
+    plain_model_config,
+    quantized_model_config,
+    stored_tensors,
+)
 from weightkit.quantized.linear import quantized_layer
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -37,6 +45,12 @@ __all__ = ["compress_checkpoint"]
 
 # Methods that quantize each weight on its own, without data: streamed one tensor at a time.
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
+# Methods run on the model loaded whole: GWQ's gradients are of the whole model's loss; dictionary sharing
+# decomposes one projection of every block at once (it could stream those L matrices per projection type,
+# not done yet); FoldGPT removes blocks and ties the rest, changing the model's structure.
+_WHOLE = (GWQConfig, DictionaryConfig, FoldGPTConfig)
+# Methods that use no calibration data (no tokenizer needed).
+_DATA_FREE = (*_TENSOR_WISE, DictionaryConfig)
 
 
 class _StreamedModel:
@@ -124,6 +138,15 @@ def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress
     return compress(model, config, data, tokenizer=tokenizer, progress=progress, device=device)
 
 
+def _output_config(model: nn.Module, config) -> dict:
+    """``config.json`` of the output: with its ``quantization_config``, except for a model that FoldGPT only
+    removed blocks from (no shared layers): a plain checkpoint with fewer layers that any loader reads."""
+    removed_only = not any(isinstance(m, tuple(LAYER_FORMATS)) for m in model.modules())
+    if isinstance(config, FoldGPTConfig) and removed_only:
+        return plain_model_config(model)
+    return quantized_model_config(model)
+
+
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -143,8 +166,10 @@ def compress_checkpoint(
         out_dir: the quantized model directory to create (atomically), in the format of the layers
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
-            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig`` or ``FlexRoundConfig``.
-        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound, as for :func:`weightkit.compress.compress`.
+            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``DictionaryConfig`` or
+            ``FoldGPTConfig``.
+        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT, as for
+            :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
@@ -152,10 +177,10 @@ def compress_checkpoint(
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4/ternary
             move one weight at a time to ``device``, GPTQ/AWQ/VPTQ/FlexRound the embeddings (to capture the
-            first block's inputs) and then one block at a time. GWQ (causal LMs only) and a checkpoint whose
-            tensors transformers fuses on load (a mixture of experts) are loaded whole instead
-            (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the selected
-            weights.
+            first block's inputs) and then one block at a time. GWQ (causal LMs only), dictionary sharing,
+            FoldGPT and a checkpoint whose tensors transformers fuses on load (a mixture of experts) are
+            loaded whole instead (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients
+            of the selected weights.
 
     Returns:
         ``out_dir``.
@@ -180,13 +205,13 @@ def compress_checkpoint(
             require_causal_lm(reader.config, str(model_dir))
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
-        tokenizer = None if isinstance(config, _TENSOR_WISE) else load_tokenizer(model_dir)
+        tokenizer = None if isinstance(config, _DATA_FREE) else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused or isinstance(config, GWQConfig):  # no one-to-one names to stream by, or GWQ
+            if names.fused or isinstance(config, _WHOLE):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)
@@ -209,5 +234,5 @@ def compress_checkpoint(
                 for name, tensor in export_tensors(model, skip=blocks):
                     writer.add(name, tensor)
             write_generation_config(writer, model, model_dir)
-            writer.write_json("config.json", quantized_model_config(model))
+            writer.write_json("config.json", _output_config(model, config))
     return Path(out_dir)

@@ -33,7 +33,13 @@ from weightkit.quantized.outliers import SparseOutlierWeight
 from weightkit.quantized.shared import SharedLinear, shared_quantization_config, shared_tensors
 from weightkit.quantized.weightkit_format import outlier_tensors, vptq_tensors, weightkit_quantization_config
 
-__all__ = ["LAYER_FORMATS", "export_tensors", "quantized_model_config", "stored_tensors"]
+__all__ = [
+    "LAYER_FORMATS",
+    "export_tensors",
+    "plain_model_config",
+    "quantized_model_config",
+    "stored_tensors",
+]
 
 COMPRESSED_TENSORS = "compressed-tensors"
 # Layer type -> the checkpoint format that stores it (weightkit's own formats by their "format" name).
@@ -128,7 +134,7 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _model_config(model: nn.Module) -> dict:
+def plain_model_config(model: nn.Module) -> dict:
     """The model's HF config as config.json would hold it, or ``{}`` for a plain module."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -170,7 +176,7 @@ def quantized_model_config(model: nn.Module) -> dict:
         )
     (fmt,) = first_of_format
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    config = _model_config(model)
+    config = plain_model_config(model)
     if fmt == COMPRESSED_TENSORS:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore

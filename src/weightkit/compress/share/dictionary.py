@@ -32,7 +32,7 @@ from weightkit.arch import block_layout, block_lists
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.linalg import largest_entry_signs
 from weightkit.progress import track
-from weightkit.quantized.shared import SharedLinear
+from weightkit.quantized.shared import share_linears
 from weightkit.registry import register
 
 __all__ = ["DictionaryConfig", "fit_dictionary", "dictionary_share"]
@@ -147,8 +147,9 @@ def _projection_names(model: nn.Module, config: DictionaryConfig) -> list[list[s
 def dictionary_share(
     model: nn.Module, config: DictionaryConfig, *, data=None, tokenizer=None, progress=True, device=None
 ) -> nn.Module:
-    """Replace the chosen attention projections of every block by :class:`SharedLinear` layers over one
-    dictionary per projection type and list of blocks (:func:`fit_dictionary`), in place.
+    """Replace the chosen attention projections of every block by
+    :class:`~weightkit.quantized.shared.SharedLinear` layers over one dictionary per projection type and list
+    of blocks (:func:`fit_dictionary`), in place.
 
     Data-free: ``data`` and ``tokenizer`` are not used. ``device``: where the decomposition runs (``None``:
     where the weights are); the layers stay where the model is.
@@ -163,9 +164,9 @@ def dictionary_share(
         home = layers[0].weight.device
         stack = torch.stack([layer.weight for layer in layers]).to(device or home)
         dictionary, coefficients = fit_dictionary(stack, config.atoms)
-        shared = nn.Parameter(dictionary.to(home), requires_grad=False)
-        for name, layer, row in zip(names, layers, coefficients.to(home), strict=True):
-            model.set_submodule(name, SharedLinear(shared, row, layer.bias))
+        share_linears(
+            model, nn.Parameter(dictionary.to(home)), dict(zip(names, coefficients.to(home), strict=True))
+        )
     return model
 
 

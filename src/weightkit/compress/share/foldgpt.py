@@ -102,7 +102,7 @@ class FoldGPTConfig(CalibrationFields):
             raise WeightkitError("drop 0 and share 1 would leave the model as it is: remove or share blocks")
 
 
-# -- pure functions --------------------------------------------------------------------------------------------
+# -- pure functions ----------------------------------------------------------------------------------------
 
 
 def blocks_to_drop(similarities: Tensor, drop: int) -> list[int]:
@@ -268,7 +268,7 @@ def _share(blocks: nn.ModuleList, groups: list[list[int]], gates: dict[int, dict
     for group in groups:
         first = _linears(blocks[group[0]])
         for name, layer in first.items():
-            atoms = nn.Parameter(layer.weight.detach().unsqueeze(0), requires_grad=False)
+            atoms = nn.Parameter(layer.weight.detach().unsqueeze(0))
             for i in group:
                 g = gates[i][name].to(layer.weight) if i in gates else torch.ones_like(layer.weight[:, 0])
                 bias = None if layer.bias is None else layer.bias.detach() * g
