@@ -57,6 +57,8 @@ def _logits(model):
         (["--method", "foldgpt", "--drop", "0", "--share", "1"], "would leave the model as it is"),
         (["--method", "foldgpt", "--atoms", "2"], "--atoms applies to --method dictionary only, not foldgpt"),
         (["--method", "dictionary", "--bits", "4"], "--bits applies to --method"),
+        (["--method", "dictionary", "--steps", "4"], "--steps applies to --method flexround or foldgpt only"),
+        (["--method", "foldgpt", "--lr", "0"], "--lr must be a positive number, got 0.0"),
         (["--method", "foldgpt", "--group-size", "32"], "--group-size applies to --method"),
         (["--method", "dictionary", "--calib", "x.txt"], "DICTIONARY uses no calibration data"),
         (["--method", "dictionary", "--sweep", "atoms=1,2"], "dictionary cannot be swept"),
@@ -132,11 +134,14 @@ def test_foldgpt_removal_only_is_a_plain_checkpoint_transformers_loads(
 
 def test_foldgpt_with_sharing_reads_back_as_the_in_memory_result(tmp_path, capsys, llama4_dir, text_file):
     out = tmp_path / "out"
-    flags = ["--method", "foldgpt", "--drop", "1", "--share", "2", "--calib", text_file, *CALIBRATION]
+    flags = ["--method", "foldgpt", "--drop", "1", "--share", "2", "--steps", "5", "--lr", "0.05"]
+    flags += ["--calib", text_file, *CALIBRATION]
     code, _, err = run(capsys, "compress", llama4_dir, "-o", out, *flags)
     assert code == 0, err
     expected = _in_memory(
-        llama4_dir, FoldGPTConfig(drop=1, share=2, calib_samples=8, calib_max_length=64), text_file
+        llama4_dir,
+        FoldGPTConfig(drop=1, share=2, steps=5, lr=0.05, calib_samples=8, calib_max_length=64),
+        text_file,
     )
     loaded = load(out)
     assert loaded.config.num_hidden_layers == 3

@@ -67,8 +67,8 @@ _FLAGS = {
     "residual_bits": ("residual_bits", ("vptq",), "--residual-bits"),
     "kmeans_iterations": ("kmeans_iterations", ("vptq",), "--kmeans-iterations"),
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
-    "steps": ("steps", ("flexround",), "--steps"),
-    "lr": ("lr", ("flexround",), "--lr"),
+    "steps": ("steps", ("flexround", "foldgpt"), "--steps"),
+    "lr": ("lr", ("flexround", "foldgpt"), "--lr"),
     "atoms": ("atoms", ("dictionary",), "--atoms"),
     "drop": ("drop", ("foldgpt",), "--drop"),
     "share": ("share", ("foldgpt",), "--share"),
@@ -179,7 +179,8 @@ def _setting(config) -> str:
     if hasattr(config, "atoms"):
         return f"dictionary {config.atoms} atoms for {','.join(config.projections)}"
     if hasattr(config, "share"):
-        return f"foldgpt drop {config.drop} blocks, share groups of {config.share}"
+        gates = f", gates {config.steps} steps lr {config.lr:g}" if config.share > 1 else ""
+        return f"foldgpt drop {config.drop} blocks, share groups of {config.share}{gates}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -325,9 +326,15 @@ def add_parsers(sub) -> None:
         "--steps",
         type=int,
         help="FlexRound: Adam steps per transformer block, one calibration batch each; 0 is round-to-nearest "
-        "(default: 100)",
+        "(default: 100); FoldGPT: Adam steps per shared block learning its gates; 0 keeps gates of one "
+        "(default: 50)",
     )
-    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag(
+        "--lr",
+        type=float,
+        help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003); FoldGPT: for the "
+        "gates (default: 0.01)",
+    )
     flag(
         "--atoms",
         type=int,
