@@ -214,3 +214,22 @@ def test_bad_input_is_refused_with_the_model_unchanged(make, fields, message):
 def test_config_validates_itself(fields, message):
     with pytest.raises(WeightkitError, match=message):
         FoldGPTConfig(**fields)
+
+
+@pytest.mark.parametrize("drop", [[4], [0, 1, 2, 3], [-1]])
+def test_drop_blocks_refuses_indices_that_are_not_some_of_the_blocks(drop):
+    model = tiny_llama(num_hidden_layers=4)
+    with pytest.raises(WeightkitError, match="cannot drop blocks"):
+        drop_blocks(model, drop)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("fields", [{"drop": 1, "share": 1}, {"drop": 0, "share": 2}])
+def test_calibration_data_without_tokens_is_refused_before_any_change(fields):
+    model = tiny_llama(num_hidden_layers=4)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    padding = [{"input_ids": torch.full((2, 5), 3), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
+    with pytest.raises(WeightkitError, match="no tokens"):
+        compress(model, FoldGPTConfig(**fields), data=padding, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -92,6 +92,9 @@ class FoldGPTConfig(CalibrationFields):
         share: blocks per weight-sharing group among the blocks kept: consecutive groups of this many
             (the last may be shorter) store one block's linear weights plus one gate vector per layer and
             block. 1 shares nothing (removal only, a plain checkpoint).
+        steps: Adam steps per shared block (one calibration batch each, the batches cycled) learning its
+            gates on the block's output error; 0 leaves the gates at one (plain sharing).
+        lr: Adam's learning rate for the gates.
     """
 
     drop: int = 1
@@ -190,8 +193,17 @@ def block_similarities(blocks: nn.ModuleList, inputs: BlockInputs, device: torch
 
 def drop_blocks(model: nn.Module, drop: list[int]) -> nn.Module:
     """Remove the blocks at indices ``drop`` from ``model`` in place: the list of blocks, the config's
-    ``num_hidden_layers`` and ``layer_types`` and the blocks' ``layer_idx`` (their place in a KV cache)."""
+    ``num_hidden_layers`` and ``layer_types`` and the blocks' ``layer_idx`` (their place in a KV cache).
+
+    Raises:
+        WeightkitError: a model type whose config this module cannot trim (:data:`TRIMMABLE`), an index that
+            is not a block's, or every block.
+    """
     list_name, blocks = _single_block_list(model)
+    if not set(drop) <= set(range(len(blocks))) or len(set(drop)) == len(blocks):
+        raise WeightkitError(
+            f"cannot drop blocks {sorted(drop)} of {len(blocks)}: give indices of some of them"
+        )
     kept = [i for i in range(len(blocks)) if i not in set(drop)]
     model.set_submodule(list_name, nn.ModuleList(blocks[i] for i in kept))
     for new, block in enumerate(model.get_submodule(list_name)):
@@ -223,9 +235,7 @@ def _learn_gates(
     calibration batch per step; the gates are left at the best iterate scored on all batches (gates of one
     included, so the block never ends worse on the calibration data than plain sharing)."""
     rows = [inputs.token_rows(b, device) for b in range(len(inputs))]
-    counts = [len(r) * targets[b].shape[-1] for b, r in enumerate(rows)]
-    if not sum(counts):
-        raise WeightkitError("calibration data has no tokens (all padding?)")
+    counts = [len(r) * targets[b].shape[-1] for b, r in enumerate(rows)]  # fold checked there are tokens
 
     def batch_error(b: int) -> Tensor:
         return _block_error(_block_output(block, inputs, b, device), targets[b].to(device), rows[b])
@@ -312,6 +322,8 @@ def fold(
     sharing_groups(len(blocks) - config.drop, config.share)  # checks share before any work
     here = device or next(model.parameters()).device
     batches = calibration_batches(config, data, tokenizer)
+    if not sum(int(batch["attention_mask"].sum()) for batch in batches):
+        raise WeightkitError("calibration data has no tokens (all padding?)")
     training = model.training
     model.eval()  # no dropout in the calibration passes
     try:
