@@ -5,6 +5,7 @@ import torch
 
 from weightkit.arch import LAYOUTS
 from weightkit.compress import compress
+from weightkit.compress.share import dictionary as dictionary_module
 from weightkit.compress.share.dictionary import DictionaryConfig, dictionary_share, fit_dictionary
 from weightkit.errors import WeightkitError
 from weightkit.quantized.shared import SharedLinear
@@ -59,6 +60,15 @@ def test_a_stack_of_lower_rank_gets_zero_atoms_for_the_missing_directions():
     norms = dictionary.reshape(4, -1).norm(dim=1)
     torch.testing.assert_close(norms, torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
     assert torch.equal(coefficients[:, 2:], torch.zeros(4, 2, dtype=torch.float64))
+
+
+def test_the_fit_in_column_chunks_equals_the_fit_in_one(monkeypatch):
+    weights = _stack(layers=4, out=6, inp=5)
+    whole = fit_dictionary(weights, 3)
+    monkeypatch.setattr(dictionary_module, "_CHUNK_COLUMNS", 7)  # 30 columns: chunks of 7, the last of 2
+    chunked = fit_dictionary(weights, 3)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-12)
 
 
 def test_the_fit_keeps_the_dtype_and_is_deterministic():

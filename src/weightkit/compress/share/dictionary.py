@@ -38,6 +38,8 @@ from weightkit.registry import register
 __all__ = ["DictionaryConfig", "fit_dictionary", "dictionary_share"]
 
 PROJECTIONS = ("q", "k", "v", "o")
+# Columns of the flattened stack converted to float64 at a time in fit_dictionary.
+_CHUNK_COLUMNS = 2**20
 
 
 @dataclass
@@ -93,18 +95,26 @@ def fit_dictionary(weights: Tensor, atoms: int) -> tuple[Tensor, Tensor]:
     if not 1 <= atoms <= layers:
         raise WeightkitError(f"atoms must be between 1 and the {layers} layers stacked, got {atoms}")
     require_finite(weights, "the stacked weights")
-    flat = weights.detach().reshape(layers, -1).to(torch.float64)
+    flat = weights.detach().reshape(layers, -1)
+    # In float64 a column chunk at a time, so the extra memory is a chunk, not a float64 copy of the stack.
+    chunks = flat.split(_CHUNK_COLUMNS, dim=1)
     # The L x L Gram matrix instead of an SVD of the L x (out * in) stack: L is small (the block count), so
     # this costs one pass over the weights and L^2 numbers.
-    eigenvalues, vectors = torch.linalg.eigh(flat @ flat.T)
+    gram = sum(chunk.to(torch.float64) @ chunk.to(torch.float64).T for chunk in chunks)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues, vectors = eigenvalues.flip(0)[:atoms], vectors.flip(1)[:, :atoms]
     vectors = vectors * largest_entry_signs(vectors, dim=0)
     # Directions whose share of the spectrum is at rounding level are absent from the stack.
     present = eigenvalues > eigenvalues[0].clamp(min=0) * layers * torch.finfo(torch.float64).eps
     scale = torch.where(present, eigenvalues.clamp(min=0).rsqrt(), torch.zeros_like(eigenvalues))
-    dictionary = (vectors * scale).T @ flat
-    coefficients = flat @ dictionary.T
-    return dictionary.reshape(atoms, *weights.shape[1:]).to(weights.dtype), coefficients.to(weights.dtype)
+    dictionary = torch.empty(atoms, flat.shape[1], dtype=weights.dtype, device=weights.device)
+    coefficients = torch.zeros(layers, atoms, dtype=torch.float64, device=weights.device)
+    for chunk, part in zip(chunks, dictionary.split(_CHUNK_COLUMNS, dim=1), strict=True):
+        chunk = chunk.to(torch.float64)
+        atoms_part = (vectors * scale).T @ chunk
+        part.copy_(atoms_part)
+        coefficients += chunk @ atoms_part.T
+    return dictionary.reshape(atoms, *weights.shape[1:]), coefficients.to(weights.dtype)
 
 
 def _projection_names(model: nn.Module, config: DictionaryConfig) -> list[list[str]]:
@@ -158,15 +168,15 @@ def dictionary_share(
         WeightkitError: an architecture without known separate attention projections, ``atoms`` not fewer
             than the blocks, or NaN/Inf weights; the model is unchanged then.
     """
-    plan = _projection_names(model, config)  # every check before the first layer changes
+    plan = _projection_names(model, config)
+    fits = []  # every fit before the first layer changes, so an error leaves the model as it was
     for names in track(plan, "dictionary", enabled=progress):
-        layers = [model.get_submodule(name) for name in names]
-        home = layers[0].weight.device
-        stack = torch.stack([layer.weight for layer in layers]).to(device or home)
+        home = model.get_submodule(names[0]).weight.device
+        stack = torch.stack([model.get_submodule(name).weight for name in names]).to(device or home)
         dictionary, coefficients = fit_dictionary(stack, config.atoms)
-        share_linears(
-            model, nn.Parameter(dictionary.to(home)), dict(zip(names, coefficients.to(home), strict=True))
-        )
+        fits.append((names, nn.Parameter(dictionary.to(home)), coefficients.to(home)))
+    for names, dictionary, coefficients in fits:
+        share_linears(model, dictionary, dict(zip(names, coefficients, strict=True)))
     return model
 
 
