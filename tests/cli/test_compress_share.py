@@ -61,7 +61,7 @@ def _logits(model):
         (["--method", "foldgpt", "--lr", "0"], "--lr must be a positive number, got 0.0"),
         (["--method", "foldgpt", "--group-size", "32"], "--group-size applies to --method"),
         (["--method", "dictionary", "--calib", "x.txt"], "DICTIONARY uses no calibration data"),
-        (["--method", "dictionary", "--sweep", "atoms=1,2"], "dictionary cannot be swept"),
+        (["--method", "dictionary", "--sweep", "atoms=1,2"], "--method dictionary cannot be swept"),
     ],
 )
 def test_bad_input_gets_one_message_and_writes_nothing(tmp_path, capsys, llama4_dir, argv, message):

@@ -14,10 +14,10 @@ from weightkit.progress import results
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
 _QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
 # Weight sharing across blocks (no grid: --bits and --group-size do not apply); not sweepable.
-_SHARE_METHODS = ("dictionary", "foldgpt")
+_SHARE_METHODS = ("recursive", "dictionary", "foldgpt")
 _METHODS = (*_QUANT_METHODS, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "dictionary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "recursive", "dictionary")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -69,6 +69,9 @@ _FLAGS = {
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
     "steps": ("steps", ("flexround", "foldgpt"), "--steps"),
     "lr": ("lr", ("flexround", "foldgpt"), "--lr"),
+    "blocks": ("blocks", ("recursive",), "--blocks"),
+    "init": ("init", ("recursive",), "--init"),
+    "relax_rank": ("relax_rank", ("recursive",), "--relax-rank"),
     "atoms": ("atoms", ("dictionary",), "--atoms"),
     "drop": ("drop", ("foldgpt",), "--drop"),
     "share": ("share", ("foldgpt",), "--share"),
@@ -121,11 +124,12 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.device import resolve_device
 
     if args.sweep is not None:
-        shared = [m for m in getattr(args, "method", "").split(",") if m.strip() in _SHARE_METHODS]
-        if shared:
+        swept = [m.strip() for m in getattr(args, "method", "").split(",")]
+        sharing = [m for m in swept if m in _SHARE_METHODS]
+        if sharing:  # the sweep checks each point's quantization grid against the model before it starts
             raise WeightkitError(
-                f"--sweep compares quantization methods; {', '.join(shared)} cannot be swept (run each "
-                "setting on its own)"
+                f"--sweep compares quantization methods; --method {sharing[0]} cannot be swept: run it once "
+                "per setting instead"
             )
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
@@ -176,6 +180,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "blocks"):
+        relaxed = f", LoRA rank {config.relax_rank} per layer" if config.relax_rank else ""
+        return f"recursive {config.blocks} shared layers, {config.init_method} init{relaxed}"
     if hasattr(config, "atoms"):
         return f"dictionary {config.atoms} atoms for {','.join(config.projections)}"
     if hasattr(config, "share"):
@@ -207,7 +214,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks, or share weights across its blocks (dictionary, FoldGPT)",
+        "ternary or VPTQ codebooks, or share weights across its layers (recursive, dictionary, FoldGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -215,11 +222,13 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other quantizers stream it. Weight sharing: dictionary "
-            "(MASA) writes each attention projection type as combinations of a few atoms shared by all "
-            "blocks; foldgpt removes the blocks whose output is most like their input and shares the rest "
-            "in gated groups. Both load the model whole and save in weightkit's shared format (a foldgpt "
-            "model with --share 1 is a plain checkpoint with fewer layers)."
+            "loads it whole (causal LMs only); the other quantization methods stream it. recursive ties the "
+            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), reading one "
+            "linear of every layer at a time; dictionary (MASA) writes each attention projection type as "
+            "combinations of a few atoms shared by all blocks; foldgpt removes the blocks whose output is "
+            "most like their input and shares the rest in gated groups (the last two load the model whole). "
+            'They save weightkit\'s "shared" format, which weightkit.load reads (a foldgpt model with '
+            "--share 1 is a plain checkpoint with fewer layers)."
         ),
         epilog=(
             "examples:\n"
@@ -230,6 +239,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-llm -o ./my-llm-rec --method recursive --blocks 4 --relax-rank 16\n"
             "  weightkit compress ./my-model -o ./my-model-dict --method dictionary --atoms 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-fold --method foldgpt --drop 4 --share 2\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
@@ -350,6 +360,25 @@ def add_parsers(sub) -> None:
         "--share",
         type=int,
         help="foldgpt: blocks per weight-sharing group among those kept; 1 shares nothing (default: 2)",
+    )
+    flag(
+        "--blocks",
+        type=int,
+        help="recursive: K, the unique layers kept; layer l runs shared layer l mod K, so K must divide the "
+        "layer count (required)",
+    )
+    flag(
+        "--init",
+        choices=("stepwise", "average", "lower"),
+        help="recursive: shared layers from pretrained ones at regular intervals (stepwise), averaged over "
+        "the layers they serve (average) or the first K (lower) (default: stepwise; average with "
+        "--relax-rank)",
+    )
+    flag(
+        "--relax-rank",
+        type=int,
+        help="recursive: rank of each layer's own LoRA, from the SVD of what tying took from it; 0 is strict "
+        "recursion (default: 0)",
     )
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")

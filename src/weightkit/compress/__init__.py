@@ -18,7 +18,7 @@ from weightkit.compress.quant import (
     TernaryConfig,
     VPTQConfig,
 )
-from weightkit.compress.share import DictionaryConfig, FoldGPTConfig
+from weightkit.compress.share import DictionaryConfig, FoldGPTConfig, RecursiveConfig
 from weightkit.compress.stream import compress_checkpoint
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "TernaryConfig",
     "VPTQConfig",
     "GWQConfig",
+    "RecursiveConfig",
     "DictionaryConfig",
     "FoldGPTConfig",
 ]

@@ -4,9 +4,11 @@ DESIGN rule 4: the model is built with its parameters on the meta device, and we
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
 time. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and the other tensors outside the transformer
 blocks, plus *one* block: a block's weights are read just before it is calibrated, and once it is
-quantized it is written to the output and its memory is freed. GWQ needs the gradient of the whole
-model's loss, so it loads the model whole. The output equals ``compress`` on the loaded model followed by
-``save_quantized`` (tested), written atomically.
+quantized it is written to the output and its memory is freed. Recursive layer tying reads one linear of
+every block at a time (each shared weight is made from the layers it serves). GWQ needs the gradient of the
+whole model's loss, so it loads the model whole; so do dictionary sharing (it fits one projection of every
+block at once) and FoldGPT (it removes and ties whole blocks). The output equals ``compress`` on the loaded
+model followed by ``save_quantized`` (tested), written atomically.
 """
 
 import os
@@ -166,8 +168,8 @@ def compress_checkpoint(
         out_dir: the quantized model directory to create (atomically), in the format of the layers
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
-            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``DictionaryConfig`` or
-            ``FoldGPTConfig``.
+            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``RecursiveConfig``,
+            ``DictionaryConfig`` or ``FoldGPTConfig``.
         data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT, as for
             :func:`weightkit.compress.compress`.
         progress: show progress bars.
@@ -177,10 +179,11 @@ def compress_checkpoint(
         device: where to compute: ``None`` for the GPU when there is one, else the CPU (see
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4/ternary
             move one weight at a time to ``device``, GPTQ/AWQ/VPTQ/FlexRound the embeddings (to capture the
-            first block's inputs) and then one block at a time. GWQ (causal LMs only), dictionary sharing,
-            FoldGPT and a checkpoint whose tensors transformers fuses on load (a mixture of experts) are
-            loaded whole instead (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients
-            of the selected weights.
+            first block's inputs) and then one block at a time, recursive one linear of every block at a
+            time. GWQ (causal LMs only), dictionary sharing, FoldGPT and a checkpoint whose tensors
+            transformers fuses on load (a mixture of experts) are loaded whole instead
+            (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the selected
+            weights.
 
     Returns:
         ``out_dir``.

@@ -26,7 +26,8 @@ as:
     {"quant_method": "weightkit", "format": "shared", "weightkit_version": "...",
      "atom_sets": ["<name of the layer storing set 0's atoms>", ...]}
 
-Writing: :func:`shared_tensors`, :func:`shared_quantization_config`. Reading: :func:`shared_layer_reader`
+Writing: :func:`shared_tensors` (with :func:`atom_set_indices` when writing a part at a time),
+:func:`shared_quantization_config`. Reading: :func:`shared_layer_reader`
 rebuilds the layers with every atom set as one ``nn.Parameter`` (tied again), checking every dtype and
 shape against the model's layer and naming the tensor that is wrong. :func:`share_linears` turns chosen
 ``nn.Linear`` layers of a model into ``SharedLinear`` ones.
@@ -45,6 +46,7 @@ __all__ = [
     "SharedLinear",
     "SHARED_SUFFIXES",
     "share_linears",
+    "atom_set_indices",
     "shared_tensors",
     "shared_quantization_config",
     "shared_layer_reader",
@@ -209,13 +211,27 @@ def _atom_owners(layers: Mapping[str, SharedLinear]) -> dict[int, str]:
     return owners
 
 
-def shared_tensors(layers: Mapping[str, SharedLinear], prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+def atom_set_indices(layers: Mapping[str, SharedLinear]) -> dict[int, int]:
+    """``id(atoms)`` -> the index of the atom set in a checkpoint of ``layers`` (module order): sets are
+    numbered in the order of their first layer, as :func:`shared_quantization_config` lists them."""
+    return {atoms_id: index for index, atoms_id in enumerate(_atom_owners(layers))}
+
+
+def shared_tensors(
+    layers: Mapping[str, SharedLinear], prefix: str = "", *, set_index: Mapping[int, int] | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` pairs of the shared layers as the "shared" format stores them (module docstring):
-    each layer's own tensors, and each atom set once, under the first layer holding it. Names get
-    ``prefix``. ``layers`` must be in module order, as :func:`shared_quantization_config` numbers the sets
-    in the same order."""
+    each layer's own tensors, and each atom set once, under the first layer (in ``layers``' order) holding
+    it. Names get ``prefix``.
+
+    Args:
+        layers: the shared layers by name, in module order.
+        prefix: put before every name.
+        set_index: ``id(atoms)`` -> the set's index in the checkpoint, for ``layers`` that are only part of
+            the model (written a part at a time); default: :func:`atom_set_indices` of ``layers``.
+    """
     owners = _atom_owners(layers)
-    set_index = {atoms_id: index for index, atoms_id in enumerate(owners)}
+    set_index = atom_set_indices(layers) if set_index is None else set_index
     for name, layer in layers.items():
         head = f"{prefix}{name}."
         atoms_id = id(layer.atoms)
