@@ -1,4 +1,4 @@
-"""``weightkit compress``: quantize a Hugging Face model directory."""
+"""``weightkit compress``: quantize a Hugging Face model directory, or share its weights across blocks."""
 
 import argparse
 import functools
@@ -14,10 +14,11 @@ from weightkit.progress import results
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
 _QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
 _LOW_RANK = ("svd", "welore")
-_SHARE_METHODS = ("recursive",)
+# Weight sharing across blocks (no grid: --bits and --group-size do not apply).
+_SHARE_METHODS = ("recursive", "dictionary", "foldgpt")
 _METHODS = (*_QUANT_METHODS, *_LOW_RANK, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", *_LOW_RANK, "recursive")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", *_LOW_RANK, "recursive", "dictionary")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -70,11 +71,14 @@ _FLAGS = {
     "residual_bits": ("residual_bits", ("vptq",), "--residual-bits"),
     "kmeans_iterations": ("kmeans_iterations", ("vptq",), "--kmeans-iterations"),
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
-    "steps": ("steps", ("flexround",), "--steps"),
-    "lr": ("lr", ("flexround",), "--lr"),
+    "steps": ("steps", ("flexround", "foldgpt"), "--steps"),
+    "lr": ("lr", ("flexround", "foldgpt"), "--lr"),
     "blocks": ("blocks", ("recursive",), "--blocks"),
     "init": ("init", ("recursive",), "--init"),
     "relax_rank": ("relax_rank", ("recursive",), "--relax-rank"),
+    "atoms": ("atoms", ("dictionary",), "--atoms"),
+    "drop": ("drop", ("foldgpt",), "--drop"),
+    "share": ("share", ("foldgpt",), "--share"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -194,6 +198,11 @@ def _setting(config) -> str:
             else f"threshold {WELORE_THRESHOLD if config.threshold is None else config.threshold:g}"
         )
         return f"welore {target}, LRC above {config.min_ratio:g} of a matrix's rank"
+    if hasattr(config, "atoms"):
+        return f"dictionary {config.atoms} atoms for {','.join(config.projections)}"
+    if hasattr(config, "share"):
+        gates = f", gates {config.steps} steps lr {config.lr:g}" if config.share > 1 else ""
+        return f"foldgpt drop {config.drop} blocks, share groups of {config.share}{gates}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -220,8 +229,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks, factor it (SVD, WeLore) or tie its layers into fewer shared ones "
-        "(recursive)",
+        "ternary or VPTQ codebooks, factor it (SVD, WeLore) or share weights across its layers (recursive, "
+        "dictionary, FoldGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -229,10 +238,14 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other methods stream it. SVD and WeLore replace linear "
-            "layers by two low-rank factors; recursive ties the layers into K shared ones looped over the "
-            "depth (optionally with a LoRA per layer). Both are saved in weightkit's format too, which "
-            "weightkit.load reads (weightkit export --dense expands it into an ordinary checkpoint)."
+            "loads it whole (causal LMs only); the other quantization methods stream it. SVD and WeLore "
+            "replace linear layers by two low-rank factors (streamed in two passes). recursive ties the "
+            "layers into K shared ones looped over the depth (optionally with a LoRA per layer), reading one "
+            "linear of every layer at a time; dictionary (MASA) writes each attention projection type as "
+            "combinations of a few atoms shared by all blocks; foldgpt removes the blocks whose output is "
+            "most like their input and shares the rest in gated groups (the last two load the model whole). "
+            "These save weightkit's own format, which weightkit.load reads (a foldgpt model with --share 1 "
+            "is a plain checkpoint with fewer layers; weightkit export --dense expands any of them)."
         ),
         epilog=(
             "examples:\n"
@@ -246,6 +259,8 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-llm -o ./my-llm-rec --method recursive --blocks 4 --relax-rank 16\n"
             "  weightkit compress ./my-model -o ./my-model-svd --method svd --ratio 0.5\n"
             "  weightkit compress ./my-model -o ./my-model-welore --method welore --rank-reduction 0.5\n"
+            "  weightkit compress ./my-model -o ./my-model-dict --method dictionary --atoms 2\n"
+            "  weightkit compress ./my-llm -o ./my-llm-fold --method foldgpt --drop 4 --share 2\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -359,9 +374,31 @@ def add_parsers(sub) -> None:
         "--steps",
         type=int,
         help="FlexRound: Adam steps per transformer block, one calibration batch each; 0 is round-to-nearest "
-        "(default: 100)",
+        "(default: 100); FoldGPT: Adam steps per shared block learning its gates; 0 keeps gates of one "
+        "(default: 50)",
     )
-    flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag(
+        "--lr",
+        type=float,
+        help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003); FoldGPT: for the "
+        "gates (default: 0.01)",
+    )
+    flag(
+        "--atoms",
+        type=int,
+        help="dictionary: shared matrix atoms per attention projection type, at least 1 and fewer than the "
+        "blocks (default: 2)",
+    )
+    flag(
+        "--drop",
+        type=int,
+        help="foldgpt: blocks to remove, those whose output is most like their input (default: 1)",
+    )
+    flag(
+        "--share",
+        type=int,
+        help="foldgpt: blocks per weight-sharing group among those kept; 1 shares nothing (default: 2)",
+    )
     flag(
         "--blocks",
         type=int,
@@ -393,8 +430,8 @@ def add_parsers(sub) -> None:
     )
     c.add_argument(
         "--calib",
-        help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound: .txt (passages split by blank lines), .jsonl "
-        "or .json with a 'text' field (default: docstrings of Python's standard library)",
+        help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT: .txt (passages split by blank "
+        "lines), .jsonl or .json with a 'text' field (default: docstrings of Python's standard library)",
     )
     compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)

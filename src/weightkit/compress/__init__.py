@@ -1,4 +1,5 @@
-"""``compress(model, config, data=None)``: make a model smaller. The config's type picks the method.
+"""``compress(model, config, data=None)``: make a model smaller (quantization, weight sharing). The config's
+type picks the method.
 
 ``compress_checkpoint(model_dir, out_dir, config)`` does the same from a checkpoint directory to a new
 one without loading the whole model (see :mod:`weightkit.compress.stream`).
@@ -18,7 +19,7 @@ from weightkit.compress.quant import (
     TernaryConfig,
     VPTQConfig,
 )
-from weightkit.compress.share import RecursiveConfig
+from weightkit.compress.share import DictionaryConfig, FoldGPTConfig, RecursiveConfig
 from weightkit.compress.stream import compress_checkpoint
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "RecursiveConfig",
     "SVDConfig",
     "WeLoreConfig",
+    "DictionaryConfig",
+    "FoldGPTConfig",
 ]
 
 

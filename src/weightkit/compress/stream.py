@@ -7,8 +7,9 @@ is chosen from all of them, again to factor it. GPTQ, AWQ, VPTQ and FlexRound ho
 the other tensors outside the transformer blocks, plus *one* block: a block's weights are read just before
 it is calibrated, and once it is quantized it is written to the output and its memory is freed. Recursive
 layer tying reads one linear of every block at a time (each shared weight is made from the layers it
-serves). GWQ needs the gradient of the whole model's loss, so it loads the model whole. The output equals
-``compress`` on the loaded model followed by ``save_quantized`` (tested), written atomically.
+serves). GWQ needs the gradient of the whole model's loss, so it loads the model whole; so do dictionary
+sharing (it fits one projection of every block at once) and FoldGPT (it removes and ties whole blocks). The
+output equals ``compress`` on the loaded model followed by ``save_quantized`` (tested), written atomically.
 """
 
 import os
@@ -28,11 +29,20 @@ from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
 from weightkit.compress.quant.module import selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
+from weightkit.compress.share.dictionary import DictionaryConfig
+from weightkit.compress.share.foldgpt import FoldGPTConfig
+from weightkit.compress.share.recursive import RecursiveConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import check_exportable, refuse_quantized
-from weightkit.quantized.formats import export_tensors, quantized_model_config, stored_tensors
+from weightkit.quantized.formats import (
+    LAYER_FORMATS,
+    export_tensors,
+    plain_model_config,
+    quantized_model_config,
+    stored_tensors,
+)
 from weightkit.quantized.linear import quantized_layer
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -43,6 +53,12 @@ __all__ = ["compress_checkpoint"]
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 # Methods that choose every weight's rank from all the weights' spectra: streamed in two passes.
 _LOW_RANK = (SVDConfig, WeLoreConfig)
+# Methods run on the model loaded whole: GWQ's gradients are of the whole model's loss; dictionary sharing
+# decomposes one projection of every block at once (it could stream those L matrices per projection type,
+# not done yet); FoldGPT removes blocks and ties the rest, changing the model's structure.
+_WHOLE = (GWQConfig, DictionaryConfig, FoldGPTConfig)
+# Methods that use no calibration data (no tokenizer needed).
+_DATA_FREE = (*_TENSOR_WISE, *_LOW_RANK, DictionaryConfig, RecursiveConfig)
 
 
 class _StreamedModel:
@@ -130,6 +146,15 @@ def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress
     return compress(model, config, data, tokenizer=tokenizer, progress=progress, device=device)
 
 
+def _output_config(model: nn.Module, config) -> dict:
+    """``config.json`` of the output: with its ``quantization_config``, except for a model that FoldGPT only
+    removed blocks from (no shared layers): a plain checkpoint with fewer layers that any loader reads."""
+    removed_only = not any(isinstance(m, tuple(LAYER_FORMATS)) for m in model.modules())
+    if isinstance(config, FoldGPTConfig) and removed_only:
+        return plain_model_config(model)
+    return quantized_model_config(model)
+
+
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -150,8 +175,9 @@ def compress_checkpoint(
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
             ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``SVDConfig``,
-            ``WeLoreConfig`` or ``RecursiveConfig``.
-        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound, as for :func:`weightkit.compress.compress`.
+            ``WeLoreConfig``, ``RecursiveConfig``, ``DictionaryConfig`` or ``FoldGPTConfig``.
+        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT, as for
+            :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest output shard.
@@ -160,9 +186,10 @@ def compress_checkpoint(
             :func:`weightkit.runtime.device.resolve_device`). Weights are read to the CPU; RTN/FP8/FP4/ternary
             move one weight at a time to ``device``, GPTQ/AWQ/VPTQ/FlexRound the embeddings (to capture the
             first block's inputs) and then one block at a time, recursive one linear of every block at a
-            time. GWQ (causal LMs only) and a checkpoint whose tensors transformers fuses on load (a mixture
-            of experts) are loaded whole instead (:func:`_compress_whole`): GWQ's peak memory is the model
-            plus the gradients of the selected weights.
+            time. GWQ (causal LMs only), dictionary sharing, FoldGPT and a checkpoint whose tensors
+            transformers fuses on load (a mixture of experts) are loaded whole instead
+            (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the selected
+            weights.
 
     Returns:
         ``out_dir``.
@@ -187,13 +214,13 @@ def compress_checkpoint(
             require_causal_lm(reader.config, str(model_dir))
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
-        tokenizer = None if isinstance(config, _TENSOR_WISE + _LOW_RANK) else load_tokenizer(model_dir)
+        tokenizer = None if isinstance(config, _DATA_FREE) else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused or isinstance(config, GWQConfig):  # no one-to-one names to stream by, or GWQ
+            if names.fused or isinstance(config, _WHOLE):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)
@@ -218,5 +245,5 @@ def compress_checkpoint(
                 for name, tensor in export_tensors(model, skip=blocks):
                     writer.add(name, tensor)
             write_generation_config(writer, model, model_dir)
-            writer.write_json("config.json", quantized_model_config(model))
+            writer.write_json("config.json", _output_config(model, config))
     return Path(out_dir)

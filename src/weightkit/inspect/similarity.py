@@ -7,9 +7,10 @@ The pure functions:
   ``||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)`` with ``X_c``, ``Y_c`` the column-centred
   ``n x d`` features of the same ``n`` examples (here: tokens). 1 for identical representations; invariant
   to orthogonal transforms and isotropic scaling of either side; near 0 for independent ones.
-- :func:`mean_token_cosine`: the mean over tokens of the cosine similarity of one token's two vectors.
-  This is the similarity behind ShortGPT's Block Influence (Men et al., "ShortGPT: Layers in Large Language
-  Models are More Redundant Than You Expect", arXiv 2403.03853): ``BI_i = 1 - E_t cos(x_{i,t}, x_{i+1,t})``
+- :func:`mean_token_cosine` (in :mod:`weightkit.linalg`, shared with FoldGPT in ``weightkit.compress``): the
+  mean over tokens of the cosine similarity of one token's two vectors. This is the similarity behind
+  ShortGPT's Block Influence (Men et al., "ShortGPT: Layers in Large Language Models are More Redundant Than
+  You Expect", arXiv 2403.03853): ``BI_i = 1 - E_t cos(x_{i,t}, x_{i+1,t})``
   for a block's input ``x_i`` and output ``x_{i+1}``.
 
 Around them, on a model:
@@ -59,6 +60,7 @@ from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader
 from weightkit.data import calibration_texts, tokenize_batches
 from weightkit.errors import WeightkitError
+from weightkit.linalg import mean_token_cosine, paired_features, token_cosines
 from weightkit.models import CheckpointNames, load_model, model_auto_class, skeleton
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import is_quantized_checkpoint
@@ -87,17 +89,6 @@ def _cka_from_covariances(cross: Tensor, cov_x: Tensor, cov_y: Tensor) -> float:
     return float(torch.linalg.matrix_norm(cross).square() / (norm_x * norm_y))
 
 
-def _check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise WeightkitError(
-            f"expected two n x d matrices of the same n examples; got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        raise WeightkitError("the features hold NaN or Inf values")
-    return x, y
-
-
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA (arXiv 1905.00414) of two representations of the same ``n`` examples.
 
@@ -112,31 +103,11 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         WeightkitError: shapes that are not two matrices with the same rows, fewer than two examples,
             NaN/Inf, or a representation that is constant (zero variance: CKA is 0/0).
     """
-    x, y = _check_pair(x, y)
+    x, y = paired_features(x, y)
     if x.shape[0] < 2:
         raise WeightkitError("CKA needs at least two examples")
     x, y = x - x.mean(0), y - y.mean(0)
     return _cka_from_covariances(x.T @ y, x.T @ x, y.T @ y)
-
-
-def _token_cosines(x: Tensor, y: Tensor) -> Tensor:
-    """The cosine of each row of ``x`` with the same row of ``y`` (float64), refusing zero rows."""
-    norms = x.norm(dim=1) * y.norm(dim=1)
-    if (norms == 0).any():
-        raise WeightkitError("a token's vector is all zeros: its cosine similarity is undefined")
-    return (x * y).sum(1) / norms
-
-
-def mean_token_cosine(x: Tensor, y: Tensor) -> float:
-    """The mean over rows (tokens) of the cosine similarity of ``x[t]`` and ``y[t]`` (both ``n x d``).
-
-    Raises:
-        WeightkitError: different shapes, no rows, NaN/Inf, or a row that is all zeros (no direction).
-    """
-    x, y = _check_pair(x, y)
-    if x.shape != y.shape or x.shape[0] == 0:
-        raise WeightkitError(f"expected two n x d matrices of one shape, n >= 1; got {tuple(x.shape)}")
-    return float(_token_cosines(x, y).mean())
 
 
 def _cka_matrix(features: Sequence[Tensor]) -> Tensor:
@@ -184,7 +155,7 @@ class _Moments:
         self.grams[k] = self._add(self.grams[k], state.T @ state)
         if previous is not None:
             self.cross[k - 1] = self._add(self.cross[k - 1], previous.T @ state)
-            self.cosine_sums[k - 1] += float(_token_cosines(previous, state).sum())
+            self.cosine_sums[k - 1] += float(token_cosines(previous, state).sum())
 
     def _covariance(self, k: int) -> Tensor:
         mean = self.sums[k] / self.count
