@@ -16,6 +16,7 @@ alive at any time. On a GPU the captured inputs stay on the CPU and move to the 
 the model that computes block 0's inputs) is moved to the GPU (:func:`borrowed`, :func:`block_on`).
 """
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ __all__ = [
     "input_groups",
     "run_batches",
     "storage_device",
+    "learn_best",
+    "block_error",
+    "frozen",
 ]
 
 
@@ -286,3 +290,70 @@ def run_batches(
         for handle in handles:
             handle.remove()
     return None if until is not None else outputs
+
+
+def learn_best(
+    params: list[nn.Parameter],
+    step_loss: Callable[[int], Tensor],
+    *,
+    steps: int,
+    lr: float,
+    total_loss: Callable[[], float] | None = None,
+    score_every: int = 1,
+) -> float:
+    """Adam on ``step_loss(step)`` for ``steps`` steps, then ``params`` set to the best iterate scored.
+
+    With ``total_loss``, ``total_loss()`` scores the current iterate at step 0, every ``score_every``
+    steps and after the last. Without it, ``step_loss`` must be the loss over all the data: each step's
+    loss scores the iterate it was computed at (no second pass), and the last iterate gets one more. A NaN
+    score never wins, so a diverging run ends where it was best. Returns the best score.
+    """
+    optimizer = torch.optim.Adam(params, lr=lr)
+    best, kept = math.nan, None
+
+    def consider(score: float) -> None:
+        nonlocal best, kept
+        if kept is None or score < best:
+            best, kept = score, [p.detach().clone() for p in params]
+
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            if total_loss is not None and (step % score_every == 0 or step == steps):
+                consider(total_loss())
+            if step == steps:
+                break
+            loss = step_loss(step)
+            if total_loss is None:
+                consider(loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    if total_loss is None:
+        with torch.no_grad():
+            consider(step_loss(steps).item())
+    with torch.no_grad():
+        for param, value in zip(params, kept, strict=True):
+            param.copy_(value)
+    return best
+
+
+def block_error(output: Tensor, target: Tensor, rows: Tensor) -> Tensor:
+    """Sum of squared differences between a block's ``output`` and ``target`` hidden states over the real
+    tokens (flat positions ``rows``), in float32."""
+    width = output.shape[-1]
+    real_output, real_target = (t.reshape(-1, width).index_select(0, rows).float() for t in (output, target))
+    return (real_output - real_target).square().sum()
+
+
+@contextmanager
+def frozen(block: nn.Module) -> Iterator[None]:
+    """Run with every parameter of ``block`` frozen (only what is learned outside it changes); the
+    ``requires_grad`` flags are restored after, also after an error."""
+    flags = {p: p.requires_grad for p in block.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)

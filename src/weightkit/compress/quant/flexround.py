@@ -53,14 +53,20 @@ Deliberate deviations (each stated where it happens):
 """
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from weightkit.compress.quant.blockwise import BlockInputs, _first, run_batches
+from weightkit.compress.quant.blockwise import (
+    BlockInputs,
+    _first,
+    block_error,
+    frozen,
+    learn_best,
+    run_batches,
+)
 from weightkit.compress.quant.calibrated import _no_tokens, _round_in_place, _walk_blocks
 from weightkit.compress.quant.config import CalibrationFields, WeightQuantFields
 from weightkit.errors import WeightkitError
@@ -147,51 +153,6 @@ class FlexRoundWeight(nn.Module):
         )
 
 
-def _learn(
-    params: list[nn.Parameter],
-    step_loss: Callable[[int], Tensor],
-    *,
-    steps: int,
-    lr: float,
-    total_loss: Callable[[], float] | None = None,
-    score_every: int = 1,
-) -> float:
-    """Adam on ``step_loss(step)`` for ``steps`` steps, then ``params`` set to the best iterate scored.
-
-    With ``total_loss``, ``total_loss()`` scores the current iterate at step 0, every ``score_every``
-    steps and after the last. Without it, ``step_loss`` must be the loss over all the data: each step's
-    loss scores the iterate it was computed at (no second pass), and the last iterate gets one more. A NaN
-    score never wins, so a diverging run ends where it was best. Returns the best score.
-    """
-    optimizer = torch.optim.Adam(params, lr=lr)
-    best, kept = math.nan, None
-
-    def consider(score: float) -> None:
-        nonlocal best, kept
-        if kept is None or score < best:
-            best, kept = score, [p.detach().clone() for p in params]
-
-    with torch.enable_grad():
-        for step in range(steps + 1):
-            if total_loss is not None and (step % score_every == 0 or step == steps):
-                consider(total_loss())
-            if step == steps:
-                break
-            loss = step_loss(step)
-            if total_loss is None:
-                consider(loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    if total_loss is None:
-        with torch.no_grad():
-            consider(step_loss(steps).item())
-    with torch.no_grad():
-        for param, value in zip(params, kept, strict=True):
-            param.copy_(value)
-    return best
-
-
 def _check_layer_inputs(w: Tensor, x: Tensor, scheme: QuantScheme, name: str) -> None:
     scheme.check_shape(tuple(w.shape), name)
     if not w.is_floating_point() or not x.is_floating_point():
@@ -236,7 +197,7 @@ def flexround_quantize(
     def error(_step: int) -> Tensor:
         return reconstruction_error(x32, w32, flex())
 
-    _learn(list(flex.parameters()), error, steps=steps, lr=lr)
+    learn_best(list(flex.parameters()), error, steps=steps, lr=lr)
     return flex.quantized()
 
 
@@ -266,28 +227,6 @@ class FlexRoundConfig(WeightQuantFields, CalibrationFields):
         _check_schedule(self.steps, self.lr, "")
 
 
-def _block_error(output: Tensor, target: Tensor, rows: Tensor) -> Tensor:
-    """Sum of squared differences between a block's ``output`` and ``target`` hidden states over the real
-    tokens (flat positions ``rows``), in float32."""
-    width = output.shape[-1]
-    real_output, real_target = (t.reshape(-1, width).index_select(0, rows).float() for t in (output, target))
-    return (real_output - real_target).square().sum()
-
-
-@contextmanager
-def _frozen(block: nn.Module) -> Iterator[None]:
-    """Run with every parameter of ``block`` frozen (only the FlexRound factors learn); the
-    ``requires_grad`` flags are restored after, also after an error."""
-    flags = {p: p.requires_grad for p in block.parameters()}
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-
-
 def _learn_block(
     block: nn.Module,
     weights: dict[str, FlexRoundWeight],
@@ -311,7 +250,7 @@ def _learn_block(
         """Summed squared output error of batch ``b`` with the ``swapped`` weights."""
         hidden, args, kwargs = inputs.batch(b, here)
         output = _first(torch.func.functional_call(block, swapped, (hidden, *args), kwargs))
-        return _block_error(output, targets[b].to(here), rows[b])
+        return block_error(output, targets[b].to(here), rows[b])
 
     def step_loss(step: int) -> Tensor:
         b = step % len(inputs)
@@ -323,7 +262,7 @@ def _learn_block(
             return sum(batch_error(b, swapped).item() for b in range(len(inputs))) / sum(counts)
 
     params = [p for flex in weights.values() for p in flex.parameters()]
-    _learn(
+    learn_best(
         params, step_loss, steps=config.steps, lr=config.lr, total_loss=total_loss, score_every=len(inputs)
     )
 
@@ -359,7 +298,7 @@ def quantize_flexround(
             )
             for rel, m in linears.items()
         }
-        with _frozen(block):
+        with frozen(block):
             targets = run_batches(block, inputs, here)
             _learn_block(block, weights, inputs, targets, here, config)
             done = {rel: flex.quantized() for rel, flex in weights.items()}

@@ -47,10 +47,16 @@ import torch
 from torch import Tensor, nn
 
 from weightkit.arch import block_lists
-from weightkit.compress.quant.blockwise import BlockInputs, capture_block_inputs, run_batches
+from weightkit.compress.quant.blockwise import (
+    BlockInputs,
+    block_error,
+    capture_block_inputs,
+    frozen,
+    learn_best,
+    run_batches,
+)
 from weightkit.compress.quant.calibrated import calibration_batches
 from weightkit.compress.quant.config import CalibrationFields
-from weightkit.compress.quant.flexround import _block_error, _frozen, _learn
 from weightkit.errors import WeightkitError
 from weightkit.linalg import token_cosines
 from weightkit.progress import track
@@ -238,7 +244,7 @@ def _learn_gates(
     counts = [len(r) * targets[b].shape[-1] for b, r in enumerate(rows)]  # fold checked there are tokens
 
     def batch_error(b: int) -> Tensor:
-        return _block_error(_block_output(block, inputs, b, device), targets[b].to(device), rows[b])
+        return block_error(_block_output(block, inputs, b, device), targets[b].to(device), rows[b])
 
     def step_loss(step: int) -> Tensor:
         b = step % len(inputs)
@@ -249,10 +255,10 @@ def _learn_gates(
             return sum(batch_error(b).item() for b in range(len(inputs))) / sum(counts)
 
     gates = [m.coefficients for m in block.modules() if isinstance(m, SharedLinear)]
-    with _frozen(block):
+    with frozen(block):
         for gate in gates:
             gate.requires_grad_(True)
-        _learn(
+        learn_best(
             gates, step_loss, steps=config.steps, lr=config.lr, total_loss=total_loss, score_every=len(inputs)
         )
 
