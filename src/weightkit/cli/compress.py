@@ -12,7 +12,7 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq", "bitstack")
 # Methods that use no calibration data.
 _DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
@@ -51,7 +51,7 @@ def _bits_arg(text: str) -> int | float:
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
+    "group_size": ("group_size", tuple(m for m in _METHODS if m not in ("vptq", "bitstack")), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
@@ -66,6 +66,9 @@ _FLAGS = {
     "outlier_fraction": ("outlier_fraction", ("gwq",), "--outlier-fraction"),
     "steps": ("steps", ("flexround",), "--steps"),
     "lr": ("lr", ("flexround",), "--lr"),
+    "budget_mb": ("budget_mb", ("bitstack",), "--budget-mb"),
+    "iterations": ("iterations", ("bitstack",), "--iterations"),
+    "rank": ("rank", ("bitstack",), "--rank"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -164,6 +167,9 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "iterations"):
+        budget = "" if config.budget_mb is None else f", stored within {config.budget_mb:g} MB"
+        return f"bitstack {config.iterations} blocks of rank {config.rank}{budget}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -190,7 +196,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks",
+        "ternary or VPTQ codebooks, or decompose it with BitStack",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -198,7 +204,9 @@ def add_parsers(sub) -> None:
             "lm_head and norms stay in full precision. VPTQ (vector codebooks) and GWQ (a grid plus 16-bit "
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
-            "loads it whole (causal LMs only); the other methods stream it."
+            "loads it whole (causal LMs only); the other methods stream it. BitStack stores each layer as "
+            "~1-bit residual blocks in one order, saved in weightkit's format, which weightkit.load reads at "
+            "any memory budget."
         ),
         epilog=(
             "examples:\n"
@@ -209,6 +217,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-llm -o ./my-llm-bitstack --method bitstack --budget-mb 3000\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -306,6 +315,19 @@ def add_parsers(sub) -> None:
         "(default: 100)",
     )
     flag("--lr", type=float, help="FlexRound: Adam's learning rate for the rounding factors (default: 0.003)")
+    flag(
+        "--budget-mb",
+        type=float,
+        help="BitStack: store only the residual blocks that fit this many MB (10^6 bytes) with the rest of "
+        "the model; any smaller budget can still be loaded with weightkit.load(path, budget_mb=N) "
+        "(default: store every block)",
+    )
+    flag(
+        "--iterations",
+        type=int,
+        help="BitStack: residual blocks per layer, each ~1 bit per weight plus its vectors (default: 16)",
+    )
+    flag("--rank", type=int, help="BitStack: rank of each block's vectors (default: 16)")
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")
     flag(

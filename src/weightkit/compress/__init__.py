@@ -5,6 +5,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 """
 
 from weightkit import _callable_package
+from weightkit.compress.lowrank import BitStackConfig
 from weightkit.compress.model import compress
 from weightkit.compress.quant import (
     AWQConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "TernaryConfig",
     "VPTQConfig",
     "GWQConfig",
+    "BitStackConfig",
 ]
 
 

@@ -17,6 +17,12 @@ import torch
 from torch import nn
 
 from weightkit.errors import WeightkitError
+from weightkit.quantized.bitstack import (
+    BitStackLinear,
+    BitStackWeight,
+    bitstack_quantization_config,
+    bitstack_tensors,
+)
 from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.compressed_tensors import float_tensors, packed_tensors, quantization_config
 from weightkit.quantized.float_grid import FloatQuantizedWeight
@@ -39,6 +45,7 @@ LAYER_FORMATS: dict[type[nn.Module], str] = {
     FloatQuantizedLinear: COMPRESSED_TENSORS,
     VPTQLinear: "vptq",
     OutlierQuantizedLinear: "gwq",
+    BitStackLinear: "bitstack",
 }
 _QUANTIZED_LAYERS = tuple(LAYER_FORMATS)
 # Stored weight type -> its tensors in its layer's format.
@@ -47,6 +54,7 @@ _STORED = {
     FloatQuantizedWeight: float_tensors,
     VPTQWeight: vptq_tensors,
     SparseOutlierWeight: outlier_tensors,
+    BitStackWeight: bitstack_tensors,
 }
 
 
@@ -162,7 +170,9 @@ def quantized_model_config(model: nn.Module) -> dict:
     (fmt,) = first_of_format
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = _model_config(model)
-    if fmt == COMPRESSED_TENSORS:
+    if fmt == "bitstack":
+        config["quantization_config"] = bitstack_quantization_config(layers)
+    elif fmt == COMPRESSED_TENSORS:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore
         )

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 QUANT_METHOD = "weightkit"
-FORMATS = ("vptq", "gwq")
+FORMATS = ("vptq", "gwq", "bitstack")  # bitstack: weightkit.quantized.bitstack
 # The tensors one quantized layer NAME stores, as NAME.<suffix>.
 VPTQ_SUFFIXES = (
     "weight",
