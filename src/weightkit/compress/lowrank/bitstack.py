@@ -257,7 +257,12 @@ class _HeldLayers:
 
     def flush(self) -> None:
         for name, layer in self.held.items():
-            self.store.save(name, layer)
+            parent, _, rel = name.rpartition(".")
+            holder = (
+                nn.Module()
+            )  # the store writes a module's tensors under its prefix: here only the layer's
+            holder.add_module(rel, layer)
+            self.store.save(parent, holder)
 
 
 def _truncate(model: nn.Module, counts: dict[str, int]) -> None:
