@@ -13,7 +13,9 @@ from weightkit.quantized.bitstack import (
     block_bytes,
     blocks_within,
     universal_order,
+    unpack_signs,
 )
+from weightkit.quantized.pack import pack_bits, unpack_bits
 
 
 def random_stack(blocks: int, out_features: int = 6, in_features: int = 10, rank: int = 2, seed: int = 0):
@@ -110,3 +112,12 @@ def test_stored_tensors_are_checked_by_name():
         bitstack_weight_from_stored(stored, (6, 10), "layer", 3, ())
     with pytest.raises(WeightkitError, match="stored in torch.float16"):
         bitstack_tensors(BitStackWeight(stack.signs, stack.u.float(), stack.v, (6, 10), ()), None)
+
+
+def test_unpack_signs_is_one_bit_unpack_bits():
+    values = (torch.rand(3, 61, generator=torch.Generator().manual_seed(7)) > 0.5).to(torch.uint8)
+    packed = pack_bits(values, 1)
+    assert torch.equal(unpack_signs(packed, 61), unpack_bits(packed, 1, 61).bool())
+    assert torch.equal(unpack_signs(packed, 61), values.bool())
+    with pytest.raises(WeightkitError, match="60 signs take 8 bytes per block"):
+        unpack_signs(packed[:, :7], 60)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weightkit.errors import WeightkitError, require_finite
-from weightkit.quantized.pack import pack_bits, packed_bytes, unpack_bits
+from weightkit.quantized.pack import pack_bits, packed_bytes
 
 __all__ = [
     "FORMAT",
@@ -45,6 +45,7 @@ __all__ = [
     "BitStackWeight",
     "BitStackLinear",
     "block_bytes",
+    "unpack_signs",
     "universal_order",
     "blocks_within",
     "budget_bytes",
@@ -72,6 +73,26 @@ def budget_bytes(budget_mb: float, what: str = "budget_mb") -> int:
     if not budget_mb > 0:
         raise WeightkitError(f"{what} must be a positive number of MB, got {budget_mb}")
     return int(budget_mb * MB)
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def unpack_signs(signs: Tensor, count: int) -> Tensor:
+    """The first ``count`` signs of each packed row (True for +1): 1-bit
+    :func:`~weightkit.quantized.pack.unpack_bits`, specialised (bit ``k`` of byte ``i`` is value ``8 i + k``)
+    because every forward pass runs it.
+
+    Raises:
+        WeightkitError: ``signs`` is not ``uint8`` or its rows have another length than ``count`` bits take.
+    """
+    if signs.dtype != torch.uint8 or signs.shape[-1] != packed_bytes(count, 1):
+        raise WeightkitError(
+            f"{count} signs take {packed_bytes(count, 1)} bytes per block, got {signs.dtype} of shape "
+            f"{tuple(signs.shape)}"
+        )
+    bits = (signs.unsqueeze(-1) >> _BIT_SHIFTS.to(signs.device)) & 1
+    return bits.reshape(*signs.shape[:-1], signs.shape[-1] * 8)[..., :count].bool()
 
 
 @dataclass
@@ -103,9 +124,10 @@ class BitStackWeight:
     def dense(self) -> Tensor:
         """The ``[out, in]`` float32 weight the blocks add up to, all at once (zeros without blocks)."""
         out_features, in_features = self.shape
-        bits = unpack_bits(self.signs, 1, out_features * in_features).reshape(-1, out_features, in_features)
+        positive = unpack_signs(self.signs, out_features * in_features)
+        positive = positive.reshape(self.blocks, out_features, in_features)
         magnitudes = torch.bmm(self.u.float(), self.v.float().transpose(1, 2))
-        return (magnitudes * (2 * bits - 1)).sum(0)
+        return torch.where(positive, magnitudes, -magnitudes).sum(0)
 
     def truncated(self, blocks: int) -> "BitStackWeight":
         """The first ``blocks`` residual blocks."""
