@@ -2,8 +2,8 @@
 
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
-time. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and the other tensors outside the transformer
-blocks, plus *one* block: a block's weights are read just before it is calibrated, and once it is
+time. GPTQ, AWQ, VPTQ, FlexRound and BitStack hold the embeddings and the other tensors outside the
+transformer blocks, plus *one* block: a block's weights are read just before it is calibrated, and once it is
 quantized it is written to the output and its memory is freed. GWQ needs the gradient of the whole
 model's loss, so it loads the model whole. The output equals ``compress`` on the loaded model followed by
 ``save_quantized`` (tested), written atomically.
@@ -143,7 +143,9 @@ def compress_checkpoint(
         out_dir: the quantized model directory to create (atomically), in the format of the layers
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
-            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig`` or ``FlexRoundConfig``.
+            ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig`` or ``BitStackConfig`` (whose
+            ``budget_mb`` holds its decomposed layers back until every layer is done, see
+            :func:`~weightkit.compress.lowrank.bitstack.compress_bitstack`).
         data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound, as for :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.

@@ -110,8 +110,6 @@ class BitStackConfig(CalibrationFields):
     targets: list[str] = field(default_factory=lambda: ["_default"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
 
-    LABEL = "BitStack"
-
     def __post_init__(self):
         CalibrationFields.__post_init__(self)
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
