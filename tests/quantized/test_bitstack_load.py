@@ -3,6 +3,7 @@ the same directory, better with more memory, never above the budget; the full bu
 streaming equals compress + save; transformers refuses the checkpoint; bad budgets are refused by name."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -150,3 +151,38 @@ def test_bad_budgets_are_refused_by_name(llama_dir, bitstack_dir, quantized_llam
     with pytest.raises(WeightkitError, match=r"budget_mb 0\.01 is less than the 0\.0[0-9]+ MB"):
         compress_checkpoint(llama_dir, tmp_path / "out", config, data=CALIBRATION, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_budget_counts_the_dense_tensors_in_the_dtype_they_load_in(bitstack_dir):
+    full = weightkit.load(bitstack_dir)
+    budget = _loaded_bytes(full) * 0.5 / 1e6
+    as_float32, as_bfloat16 = (
+        weightkit.load(bitstack_dir, budget_mb=budget, dtype=d) for d in (None, torch.bfloat16)
+    )
+    assert (
+        _loaded_bytes(as_bfloat16) <= budget * 1e6
+        and as_bfloat16.model.embed_tokens.weight.dtype == torch.bfloat16
+    )
+
+    def blocks(model):
+        return sum(m.weight_stack_u.shape[0] for m in model.modules() if isinstance(m, BitStackLinear))
+
+    assert blocks(as_bfloat16) > blocks(as_float32)  # the halved embeddings leave room for more blocks
+
+
+def test_an_order_that_does_not_match_the_stored_blocks_is_refused(bitstack_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bitstack_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    qc = config["quantization_config"]
+    dropped = qc["order"].pop()
+    qc["importance"].pop()
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        WeightkitError, match=f"the order lists 5 block\\(s\\) of {dropped}, but the checkpoint stores 6"
+    ):
+        weightkit.load(copy)
+    qc["importance"].pop()
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightkitError, match="'order' .* and 'importance' .* lists of equal length"):
+        weightkit.load(copy)

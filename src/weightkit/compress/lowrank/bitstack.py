@@ -256,9 +256,8 @@ class _HeldLayers:
     def flush(self) -> None:
         for name, layer in self.held.items():
             parent, _, rel = name.rpartition(".")
-            holder = (
-                nn.Module()
-            )  # the store writes a module's tensors under its prefix: here only the layer's
+            # The store writes a module's tensors under the module's name: a holder of just this layer.
+            holder = nn.Module()
             holder.add_module(rel, layer)
             self.store.save(parent, holder)
 
@@ -301,7 +300,7 @@ def compress_bitstack(
     linears = selected_linears(model, config)
     iterations = config.iterations
     if config.budget_mb is not None:
-        available = _available(model, linears, config.budget_mb)  # early: nothing is decomposed in vain
+        _available(model, linears, config.budget_mb)  # refused early: nothing is decomposed in vain
         level = sum(block_bytes(tuple(m.weight.shape), config.rank) for m in linears.values())
         iterations = min(iterations, budget_bytes(config.budget_mb) // level + 1)
         if store is not None:
