@@ -27,6 +27,7 @@ A memory budget counts every byte the loaded model holds: the tensors outside th
 vectors (:func:`block_bytes`). One MB is 10^6 bytes, as weightkit prints sizes.
 """
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -68,10 +69,10 @@ def block_bytes(shape: tuple[int, int], rank: int) -> int:
     return packed_bytes(out_features * in_features, 1) + vector_bytes
 
 
-def budget_bytes(budget_mb: float, what: str = "budget_mb") -> int:
-    """A budget in MB as bytes, refusing a budget that is not positive."""
-    if not budget_mb > 0:
-        raise WeightkitError(f"{what} must be a positive number of MB, got {budget_mb}")
+def budget_bytes(budget_mb: float) -> int:
+    """A budget in MB as bytes, refusing anything but a positive finite number."""
+    if isinstance(budget_mb, bool) or not isinstance(budget_mb, int | float) or not 0 < budget_mb < math.inf:
+        raise WeightkitError(f"budget_mb must be a positive number of MB, got {budget_mb!r}")
     return int(budget_mb * MB)
 
 

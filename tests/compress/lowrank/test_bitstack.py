@@ -136,6 +136,8 @@ def test_activation_scale_is_the_channel_norm_with_a_floor():
         ({"rank": 0}, "rank must be an integer of at least 1, got 0"),
         ({"budget_mb": -1.0}, "budget_mb must be a positive number of MB, got -1.0"),
         ({"budget_mb": 0}, "budget_mb must be a positive number of MB, got 0"),
+        ({"budget_mb": float("inf")}, "budget_mb must be a positive number of MB, got inf"),
+        ({"budget_mb": True}, "budget_mb must be a positive number of MB, got True"),
     ],
 )
 def test_config_refuses_bad_values(fields, message):
