@@ -4,7 +4,9 @@
   (:mod:`weightkit.quantized.compressed_tensors`), which transformers and vLLM load;
 - ``VPTQLinear`` (codebooks) and ``OutlierQuantizedLinear`` (grid plus 16-bit outliers): weightkit's own
   format "vptq" / "gwq" (:mod:`weightkit.quantized.weightkit_format`), which compressed-tensors has no
-  equivalent of and only :func:`weightkit.load` reads.
+  equivalent of and only :func:`weightkit.load` reads;
+- ``BitStackLinear`` (residual blocks of signs and vectors): weightkit's format "bitstack"
+  (:mod:`weightkit.quantized.bitstack`), whose ``quantization_config`` also holds the universal block order.
 
 A checkpoint holds one format: a model mixing layers of two formats is refused, naming a layer of each.
 The layer types and their stored forms are listed once here (:data:`LAYER_FORMATS`, :func:`stored_tensors`),

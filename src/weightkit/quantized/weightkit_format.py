@@ -1,5 +1,6 @@
 """weightkit's own checkpoint format, for the quantized layers compressed-tensors has no format for: VPTQ's
-vector codebooks (format "vptq") and GWQ's integer grid plus sparse 16-bit outliers (format "gwq").
+vector codebooks (format "vptq") and GWQ's integer grid plus sparse 16-bit outliers (format "gwq"); BitStack's
+residual blocks (format "bitstack") are laid out in :mod:`weightkit.quantized.bitstack`.
 
 Only :func:`weightkit.load` reads it. It is built so that loaders that do not know it fail loudly:
 transformers 5 skips an unknown ``quant_method`` with a mere warning and would otherwise run the model
