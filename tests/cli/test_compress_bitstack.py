@@ -33,6 +33,10 @@ def run(capsys, *argv):
         (["--method", "gptq", "--budget-mb", "5"], "--budget-mb applies to --method bitstack only, not gptq"),
         (["--method", "rtn", "--iterations", "4"], "--iterations applies to --method bitstack only, not rtn"),
         (["--method", "bitstack", "--budget-mb", "0.01", "--rank", "2"], "budget_mb 0.01 is less than the"),
+        (
+            ["--method", "gptq", "--importance", "perplexity"],
+            "--importance applies to --method bitstack only",
+        ),
     ],
 )
 def test_bad_bitstack_input_gets_one_message_and_writes_nothing(tmp_path, capsys, llama_dir, argv, message):

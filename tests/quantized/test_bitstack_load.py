@@ -186,3 +186,17 @@ def test_an_order_that_does_not_match_the_stored_blocks_is_refused(bitstack_dir,
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightkitError, match="'order' .* and 'importance' .* lists of equal length"):
         weightkit.load(copy)
+
+
+def test_perplexity_importance_streams_whole_and_equals_in_memory(llama_dir, tmp_path):
+    config = BitStackConfig(iterations=2, rank=2, calib_max_length=32, importance="perplexity")
+    model, tokenizer, _ = load_model(llama_dir)
+    compress(model, config, data=CALIBRATION[:8], tokenizer=tokenizer, progress=False)
+    save_quantized(model, tmp_path / "in-memory", source_dir=llama_dir)
+    streamed = compress_checkpoint(
+        llama_dir, tmp_path / "streamed", config, data=CALIBRATION[:8], progress=False
+    )
+    expected, got = _tensors(tmp_path / "in-memory"), _tensors(streamed)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[n], t) for n, t in expected.items())
+    configs = [json.loads((d / "config.json").read_text()) for d in (tmp_path / "in-memory", streamed)]
+    assert configs[0]["quantization_config"] == configs[1]["quantization_config"]

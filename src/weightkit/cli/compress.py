@@ -69,6 +69,7 @@ _FLAGS = {
     "budget_mb": ("budget_mb", ("bitstack",), "--budget-mb"),
     "iterations": ("iterations", ("bitstack",), "--iterations"),
     "rank": ("rank", ("bitstack",), "--rank"),
+    "importance": ("importance", ("bitstack",), "--importance"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -169,7 +170,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 def _setting(config) -> str:
     if hasattr(config, "iterations"):
         budget = "" if config.budget_mb is None else f", stored within {config.budget_mb:g} MB"
-        return f"bitstack {config.iterations} blocks of rank {config.rank}{budget}"
+        blocks = f"{config.iterations} blocks of rank {config.rank}, {config.importance} importance"
+        return f"bitstack {blocks}{budget}"
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -328,6 +330,14 @@ def add_parsers(sub) -> None:
         help="BitStack: residual blocks per layer, each ~1 bit per weight plus its vectors (default: 16)",
     )
     flag("--rank", type=int, help="BitStack: rank of each block's vectors (default: 16)")
+    flag(
+        "--importance",
+        choices=("activation", "perplexity"),
+        help="BitStack: rank blocks within a level by the share of the layer's activation-weighted error "
+        "each removes (streams, any model), or by the paper's calibration loss of the whole model with the "
+        "block added (causal LMs; loads the model whole, (iterations - 1) x layers evaluations) "
+        "(default: activation)",
+    )
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")
     flag(

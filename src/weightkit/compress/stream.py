@@ -17,6 +17,7 @@ from torch import nn
 
 from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.compress.lowrank.bitstack import BitStackConfig
 from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
@@ -111,6 +112,14 @@ def _stream_tensor_wise(
         model.set_submodule(module_name, quantized_layer(quantized, linears[module_name].bias).to("meta"))
 
 
+def _needs_whole_model(config) -> bool:
+    """GWQ (the gradient of the whole model's loss) and BitStack with the paper's perplexity importance
+    (the whole decomposed model evaluated per block) cannot go block by block."""
+    return isinstance(config, GWQConfig) or (
+        isinstance(config, BitStackConfig) and config.importance == "perplexity"
+    )
+
+
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
     """The model of ``model_dir`` loaded whole by transformers and compressed in memory.
 
@@ -188,7 +197,7 @@ def compress_checkpoint(
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused or isinstance(config, GWQConfig):  # no one-to-one names to stream by, or GWQ
+            if names.fused or _needs_whole_model(config):  # no one-to-one names, or the whole model's loss
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)

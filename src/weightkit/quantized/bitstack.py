@@ -131,10 +131,9 @@ class BitStackWeight:
         return torch.where(positive, magnitudes, -magnitudes).sum(0)
 
     def truncated(self, blocks: int) -> "BitStackWeight":
-        """The first ``blocks`` residual blocks."""
-        return BitStackWeight(
-            self.signs[:blocks], self.u[:blocks], self.v[:blocks], self.shape, self.scores[:blocks]
-        )
+        """The first ``blocks`` residual blocks, copied (the others' memory is not kept alive by views)."""
+        signs, u, v = (t[:blocks].clone() for t in (self.signs, self.u, self.v))
+        return BitStackWeight(signs, u, v, self.shape, self.scores[:blocks])
 
     @staticmethod
     def pack_signs(positive: Tensor) -> Tensor:

@@ -18,7 +18,8 @@ importance, as the paper's sort.
 
 Deliberate deviations:
 
-- **Importance.** The paper scores the ``b``-th block of a layer by the calibration perplexity of the whole
+- **Importance** (``importance="activation"``, the default; ``"perplexity"`` is the paper's, below). The
+  paper scores the ``b``-th block of a layer by the calibration perplexity of the whole
   model with every layer at ``b - 1`` blocks and that layer at ``b`` ((n - 1) x layers full evaluations of the
   decomposed model, which needs the whole model at once and a language-model loss). weightkit scores it by
   the share of the layer's output that the block restores on the calibration data: with the activation
@@ -31,6 +32,11 @@ Deliberate deviations:
   held-out perplexity on 64 passages of the evaluation plays, full precision 66.35): at 1.5 levels
   73.24 (this proxy) vs 69.78 (paper), at 2.5 levels 67.04 vs 66.85, equal at 1, 2 and 3 levels (79.99,
   67.24, 66.42). The paper's scoring took 2.4x the decomposition's time there ((n - 1) x 28 evaluations).
+  ``importance="perplexity"`` (causal LMs) is the paper's: after decomposing, the whole model (loaded
+  whole by :func:`~weightkit.compress.compress_checkpoint`) scores each layer's block ``b >= 2`` by the
+  calibration next-token loss with every layer at ``b - 1`` blocks and that layer at ``b`` (lower loss,
+  higher importance), on the calibration text itself rather than on separate samples. The first level,
+  which the paper always keeps whole, is ordered by the activation proxy.
 - **Scale.** The reference code scales by the mean over calibration sequences of each sequence's L2 norm
   and folds the scale into the preceding norm/linear; weightkit uses the L2 norm over all calibration
   tokens (the paper's formula) and undoes it in ``v`` instead, so the model's other weights are untouched
@@ -43,13 +49,16 @@ Deliberate deviations:
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from weightkit.arch import model_task
 from weightkit.compress.quant.blockwise import run_batches
-from weightkit.compress.quant.calibrated import BlockStore, _walk_blocks
+from weightkit.compress.quant.calibrated import BlockStore, _eval_mode, _walk_blocks, calibration_batches
 from weightkit.compress.quant.config import CalibrationFields
 from weightkit.compress.quant.module import selected_linears
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.progress import track
 from weightkit.quantized.bitstack import (
     MB,
     VECTOR_DTYPE,
@@ -74,6 +83,7 @@ __all__ = [
 # Smallest activation scale, relative to the largest channel's: a channel that never activates still gets a
 # finite scale (its weights then barely count, as they barely act).
 SCALE_FLOOR = 1e-3
+IMPORTANCE = ("activation", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,11 @@ class BitStackConfig(CalibrationFields):
             The paper's 16 reconstruct the weight closely; fewer make a smaller largest model.
         rank: columns of each block's two vectors (the rank of its fit to the residual's absolute values);
             the paper's 16. Each block's vectors cost ``2 * rank * (out + in)`` bytes.
+        importance: how blocks are ranked within a level: "activation", the share of the layer's
+            activation-weighted error a block removes (computed while decomposing, streams, any model), or
+            "perplexity", the paper's calibration loss of the whole model with that one block added
+            (causal LMs only; (iterations - 1) x layers evaluations of the model on the calibration
+            text, and a streamed compression loads the model whole for it).
         budget_mb: store only the blocks that fit this memory budget (MB of 10^6 bytes, counting the
             tensors outside the decomposed layers, such as embeddings and norms); ``None`` stores every
             block. Any smaller budget can still be chosen when loading.
@@ -110,6 +125,7 @@ class BitStackConfig(CalibrationFields):
 
     iterations: int = 16
     rank: int = 16
+    importance: str = "activation"
     budget_mb: float | None = None
     targets: list[str] = field(default_factory=lambda: ["_default"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
@@ -120,6 +136,10 @@ class BitStackConfig(CalibrationFields):
             raise WeightkitError(f"iterations must be an integer of at least 1, got {self.iterations!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise WeightkitError(f"rank must be an integer of at least 1, got {self.rank!r}")
+        if self.importance not in IMPORTANCE:
+            raise WeightkitError(
+                f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}"
+            )
         if self.budget_mb is not None:
             budget_bytes(self.budget_mb)  # validates
 
@@ -266,11 +286,46 @@ class _HeldLayers:
             self.store.save(parent, holder)
 
 
-def _truncate(model: nn.Module, counts: dict[str, int]) -> None:
+def _keep_blocks(model: nn.Module, full: dict[str, BitStackLinear], counts: dict[str, int]) -> None:
+    """Give the named layers of ``model`` the first ``counts`` blocks of their ``full`` stacks."""
     for name, blocks in counts.items():
-        layer = model.get_submodule(name)
-        if blocks < layer.weight_stack_u.shape[0]:
-            model.set_submodule(name, BitStackLinear(layer.quantized.truncated(blocks), layer.bias))
+        model.set_submodule(name, BitStackLinear(full[name].quantized.truncated(blocks), full[name].bias))
+
+
+def calibration_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
+    """Mean next-token cross-entropy of a causal LM over the real (non-padding) tokens of ``batches``."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in batches:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        count += int((targets != -100).sum())
+    if count == 0:
+        raise WeightkitError("calibration data has no tokens to predict (texts of one token?)")
+    return total / count
+
+
+def _perplexity_scores(model: nn.Module, names: list[str], batches, progress: bool) -> dict[str, list[float]]:
+    """The paper's importance of every block past the first: minus the calibration loss with every layer at
+    ``b - 1`` blocks and one layer at ``b``. The first level keeps the activation proxy's scores."""
+    full = {name: model.get_submodule(name) for name in names}
+    levels = max(layer.weight_stack_u.shape[0] for layer in full.values())
+    scores = {name: [layer.block_scores[0]] for name, layer in full.items()}
+    try:
+        with _eval_mode(model):
+            for level in track(range(1, levels), "BitStack importance", enabled=progress):
+                _keep_blocks(model, full, dict.fromkeys(names, level))
+                for name in names:
+                    if full[name].weight_stack_u.shape[0] > level:
+                        _keep_blocks(model, full, {name: level + 1})
+                        scores[name].append(-calibration_loss(model, batches))
+                        _keep_blocks(model, full, {name: level})
+    finally:
+        for name, layer in full.items():
+            model.set_submodule(name, layer)
+    return scores
 
 
 @torch.no_grad()
@@ -302,6 +357,18 @@ def compress_bitstack(
             needed), a layer smaller than the rank, no calibration tokens.
     """
     linears = selected_linears(model, config)
+    if config.importance == "perplexity":
+        if store is not None:
+            raise WeightkitError(
+                "importance 'perplexity' evaluates the whole model: compress it in memory "
+                "(compress_checkpoint loads it whole for this)"
+            )
+        task = model_task(model.config.to_dict())
+        if task != "causal-lm":
+            raise WeightkitError(
+                f"importance 'perplexity' scores blocks by a causal LM's next-token loss; "
+                f"{type(model).__name__} is a {task} model: use importance 'activation'"
+            )
     iterations = config.iterations
     if config.budget_mb is not None:
         _available(model, linears, config.budget_mb)  # refused early: nothing is decomposed in vain
@@ -334,12 +401,16 @@ def compress_bitstack(
         return {}, outputs
 
     _walk_blocks(model, config, data, tokenizer, progress, "BitStack", decompose_block, store, device)
+    if config.importance == "perplexity":
+        batches = calibration_batches(config, data, tokenizer)
+        for name, scores in _perplexity_scores(model, list(linears), batches, progress).items():
+            model.get_submodule(name).block_scores = tuple(scores)
     if config.budget_mb is not None:
         available = _available(model, linears, config.budget_mb)  # exact now: every tensor's dtype is known
         layers = {name: model.get_submodule(name) for name in linears}
         order = universal_order({name: layer.block_scores for name, layer in layers.items()})
         sizes = {name: block_bytes(tuple(m.weight.shape), config.rank) for name, m in linears.items()}
-        _truncate(model, blocks_within(order, sizes, available))
+        _keep_blocks(model, layers, blocks_within(order, sizes, available))
         if isinstance(store, _HeldLayers):
             store.held = {name: model.get_submodule(name) for name in store.held}
             store.flush()
