@@ -10,18 +10,18 @@ space. A block costs 1 bit per weight plus its float16 vectors. Every layer's bl
 one universal order (:func:`~weightkit.quantized.bitstack.universal_order`), saved with them, so one
 artifact loads at any memory budget (``weightkit.load(path, budget_mb=N)``).
 
-Faithful to the paper: the absolute-value decomposition with rank ``k`` vectors (default ``k = 16``, 16
-iterations, the paper's setting); zero residuals take the sign +1, as the reference code; the activation
-scale is the per-channel L2 norm of the layer's calibration inputs (``||X||_2``, paper eq. 3); blocks are
+Faithful to the paper: the absolute-value decomposition with rank ``k`` vectors (default ``k = 16`` and 16
+iterations, the reference code's loading defaults); zero residuals take the sign +1, as the reference code;
+the activation scale is the per-channel L2 norm of the layer's calibration inputs (``||X||_2``); blocks are
 ordered level by level (every layer's ``b``-th block before any ``(b+1)``-th), sorted within a level by
 importance, as the paper's sort.
 
 Deliberate deviations:
 
 - **Importance** (``importance="activation"``, the default; ``"perplexity"`` is the paper's, below). The
-  paper scores the ``b``-th block of a layer by the calibration perplexity of the whole
-  model with every layer at ``b - 1`` blocks and that layer at ``b`` ((n - 1) x layers full evaluations of the
-  decomposed model, which needs the whole model at once and a language-model loss). weightkit scores it by
+  paper scores the ``b``-th block of a layer by the calibration perplexity of the whole model with every
+  layer at ``b - 1`` blocks and that layer at ``b`` ((n - 1) x layers full evaluations of the decomposed
+  model, which needs the whole model at once and a language-model loss). By default weightkit scores it by
   the share of the layer's output that the block restores on the calibration data: with the activation
   scale ``s``, ``||(R_{b-1} - R_b) X||^2 ≈ ||R_{b-1} s||^2 - ||R_b s||^2`` (diagonal input second moments),
   divided by ``||W s||^2``. It is computed during the decomposition, one layer at a time, so the method
