@@ -292,7 +292,7 @@ def _keep_blocks(model: nn.Module, full: dict[str, BitStackLinear], counts: dict
         model.set_submodule(name, BitStackLinear(full[name].quantized.truncated(blocks), full[name].bias))
 
 
-def calibration_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
+def _calibration_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
     """Mean next-token cross-entropy of a causal LM over the real (non-padding) tokens of ``batches``."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -320,7 +320,7 @@ def _perplexity_scores(model: nn.Module, names: list[str], batches, progress: bo
                 for name in names:
                     if full[name].weight_stack_u.shape[0] > level:
                         _keep_blocks(model, full, {name: level + 1})
-                        scores[name].append(-calibration_loss(model, batches))
+                        scores[name].append(-_calibration_loss(model, batches))
                         _keep_blocks(model, full, {name: level})
     finally:
         for name, layer in full.items():
