@@ -36,7 +36,7 @@ __all__ = ["WeightkitError", "load", *_API]
 __version__ = "0.1.0"
 
 
-def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
+def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False, budget_mb: float | None = None):
     """Load the model of a Hugging Face directory, offline, in eval mode, with an adapter applied.
 
     The class is the one named in ``config.json``'s ``architectures`` (a ``BertForMaskedLM`` comes back
@@ -51,6 +51,8 @@ def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
         adapter: an adapter directory in PEFT's format (saved by weightkit or PEFT) to apply.
         dtype: dtype of the floating-point weights (and quantization scales); ``None`` keeps the stored one.
         allow_pickle: accept pickle weights (``pytorch_model.bin``), still read with ``weights_only``.
+        budget_mb: a weightkit "bitstack" checkpoint only (without an adapter): load the residual blocks
+            that fit this many MB (10^6 bytes) with the rest of the model (:func:`weightkit.models.load`).
 
     Raises:
         WeightkitError: no config.json, missing or corrupt weights, refused pickle, a quantized format
@@ -59,7 +61,11 @@ def load(path, *, adapter=None, dtype=None, allow_pickle: bool = False):
     if adapter is None:
         from weightkit.models import load as load_model
 
-        return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
+        return load_model(path, dtype=dtype, allow_pickle=allow_pickle, budget_mb=budget_mb)
+    if budget_mb is not None:
+        raise WeightkitError(
+            "budget_mb cannot be combined with an adapter: load the bitstack model without one"
+        )
     from weightkit.adapt.peft_format import load_adapter, load_base
 
     return load_adapter(load_base(path, adapter, dtype=dtype, allow_pickle=allow_pickle), adapter)

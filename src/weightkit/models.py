@@ -26,6 +26,8 @@ from transformers import (
 from weightkit.arch import model_task
 from weightkit.checkpoint import CheckpointReader
 from weightkit.errors import WeightkitError, require_finite
+from weightkit.quantized.bitstack import SUFFIXES as BITSTACK_SUFFIXES
+from weightkit.quantized.bitstack import BitStackLinear, bitstack_block_counts, bitstack_weight_from_stored
 from weightkit.quantized.compressed_tensors import (
     config_groups,
     is_quantized_checkpoint,
@@ -303,6 +305,7 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    budget_mb: float | None = None,
 ) -> nn.Module:
     """Load the model of a Hugging Face directory, offline, in eval mode.
 
@@ -316,6 +319,9 @@ def load(
         dtype: dtype of the floating-point weights (and quantization scales); ``None`` keeps the stored one.
         allow_pickle: accept pickle weights (``pytorch_model.bin``) for a plain directory; they are still
             read with ``weights_only`` loading.
+        budget_mb: for a weightkit "bitstack" checkpoint only: load the prefix of its universal block order
+            that fits this many MB (10^6 bytes) with everything else the model holds
+            (:mod:`weightkit.quantized.bitstack`); ``None`` loads every stored block.
 
     Raises:
         WeightkitError: no config.json, missing or corrupt weights, refused pickle, or a quantized format
@@ -329,7 +335,11 @@ def load(
             raise WeightkitError(f"{path} has no config.json: it is not a Hugging Face model directory")
         model_cls = _model_class(config)
         if is_quantized_checkpoint(config):
-            return load_quantized(path, model_cls=model_cls, dtype=dtype, reader=reader)
+            return load_quantized(path, model_cls=model_cls, dtype=dtype, reader=reader, budget_mb=budget_mb)
+        if budget_mb is not None:
+            raise WeightkitError(
+                f"budget_mb applies to weightkit bitstack checkpoints only; {path} is a plain checkpoint"
+            )
     finally:
         reader.close()
     return model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
@@ -484,14 +494,47 @@ class _StoredLayers:
 
 # Every suffix that marks a quantized layer of some format (weightkit's or compressed-tensors').
 _MARKERS = frozenset(
-    {"weight_scale", "weight_codebook", "weight_outlier_index", "weight_up", "weight_down", "weight_atom_set"}
+    {
+        "weight_scale",
+        "weight_codebook",
+        "weight_outlier_index",
+        "weight_up",
+        "weight_down",
+        "weight_atom_set",
+        "weight_stack_u",
+    }
 )
 
 
-def _stored_layers(qc: dict, path: Path) -> _StoredLayers:
-    """The stored layers of a quantized checkpoint's ``quantization_config``, its groups read and checked."""
-    if qc.get("quant_method") == QUANT_METHOD:
+def _bitstack_layers(qc: dict, path: Path, reader, dtype, budget_mb: float | None) -> _StoredLayers:
+    """A bitstack checkpoint's layers, each with the blocks of the order's prefix within ``budget_mb``."""
+    counts = bitstack_block_counts(qc, reader, str(path / "config.json"), budget_mb=budget_mb, dtype=dtype)
+
+    def read_bitstack(reader, ckpt_name, linear, dtype):
+        stored = {
+            s: reader.get(f"{ckpt_name}.{s}") for s in BITSTACK_SUFFIXES[:-1] if f"{ckpt_name}.{s}" in reader
+        }
+        blocks, scores = counts[ckpt_name]
+        shape = (linear.out_features, linear.in_features)
+        quantized = bitstack_weight_from_stored(stored, shape, ckpt_name, blocks, scores)
+        return BitStackLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
+
+    return _StoredLayers(
+        "weightkit bitstack", frozenset({"weight_stack_u"}), BITSTACK_SUFFIXES, read_bitstack
+    )
+
+
+def _stored_layers(qc: dict, path: Path, reader, dtype, budget_mb: float | None = None) -> _StoredLayers:
+    """The stored layers of a quantized checkpoint's ``quantization_config``, its groups read and checked;
+    ``budget_mb`` is refused for any format but bitstack."""
+    own = qc.get("quant_method") == QUANT_METHOD
+    if budget_mb is not None and not (own and qc.get("format") == "bitstack"):
+        what = f"weightkit {qc.get('format')}" if own else f"compressed-tensors {qc.get('format')}"
+        raise WeightkitError(f"budget_mb applies to weightkit bitstack checkpoints only; {path} is {what}")
+    if own:
         fmt = weightkit_format(qc, str(path / "config.json"))
+        if fmt == "bitstack":
+            return _bitstack_layers(qc, path, reader, dtype, budget_mb)
         if fmt == "vptq":
             return _StoredLayers(
                 "weightkit vptq",
@@ -540,6 +583,7 @@ def load_quantized(
     model_cls=None,
     dtype: torch.dtype | None = None,
     reader=None,
+    budget_mb: float | None = None,
 ) -> nn.Module:
     """Load a quantized directory (compressed-tensors, or weightkit's "vptq" / "gwq" format) into a model
     with weightkit's quantized layers.
@@ -563,6 +607,7 @@ def load_quantized(
             What belongs to a format stays as stored: VPTQ's float16 codebooks, GWQ's 16-bit outlier
             values, NVFP4's E4M3 scales and global scale.
         reader: an open ``CheckpointReader`` of ``path`` to reuse.
+        budget_mb: bitstack checkpoints only (refused for others): see :func:`load`.
 
     Returns:
         The model in eval mode; ``model.config`` has no ``quantization_config``.
@@ -583,7 +628,7 @@ def load_quantized(
             raise WeightkitError(
                 f"{path / 'config.json'} has no compressed-tensors or weightkit quantization_config"
             )
-        stored_layers = _stored_layers(config["quantization_config"], path)
+        stored_layers = _stored_layers(config["quantization_config"], path, reader, dtype, budget_mb)
         if model_cls is None:
             model_cls = _model_class(config)
         return _build(path, reader, model_cls, stored_layers, dtype)

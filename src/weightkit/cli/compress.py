@@ -13,12 +13,12 @@ from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
 _QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
-_LOW_RANK = ("svd", "welore")
+_LOW_RANK = ("svd", "welore", "bitstack")
 # Weight sharing across blocks (no grid: --bits and --group-size do not apply).
 _SHARE_METHODS = ("recursive", "dictionary", "foldgpt")
 _METHODS = (*_QUANT_METHODS, *_LOW_RANK, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", *_LOW_RANK, "recursive", "dictionary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "svd", "welore", "recursive", "dictionary")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -79,6 +79,10 @@ _FLAGS = {
     "atoms": ("atoms", ("dictionary",), "--atoms"),
     "drop": ("drop", ("foldgpt",), "--drop"),
     "share": ("share", ("foldgpt",), "--share"),
+    "budget_mb": ("budget_mb", ("bitstack",), "--budget-mb"),
+    "iterations": ("iterations", ("bitstack",), "--iterations"),
+    "rank": ("rank", ("bitstack",), "--rank"),
+    "importance": ("importance", ("bitstack",), "--importance"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
     "seed": ("seed", _CALIBRATED, "--seed"),
@@ -229,8 +233,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks, factor it (SVD, WeLore) or share weights across its layers (recursive, "
-        "dictionary, FoldGPT)",
+        "ternary or VPTQ codebooks, factor it (SVD, WeLore, BitStack) or share weights across its layers "
+        "(recursive, dictionary, FoldGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -239,7 +243,9 @@ def add_parsers(sub) -> None:
             "outliers) have no compressed-tensors format: they are saved in weightkit's, which "
             "weightkit.load reads and transformers refuses. GWQ takes gradients of the whole model, so it "
             "loads it whole (causal LMs only); the other quantization methods stream it. SVD and WeLore "
-            "replace linear layers by two low-rank factors (streamed in two passes). recursive ties the "
+            "replace linear layers by two low-rank factors (streamed in two passes); BitStack stores each "
+            "layer as ~1-bit residual blocks in one order, which weightkit.load reads at any memory budget. "
+            "recursive ties the "
             "layers into K shared ones looped over the depth (optionally with a LoRA per layer), reading one "
             "linear of every layer at a time; dictionary (MASA) writes each attention projection type as "
             "combinations of a few atoms shared by all blocks; foldgpt removes the blocks whose output is "
@@ -261,6 +267,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-welore --method welore --rank-reduction 0.5\n"
             "  weightkit compress ./my-model -o ./my-model-dict --method dictionary --atoms 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-fold --method foldgpt --drop 4 --share 2\n"
+            "  weightkit compress ./my-llm -o ./my-llm-bitstack --method bitstack --budget-mb 3000\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -417,6 +424,27 @@ def add_parsers(sub) -> None:
         type=int,
         help="recursive: rank of each layer's own LoRA, from the SVD of what tying took from it; 0 is strict "
         "recursion (default: 0)",
+    )
+    flag(
+        "--budget-mb",
+        type=float,
+        help="BitStack: store only the residual blocks that fit this many MB (10^6 bytes) with the rest of "
+        "the model; any smaller budget can still be loaded with weightkit.load(path, budget_mb=N) "
+        "(default: store every block)",
+    )
+    flag(
+        "--iterations",
+        type=int,
+        help="BitStack: residual blocks per layer, each ~1 bit per weight plus its vectors (default: 16)",
+    )
+    flag("--rank", type=int, help="BitStack: rank of each block's vectors (default: 16)")
+    flag(
+        "--importance",
+        choices=("activation", "perplexity"),
+        help="BitStack: rank blocks within a level by the share of the layer's activation-weighted error "
+        "each removes (streams, any model), or by the paper's calibration loss of the whole model with the "
+        "block added (causal LMs; loads the model whole, (iterations - 1) x layers evaluations) "
+        "(default: activation)",
     )
     flag("--calib-samples", type=int, help="calibrated methods: calibration texts used (default: 128)")
     flag("--seq-len", type=int, help="calibrated methods: max tokens per calibration text (default: 512)")

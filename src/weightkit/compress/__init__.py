@@ -6,7 +6,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 """
 
 from weightkit import _callable_package
-from weightkit.compress.lowrank import SVDConfig, WeLoreConfig
+from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.model import compress
 from weightkit.compress.quant import (
     AWQConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "WeLoreConfig",
     "DictionaryConfig",
     "FoldGPTConfig",
+    "BitStackConfig",
 ]
 
 

@@ -3,8 +3,8 @@
 DESIGN rule 4: the model is built with its parameters on the meta device, and weights are read from the
 safetensors files only when needed. RTN, FP8, FP4 and ternary read, quantize and write one tensor at a
 time; SVD and WeLore read each selected weight twice, once for its singular values and, once every rank
-is chosen from all of them, again to factor it. GPTQ, AWQ, VPTQ and FlexRound hold the embeddings and
-the other tensors outside the transformer blocks, plus *one* block: a block's weights are read just before
+is chosen from all of them, again to factor it. GPTQ, AWQ, VPTQ, FlexRound and BitStack hold the embeddings
+and the other tensors outside the transformer blocks, plus *one* block: a block's weights are read just before
 it is calibrated, and once it is quantized it is written to the output and its memory is freed. Recursive
 layer tying reads one linear of every block at a time (each shared weight is made from the layers it
 serves). GWQ needs the gradient of the whole model's loss, so it loads the model whole; so do dictionary
@@ -20,7 +20,7 @@ from torch import nn
 
 from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
-from weightkit.compress.lowrank import SVDConfig, WeLoreConfig
+from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.lowrank.factor import factor_streamed
 from weightkit.compress.model import compress
 from weightkit.compress.quant.export import write_generation_config
@@ -53,10 +53,6 @@ __all__ = ["compress_checkpoint"]
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 # Methods that choose every weight's rank from all the weights' spectra: streamed in two passes.
 _LOW_RANK = (SVDConfig, WeLoreConfig)
-# Methods run on the model loaded whole: GWQ's gradients are of the whole model's loss; dictionary sharing
-# decomposes one projection of every block at once (it could stream those L matrices per projection type,
-# not done yet); FoldGPT removes blocks and ties the rest, changing the model's structure.
-_WHOLE = (GWQConfig, DictionaryConfig, FoldGPTConfig)
 # Methods that use no calibration data (no tokenizer needed).
 _DATA_FREE = (*_TENSOR_WISE, *_LOW_RANK, DictionaryConfig, RecursiveConfig)
 
@@ -133,6 +129,16 @@ def _stream_tensor_wise(
         model.set_submodule(module_name, quantized_layer(quantized, linears[module_name].bias).to("meta"))
 
 
+def _needs_whole_model(config) -> bool:
+    """GWQ (the gradient of the whole model's loss), dictionary sharing (one projection of every block fitted
+    at once; it could stream those L matrices per projection type, not done yet), FoldGPT (it removes and
+    ties whole blocks) and BitStack with the paper's perplexity importance (the whole decomposed model
+    evaluated per block) cannot go block by block."""
+    return isinstance(config, GWQConfig | DictionaryConfig | FoldGPTConfig) or (
+        isinstance(config, BitStackConfig) and config.importance == "perplexity"
+    )
+
+
 def _compress_whole(model_dir: Path, auto_cls, config, data, tokenizer, progress, device) -> nn.Module:
     """The model of ``model_dir`` loaded whole by transformers and compressed in memory.
 
@@ -175,8 +181,10 @@ def compress_checkpoint(
             ``config`` makes (:mod:`weightkit.quantized.formats`).
         config: ``RTNConfig``, ``FP8Config``, ``FP4Config``, ``TernaryConfig``, ``GPTQConfig``,
             ``AWQConfig``, ``VPTQConfig``, ``GWQConfig``, ``FlexRoundConfig``, ``SVDConfig``,
-            ``WeLoreConfig``, ``RecursiveConfig``, ``DictionaryConfig`` or ``FoldGPTConfig``.
-        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT, as for
+            ``WeLoreConfig``, ``RecursiveConfig``, ``DictionaryConfig``, ``FoldGPTConfig`` or
+            ``BitStackConfig`` (whose ``budget_mb`` holds its decomposed layers back until every layer is
+            done, see :func:`~weightkit.compress.lowrank.bitstack.compress_bitstack`).
+        data: calibration data for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT/BitStack, as for
             :func:`weightkit.compress.compress`.
         progress: show progress bars.
         overwrite: replace an existing ``out_dir``.
@@ -220,7 +228,7 @@ def compress_checkpoint(
             writer.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            if names.fused or isinstance(config, _WHOLE):  # no one-to-one names to stream by, or whole
+            if names.fused or _needs_whole_model(config):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)

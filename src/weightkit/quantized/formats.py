@@ -7,7 +7,9 @@
   equivalent of and only :func:`weightkit.load` reads;
 - ``SharedLinear`` (atoms shared between layers): weightkit's format "shared"
   (:mod:`weightkit.quantized.shared`);
-- ``LowRankLinear`` (two low-rank factors): weightkit's format "lowrank" (:mod:`weightkit.quantized.lowrank`).
+- ``LowRankLinear`` (two low-rank factors): weightkit's format "lowrank" (:mod:`weightkit.quantized.lowrank`);
+- ``BitStackLinear`` (residual blocks of signs and vectors): weightkit's format "bitstack"
+  (:mod:`weightkit.quantized.bitstack`), whose ``quantization_config`` also holds the universal block order.
 
 A checkpoint holds one format: a model mixing layers of two formats is refused, naming a layer of each.
 The layer types and their stored forms are listed once here (:data:`LAYER_FORMATS`, :func:`stored_tensors`),
@@ -20,6 +22,12 @@ import torch
 from torch import nn
 
 from weightkit.errors import WeightkitError
+from weightkit.quantized.bitstack import (
+    BitStackLinear,
+    BitStackWeight,
+    bitstack_quantization_config,
+    bitstack_tensors,
+)
 from weightkit.quantized.codebook import VPTQWeight
 from weightkit.quantized.compressed_tensors import float_tensors, packed_tensors, quantization_config
 from weightkit.quantized.float_grid import FloatQuantizedWeight
@@ -52,6 +60,7 @@ LAYER_FORMATS: dict[type[nn.Module], str] = {
     OutlierQuantizedLinear: "gwq",
     SharedLinear: "shared",
     LowRankLinear: "lowrank",
+    BitStackLinear: "bitstack",
 }
 _QUANTIZED_LAYERS = tuple(LAYER_FORMATS)
 # Stored weight type -> its tensors in its layer's format.
@@ -61,6 +70,7 @@ _STORED = {
     VPTQWeight: vptq_tensors,
     SparseOutlierWeight: outlier_tensors,
     LowRankWeight: lowrank_tensors,
+    BitStackWeight: bitstack_tensors,
 }
 
 
@@ -183,7 +193,9 @@ def quantized_model_config(model: nn.Module) -> dict:
     (fmt,) = first_of_format
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = plain_model_config(model)
-    if fmt == COMPRESSED_TENSORS:
+    if fmt == "bitstack":
+        config["quantization_config"] = bitstack_quantization_config(layers)
+    elif fmt == COMPRESSED_TENSORS:
         config["quantization_config"] = quantization_config(
             {name: m.scheme for name, m in layers.items()}, ignore
         )

@@ -1,7 +1,8 @@
 """weightkit's own checkpoint format, for the compressed layers compressed-tensors has no format for: VPTQ's
 vector codebooks (format "vptq"), GWQ's integer grid plus sparse 16-bit outliers (format "gwq") and
 low-rank factor pairs (format "lowrank", whose layout is :mod:`weightkit.quantized.lowrank`'s); the
-weight-sharing layers' format "shared" is laid out in :mod:`weightkit.quantized.shared`.
+weight-sharing layers' format "shared" is laid out in :mod:`weightkit.quantized.shared`, BitStack's residual
+blocks (format "bitstack") in :mod:`weightkit.quantized.bitstack`.
 
 Only :func:`weightkit.load` reads it. It is built so that loaders that do not know it fail loudly:
 transformers 5 skips an unknown ``quant_method`` with a mere warning and would otherwise run the model
@@ -60,8 +61,9 @@ __all__ = [
 ]
 
 QUANT_METHOD = "weightkit"
-# "lowrank" and "shared" are laid out in weightkit.quantized.lowrank / .shared, which build on this module.
-FORMATS = ("vptq", "gwq", "lowrank", "shared")
+# "lowrank", "shared" and "bitstack" are laid out in weightkit.quantized.lowrank / .shared / .bitstack, which
+# build on this module.
+FORMATS = ("vptq", "gwq", "lowrank", "shared", "bitstack")
 # The tensors one quantized layer NAME stores, as NAME.<suffix>.
 VPTQ_SUFFIXES = (
     "weight",
