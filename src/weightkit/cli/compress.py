@@ -133,7 +133,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.sweep is not None:
         swept = [m.strip() for m in getattr(args, "method", "").split(",")]
-        structural = [m for m in swept if m not in _QUANT_METHODS]
+        structural = [m for m in swept if m and m not in _QUANT_METHODS]
         if structural:  # the sweep checks each point's quantization grid against the model before it starts
             raise WeightkitError(
                 f"--sweep compares quantization methods; --method {structural[0]} cannot be swept: run it "
