@@ -6,6 +6,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 
 from weightkit import _callable_package
 from weightkit.compress.model import compress
+from weightkit.compress.prune import MagnitudeConfig, RandomConfig, SparseGPTConfig, WandaConfig
 from weightkit.compress.quant import (
     AWQConfig,
     FlexRoundConfig,
@@ -31,6 +32,10 @@ __all__ = [
     "TernaryConfig",
     "VPTQConfig",
     "GWQConfig",
+    "MagnitudeConfig",
+    "RandomConfig",
+    "WandaConfig",
+    "SparseGPTConfig",
 ]
 
 

@@ -1,0 +1,140 @@
+"""Chained compression: pruning stages, then at most one quantization stage (2:4 SparseGPT + GPTQ W4, as
+llm-compressor users do), from a checkpoint directory to a new one.
+
+Each stage is an ordinary :func:`~weightkit.compress.compress_checkpoint` run, streamed, into a temporary
+directory beside the output; the last stage's result is then copied into the output one tensor at a time
+by one atomic writer, with a model card naming every stage and, after a quantization stage,
+compressed-tensors' ``sparsity_config`` in ``config.json``. The temporary directory is removed in every
+case, so a failure leaves nothing at the output.
+
+The quantization stage keeps the pruned zeros: GPTQ runs with ``keep_zeros`` (no error is moved onto a
+zero), RTN and AWQ keep them by construction (a zero rounds to the grid's zero; AWQ's scales multiply it).
+Other methods are refused after a pruning stage: VPTQ's codebooks and FlexRound's learned rounding, FP8/FP4,
+ternary and GWQ have not been checked to keep every zero.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint.writer import check_target
+from weightkit.compress.prune.core import PruneFields
+from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig
+from weightkit.compress.quant.rtn import RTNConfig
+from weightkit.errors import WeightkitError
+from weightkit.quantized.compressed_tensors import sparsity_config
+from weightkit.registry import config_to_dict
+
+__all__ = ["check_stages", "compress_stages", "keeping_zeros"]
+
+# Quantization methods that may follow a pruning stage: each keeps exact zeros (tested).
+_KEEP_ZEROS = (RTNConfig, GPTQConfig, AWQConfig)
+
+
+def _method(config) -> str:
+    return config_to_dict(config)["method"]
+
+
+def check_stages(configs: list) -> None:
+    """Refuse a list of stages that is not pruning stages followed by at most one quantization stage (one
+    that keeps zeros), before anything runs.
+
+    Raises:
+        WeightkitError: no stage, a quantization stage before a pruning stage, two quantization stages, or a
+            quantization method that is not known to keep the pruned zeros (named).
+    """
+    if not configs:
+        raise WeightkitError("stages: the list of stages is empty")
+    methods = [_method(c) for c in configs]
+    quantizing = [i for i, c in enumerate(configs) if not isinstance(c, PruneFields)]
+    if len(quantizing) > 1:
+        raise WeightkitError(
+            f"stages: {' and '.join(methods[i] for i in quantizing)} are two quantization stages; a recipe "
+            "quantizes once, in its last stage"
+        )
+    if quantizing and quantizing[0] != len(configs) - 1:
+        later = methods[quantizing[0] + 1]
+        raise WeightkitError(
+            f"stages: quantization stage {methods[quantizing[0]]} comes before pruning stage {later}; prune "
+            "first, then quantize (the quantized grid cannot be pruned)"
+        )
+    if quantizing and len(configs) > 1 and not isinstance(configs[-1], _KEEP_ZEROS):
+        allowed = ", ".join(_method(cls()) for cls in _KEEP_ZEROS)
+        raise WeightkitError(
+            f"stages: {methods[-1]} after pruning is not supported: it is not known to keep the pruned "
+            f"weights exactly zero; use {allowed}"
+        )
+
+
+def keeping_zeros(config):
+    """The quantization ``config`` set to keep a pruned model's zeros (GPTQ's ``keep_zeros``; RTN and AWQ
+    keep them anyway)."""
+    return dataclasses.replace(config, keep_zeros=True) if isinstance(config, GPTQConfig) else config
+
+
+def compress_stages(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    configs: list,
+    data=None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+) -> Path:
+    """Run ``configs`` in turn on the model in ``model_dir`` and write the result to ``out_dir`` (see the
+    module docstring); the arguments are those of :func:`~weightkit.compress.compress_checkpoint`."""
+    from weightkit.compress.stream import SPARSITY_FILE, compress_checkpoint
+
+    check_stages(configs)
+    check_target(out_dir, overwrite=overwrite)
+    target = Path(os.path.abspath(out_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.stages-", dir=target.parent))
+    try:
+        source = Path(model_dir)
+        for i, config in enumerate(configs):
+            stage_out = work / f"stage{i}"
+            config = keeping_zeros(config) if i and not isinstance(config, PruneFields) else config
+            compress_checkpoint(
+                source,
+                stage_out,
+                config,
+                data,
+                progress=progress,
+                max_shard_bytes=max_shard_bytes,
+                allow_pickle=allow_pickle and i == 0,
+                device=device,
+            )
+            source = stage_out
+        record = json.loads((source / SPARSITY_FILE).read_text())
+        model_config = json.loads((source / "config.json").read_text())
+        quantization = model_config.get("quantization_config")
+        if quantization is not None and quantization.get("quant_method") == "compressed-tensors":
+            quantization["sparsity_config"] = sparsity_config(
+                record["structure"], record["global_sparsity"], list(record["layers"])
+            )
+        stages = [config_to_dict(c) for c in configs]
+        card = ModelCard(
+            "compress", " + ".join(c["method"] for c in stages), [str(model_dir)], {"stages": stages}
+        )
+        with (
+            CheckpointReader(source) as reader,
+            CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer,
+        ):
+            writer.copy_files(source)
+            writer.write_model_card(card)
+            writer.write_json("config.json", model_config)
+            for name in reader.names():
+                writer.add(name, reader.get(name))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
