@@ -318,10 +318,10 @@ def test_existing_output_needs_force(tmp_path, capsys, llama_dir):
     assert code == 1 and "--force" in err and (out / "keep.txt").read_text() == "mine"
 
 
-def test_a_stages_list_is_refused_by_name(tmp_path, capsys, llama_dir):
+def test_a_recipe_with_two_quantization_stages_is_refused_by_name(tmp_path, capsys, llama_dir):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n  - method: gptq\n  - method: rtn\n")
-    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "not a 'stages' list")
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "two quantization stages")
 
 
 def test_unknown_method_in_a_recipe_suggests_the_right_one(tmp_path, capsys, llama_dir):

@@ -12,9 +12,10 @@ from weightkit.errors import WeightkitError
 from weightkit.progress import results
 
 _INT_METHODS = ("rtn", "gptq", "awq", "gwq", "flexround")
-_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
+_PRUNE_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq", *_PRUNE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "magnitude", "random")
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -45,19 +46,32 @@ def _bits_arg(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def _sparsity_arg(text: str) -> float | str:
+    """A fraction as a ``float``, anything else (``2:4``) as given; the config validates both by name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 # Method flags: argparse dest -> (config field, the methods that take it, the flag as typed). They
 # default to "not given" (argparse.SUPPRESS), so the config's own defaults apply and a flag that the
 # method or a --recipe would not use is refused by name instead of ignored.
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": ("group_size", tuple(m for m in _METHODS if m != "vptq"), "--group-size"),
+    "group_size": (
+        "group_size",
+        tuple(m for m in _METHODS if m not in ("vptq", *_PRUNE_METHODS)),
+        "--group-size",
+    ),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
     "threshold": ("threshold", ("ternary",), "--threshold"),
     "act_order": ("act_order", ("gptq", "vptq"), "--act-order/--no-act-order"),
-    "damp": ("damp", ("gptq", "vptq"), "--damp"),
+    "damp": ("damp", ("gptq", "vptq", "sparsegpt"), "--damp"),
+    "sparsity": ("sparsity", _PRUNE_METHODS, "--sparsity"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
     "duo_scaling": ("duo_scaling", ("awq",), "--duo-scaling/--no-duo-scaling"),
     "vector_length": ("vector_length", ("vptq",), "--vector-length"),
@@ -68,7 +82,7 @@ _FLAGS = {
     "lr": ("lr", ("flexround",), "--lr"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
-    "seed": ("seed", _CALIBRATED, "--seed"),
+    "seed": ("seed", (*_CALIBRATED, "random"), "--seed"),
 }
 
 
@@ -99,11 +113,12 @@ def _config_from_args(args: argparse.Namespace):
                 field, _, flag = _FLAGS[dest]
                 message = name_flag(message, field, flag)
             raise WeightkitError(message) from None
-    method = config_to_dict(config)["method"]
-    if args.calib is not None and method in _DATA_FREE:
+    stages = config if isinstance(config, list) else [config]
+    methods = [config_to_dict(c)["method"] for c in stages]
+    if args.calib is not None and all(method in _DATA_FREE for method in methods):
         raise WeightkitError(
-            f"--calib applies to --method {', '.join(_CALIBRATED)} only; {method.upper()} uses no "
-            "calibration data"
+            f"--calib applies to --method {', '.join(_CALIBRATED)} only; {' + '.join(methods).upper()} uses "
+            "no calibration data"
         )
     return config
 
@@ -138,7 +153,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": str(args.model),
         "output": str(out),
-        "config": config_to_dict(config),
+        "config": [config_to_dict(c) for c in config] if isinstance(config, list) else config_to_dict(config),
         "device": str(device),
         "seconds": round(seconds, 2),
         "size_before_bytes": before,
@@ -150,7 +165,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
             "weightkit compress",
             [
                 {
-                    "method": summary["config"]["method"],
+                    "method": _method_name(summary["config"]),
                     "setting": _setting(config),
                     "time (s)": f"{seconds:.1f}",
                     "size before": mb(before),
@@ -163,7 +178,19 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _method_name(config: dict | list[dict]) -> str:
+    return " + ".join(c["method"] for c in config) if isinstance(config, list) else config["method"]
+
+
 def _setting(config) -> str:
+    if isinstance(config, list):  # recipe stages
+        return " + ".join(_setting(c) for c in config)
+    if hasattr(config, "sparsity"):
+        return (
+            f"{config.sparsity} sparse"
+            if isinstance(config.sparsity, str)
+            else f"{config.sparsity:.0%} sparse"
+        )
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -190,7 +217,7 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks",
+        "ternary or VPTQ codebooks, or prune it (magnitude, random, Wanda, SparseGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -209,6 +236,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-vptq2 --method vptq --bits 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-gwq3 --method gwq --bits 3 --outlier-fraction 0.01\n"
             "  weightkit compress ./my-model -o ./my-model-flex --method flexround --bits 4 --steps 100\n"
+            "  weightkit compress ./my-model -o ./my-model-24 --method sparsegpt --sparsity 2:4\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -256,6 +284,13 @@ def add_parsers(sub) -> None:
         type=float,
         help="ternary: weights with |w| <= threshold * mean|w| of their group become 0 (default: 0.5, "
         "BitNet b1.58's rounding)",
+    )
+    flag(
+        "--sparsity",
+        type=_sparsity_arg,
+        help="pruning (magnitude, random, wanda, sparsegpt): fraction of each layer's weights set to zero, "
+        "in (0, 1), or N:M such as 2:4 / 4:8 (N zeros in every M consecutive input weights of a row) "
+        "(default: 0.5)",
     )
     flag(
         "--act-order",
