@@ -8,7 +8,7 @@ the start of a sparse training run): exactly ``floor(sparsity * numel)`` weights
 at random, or ``N`` at random in every ``M`` consecutive input weights of a row. Every layer gets the same
 ratio: the paper's "uniform" layer-wise ratio; its ERK ratios (sparser large layers) are not offered.
 
-Deterministic: layer ``name``'s mask comes from a generator seeded by ``(seed, crc32(name))``, so the same
+Deterministic: layer ``name``'s mask comes from a generator seeded by ``crc32(f"{seed}:{name}")``, so the same
 seed gives the same masks in any order and on any device (drawn on the CPU).
 """
 
@@ -46,7 +46,8 @@ class RandomConfig(PruneFields):
 
     def prune_weight(self, weight: Tensor, module_name: str) -> Tensor:
         """``weight`` (of module ``module_name``) pruned with the mask of ``(seed, module_name)``."""
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + zlib.crc32(module_name.encode()))
+        # CPU generators keep 32 bits of a seed: hash the pair into them.
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{module_name}".encode()))
         return random_prune(weight, self, generator)
 
 
