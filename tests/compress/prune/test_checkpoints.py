@@ -17,6 +17,8 @@ from weightkit.errors import WeightkitError
 from weightkit.models import default_model_path, load_tokenizer
 from weightkit.quantized.grid import QuantScheme, rtn_quantize
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
 
 
