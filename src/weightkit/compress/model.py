@@ -5,6 +5,7 @@ whole."""
 import torch
 from torch import nn
 
+from weightkit.compress.prune.stages import check_stages, keeping_zeros
 from weightkit.errors import require_finite
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -40,8 +41,6 @@ def compress(
             copy of the whole model for its gradient pass and then one weight at a time.
     """
     if isinstance(config, list | tuple):
-        from weightkit.compress.prune.stages import check_stages, keeping_zeros
-
         check_stages(list(config))
         for i, stage in enumerate(config):
             stage = keeping_zeros(stage) if i else stage

@@ -18,9 +18,10 @@ from torch import nn
 from weightkit.arch import block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.model import compress
-from weightkit.compress.prune.core import PruneFields, measured_sparsity, selected_prunable
+from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields, measured_sparsity, selected_prunable
 from weightkit.compress.prune.magnitude import MagnitudeConfig
 from weightkit.compress.prune.random import RandomConfig
+from weightkit.compress.prune.stages import compress_stages
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
@@ -42,8 +43,6 @@ __all__ = ["compress_checkpoint"]
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 # Pruning methods that need no data: streamed one tensor at a time too.
 _PRUNED_TENSOR_WISE = (MagnitudeConfig, RandomConfig)
-# Where a pruned checkpoint records its sparsity (README's "Pruning").
-SPARSITY_FILE = "sparsity.json"
 
 
 class _SparsityRecorder:
@@ -221,13 +220,12 @@ def compress_checkpoint(
             cannot store such as FP8 E5M2 ...); nothing is left at ``out_dir``.
     """
     if isinstance(config, list | tuple):
-        from weightkit.compress.prune.stages import compress_stages
-
         return compress_stages(
             model_dir,
             out_dir,
             list(config),
             data,
+            run=compress_checkpoint,
             progress=progress,
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,

@@ -20,6 +20,7 @@ from weightkit.progress import track
 from weightkit.select import DEFAULT_IGNORE, select_modules
 
 __all__ = [
+    "SPARSITY_FILE",
     "PruneFields",
     "parse_sparsity",
     "layer_mask",
@@ -30,6 +31,9 @@ __all__ = [
     "measured_sparsity",
     "prune_each_weight",
 ]
+
+# Where a pruned checkpoint records its sparsity (README's "Pruning").
+SPARSITY_FILE = "sparsity.json"
 
 _NM = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 

@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.checkpoint.writer import check_target
-from weightkit.compress.prune.core import PruneFields
+from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.errors import WeightkitError
@@ -84,6 +85,7 @@ def compress_stages(
     configs: list,
     data=None,
     *,
+    run: Callable[..., Path],
     progress: bool = True,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
@@ -91,9 +93,8 @@ def compress_stages(
     device: str | torch.device | None = None,
 ) -> Path:
     """Run ``configs`` in turn on the model in ``model_dir`` and write the result to ``out_dir`` (see the
-    module docstring); the arguments are those of :func:`~weightkit.compress.compress_checkpoint`."""
-    from weightkit.compress.stream import SPARSITY_FILE, compress_checkpoint
-
+    module docstring), each stage by ``run`` (:func:`~weightkit.compress.compress_checkpoint`, passed in by
+    it); the other arguments are its own."""
     check_stages(configs)
     check_target(out_dir, overwrite=overwrite)
     target = Path(os.path.abspath(out_dir))
@@ -104,7 +105,7 @@ def compress_stages(
         for i, config in enumerate(configs):
             stage_out = work / f"stage{i}"
             config = keeping_zeros(config) if i and not isinstance(config, PruneFields) else config
-            compress_checkpoint(
+            run(
                 source,
                 stage_out,
                 config,
