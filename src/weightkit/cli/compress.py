@@ -346,7 +346,8 @@ def add_parsers(sub) -> None:
     flag(
         "--seed",
         type=int,
-        help="calibrated methods: seed for picking calibration texts (and VPTQ's k-means) (default: 0)",
+        help="calibrated methods: seed for picking calibration texts (and VPTQ's k-means); random: seed of "
+        "the masks (default: 0)",
     )
     method.add_argument(
         "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"
