@@ -217,8 +217,8 @@ def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[
 
     Below that, a layer's input statistics have rank at most the token count: they cannot tell which
     input directions matter for every weight, so the method leans on its fallback (GPTQ's Hessian
-    shrinkage, AWQ's identity scale and unclipped range), i.e. toward round-to-nearest (Wanda's and
-    SparseGPT's input statistics, likewise, tell less and less apart from magnitude).
+    shrinkage, AWQ's identity scale and unclipped range), i.e. toward round-to-nearest; Wanda's and
+    SparseGPT's masks rest on the same too-few tokens.
     """
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     name, widest = max(((n, m.in_features) for n, m in linears.items()), key=lambda item: item[1])
@@ -226,7 +226,8 @@ def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[
         warnings.warn(
             f"{label}: the calibration data has {tokens} tokens, fewer than the {widest} inputs of {name}; "
             f"give at least {widest} tokens (more or longer texts). With fewer, its input statistics are "
-            f"rank-deficient: quantization stays close to round-to-nearest, pruning to plain magnitude.",
+            f"rank-deficient and the result stays close to round-to-nearest (for GPTQ/AWQ) or rests on too "
+            f"few tokens (for Wanda/SparseGPT's masks).",
             stacklevel=6,  # the caller of compress() or compress_checkpoint()
         )
 
