@@ -210,7 +210,7 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
     [
         (
             ["--method", "awq", "--group-size", "32", "--damp", "0.05"],
-            ["--damp", "gptq or vptq only", "not awq"],
+            ["--damp", "gptq or vptq or sparsegpt only", "not awq"],
         ),
         (["--method", "gptq", "--group-size", "32", "--duo-scaling"], ["--duo-scaling", "awq only"]),
         (
@@ -219,7 +219,7 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--seq-len", "64"],
-            ["--seq-len", "gptq or awq or gwq or flexround or vptq only"],
+            ["--seq-len", "gptq or awq or gwq or flexround or vptq or wanda or sparsegpt only"],
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--calib", "texts.txt"],
