@@ -21,7 +21,7 @@ from weightkit.compress.model import compress
 from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields, measured_sparsity, selected_prunable
 from weightkit.compress.prune.magnitude import MagnitudeConfig
 from weightkit.compress.prune.random import RandomConfig
-from weightkit.compress.prune.stages import compress_stages
+from weightkit.compress.prune.stages import compress_stages, pruned_source, sparsity_of
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
@@ -251,6 +251,7 @@ def compress_checkpoint(
         tokenizer = None if data_free else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
         pruning = isinstance(config, PruneFields)
+        source_sparsity = None if pruning else pruned_source(model_dir, config)
         pruned_layers = list(selected_prunable(model, config)) if pruning else []  # checked before writing
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as out:
             writer = _SparsityRecorder(out, pruned_layers) if pruning else out
@@ -285,5 +286,8 @@ def compress_checkpoint(
             if pruning:  # a dense checkpoint: config.json as copied
                 out.write_json(SPARSITY_FILE, writer.record(entry.name, config))
             else:
-                out.write_json("config.json", quantized_model_config(model))
+                model_config = quantized_model_config(model)
+                if source_sparsity is not None:  # the zeros are kept: say so where compressed-tensors reads
+                    model_config["quantization_config"]["sparsity_config"] = sparsity_of(source_sparsity)
+                out.write_json("config.json", model_config)
     return Path(out_dir)

@@ -194,6 +194,28 @@ def test_the_cli_refuses_an_n_m_that_does_not_divide_a_layer_by_name(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+def test_quantizing_a_pruned_checkpoint_keeps_its_zeros_or_is_refused(tmp_path, llama_dir):
+    from weightkit.compress import MagnitudeConfig
+
+    pruned = compress_checkpoint(
+        llama_dir, tmp_path / "pruned", MagnitudeConfig(sparsity="2:4"), progress=False
+    )
+    with pytest.raises(WeightkitError, match="would not keep its zeros: quantize it with rtn, awq or gptq"):
+        compress_checkpoint(pruned, tmp_path / "refilled", GPTQConfig(group_size=32), progress=False)
+    assert not (tmp_path / "refilled").exists()
+    out = compress_checkpoint(
+        pruned, tmp_path / "kept", GPTQConfig(group_size=32, keep_zeros=True, calib_samples=8), progress=False
+    )
+    sparsity = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    record = json.loads((pruned / "sparsity.json").read_text())
+    assert sparsity["global_sparsity"] == record["global_sparsity"] and sparsity["targets"] == list(
+        record["layers"]
+    )
+    model = load(out)
+    for name in sparsity["targets"]:
+        _assert_n_m(model.get_submodule(name).quantized.dequantize(), 2, 4, name)
+
+
 def test_stages_in_memory_refuse_bad_orders():
     with pytest.raises(WeightkitError, match="two quantization stages"):
         compress(torch.nn.Linear(4, 4), [GPTQConfig(), GPTQConfig()])

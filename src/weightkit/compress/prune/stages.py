@@ -2,10 +2,10 @@
 llm-compressor users do), from a checkpoint directory to a new one.
 
 Each stage is an ordinary :func:`~weightkit.compress.compress_checkpoint` run, streamed, into a temporary
-directory beside the output; the last stage's result is then copied into the output one tensor at a time
-by one atomic writer, with a model card naming every stage and, after a quantization stage,
-compressed-tensors' ``sparsity_config`` in ``config.json``. The temporary directory is removed in every
-case, so a failure leaves nothing at the output.
+directory beside the output (quantizing a pruned checkpoint records its ``sparsity.json`` as
+compressed-tensors' ``sparsity_config``: :func:`pruned_source`); the last stage's result is then copied
+into the output one tensor at a time by one atomic writer, with a model card naming every stage. The
+temporary directory is removed in every case, so a failure leaves nothing at the output.
 
 The quantization stage keeps the pruned zeros: GPTQ runs with ``keep_zeros`` (no error is moved onto a
 zero), RTN and AWQ keep them by construction (a zero rounds to the grid's zero; AWQ's scales multiply it).
@@ -32,7 +32,7 @@ from weightkit.errors import WeightkitError
 from weightkit.quantized.compressed_tensors import sparsity_config
 from weightkit.registry import config_to_dict
 
-__all__ = ["check_stages", "compress_stages", "keeping_zeros"]
+__all__ = ["check_stages", "compress_stages", "keeping_zeros", "keeps_zeros", "pruned_source", "sparsity_of"]
 
 # Quantization methods that may follow a pruning stage: each keeps exact zeros (tested).
 _KEEP_ZEROS = (RTNConfig, GPTQConfig, AWQConfig)
@@ -71,6 +71,37 @@ def check_stages(configs: list) -> None:
             f"stages: {methods[-1]} after pruning is not supported: it is not known to keep the pruned "
             f"weights exactly zero; use {allowed}"
         )
+
+
+def keeps_zeros(config) -> bool:
+    """Whether quantizing with ``config`` keeps every exact zero of the weights."""
+    return isinstance(config, RTNConfig | AWQConfig) or (isinstance(config, GPTQConfig) and config.keep_zeros)
+
+
+def pruned_source(model_dir: str | os.PathLike, config) -> dict | None:
+    """The ``sparsity.json`` record of ``model_dir`` when it is a pruned checkpoint that ``config`` (a
+    quantization config) keeps pruned, else ``None``.
+
+    Raises:
+        WeightkitError: ``model_dir`` is pruned and ``config`` would not keep its zeros (the record would be
+            wrong, and the sparsity lost without a word).
+    """
+    path = Path(model_dir) / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    if not keeps_zeros(config):
+        raise WeightkitError(
+            f"{model_dir} is a pruned model ({SPARSITY_FILE}) and {_method(config)} would not keep its "
+            "zeros: "
+            "quantize it with rtn, awq or gptq with keep_zeros: true (as a recipe's stages do), or delete "
+            f"{SPARSITY_FILE} to quantize it as a dense model"
+        )
+    return json.loads(path.read_text())
+
+
+def sparsity_of(record: dict) -> dict:
+    """compressed-tensors' ``sparsity_config`` for a ``sparsity.json`` record."""
+    return sparsity_config(record["structure"], record["global_sparsity"], list(record["layers"]))
 
 
 def keeping_zeros(config):
@@ -116,13 +147,6 @@ def compress_stages(
                 device=device,
             )
             source = stage_out
-        record = json.loads((source / SPARSITY_FILE).read_text())
-        model_config = json.loads((source / "config.json").read_text())
-        quantization = model_config.get("quantization_config")
-        if quantization is not None and quantization.get("quant_method") == "compressed-tensors":
-            quantization["sparsity_config"] = sparsity_config(
-                record["structure"], record["global_sparsity"], list(record["layers"])
-            )
         stages = [config_to_dict(c) for c in configs]
         card = ModelCard(
             "compress", " + ".join(c["method"] for c in stages), [str(model_dir)], {"stages": stages}
@@ -133,7 +157,6 @@ def compress_stages(
         ):
             writer.copy_files(source)
             writer.write_model_card(card)
-            writer.write_json("config.json", model_config)
             for name in reader.names():
                 writer.add(name, reader.get(name))
     finally:
