@@ -133,6 +133,10 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)
+    if isinstance(config, list):  # recipe stages, as they run (the summary shows GPTQ's keep_zeros)
+        from weightkit.compress.prune.stages import stages_as_run
+
+        config = stages_as_run(config)
     device = resolve_device(args.device)
     out = Path(args.output)
     refuse_existing(out, args.force)

@@ -5,7 +5,7 @@ whole."""
 import torch
 from torch import nn
 
-from weightkit.compress.prune.stages import check_stages, keeping_zeros
+from weightkit.compress.prune.stages import stages_as_run
 from weightkit.errors import require_finite
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -41,9 +41,7 @@ def compress(
             copy of the whole model for its gradient pass and then one weight at a time.
     """
     if isinstance(config, list | tuple):
-        check_stages(list(config))
-        for i, stage in enumerate(config):
-            stage = keeping_zeros(stage) if i else stage
+        for stage in stages_as_run(list(config)):
             compress(model, stage, data, tokenizer=tokenizer, progress=progress, device=device)
         return model
     entry = entry_for_config(config)

@@ -150,7 +150,8 @@ def test_a_recipe_of_sparsegpt_2_4_then_gptq_w4_loads_in_transformers(tmp_path, 
         capsys, "compress", llama_dir, "-o", out, "--recipe", recipe, "--calib", text_file, "--json"
     )
     assert code == 0, err
-    assert [c["method"] for c in json.loads(stdout)["config"]] == ["sparsegpt", "gptq"]
+    stages = json.loads(stdout)["config"]
+    assert [c["method"] for c in stages] == ["sparsegpt", "gptq"] and stages[1]["keep_zeros"] is True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".w4-24")]  # temporary stages removed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     sparsity = config["sparsity_config"]
@@ -160,7 +161,10 @@ def test_a_recipe_of_sparsegpt_2_4_then_gptq_w4_loads_in_transformers(tmp_path, 
         _assert_n_m(ours.get_submodule(name).quantized.dequantize(), 2, 4, name)
     theirs = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     torch.testing.assert_close(theirs(IDS).logits, ours(IDS).logits, atol=1e-5, rtol=1e-5)
-    assert "sparsegpt + gptq" in (out / "README.md").read_text()
+    assert (
+        "sparsegpt + gptq" in (out / "README.md").read_text()
+        and '"keep_zeros": true' in (out / "README.md").read_text()
+    )
     assert str(tmp_path) not in (out / "README.md").read_text().replace(str(llama_dir), "")
 
 

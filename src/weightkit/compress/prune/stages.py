@@ -32,7 +32,7 @@ from weightkit.errors import WeightkitError
 from weightkit.quantized.compressed_tensors import sparsity_config
 from weightkit.registry import config_to_dict
 
-__all__ = ["check_stages", "compress_stages", "keeping_zeros", "keeps_zeros", "pruned_source", "sparsity_of"]
+__all__ = ["check_stages", "compress_stages", "stages_as_run", "keeps_zeros", "pruned_source", "sparsity_of"]
 
 # Quantization methods that may follow a pruning stage: each keeps exact zeros (tested).
 _KEEP_ZEROS = (RTNConfig, GPTQConfig, AWQConfig)
@@ -104,10 +104,13 @@ def sparsity_of(record: dict) -> dict:
     return sparsity_config(record["structure"], record["global_sparsity"], list(record["layers"]))
 
 
-def keeping_zeros(config):
-    """The quantization ``config`` set to keep a pruned model's zeros (GPTQ's ``keep_zeros``; RTN and AWQ
-    keep them anyway)."""
-    return dataclasses.replace(config, keep_zeros=True) if isinstance(config, GPTQConfig) else config
+def stages_as_run(configs: list) -> list:
+    """``configs`` checked (:func:`check_stages`) and as they run: a GPTQ stage after pruning gets
+    ``keep_zeros`` (RTN and AWQ keep zeros anyway)."""
+    check_stages(configs)
+    if len(configs) > 1 and isinstance(configs[-1], GPTQConfig):
+        return [*configs[:-1], dataclasses.replace(configs[-1], keep_zeros=True)]
+    return list(configs)
 
 
 def compress_stages(
@@ -126,7 +129,7 @@ def compress_stages(
     """Run ``configs`` in turn on the model in ``model_dir`` and write the result to ``out_dir`` (see the
     module docstring), each stage by ``run`` (:func:`~weightkit.compress.compress_checkpoint`, passed in by
     it); the other arguments are its own."""
-    check_stages(configs)
+    configs = stages_as_run(configs)
     check_target(out_dir, overwrite=overwrite)
     target = Path(os.path.abspath(out_dir))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,6 @@ def compress_stages(
         source = Path(model_dir)
         for i, config in enumerate(configs):
             stage_out = work / f"stage{i}"
-            config = keeping_zeros(config) if i and not isinstance(config, PruneFields) else config
             run(
                 source,
                 stage_out,
