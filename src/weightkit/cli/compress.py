@@ -60,11 +60,7 @@ def _sparsity_arg(text: str) -> float | str:
 _FLAGS = {
     "method": ("method", _METHODS, "--method"),
     "bits": ("bits", (*_INT_METHODS, "vptq"), "--bits"),
-    "group_size": (
-        "group_size",
-        tuple(m for m in _METHODS if m not in ("vptq", *_PRUNE_METHODS)),
-        "--group-size",
-    ),
+    "group_size": ("group_size", (*_INT_METHODS, "fp8", "fp4", "ternary"), "--group-size"),
     "asym": ("symmetric", _INT_METHODS, "--asym"),
     "fp8_format": ("fp8_format", ("fp8",), "--fp8-format"),
     "power_of_two": ("power_of_two", ("fp8",), "--power-of-two"),
