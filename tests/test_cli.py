@@ -210,7 +210,7 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
     [
         (
             ["--method", "awq", "--group-size", "32", "--damp", "0.05"],
-            ["--damp", "gptq or vptq only", "not awq"],
+            ["--damp", "gptq or vptq or sparsegpt only", "not awq"],
         ),
         (["--method", "gptq", "--group-size", "32", "--duo-scaling"], ["--duo-scaling", "awq only"]),
         (
@@ -219,7 +219,7 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--seq-len", "64"],
-            ["--seq-len", "gptq or awq or gwq or flexround or vptq only"],
+            ["--seq-len", "gptq or awq or gwq or flexround or vptq or wanda or sparsegpt only"],
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--calib", "texts.txt"],
@@ -318,10 +318,10 @@ def test_existing_output_needs_force(tmp_path, capsys, llama_dir):
     assert code == 1 and "--force" in err and (out / "keep.txt").read_text() == "mine"
 
 
-def test_a_stages_list_is_refused_by_name(tmp_path, capsys, llama_dir):
+def test_a_recipe_with_two_quantization_stages_is_refused_by_name(tmp_path, capsys, llama_dir):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n  - method: gptq\n  - method: rtn\n")
-    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "not a 'stages' list")
+    _assert_fails(capsys, tmp_path, ["compress", llama_dir, "--recipe", recipe], "two quantization stages")
 
 
 def test_unknown_method_in_a_recipe_suggests_the_right_one(tmp_path, capsys, llama_dir):

@@ -7,8 +7,17 @@ group_size: 128
 act_order: true
 ```
 
-A compress recipe is one config, not a list of stages: one call runs one method (mixed grids per layer
-are the config's ``overrides``). A ``stages:`` list is refused by name rather than half-run.
+A compress recipe may instead chain stages, pruning then quantizing (mixed grids per layer are a config's
+``overrides``, not stages):
+
+```yaml
+stages:
+  - {method: sparsegpt, sparsity: "2:4"}
+  - {method: gptq, bits: 4}
+```
+
+Every stage's config is validated here; their order (pruning first, at most one quantization, last) by
+:func:`weightkit.compress.prune.stages.check_stages` before any stage runs.
 """
 
 from pathlib import Path
@@ -32,20 +41,36 @@ def read_yaml(path: Path) -> Any:
         raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
 
 
+def _stages(path: Path, doc: dict, kind: str) -> list[Any]:
+    """The validated configs of a ``stages:`` recipe, in order."""
+    if kind != "compress":
+        raise WeightkitError(f"recipe {path}: a {kind} recipe is one method config, not a 'stages' list")
+    if set(doc) != {"stages"}:
+        raise WeightkitError(f"recipe {path}: beside 'stages' a recipe holds nothing; got {sorted(set(doc))}")
+    stages = doc["stages"]
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise WeightkitError(f"recipe {path}: 'stages' must be a non-empty list of method configs")
+    configs = []
+    for i, stage in enumerate(stages, start=1):
+        try:
+            configs.append(config_from_dict(kind, stage))
+        except WeightkitError as err:
+            raise WeightkitError(f"recipe {path}: stage {i}: {err}") from None
+    return configs
+
+
 def load_config(path: str | Path, kind: str = "compress") -> Any:
-    """The validated config of the recipe at ``path``.
+    """The validated config of the recipe at ``path``; for a compress recipe with ``stages:``, the list of
+    its stages' configs.
 
     Raises:
-        WeightkitError: a missing/unparsable file, a document that is not one mapping with a ``method``
-            (a ``stages`` list included), or a field that fails validation (the message names it).
+        WeightkitError: a missing/unparsable file, a document that is not one mapping with a ``method`` (or,
+            for compress, a ``stages`` list of them), or a field that fails validation (the message names it).
     """
     path = Path(path)
     doc = read_yaml(path)
     if isinstance(doc, dict) and "stages" in doc:
-        raise WeightkitError(
-            f"recipe {path}: a {kind} recipe is one method config (method: ..., bits: ...), not a 'stages' "
-            "list; one call runs one method (mixed grids: use 'overrides')"
-        )
+        return _stages(path, doc, kind)
     if not isinstance(doc, dict):
         raise WeightkitError(f"recipe {path}: expected a mapping with 'method' and its options")
     try:

@@ -16,9 +16,11 @@ _QUANT_METHODS = (*_INT_METHODS, "fp8", "fp4", "ternary", "vptq")
 _LOW_RANK = ("svd", "welore", "bitstack")
 # Weight sharing across blocks (no grid: --bits and --group-size do not apply).
 _SHARE_METHODS = ("recursive", "dictionary", "foldgpt")
-_METHODS = (*_QUANT_METHODS, *_LOW_RANK, *_SHARE_METHODS)
+_PRUNE_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
+_METHODS = (*_QUANT_METHODS, *_PRUNE_METHODS, *_LOW_RANK, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "svd", "welore", "recursive", "dictionary")
+_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "magnitude", "random", "svd", "welore", "recursive")
+_DATA_FREE += ("dictionary",)
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
@@ -49,6 +51,14 @@ def _bits_arg(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+def _sparsity_arg(text: str) -> float | str:
+    """A fraction as a ``float``, anything else (``2:4``) as given; the config validates both by name."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 # Method flags: argparse dest -> (config field, the methods that take it, the flag as typed). They
 # default to "not given" (argparse.SUPPRESS), so the config's own defaults apply and a flag that the
 # method or a --recipe would not use is refused by name instead of ignored.
@@ -64,7 +74,8 @@ _FLAGS = {
     "rank_reduction": ("rank_reduction", ("welore",), "--rank-reduction"),
     "min_ratio": ("min_ratio", ("welore",), "--min-ratio"),
     "act_order": ("act_order", ("gptq", "vptq"), "--act-order/--no-act-order"),
-    "damp": ("damp", ("gptq", "vptq"), "--damp"),
+    "damp": ("damp", ("gptq", "vptq", "sparsegpt"), "--damp"),
+    "sparsity": ("sparsity", _PRUNE_METHODS, "--sparsity"),
     "hessian_shrinkage": ("hessian_shrinkage", ("gptq",), "--hessian-shrinkage/--no-hessian-shrinkage"),
     "duo_scaling": ("duo_scaling", ("awq",), "--duo-scaling/--no-duo-scaling"),
     "vector_length": ("vector_length", ("vptq",), "--vector-length"),
@@ -85,7 +96,7 @@ _FLAGS = {
     "importance": ("importance", ("bitstack",), "--importance"),
     "calib_samples": ("calib_samples", _CALIBRATED, "--calib-samples"),
     "seq_len": ("calib_max_length", _CALIBRATED, "--seq-len"),
-    "seed": ("seed", _CALIBRATED, "--seed"),
+    "seed": ("seed", (*_CALIBRATED, "random"), "--seed"),
 }
 
 
@@ -116,11 +127,12 @@ def _config_from_args(args: argparse.Namespace):
                 field, _, flag = _FLAGS[dest]
                 message = name_flag(message, field, flag)
             raise WeightkitError(message) from None
-    method = config_to_dict(config)["method"]
-    if args.calib is not None and method in _DATA_FREE:
+    stages = config if isinstance(config, list) else [config]
+    methods = [config_to_dict(c)["method"] for c in stages]
+    if args.calib is not None and all(method in _DATA_FREE for method in methods):
         raise WeightkitError(
-            f"--calib applies to --method {', '.join(_CALIBRATED)} only; {method.upper()} uses no "
-            "calibration data"
+            f"--calib applies to --method {', '.join(_CALIBRATED)} only; {' + '.join(methods).upper()} uses "
+            "no calibration data"
         )
     return config
 
@@ -142,6 +154,10 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         return compress_sweep.run_sweep(args, _FLAGS)
     compress_sweep.refuse_sweep_options(args)
     config = _config_from_args(args)
+    if isinstance(config, list):  # recipe stages, as they run (the summary shows GPTQ's keep_zeros)
+        from weightkit.compress.prune.stages import stages_as_run
+
+        config = stages_as_run(config)
     device = resolve_device(args.device)
     out = Path(args.output)
     refuse_existing(out, args.force)
@@ -162,7 +178,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": str(args.model),
         "output": str(out),
-        "config": config_to_dict(config),
+        "config": [config_to_dict(c) for c in config] if isinstance(config, list) else config_to_dict(config),
         "device": str(device),
         "seconds": round(seconds, 2),
         "size_before_bytes": before,
@@ -174,7 +190,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
             "weightkit compress",
             [
                 {
-                    "method": summary["config"]["method"],
+                    "method": _method_name(summary["config"]),
                     "setting": _setting(config),
                     "time (s)": f"{seconds:.1f}",
                     "size before": mb(before),
@@ -185,6 +201,10 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         )
         results.print(f"saved to [bold]{out}[/bold]")
     return summary
+
+
+def _method_name(config: dict | list[dict]) -> str:
+    return " + ".join(c["method"] for c in config) if isinstance(config, list) else config["method"]
 
 
 def _setting(config) -> str:
@@ -207,6 +227,14 @@ def _setting(config) -> str:
     if hasattr(config, "share"):
         gates = f", gates {config.steps} steps lr {config.lr:g}" if config.share > 1 else ""
         return f"foldgpt drop {config.drop} blocks, share groups of {config.share}{gates}"
+    if isinstance(config, list):  # recipe stages
+        return " + ".join(_setting(c) for c in config)
+    if hasattr(config, "sparsity"):
+        return (
+            f"{config.sparsity} sparse"
+            if isinstance(config.sparsity, str)
+            else f"{config.sparsity:.0%} sparse"
+        )
     if hasattr(config, "vector_length"):
         v = f"v{config.vector_length}" if config.vector_length else "v per layer"
         residual = f", {config.residual_bits:g} in a residual codebook" if config.residual_bits else ""
@@ -233,8 +261,8 @@ def add_parsers(sub) -> None:
     c = sub.add_parser(
         "compress",
         help="quantize a Hugging Face model directory to 2-8 bits (RTN, GPTQ, AWQ, GWQ, FlexRound), FP8/FP4, "
-        "ternary or VPTQ codebooks, factor it (SVD, WeLore, BitStack) or share weights across its layers "
-        "(recursive, dictionary, FoldGPT)",
+        "ternary or VPTQ codebooks, prune it (magnitude, random, Wanda, SparseGPT), factor it (SVD, WeLore, "
+        "BitStack) or share weights across its layers (recursive, dictionary, FoldGPT)",
         description=(
             "Quantize the linear layers of a Hugging Face model (causal LMs, encoders, T5, ViT; see the "
             "README's Architectures table) and save a compressed-tensors checkpoint that transformers loads. "
@@ -268,6 +296,7 @@ def add_parsers(sub) -> None:
             "  weightkit compress ./my-model -o ./my-model-dict --method dictionary --atoms 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-fold --method foldgpt --drop 4 --share 2\n"
             "  weightkit compress ./my-llm -o ./my-llm-bitstack --method bitstack --budget-mb 3000\n"
+            "  weightkit compress ./my-model -o ./my-model-24 --method sparsegpt --sparsity 2:4\n"
             "  weightkit compress ./my-model -o ./out --recipe recipe.yaml\n"
             "  weightkit compress ./my-model -o ./sweep --method rtn,gptq --sweep bits=2,3,4,8"
         ),
@@ -334,6 +363,13 @@ def add_parsers(sub) -> None:
         type=float,
         help="welore: a matrix losing more than this share of its rank is a low-rank component, stored as "
         "two factors; the others stay dense (default: 0.4999)",
+    )
+    flag(
+        "--sparsity",
+        type=_sparsity_arg,
+        help="pruning (magnitude, random, wanda, sparsegpt): fraction of each layer's weights set to zero, "
+        "in (0, 1), or N:M such as 2:4 / 4:8 (N zeros in every M consecutive input weights of a row) "
+        "(default: 0.5)",
     )
     flag(
         "--act-order",
@@ -451,7 +487,8 @@ def add_parsers(sub) -> None:
     flag(
         "--seed",
         type=int,
-        help="calibrated methods: seed for picking calibration texts (and VPTQ's k-means) (default: 0)",
+        help="calibrated methods: seed for picking calibration texts (and VPTQ's k-means); random: seed of "
+        "the masks (default: 0)",
     )
     method.add_argument(
         "--recipe", help="YAML recipe holding the whole method config (instead of the flags above)"

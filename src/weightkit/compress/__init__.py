@@ -8,6 +8,7 @@ one without loading the whole model (see :mod:`weightkit.compress.stream`).
 from weightkit import _callable_package
 from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.model import compress
+from weightkit.compress.prune import MagnitudeConfig, RandomConfig, SparseGPTConfig, WandaConfig
 from weightkit.compress.quant import (
     AWQConfig,
     FlexRoundConfig,
@@ -40,6 +41,10 @@ __all__ = [
     "DictionaryConfig",
     "FoldGPTConfig",
     "BitStackConfig",
+    "MagnitudeConfig",
+    "RandomConfig",
+    "WandaConfig",
+    "SparseGPTConfig",
 ]
 
 

@@ -5,6 +5,7 @@ whole."""
 import torch
 from torch import nn
 
+from weightkit.compress.prune.stages import stages_as_run
 from weightkit.errors import require_finite
 from weightkit.registry import entry_for_config
 from weightkit.runtime.device import resolve_device
@@ -26,7 +27,10 @@ def compress(
     Args:
         model: a Hugging Face ``transformers`` model (see :mod:`weightkit.arch`).
         config: e.g. ``RTNConfig(bits=4)``, ``GPTQConfig(bits=4, group_size=128)``, ``AWQConfig(...)``,
-            ``VPTQConfig(bits=2)``, ``GWQConfig(bits=3, outlier_fraction=0.01)``.
+            ``VPTQConfig(bits=2)``, ``GWQConfig(bits=3, outlier_fraction=0.01)``,
+            ``SparseGPTConfig(sparsity="2:4")``;
+            or a list of stages, pruning configs then at most one quantization config, which keeps the zeros
+            (see :mod:`weightkit.compress.prune.stages`).
         data: calibration data for GPTQ/AWQ/VPTQ/GWQ: ``None`` (docstrings of Python's standard library),
             a text/jsonl file path, a list of texts, or tokenized batches. Ignored by RTN.
         tokenizer: the model's tokenizer, needed when ``data`` is text.
@@ -36,6 +40,10 @@ def compress(
             ``device`` (and, to capture the first block's inputs, the embeddings), RTN one weight, GWQ a
             copy of the whole model for its gradient pass and then one weight at a time.
     """
+    if isinstance(config, list | tuple):
+        for stage in stages_as_run(list(config)):
+            compress(model, stage, data, tokenizer=tokenizer, progress=progress, device=device)
+        return model
     entry = entry_for_config(config)
     target = None if device is None else resolve_device(device)
     for name, param in model.named_parameters():

@@ -23,6 +23,10 @@ from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
 from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.lowrank.factor import factor_streamed
 from weightkit.compress.model import compress
+from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields, measured_sparsity, selected_prunable
+from weightkit.compress.prune.magnitude import MagnitudeConfig
+from weightkit.compress.prune.random import RandomConfig
+from weightkit.compress.prune.stages import compress_stages, pruned_source, sparsity_of
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
@@ -53,8 +57,52 @@ __all__ = ["compress_checkpoint"]
 _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 # Methods that choose every weight's rank from all the weights' spectra: streamed in two passes.
 _LOW_RANK = (SVDConfig, WeLoreConfig)
+# Pruning methods that need no data: streamed one tensor at a time too.
+_PRUNED_TENSOR_WISE = (MagnitudeConfig, RandomConfig)
 # Methods that use no calibration data (no tokenizer needed).
-_DATA_FREE = (*_TENSOR_WISE, *_LOW_RANK, DictionaryConfig, RecursiveConfig)
+_DATA_FREE = (*_TENSOR_WISE, *_PRUNED_TENSOR_WISE, *_LOW_RANK, DictionaryConfig, RecursiveConfig)
+
+
+class _SparsityRecorder:
+    """A checkpoint writer's ``add`` that also measures the sparsity of the pruned layers' weights."""
+
+    def __init__(self, writer: CheckpointWriter, layers: list[str]):
+        self.writer = writer
+        self.weights = {f"{name}.weight": name for name in layers}
+        self.measured: dict[str, tuple[float, int]] = {}  # layer -> (fraction of zeros, weights)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.weights:
+            self.measured[self.weights[name]] = (measured_sparsity(tensor), tensor.numel())
+        self.writer.add(name, tensor)
+
+    def record(self, method: str, config: PruneFields) -> dict:
+        """``sparsity.json``: the method, the pattern, and the measured fraction of zeros of each pruned
+        layer and of all of them together (``global_sparsity``, weighted by their sizes)."""
+        zeros = sum(fraction * size for fraction, size in self.measured.values())
+        size = sum(size for _, size in self.measured.values())
+        return {
+            "method": method,
+            "sparsity": config.sparsity,
+            "structure": config.structure,
+            "global_sparsity": round(zeros / size, 6),
+            "layers": {name: round(fraction, 6) for name, (fraction, _) in self.measured.items()},
+        }
+
+
+def _stream_pruned(
+    model: nn.Module, config: PruneFields, streamed: "_StreamedModel", progress: bool, device: torch.device
+) -> None:
+    """Magnitude/random pruning one tensor at a time: each selected weight is read, pruned on ``device`` by
+    ``config.prune_weight`` and written in its own dtype; every other tensor is copied."""
+    weights = {f"{name}.weight": name for name in selected_prunable(model, config)}
+    for name in track(list(model.state_dict()), config.LABEL, enabled=progress):
+        tensor = streamed.read(name)
+        if tensor is None:
+            continue  # a buffer the model computes itself, or a tied weight stored once
+        if name in weights:
+            tensor = config.prune_weight(tensor.to(device), weights[name]).to("cpu", tensor.dtype)
+        streamed.writer.add(name, tensor)
 
 
 class _StreamedModel:
@@ -199,6 +247,12 @@ def compress_checkpoint(
             (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the selected
             weights.
 
+    Pruning configs (``MagnitudeConfig``, ``RandomConfig`` streamed tensor by tensor; ``WandaConfig``,
+    ``SparseGPTConfig`` block by block like GPTQ) write an ordinary checkpoint in the model's dtype, its
+    ``config.json`` unchanged, plus ``sparsity.json`` (the pattern and every pruned layer's measured
+    sparsity). A list of configs runs them as stages (:mod:`weightkit.compress.prune.stages`): pruning
+    stages, then at most one quantization stage that keeps the zeros.
+
     Returns:
         ``out_dir``.
 
@@ -207,6 +261,19 @@ def compress_checkpoint(
             NaN/Inf weights, shapes the grid cannot take, no calibration text, a grid compressed-tensors
             cannot store such as FP8 E5M2 ...); nothing is left at ``out_dir``.
     """
+    if isinstance(config, list | tuple):
+        return compress_stages(
+            model_dir,
+            out_dir,
+            list(config),
+            data,
+            run=compress_checkpoint,
+            progress=progress,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            allow_pickle=allow_pickle,
+            device=device,
+        )
     refuse_quantized(
         model_dir, verb="weightkit compress", instead="compress the full-precision model it was made from"
     )
@@ -224,10 +291,14 @@ def compress_checkpoint(
         model = skeleton(model_dir, auto_cls)
         tokenizer = None if isinstance(config, _DATA_FREE) else load_tokenizer(model_dir)
         names = CheckpointNames(model, reader.names())
-        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
-            writer.copy_files(model_dir)
+        pruning = isinstance(config, PruneFields)
+        source_sparsity = None if pruning else pruned_source(model_dir, config)
+        pruned_layers = list(selected_prunable(model, config)) if pruning else []  # checked before writing
+        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as out:
+            writer = _SparsityRecorder(out, pruned_layers) if pruning else out
+            out.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
-            writer.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
+            out.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
             if names.fused or _needs_whole_model(config):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
@@ -237,6 +308,8 @@ def compress_checkpoint(
                 _stream_tensor_wise(model, config, streamed, progress, device)
             elif isinstance(config, _LOW_RANK):
                 factor_streamed(model, config, _StreamedModel(model, reader, writer, names), progress, device)
+            elif isinstance(config, _PRUNED_TENSOR_WISE):
+                _stream_pruned(model, config, _StreamedModel(model, reader, writer, names), progress, device)
             else:
                 streamed = _StreamedModel(model, reader, writer, names)
                 blocks = tuple(name for name, _ in block_lists(model))
@@ -252,6 +325,12 @@ def compress_checkpoint(
                 )
                 for name, tensor in export_tensors(model, skip=blocks):
                     writer.add(name, tensor)
-            write_generation_config(writer, model, model_dir)
-            writer.write_json("config.json", _output_config(model, config))
+            write_generation_config(out, model, model_dir)
+            if pruning:  # a dense checkpoint: config.json as copied
+                out.write_json(SPARSITY_FILE, writer.record(entry.name, config))
+            else:
+                model_config = _output_config(model, config)
+                if source_sparsity is not None:  # the zeros are kept: say so where compressed-tensors reads
+                    model_config["quantization_config"]["sparsity_config"] = sparsity_of(source_sparsity)
+                out.write_json("config.json", model_config)
     return Path(out_dir)

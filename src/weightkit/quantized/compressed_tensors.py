@@ -59,6 +59,7 @@ __all__ = [
     "refuse_quantized",
     "scheme_from_weights_args",
     "scheme_of",
+    "sparsity_config",
     "unpack_e2m1",
 ]
 
@@ -222,6 +223,19 @@ def quantization_config(modules: dict[str, QuantScheme | FloatScheme], ignore: l
     if ct_version is not None:
         config["version"] = ct_version
     return config
+
+
+def sparsity_config(structure: str, global_sparsity: float, targets: list[str]) -> dict:
+    """compressed-tensors' ``sparsity_config`` for pruned layers stored as they are (format ``"dense"``: the
+    zeros are in the quantized weights, nothing to decompress), recording the ``structure``
+    (``"unstructured"``, ``"2:4"``, ``"4:8"``), the measured ``global_sparsity``, the pruned ``targets``."""
+    return {
+        "format": "dense",
+        "targets": list(targets),
+        "ignore": [],
+        "global_sparsity": global_sparsity,
+        "sparsity_structure": structure,
+    }
 
 
 def packed_tensors(quantized: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -68,6 +68,9 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
         act_order: quantize the most-activated input columns first, while the columns left can
             still absorb their error. On by default (as in llm-compressor): on MiniLM at 4 bits g128
             it lifts held-out embedding cosine from 0.9766 to 0.9799 at no measurable cost.
+        keep_zeros: weights that are exactly zero stay zero (no error is moved onto them; see
+            :func:`~weightkit.compress.quant.gptq.gptq_quantize`), so a pruned model keeps its sparsity. Set
+            by a recipe whose pruning stage comes before GPTQ; off by default (the paper).
         hessian_shrinkage: shrink each Hessian's off-diagonal part toward zero, by ``n / (n + d)`` for
             ``n`` calibration tokens and ``d`` input features while ``n <= d``, fading as ``d / n``
             beyond (``gptq.shrink_hessian``), so scarce calibration data leads toward round-to-nearest
@@ -79,6 +82,7 @@ class GPTQConfig(WeightQuantFields, CalibrationFields):
     block_size: int = 128
     act_order: bool = True
     hessian_shrinkage: bool = True
+    keep_zeros: bool = False
 
     def __post_init__(self):
         WeightQuantFields.__post_init__(self)
@@ -213,7 +217,8 @@ def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[
 
     Below that, a layer's input statistics have rank at most the token count: they cannot tell which
     input directions matter for every weight, so the method leans on its fallback (GPTQ's Hessian
-    shrinkage, AWQ's identity scale and unclipped range), i.e. toward round-to-nearest.
+    shrinkage, AWQ's identity scale and unclipped range), i.e. toward round-to-nearest; Wanda's and
+    SparseGPT's masks rest on the same too-few tokens.
     """
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     name, widest = max(((n, m.in_features) for n, m in linears.items()), key=lambda item: item[1])
@@ -221,7 +226,8 @@ def _warn_if_scarce(label: str, batches: list[dict[str, Tensor]], linears: dict[
         warnings.warn(
             f"{label}: the calibration data has {tokens} tokens, fewer than the {widest} inputs of {name}; "
             f"give at least {widest} tokens (more or longer texts). With fewer, its input statistics are "
-            f"rank-deficient and the result stays close to round-to-nearest.",
+            f"rank-deficient and the result stays close to round-to-nearest (for GPTQ/AWQ) or rests on too "
+            f"few tokens (for Wanda/SparseGPT's masks).",
             stacklevel=6,  # the caller of compress() or compress_checkpoint()
         )
 
@@ -240,17 +246,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _walk_blocks(model, config, data, tokenizer, progress, label, quantize_block, store, device) -> nn.Module:
+def _walk_blocks(
+    model, config, data, tokenizer, progress, label, quantize_block, store, device, linears=None
+) -> nn.Module:
     """See :func:`_walk_blocks_in_eval_mode`; run with the model in eval mode (a model in training mode would
     calibrate with dropout on), its modules' modes restored after."""
     with _eval_mode(model):
         return _walk_blocks_in_eval_mode(
-            model, config, data, tokenizer, progress, label, quantize_block, store, device
+            model, config, data, tokenizer, progress, label, quantize_block, store, device, linears
         )
 
 
 def _walk_blocks_in_eval_mode(
-    model, config, data, tokenizer, progress, label, quantize_block, store, device
+    model, config, data, tokenizer, progress, label, quantize_block, store, device, linears=None
 ) -> nn.Module:
     """Shared block walk: quantize each block's layers and pass the block's outputs on to the next.
 
@@ -269,9 +277,14 @@ def _walk_blocks_in_eval_mode(
     With a ``device``, the front part of the model runs there to capture the first inputs, and each
     block is moved there while it is calibrated; the model is left where it was. Without one, each
     part runs where it is.
+
+    ``linears`` are the layers to calibrate (default: the quantization config's
+    :func:`~weightkit.compress.quant.module.selected_linears`). A method that changes a layer's weight in
+    place (pruning) returns no quantized weight for it, and the layer stays a plain ``nn.Linear``.
     """
     lists = _block_lists(model, label)
-    linears = selected_linears(model, config)
+    if linears is None:
+        linears = selected_linears(model, config)
     plans = _plan(lists, linears)
     batches = calibration_batches(config, data, tokenizer)
     _warn_if_scarce(label, batches, linears)
@@ -343,6 +356,7 @@ def _gptq_group(prefix: str, group: dict[str, nn.Module], h: Tensor, config: GPT
             damp=config.damp,
             block_size=config.block_size,
             act_order=config.act_order,
+            keep_zeros=config.keep_zeros,
             name=" + ".join(f"{prefix}.{rel}.weight" for rel in rels),
         )
         for rel, quantized in zip(rels, stacked.split_rows([w.shape[0] for w in weights]), strict=True):

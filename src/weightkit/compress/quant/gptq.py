@@ -169,6 +169,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     clip_ratio: Tensor | float | None = None,
+    keep_zeros: bool = False,
     name: str = "weight",
 ) -> QuantizedWeight:
     """Quantize ``w`` with GPTQ given the Hessian of its inputs.
@@ -188,6 +189,11 @@ def gptq_quantize(
         clip_ratio: optional per-group range shrink ``[out, groups]`` (see
             :func:`~weightkit.quantized.grid.compute_qparams`), e.g. from AWQ's clip search,
             or one float for all groups. Applied to each group's grid wherever it is computed.
+        keep_zeros: weights that are exactly zero (a pruned model's) stay exactly zero: no column's error
+            is moved onto them, so they round to the grid's zero (both grids hold 0 exactly: the symmetric
+            one at code 0, the asymmetric one at its integer zero point, its range always spanning 0). The
+            other weights compensate as usual, within the sparsity mask (the masked GPTQ of SparseGPT's
+            joint sparsification and quantization, and of llm-compressor's sparsity-preserving GPTQ).
         name: the tensor's name for error messages.
 
     Returns:
@@ -207,6 +213,7 @@ def gptq_quantize(
     rows, cols = w.shape
     W, H, _ = sweep_inputs(w, h, damp=damp, block_size=block_size, name=name)
     cdtype = W.dtype
+    kept = (W != 0).to(cdtype) if keep_zeros else None  # 1 where a weight may take compensation
 
     group = scheme.group_size or cols
     n_groups = cols // group
@@ -232,6 +239,8 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if kept is not None:
+            kept = kept[:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
     col_group = (perm // group).tolist()  # group of each column in sweep order
@@ -247,6 +256,7 @@ def gptq_quantize(
         b1 = min(b0 + block_size, cols)
         # The block's columns as contiguous rows: each step below touches one row, not a strided column.
         WT = W[:, b0:b1].T.contiguous()
+        kept_t = None if kept is None else kept[:, b0:b1].T.contiguous()
         QT, ET = torch.empty_like(WT), torch.empty_like(WT)
         w_cols, q_cols, e_cols, u_rows = WT.unbind(0), QT.unbind(0), ET.unbind(0), U[b0:b1, b0:b1].unbind(0)
         # The per-column steps are tiny; CPU threads only add synchronisation (30x slower when the
@@ -260,6 +270,8 @@ def gptq_quantize(
                     current = WT[i : min(end, b1) - b0].T
                     if end > b1:  # the group runs past this block: add the block's pending updates
                         pending = W[:, b1:end] - ET[:i].T @ U[b0:c, b1:end]
+                        if kept is not None:
+                            pending = pending * kept[:, b1:end]
                         current = torch.cat([current, pending], dim=1)
                     clip = None if clip_ratio is None else clip_ratio[:, g : g + 1]
                     _set_grid(grid, slice(g, g + 1), *_params(current, col_scheme, clip, w.dtype, name))
@@ -275,9 +287,13 @@ def gptq_quantize(
                 if i + 1 < b1 - b0:
                     # The paper's update: spread this column's error over the block's remaining columns.
                     WT[i + 1 :].addr_(u_rows[i][i + 1 :], e, alpha=-1)
+                    if kept_t is not None:
+                        WT[i + 1 :].mul_(kept_t[i + 1 :])
         Q[:, b0:b1] = QT.T.to(torch.int8)
         # Lazy batch update: the rest of the matrix gets the whole block's error at once.
         W[:, b1:] -= ET.T @ U[b0:b1, b1:]
+        if kept is not None:
+            W[:, b1:].mul_(kept[:, b1:])
 
     if act_order:
         Q = Q[:, torch.argsort(perm)]
