@@ -19,8 +19,18 @@ _SHARE_METHODS = ("recursive", "dictionary", "foldgpt")
 _PRUNE_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
 _METHODS = (*_QUANT_METHODS, *_PRUNE_METHODS, *_LOW_RANK, *_SHARE_METHODS)
 # Methods that use no calibration data.
-_DATA_FREE = ("rtn", "fp8", "fp4", "ternary", "magnitude", "random", "svd", "welore", "recursive")
-_DATA_FREE += ("dictionary",)
+_DATA_FREE = (
+    "rtn",
+    "fp8",
+    "fp4",
+    "ternary",
+    "magnitude",
+    "random",
+    "svd",
+    "welore",
+    "recursive",
+    "dictionary",
+)
 _CALIBRATED = tuple(m for m in _METHODS if m not in _DATA_FREE)
 
 
