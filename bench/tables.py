@@ -440,6 +440,12 @@ def compress_targets() -> str:
             f"perplexity +{m['gap']:.1%} vs fp32; paper +{m['paper_gap']:.1%}",
             _met(m["met"]),
         ])  # fmt: skip
+    if gap.get("magnitude_gap_not_judged") is not None:
+        rows.append([
+            f"{gap['target']}: magnitude (for reference: a naive pruner under the same criterion)",
+            f"perplexity +{gap['magnitude_gap_not_judged']:.1%} vs fp32",
+            "not judged",
+        ])  # fmt: skip
     for r in timing["per_run"]:
         rows.append([
             f"{timing['target']}: {r['model']} ({r['label']})",
