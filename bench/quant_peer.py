@@ -1,4 +1,5 @@
-"""Peer side of the quantization benchmarks: llm-compressor's GPTQ / AWQ / RTN, FP8 or NVFP4 on one model.
+"""Peer side of the quantization benchmarks: llm-compressor's GPTQ / AWQ / RTN, FP8 or NVFP4 (or its SparseGPT
+or Wanda pruning) on one model.
 
 Runs under the peer venv's python (``bench/.venv-peer``, made by ``bench/peer_env.sh``), never under
 weightkit's: llm-compressor pins its own transformers and compressed-tensors. ``bench/common.py``
@@ -45,7 +46,11 @@ from pathlib import Path
 # llm-compressor's FP8_DYNAMIC scheme alone: weightkit's FP8Config default). nvfp4: the NVFP4A16 preset
 # (E2M1 weights, groups of 16 with FP8 scales and a global scale; weights only). Neither needs calibration
 # data, but oneshot is given the same texts as the others.
-METHODS = ("gptq", "awq", "rtn", "fp8", "nvfp4")
+# sparsegpt / wanda: one-shot pruning to --sparsity (a fraction, unstructured, or N:M), no quantization.
+# (llm-compressor's MagnitudePruningModifier is not here: it masks weights on training steps, and one-shot
+# it left every weight in place.)
+PRUNING = ("sparsegpt", "wanda")
+METHODS = ("gptq", "awq", "rtn", "fp8", "nvfp4", *PRUNING)
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +74,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128, help="GPTQ: columns per lazy-update block")
     p.add_argument("--awq-n-grid", type=int, default=20, help="AWQ: grid points of the scale search")
     p.add_argument("--awq-duo-scaling", default="true", choices=["true", "false", "both"])
+    p.add_argument(
+        "--sparsity", default="0.5", help="pruning: a fraction of zeros (unstructured) or N:M, e.g. 2:4"
+    )
     p.add_argument("--ignore", nargs="*", default=None, help="module names/regexes left in full precision")
     p.add_argument("--eval-file", default=None, help="jsonl of held-out texts for quality")
     p.add_argument("--eval-max-len", type=int, default=256)
@@ -193,10 +201,37 @@ def _patch_cpu_pinning() -> bool:
     return True
 
 
+def _sparsity(text: str) -> tuple[float, str]:
+    """``(fraction, mask_structure)`` of ``--sparsity``: "0.5" -> (0.5, "0:0"), "2:4" -> (0.5, "2:4")
+    (llm-compressor's "0:0" is unstructured)."""
+    if ":" in text:
+        n, m = (int(x) for x in text.split(":"))
+        return n / m, f"{n}:{m}"
+    return float(text), "0:0"
+
+
+def _pruning_modifier(args, ignore: list[str]):
+    """SparseGPT or Wanda: one-shot, block by block on the calibration activations; no quantization."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    fraction, structure = _sparsity(args.sparsity)
+    if args.method == "sparsegpt":
+        return SparseGPTModifier(
+            sparsity=fraction,
+            mask_structure=structure,
+            block_size=args.block_size,
+            dampening_frac=args.dampening_frac,
+            ignore=ignore,
+        )
+    return WandaPruningModifier(sparsity=fraction, mask_structure=structure, ignore=ignore)
+
+
 def _recipe(args, causal: bool):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     ignore = args.ignore if args.ignore is not None else (["lm_head"] if causal else [])
+    if args.method in PRUNING:
+        return [_pruning_modifier(args, ignore)]
     groups = _quant_scheme(args)
     if args.method in ("rtn", "fp8", "nvfp4"):
         # Plain min/max round-to-nearest: the same observer, no calibration-driven algorithm.
@@ -352,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method,
         "scheme": {"bits": args.bits, "group_size": args.group_size or None, "symmetric": not args.asym}
         if args.method in ("gptq", "awq", "rtn")
+        else {"sparsity": args.sparsity}
+        if args.method in PRUNING
         else {"fp8": "FP8_DYNAMIC weights only (E4M3, per channel)", "nvfp4": "NVFP4A16"}[args.method],
         "gptq": {
             "actorder": args.actorder,
@@ -359,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
             "block_size": args.block_size,
         }
         if args.method == "gptq"
+        else {"dampening_frac": args.dampening_frac, "block_size": args.block_size}
+        if args.method == "sparsegpt"
         else None,
         "awq": {"n_grid": args.awq_n_grid, "duo_scaling": args.awq_duo_scaling}
         if args.method == "awq"

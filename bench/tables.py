@@ -348,6 +348,26 @@ def _compress_quality(record: dict) -> str:
     return f"{record['quality']:.{digits}f} ({change:+.2%})"
 
 
+def _why_no_numbers(record: dict) -> str:
+    """Why a compress record has no quality: not registered, a setting its config refused, or a failure."""
+    if "skipped" not in record:
+        return "failed (see the JSON)"
+    return "not registered: skipped" if "not registered" in record["skipped"] else "skipped (see the JSON)"
+
+
+def _compress_setting(record: dict) -> str:
+    """The setting's label, with the measured fraction of zeros of a pruned output."""
+    return record["label"] + (f" (zeros {record['sparsity']:.1%})" if "sparsity" in record else "")
+
+
+def _compress_size(record: dict) -> str:
+    """The size and its ratio to fp32, and where the chart places it when that differs (a pruned output at
+    its idealised sparse size)."""
+    text = f"{record['size_mb']:.1f} ({record['size_vs_fp32']:.2f})"
+    chart = record.get("chart_size_mb", record["size_mb"])
+    return text + (f"; nonzeros {chart:.1f}" if abs(chart - record["size_mb"]) > 0.05 else "")
+
+
 def compress() -> str:
     """``bench/compress.py``: every method and peer per model and setting: size, quality, time, memory, and
     the ratios against the peer run of the same scheme (bold: weightkit faster / leaner)."""
@@ -360,8 +380,7 @@ def compress() -> str:
         for r in (r for r in result["records"] if r["model"] == model):
             name = r["series"] if r["tool"] == "weightkit" else f"{r['series']} (peer)"
             if "quality" not in r:
-                why = "not registered: skipped" if "skipped" in r else "failed (see the JSON)"
-                rows.append([model, name, "–", "–", why, "–", "–", "–", "–"])
+                rows.append([model, name, r["label"], "–", _why_no_numbers(r), "–", "–", "–", "–"])
                 continue
             peer = r.get("vs_peer")
             versus = "–" if peer is None else (
@@ -371,39 +390,71 @@ def compress() -> str:
                 f", size {peer['ratio_size_mb']:.3f}, quality {peer['quality_delta']:+.4f}"
             )  # fmt: skip
             rows.append([
-                model, name, r["label"], f"{r['size_mb']:.1f} ({r['size_vs_fp32']:.2f})",
+                model, name, _compress_setting(r), _compress_size(r),
                 _compress_quality(r), f"{r['quant_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
                 f"{r['peak_rss_mib']:.0f}", versus,
             ])  # fmt: skip
     header = [
-        "model", "method", "setting", "size, MB (vs fp32)", "quality (vs fp32)", "quantization call, s",
+        "model", "method", "setting", "size, MB (vs fp32)", "quality (vs fp32)", "compression call, s",
         "whole process, s", "peak RSS, MiB", "vs the peer of the same scheme",
     ]  # fmt: skip
     return _table(header, rows)
 
 
+def _met(value: bool | None) -> str:
+    return "not judged" if value is None else "yes" if value else "**no**"
+
+
 def compress_targets() -> str:
-    """The issue's targets for ``bench/compress.py``, each with what was measured ("not measured" when a
-    method is not registered yet)."""
-    result = _load("compress")
-    low_bits, fp8 = result["targets"]
+    """The issue's targets for ``bench/compress.py``, each with what was measured ("not measured", with the
+    reason, when a method has no result yet)."""
+    targets = {t["target"]: t for t in _load("compress")["targets"]}
+    low_bits, fp8, bitstack, gap, timing = targets.values()
     rows = []
     for c in low_bits["comparisons"]:
         digits = _COMPRESS_QUALITY[c["model"]][1]
-        met = "not judged" if c["beats"] is None else "yes" if c["beats"] else "**no**"
         at_size = f"{c['baseline'].upper()} {c['baseline_quality_at_size']:.{digits}f}"
         rows.append([
             f"{low_bits['target']}: {c['method'].upper()} {c['label']}, {c['model']}, {c['size_mb']:.1f} MB",
             f"{c['quality']:.{digits}f} vs {at_size} ({c['how']})",
-            met,
+            _met(c["beats"]),
         ])  # fmt: skip
     for missing in low_bits["not_measured"]:
         rows.append([low_bits["target"], missing, "not measured"])
     for m in fp8["per_model"]:
         measured = f"quality change vs fp32 {m['quality_change']:+.3%} (0: lossless; below 0: better)"
-        rows.append(
-            [f"{fp8['target']}: {m['model']} ({m['label']})", measured, "yes" if m["met"] else "**no**"]
-        )
+        rows.append([f"{fp8['target']}: {m['model']} ({m['label']})", measured, _met(m["met"])])
+    for c in bitstack["comparisons"]:
+        digits = _COMPRESS_QUALITY[c["model"]][1]
+        shown = {
+            k: "outside its sizes" if c[k] is None else f"{c[k]:.{digits}f}" for k in ("bitstack", "svd")
+        }
+        rows.append([
+            f"{bitstack['target']}: {c['model']}, {c['size_mb']:.1f} MB ({c['point_of']} point)",
+            f"BitStack {shown['bitstack']} vs SVD {shown['svd']}",
+            _met(c["met"]),
+        ])  # fmt: skip
+    for m in gap["per_method"]:
+        rows.append([
+            f"{gap['target']}: {m['method']}, small-llama (indicative: a ~6M-parameter model vs LLaMA-2-7B)",
+            f"perplexity +{m['gap']:.1%} vs fp32; paper +{m['paper_gap']:.1%}",
+            _met(m["met"]),
+        ])  # fmt: skip
+    if gap.get("magnitude_gap_not_judged") is not None:
+        rows.append([
+            f"{gap['target']}: magnitude (for reference: a naive pruner under the same criterion)",
+            f"perplexity +{gap['magnitude_gap_not_judged']:.1%} vs fp32",
+            "not judged",
+        ])  # fmt: skip
+    for r in timing["per_run"]:
+        rows.append([
+            f"{timing['target']}: {r['model']} ({r['label']})",
+            f"{r['weightkit_seconds']:.1f} vs {r['llm_compressor_seconds']:.1f} s: {r['ratio']:.2f}x",
+            _met(r["met"]),
+        ])  # fmt: skip
+    for target in (bitstack, gap, timing):
+        if target["why_not_measured"]:
+            rows.append([target["target"], target["why_not_measured"], "not measured"])
     return _table(["target", "measured", "met"], rows)
 
 
