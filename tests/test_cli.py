@@ -219,7 +219,7 @@ def test_act_order_can_be_turned_off_and_is_gptq_only(tmp_path, capsys, llama_di
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--seq-len", "64"],
-            ["--seq-len", "gptq or awq or gwq or flexround or vptq or wanda or sparsegpt only"],
+            ["--seq-len", "flexround or vptq or wanda or sparsegpt or bitstack or foldgpt only", "not rtn"],
         ),
         (
             ["--method", "rtn", "--group-size", "32", "--calib", "texts.txt"],
