@@ -183,3 +183,19 @@ def test_a_tensor_that_cannot_be_compared_is_one_row_not_two(ct_checkpoint):
         ("model.ids", "not a floating-point tensor (torch.int64)"),
         ("model.c.weight", "absent in base"),
     ]
+
+
+def test_a_pruned_then_quantized_checkpoint_is_measured_against_its_pruned_source(tiny_base, tmp_path):
+    """A recipe's 2:4 + RTN output carries a "dense" sparsity_config (zeros stored as they are): its error is
+    measured like any pack-quantized checkpoint; a compressed sparse format stays refused (above)."""
+    from weightkit.compress import MagnitudeConfig
+
+    pruned = compress_checkpoint(
+        tiny_base, tmp_path / "pruned", MagnitudeConfig(sparsity="2:4"), progress=False
+    )
+    quantized = compress_checkpoint(pruned, tmp_path / "q", RTNConfig(bits=8, group_size=16), progress=False)
+    qc = json.loads((quantized / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity_config"]["format"] == "dense" and qc["sparsity_config"]["sparsity_structure"] == "2:4"
+    table = quantization_error(pruned, quantized)
+    assert table.summary["quantized_layers"] == 14 and table.summary["mismatched"] == 0
+    assert all(row["sqnr_db"] > 30 for row in table.rows if row["quantized"])  # 8 bits of the pruned weights

@@ -128,11 +128,19 @@ def _refuse_unsupported(qc: dict, path: Path) -> None:
         raise WeightkitError(
             f"{where}: format {', '.join(unsupported)} is not supported (only 'pack-quantized')"
         )
-    for key in ("sparsity_config", "transform_config"):
-        if qc.get(key):
-            raise WeightkitError(
-                f"{where}: a {key} is set ({qc[key]}); weights with sparsity or transforms are not supported"
-            )
+    # A "dense" sparsity_config only records that pruned weights are stored as they are (zeros included, as
+    # weightkit's pruning stages write it); a compressed sparse format would have to be decompressed first.
+    sparsity = qc.get("sparsity_config")
+    if sparsity and sparsity.get("format") != "dense":
+        raise WeightkitError(
+            f"{where}: sparsity_config format {sparsity.get('format')!r} is not supported (only 'dense', "
+            "weights stored with their zeros)"
+        )
+    if qc.get("transform_config"):
+        raise WeightkitError(
+            f"{where}: a transform_config is set ({qc['transform_config']}); transformed weights are not "
+            "supported"
+        )
 
 
 def _row(name, shape, status, reason=None, scheme: QuantScheme | None = None, sqnr=None, error=None) -> dict:
