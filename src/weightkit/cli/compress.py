@@ -218,6 +218,10 @@ def _method_name(config: dict | list[dict]) -> str:
 
 
 def _setting(config) -> str:
+    if hasattr(config, "iterations"):
+        budget = "" if config.budget_mb is None else f", stored within {config.budget_mb:g} MB"
+        blocks = f"{config.iterations} blocks of rank {config.rank}, {config.importance} importance"
+        return f"bitstack {blocks}{budget}"
     if hasattr(config, "blocks"):
         relaxed = f", LoRA rank {config.relax_rank} per layer" if config.relax_rank else ""
         return f"recursive {config.blocks} shared layers, {config.init_method} init{relaxed}"
