@@ -811,18 +811,21 @@ class Results:
 
 
 def bitstack_budgets(model: str, records: list[dict], reference_mb: float) -> tuple[list[float], str]:
-    """The budgets (MB) BitStack is loaded at on ``model``: the sizes SVD's outputs reached, or without SVD
-    results, the sizes :data:`SVD_RATIOS` nominally give (every other tensor whole, the selected linears
-    at the ratio); and which of the two."""
-    svd = sorted(
-        r["size_mb"] for r in records if (r["model"], r["method"]) == (model, "svd") and "quality" in r
-    )
-    if svd:
-        return svd, "the sizes of SVD's outputs"
-    linear_mb = selected_linear_mb(_model_dir(model))
-    return [
-        reference_mb - (1 - ratio) * linear_mb for ratio in SVD_RATIOS
-    ], "nominal: SVD_RATIOS of the linears"
+    """The budgets (MB) BitStack is loaded at on ``model``: the sizes SVD's outputs reached (or without SVD
+    results, the sizes :data:`SVD_RATIOS` nominally give: every other tensor whole, the selected linears at
+    the ratio), and the sizes of RTN's outputs (2 to 8 bits), where the paper compares BitStack with
+    quantization; and where they came from."""
+
+    def sizes(method: str) -> list[float]:
+        ours = [r for r in records if (r["model"], r["method"], r["tool"]) == (model, method, "weightkit")]
+        return [r["size_mb"] for r in ours if "quality" in r]
+
+    svd, rtn = sizes("svd"), sizes("rtn")
+    if not svd:
+        linear_mb = selected_linear_mb(_model_dir(model))
+        svd = [reference_mb - (1 - ratio) * linear_mb for ratio in SVD_RATIOS]
+    source = "the sizes of SVD's outputs" if sizes("svd") else "nominal: SVD_RATIOS of the linears"
+    return sorted({*svd, *rtn}), f"{source}, and of RTN's outputs"
 
 
 def selected_linear_mb(directory: Path) -> float:
