@@ -817,7 +817,7 @@ def bitstack_budgets(model: str, records: list[dict], reference_mb: float) -> tu
     quantization; and where they came from."""
 
     def sizes(method: str) -> list[float]:
-        ours = [r for r in records if (r["model"], r["method"], r["tool"]) == (model, method, "weightkit")]
+        ours = [r for r in records if (r["model"], r["method"]) == (model, method) and r.get("tool") != "hqq"]
         return [r["size_mb"] for r in ours if "quality" in r]
 
     svd, rtn = sizes("svd"), sizes("rtn")
