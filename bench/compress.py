@@ -702,7 +702,7 @@ def plot(records: list[dict], references: dict, path: Path) -> None:
 
     models = list(references)
     scored = [r for r in records if "quality" in r and r["model"] in references]
-    palette = plt.get_cmap("tab20").colors
+    palette = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors  # 40: one colour per series
     colour = {
         name: palette[i % len(palette)] for i, name in enumerate(dict.fromkeys(r["series"] for r in scored))
     }
@@ -744,7 +744,7 @@ def plot(records: list[dict], references: dict, path: Path) -> None:
                     ax.yaxis.set_major_formatter(ScalarFormatter())
                     ax.yaxis.set_minor_formatter(NullFormatter())
                 else:
-                    ax.set_ylim(top=ref["quality"] * 1.05)
+                    ax.set_ylim(bottom=ref["quality"] * 0.98, top=ref["quality"] * 1.05)
             where = "every method" if row == 0 else "near fp32"
             ax.set_title(f"{model}: size vs quality, {where}", fontsize=10)
         axes[0, column].legend(fontsize=6, ncol=2)
