@@ -108,6 +108,21 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object of the header holds one key twice (its message is the key)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a repeated key: JSON parsers keep the last of two equal keys, so a
+    header naming a tensor twice would otherwise silently lose one of them."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"tensor {key}" if isinstance(value, dict) else repr(key))
+        seen[key] = value
+    return seen
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header of a safetensors file, reading only the header bytes.
 
@@ -140,7 +155,9 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], di
         raise WeightkitError(f"cannot read {path}: {e.strerror or e}") from e
 
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _corrupt(path, f"the header names {e} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _corrupt(path, f"the header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
