@@ -37,3 +37,16 @@ def test_recipe_stages_are_summarised_in_order():
     ]
     line = _setting(stages)
     assert line.startswith("2:4 sparse + ") and "int4" in line
+
+
+def test_the_cli_list_of_data_free_methods_is_the_registry_s():
+    """The CLI names its data-free methods without importing the methods (a fast --help); they must be exactly
+    the registered configs that take no calibration fields."""
+    from weightkit.cli.compress import _DATA_FREE
+    from weightkit.compress.quant.config import CalibrationFields
+    from weightkit.registry import lookup
+
+    for method in _METHODS:
+        assert (method in _DATA_FREE) == (
+            not issubclass(lookup("compress", method).config_cls, CalibrationFields)
+        )

@@ -27,6 +27,7 @@ from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields, measured_s
 from weightkit.compress.prune.magnitude import MagnitudeConfig
 from weightkit.compress.prune.random import RandomConfig
 from weightkit.compress.prune.stages import compress_stages, pruned_source, sparsity_of
+from weightkit.compress.quant.config import CalibrationFields
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
@@ -35,7 +36,6 @@ from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
 from weightkit.compress.share.dictionary import DictionaryConfig
 from weightkit.compress.share.foldgpt import FoldGPTConfig
-from weightkit.compress.share.recursive import RecursiveConfig
 from weightkit.errors import WeightkitError
 from weightkit.models import CheckpointNames, load_tokenizer, model_auto_class, skeleton
 from weightkit.progress import track
@@ -59,8 +59,6 @@ _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 _LOW_RANK = (SVDConfig, WeLoreConfig)
 # Pruning methods that need no data: streamed one tensor at a time too.
 _PRUNED_TENSOR_WISE = (MagnitudeConfig, RandomConfig)
-# Methods that use no calibration data (no tokenizer needed).
-_DATA_FREE = (*_TENSOR_WISE, *_PRUNED_TENSOR_WISE, *_LOW_RANK, DictionaryConfig, RecursiveConfig)
 
 
 class _SparsityRecorder:
@@ -289,7 +287,8 @@ def compress_checkpoint(
             require_causal_lm(reader.config, str(model_dir))
         auto_cls = model_auto_class(model_task(reader.config))
         model = skeleton(model_dir, auto_cls)
-        tokenizer = None if isinstance(config, _DATA_FREE) else load_tokenizer(model_dir)
+        # Only methods that calibrate on text need the tokenizer.
+        tokenizer = load_tokenizer(model_dir) if isinstance(config, CalibrationFields) else None
         names = CheckpointNames(model, reader.names())
         pruning = isinstance(config, PruneFields)
         source_sparsity = None if pruning else pruned_source(model_dir, config)
