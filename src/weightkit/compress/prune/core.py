@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from weightkit.compress.quant.module import refuse_conv1d
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
 from weightkit.select import DEFAULT_IGNORE, select_modules
@@ -151,12 +151,7 @@ def selected_prunable(model: nn.Module, config: PruneFields) -> dict[str, nn.Lin
         WeightkitError: nothing selected, a GPT-2 style ``Conv1D`` layer (its weight is stored transposed,
             ``[in, out]``; not supported), or an N:M whose M does not divide a layer's input width (named).
     """
-    conv1d = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
-    if conv1d:
-        raise WeightkitError(
-            f"{conv1d[0]} (and {len(conv1d) - 1} more) is a transformers Conv1D layer (GPT-2 style, weight "
-            "stored [in, out]); weightkit prunes Linear layers only"
-        )
+    refuse_conv1d(model, "weightkit prunes Linear layers only")
     linears = select_modules(model, targets=config.targets, ignore=config.ignore)
     if not linears:
         raise WeightkitError("no linear layer selected for pruning (check targets and ignore)")

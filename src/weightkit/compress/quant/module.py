@@ -14,7 +14,18 @@ from weightkit.quantized.grid import QuantizedWeight
 from weightkit.quantized.linear import quantized_layer
 from weightkit.select import matches, select_modules
 
-__all__ = ["selected_linears", "quantize_linear", "quantize_each_weight"]
+__all__ = ["refuse_conv1d", "selected_linears", "quantize_linear", "quantize_each_weight"]
+
+
+def refuse_conv1d(model: nn.Module, why: str) -> None:
+    """Refuse a model holding transformers ``Conv1D`` layers (GPT-2 style, weight stored ``[in, out]``),
+    naming the first; ``why`` says why the method cannot take them."""
+    conv1d = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    if conv1d:
+        raise WeightkitError(
+            f"{conv1d[0]} (and {len(conv1d) - 1} more) is a transformers Conv1D layer (GPT-2 style, weight "
+            f"stored [in, out]), not a Linear: {why}"
+        )
 
 
 def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, nn.Linear]:
@@ -25,13 +36,11 @@ def selected_linears(model: nn.Module, config: WeightQuantFields) -> dict[str, n
     Raises:
         WeightkitError: nothing selected, or a weight whose shape the grid cannot take (naming it).
     """
-    conv1d = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
-    if conv1d:
-        raise WeightkitError(
-            f"{conv1d[0]} (and {len(conv1d) - 1} more) is a transformers Conv1D layer (GPT-2 style), not a "
-            "Linear: compressed-tensors, and so transformers' loader, quantizes Linear layers only, so a "
-            "quantized Conv1D model could not be loaded back. weightkit does not quantize such models"
-        )
+    refuse_conv1d(
+        model,
+        "compressed-tensors, and so transformers' loader, quantizes Linear layers only, so a quantized "
+        "Conv1D model could not be loaded back. weightkit does not quantize such models",
+    )
     linears = select_modules(model, targets=config.targets, ignore=config.ignore)
     # transformers keeps these in float32 and its model code reads their .weight (T5's "wo"): quantized,
     # the model would not run.
