@@ -435,14 +435,17 @@ def _float_quantized_linear(
     return FloatQuantizedLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
 
 
+def _weight_tensors(reader, ckpt_name: str, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The stored tensors of layer ``ckpt_name`` among ``suffixes`` (those present), by suffix, except the
+    bias, which :func:`_bias` reads and checks against the model's layer."""
+    names = {s: f"{ckpt_name}.{s}" for s in suffixes if s != "bias"}
+    return {s: reader.get(name) for s, name in names.items() if name in reader}
+
+
 def _vptq_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> VPTQLinear:
     """Rebuild one ``VPTQLinear`` from its stored tensors (checked by name); ``dtype`` casts the bias only,
     the float16 codebooks are part of the format."""
-    stored = {
-        s: reader.get(f"{ckpt_name}.{s}")
-        for s in VPTQ_SUFFIXES
-        if s != "bias" and f"{ckpt_name}.{s}" in reader
-    }
+    stored = _weight_tensors(reader, ckpt_name, VPTQ_SUFFIXES)
     shape = (linear.out_features, linear.in_features)
     quantized = vptq_weight_from_stored(stored, shape, ckpt_name)
     return VPTQLinear(quantized, _bias(reader, ckpt_name, linear, dtype))
@@ -467,7 +470,7 @@ def _outlier_linear(
 def _lowrank_linear(reader, ckpt_name: str, linear: nn.Linear, dtype) -> LowRankLinear:
     """Rebuild one ``LowRankLinear`` from its stored factors (checked by name); ``dtype`` casts the factors
     and the bias."""
-    stored = {s: reader.get(f"{ckpt_name}.{s}") for s in LOWRANK_SUFFIXES if f"{ckpt_name}.{s}" in reader}
+    stored = _weight_tensors(reader, ckpt_name, LOWRANK_SUFFIXES)
     weight = lowrank_weight_from_stored(stored, (linear.out_features, linear.in_features), ckpt_name)
     if dtype is not None:
         weight = LowRankWeight(weight.up.to(dtype), weight.down.to(dtype))
@@ -511,9 +514,7 @@ def _bitstack_layers(qc: dict, path: Path, reader, dtype, budget_mb: float | Non
     counts = bitstack_block_counts(qc, reader, str(path / "config.json"), budget_mb=budget_mb, dtype=dtype)
 
     def read_bitstack(reader, ckpt_name, linear, dtype):
-        stored = {
-            s: reader.get(f"{ckpt_name}.{s}") for s in BITSTACK_SUFFIXES[:-1] if f"{ckpt_name}.{s}" in reader
-        }
+        stored = _weight_tensors(reader, ckpt_name, BITSTACK_SUFFIXES)
         blocks, scores = counts[ckpt_name]
         shape = (linear.out_features, linear.in_features)
         quantized = bitstack_weight_from_stored(stored, shape, ckpt_name, blocks, scores)

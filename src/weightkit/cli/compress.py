@@ -1,4 +1,4 @@
-"""``weightkit compress``: quantize a Hugging Face model directory, or share its weights across blocks."""
+"""``weightkit compress``: quantize, prune, factor or share the weights of a Hugging Face model directory."""
 
 import argparse
 import functools
