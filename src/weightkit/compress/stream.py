@@ -298,19 +298,18 @@ def compress_checkpoint(
             out.copy_files(model_dir)
             settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
             out.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
+            streamed = _StreamedModel(model, reader, writer, names)
             if names.fused or _needs_whole_model(config):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
                     writer.add(name, tensor)
             elif isinstance(config, _TENSOR_WISE):
-                streamed = _StreamedModel(model, reader, writer, names)
                 _stream_tensor_wise(model, config, streamed, progress, device)
             elif isinstance(config, _LOW_RANK):
-                factor_streamed(model, config, _StreamedModel(model, reader, writer, names), progress, device)
+                factor_streamed(model, config, streamed, progress, device)
             elif isinstance(config, _PRUNED_TENSOR_WISE):
-                _stream_pruned(model, config, _StreamedModel(model, reader, writer, names), progress, device)
+                _stream_pruned(model, config, streamed, progress, device)
             else:
-                streamed = _StreamedModel(model, reader, writer, names)
                 blocks = tuple(name for name, _ in block_lists(model))
                 streamed.load("", model, skip=blocks)
                 entry.fn(
