@@ -13,6 +13,7 @@ output equals ``compress`` on the loaded model followed by ``save_quantized`` (t
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,13 +95,15 @@ def _stream_pruned(
     """Magnitude/random pruning one tensor at a time: each selected weight is read, pruned on ``device`` by
     ``config.prune_weight`` and written in its own dtype; every other tensor is copied."""
     weights = {f"{name}.weight": name for name in selected_prunable(model, config)}
-    for name in track(list(model.state_dict()), config.LABEL, enabled=progress):
-        tensor = streamed.read(name)
-        if tensor is None:
-            continue  # a buffer the model computes itself, or a tied weight stored once
-        if name in weights:
-            tensor = config.prune_weight(tensor.to(device), weights[name]).to("cpu", tensor.dtype)
-        streamed.writer.add(name, tensor)
+
+    def write(name: str, tensor: torch.Tensor) -> bool:
+        if name not in weights:
+            return False
+        pruned = config.prune_weight(tensor.to(device), weights[name])
+        streamed.writer.add(name, pruned.to("cpu", tensor.dtype))
+        return True
+
+    streamed.rewrite(config.LABEL, progress, write)
 
 
 class _StreamedModel:
@@ -140,6 +143,17 @@ class _StreamedModel:
                 f"{', '.join(missing[:5])}"
             )
 
+    def rewrite(self, label: str, progress: bool, write: Callable[[str, torch.Tensor], bool]) -> None:
+        """Write every tensor of the checkpoint to the output, one at a time in the model's order: each goes
+        first to ``write(name, tensor)``, which writes a selected weight in its compressed form itself and
+        returns True; any other tensor is copied as it is."""
+        for name in track(list(self.model.state_dict()), label, enabled=progress):
+            tensor = self.read(name)
+            if tensor is None:
+                continue  # a buffer the model computes itself, or a tied weight stored once
+            if not write(name, tensor):
+                self.writer.add(name, tensor)
+
     def save(self, prefix: str, block: nn.Module) -> None:
         """Write a quantized block to the output and free its memory."""
         for name, tensor in export_tensors(block, f"{prefix}."):
@@ -159,20 +173,20 @@ def _stream_tensor_wise(
     memory), packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
-    for name in track(list(model.state_dict()), config.LABEL, enabled=progress):
+
+    def write(name: str, tensor: torch.Tensor) -> bool:
         module_name = weights.get(name)
-        tensor = streamed.read(name)
-        if tensor is None:
-            continue  # a buffer the model computes itself, or a tied weight stored once
         if module_name is None:
-            streamed.writer.add(name, tensor)
-            continue
+            return False
         quantized = config.quantize_weight(tensor.to(device), module_name, name)
         # The bias is a tensor of its own in the checkpoint (written under the same name); the
         # meta-device layer stays in the model so the config can describe it.
         for suffix, packed in stored_tensors(quantized, None).items():
             streamed.writer.add(f"{module_name}.{suffix}", packed)
         model.set_submodule(module_name, quantized_layer(quantized, linears[module_name].bias).to("meta"))
+        return True
+
+    streamed.rewrite(config.LABEL, progress, write)
 
 
 def _needs_whole_model(config) -> bool:

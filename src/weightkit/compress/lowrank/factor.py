@@ -145,7 +145,8 @@ def factor_streamed(model: nn.Module, config: SpectralRanks, streamed, progress:
         model: the checkpoint's model with its parameters on the meta device; each factored layer is
             replaced by a meta-device ``LowRankLinear`` (so the output's config can describe it).
         config: the method's config.
-        streamed: :class:`weightkit.compress.stream._StreamedModel` (``read(name)``, ``writer``).
+        streamed: :class:`weightkit.compress.stream._StreamedModel` (``read(name)``, ``writer``,
+            ``rewrite``).
         progress: show progress bars.
         device: where the SVDs run.
     """
@@ -164,16 +165,17 @@ def factor_streamed(model: nn.Module, config: SpectralRanks, streamed, progress:
     }
     shapes = {name: tuple(linear.weight.shape) for name, linear in linears.items()}
     ranks = config.ranks(spectra, shapes)
-    for name in track(list(model.state_dict()), f"{config.LABEL} factors", enabled=progress):
+
+    def write(name: str, tensor: Tensor) -> bool:
         module_name = weights.get(name)
-        if module_name is not None and ranks[module_name] < min(shapes[module_name]):
-            up, down = truncated_factors(read_weight(module_name), ranks[module_name])
-            # The bias is a tensor of its own in the checkpoint, written under the same name below.
-            for suffix, tensor in lowrank_tensors(LowRankWeight(up, down), None).items():
-                streamed.writer.add(f"{module_name}.{suffix}", tensor)
-            layer = LowRankLinear(LowRankWeight(up, down), linears[module_name].bias)
-            model.set_submodule(module_name, layer.to("meta"))
-            continue
-        tensor = streamed.read(name)
-        if tensor is not None:  # None: a buffer the model computes itself, or a tied weight stored once
-            streamed.writer.add(name, tensor)
+        if module_name is None or ranks[module_name] >= min(shapes[module_name]):
+            return False  # kept dense: copied as it is
+        up, down = truncated_factors(tensor.to(device), ranks[module_name])
+        # The bias is a tensor of its own in the checkpoint, written under the same name.
+        for suffix, factor in lowrank_tensors(LowRankWeight(up, down), None).items():
+            streamed.writer.add(f"{module_name}.{suffix}", factor)
+        layer = LowRankLinear(LowRankWeight(up, down), linears[module_name].bias)
+        model.set_submodule(module_name, layer.to("meta"))
+        return True
+
+    streamed.rewrite(f"{config.LABEL} factors", progress, write)
