@@ -12,9 +12,9 @@ from weightkit.progress import results
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if not args.dense:
         raise WeightkitError(
-            "weightkit export expands a compressed checkpoint (low-rank factors, quantized layers) into an "
-            "ordinary dense Hugging Face checkpoint for tools that read only plain weights; it has one "
-            "form, --dense: pass it"
+            "weightkit export expands a compressed checkpoint (low-rank factors, BitStack blocks, shared "
+            "weights, quantized layers) into an ordinary dense Hugging Face checkpoint for tools that read "
+            "only plain weights; it has one form, --dense: pass it"
         )
     from weightkit.checkpoint import weights_size
     from weightkit.quantized.dense import export_dense
@@ -43,13 +43,15 @@ def add_parsers(sub) -> None:
     """Add ``export`` to the ``weightkit`` subcommands."""
     e = sub.add_parser(
         "export",
-        help="expand a compressed checkpoint (low rank, quantized) into an ordinary dense one (--dense)",
+        help="expand a compressed checkpoint (low rank, BitStack, shared weights, quantized) into an "
+        "ordinary dense one (--dense)",
         description=(
-            "Load a checkpoint weightkit compressed (low-rank factors from --method svd/welore, or quantized "
-            "layers) with weightkit.load, replace every compressed layer by a plain Linear holding its dense "
-            "weight in the model's dtype, and write an ordinary Hugging Face checkpoint (no "
-            "quantization_config, tokenizer copied) that transformers and other tools load. The output is "
-            "as large as the uncompressed model."
+            "Load a checkpoint weightkit compressed (low-rank factors from --method svd/welore, BitStack "
+            "blocks, weights shared by recursive/dictionary/foldgpt, or quantized layers) with "
+            "weightkit.load, replace every compressed layer by a plain Linear holding its dense weight in "
+            "the model's dtype, and write an ordinary Hugging Face checkpoint (no quantization_config, "
+            "tokenizer copied) that transformers and other tools load. The output is as large as the "
+            "uncompressed model."
         ),
         epilog="example:\n  weightkit export ./my-model-svd -o ./my-model-svd-dense --dense",
         formatter_class=argparse.RawDescriptionHelpFormatter,
