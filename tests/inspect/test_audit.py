@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import weightkit
 from weightkit.cli import main
-from weightkit.compress import GPTQConfig, RTNConfig, compress_checkpoint
+from weightkit.compress import FP8Config, GPTQConfig, RTNConfig, SVDConfig, compress_checkpoint
 from weightkit.compress.quant.module import selected_linears
 from weightkit.errors import WeightkitError
 from weightkit.inspect.audit import (
@@ -70,12 +70,14 @@ def test_sign_flips_keep_the_size_of_every_error():
     assert torch.equal(signs, random_signs((64, 48), seed=3))
     assert not torch.equal(signs, random_signs((64, 48), seed=4))
     assert 0.4 < float((signs > 0).double().mean()) < 0.6
-    weight = torch.randn(64, 48)
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     dequantized = rtn_quantize(weight, QuantScheme(bits=4, group_size=16)).dequantize()
-    assert torch.equal(sign_flipped_weight(weight, dequantized, torch.ones(64, 48)), dequantized)
+    # All signs +1 is the quantized weight itself; -1 mirrors the error to the other side of W.
+    torch.testing.assert_close(sign_flipped_weight(weight, dequantized, torch.ones(64, 48)), dequantized)
     flipped = sign_flipped_weight(weight, dequantized, signs)
     torch.testing.assert_close((weight - flipped).abs(), (weight - dequantized).abs())
-    assert torch.equal(flipped[signs < 0], (2 * weight - dequantized)[signs < 0])
+    torch.testing.assert_close(flipped[signs > 0], dequantized[signs > 0])
+    torch.testing.assert_close(flipped[signs < 0], (2 * weight - dequantized)[signs < 0])
 
 
 def test_rounding_steps_by_hand_and_within_half_a_step_for_rtn():
@@ -281,6 +283,18 @@ def test_honest_rtn_and_gptq_are_not_flagged_and_the_planted_model_is(models):
     assert planted["top1_agreement"] < 0.2 < results["rtn"].summary["top1_agreement"]
     # The divergence grows through the blocks beyond what the null's error does.
     assert all(row["ratio"] > 1 for row in results["planted"].blocks)
+
+
+@pytest.mark.parametrize("config", [FP8Config(), SVDConfig(ratio=0.5)], ids=["fp8", "svd"])
+def test_other_formats_are_audited_through_their_dense_weights(models, tmp_path, config):
+    """An FP8 grid and low-rank factors have no integer rounding box, but their error is as sign-blind as
+    rounding's: the null predicts their KL."""
+    compressed = compress_checkpoint(models["paths"]["original"], tmp_path / "q", config, progress=False)
+    result = audit(models["paths"]["original"], compressed, PROBES, seeds=2)
+    summary = result.summary
+    assert not result.flagged and 0.5 < summary["ratio"] < 1.5
+    assert summary["grid_layers"] == 0 and summary["outside_box"] is None and summary["kl_mean"] > 0
+    assert all(row["outside_box"] is None and row["relative_error"] > 0 for row in result.layers)
 
 
 def test_a_quantization_of_another_model_is_not_from_full(models, tmp_path):

@@ -82,7 +82,8 @@ __all__ = [
 ]
 
 # A real KL this many times the null's mean is flagged. Measured on a tiny Llama at 4 bits, group 16
-# (tests/inspect/test_audit.py): honest RTN 0.8-0.9, GPTQ 0.37, AWQ 0.33, the planted model 15.
+# (tests/inspect/test_audit.py): honest RTN 0.8-0.9, GPTQ 0.37, AWQ 0.33, VPTQ 0.41, FP8, FP4, SVD and
+# BitStack 0.9-1.0; the planted model 15.
 DEFAULT_THRESHOLD = 3.0
 # Median |W - Ŵ| / scale over all grid weights above which QUANTIZED is not a rounding of FULL (rounding:
 # 0.25; GPTQ and AWQ on the tiny Llama: 0.29; an RTN of another tiny Llama: above 1).
