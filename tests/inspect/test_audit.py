@@ -326,6 +326,7 @@ def test_the_cli_exits_2_on_the_planted_model_and_0_on_the_honest_one(models, ca
     assert main(["audit", str(paths["planted_full"]), str(paths["planted"]), "--data", probes, "--json"]) == 2
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["flagged"] and report["summary"]["ratio"] > DEFAULT_THRESHOLD
+    assert [row["block"] for row in report["blocks"]] == [0, 1] and len(report["layers"]) == 14
     assert main(["audit", str(paths["original"]), str(paths["rtn"]), "--data", probes, "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "consistent with an honest quantization of FULL" in out and "null KL" in out

@@ -23,7 +23,9 @@ ratio = KL / null KL exceeds --threshold. Integer-grid layers are also checked a
 'outside box' is the share of weights more than half a grid step from FULL's (0 for round-to-nearest,
 some for GPTQ and AWQ); a median beyond one step means QUANTIZED was not made from FULL, and is flagged too.
 
-exit status: 0 consistent, 1 bad input (nothing audited), 2 flagged.
+exit status: 0 consistent, 1 bad input (nothing audited), 2 flagged. A usage error (a missing or unknown
+option) also exits 2, as in every weightkit command, but prints only the usage, on stderr; a flagged
+audit prints its report on stdout (with --json, the JSON report).
 
 examples:
   weightkit audit ./llama ./llama-w4 --data probes.txt
