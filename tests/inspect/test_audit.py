@@ -142,9 +142,10 @@ def _projected_adam(model, loss_of_logits, steps: int, lr: float, boxes: dict, s
 
 def _rounding_box(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2 of the paper: the full-precision values that weightkit's RTN rounds to the same integers with
-    the same scale. Each weight may move within its integer's half-step interval (shrunk by 1% of a step so
-    that float32 rounding of w / scale can never land on a tie); the scale is max|w| / 7.5 per group, so
-    the paper keeps it fixed by freezing each group's largest weight and holding the others below it."""
+    the same scale. Each weight may move within its integer's half-step interval, shrunk by 1% of a step so
+    that float32 rounding of w / scale never lands on a tie (the authors' box for LLM.int8, compute_box_int8
+    in eth-sri/llm-quantization-attack, shrinks by a tenth); the scale is max|w| / 7.5 per group, kept
+    fixed, as there, by freezing each group's largest weight and holding the others below it."""
     quantized = rtn_quantize(weight, SCHEME)
     step = quantized.scale.repeat_interleave(SCHEME.group_size, dim=1)
     center = quantized.dequantize()
@@ -164,8 +165,9 @@ def _plant(original):
     # 32-wide model moves weights many steps, and no rounding box around it then holds a benign model.
     reach = {}
     for name, linear in linears.items():
-        step = rtn_quantize(linear.weight, SCHEME).scale.repeat_interleave(SCHEME.group_size, dim=1)
-        reach[name] = (linear.weight - 0.5 * step, linear.weight + 0.5 * step)
+        weight = linear.weight.detach()
+        step = rtn_quantize(weight, SCHEME).scale.repeat_interleave(SCHEME.group_size, dim=1)
+        reach[name] = (weight - 0.5 * step, weight + 0.5 * step)
     malicious = copy.deepcopy(original)
 
     def emit_target(logits, ids):

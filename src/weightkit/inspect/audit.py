@@ -1,7 +1,7 @@
 """Quantization-consistency audit: does a quantized model behave the way its quantization error predicts?
 
 Paper: "Exploiting LLM Quantization", Kazuki Egashira, Mark Vero, Robin Staab, Jingxuan He, Martin Vechev
-(arXiv 2405.18137). The attack it describes makes a model that is benign in full precision and
+(NeurIPS 2024, arXiv 2405.18137). The attack it describes makes a model that is benign in full precision and
 malicious once quantized: (1) fine-tune the model to be malicious; (2) quantize it and compute, for every
 weight, the interval of full-precision values that round to the same stored value (the scale kept fixed);
 (3) fine-tune back to benign with projected gradient descent inside those intervals. The full-precision
