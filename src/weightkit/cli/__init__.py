@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 
 import weightkit
-from weightkit.cli import adapt, compress, export, merge, train
+from weightkit.cli import adapt, audit, compress, export, merge, train
 from weightkit.cli import eval as evaluate
 from weightkit.cli import inspect as inspect_
 from weightkit.cli.common import common_options, method_options_help
@@ -52,6 +52,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     adapt.add_parsers(sub)
     train.add_parsers(sub)
     inspect_.add_parsers(sub)
+    audit.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if _leave_process_group() and args.json:  # under torchrun, process 0 alone reports
         print(json.dumps(result, indent=2))
-    return 0
+    # A command that did its work can still report a finding by its exit status (audit: 2 when flagged).
+    return getattr(args, "exit_status", 0)
 
 
 def _leave_process_group() -> bool:
