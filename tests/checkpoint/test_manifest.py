@@ -209,12 +209,21 @@ def test_adapt_manifest_holds_the_adapter_and_training_configs(llama_dir, text_f
     assert "adapter_model.safetensors" in manifest["files"]
 
 
-def test_train_manifest_and_its_checkpoints(llama_dir, text_file, tmp_path):
+def test_train_manifest_and_its_checkpoints_hash_the_inputs_once(llama_dir, text_file, tmp_path, monkeypatch):
     from weightkit.train.trainer import train_model
 
+    hashed, input_record = [], manifest_module._input_record
+
+    def counting(path, skip):
+        hashed.append(path)
+        return input_record(path, skip)
+
+    monkeypatch.setattr(manifest_module, "_input_record", counting)
     train = dataclasses.replace(TRAIN, save_every=1)
     out = tmp_path / "trained"
     train_model(llama_dir, out, train, optimizer="adamw", data=text_file, progress=False)
+    # A checkpoint after step 1, the output after step 2: the inputs are hashed for the first only.
+    assert hashed == [str(llama_dir), str(text_file)]
     manifest = _manifest(out, "train", "adamw", [llama_dir, text_file])
     assert TrainConfig(**manifest["config"]["train"]) == train
     assert manifest["config"]["optimizer"] == "adamw"
@@ -229,3 +238,23 @@ def test_an_output_written_inside_its_input_is_not_an_input_file(tmp_path):
     manifest = read_manifest(out)
     assert manifest["inputs"][0]["files"] == before
     assert check_inputs(manifest, out) == []  # the output inside the input is not an added input file
+
+
+def test_extract_lora_and_merge_adapter_manifests(llama_dir, tunes, tmp_path):
+    from weightkit.adapt.merged_reader import merge_adapter_checkpoint
+    from weightkit.merge.extract_lora import extract_lora
+
+    adapter = tmp_path / "adapter"
+    with pytest.warns(UserWarning, match="not in the adapter"):  # the noised norms and embeddings
+        extract_lora(llama_dir, tunes[0], adapter, rank=2, modules_to_save="none", seed=4, progress=False)
+    manifest = _manifest(adapter, "extract-lora", "lora", [llama_dir, tunes[0]])
+    assert manifest["config"] == {
+        "rank": 2,
+        "modules_to_save": "none",
+        "dtype": None,
+        "svd": "auto",
+        "seed": 4,
+    }
+    merged = tmp_path / "merged"
+    merge_adapter_checkpoint(llama_dir, adapter, merged, progress=False)
+    _manifest(merged, "merge-adapter", "lora", [llama_dir, adapter])

@@ -107,6 +107,9 @@ def test_inputs_a_changed_config_is_named_only_with_inputs_and_a_removed_input_i
         (b"[]", "is corrupt: expected a JSON object"),
         (b'{"manifest_version": 7}', "manifest_version 7 is not one this weightkit reads"),
         (b'{"manifest_version": 1, "files": {"a": {"sha256": 1}}, "inputs": []}', "'files' must map"),
+        # A stranger's manifest must not make verify read (or hash) files outside the directory.
+        (b'{"manifest_version": 1, "files": {"../model/config.json": {"sha256": "", "size": 1}}}', "inside"),
+        (b'{"manifest_version": 1, "files": {"/etc/hostname": {"sha256": "", "size": 1}}}', "inside"),
         (b'{"manifest_version": 1, "files": {}, "inputs": [{"files": {}}]}', "'inputs' must list"),
     ],
 )

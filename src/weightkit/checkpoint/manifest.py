@@ -32,7 +32,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from weightkit.errors import WeightkitError
@@ -102,7 +102,6 @@ def tree_records(
     *,
     skip_hidden: bool = False,
     skip: str | os.PathLike | None = None,
-    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """``{relative path: file_record}`` of every regular file under ``root`` except its manifest.
 
@@ -110,12 +109,11 @@ def tree_records(
         root: a directory.
         skip_hidden: leave out hidden files and directories (inputs: ``.git``, ``.cache``, temporaries).
         skip: a directory under ``root`` to leave out (an output being written inside its input).
-        progress: show a progress bar.
     """
     root = Path(root)
     skip_path = Path(os.path.abspath(skip)) if skip is not None else None
     names = _tree_files(root, skip_hidden=skip_hidden, skip=skip_path)
-    return {rel: file_record(root / rel) for rel in track(names, f"hashing {root.name}", enabled=progress)}
+    return {rel: file_record(root / rel) for rel in names}
 
 
 def _input_record(path: str, skip: Path | None) -> dict[str, Any]:
@@ -158,12 +156,15 @@ class Provenance:
 
     def input_records(self, skip: str | None = None) -> list[dict[str, Any]]:
         """Each input's path with its checksums (a directory: every file under it, see the module
-        docstring; ``skip``: the output directory, when it lies inside an input). Computed once per
-        ``Provenance``.
+        docstring; ``skip``: the absolute path of the output, left out of an input directory that holds
+        it). Computed once per ``Provenance`` (a training run's checkpoints, each at its own path, reuse
+        the first's).
 
         Raises:
             WeightkitError: an input is no longer a file or directory.
         """
+        if skip is not None and not any(Path(skip).is_relative_to(path) for path in self.inputs):
+            skip = None  # the output lies inside no input: its path does not change the records
         if skip not in self._records:
             skip_path = Path(skip) if skip is not None else None
             self._records[skip] = [_input_record(path, skip_path) for path in self.inputs]
@@ -202,18 +203,25 @@ def build_manifest(
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``manifest`` as ``directory/weightkit_manifest.json`` (in the order built: the same manifest gives
-    the same bytes)."""
+    """Write ``manifest`` as ``directory/weightkit_manifest.json``, keys in the order built (every part is
+    built in a fixed order, so the same run gives the same bytes)."""
     path = Path(directory) / MANIFEST_NAME
-    path.write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def _inside(rel: Any) -> bool:
+    """Whether ``rel`` is a normalised relative path that stays inside its directory: a manifest from a
+    stranger must not make verify read files elsewhere (``../../home/...``, ``/dev/zero``)."""
+    if not isinstance(rel, str) or not rel:
+        return False
+    path = PurePosixPath(rel)
+    return not path.is_absolute() and ".." not in path.parts and path.as_posix() == rel
 
 
 def _records_ok(files: Any) -> bool:
     return isinstance(files, dict) and all(
-        isinstance(rel, str) and _record_ok(record) for rel, record in files.items()
+        _inside(rel) and _record_ok(record) for rel, record in files.items()
     )
 
 
@@ -254,7 +262,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"reads ({_MANIFEST_VERSION})"
         )
     if not _records_ok(manifest.get("files")):
-        raise WeightkitError(f"{path} is corrupt: 'files' must map file names to {{sha256, size}}")
+        raise WeightkitError(
+            f"{path} is corrupt: 'files' must map relative paths inside the directory to {{sha256, size}}"
+        )
     inputs = manifest.get("inputs")
     if not isinstance(inputs, list) or not all(
         isinstance(item, dict)

@@ -1,6 +1,7 @@
 """``weightkit verify``: re-check an output directory against its integrity manifest."""
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,7 @@ _PREFIX = 12
 
 
 def _row(finding: Finding, kind: str) -> dict[str, Any]:
-    return {"kind": kind, "path": finding.path, "status": finding.status, "expected": finding.expected,
-            "actual": finding.actual, "failure": finding.failure}  # fmt: skip
+    return {"kind": kind, **dataclasses.asdict(finding), "failure": finding.failure}
 
 
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
