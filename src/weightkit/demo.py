@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weightkit.checkpoint import weights_size
+from weightkit.checkpoint import Provenance, weights_size
 from weightkit.checkpoint.writer import check_target
 from weightkit.compress import AWQConfig, GPTQConfig, RTNConfig, compress
 from weightkit.compress.quant.export import save_quantized
@@ -89,7 +89,9 @@ def run_demo(
             )
             models[name] = model
     best = max(rows[1:], key=lambda r: r["embedding_fidelity"])
-    save_quantized(models[best["method"]], output, source_dir=source, overwrite=True)
+    # The calibration texts are the stdlib docstrings (no file): the config and the model say it all.
+    provenance = Provenance("demo", best["method"], best["config"], (source,))
+    save_quantized(models[best["method"]], output, source_dir=source, overwrite=True, provenance=provenance)
     if not quiet:
         from rich.table import Table
 

@@ -104,7 +104,9 @@ def test_cli_trains_an_encoder_classifier(tmp_path, capsys, monkeypatch):
     assert summary["eval"]["accuracy"] == 1.0
     assert json.loads((tmp_path / "out" / "labels.json").read_text()) == ["fruit", "water"]
     # The label names are part of the adapter directory when it is published, not added afterwards.
-    assert published[-1] == ["adapter_config.json", "adapter_model.safetensors", "labels.json"]
+    assert published[-1] == [
+        "adapter_config.json", "adapter_model.safetensors", "labels.json", "weightkit_manifest.json"
+    ]  # fmt: skip
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["classifier"]
 

@@ -44,8 +44,10 @@ def test_streamed_output_equals_in_memory_compress_and_save(request, tmp_path, m
     config_of = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("in-memory", "streamed")]
     assert config_of[0] == config_of[1]
     files = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("in-memory", "streamed")]
-    # The streamed output's model card names the compress config, which a model in memory does not carry.
-    assert files[0] == [f for f in files[1] if f != "README.md"] and "README.md" in files[1]
+    # The streamed output's model card and manifest name the compress config and the input, which a model
+    # in memory does not carry.
+    own = ("README.md", "weightkit_manifest.json")
+    assert files[0] == [f for f in files[1] if f not in own] and set(own) <= set(files[1])
     card = (tmp_path / "streamed" / "README.md").read_text()
     assert f"`weightkit compress`, method `{method}`" in card and str(model_dir) in card
 

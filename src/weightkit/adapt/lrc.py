@@ -15,6 +15,7 @@ the reference fine-tunes on next-token loss, and an encoder would need a new cla
 compressed checkpoint has no place for.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from weightkit.arch import model_task
-from weightkit.checkpoint import CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.manifest import data_files
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
 from weightkit.quantized.formats import export_tensors, quantized_model_config
@@ -112,8 +114,15 @@ def finetune_lrc(
     for param in params:
         param.requires_grad_(True)
 
+    run_config = {
+        "train": dataclasses.asdict(train),
+        "data": str(data) if data is not None else None,
+        "eval_data": str(eval_data) if eval_data is not None else None,
+    }
+    provenance = Provenance("adapt", "lrc", run_config, (model_dir, *data_files(data, eval_data)))
+
     def save(where: Path, json_files=None, tensor_files=None, *, replace: bool = True) -> None:
-        with CheckpointWriter(where, overwrite=replace) as writer:
+        with CheckpointWriter(where, overwrite=replace, provenance=provenance) as writer:
             writer.copy_files(model_dir)
             writer.write_model_card(ModelCard("adapt", "lrc", [str(model_dir)]))
             for name, tensor in export_tensors(model):

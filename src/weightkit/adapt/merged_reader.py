@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from weightkit.adapt.layer import adapter_keys
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
 from weightkit.adapt.peft_format import lora_config_from_peft
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
@@ -221,7 +221,9 @@ def merge_adapter_checkpoint(
     merged = 0
     with LoRAMergedReader(base, adapter_dir, allow_pickle=allow_pickle) as reader:
         changed = reader.changed_names()
-        with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        # Nothing to configure: the output is decided by the two inputs.
+        provenance = Provenance("merge-adapter", "lora", {}, (base, adapter_dir))
+        with CheckpointWriter(out_dir, overwrite=overwrite, provenance=provenance) as writer:
             for name in track(reader.names(), "merging the adapter", enabled=progress):
                 writer.add(name, reader.get(name))
                 merged += name in changed

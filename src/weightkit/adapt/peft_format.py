@@ -43,7 +43,7 @@ from weightkit.adapt.layer import (
 )
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, Provenance
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError
 from weightkit.quantized.linear import QuantizedLinear
@@ -65,6 +65,7 @@ def save_adapter(
     model: nn.Module, out_dir: str | Path, *, name: str = "default", base_model: str | None = None,
     modules_to_save: list[str] = (), extra_json: dict[str, Any] | None = None,
     extra_tensors: dict[str, dict[str, Tensor]] | None = None, overwrite: bool = False,
+    provenance: Provenance | None = None,
 ) -> Path:  # fmt: skip
     """Write adapter ``name`` of ``model`` in PEFT's format (atomically).
 
@@ -81,6 +82,8 @@ def save_adapter(
         extra_tensors: more safetensors files for the directory, ``{file name: {name: tensor}}`` (a training
             checkpoint's optimizer state), written likewise.
         overwrite: replace an existing ``out_dir``.
+        provenance: what made the adapter, for the directory's integrity manifest (``weightkit adapt``
+            gives it; None writes no manifest, as for an adapter saved from a model built in Python).
     """
     configs = adapter_configs(model)
     if name not in configs:
@@ -114,8 +117,9 @@ def save_adapter(
         for key, tensor in model.get_submodule(module_name).state_dict().items():
             tensors[f"{module_name}.{key}"] = tensor
     with CheckpointWriter(
-        out_dir, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS, max_shard_bytes=2**62
-    ) as writer:
+        out_dir, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS, max_shard_bytes=2**62,
+        provenance=provenance,
+    ) as writer:  # fmt: skip
         for key, tensor in tensors.items():
             writer.add(PEFT_KEY_PREFIX + key, tensor.detach().cpu().contiguous().clone())
         writer.write_json("adapter_config.json", settings)

@@ -24,9 +24,10 @@ from weightkit.adapt.increlora import IncreLoRAConfig, IncreLoRAController
 from weightkit.adapt.layer import adapt, adapter_configs, trainable_parameters
 from weightkit.adapt.lora_sb import LoRASBConfig
 from weightkit.adapt.peft_format import LABELS_FILE, save_adapter
+from weightkit.checkpoint.manifest import Provenance, data_files
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
-from weightkit.registry import entry_for_config
+from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
 from weightkit.runtime.distributed import barrier, is_main_process
 from weightkit.runtime.training import (
@@ -63,6 +64,7 @@ def train_adapter(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    provenance: Provenance | None = None,
 ) -> dict[str, Any]:
     """Train the adapter ``name`` already on ``model`` (plus the ``head`` modules) and save it to ``out_dir``.
 
@@ -84,6 +86,8 @@ def train_adapter(
             ``interrupted``).
         device: where to train; ``None`` trains where the model is. Under torchrun, this process's device.
         overwrite: replace an existing ``out_dir``.
+        provenance: what the adapter directory's (and every checkpoint's) integrity manifest records
+            (None: no manifest).
 
     Returns:
         ``{"steps", "train_loss", "eval": {...}, "history", "trainable_parameters", "total_parameters",
@@ -112,6 +116,7 @@ def train_adapter(
             extra_json={**(extra_json or {}), **(json_files or {})},
             extra_tensors=tensor_files,
             overwrite=replace,
+            provenance=provenance,
         )
 
     adapter_config = adapter_configs(model).get(name)
@@ -207,10 +212,19 @@ def finetune(
     schedule = IncreLoRAController(model) if isinstance(adapter_config, IncreLoRAConfig) else None
     # A classifier's label names go beside the adapter (weightkit.load gives them back).
     extra_json = {LABELS_FILE: setup.label_names} if setup.label_names is not None else None
+    method = config_to_dict(adapter_config)
+    run_config = {
+        "adapter": method,  # as run: LoRA-SB's init_lr filled in
+        "train": dataclasses.asdict(train),
+        "data": str(data) if data is not None else None,
+        "eval_data": str(eval_data) if eval_data is not None else None,
+        "autocast_adapter_dtype": autocast_adapter_dtype,
+    }
+    provenance = Provenance("adapt", method["method"], run_config, (model_dir, *data_files(data, eval_data)))
     summary = train_adapter(
         model, tokenizer, texts, labels, out_dir, train, eval_texts=setup.eval_texts,
         eval_labels=setup.eval_labels, head=setup.head, schedule=schedule, extra_json=extra_json,
         settings={"model": str(model_dir), "autocast_adapter_dtype": autocast_adapter_dtype}, resume=resume,
-        overwrite=overwrite, progress=progress,
+        overwrite=overwrite, progress=progress, provenance=provenance,
     )  # fmt: skip
     return {"model": str(model_dir), "kind": setup.task, **summary}

@@ -6,7 +6,8 @@ temporary directory and renames it into place only when complete.
 """
 
 from weightkit.checkpoint.files import weights_size
+from weightkit.checkpoint.manifest import Provenance
 from weightkit.checkpoint.reader import CheckpointReader
 from weightkit.checkpoint.writer import CheckpointWriter, ModelCard
 
-__all__ = ["CheckpointReader", "CheckpointWriter", "ModelCard", "weights_size"]
+__all__ = ["CheckpointReader", "CheckpointWriter", "ModelCard", "Provenance", "weights_size"]

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 
 from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.checkpoint.header import SAFETENSORS_DTYPES
+from weightkit.checkpoint.manifest import MANIFEST_NAME, Provenance, build_manifest, write_manifest
 from weightkit.errors import WeightkitError
 
 __all__ = ["CheckpointWriter", "ModelCard", "atomic_file", "check_target", "default_permissions"]
@@ -210,6 +211,9 @@ class CheckpointWriter:
             ``transformers`` expects).
         weights_name: the single-file name; shards and index names derive from it
             (``"adapter_model.safetensors"`` for PEFT adapters).
+        provenance: what made the output; with it, :meth:`close` writes the integrity manifest
+            (:mod:`weightkit.checkpoint.manifest`) last, over every file in the directory. Every weightkit
+            command gives one.
 
     Raises:
         WeightkitError: if ``out_dir`` exists and ``overwrite`` is False, or cannot be created.
@@ -223,6 +227,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         metadata: dict[str, str] | None = None,
         weights_name: str = "model.safetensors",
+        provenance: Provenance | None = None,
     ):
         self.out_dir = Path(out_dir)
         # Normalised ("out/.", "../x") so the temp name and the renames use the real directory name.
@@ -239,6 +244,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.metadata = dict(metadata)
         self.weights_name = weights_name
+        self.provenance = provenance
         self._check_target()
 
         parent = self._target.parent
@@ -335,9 +341,9 @@ class CheckpointWriter:
 
         Copies configs, tokenizer files, sentence-transformers modules and subfolders (``1_Pooling/`` ...).
         Skips weight files and weight indexes of any format, export subfolders (``onnx/``, ``openvino/``,
-        ``coreml/``), hidden folders (``.git``, ``.cache``), the model card ``README.md`` (it describes the
-        source: :meth:`write_model_card` writes the output's) and files the output already has (so a
-        ``write_json`` made earlier wins).
+        ``coreml/``), hidden folders (``.git``, ``.cache``), the model card ``README.md`` and the integrity
+        manifest (both describe the source: :meth:`write_model_card` and :meth:`close` write the output's)
+        and files the output already has (so a ``write_json`` made earlier wins).
 
         Args:
             src_dir: the source model directory.
@@ -361,7 +367,7 @@ class CheckpointWriter:
                 and Path(os.path.abspath(root_path / d)) != self._target
             )
             for file in sorted(files):
-                if is_weight_file(file) or (root_path == src_dir and file == _MODEL_CARD):
+                if is_weight_file(file) or (root_path == src_dir and file in (_MODEL_CARD, MANIFEST_NAME)):
                     continue
                 rel = (root_path / file).relative_to(src_dir)
                 dest = self._tmp / rel
@@ -408,6 +414,17 @@ class CheckpointWriter:
         index_path = self._tmp / f"{self.weights_name}.index.json"
         index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
+    def _write_manifest(self) -> None:
+        if self.provenance is None:
+            return
+        try:
+            manifest = build_manifest(self.provenance, self._tmp, target=str(self._target))
+            write_manifest(self._tmp, manifest)
+        except OSError as err:  # an unreadable input, a full disk: nothing is published
+            raise WeightkitError(
+                f"writing the manifest of {self.out_dir} failed: {err}. Nothing was written to {self.out_dir}"
+            ) from err
+
     def _publish(self) -> None:
         out = self._target
         if out.exists() or out.is_symlink():
@@ -444,6 +461,7 @@ class CheckpointWriter:
         try:
             self._flush()
             self._finalize_shards()
+            self._write_manifest()  # last: it checksums every other file
             default_permissions(self._tmp)
             _fsync_tree(self._tmp)  # configs, tokenizer files and the index too, not only the shards
             self._publish()

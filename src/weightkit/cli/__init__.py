@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 
 import weightkit
-from weightkit.cli import adapt, audit, compress, export, merge, train
+from weightkit.cli import adapt, audit, compress, export, merge, train, verify
 from weightkit.cli import eval as evaluate
 from weightkit.cli import inspect as inspect_
 from weightkit.cli.common import common_options, method_options_help
@@ -22,7 +22,7 @@ from weightkit.progress import console
 __all__ = ["main"]
 
 # Subcommands that never import transformers (~2 s of start-up).
-_WITHOUT_TRANSFORMERS = ("merge", "align", "inspect")
+_WITHOUT_TRANSFORMERS = ("merge", "align", "inspect", "verify")
 # Subcommands made of large elementwise tensor operations, streamed checkpoint to checkpoint. Their OpenMP
 # threads sleep at the end of each operation instead of spinning: libgomp's default spin (300k pauses,
 # milliseconds) gains nothing between operations that each take milliseconds, and on a shared machine it
@@ -53,6 +53,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     train.add_parsers(sub)
     inspect_.add_parsers(sub)
     audit.add_parsers(sub)
+    verify.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="quantize the bundled MiniLM with RTN, GPTQ and AWQ and compare (no network)",

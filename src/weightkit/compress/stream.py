@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from weightkit.arch import block_lists, model_task
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.manifest import data_files
 from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.lowrank.factor import factor_streamed
 from weightkit.compress.model import compress
@@ -307,10 +308,14 @@ def compress_checkpoint(
         pruning = isinstance(config, PruneFields)
         source_sparsity = None if pruning else pruned_source(model_dir, config)
         pruned_layers = list(selected_prunable(model, config)) if pruning else []  # checked before writing
-        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as out:
+        full_config = config_to_dict(config)
+        provenance = Provenance("compress", entry.name, full_config, (model_dir, *data_files(data)))
+        with CheckpointWriter(
+            out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+        ) as out:
             writer = _SparsityRecorder(out, pruned_layers) if pruning else out
             out.copy_files(model_dir)
-            settings = {k: v for k, v in config_to_dict(config).items() if k != "method"}
+            settings = {k: v for k, v in full_config.items() if k != "method"}
             out.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
             streamed = _StreamedModel(model, reader, writer, names)
             if names.fused or _needs_whole_model(config):  # no one-to-one names to stream by, or whole

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
 from weightkit.errors import WeightkitError
 from weightkit.merge.rebasin import PermutationSpec, apply_permutation, matching_objective, weight_matching
 from weightkit.progress import track
@@ -440,7 +440,9 @@ def align_checkpoint(
         summary_layers = []
         written: set[str] = set()
         total_bytes = 0
-        with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        settings = {"max_iter": max_iter, "seed": seed}
+        provenance = Provenance("align", "weight_matching", settings, (model_dir, reference_dir))
+        with CheckpointWriter(out_dir, overwrite=overwrite, provenance=provenance) as writer:
             for block, spec, names in track(blocks, "aligning blocks", enabled=progress):
                 ref_state = {name: reference.get_finite(ref_name).to(device) for ref_name, name in names}
                 state = {name: model.get_finite(name).to(device) for _, name in names}
@@ -476,12 +478,7 @@ def align_checkpoint(
             if model.directory is not None:
                 writer.copy_files(model.directory)
             writer.write_model_card(
-                ModelCard(
-                    "align",
-                    "weight_matching",
-                    [str(model_dir), str(reference_dir)],
-                    {"max_iter": max_iter, "seed": seed},
-                )
+                ModelCard("align", "weight_matching", [str(model_dir), str(reference_dir)], settings)
             )
     finally:
         for reader in readers:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.chat_template import resolve_chat_template, save_chat_template
 from weightkit.merge.params import gradient_position, layer_index, value_at, with_layer_index
@@ -360,6 +360,7 @@ def run_parts(
     propagates_non_finite: bool = False,
     chat_template: str | None = None,
     card: ModelCard | None = None,
+    provenance: Provenance | None = None,
 ) -> dict:
     """Stream several plans into one checkpoint (the slices of a slice merge), as :func:`run_merge` does one.
 
@@ -369,6 +370,7 @@ def run_parts(
         config_updates: values that replace the reference's in the output's ``config.json``.
         chat_template: a template to write into the output's tokenizer (the reference's, copied).
         card: the output's README.md (None: the output has none; the reference's is not copied).
+        provenance: what the output's integrity manifest records (None: no manifest).
 
     Every reader of the parts, and ``reference``, is closed at the end.
     """
@@ -377,7 +379,9 @@ def run_parts(
     buffers = WorkBuffers(parts[0][0].device)
     jobs = [(plan, merge_tensor, job) for plan, merge_tensor in parts for job in plan.jobs]
     try:
-        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+        with CheckpointWriter(
+            out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+        ) as writer:
             # Before copy_files, which keeps the files already written.
             _write_config(writer, {**(reference.config or {}), **config_updates}, dtype)
             for plan, merge_tensor, job in track(jobs, "merging", enabled=progress):
@@ -618,6 +622,15 @@ def merge(
         progress=progress,
         chat_template=(chat_template, [r.path for r in plan.readers]),
         card=_card(config, [str(base)] if plan.has_base else [], {str(m.path): m.overrides for m in parsed}),
+        provenance=_provenance(
+            config,
+            base,
+            parsed,
+            {"models": [{"model": str(m.path), "parameters": m.overrides} for m in parsed]},
+            dtype=dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+        ),
     )
     return {
         "method": entry_for_config(config).name,
@@ -680,6 +693,15 @@ def merge_slices(
         progress=progress,
         chat_template=(chat_template, inputs),
         card=_card(config, [str(path) for path in inputs], {}),
+        provenance=_provenance(
+            config,
+            base,
+            [model for part in parts for model in part.models],
+            {"slices": [_slice_entry(piece) for piece in slices]},
+            dtype=dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+        ),
     )
     paths = [str(s.model) for piece in slices for s in piece.sources]
     return {
@@ -753,6 +775,46 @@ def _card(config: Any, inputs: list[str], per_model: dict[str, dict[str, Any]]) 
     settings.update({path: params for path, params in per_model.items() if params})
     paths = list(dict.fromkeys([*inputs, *per_model]))
     return ModelCard("merge", entry_for_config(config).name, paths, settings)
+
+
+def _provenance(
+    config: Any,
+    base: str | Path | None,
+    models: list[_Model],
+    sources: dict[str, list],
+    *,
+    dtype: torch.dtype | None,
+    tokenizer_source: str | None,
+    chat_template: str | None,
+) -> Provenance:
+    """The manifest's record of a merge: the merge as a mergekit-style recipe (``sources``: its ``models``
+    or ``slices``), which :func:`weightkit.merge.recipe.merge_recipe_from_dict` reads back into the same
+    merge, and every model, adapter and per-model file (Fisher) it read."""
+    method = config_to_dict(config)
+    recipe = {
+        "merge_method": method.pop("method"),
+        "parameters": method,
+        "base_model": str(base) if base is not None else None,
+        **sources,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "tokenizer_source": tokenizer_source,
+        "chat_template": chat_template,
+    }
+    references = [base] if base is not None else []
+    references += [model.path for model in models]
+    paths = [part for ref in references for part in split_reference(str(ref)) if part is not None]
+    paths += [reader.path for model in models for reader in model.files.values()]
+    return Provenance("merge", recipe["merge_method"], recipe, tuple(paths))
+
+
+def _slice_entry(piece: MergeSlice) -> dict[str, Any]:
+    """A slice as a recipe writes it."""
+    sources = [
+        {"model": str(s.model), "layer_range": list(s.layer_range), "parameters": s.parameters}
+        for s in piece.sources
+    ]
+    entry = {"sources": sources, "parameters": piece.parameters}
+    return entry | ({"base_model": str(piece.base)} if piece.base is not None else {})
 
 
 def _merge_fn(part: MergePart, merger: Callable[[TensorInputs], Tensor]) -> MergeFn:

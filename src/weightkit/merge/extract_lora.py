@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, Provenance
 from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.linalg import largest_entry_signs
@@ -479,9 +479,17 @@ def extract_lora(
         layout = _layout_by_name(base) if skeleton is None else _layout_by_model(base, skeleton)
         del skeleton
         named = None if isinstance(modules_to_save, str) else _named_modules(modules_to_save, layout)
+        settings = {
+            "rank": rank,
+            "modules_to_save": modules_to_save if named is None else list(modules_to_save),
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "svd": svd,
+            "seed": seed,
+        }
+        provenance = Provenance("extract-lora", "lora", settings, (base_dir, finetuned_dir))
         summary = _stream(
             base, finetuned, layout, modules_to_save if named is None else named, out_dir, str(base_dir),
-            rank, dtype, svd, seed, overwrite, progress,
+            rank, dtype, svd, seed, overwrite, progress, provenance,
         )  # fmt: skip
     finally:
         base.close()
@@ -588,6 +596,7 @@ def _stream(
     seed: int,
     overwrite: bool,
     progress: bool,
+    provenance: Provenance,
 ) -> dict:
     modules: list[dict] = []
     left_out: list[dict] = []  # changed tensors without LoRA factors
@@ -597,8 +606,9 @@ def _stream(
     named = save_mode if isinstance(save_mode, set) else set()
     # One file however large: PEFT loads adapter_model.safetensors only, never shards.
     writer = CheckpointWriter(
-        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS
-    )
+        out_dir, max_shard_bytes=sys.maxsize, overwrite=overwrite, weights_name=PEFT_ADAPTER_WEIGHTS,
+        provenance=provenance,
+    )  # fmt: skip
     try:
         for name in track(base.names(), "extracting LoRA", enabled=progress):
             w_base, w_ft = base.get_finite(name), finetuned.get_finite(name)

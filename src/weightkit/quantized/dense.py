@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from weightkit.checkpoint import CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointWriter, ModelCard, Provenance
 from weightkit.errors import WeightkitError
 from weightkit.models import load
 from weightkit.quantized.formats import export_tensors, plain_model_config
@@ -66,7 +66,11 @@ def export_dense(
             f"{model_dir} holds no compressed layer (weightkit's low-rank or quantized layers): it is a "
             "dense checkpoint already, which transformers loads as it is"
         )
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+    # export --dense has no settings: the output is decided by the input alone.
+    provenance = Provenance("export", "dense", {}, (model_dir,))
+    with CheckpointWriter(
+        out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+    ) as writer:
         writer.copy_files(model_dir)
         writer.write_model_card(ModelCard("export", "dense", [str(model_dir)]))
         for name, tensor in export_tensors(model):

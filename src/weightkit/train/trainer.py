@@ -19,6 +19,7 @@ Under ``torchrun --nproc-per-node N``: ``zo-dist`` exchanges one projected gradi
 run ends with the processes comparing their weights (the log says they are identical).
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from weightkit.checkpoint import CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.manifest import data_files
 from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError
 from weightkit.progress import console
@@ -197,9 +199,18 @@ def train_model(
     if optimizer in _GALORE:
         settings.update(rank=rank, update_proj_gap=update_proj_gap)
     card = ModelCard("train", optimizer, [str(model_dir)], {**settings, "lr": config.lr, "seed": config.seed})
+    run_config = {
+        "optimizer": optimizer,
+        "rank": rank,
+        "update_proj_gap": update_proj_gap,
+        "train": dataclasses.asdict(config),
+        "data": str(data) if data is not None else None,
+        "eval_data": str(eval_data) if eval_data is not None else None,
+    }
+    provenance = Provenance("train", optimizer, run_config, (model_dir, *data_files(data, eval_data)))
 
     def save(where: Path, json_files: dict, tensor_files: dict, *, replace: bool = True) -> None:
-        with CheckpointWriter(where, overwrite=replace) as writer:
+        with CheckpointWriter(where, overwrite=replace, provenance=provenance) as writer:
             model.save_pretrained(writer.path)
             setup.tokenizer.save_pretrained(writer.path)
             writer.write_model_card(card)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard
+from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.manifest import data_files
 from weightkit.checkpoint.writer import check_target
 from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields
 from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig
@@ -150,12 +151,14 @@ def compress_stages(
             )
             source = stage_out
         stages = [config_to_dict(c) for c in configs]
-        card = ModelCard(
-            "compress", " + ".join(c["method"] for c in stages), [str(model_dir)], {"stages": stages}
-        )
+        method = " + ".join(c["method"] for c in stages)
+        card = ModelCard("compress", method, [str(model_dir)], {"stages": stages})
+        provenance = Provenance("compress", method, {"stages": stages}, (model_dir, *data_files(data)))
         with (
             CheckpointReader(source) as reader,
-            CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer,
+            CheckpointWriter(
+                out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+            ) as writer,
         ):
             writer.copy_files(source)
             writer.write_model_card(card)

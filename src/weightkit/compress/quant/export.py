@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from weightkit.checkpoint import CheckpointWriter
+from weightkit.checkpoint import CheckpointWriter, Provenance
 from weightkit.quantized.formats import export_tensors, quantized_model_config
 
 __all__ = ["save_quantized", "write_generation_config"]
@@ -33,6 +33,7 @@ def save_quantized(
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    provenance: Provenance | None = None,
 ) -> Path:
     """Write a model holding quantized layers as a quantized model directory.
 
@@ -50,6 +51,8 @@ def save_quantized(
         source_dir: the original model directory whose tokenizer and other files to copy.
         overwrite: replace an existing ``out_dir``.
         max_shard_bytes: largest safetensors shard.
+        provenance: what made the model, for the directory's integrity manifest (None: no manifest; a
+            model quantized in Python has no record of its inputs unless the caller gives one).
 
     Returns:
         ``out_dir``.
@@ -59,7 +62,9 @@ def save_quantized(
             and not ``overwrite``.
     """
     config = quantized_model_config(model)
-    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
+    with CheckpointWriter(
+        out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+    ) as writer:
         if source_dir is not None:
             writer.copy_files(source_dir)
         for name, tensor in export_tensors(model):
