@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(
             f"[bold red]error:[/bold red] out of memory in weightkit {args.command} "
-            f"({escape(_first_line(err))}); the output was not written (outputs appear only complete). Give the "
-            "process more memory, or lower --max-shard-size where the command takes it",
+            f"({escape(_first_line(err))}); the output was not written (outputs appear only complete). "
+            "Give the process more memory, or lower --max-shard-size where the command takes it",
             highlight=False,
             soft_wrap=True,
         )
