@@ -2,6 +2,7 @@
 
 import argparse
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -31,6 +32,10 @@ _WITHOUT_TRANSFORMERS = ("merge", "align", "inspect")
 # 4-5 on 2 cores): task arithmetic took 23-26 s spinning, 19-20 s passive. `inspect` runs many SVDs of a
 # few milliseconds each: on the bundled MiniLM at load 3-4 it took 47-105 s spinning, 22-24 s passive.
 _PASSIVE_OPENMP = ("merge", "align", "extract-lora", "inspect")
+# A write that failed for want of room: the disk or the quota is full, or a file-size limit was hit. Tensors
+# written through the checkpoint writer already fail with its own message; these are the other files
+# (configs, tokenizers, trainer states) written into an output's temporary directory.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # glibc's mallopt parameter, and the size from which every block gets a memory map of its own.
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_BYTES = 4 * 2**20
@@ -147,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             f"[bold red]error:[/bold red] out of memory in weightkit {args.command} "
             f"({escape(_first_line(err))}); the output was not written (outputs appear only complete). "
             "Give the process more memory, or lower --max-shard-size where the command takes it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        output = getattr(args, "output", None)
+        where = f" {output}" if output else ""
+        console.print(
+            f"[bold red]error:[/bold red] writing{where} failed: {escape(str(err))}. Outputs appear only "
+            f"complete: nothing was written to{where or ' the output'}; free some space and retry",
             highlight=False,
             soft_wrap=True,
         )
