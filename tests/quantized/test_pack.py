@@ -60,6 +60,14 @@ def test_matches_compressed_tensors(bits, shape):
     assert torch.equal(unpack_int32(pack_to_int32(q, bits), bits, shape[1]), q)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_a_matrix_packed_in_blocks_of_rows_matches_compressed_tensors(bits):
+    """pack_int32 packs ~2^20 values at a time (its memory); a matrix of several such blocks, the last one
+    short, packs as compressed-tensors packs it whole."""
+    q = random_grid(2**20 // 100 * 2 + 7, 100, bits, seed=bits)
+    assert torch.equal(pack_int32(q, bits), pack_to_int32(q, bits))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_zero_point_packing_along_dim0_matches_compressed_tensors(bits):
     zp = random_grid(37, 3, bits, seed=bits)  # [out, groups]: packed along the output dim

@@ -38,6 +38,9 @@ class _Entry:
 
 
 def _open_safetensors(path: Path) -> tuple[Any, bool]:
+    # Only on a big-endian machine (the library swaps the bytes). Either backend maps the whole file when
+    # it opens it (pread: for the time of the call; mmap: for good), which costs address space the size of
+    # the file (a ulimit -v / RLIMIT_AS cap counts it), hence get()'s own pread elsewhere.
     # The pread backend (safetensors >= 0.8) returns a tensor that owns its memory. The default mmap
     # backend returns a view of the mapping, so an in-place edit by the caller (w.mul_(s)) would change
     # what the next get() of that name returns.
@@ -106,7 +109,7 @@ class CheckpointReader:
         self._entries: dict[str, _Entry] = {}
         self._handles: dict[Path, Any] = {}
         self._handle_is_view: dict[Path, bool] = {}
-        self._fds: dict[Path, int] = {}  # read_into's file descriptors
+        self._fds: dict[Path, int] = {}  # the weight files, open for reading
         self._pickled: dict[str, torch.Tensor] = {}
         if layout.kind == "pickle":
             if not allow_pickle:
@@ -220,13 +223,25 @@ class CheckpointReader:
             return self._pickled[name].clone()
         if self._handles is None:
             raise RuntimeError("CheckpointReader is closed")
-        handle = self._handles.get(entry.file)
-        if handle is None:
-            handle, is_view = _open_safetensors(entry.file)
-            self._handles[entry.file] = handle
-            self._handle_is_view[entry.file] = is_view
-        tensor = handle.get_tensor(name)
-        return tensor.clone() if self._handle_is_view[entry.file] else tensor
+        if sys.byteorder != "little":  # safetensors stores little-endian values: its library swaps them
+            handle = self._handles.get(entry.file)
+            if handle is None:
+                handle, is_view = _open_safetensors(entry.file)
+                self._handles[entry.file] = handle
+                self._handle_is_view[entry.file] = is_view
+            tensor = handle.get_tensor(name)
+            return tensor.clone() if self._handle_is_view[entry.file] else tensor
+        # The tensor's bytes alone, read into memory the caller owns: nothing of the file is mapped, so a
+        # process's address space grows by the tensor, not by the file (the header was checked on opening).
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < entry.nbytes:
+            read = os.preadv(self._fd(entry.file), [data[done:]], entry.start + done)
+            if read == 0:
+                raise WeightkitError(f"{entry.file} ends inside tensor {name}: was it truncated meanwhile?")
+            done += read
+        return tensor
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy tensor ``name`` into ``out``, converted to ``out``'s dtype (and device), allocating nothing.
@@ -261,9 +276,7 @@ class CheckpointReader:
             return out.copy_(self.get(name)) if numel else out
         if self._handles is None:
             raise RuntimeError("CheckpointReader is closed")
-        fd = self._fds.get(entry.file)
-        if fd is None:
-            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        fd = self._fd(entry.file)
         first_page = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
         # ACCESS_COPY: a private mapping is writable (torch.frombuffer warns on read-only buffers) and
         # copies a page only if it is written, which nothing here does.
@@ -274,6 +287,13 @@ class CheckpointReader:
             out.copy_(view.view(entry.shape))
             del view  # the mapping can only close once no tensor points into it
         return out
+
+    def _fd(self, file: Path) -> int:
+        """A file descriptor of ``file``, opened once for the reader's lifetime."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
 
     def get_finite(self, name: str) -> torch.Tensor:
         """:meth:`get`, refusing a tensor that holds NaN or Inf (the message names it and this checkpoint)."""

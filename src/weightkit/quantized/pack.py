@@ -138,6 +138,19 @@ def pack_int32(q: Tensor, bits: int) -> Tensor:
             f"values range over [{int(q.min())}, {int(q.max())}], outside the {bits}-bit grid "
             f"[{-offset}, {offset - 1}]; packing them would corrupt their neighbours"
         )
+    # Rows pack independently, and the packing holds several int64 copies of what it packs (about 30 bytes
+    # per value): a block of rows at a time keeps that to ~30 MB whatever the weight's size, so a streamed
+    # quantization's peak memory is not dominated by packing its largest matrix.
+    block = max(1, _PACK_BLOCK_VALUES // max(q.shape[1], 1))
+    return torch.cat([_pack_rows(rows_block, bits, offset) for rows_block in q.split(block)])
+
+
+# Values packed at a time by pack_int32.
+_PACK_BLOCK_VALUES = 2**20
+
+
+def _pack_rows(q: Tensor, bits: int, offset: int) -> Tensor:
+    """:func:`pack_int32` of a block of rows (checked)."""
     rows, cols = q.shape
     stream = pack_bits(q.to(torch.int16) + offset, bits)
     stream = torch.nn.functional.pad(stream, (0, 4 * packed_cols(cols, bits) - stream.shape[1]))
