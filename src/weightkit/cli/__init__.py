@@ -1,7 +1,6 @@
 """The ``weightkit`` command: a thin shell over the Python API, one subcommand per verb."""
 
 import argparse
-import ctypes
 import errno
 import gc
 import json
@@ -36,9 +35,6 @@ _PASSIVE_OPENMP = ("merge", "align", "extract-lora", "inspect")
 # written through the checkpoint writer already fail with its own message; these are the other files
 # (configs, tokenizers, trainer states) written into an output's temporary directory.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# glibc's mallopt parameter, and the size from which every block gets a memory map of its own.
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 4 * 2**20
 
 
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,27 +98,6 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     console.print(f"[bold yellow]warning:[/bold yellow] {text}", highlight=False, soft_wrap=True)
 
 
-def _unmap_large_blocks_when_freed() -> None:
-    """Give every block of 4 MB or more its own memory map, returned to the system when it is freed.
-
-    glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, so after the first
-    freed tensor, tensors up to that size come from the heap, which fragments and keeps growing: streaming
-    RTN over a 315 MB checkpoint of 8 MB tensors grew the process's address space by 800 MB (2.5 times the
-    checkpoint; a memory cap the size of the checkpoint failed), and by 150 MB with this fixed threshold
-    (resident memory: 940 MB against 560 MB). The price is fresh pages for each such block: that RTN run
-    took 12 s instead of 6-8 s. Blocks above 32 MB (a 7B model's matrices) are mapped either way. Other C
-    libraries (musl) have no ``mallopt`` and are left as they are.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, sub = _parser()
@@ -134,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would name them under the top-level usage; the subcommand's says what it takes
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    _unmap_large_blocks_when_freed()
     if args.command in _PASSIVE_OPENMP and "torch" not in sys.modules:  # read when torch loads OpenMP
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command not in _WITHOUT_TRANSFORMERS:
