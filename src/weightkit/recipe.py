@@ -20,7 +20,6 @@ Every stage's config is validated here; their order (pruning first, at most one 
 :func:`weightkit.compress.prune.stages.check_stages` before any stage runs.
 """
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ MAX_RECIPE_NODES = 100_000
 def _refuse_graph(doc: Any, path: Path) -> None:
     """Refuse a document that contains itself or expands to more than MAX_RECIPE_NODES values."""
     stack = [(doc, frozenset())]  # a value and the ids of the containers above it
-    for count in itertools.count(1):
-        if not stack:
-            return
-        if count > MAX_RECIPE_NODES:
+    visited = 0
+    while stack:
+        visited += 1
+        if visited > MAX_RECIPE_NODES:
             raise WeightkitError(
                 f"recipe {path} expands to more than {MAX_RECIPE_NODES} values (YAML aliases of aliases?)"
             )
@@ -53,7 +52,8 @@ def _refuse_graph(doc: Any, path: Path) -> None:
             if id(value) in above:
                 raise WeightkitError(f"recipe {path} contains itself (a YAML alias inside its own anchor)")
             children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-            stack.extend((child, above | {id(value)}) for child in children)
+            inner = above | {id(value)}
+            stack.extend((child, inner) for child in children)
 
 
 def read_yaml(path: Path) -> Any:

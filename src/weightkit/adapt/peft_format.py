@@ -268,16 +268,15 @@ def check_lora_ranks(config: LoRAConfig, tensors: dict[str, Tensor], where: Path
     ``rank_pattern``): the scaling ``alpha / r`` would be that of another adapter. ``tensors`` are keyed
     ``MODULE.lora_A.weight`` / ``MODULE.lora_embedding_A`` (a ``[r, ...]`` factor) among others."""
     for key, tensor in tensors.items():
-        module, _, factor = key.rpartition(
-            ".lora_A.weight" if key.endswith(".weight") else ".lora_embedding_A"
-        )
-        if factor or not module:
-            continue
-        if tensor.dim() == 0 or tensor.shape[0] != config.rank_for(module):
-            raise WeightkitError(
-                f"{where}: {key} has shape {tuple(tensor.shape)}, not rank {config.rank_for(module)} as "
-                "adapter_config.json says (r, rank_pattern)"
-            )
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if not key.endswith(suffix):
+                continue
+            rank = config.rank_for(key.removesuffix(suffix))
+            if tensor.dim() == 0 or tensor.shape[0] != rank:
+                raise WeightkitError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}, not rank {rank} as adapter_config.json "
+                    "says (r, rank_pattern)"
+                )
 
 
 # What save_adapter writes for every adapter besides the method's own config fields.
