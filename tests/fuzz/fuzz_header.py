@@ -1,11 +1,11 @@
 """Coverage-guided fuzzing (atheris) of the safetensors header parser and the checkpoint reader.
 
-An input is the header JSON followed by the data section (split after the header's last ``}``): the target
+An input is the header JSON followed by the data section, split after the input's last ``}``: the target
 writes the 8-byte length field itself, so mutations of the JSON reach the parser instead of mostly breaking
-the length; an input starting with ``RAW`` is written as the whole file, length field included, to fuzz that
-too. ``read_safetensors_header`` must return a valid header or raise
-``WeightkitError``; a file whose header passed must then open in ``CheckpointReader`` and give every tensor
-with the dtype and shape the header promised. Anything else (another exception, a hang past libFuzzer's
+the length. An input starting with ``RAW`` is written as the whole file, length field included, to fuzz that
+too. ``read_safetensors_header`` must return a valid header or raise ``WeightkitError``; a file whose header
+passed must then open in ``CheckpointReader`` and give every tensor with the dtype and shape the header
+promised. Anything else (another exception, a hang past libFuzzer's
 ``-timeout``, memory past ``-rss_limit_mb``) is a finding. Run through ``run.sh``.
 """
 
@@ -30,8 +30,8 @@ def safetensors_file(data: bytes) -> bytes:
     """The file an input stands for (see the module docstring)."""
     if data.startswith(b"RAW"):
         return data[3:]
-    end = data.rfind(b"}") + 1
-    return len(data[:end]).to_bytes(8, "little") + data
+    header_length = data.rfind(b"}") + 1
+    return header_length.to_bytes(8, "little") + data
 
 
 def seed_corpus(corpus: Path) -> None:
