@@ -160,17 +160,20 @@ _F32 = '"dtype": "F32", "shape": [1], "data_offsets": [0, 4]'
         ('{"w": {"dtype": "F32", "shape": [-0], "data_offsets": [0, 0]}}', "invalid shape"),
         ('{"w": {"dtype": "F32", "shape": [4611686018427387904, 4, 0], "data_offsets": [0, 0]}}',
          "overflows 64 bits"),
+        ('{"w": {"dtype": "F32", "shape": [0, ' + f"{2**64}" + '], "data_offsets": [0, 0]}}',
+         "overflows 64 bits"),
         ('{"w": {"dtype": "F32", "shape": [0], "data_offsets": [' + f"{2**64}, {2**64}" + "]}}",
          "invalid data_offsets"),
         ('{"w": {' + _F32 + '}, "__metadata__": 0}', "__metadata__ must map strings to strings"),
     ],
     ids=["unhashable-dtype", "deep", "huge-int", "nan", "float-overflow", "surrogate-name",
-         "surrogate-metadata", "minus-zero", "size-overflow", "offset-overflow", "metadata-zero"],
+         "surrogate-metadata", "minus-zero", "size-overflow", "dim-overflow", "offset-overflow",
+         "metadata-zero"],
 )  # fmt: skip
 def test_what_safetensors_would_refuse_is_refused_by_name(tmp_path, header, message):
     """Before the fixes: a TypeError (a list as dtype), RecursionError, ValueError (an int of 5000 digits), or
     a header passed here that safetensors then refused while reading (NaN, 1e999, lone surrogates, -0,
-    sizes or offsets beyond 64 bits), or metadata 0 read as none."""
+    sizes, dimensions or offsets beyond 64 bits: the last found by atheris), or metadata 0 read as none."""
     path = tmp_path / "bad.safetensors"
     raw = header.encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)

@@ -82,12 +82,12 @@ def _corrupt(path: Path, why: str) -> WeightkitError:
 
 
 def _fits_usize(shape: list[int], itemsize: int) -> bool:
-    """Whether safetensors can count the elements (dimension by dimension, in order) and bits of a tensor
-    of ``shape`` without overflowing 64 bits."""
+    """Whether safetensors can hold each dimension of ``shape`` and count the elements (dimension by
+    dimension, in order) and bits of such a tensor without overflowing 64 bits."""
     count = 1
     for dim in shape:
         count *= dim
-        if count >= _USIZE_LIMIT:
+        if dim >= _USIZE_LIMIT or count >= _USIZE_LIMIT:
             return False
     return count * itemsize * 8 < _USIZE_LIMIT
 
