@@ -1,11 +1,28 @@
-"""Shared fixtures: tiny Llama and BERT model directories (with tokenizers), text files, one torch thread."""
+"""Shared fixtures: tiny Llama and BERT model directories (with tokenizers), text files, one torch thread;
+the hypothesis settings profile."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from sample_texts import TEXTS
 
 from weightkit.models import default_model_path, load_model
 from weightkit.testing import save_tiny, tiny_bert, tiny_llama, tiny_tokenizer
+
+# Property tests (tests/reliability/test_fuzz*.py) draw the same examples on every run, so CI never fails by
+# chance and a failure reproduces; WEIGHTKIT_FUZZ_EXAMPLES=2000 makes a long run. No example database: a
+# test's examples do not depend on earlier runs.
+settings.register_profile(
+    "weightkit",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=int(os.environ.get("WEIGHTKIT_FUZZ_EXAMPLES", "60")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("weightkit")
 
 
 @pytest.fixture(scope="session")

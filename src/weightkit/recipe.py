@@ -28,7 +28,32 @@ import yaml
 from weightkit.errors import WeightkitError
 from weightkit.registry import config_from_dict, config_to_dict
 
-__all__ = ["load_config", "dump_config", "read_yaml"]
+__all__ = ["MAX_RECIPE_NODES", "load_config", "dump_config", "read_yaml"]
+
+
+# A recipe is a small tree, but YAML's anchors and aliases (&a, *a) make a graph: a document that holds itself
+# (&a [*a]) or, with aliases of aliases, billions of nodes in a few lines ("billion laughs"), which would
+# hang whatever walks it, the repr in an error message included. Aliases that repeat a value are fine.
+MAX_RECIPE_NODES = 100_000
+
+
+def _refuse_graph(doc: Any, path: Path) -> None:
+    """Refuse a document that contains itself or expands to more than MAX_RECIPE_NODES values."""
+    stack = [(doc, frozenset())]  # a value and the ids of the containers above it
+    visited = 0
+    while stack:
+        visited += 1
+        if visited > MAX_RECIPE_NODES:
+            raise WeightkitError(
+                f"recipe {path} expands to more than {MAX_RECIPE_NODES} values (YAML aliases of aliases?)"
+            )
+        value, above = stack.pop()
+        if isinstance(value, dict | list):
+            if id(value) in above:
+                raise WeightkitError(f"recipe {path} contains itself (a YAML alias inside its own anchor)")
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            inner = above | {id(value)}
+            stack.extend((child, inner) for child in children)
 
 
 def read_yaml(path: Path) -> Any:
@@ -36,9 +61,15 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise WeightkitError(f"recipe {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise WeightkitError(f"recipe {path} is not UTF-8 text: {err}") from None
+    # PyYAML lets Python's own errors through for some malformed values (the date 2001-02-30, an integer of
+    # 5000 digits, "!!timestamp x") and recurses once per level of nesting.
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as err:
         raise WeightkitError(f"recipe {path} is not valid YAML: {err}") from None
+    _refuse_graph(doc, path)
+    return doc
 
 
 def _stages(path: Path, doc: dict, kind: str) -> list[Any]:
@@ -46,7 +77,9 @@ def _stages(path: Path, doc: dict, kind: str) -> list[Any]:
     if kind != "compress":
         raise WeightkitError(f"recipe {path}: a {kind} recipe is one method config, not a 'stages' list")
     if set(doc) != {"stages"}:
-        raise WeightkitError(f"recipe {path}: beside 'stages' a recipe holds nothing; got {sorted(set(doc))}")
+        raise WeightkitError(
+            f"recipe {path}: beside 'stages' a recipe holds nothing; got {sorted(doc, key=str)}"
+        )
     stages = doc["stages"]
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise WeightkitError(f"recipe {path}: 'stages' must be a non-empty list of method configs")

@@ -14,6 +14,8 @@ preset={"sparsify": "magnitude", "sign_consensus": True, "normalize": True})``).
 
 import dataclasses
 import difflib
+import math
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +128,7 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(entry.config_cls)]
     for key in data:
         if key not in fields:
-            hint = _did_you_mean(key, fields)
+            hint = _did_you_mean(key, fields) if isinstance(key, str) else ""  # YAML keys may be 1 or null
             options = f"Options: {', '.join(fields)}" if fields else "It takes no options."
             raise WeightkitError(f"{entry.name}: unknown option {key!r}.{hint} {options}")
     hints = typing.get_type_hints(entry.config_cls)
@@ -140,18 +142,64 @@ def config_from_dict(kind: str, data: dict[str, Any]) -> Any:
         raise WeightkitError(f"{entry.name}: {err}") from None
 
 
+# What a value of each plain type is called in an error message, one and many.
+_NAMES = {
+    bool: ("true or false", "true/false values"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    list: ("a list", "lists"),
+    dict: ("a mapping", "mappings"),
+    type(None): ("null", "nulls"),
+}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from YAML/JSON) fits a field annotated ``hint``: plain types, ``X | None`` and other
+    unions, ``list[X]`` and ``dict[str, X]``; any other annotation is the config's to check. An int fits a
+    float field; a bool no number field; NaN and infinity no field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return not isinstance(value, bool) and isinstance(value, int)
+    if hint is float:  # NaN and infinity (YAML's .nan, .inf) mean nothing in any config
+        return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if hint in (str, type(None)):
+        return isinstance(value, hint)
+    if list in (hint, origin):
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value if args)
+    if dict in (hint, origin):
+        return isinstance(value, dict) and all(
+            _fits(key, args[0]) and _fits(item, args[1]) for key, item in value.items() if args
+        )
+    return True
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """``hint`` in words, e.g. "an integer or null", "a mapping of strings to mappings"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        named = [arg for arg in args if not (arg is int and float in args)]  # a number includes integers
+        return " or ".join(_describe(arg, plural) for arg in named)
+    if origin in (list, dict) and args:
+        many = _describe(args[-1], plural=True)
+        one = f"a list of {many}" if origin is list else f"a mapping of {_describe(args[0], True)} to {many}"
+        return f"{'lists' if origin is list else 'mappings'} of {many}" if plural else one
+    return _NAMES[origin or hint][plural]
+
+
 def _type_problem(value: Any, hint: Any) -> str | None:
-    """Why ``value`` does not fit a field annotated ``hint`` (plain ``int``/``float``/``bool``/``str`` fields
-    only; a config checks the rest itself), or None. An int fits a float field; a bool no number field."""
-    if hint is bool and not isinstance(value, bool):
-        return "expected true or false"
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        return "expected an integer"
-    if hint is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-        return "expected a number"
-    if hint is str and not isinstance(value, str):
-        return "expected a string"
-    return None
+    """Why ``value`` does not fit a field annotated ``hint`` (see :func:`_fits`), or None. Checked before the
+    config is built, so a wrong type gets this message instead of whatever error the config's own checks
+    would raise on it (an ``AttributeError`` on a list given for a mapping)."""
+    if hint is None or _fits(value, hint):
+        return None
+    if isinstance(value, float) and _fits(0.0, hint):
+        return "expected a finite number"
+    return f"expected {_describe(hint)}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

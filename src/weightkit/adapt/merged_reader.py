@@ -14,7 +14,6 @@ What the adapter holds besides its factors is applied as PEFT's ``merge_and_unlo
 every field honoured or refused by name.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from torch import Tensor, nn
 
 from weightkit.adapt.layer import adapter_keys
 from weightkit.adapt.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
-from weightkit.adapt.peft_format import lora_config_from_peft
+from weightkit.adapt.peft_format import check_lora_ranks, lora_config_from_peft
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
-from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
+from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, read_adapter_config
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
 from weightkit.quantized.compressed_tensors import refuse_quantized
@@ -61,10 +60,7 @@ class LoRAMergedReader(CheckpointReader):
     def __init__(self, path: str | Path, adapter_dir: str | Path, *, allow_pickle: bool = False) -> None:
         super().__init__(path, allow_pickle=allow_pickle)
         self.adapter_dir = Path(adapter_dir)
-        config_file = self.adapter_dir / "adapter_config.json"
-        if not config_file.is_file():
-            raise WeightkitError(f"{self.adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
-        saved = json.loads(config_file.read_text())
+        saved = read_adapter_config(self.adapter_dir)
         if saved.get("peft_type") != "LORA":
             raise WeightkitError(
                 f"{self.adapter_dir}: a {saved.get('peft_type')} adapter; model+adapter references take LoRA "
@@ -80,6 +76,7 @@ class LoRAMergedReader(CheckpointReader):
                 if key.endswith("." + suffix):
                     self._factors.setdefault(key.removesuffix("." + suffix), {})[suffix] = tensor
         self._config = lora_config_from_peft(saved, sorted(self._factors), self.adapter_dir)
+        check_lora_ranks(self._config, tensors, self.adapter_dir)
         self._transposed: set[str] = set()  # modules stored in x out (GPT-2's Conv1D)
         self._model_name: dict[str, str] = {}  # checkpoint module name -> the model's, where they differ
         if saved.get("fan_in_fan_out") or any(f"{m}.weight" not in self for m in self._factors):

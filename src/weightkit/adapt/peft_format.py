@@ -44,13 +44,20 @@ from weightkit.adapt.layer import (
 from weightkit.adapt.lora import LORA_LAYERS, LoRAConfig, LoRAEmbedding, LoRALinear
 from weightkit.adapt.pissa import pissa_to_lora
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, Provenance
-from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX
+from weightkit.checkpoint.files import PEFT_ADAPTER_WEIGHTS, PEFT_KEY_PREFIX, read_adapter_config
 from weightkit.errors import WeightkitError
 from weightkit.quantized.linear import QuantizedLinear
 from weightkit.registry import entry_for_config, lookup, names
 from weightkit.select import suffix_pattern_value
 
-__all__ = ["save_adapter", "load_adapter", "load_base", "lora_config_from_peft", "LABELS_FILE"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "load_base",
+    "lora_config_from_peft",
+    "check_lora_ranks",
+    "LABELS_FILE",
+]
 
 # A classifier's label names, by class id (a JSON list), beside its SEQ_CLS adapter. Not in a config.json:
 # transformers takes a directory with one for a complete model and then finds no weights in it.
@@ -260,6 +267,22 @@ def lora_config_from_peft(saved: dict, modules: list[str], where: Path) -> LoRAC
     )
 
 
+def check_lora_ranks(config: LoRAConfig, tensors: dict[str, Tensor], where: Path) -> None:
+    """Refuse LoRA factors whose rank is not the one ``config`` gives their module (its ``r`` or
+    ``rank_pattern``): the scaling ``alpha / r`` would be that of another adapter. ``tensors`` are keyed
+    ``MODULE.lora_A.weight`` / ``MODULE.lora_embedding_A`` (a ``[r, ...]`` factor) among others."""
+    for key, tensor in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if not key.endswith(suffix):
+                continue
+            rank = config.rank_for(key.removesuffix(suffix))
+            if tensor.dim() == 0 or tensor.shape[0] != rank:
+                raise WeightkitError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}, not rank {rank} as adapter_config.json "
+                    "says (r, rank_pattern)"
+                )
+
+
 # What save_adapter writes for every adapter besides the method's own config fields.
 _SAVED_WITH_EVERY_ADAPTER = {
     "peft_type", "task_type", "base_model_name_or_path", "target_modules", "inference_mode",
@@ -309,10 +332,7 @@ def load_adapter(
     check_new_adapter_name(model, name)
     refuse_unadaptable_layers(model)
     keep_inactive = bool(adapter_configs(model))
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
-    saved = json.loads(config_file.read_text())
+    saved = read_adapter_config(adapter_dir)
     with CheckpointReader(adapter_dir / PEFT_ADAPTER_WEIGHTS) as reader:
         tensors = {n.removeprefix(PEFT_KEY_PREFIX): reader.get(n) for n in reader.names()}
     head = _take_modules_to_save(model, saved.get("modules_to_save") or [], tensors, adapter_dir)
@@ -328,6 +348,8 @@ def load_adapter(
     if not isinstance(targets, list) or not set(modules) <= set(targets):
         targets = modules
     config = _config_from_saved(saved, targets, adapter_dir)
+    if isinstance(config, LoRAConfig):  # before the layers are built: a huge r would allocate r x in each
+        check_lora_ranks(config, tensors, adapter_dir)
     entry = entry_for_config(config)
     try:
         # A PiSSA/OLoRA adapter saved unconverted: its base is the residual, re-derived as PEFT does on load.
@@ -389,10 +411,7 @@ def load_base(
     from weightkit.models import load as load_model
 
     adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise WeightkitError(f"{adapter_dir} has no adapter_config.json; it is not a PEFT adapter")
-    if json.loads(config_file.read_text()).get("task_type") != "SEQ_CLS":
+    if read_adapter_config(adapter_dir).get("task_type") != "SEQ_CLS":
         return load_model(path, dtype=dtype, allow_pickle=allow_pickle)
     from transformers import AutoModelForSequenceClassification
 
@@ -405,7 +424,12 @@ def load_base(
             raise WeightkitError(f"{path}: a classifier adapter on a quantized checkpoint is not supported")
     labels = {}
     if (adapter_dir / LABELS_FILE).is_file():
-        names = json.loads((adapter_dir / LABELS_FILE).read_text())
+        try:
+            names = json.loads((adapter_dir / LABELS_FILE).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # ValueError: also UnicodeDecodeError, JSONDecodeError
+            raise WeightkitError(
+                f"{adapter_dir / LABELS_FILE} is corrupt: cannot parse it as JSON ({e})"
+            ) from e
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise WeightkitError(f"{adapter_dir / LABELS_FILE} must hold a list of label names")
         if len(set(names)) < len(names):

@@ -6,6 +6,8 @@ safetensors files, and only then the pickle formats (``pytorch_model.bin`` and f
 """
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
@@ -19,7 +21,9 @@ __all__ = [
     "WeightLayout",
     "is_weight_file",
     "locate_weights",
+    "read_adapter_config",
     "read_index",
+    "read_json_object",
     "weights_size",
 ]
 
@@ -86,6 +90,101 @@ class WeightLayout:
     weight_map: dict[str, Path] | None = None
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a config or index file from a model or adapter directory).
+
+    Raises:
+        WeightkitError: naming the file, if it cannot be read, is not UTF-8 JSON (also: an integer of over
+            4300 digits, nesting thousands deep) or holds something other than an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: also UnicodeDecodeError, JSONDecodeError
+        raise WeightkitError(f"{path} is corrupt: cannot parse it as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise WeightkitError(f"{path} is corrupt: it is not a JSON object")
+    return data
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_patterns(check):
+    return lambda value: isinstance(value, dict) and all(check(v) for v in value.values())
+
+
+# What the adapter_config.json fields weightkit reads (PEFT's LoraConfig, most shared by its other methods)
+# may hold. Null is always allowed (PEFT writes it for "unset") except for the three that define an adapter.
+_ADAPTER_FIELDS = {
+    "peft_type": ("a string", lambda v: isinstance(v, str)),
+    "r": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "lora_alpha": ("a finite number", _is_number),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "rank_pattern": ("a mapping of patterns to integers >= 1", _is_patterns(lambda v: _is_int(v) and v >= 1)),
+    "alpha_pattern": ("a mapping of patterns to finite numbers", _is_patterns(_is_number)),
+    "target_modules": ("a list of names or a pattern", lambda v: isinstance(v, str) or _is_strings(v)),
+    "exclude_modules": ("a list of names or a pattern", lambda v: isinstance(v, str) or _is_strings(v)),
+    "modules_to_save": ("a list of names", _is_strings),
+    "init_lora_weights": ("true, false or a name", lambda v: isinstance(v, bool | str)),
+    "bias": ("a string", lambda v: isinstance(v, str)),
+    **{flag: ("true or false", lambda v: isinstance(v, bool)) for flag in (
+        "use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"
+    )},
+}  # fmt: skip
+_REQUIRED_FOR_LORA = ("peft_type", "r", "lora_alpha")
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern.removeprefix("re:"))
+    except re.error as e:
+        raise WeightkitError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """The ``adapter_config.json`` of a PEFT adapter directory, its fields' types checked.
+
+    Every field weightkit reads is checked here, once for all readers of adapters, so a wrong value is
+    refused by name instead of crashing a reader or being coerced into something else (``"r": 2.5`` read as
+    rank 2). Which values a reader supports (a ``peft_type``, an ``init_lora_weights``) is the reader's to
+    say.
+
+    Raises:
+        WeightkitError: naming the file and field: no such file, not a JSON object, a field of the wrong
+            type or range, a pattern that is no regular expression, or a LoRA adapter without ``r`` or
+            ``lora_alpha``.
+    """
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        raise WeightkitError(f"{directory} has no adapter_config.json; it is not a PEFT adapter")
+    config = read_json_object(path)
+    if config.get("peft_type") == "LORA":
+        missing = [key for key in _REQUIRED_FOR_LORA if config.get(key) is None]
+        if missing:
+            raise WeightkitError(f"{path}: a LoRA adapter needs {', '.join(missing)}")
+    for key, (expected, check) in _ADAPTER_FIELDS.items():
+        value = config.get(key)
+        if value is not None and not check(value):
+            raise WeightkitError(f"{path}: {key} = {value!r}: expected {expected}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            _check_pattern(pattern, f"{path}: {key}")
+    if isinstance(config.get("exclude_modules"), str):
+        _check_pattern(config["exclude_modules"], f"{path}: exclude_modules")
+    if isinstance(config.get("target_modules"), str):
+        _check_pattern(config["target_modules"], f"{path}: target_modules")
+    return config
+
+
 def read_index(index: Path) -> dict[str, Path]:
     """Parse a sharded-checkpoint index: tensor name -> shard path (in index order).
 
@@ -93,11 +192,7 @@ def read_index(index: Path) -> dict[str, Path]:
         WeightkitError: if the index is not valid JSON, has no ``weight_map``, names a shard outside its
             directory, or names a shard that does not exist (naming the index and the shard).
     """
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightkitError(f"{index} is corrupt: cannot parse it as JSON ({e})") from e
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightkitError(f"{index} is corrupt: it has no weight_map of tensor name -> shard file")
     shards: dict[str, Path] = {}
@@ -150,6 +245,8 @@ def locate_weights(path: str | Path) -> WeightLayout:
         raise WeightkitError(
             f"{path} is not a checkpoint file: expected .safetensors, .bin, .pt, .pth or a *.index.json"
         )
+    if not path.is_dir():  # a device (/dev/null), a socket or a pipe
+        raise WeightkitError(f"{path} is neither a checkpoint file nor a model directory")
 
     if (path / SAFETENSORS_INDEX).is_file():
         return _from_index(path / SAFETENSORS_INDEX, path)

@@ -22,6 +22,9 @@ __all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "read_safetensors_header"]
 # safetensors refuses headers larger than this; a bigger length field means a corrupt file, and checking
 # it first stops us from trying to allocate gigabytes for a garbage length.
 MAX_HEADER_BYTES = 100_000_000
+# safetensors' reader counts elements and bits in unsigned 64-bit integers and refuses a file where they
+# overflow, even for a tensor with a zero dimension: so must we, or a header we pass fails when opened.
+_USIZE_LIMIT = 2**64
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -78,15 +81,27 @@ def _corrupt(path: Path, why: str) -> WeightkitError:
     return WeightkitError(f"{path} is corrupt or truncated: {why}")
 
 
+def _fits_usize(shape: list[int], itemsize: int) -> bool:
+    """Whether safetensors can hold each dimension of ``shape`` and count the elements (dimension by
+    dimension, in order) and bits of such a tensor without overflowing 64 bits."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if dim >= _USIZE_LIMIT or count >= _USIZE_LIMIT:
+            return False
+    return count * itemsize * 8 < _USIZE_LIMIT
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _corrupt(path, f"header entry for tensor {name} is not an object")
     dtype_code = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype_code not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype_code, str) or dtype_code not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
         raise _corrupt(path, f"tensor {name} has unsupported dtype {dtype_code!r} (known: {known})")
+    dtype = SAFETENSORS_DTYPES[dtype_code]
     # bool is a subclass of int in Python; a JSON true/false is not a dimension.
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _corrupt(path, f"tensor {name} has an invalid shape {shape!r}")
@@ -94,10 +109,9 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not 0 <= offsets[0] <= offsets[1] < _USIZE_LIMIT
     ):
         raise _corrupt(path, f"tensor {name} has invalid data_offsets {offsets!r}")
-    dtype = SAFETENSORS_DTYPES[dtype_code]
     expected = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
         raise _corrupt(
@@ -105,6 +119,9 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
             f"tensor {name} ({dtype_code} {shape}) needs {expected} bytes but its data_offsets "
             f"{offsets} span {offsets[1] - offsets[0]}",
         )
+    # In practice an empty tensor (a zero after huge dimensions): no other tensor this large is in the file.
+    if not _fits_usize(shape, dtype.itemsize):
+        raise _corrupt(path, f"tensor {name} has a shape {shape} whose size overflows 64 bits")
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
@@ -121,6 +138,38 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
             raise _DuplicateKey(f"tensor {key}" if isinstance(value, dict) else repr(key))
         seen[key] = value
     return seen
+
+
+def _no_float_constant(text: str) -> float:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _int(text: str) -> int | float:
+    # safetensors' reader takes -0 for a float (so not a dimension or offset); Python's json, for the int 0.
+    return -0.0 if text == "-0" else int(text)
+
+
+def _parse_json(raw: bytes) -> object:
+    """The header's JSON, as safetensors' own reader (Rust's serde_json) would read it: Python's json also
+    accepts NaN and Infinity, numbers beyond the float range and lone UTF-16 surrogates (``"\\ud800"``, no
+    UTF-8 text), which would make a header we pass fail when safetensors opens the file. Raises ValueError
+    (incl. UnicodeError) for those and for what is not JSON at all, _DuplicateKey for a repeated key."""
+    header = json.loads(
+        raw.decode("utf-8"),
+        object_pairs_hook=_unique_keys,
+        parse_constant=_no_float_constant,
+        parse_float=_finite_float,
+        parse_int=_int,
+    )
+    json.dumps(header, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError on a lone surrogate
+    return header
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -155,15 +204,18 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], di
         raise WeightkitError(f"cannot read {path}: {e.strerror or e}") from e
 
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        header = _parse_json(raw)
     except _DuplicateKey as e:
         raise _corrupt(path, f"the header names {e} twice") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON (as safetensors reads it), or an int of over 4300 digits
         raise _corrupt(path, f"the header is not valid JSON ({e})") from e
+    except RecursionError:  # brackets nested thousands deep: no safetensors header looks like that
+        raise _corrupt(path, "the header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _corrupt(path, "__metadata__ must map strings to strings")
 

@@ -6,7 +6,6 @@ one tensor per call, which is what lets merge/quantize/inspect stream a model bi
 """
 
 import difflib
-import json
 import math
 import mmap
 import os
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from weightkit.checkpoint.files import WeightLayout, locate_weights
+from weightkit.checkpoint.files import WeightLayout, locate_weights, read_json_object
 from weightkit.checkpoint.header import read_safetensors_header
 from weightkit.errors import WeightkitError, require_finite
 
@@ -128,14 +127,7 @@ class CheckpointReader:
     def _read_config(self) -> dict | None:
         if self.directory is None or not (self.directory / "config.json").is_file():
             return None
-        path = self.directory / "config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightkitError(f"{path} is corrupt: cannot parse it as JSON ({e})") from e
-        if not isinstance(config, dict):
-            raise WeightkitError(f"{path} is corrupt: it is not a JSON object")
-        return config
+        return read_json_object(self.directory / "config.json")
 
     def _add(self, name: str, entry: _Entry) -> None:
         if name in self._entries:

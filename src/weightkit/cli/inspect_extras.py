@@ -15,7 +15,6 @@ checkpoints (their integer weights are neither differentiable nor interpolable).
 
 import copy
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from weightkit.adapt.layer import adapt
 from weightkit.adapt.subspace import SubspaceConfig
 from weightkit.adapt.trainer import train_adapter
 from weightkit.arch import model_task
+from weightkit.checkpoint.files import read_json_object
 from weightkit.data import load_texts, stdlib_docstrings
 from weightkit.errors import WeightkitError
 from weightkit.inspect.hessian import hessian_operator, lanczos, loss_barrier, slq_density
@@ -85,7 +85,7 @@ def _model_and_batches(
     if not config_file.is_file():
         raise WeightkitError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
     refuse_quantized(model_dir, verb=verb, instead="inspect the full-precision model")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
     task = model_task(config)
     classifier = task == "encoder" and any(
         str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or []

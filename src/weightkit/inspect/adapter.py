@@ -17,7 +17,6 @@ biases, LoRA on embeddings or convolutions, initialisations that also rewrite th
 OLoRA, LoftQ, CorDA, LoRA-GA ...), and any other set option this module does not know.
 """
 
-import json
 import math
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader
+from weightkit.checkpoint.files import read_adapter_config
 from weightkit.errors import WeightkitError
 from weightkit.inspect.change import TOP_SINGULAR_VALUES, Table
 from weightkit.inspect.spectral import effective_rank, stable_rank
@@ -78,12 +78,7 @@ def pattern_value(patterns: dict, module: str, default):
 
 def _read_config(directory: Path) -> dict:
     path = directory / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightkitError(f"cannot read {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise WeightkitError(f"{path} is not a JSON object")
+    config = read_adapter_config(directory)
     if config.get("peft_type") != "LORA":
         raise WeightkitError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only 'LORA')")
     if config.get("init_lora_weights", True) not in _BASE_PRESERVING_INITS:

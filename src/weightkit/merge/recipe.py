@@ -142,8 +142,8 @@ def _slices(value: Any, relative_to: Path | None) -> list[MergeSlice]:
         unknown = set(piece) - {"sources", "parameters", "base_model"}
         if unknown:
             raise WeightkitError(
-                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a slice has sources, parameters "
-                "and base_model"
+                f"{where}: unknown key(s) {', '.join(map(str, sorted(unknown, key=str)))}; a slice has "
+                "sources, parameters and base_model"
             )
         sources = piece.get("sources")
         if not isinstance(sources, list) or not sources:
@@ -189,9 +189,10 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
             "supported: weightkit does not build tokenizers; remove it (or use tokenizer_source: base)"
         )
     unknown = set(doc) - _KNOWN - _IGNORED
-    if unknown:
+    if unknown:  # sorted as text: YAML keys may also be numbers or null
         raise WeightkitError(
-            f"unknown key(s) {', '.join(sorted(unknown))}; a merge recipe has {', '.join(sorted(_KNOWN))}"
+            f"unknown key(s) {', '.join(map(str, sorted(unknown, key=str)))}; a merge recipe has "
+            f"{', '.join(sorted(_KNOWN))}"
         )
     if "merge_method" not in doc:
         raise WeightkitError("missing merge_method (e.g. merge_method: ties)")
@@ -228,7 +229,7 @@ def merge_recipe_from_dict(doc: Any, *, relative_to: Path | None = None) -> Merg
         raise WeightkitError(f"parameters: expected a mapping, got {parameters!r}")
     config = config_from_dict("merge", {"method": str(doc["merge_method"]), **_renamed(parameters)})
     dtype_name = doc.get("out_dtype") or doc.get("dtype")
-    if dtype_name is not None and dtype_name not in DTYPES:
+    if dtype_name is not None and (not isinstance(dtype_name, str) or dtype_name not in DTYPES):
         raise WeightkitError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     chat_template = doc.get("chat_template")
     if chat_template is not None and not isinstance(chat_template, str):
