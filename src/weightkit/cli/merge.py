@@ -60,6 +60,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.json,
         device=args.device,
         chat_template=recipe.chat_template,
+        resume=args.resume,
         **options,
     )
     summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
@@ -268,7 +269,8 @@ def add_parsers(sub) -> None:
             "  dtype: bfloat16\n\n"
             "examples:\n"
             "  weightkit merge recipe.yaml -o ./merged\n"
-            "  weightkit merge recipe.yaml -o ./merged --dry-run"
+            "  weightkit merge recipe.yaml -o ./merged --dry-run\n"
+            "  weightkit merge recipe.yaml -o ./merged --resume   # after an interrupted run"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -283,6 +285,15 @@ def add_parsers(sub) -> None:
     )
     m.add_argument(
         "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
+    )
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue an interrupted merge (Ctrl-C, a kill, a full disk) from the shards it finished, kept "
+            "in OUTPUT.partial/; run the same command with the same recipe and options (a difference is "
+            "refused by name). Without it, an OUTPUT.partial/ left by an earlier run is refused"
+        ),
     )
     m.add_argument(
         "--random-seed",
