@@ -28,7 +28,8 @@ from weightkit.cli import main
 from weightkit.testing import save_tiny, tiny_llama, tiny_tokenizer
 
 KILL_RUNS = int(os.environ.get("WEIGHTKIT_KILL_RUNS", "1"))
-SHARD = "40KB"  # the tiny models below make ~10-20 shards
+# Shard sizes that give the outputs of the tiny models below ~10-20 shards.
+MERGE_SHARD, COMPRESS_SHARD = "40KB", "12KB"
 
 
 def _tiny(seed: int | None):
@@ -66,8 +67,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 def _command(name: str, inputs: dict[str, Path]) -> list[str]:
     if name == "merge":
-        return ["merge", str(inputs["recipe"]), "--random-seed", "7", "--max-shard-size", SHARD]
-    compress = ["compress", str(inputs["base"]), "--max-shard-size", SHARD, "--group-size", "16"]
+        return ["merge", str(inputs["recipe"]), "--random-seed", "7", "--max-shard-size", MERGE_SHARD]
+    compress = ["compress", str(inputs["base"]), "--max-shard-size", COMPRESS_SHARD, "--group-size", "16"]
     if name == "rtn":
         return [*compress, "--method", "rtn"]
     calibrated = ["--calib", str(inputs["calib"]), "--calib-samples", "8", "--seq-len", "32"]
@@ -90,25 +91,26 @@ def _units(partial: Path) -> int:
         return -1
 
 
-def _kill_after(
-    argv: list[str], partial: Path, units: int, sig: signal.Signals
-) -> subprocess.CompletedProcess:
-    """Run the CLI, and send ``sig`` once ``partial`` records ``units`` finished units."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "weightkit.cli", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and _units(partial) < units and time.monotonic() < deadline:
-        time.sleep(0.002)
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def _kill_after(argv: list[str], partial: Path, units: int, sig: signal.Signals) -> tuple[int, str]:
+    """Run the CLI, send ``sig`` once ``partial`` records ``units`` finished units, and return the exit
+    code and what the run printed."""
+    log = partial.with_name("log.txt")
+    with open(log, "w") as output:  # not a pipe: a full pipe would block the run
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "weightkit.cli", *argv],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and _units(partial) < units and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    printed = log.read_text()
+    log.unlink()
+    return code, printed
 
 
 def _complete_looking(root: Path, allowed: set[Path]) -> list[Path]:
@@ -130,7 +132,7 @@ def references(inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
     """Each command's files from a run that was not interrupted (in-process: the same code)."""
     root = tmp_path_factory.mktemp("reference")
     hashes = {}
-    for name in ("merge",):
+    for name in ("merge", "rtn", "gptq"):
         out = root / name / "out"  # the same directory name as the trials: the model card holds it
         assert main([*_command(name, inputs), "-o", str(out), "--json"]) == 0
         hashes[name] = _hashes(out)
@@ -138,7 +140,7 @@ def references(inputs, tmp_path_factory) -> dict[str, dict[str, str]]:
     return hashes
 
 
-@pytest.mark.parametrize("name", ["merge"])
+@pytest.mark.parametrize("name", ["merge", "rtn", "gptq"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_killed_run_leaves_nothing_finished_and_resumes_bit_identical(
     inputs, references, tmp_path, capsys, name, sig
@@ -146,28 +148,34 @@ def test_a_killed_run_leaves_nothing_finished_and_resumes_bit_identical(
     rng = random.Random(f"{name}-{sig.name}")
     expected = references[name]
     argv = _command(name, inputs)
-    units = {"merge": len([k for k in expected if k.endswith(".safetensors")]), "rtn": 0, "gptq": 4}[name]
+    # Kill once 0 .. units-1 units are recorded (merge and rtn keep shards, gptq blocks: the model has 4),
+    # leaving at least two units of work for the signal to land in.
+    units = 4 if name == "gptq" else len([k for k in expected if k.endswith(".safetensors")])
+    units -= 2
     finished = 0
     for trial in range(KILL_RUNS):
         run = tmp_path / f"trial{trial}"
         out = run / "out"
         partial = run / "out.partial"
         previous = None
-        replacing = trial % 2 == 1  # every other trial replaces an earlier output (--force)
+        replacing = (
+            trial + (sig == signal.SIGINT)
+        ) % 2 == 1  # every other trial replaces an output (--force)
         if replacing:
             shutil.copytree(inputs["base"], out)
             previous = _hashes(out)
         force = ["--force"] if replacing else []
-        killed = _kill_after([*argv, "-o", str(out), *force], partial, rng.randrange(units or 1), sig)
-        if killed.returncode == 0:  # finished before the signal came: nothing to resume
+        run.mkdir(exist_ok=True)
+        code, printed = _kill_after([*argv, "-o", str(out), *force], partial, rng.randrange(units), sig)
+        if code == 0:  # finished before the signal came: nothing to resume
             assert _hashes(out) == expected
             finished += 1
             continue
         if sig == signal.SIGINT:
-            assert killed.returncode == 130, killed.stderr + killed.stdout
-            assert "--resume to continue from" in killed.stdout + killed.stderr
+            assert code == 130, printed
+            assert "--resume to continue from" in printed
         else:
-            assert killed.returncode == -signal.SIGKILL
+            assert code == -signal.SIGKILL, printed
         assert (_hashes(out) == previous) if replacing else not out.exists()
         assert _complete_looking(run, {out} if replacing else set()) == []
         assert not (partial / "config.json").exists()
@@ -177,3 +185,79 @@ def test_a_killed_run_leaves_nothing_finished_and_resumes_bit_identical(
         assert _hashes(out) == expected
         assert [p.name for p in run.iterdir()] == ["out"]  # the partial state and any stale temporary: gone
     assert finished <= KILL_RUNS // 2  # most signals landed inside the work
+
+
+# -- in-process: what a resumed run refuses, and what a calibrated run keeps --------------------------
+
+
+def _printed(capsys) -> str:
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def _interrupt_on_call(monkeypatch, module, name: str, call: int) -> None:
+    """Make ``module.name`` raise KeyboardInterrupt (Ctrl-C) on its ``call``-th call."""
+    original, calls = getattr(module, name), []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
+
+
+def test_resuming_with_other_options_is_refused_by_name_and_without_resume_the_state_is_kept(
+    inputs, references, tmp_path, capsys, monkeypatch
+):
+    import weightkit.compress.stream as stream
+
+    out = tmp_path / "out"
+    argv = [*_command("rtn", inputs), "-o", str(out), "--json"]
+    _interrupt_on_call(monkeypatch, stream, "stored_tensors", 6)
+    assert main(argv) == 130
+    assert "run the same command with --resume to continue from shard" in _printed(capsys)
+    monkeypatch.undo()
+    bits = argv.index("--group-size")
+    assert main([*argv[:bits], "--group-size", "32", *argv[bits + 2 :], "--resume"]) == 1
+    assert "started with config.group_size = 16, this run has 32" in _printed(capsys)
+    assert main(argv) == 1
+    assert "holds an unfinished run" in _printed(capsys)
+    assert main([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    assert _hashes(out) == references["rtn"]
+
+
+def test_a_calibrated_run_keeps_each_finished_block_and_only_the_last_ones_outputs(
+    inputs, references, tmp_path, capsys, monkeypatch
+):
+    import weightkit.compress.quant.calibrated as calibrated
+
+    out = tmp_path / "out"
+    argv = [*_command("gptq", inputs), "-o", str(out), "--json"]
+    _interrupt_on_call(monkeypatch, calibrated, "_gptq_group", 3 * 4 + 1)  # 4 input groups per block
+    assert main(argv) == 130
+    assert "after block 3, kept in" in _printed(capsys)
+    monkeypatch.undo()
+    kept = sorted(p.name for p in (tmp_path / "out.partial").iterdir() if p.suffix == ".safetensors")
+    assert kept == [*(f"block-{i:05d}.safetensors" for i in (1, 2, 3)), "outputs-00003.safetensors"]
+    assert main([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    assert _hashes(out) == references["gptq"]
+
+
+def test_a_method_that_cannot_resume_is_refused_by_name(inputs, tmp_path, capsys):
+    argv = [
+        "compress",
+        str(inputs["base"]),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--resume"]) == 1
+    assert "magnitude cannot resume" in _printed(capsys)
+    assert not any(tmp_path.iterdir())
