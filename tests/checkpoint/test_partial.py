@@ -1,6 +1,7 @@
 """Resumable runs (``weightkit.checkpoint.partial``) and the clean-up of killed writers' temporaries
 (``weightkit.checkpoint.writer.remove_stale_temporaries``, ``weightkit.checkpoint.owner``)."""
 
+import errno
 import hashlib
 import json
 import signal
@@ -190,19 +191,30 @@ def test_a_recorded_shard_that_changed_size_is_refused(tmp_path):
         _partial(out, resume=True)
 
 
-def test_a_failure_before_any_unit_leaves_nothing_and_after_one_keeps_the_state(tmp_path):
-    for finished, kept in ((0, False), (1, True)):
-        out = tmp_path / f"out{finished}"
-        with (
-            pytest.raises(WeightkitError, match="disk"),
-            _partial(out) as partial,
-            CheckpointWriter(out, max_shard_bytes=1024, partial=partial) as writer,
-        ):
-            for name, tensor in list(_tensors().items())[: finished + 1]:
-                writer.add(name, tensor)
-            raise WeightkitError("disk full")
-        assert (tmp_path / f"out{finished}.partial").is_dir() == kept
-        assert not out.exists()
+def _fail(out: Path, finished: int, error: BaseException) -> None:
+    """Run a resumable write of ``out`` that fails with ``error`` after ``finished`` shards."""
+    with (
+        pytest.raises(type(error)),
+        _partial(out) as partial,
+        CheckpointWriter(out, max_shard_bytes=1024, partial=partial) as writer,
+    ):
+        for name, tensor in list(_tensors().items())[: finished + 1]:
+            writer.add(name, tensor)
+        raise error
+
+
+def test_a_failure_of_the_machine_after_a_unit_keeps_the_state_and_a_bad_input_does_not(tmp_path):
+    disk_full = WeightkitError("writing failed: no space left")
+    disk_full.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    bad_input = WeightkitError("tensor x holds NaN")
+    for name, finished, error, kept in [
+        ("full0", 0, disk_full, False),  # nothing to resume
+        ("full1", 1, disk_full, True),
+        ("nan1", 1, bad_input, False),  # resuming would stop at the same tensor
+    ]:
+        _fail(tmp_path / name, finished, error)
+        assert (tmp_path / f"{name}.partial").is_dir() == kept
+        assert not (tmp_path / name).exists()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left
 
 

@@ -91,9 +91,11 @@ class PartialRun:
     """The state of a resumable run writing ``out_dir``, in ``<out_dir>.partial/``.
 
     Used as a context manager around the run: it is created (or, with ``resume``, checked and taken over)
-    on construction; on Ctrl-C it is kept and the ``KeyboardInterrupt`` says how to continue; on another
-    error it is kept when it holds a finished unit (a full disk can be resumed once space is freed) and
-    removed otherwise. Whoever publishes the output calls :meth:`remove` once it is in place.
+    on construction; on Ctrl-C it is kept and the ``KeyboardInterrupt`` says how to continue; on a failure
+    of the machine (an ``OSError`` such as a full disk, or a ``MemoryError``, raised or as the cause of
+    the error raised) it is kept when it holds a finished unit, to be resumed once space or memory is
+    freed; on any other error (bad input) it is removed. Whoever publishes the output calls
+    :meth:`remove` once it is in place.
 
     Args:
         out_dir: the output the run makes.
@@ -250,5 +252,8 @@ class PartialRun:
             raise KeyboardInterrupt(
                 f"{kept}; run the same command with --resume to continue from {self.unit} {done + 1}"
             ) from None
-        if not done:
+        # A failure of the machine (a full disk, an I/O error, memory) can be fixed and the run resumed; a
+        # failure of the inputs (a NaN weight, a bad shape) would only stop the resumed run again.
+        machine = (OSError, MemoryError)
+        if not done or not (isinstance(exc, machine) or isinstance(getattr(exc, "__cause__", None), machine)):
             self.remove()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from weightkit.cli.common import common_options, mb, print_table, refuse_existing
+from weightkit.errors import WeightkitError
 from weightkit.progress import console, results
 
 
@@ -21,6 +22,8 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         recipe.config = _seeded(recipe.config, recipe.source, args.random_seed)
     dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
     out = Path(args.output)
+    if args.dry_run and args.resume:
+        raise WeightkitError("--dry-run writes nothing, so there is nothing for --resume to continue")
     if not args.dry_run:
         refuse_existing(out, args.force)
     config = config_to_dict(recipe.config)
@@ -84,8 +87,6 @@ def _seeded(config: Any, recipe: dict[str, Any], seed: int) -> Any:
     """``config`` with ``seed`` set, for methods that draw random numbers (those with a ``seed`` field);
     other methods are deterministic and take ``--random-seed`` without effect, as mergekit-yaml does."""
     import dataclasses
-
-    from weightkit.errors import WeightkitError
 
     if "seed" not in {f.name for f in dataclasses.fields(config)}:
         return config
