@@ -233,3 +233,14 @@ def test_a_live_run_keeps_its_partial_directory(tmp_path):
         sleeper.kill()
         sleeper.wait()
     _partial(out, resume=True)  # its owner is gone
+
+
+def test_a_state_file_naming_files_outside_its_directory_is_refused(tmp_path):
+    out = tmp_path / "out"
+    _partial(out)
+    state_path = tmp_path / "out.partial" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["units"] = [{"file": "../victim", "size": 1}]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(WeightkitError, match="state.json is missing or unreadable"):
+        _partial(out, resume=True)

@@ -13,10 +13,13 @@ until the id is free, never the reverse.
 import contextlib
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["current_owner", "owner_alive", "process_owner", "read_owner", "write_owner"]
+__all__ = ["current_owner", "interrupts_held", "owner_alive", "process_owner", "read_owner", "write_owner"]
 
 
 def _boot_id() -> str | None:
@@ -79,3 +82,21 @@ def read_owner(path: Path) -> dict[str, Any] | None:
         if isinstance(owner, dict):
             return owner
     return None
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver them.
+
+    For making a directory and recording its owner in it: a ``KeyboardInterrupt`` between the two would
+    leave a directory without an owner, which no later run may remove. Only the main thread receives
+    signals, and only where the OS can hold them (not Windows); elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

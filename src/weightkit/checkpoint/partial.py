@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from weightkit.checkpoint.durable import fsync
-from weightkit.checkpoint.owner import owner_alive, read_owner, write_owner
+from weightkit.checkpoint.owner import interrupts_held, owner_alive, read_owner, write_owner
 from weightkit.errors import WeightkitError
 
 __all__ = ["PartialRun", "input_fingerprint", "partial_path"]
@@ -142,11 +142,12 @@ class PartialRun:
         else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.mkdir()
+                with interrupts_held():  # never a directory without its state
+                    self.path.mkdir()
+                    write_owner(self.path / _OWNER)
+                    self._save()
             except OSError as err:
                 raise WeightkitError(f"cannot create {self.path}: {err.strerror or err}") from err
-            write_owner(self.path / _OWNER)
-            self._save()
 
     def _take_over(self) -> None:
         if not self.path.is_dir():
@@ -157,7 +158,8 @@ class PartialRun:
         try:
             saved = json.loads((self.path / STATE).read_text(encoding="utf-8"))
             units = saved["units"]
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = [(self.file(unit["file"]), int(unit["size"])) for unit in units]
+        except (OSError, ValueError, KeyError, TypeError, WeightkitError):
             raise WeightkitError(
                 f"cannot resume from {self.path}: its {STATE} is missing or unreadable; delete {self.path} "
                 "and run without --resume"
@@ -169,12 +171,11 @@ class PartialRun:
             )
         self._compare("setting", _flat(saved.get("settings") or {}), _flat(self._state["settings"]))
         self._compare("input file", saved.get("inputs") or {}, self._state["inputs"])
-        for unit in units:
-            file = self.path / unit["file"]
-            if not file.is_file() or file.stat().st_size != unit["size"]:
+        for file, size in recorded:
+            if not file.is_file() or file.stat().st_size != size:
                 raise WeightkitError(
                     f"cannot resume from {self.path}: {file.name} is missing or not the size recorded "
-                    f"({unit['size']} bytes); delete {self.path} and run without --resume"
+                    f"({size} bytes); delete {self.path} and run without --resume"
                 )
         self._state["units"] = units
         self._saved_bound = saved.get("bound") or {}
@@ -214,7 +215,10 @@ class PartialRun:
         return list(self._state["units"])
 
     def file(self, name: str) -> Path:
-        """The path of the unit file ``name`` in the directory."""
+        """The path of the unit file ``name`` in the directory (a plain file name: the state file names
+        nothing outside the directory)."""
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise WeightkitError(f"{name!r} is not a file name inside {self.path}")
         return self.path / name
 
     def journal(self, unit: dict[str, Any]) -> None:

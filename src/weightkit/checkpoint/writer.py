@@ -36,7 +36,7 @@ from weightkit.checkpoint.durable import fsync as _fsync
 from weightkit.checkpoint.durable import fsync_tree as _fsync_tree
 from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.checkpoint.header import SAFETENSORS_DTYPES
-from weightkit.checkpoint.owner import owner_alive, read_owner, write_owner
+from weightkit.checkpoint.owner import interrupts_held, owner_alive, read_owner, write_owner
 from weightkit.errors import WeightkitError
 
 if TYPE_CHECKING:
@@ -307,8 +307,9 @@ class CheckpointWriter:
         parent = self._target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=parent))
-            write_owner(self._tmp / _OWNER)
+            with interrupts_held():
+                self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=parent))
+                write_owner(self._tmp / _OWNER)
         except OSError as e:
             raise WeightkitError(f"cannot create a directory beside {self.out_dir}: {e.strerror or e}") from e
         self._buffer: dict[str, torch.Tensor] = {}

@@ -226,6 +226,12 @@ class _BlockJournal:
         self.partial = partial
         self.units = {unit["prefix"]: unit for unit in partial.units}
         self.last = partial.units[-1]["prefix"] if partial.units else None
+        outputs = partial.units[-1]["outputs"] if partial.units else None
+        if outputs is not None and not partial.file(outputs).is_file():
+            raise WeightkitError(
+                f"cannot resume from {partial.path}: {outputs}, the inputs of the next block, is missing; "
+                f"delete {partial.path} and run without --resume"
+            )
 
     def restore(self, prefix: str, block: nn.Module) -> tuple[bool, list[torch.Tensor] | None]:
         unit = self.units.get(prefix)
@@ -247,8 +253,13 @@ class _BlockJournal:
     def record(self, prefix: str, block: nn.Module, outputs: list[torch.Tensor] | None) -> None:
         layers = {}
         for rel, module in block.named_modules():
-            if isinstance(module, QuantizedLinear) and type(module) is QuantizedLinear:
+            if type(module) is QuantizedLinear:
                 layers[rel] = asdict(module.scheme)
+            elif isinstance(module, tuple(LAYER_FORMATS)):  # what restore could not rebuild
+                raise WeightkitError(
+                    f"{prefix}.{rel} is a {type(module).__name__}: a resumable run keeps QuantizedLinear "
+                    "layers only"
+                )
         number = len(self.partial.units) + 1
         state = {name: tensor.detach().cpu().clone() for name, tensor in block.state_dict().items()}
         file = self._save(f"block-{number:05d}.safetensors", state)
