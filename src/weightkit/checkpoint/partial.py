@@ -148,6 +148,8 @@ class PartialRun:
                     self._save()
             except OSError as err:
                 raise WeightkitError(f"cannot create {self.path}: {err.strerror or err}") from err
+            except KeyboardInterrupt:  # held during the block, delivered as it ended
+                raise KeyboardInterrupt(self._how_to_continue()) from None
 
     def _take_over(self) -> None:
         if not self.path.is_dir():
@@ -242,6 +244,11 @@ class PartialRun:
         """Delete the directory: the output it was for is published."""
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def _how_to_continue(self) -> str:
+        done = len(self._state["units"])
+        kept = f"after {self.unit} {done}, kept in {self.path}" if done else f"before {self.unit} 1"
+        return f"{kept}; run the same command with --resume to continue from {self.unit} {done + 1}"
+
     def __enter__(self) -> "PartialRun":
         return self
 
@@ -252,10 +259,7 @@ class PartialRun:
             return
         done = len(self._state["units"])
         if issubclass(exc_type, KeyboardInterrupt):
-            kept = f"after {self.unit} {done}, kept in {self.path}" if done else f"before {self.unit} 1"
-            raise KeyboardInterrupt(
-                f"{kept}; run the same command with --resume to continue from {self.unit} {done + 1}"
-            ) from None
+            raise KeyboardInterrupt(self._how_to_continue()) from None
         # A failure of the machine (a full disk, an I/O error, memory) can be fixed and the run resumed; a
         # failure of the inputs (a NaN weight, a bad shape) would only stop the resumed run again.
         machine = (OSError, MemoryError)

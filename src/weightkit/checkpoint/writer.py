@@ -498,6 +498,9 @@ class CheckpointWriter:
 
     def _publish(self) -> None:
         out = self._target
+        # The owner record must not be published. Removed at the last moment: a kill between here and the
+        # rename leaves a directory without one, which no later writer removes (remove_stale_temporaries).
+        (self._tmp / _OWNER).unlink()
         if out.exists() or out.is_symlink():
             # Re-check: the target may have appeared while we were writing.
             self._check_target()
@@ -511,6 +514,7 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self._tmp, out)
+        _fsync(out)  # the owner record's removal
         _fsync(out.parent)
 
     def close(self) -> Path:
@@ -532,9 +536,6 @@ class CheckpointWriter:
         try:
             self._flush()
             self._finalize_shards()
-            # The owner record must not be published; a writer that finds this directory without one
-            # leaves it alone (remove_stale_temporaries).
-            (self._tmp / _OWNER).unlink()
             default_permissions(self._tmp)
             _fsync_tree(self._tmp)  # configs, tokenizer files and the index too, not only the shards
             self._publish()
