@@ -86,8 +86,14 @@ def test_only_the_writers_own_dead_temporaries_are_removed(tmp_path):
         _temporary(tmp_path, "out.tmp-abcd1234", dead),  # not hidden
     ]
     stale = _temporary(tmp_path, ".out.tmp-abcd1234", dead)
-    with pytest.warns(UserWarning, match="left by an unfinished write"):
-        assert remove_stale_temporaries(tmp_path / "out") == [stale]
+    # Killed between making the directory and writing (all of) its owner record: nothing else inside.
+    empty = tmp_path / ".out.tmp-empty123"
+    empty.mkdir()
+    cut_short = tmp_path / ".out.tmp-short123"
+    cut_short.mkdir()
+    (cut_short / OWNER).write_text('{"pid": 12')
+    with pytest.warns(UserWarning, match="left by an unfinished write|left empty by a write"):
+        assert remove_stale_temporaries(tmp_path / "out") == [stale, empty, cut_short]
     assert all(path.is_dir() for path in kept)
 
 

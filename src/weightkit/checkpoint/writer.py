@@ -187,8 +187,10 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     Only directories named by the writer's scheme (``.<name>.tmp-XXXXXXXX`` and its ``.old``) are
     considered, and of those only:
 
-    - a temporary directory whose recorded owner is dead is removed (one without a readable record is
-      left: a run that has just created it, or one made by an older weightkit);
+    - a temporary directory whose recorded owner is dead is removed, and so is one that holds nothing
+      but (maybe) a cut-short record: its writer was killed between making it and recording itself (a
+      live writer in those microseconds then fails loudly on its next write); one with content but no
+      readable record is left (made by an older weightkit, or publishing this very moment);
     - a ``.old`` directory, the previous output that a publish moved aside, is removed when the new
       output was published (its temporary directory is gone and ``out_dir`` exists), and moved back to
       ``out_dir`` when the kill came between the publish's two renames (``out_dir`` missing, the
@@ -220,7 +222,18 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
                 continue
         else:
             owner = read_owner(entry / _OWNER)
-            if owner is None or owner_alive(owner):
+            if owner is None:
+                # A writer records its owner before it writes anything else, so a directory holding no
+                # more than a cut-short record was killed between making it and recording the owner.
+                if {p.name for p in entry.iterdir()} - {_OWNER}:
+                    continue
+                warnings.warn(
+                    f"removing {entry}: left empty by a write of {out.name} killed at its start", stacklevel=2
+                )
+                shutil.rmtree(entry, ignore_errors=True)
+                handled.append(entry)
+                continue
+            if owner_alive(owner):
                 continue
             warnings.warn(
                 f"removing {entry}: left by an unfinished write of {out.name} (process {owner.get('pid')}, "
