@@ -42,7 +42,14 @@ from weightkit.errors import WeightkitError
 if TYPE_CHECKING:
     from weightkit.checkpoint.partial import PartialRun
 
-__all__ = ["CheckpointWriter", "ModelCard", "atomic_file", "check_target", "default_permissions"]
+__all__ = [
+    "CheckpointWriter",
+    "ModelCard",
+    "atomic_file",
+    "check_target",
+    "default_permissions",
+    "remove_stale_temporaries",
+]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
