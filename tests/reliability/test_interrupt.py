@@ -261,3 +261,31 @@ def test_a_method_that_cannot_resume_is_refused_by_name(inputs, tmp_path, capsys
     assert main([*argv, "--resume"]) == 1
     assert "magnitude cannot resume" in _printed(capsys)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["awq", "sparsegpt", "wanda"])
+def test_the_other_block_resumable_methods_resume_bit_identical(inputs, tmp_path, monkeypatch, method):
+    """AWQ (rescaled norms), SparseGPT and Wanda (pruned dense weights, sparsity.json) after a Ctrl-C
+    that comes as the third block is being kept."""
+    import weightkit.compress.stream as stream
+    from weightkit.compress import compress_checkpoint
+    from weightkit.compress.prune.sparsegpt import SparseGPTConfig
+    from weightkit.compress.prune.wanda import WandaConfig
+    from weightkit.compress.quant.calibrated import AWQConfig
+
+    calibration = {"calib_samples": 8, "calib_max_length": 32}
+    config = {
+        "awq": AWQConfig(bits=4, group_size=16, n_grid=4, clip=False, **calibration),
+        "sparsegpt": SparseGPTConfig(sparsity=0.5, **calibration),
+        "wanda": WandaConfig(sparsity="2:4", **calibration),
+    }[method]
+    run = [inputs["base"], None, config, inputs["calib"]]
+    compress_checkpoint(*[tmp_path / "a" / "out" if a is None else a for a in run], progress=False)
+    out = tmp_path / "b" / "out"
+    _interrupt_on_call(monkeypatch, stream._BlockJournal, "record", 3)
+    with pytest.raises(KeyboardInterrupt, match="after block 2"):
+        compress_checkpoint(*[out if a is None else a for a in run], progress=False)
+    monkeypatch.undo()
+    compress_checkpoint(*[out if a is None else a for a in run], progress=False, resume=True)
+    assert _hashes(out) == _hashes(tmp_path / "a" / "out")
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
