@@ -393,7 +393,9 @@ def test_a_full_disk_stops_the_merge_with_a_clear_message_and_leaves_nothing(mod
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupted_merge_leaves_nothing(models, tmp_path, monkeypatch):
+def test_an_interrupted_merge_leaves_only_its_resumable_state(models, tmp_path, monkeypatch):
+    """Ctrl-C leaves nothing that looks like a model: only OUT.partial (its finished shards, for --resume),
+    which holds no config.json."""
     import weightkit.merge.task_arithmetic as ta
 
     calls = []
@@ -412,7 +414,8 @@ def test_an_interrupted_merge_leaves_nothing(models, tmp_path, monkeypatch):
         merge(
             base, tuned, config_from_dict("merge", {"method": "ties"}), out, progress=False, max_shard_bytes=1
         )
-    assert len(calls) == 5 and list(tmp_path.iterdir()) == []
+    assert len(calls) == 5 and [p.name for p in tmp_path.iterdir()] == ["out.partial"]
+    assert not (tmp_path / "out.partial" / "config.json").exists()
 
 
 # -- devices ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from weightkit.checkpoint.owner import OWNER_FILE
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
 
@@ -78,8 +79,9 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _tree_files(root: Path, *, skip_hidden: bool, skip: Path | None = None) -> list[str]:
-    """Every regular file under ``root`` (symlinks followed), relative, sorted; ``root``'s own manifest
-    excluded, and with ``skip_hidden`` every name starting with a dot and the directory ``skip``."""
+    """Every regular file under ``root`` (symlinks followed), relative, sorted; ``root``'s own manifest and
+    a writer's owner record excluded, and with ``skip_hidden`` every name starting with a dot and the
+    directory ``skip``."""
     found = []
     for directory, dirs, files in os.walk(root):
         dirs[:] = [
@@ -91,7 +93,11 @@ def _tree_files(root: Path, *, skip_hidden: bool, skip: Path | None = None) -> l
         for file in files:
             path = Path(directory, file)
             rel = path.relative_to(root).as_posix()
-            if rel == MANIFEST_NAME or (skip_hidden and file.startswith(".")) or not path.is_file():
+            if (
+                rel in (MANIFEST_NAME, OWNER_FILE)
+                or (skip_hidden and file.startswith("."))
+                or not path.is_file()
+            ):
                 continue
             found.append(rel)
     return sorted(found)

@@ -7,11 +7,18 @@ never leaves something that looks like a finished model but loads garbage. Every
 it is fsynced before the rename, so a power cut cannot publish a complete-looking directory of empty
 files. :func:`atomic_file` does the same for one file (a Fisher, a report). Every output of weightkit
 is written through one of the two.
+
+A run killed with SIGKILL cannot remove its temporary directory, so each records its owner in it (see
+:mod:`weightkit.checkpoint.owner`) and the next writer for the same target removes those whose owner is
+dead, with a warning naming each. A writer given a :class:`~weightkit.checkpoint.partial.PartialRun`
+writes its shards into ``<OUT>.partial/`` instead and records each one there, so a killed run can be
+resumed from its last finished shard.
 """
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -20,17 +27,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 
+from weightkit.checkpoint.durable import fsync as _fsync
+from weightkit.checkpoint.durable import fsync_tree as _fsync_tree
 from weightkit.checkpoint.files import is_weight_file, locate_weights
 from weightkit.checkpoint.header import SAFETENSORS_DTYPES
 from weightkit.checkpoint.manifest import MANIFEST_NAME, Provenance, build_manifest, write_manifest
+from weightkit.checkpoint.owner import OWNER_FILE, interrupts_held, owner_alive, read_owner, write_owner
 from weightkit.errors import WeightkitError
 
-__all__ = ["CheckpointWriter", "ModelCard", "atomic_file", "check_target", "default_permissions"]
+if TYPE_CHECKING:
+    from weightkit.checkpoint.partial import PartialRun
+
+__all__ = [
+    "CheckpointWriter",
+    "ModelCard",
+    "atomic_file",
+    "check_target",
+    "default_permissions",
+    "remove_stale_temporaries",
+]
 
 # Subfolders that hold the model's weights in another format (ONNX, OpenVINO, Core ML exports); copied
 # beside rewritten weights they would describe the old model.
@@ -38,6 +58,9 @@ _EXPORT_DIRS = {"onnx", "openvino", "coreml"}
 # The model card: it describes the source model, not what weightkit made of it (ModelCard writes the
 # output's own).
 _MODEL_CARD = "README.md"
+# A writer's temporary directory for the target NAME, and where its publish moves the previous output:
+# ``mkdtemp`` adds 8 characters from [a-z0-9_].
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-[a-z0-9_]{8}(?P<old>\.old)?")
 
 
 @dataclass(frozen=True)
@@ -77,24 +100,6 @@ class ModelCard:
             )
             lines += ["## Settings", "", *settings, ""]
         return "\n".join(lines)
-
-
-def _fsync(path: Path) -> None:
-    # Data must be on disk before the rename publishes it, or a power cut could leave a complete-looking
-    # directory of empty files. Directories are fsynced too so the renames themselves are durable.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory (deepest first) under ``root``, ``root`` included."""
-    for directory, _, files in os.walk(root, topdown=False):
-        for file in files:
-            _fsync(Path(directory, file))
-        _fsync(Path(directory))
 
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -181,6 +186,70 @@ def check_target(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
         )
 
 
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove what writers for ``out_dir`` that were killed (SIGKILL, a power cut) left beside it.
+
+    Only directories named by the writer's scheme (``.<name>.tmp-XXXXXXXX`` and its ``.old``) are
+    considered, and of those only:
+
+    - a temporary directory whose recorded owner is dead is removed, and so is one that holds nothing
+      but (maybe) a cut-short record: its writer was killed between making it and recording itself (a
+      live writer in those microseconds then fails loudly on its next write); one with content but no
+      readable record is left (made by an older weightkit, or publishing this very moment);
+    - a ``.old`` directory, the previous output that a publish moved aside, is removed when the new
+      output was published (its temporary directory is gone and ``out_dir`` exists), and moved back to
+      ``out_dir`` when the kill came between the publish's two renames (``out_dir`` missing, the
+      temporary directory still there): the previous output is never lost.
+
+    Each action is warned about, naming the directory. Returns the directories removed or restored.
+    """
+    out = Path(os.path.abspath(out_dir))
+    handled = []
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:
+        return handled
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if not match or match["name"] != out.name or entry.is_symlink() or not entry.is_dir():
+            continue
+        if match["old"]:
+            temporary = entry.with_name(entry.name.removesuffix(".old"))
+            if out.exists() or out.is_symlink():
+                if temporary.exists():
+                    continue  # its writer may still be publishing
+                warnings.warn(f"removing {entry}: the output it was replaced by is in place", stacklevel=2)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif temporary.is_dir():
+                warnings.warn(f"moving {entry} back to {out}: a replacing write was killed", stacklevel=2)
+                os.rename(entry, out)
+            else:
+                continue
+        else:
+            owner = read_owner(entry / OWNER_FILE)
+            if owner is None:
+                # A writer records its owner before it writes anything else, so a directory holding no
+                # more than a cut-short record was killed between making it and recording the owner.
+                if {p.name for p in entry.iterdir()} - {OWNER_FILE}:
+                    continue
+                warnings.warn(
+                    f"removing {entry}: left empty by a write of {out.name} killed at its start", stacklevel=2
+                )
+                shutil.rmtree(entry, ignore_errors=True)
+                handled.append(entry)
+                continue
+            if owner_alive(owner):
+                continue
+            warnings.warn(
+                f"removing {entry}: left by an unfinished write of {out.name} (process {owner.get('pid')}, "
+                "no longer running)",
+                stacklevel=2,
+            )
+            shutil.rmtree(entry, ignore_errors=True)
+        handled.append(entry)
+    return handled
+
+
 class CheckpointWriter:
     """Write tensors into a Hugging Face model directory, shard by shard, and publish it atomically.
 
@@ -214,6 +283,11 @@ class CheckpointWriter:
         provenance: what made the output; with it, :meth:`close` writes the integrity manifest
             (:mod:`weightkit.checkpoint.manifest`) last, over every file in the directory. Every weightkit
             command gives one.
+        partial: write each shard into this resumable run's directory and record it there, and start
+            after the shards it already holds (:attr:`resumed` names their tensors: do not add them
+            again). Shard boundaries depend only on the tensors' order and sizes, so a resumed run writes
+            the same shards as one that ran through. The directory is removed once ``out_dir`` is
+            published; :meth:`abort` keeps it.
 
     Raises:
         WeightkitError: if ``out_dir`` exists and ``overwrite`` is False, or cannot be created.
@@ -228,6 +302,7 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         weights_name: str = "model.safetensors",
         provenance: Provenance | None = None,
+        partial: "PartialRun | None" = None,
     ):
         self.out_dir = Path(out_dir)
         # Normalised ("out/.", "../x") so the temp name and the renames use the real directory name.
@@ -245,12 +320,19 @@ class CheckpointWriter:
         self.metadata = dict(metadata)
         self.weights_name = weights_name
         self.provenance = provenance
+        remove_stale_temporaries(self._target)
         self._check_target()
+        self._partial = partial
+        if partial is not None:
+            layout = {"max_shard_bytes": max_shard_bytes, "weights_name": weights_name, "metadata": metadata}
+            partial.require("shards", layout)
 
         parent = self._target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=parent))
+            with interrupts_held():
+                self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.tmp-", dir=parent))
+                write_owner(self._tmp / OWNER_FILE)
         except OSError as e:
             raise WeightkitError(f"cannot create a directory beside {self.out_dir}: {e.strerror or e}") from e
         self._buffer: dict[str, torch.Tensor] = {}
@@ -260,6 +342,13 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self._total_bytes = 0
         self._state = "open"  # -> "closed" | "aborted"
+        if partial is not None:
+            for unit in partial.units:
+                self._shards.append((partial.file(unit["file"]), unit["names"]))
+                self._names.update(unit["names"])
+                self._total_bytes += unit["bytes"]
+        # The tensors in the shards an earlier run of this output finished: the caller skips them.
+        self.resumed = frozenset(self._names)
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -320,10 +409,15 @@ class CheckpointWriter:
         if not self._buffer:
             return
         stem = self.weights_name.removesuffix(".safetensors")
-        path = self._tmp / f"{stem}-part{len(self._shards) + 1:05d}.safetensors"
+        folder = self._tmp if self._partial is None else self._partial.path
+        path = folder / f"{stem}-part{len(self._shards) + 1:05d}.safetensors"
         try:
             _save_safetensors(self._buffer, path, self.metadata)
             _fsync(path)
+            if self._partial is not None:
+                self._partial.journal(
+                    {"file": path.name, "names": list(self._buffer), "bytes": self._buffer_bytes}
+                )
         except (OSError, SafetensorError) as err:
             # Disk full, quota, I/O error: one clear message; the caller's abort removes the temporary.
             raise WeightkitError(
@@ -402,13 +496,13 @@ class CheckpointWriter:
         if n == 0:
             return
         if n == 1:
-            self._shards[0][0].rename(self._tmp / self.weights_name)
+            self._place(self._shards[0][0], self._tmp / self.weights_name)
             return
         stem = self.weights_name.removesuffix(".safetensors")
         weight_map = {}
         for i, (path, names) in enumerate(self._shards, start=1):
             final = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self._tmp / final)
+            self._place(path, self._tmp / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
         index_path = self._tmp / f"{self.weights_name}.index.json"
@@ -425,6 +519,17 @@ class CheckpointWriter:
                 f"writing the manifest of {self.out_dir} failed: {err}. Nothing was written to {self.out_dir}"
             ) from err
 
+    def _place(self, shard: Path, dest: Path) -> None:
+        """Move a written shard to its place in the output; a resumable run's shards are linked (copied
+        where links are not possible), so its directory stays whole until the output is published."""
+        if self._partial is None:
+            shard.rename(dest)
+            return
+        try:
+            os.link(shard, dest)
+        except OSError:
+            shutil.copyfile(shard, dest)
+
     def _publish(self) -> None:
         out = self._target
         if out.exists() or out.is_symlink():
@@ -440,6 +545,11 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self._tmp, out)
+        # The owner record goes only once the directory is in place: until then a kill leaves a temporary that
+        # the next run can judge (and remove). A kill just here leaves the record in the output, where it is
+        # hidden and no manifest lists it.
+        (out / OWNER_FILE).unlink(missing_ok=True)
+        _fsync(out)
         _fsync(out.parent)
 
     def close(self) -> Path:
@@ -469,10 +579,13 @@ class CheckpointWriter:
             self.abort()
             raise
         self._state = "closed"
+        if self._partial is not None:
+            self._partial.remove()
         return self.out_dir
 
     def abort(self) -> None:
-        """Discard everything written so far; nothing at ``out_dir`` changes."""
+        """Discard everything written so far (but a ``partial`` run's finished shards); nothing at
+        ``out_dir`` changes."""
         if self._state != "open":
             return
         self._state = "aborted"

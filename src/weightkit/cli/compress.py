@@ -154,6 +154,8 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from weightkit.runtime.device import resolve_device
 
     if args.sweep is not None:
+        if args.resume:
+            raise WeightkitError("--resume continues one interrupted run; it cannot be used with --sweep")
         swept = [m.strip() for m in getattr(args, "method", "").split(",")]
         structural = [m for m in swept if m and m not in _QUANT_METHODS]
         if structural:  # the sweep checks each point's quantization grid against the model before it starts
@@ -182,6 +184,7 @@ def _cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         max_shard_bytes=args.max_shard_size,
         allow_pickle=args.allow_pickle,
         device=device,
+        resume=args.resume,
     )
     seconds = time.perf_counter() - start
     before, after = weights_size(args.model), weights_size(out)
@@ -511,6 +514,16 @@ def add_parsers(sub) -> None:
         "--calib",
         help="calibration text for GPTQ/AWQ/VPTQ/GWQ/FlexRound/FoldGPT: .txt (passages split by blank "
         "lines), .jsonl or .json with a 'text' field (default: docstrings of Python's standard library)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue an interrupted run (Ctrl-C, a kill, a full disk) from what it kept in OUTPUT.partial/: "
+            "the shards it finished (rtn, fp8, fp4, ternary) or the blocks it calibrated (gptq, awq, "
+            "sparsegpt, wanda); run the same command with the same options (a difference is refused by "
+            "name). Without it, an OUTPUT.partial/ left by an earlier run is refused"
+        ),
     )
     compress_sweep.add_sweep_options(c)
     c.set_defaults(run=_cmd_compress)

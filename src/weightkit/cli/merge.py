@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from weightkit.cli.common import common_options, mb, print_table, refuse_existing
+from weightkit.errors import WeightkitError
 from weightkit.progress import console, results
 
 
@@ -21,6 +22,8 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         recipe.config = _seeded(recipe.config, recipe.source, args.random_seed)
     dtype = DTYPES[args.dtype] if args.dtype else recipe.dtype
     out = Path(args.output)
+    if args.dry_run and args.resume:
+        raise WeightkitError("--dry-run writes nothing, so there is nothing for --resume to continue")
     if not args.dry_run:
         refuse_existing(out, args.force)
     config = config_to_dict(recipe.config)
@@ -60,6 +63,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.json,
         device=args.device,
         chat_template=recipe.chat_template,
+        resume=args.resume,
         **options,
     )
     summary = {**summary, "output": str(out), "config": config, "seconds": round(summary["seconds"], 2)}
@@ -83,8 +87,6 @@ def _seeded(config: Any, recipe: dict[str, Any], seed: int) -> Any:
     """``config`` with ``seed`` set, for methods that draw random numbers (those with a ``seed`` field);
     other methods are deterministic and take ``--random-seed`` without effect, as mergekit-yaml does."""
     import dataclasses
-
-    from weightkit.errors import WeightkitError
 
     if "seed" not in {f.name for f in dataclasses.fields(config)}:
         return config
@@ -268,7 +270,8 @@ def add_parsers(sub) -> None:
             "  dtype: bfloat16\n\n"
             "examples:\n"
             "  weightkit merge recipe.yaml -o ./merged\n"
-            "  weightkit merge recipe.yaml -o ./merged --dry-run"
+            "  weightkit merge recipe.yaml -o ./merged --dry-run\n"
+            "  weightkit merge recipe.yaml -o ./merged --resume   # after an interrupted run"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -283,6 +286,15 @@ def add_parsers(sub) -> None:
     )
     m.add_argument(
         "--dry-run", action="store_true", help="validate the recipe and models, print the plan, write nothing"
+    )
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue an interrupted merge (Ctrl-C, a kill, a full disk) from the shards it finished, kept "
+            "in OUTPUT.partial/; run the same command with the same recipe and options (a difference is "
+            "refused by name). Without it, an OUTPUT.partial/ left by an earlier run is refused"
+        ),
     )
     m.add_argument(
         "--random-seed",

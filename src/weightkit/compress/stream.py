@@ -10,30 +10,59 @@ layer tying reads one linear of every block at a time (each shared weight is mad
 serves). GWQ needs the gradient of the whole model's loss, so it loads the model whole; so do dictionary
 sharing (it fits one projection of every block at once) and FoldGPT (it removes and ties whole blocks). The
 output equals ``compress`` on the loaded model followed by ``save_quantized`` (tested), written atomically.
+
+**Resuming** (``resume=True``; the state lives in ``<out_dir>.partial/``, see
+:class:`weightkit.checkpoint.partial.PartialRun`):
+
+- RTN, FP8, FP4 and ternary: the unit is an output shard, as for merges. A resumed run neither reads nor
+  quantizes the weights whose stored tensors are all in finished shards; the layer each of them becomes
+  (its type and scheme, which ``config.json`` describes) is had by quantizing a zero tensor of its shape,
+  as the layer depends on the config and the shape only.
+- GPTQ, AWQ, SparseGPT and Wanda: the unit is a block. Each finished block is kept whole (its state,
+  quantized layers included, and each quantized layer's scheme) with its outputs for the next block.
+  A resumed run puts the finished blocks back without calibrating them, takes the last one's outputs as
+  the next block's inputs, and writes the output from the start. The outputs are stored rather than
+  recomputed by replaying the calibration data through the finished blocks: stored, they are the very
+  tensors the run would have passed on, with nothing to prove about the replay; they cost one file of
+  the size of the captured hidden states (``samples x tokens x hidden size`` floats), replaced at each
+  block.
+- Other methods (low rank, pruning by magnitude, recursive sharing, whole-model methods, stages) are not
+  resumable: ``resume=True`` is refused by name, and a killed run starts again.
 """
 
+import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weightkit.arch import block_lists, model_task
+from weightkit.arch import block_layout, block_lists, model_task
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.durable import fsync
 from weightkit.checkpoint.manifest import data_files
+from weightkit.checkpoint.partial import PartialRun, partial_path
+from weightkit.checkpoint.writer import check_target
 from weightkit.compress.lowrank import BitStackConfig, SVDConfig, WeLoreConfig
 from weightkit.compress.lowrank.factor import factor_streamed
 from weightkit.compress.model import compress
 from weightkit.compress.prune.core import SPARSITY_FILE, PruneFields, measured_sparsity, selected_prunable
 from weightkit.compress.prune.magnitude import MagnitudeConfig
 from weightkit.compress.prune.random import RandomConfig
+from weightkit.compress.prune.sparsegpt import SparseGPTConfig
 from weightkit.compress.prune.stages import compress_stages, pruned_source, sparsity_of
+from weightkit.compress.prune.wanda import WandaConfig
+from weightkit.compress.quant.calibrated import AWQConfig, GPTQConfig
 from weightkit.compress.quant.config import CalibrationFields
 from weightkit.compress.quant.export import write_generation_config
 from weightkit.compress.quant.fp import FP4Config, FP8Config
 from weightkit.compress.quant.gwq import GWQConfig, require_causal_lm
-from weightkit.compress.quant.module import selected_linears
+from weightkit.compress.quant.module import quantize_linear, selected_linears
 from weightkit.compress.quant.rtn import RTNConfig
 from weightkit.compress.quant.ternary import TernaryConfig
 from weightkit.compress.share.dictionary import DictionaryConfig
@@ -49,7 +78,8 @@ from weightkit.quantized.formats import (
     quantized_model_config,
     stored_tensors,
 )
-from weightkit.quantized.linear import quantized_layer
+from weightkit.quantized.grid import QuantizedWeight, QuantScheme
+from weightkit.quantized.linear import QuantizedLinear, quantized_layer
 from weightkit.registry import config_to_dict, entry_for_config
 from weightkit.runtime.device import resolve_device
 
@@ -61,6 +91,8 @@ _TENSOR_WISE = (RTNConfig, FP8Config, FP4Config, TernaryConfig)
 _LOW_RANK = (SVDConfig, WeLoreConfig)
 # Pruning methods that need no data: streamed one tensor at a time too.
 _PRUNED_TENSOR_WISE = (MagnitudeConfig, RandomConfig)
+# Calibrated methods a run can resume block by block: their blocks hold plain or QuantizedLinear layers.
+_RESUMABLE_BLOCKWISE = (GPTQConfig, AWQConfig, SparseGPTConfig, WandaConfig)
 
 
 class _SparsityRecorder:
@@ -111,9 +143,18 @@ class _StreamedModel:
     """Fills a meta-device model's modules from a checkpoint, and writes and frees them when done."""
 
     def __init__(
-        self, model: nn.Module, reader: CheckpointReader, writer: CheckpointWriter, names: CheckpointNames
+        self,
+        model: nn.Module,
+        reader: CheckpointReader,
+        writer: CheckpointWriter,
+        names: CheckpointNames,
+        blocks: "_BlockJournal | None" = None,
     ):
         self.model, self.reader, self.writer, self.names = model, reader, writer, names
+        # The model's tensors whose stored form an earlier run of this output wrote: :meth:`rewrite`
+        # neither reads nor writes them.
+        self.done: set[str] = set(getattr(writer, "resumed", ()))
+        self.blocks = blocks  # a calibrated run's finished blocks, when it can resume
 
     def read(self, model_name: str) -> torch.Tensor | None:
         ckpt_name = self.names.to_ckpt(model_name)
@@ -149,6 +190,8 @@ class _StreamedModel:
         first to ``write(name, tensor)``, which writes a selected weight in its compressed form itself and
         returns True; any other tensor is copied as it is."""
         for name in track(list(self.model.state_dict()), label, enabled=progress):
+            if name in self.done:
+                continue
             tensor = self.read(name)
             if tensor is None:
                 continue  # a buffer the model computes itself, or a tied weight stored once
@@ -160,6 +203,82 @@ class _StreamedModel:
         for name, tensor in export_tensors(block, f"{prefix}."):
             self.writer.add(name, tensor)
         block.to("meta")
+
+    def restore(self, prefix: str, block: nn.Module) -> tuple[bool, list[torch.Tensor] | None]:
+        """See :class:`~weightkit.compress.quant.calibrated.ResumableStore`."""
+        return (False, None) if self.blocks is None else self.blocks.restore(prefix, block)
+
+    def record(self, prefix: str, block: nn.Module, outputs: list[torch.Tensor] | None) -> None:
+        """See :class:`~weightkit.compress.quant.calibrated.ResumableStore`."""
+        if self.blocks is not None:
+            self.blocks.record(prefix, block, outputs)
+
+
+class _BlockJournal:
+    """The finished blocks of a calibrated run, kept in its partial directory (the unit is a block).
+
+    Each block is one safetensors file of its state after calibration (a ``QuantizedLinear``'s grid
+    values, scales and zero points, pruned weights, AWQ's rescaled norms ...), recorded with the scheme of
+    each quantized layer; the last finished block's outputs (the next block's inputs) are a file of their
+    own, replaced by the next block's once that block is recorded.
+    """
+
+    def __init__(self, partial: PartialRun):
+        self.partial = partial
+        self.units = {unit["prefix"]: unit for unit in partial.units}
+        self.last = partial.units[-1]["prefix"] if partial.units else None
+        outputs = partial.units[-1]["outputs"] if partial.units else None
+        if outputs is not None and not partial.file(outputs).is_file():
+            raise WeightkitError(
+                f"cannot resume from {partial.path}: {outputs}, the inputs of the next block, is missing; "
+                f"delete {partial.path} and run without --resume"
+            )
+
+    def restore(self, prefix: str, block: nn.Module) -> tuple[bool, list[torch.Tensor] | None]:
+        unit = self.units.get(prefix)
+        if unit is None:
+            return False, None
+        state = load_file(self.partial.file(unit["file"]))
+        for rel, scheme in unit["layers"].items():
+            zero_point = state.get(f"{rel}.weight_zero_point")
+            grid = QuantizedWeight(
+                state[f"{rel}.qweight"], state[f"{rel}.weight_scale"], zero_point, QuantScheme(**scheme)
+            )
+            quantize_linear(block, rel, grid)
+        block.load_state_dict(state, strict=True, assign=True)
+        if prefix != self.last or unit["outputs"] is None:
+            return True, None  # the blocks after it were restored too, or it is a last block
+        outputs = load_file(self.partial.file(unit["outputs"]))
+        return True, [outputs[f"batch{b}"] for b in range(len(outputs))]
+
+    def record(self, prefix: str, block: nn.Module, outputs: list[torch.Tensor] | None) -> None:
+        layers = {}
+        for rel, module in block.named_modules():
+            if type(module) is QuantizedLinear:
+                layers[rel] = asdict(module.scheme)
+            elif isinstance(module, tuple(LAYER_FORMATS)):  # what restore could not rebuild
+                raise WeightkitError(
+                    f"{prefix}.{rel} is a {type(module).__name__}: a resumable run keeps QuantizedLinear "
+                    "layers only"
+                )
+        number = len(self.partial.units) + 1
+        state = {name: tensor.detach().cpu().clone() for name, tensor in block.state_dict().items()}
+        file = self._save(f"block-{number:05d}.safetensors", state)
+        saved = None
+        if outputs is not None:
+            saved = self._save(
+                f"outputs-{number:05d}.safetensors", {f"batch{b}": t for b, t in enumerate(outputs)}
+            )
+        previous = self.partial.units[-1]["outputs"] if self.partial.units else None
+        self.partial.journal({"file": file, "prefix": prefix, "layers": layers, "outputs": saved})
+        if previous is not None:  # only the last block's outputs are needed
+            self.partial.file(previous).unlink(missing_ok=True)
+
+    def _save(self, name: str, tensors: dict[str, torch.Tensor]) -> str:
+        path = self.partial.file(name)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, path)
+        fsync(path)
+        return name
 
 
 def _stream_tensor_wise(
@@ -174,6 +293,15 @@ def _stream_tensor_wise(
     memory), packed and written."""
     linears = selected_linears(model, config)
     weights = {f"{name}.weight": name for name in linears}
+    done = streamed.done
+    if done:
+        for name, module_name in weights.items():
+            ckpt_name = streamed.names.to_ckpt(name)
+            shape, dtype = streamed.reader.shape(ckpt_name), streamed.reader.dtype(ckpt_name)
+            zero = config.quantize_weight(torch.zeros(shape, dtype=dtype), module_name, name)
+            if {f"{module_name}.{suffix}" for suffix in stored_tensors(zero, None)} <= done:
+                model.set_submodule(module_name, quantized_layer(zero, linears[module_name].bias).to("meta"))
+                done.add(name)  # written by the earlier run: rewrite skips it
 
     def write(name: str, tensor: torch.Tensor) -> bool:
         module_name = weights.get(name)
@@ -183,7 +311,8 @@ def _stream_tensor_wise(
         # The bias is a tensor of its own in the checkpoint (written under the same name); the
         # meta-device layer stays in the model so the config can describe it.
         for suffix, packed in stored_tensors(quantized, None).items():
-            streamed.writer.add(f"{module_name}.{suffix}", packed)
+            if f"{module_name}.{suffix}" not in done:  # a shard boundary may split a layer's tensors
+                streamed.writer.add(f"{module_name}.{suffix}", packed)
         model.set_submodule(module_name, quantized_layer(quantized, linears[module_name].bias).to("meta"))
         return True
 
@@ -222,6 +351,69 @@ def _output_config(model: nn.Module, config) -> dict:
     return quantized_model_config(model)
 
 
+def _resumable_unit(config, model: nn.Module, names: CheckpointNames) -> str | None:
+    """What a resumable run of ``config`` on ``model`` keeps as it goes ("shard" or "block"), or None for
+    a run that cannot resume (see the module docstring)."""
+    if names.fused or _needs_whole_model(config):
+        return None
+    if isinstance(config, _TENSOR_WISE):
+        return "shard"
+    if isinstance(config, _RESUMABLE_BLOCKWISE):
+        # One list of blocks whose first block passes nothing on: an encoder-decoder's decoder is
+        # calibrated on inputs computed through its encoder, T5's blocks on the first one's position biases.
+        lists = block_lists(model)
+        layout = block_layout(model.config.to_dict(), lists[0][0]) if len(lists) == 1 else None
+        if len(lists) == 1 and not (layout is not None and layout.carries):
+            return "block"
+    return None
+
+
+def _data_setting(data) -> str | dict | None:
+    """Calibration ``data`` as a resumed run compares it: a path or dataset name, or the texts' hash."""
+    if data is None or isinstance(data, str | os.PathLike):
+        return None if data is None else str(data)
+    if isinstance(data, list | tuple) and all(isinstance(text, str) for text in data):
+        return {"texts_sha256": hashlib.sha256(json.dumps(list(data)).encode()).hexdigest()}
+    raise WeightkitError(
+        "resume: calibration data given as tokenized batches cannot be compared with the interrupted run's; "
+        "give it as a file or as a list of texts"
+    )
+
+
+def _partial_run(model_dir: Path, out_dir, config, data, unit: str | None, resume: bool, **settings):
+    """The resumable state of a run writing ``out_dir`` in ``unit`` (None: a run that cannot resume).
+
+    Raises:
+        WeightkitError: ``resume`` for a run that cannot resume; an unfinished run's state at
+            ``<out_dir>.partial`` for a run that cannot take it over; what :class:`PartialRun` refuses.
+    """
+    method = entry_for_config(config).name
+    if unit is None:
+        if resume:
+            raise WeightkitError(
+                f"{method} cannot resume on {model_dir}: runs of rtn, fp8, fp4 and ternary resume by shard, "
+                "runs of gptq, awq, sparsegpt and wanda on a model with one list of blocks by block; run "
+                "without --resume"
+            )
+        if partial_path(out_dir).exists():
+            raise WeightkitError(
+                f"{partial_path(out_dir)} holds an unfinished run of {out_dir}: resume it with the command "
+                "that started it and --resume, or delete it"
+            )
+        return None
+    check_target(out_dir, overwrite=settings.pop("overwrite"))  # before the partial directory is made
+    calibrated = unit == "block"
+    settings = {
+        "verb": "compress",
+        "model": str(model_dir),
+        "config": config_to_dict(config),
+        "data": _data_setting(data) if calibrated else None,
+        **settings,
+    }
+    inputs = [model_dir] + ([data] if calibrated and isinstance(data, str | os.PathLike) else [])
+    return PartialRun(out_dir, settings=settings, inputs=inputs, resume=resume, unit=unit)
+
+
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -233,6 +425,7 @@ def compress_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
+    resume: bool = False,
 ) -> Path:
     """Compress the model in ``model_dir`` with ``config`` into the directory ``out_dir``, streamed.
 
@@ -259,6 +452,8 @@ def compress_checkpoint(
             transformers fuses on load (a mixture of experts) are loaded whole instead
             (:func:`_compress_whole`): GWQ's peak memory is the model plus the gradients of the selected
             weights.
+        resume: continue the interrupted run recorded in ``<out_dir>.partial/`` (see the module
+            docstring); without it, such a directory is refused rather than lost.
 
     Pruning configs (``MagnitudeConfig``, ``RandomConfig`` streamed tensor by tensor; ``WandaConfig``,
     ``SparseGPTConfig`` block by block like GPTQ) write an ordinary checkpoint in the model's dtype, its
@@ -272,9 +467,12 @@ def compress_checkpoint(
     Raises:
         WeightkitError: bad input (not a model directory, a quantized checkpoint, unsupported architecture,
             NaN/Inf weights, shapes the grid cannot take, no calibration text, a grid compressed-tensors
-            cannot store such as FP8 E5M2 ...); nothing is left at ``out_dir``.
+            cannot store such as FP8 E5M2 ...); nothing is left at ``out_dir``. With ``resume``: a method
+            that cannot resume, or what :class:`~weightkit.checkpoint.partial.PartialRun` refuses.
     """
     if isinstance(config, list | tuple):
+        if resume:
+            raise WeightkitError("a run of several stages cannot resume; run without --resume")
         return compress_stages(
             model_dir,
             out_dir,
@@ -310,14 +508,25 @@ def compress_checkpoint(
         pruned_layers = list(selected_prunable(model, config)) if pruning else []  # checked before writing
         full_config = config_to_dict(config)
         provenance = Provenance("compress", entry.name, full_config, (model_dir, *data_files(data)))
-        with CheckpointWriter(
-            out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
-        ) as out:
+        unit = _resumable_unit(config, model, names)
+        resumable = dict(overwrite=overwrite, max_shard_bytes=max_shard_bytes, device=str(device))
+        partial = _partial_run(model_dir, out_dir, config, data, unit, resume, **resumable)
+        with (
+            partial if partial is not None else contextlib.nullcontext(),
+            CheckpointWriter(
+                out_dir,
+                max_shard_bytes=max_shard_bytes,
+                overwrite=overwrite,
+                provenance=provenance,
+                partial=partial if unit == "shard" else None,
+            ) as out,
+        ):
             writer = _SparsityRecorder(out, pruned_layers) if pruning else out
             out.copy_files(model_dir)
             settings = {k: v for k, v in full_config.items() if k != "method"}
             out.write_model_card(ModelCard("compress", entry.name, [str(model_dir)], settings))
-            streamed = _StreamedModel(model, reader, writer, names)
+            journal = _BlockJournal(partial) if unit == "block" else None
+            streamed = _StreamedModel(model, reader, writer, names, journal)
             if names.fused or _needs_whole_model(config):  # no one-to-one names to stream by, or whole
                 model = _compress_whole(model_dir, auto_cls, config, data, tokenizer, progress, device)
                 for name, tensor in export_tensors(model):
@@ -350,4 +559,6 @@ def compress_checkpoint(
                 if source_sparsity is not None:  # the zeros are kept: say so where compressed-tensors reads
                     model_config["quantization_config"]["sparsity_config"] = sparsity_of(source_sparsity)
                 out.write_json("config.json", model_config)
+        if unit == "block":  # published: the writer removes a shard run's state itself
+            partial.remove()
     return Path(out_dir)

@@ -23,6 +23,15 @@ Rules the plan follows:
 A recipe's ``slices`` (:mod:`weightkit.merge.slices`) are merged by :func:`merge_slices`: one
 :class:`MergePart` per slice, each an ordinary plan over the slice's models whose tensors are read at
 the slice's layers and written at the output's, streamed into one checkpoint.
+
+**Resuming.** :func:`merge` and :func:`merge_slices` write their shards into ``<out_dir>.partial/``
+(:class:`weightkit.checkpoint.partial.PartialRun`), recording each one as it is finished, with the merge's
+settings and a fingerprint of its inputs. After a kill or Ctrl-C, ``resume=True`` with the same settings
+and inputs skips the tensors of the recorded shards (reading and merging none of them) and goes on from the
+next. Every method merges each tensor from its inputs alone (the random sparsifiers' generators are seeded
+per tensor and model, and the ``scope: model`` statistics come from a pass over every tensor made again on
+resume), so the published output is bit-identical to that of a run that was not interrupted. What a method
+reports (TIES's sign-conflict rate) then covers the tensors merged by the resumed run only.
 """
 
 import dataclasses
@@ -37,6 +46,8 @@ import torch
 from torch import Tensor
 
 from weightkit.checkpoint import CheckpointReader, CheckpointWriter, ModelCard, Provenance
+from weightkit.checkpoint.partial import PartialRun
+from weightkit.checkpoint.writer import check_target
 from weightkit.errors import WeightkitError, require_finite
 from weightkit.merge.chat_template import resolve_chat_template, save_chat_template
 from weightkit.merge.params import gradient_position, layer_index, value_at, with_layer_index
@@ -361,6 +372,7 @@ def run_parts(
     chat_template: str | None = None,
     card: ModelCard | None = None,
     provenance: Provenance | None = None,
+    partial: PartialRun | None = None,
 ) -> dict:
     """Stream several plans into one checkpoint (the slices of a slice merge), as :func:`run_merge` does one.
 
@@ -371,6 +383,8 @@ def run_parts(
         chat_template: a template to write into the output's tokenizer (the reference's, copied).
         card: the output's README.md (None: the output has none; the reference's is not copied).
         provenance: what the output's integrity manifest records (None: no manifest).
+        partial: write the shards into this resumable run's directory, and skip the tensors of the shards
+            it already holds (see the module docstring).
 
     Every reader of the parts, and ``reference``, is closed at the end.
     """
@@ -378,12 +392,23 @@ def run_parts(
     total = 0
     buffers = WorkBuffers(parts[0][0].device)
     jobs = [(plan, merge_tensor, job) for plan, merge_tensor in parts for job in plan.jobs]
+    resumed = 0
     try:
         with CheckpointWriter(
-            out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite, provenance=provenance
+            out_dir,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            provenance=provenance,
+            partial=partial,
         ) as writer:
             # Before copy_files, which keeps the files already written.
             _write_config(writer, {**(reference.config or {}), **config_updates}, dtype)
+            if writer.resumed:
+                done = [(plan, job) for plan, _, job in jobs if job.name in writer.resumed]
+                total += sum(
+                    math.prod(job.shape) * _output_dtype(plan, job, dtype).itemsize for plan, job in done
+                )
+                jobs, resumed = [item for item in jobs if item[2].name not in writer.resumed], len(done)
             for plan, merge_tensor, job in track(jobs, "merging", enabled=progress):
                 checked = not propagates_non_finite or job.merged_rows is not None
                 merged = merge_tensor(job.name, read_job(plan, job, buffers, check=checked))
@@ -396,7 +421,7 @@ def run_parts(
                     if not checked:
                         _require_finite_inputs(plan, job)  # name the input at fault, if one is
                     raise
-                merged = merged.to(dtype or plan.reference.dtype(job.sources[0]))
+                merged = merged.to(_output_dtype(plan, job, dtype))
                 if buffers.holds(merged):  # the writer keeps it; the next read would overwrite it
                     merged = merged.clone()
                 total += merged.numel() * merged.element_size()
@@ -410,7 +435,12 @@ def run_parts(
     finally:
         for reader in [reference] + [r for plan, _ in parts for r in plan.readers]:
             reader.close()
-    return {"tensors": len(jobs), "output_bytes": total, "seconds": time.perf_counter() - start}
+    summary = {"tensors": len(jobs) + resumed, "output_bytes": total, "seconds": time.perf_counter() - start}
+    return {**summary, "resumed_tensors": resumed} if partial is not None else summary
+
+
+def _output_dtype(plan: MergePlan, job: TensorJob, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype or plan.reference.dtype(job.sources[0])
 
 
 def _write_config(writer: CheckpointWriter, config: dict, dtype: torch.dtype | None) -> None:
@@ -568,6 +598,7 @@ def merge(
     device: str | torch.device | None = None,
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
+    resume: bool = False,
 ) -> dict:
     """Merge ``models`` (with ``base``) into one checkpoint at ``out_dir`` with the method ``config`` names.
 
@@ -597,18 +628,31 @@ def merge(
             module docstring).
         chat_template: mergekit's ``chat_template`` (``"auto"`` or a Jinja template), written into the
             output's tokenizer (:mod:`weightkit.merge.chat_template`).
+        resume: continue the interrupted run recorded in ``<out_dir>.partial/`` (see the module
+            docstring); without it, such a directory is refused rather than lost.
 
     Returns:
-        A summary: method, models, tensors, output bytes, seconds, device, and what the method reports
-        (e.g. the sign-conflict rate of TIES-like methods).
+        A summary: method, models, tensors, output bytes, seconds, device, ``resumed_tensors`` (those an
+        earlier run had merged), and what the method reports (e.g. the sign-conflict rate of TIES-like
+        methods).
 
     Raises:
-        WeightkitError: bad models or parameters (see :func:`prepare_merge`), NaN/Inf in a tensor, or a
-            device this machine does not have.
+        WeightkitError: bad models or parameters (see :func:`prepare_merge`), NaN/Inf in a tensor, a device
+            this machine does not have, or what :class:`~weightkit.checkpoint.partial.PartialRun` refuses
+            (an unfinished run without ``resume``; with it, none, or one with other settings or inputs).
     """
     compute = merge_device(config, device)
     plan, parsed = prepare_merge(
         base, models, config, allow_pickle=allow_pickle, tokenizer_source=tokenizer_source
+    )
+    provenance = _provenance(
+        config,
+        base,
+        parsed,
+        {"models": [{"model": str(m.path), "parameters": m.overrides} for m in parsed]},
+        dtype=dtype,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
     )
     summary = _merge_parts(
         [MergePart(plan, parsed, config)],
@@ -622,15 +666,8 @@ def merge(
         progress=progress,
         chat_template=(chat_template, [r.path for r in plan.readers]),
         card=_card(config, [str(base)] if plan.has_base else [], {str(m.path): m.overrides for m in parsed}),
-        provenance=_provenance(
-            config,
-            base,
-            parsed,
-            {"models": [{"model": str(m.path), "parameters": m.overrides} for m in parsed]},
-            dtype=dtype,
-            tokenizer_source=tokenizer_source,
-            chat_template=chat_template,
-        ),
+        provenance=provenance,
+        resumable=_resumable(provenance, resume, max_shard_bytes=max_shard_bytes, device=compute),
     )
     return {
         "method": entry_for_config(config).name,
@@ -654,6 +691,7 @@ def merge_slices(
     device: str | torch.device | None = None,
     tokenizer_source: str | None = None,
     chat_template: str | None = None,
+    resume: bool = False,
 ) -> dict:
     """Merge a recipe's ``slices`` into one checkpoint at ``out_dir``: mergekit's layer stacking.
 
@@ -681,6 +719,15 @@ def merge_slices(
     )
     inputs = [Path(base)] if base is not None else []
     inputs += [source.model for piece in slices for source in piece.sources]
+    provenance = _provenance(
+        config,
+        base,
+        [model for part in parts for model in part.models],
+        {"slices": [_slice_entry(piece) for piece in slices]},
+        dtype=dtype,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
+    )
     summary = _merge_parts(
         parts,
         reference,
@@ -693,15 +740,8 @@ def merge_slices(
         progress=progress,
         chat_template=(chat_template, inputs),
         card=_card(config, [str(path) for path in inputs], {}),
-        provenance=_provenance(
-            config,
-            base,
-            [model for part in parts for model in part.models],
-            {"slices": [_slice_entry(piece) for piece in slices]},
-            dtype=dtype,
-            tokenizer_source=tokenizer_source,
-            chat_template=chat_template,
-        ),
+        provenance=provenance,
+        resumable=_resumable(provenance, resume, max_shard_bytes=max_shard_bytes, device=compute),
     )
     paths = [str(s.model) for piece in slices for s in piece.sources]
     return {
@@ -735,38 +775,53 @@ def _merge_parts(
     out_dir: str | Path,
     device: torch.device,
     chat_template: tuple[str | None, list[Path]],
+    resumable: tuple[dict[str, Any], list[Path], bool],
     **write_options: Any,
 ) -> dict:
     """Build each part's merger and stream the parts into ``out_dir``; every reader is closed at the end.
-    ``chat_template``: the recipe's value and the input models' directories (see :func:`_chat_template`)."""
+    ``chat_template``: the recipe's value and the input models' directories (see :func:`_chat_template`);
+    ``resumable``: the run's settings, its inputs and whether to resume (see :func:`_resumable`)."""
     entry = entry_for_config(parts[0].config)
     streams, reports = [], []
+    settings, inputs, resume = resumable
     try:
         template = _chat_template(*chat_template, reference)
-        for part in parts:
-            part.plan.device = device
-            per_model = getattr(part.config, "per_model", ())
-            model_params = [
-                {k: m.overrides.get(k, getattr(part.config, k)) for k in per_model} for m in part.models
-            ]
-            merger = entry.fn(part.config, part.plan, model_params)
-            streams.append((part.plan, _merge_fn(part, merger)))
-            if hasattr(merger, "report"):
-                reports.append((merger.report, sum(math.prod(job.shape) for job in part.plan.jobs)))
-        summary = run_parts(
-            streams,
-            out_dir,
-            reference=reference,
-            config_updates=config_updates,
-            propagates_non_finite=getattr(parts[0].config, "propagates_non_finite", False),
-            chat_template=template,
-            **write_options,
-        )
+        check_target(out_dir, overwrite=write_options["overwrite"])  # before the partial directory is made
+        with PartialRun(out_dir, settings=settings, inputs=inputs, resume=resume, unit="shard") as partial:
+            for part in parts:
+                part.plan.device = device
+                per_model = getattr(part.config, "per_model", ())
+                model_params = [
+                    {k: m.overrides.get(k, getattr(part.config, k)) for k in per_model} for m in part.models
+                ]
+                merger = entry.fn(part.config, part.plan, model_params)
+                streams.append((part.plan, _merge_fn(part, merger)))
+                if hasattr(merger, "report"):
+                    reports.append((merger.report, sum(math.prod(job.shape) for job in part.plan.jobs)))
+            summary = run_parts(
+                streams,
+                out_dir,
+                reference=reference,
+                config_updates=config_updates,
+                propagates_non_finite=getattr(parts[0].config, "propagates_non_finite", False),
+                chat_template=template,
+                partial=partial,
+                **write_options,
+            )
     finally:
         reference.close()
         for part in parts:
             close_plan(part.plan, part.models)
     return {**summary, "device": str(device), **_combined_report(reports)}
+
+
+def _resumable(
+    provenance: Provenance, resume: bool, **options: Any
+) -> tuple[dict[str, Any], list[Path], bool]:
+    """What a resumed merge must share with the run it continues: the merge as its manifest records it (the
+    recipe, and every model, adapter and per-model file it reads) and ``options`` (shard size, device)."""
+    settings = {"verb": "merge", **provenance.config, **options}
+    return settings, [Path(path) for path in provenance.inputs], resume
 
 
 def _card(config: Any, inputs: list[str], per_model: dict[str, dict[str, Any]]) -> ModelCard:

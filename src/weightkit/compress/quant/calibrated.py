@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,24 @@ class BlockStore(Protocol):
 
     def save(self, prefix: str, block: nn.Module) -> None:
         """Take the quantized ``block`` away (e.g. write it out and free its memory)."""
+
+
+@runtime_checkable
+class ResumableStore(Protocol):
+    """A :class:`BlockStore` that also keeps each finished block, so an interrupted run can resume.
+
+    The walk asks :meth:`restore` before calibrating a block: a block finished by an earlier run is put
+    back as it was finished (without reading or calibrating anything), with the outputs it passed on;
+    after calibrating a block, the walk hands it to :meth:`record`. Then it goes to :meth:`save` as usual.
+    """
+
+    def restore(self, prefix: str, block: nn.Module) -> tuple[bool, list[Tensor] | None]:
+        """``(True, outputs)`` when ``block`` was finished earlier and is now restored (``outputs``: its
+        outputs for the next block, None for a last block), else ``(False, None)``."""
+
+    def record(self, prefix: str, block: nn.Module, outputs: list[Tensor] | None) -> None:
+        """Keep the finished ``block`` and its ``outputs`` (the next block's inputs; None for a last
+        block)."""
 
 
 def calibration_batches(config: CalibrationFields, data, tokenizer) -> list[dict[str, Tensor]]:
@@ -266,7 +284,8 @@ def _walk_blocks_in_eval_mode(
     a list of input groups (``{relative name: linear}``, in call order) and returns ``(quantized,
     outputs)``: each layer's quantized weight and the block's outputs for the next block (``None`` for
     the ``last`` block of its list, whose outputs nobody needs). A ``store`` (see :class:`BlockStore`)
-    fills each block's weights just before it is needed and takes it away after.
+    fills each block's weights just before it is needed and takes it away after; a
+    :class:`ResumableStore` also keeps each finished block, and gives back those an earlier run finished.
 
     An encoder-decoder's lists are walked in turn: the decoder's first inputs are captured by running the
     model, its encoder already quantized (so the decoder calibrates on what it will see), on the
@@ -300,20 +319,28 @@ def _walk_blocks_in_eval_mode(
         layout = block_layout(config_dict, name)
         caption = label if len(lists) == 1 else f"{label} {name}"
         for i, (prefix, block, inner) in enumerate(track(plan, caption, enabled=progress)):
-            if store is not None:
-                store.load(prefix, block)
-            here = device or _device_of([block])
-            with block_on(block, here):
-                if i == 0 and layout is not None and layout.carries:
-                    carry_outputs(block, inputs, layout.carries, here)
-                groups = (
-                    [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)]
-                    if inner
-                    else []
-                )
-                done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, i == len(plan) - 1)
-                for rel, quantized in done.items():
-                    quantize_linear(block, rel, quantized)
+            resumable = isinstance(store, ResumableStore)
+            restored, outputs = store.restore(prefix, block) if resumable else (False, None)
+            if restored:
+                inputs.hidden = outputs
+            else:
+                if store is not None:
+                    store.load(prefix, block)
+                here = device or _device_of([block])
+                with block_on(block, here):
+                    if i == 0 and layout is not None and layout.carries:
+                        carry_outputs(block, inputs, layout.carries, here)
+                    groups = (
+                        [{n: inner[n] for n in g} for g in input_groups(block, inner, inputs, here)]
+                        if inner
+                        else []
+                    )
+                    last = i == len(plan) - 1
+                    done, inputs.hidden = quantize_block(prefix, block, groups, inputs, here, last)
+                    for rel, quantized in done.items():
+                        quantize_linear(block, rel, quantized)
+                if resumable:
+                    store.record(prefix, block, inputs.hidden)
             if store is not None:
                 if k == len(lists) - 1:
                     store.save(prefix, block)
