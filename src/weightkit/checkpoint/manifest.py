@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from weightkit.checkpoint.owner import OWNER_FILE
+from weightkit.checkpoint.partial import partial_path
 from weightkit.errors import WeightkitError
 from weightkit.progress import track
 
@@ -81,14 +82,15 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
 def _tree_files(root: Path, *, skip_hidden: bool, skip: Path | None = None) -> list[str]:
     """Every regular file under ``root`` (symlinks followed), relative, sorted; ``root``'s own manifest and
     a writer's owner record excluded, and with ``skip_hidden`` every name starting with a dot and the
-    directory ``skip``."""
+    directory ``skip`` (an output) with its resumable state (``<skip>.partial``)."""
+    skipped = () if skip is None else (skip, partial_path(skip))
     found = []
     for directory, dirs, files in os.walk(root):
         dirs[:] = [
             d
             for d in dirs
             if not (skip_hidden and d.startswith("."))
-            and (skip is None or Path(os.path.abspath(os.path.join(directory, d))) != skip)
+            and Path(os.path.abspath(os.path.join(directory, d))) not in skipped
         ]
         for file in files:
             path = Path(directory, file)
@@ -114,7 +116,8 @@ def tree_records(
     Args:
         root: a directory.
         skip_hidden: leave out hidden files and directories (inputs: ``.git``, ``.cache``, temporaries).
-        skip: a directory under ``root`` to leave out (an output being written inside its input).
+        skip: a directory under ``root`` to leave out (an output being written inside its input), with its
+            resumable state.
     """
     root = Path(root)
     skip_path = Path(os.path.abspath(skip)) if skip is not None else None
