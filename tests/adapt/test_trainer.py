@@ -84,12 +84,13 @@ def _perplexity(model, tmp_path):
 
 
 def test_cli_trains_an_encoder_classifier(tmp_path, capsys, monkeypatch):
+    from weightkit.checkpoint.owner import OWNER_FILE
     from weightkit.checkpoint.writer import CheckpointWriter
 
     published, publish = [], CheckpointWriter._publish
 
-    def spy(writer):  # what the directory holds when it is renamed into place
-        published.append(sorted(p.name for p in writer._tmp.iterdir()))
+    def spy(writer):  # what the directory holds when it is renamed into place (but the writer's owner record)
+        published.append(sorted(p.name for p in writer._tmp.iterdir() if p.name != OWNER_FILE))
         publish(writer)
 
     monkeypatch.setattr(CheckpointWriter, "_publish", spy)

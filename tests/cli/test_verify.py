@@ -122,3 +122,10 @@ def test_a_missing_or_corrupt_manifest_is_refused_with_a_message(model_and_outpu
         manifest.write_bytes(content)
     code, stdout, stderr = _verify(capsys, str(out))
     assert code == 1 and message in stderr and "Traceback" not in stderr and stdout == ""
+
+
+def test_the_help_names_the_manifest_file_the_writer_writes():
+    from weightkit.checkpoint.manifest import MANIFEST_NAME
+    from weightkit.cli import verify
+
+    assert verify._MANIFEST == MANIFEST_NAME  # kept apart so that importing the CLI does not import torch

@@ -4,28 +4,27 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from weightkit.checkpoint.manifest import (
-    MANIFEST_NAME,
-    Finding,
-    check_inputs,
-    check_outputs,
-    read_manifest,
-    summarize,
-)
 from weightkit.cli.common import common_options
-from weightkit.errors import WeightkitError
 from weightkit.progress import results
+
+if TYPE_CHECKING:
+    from weightkit.checkpoint.manifest import Finding
+
+# weightkit.checkpoint imports torch: its manifest module is imported when the command runs, so that
+# `weightkit verify --help` and the other commands' start-up stay light (OpenMP's settings are made before
+# torch loads). The file's name, for --help:
+_MANIFEST = "weightkit_manifest.json"
 
 # How much of a sha256 a table shows: enough to tell two apart at a glance (the JSON has all of it).
 _PREFIX = 12
 
 
-def _row(finding: Finding, kind: str) -> dict[str, Any]:
+def _row(finding: "Finding", kind: str) -> dict[str, Any]:
     return {"kind": kind, **dataclasses.asdict(finding), "failure": finding.failure}
 
 
@@ -45,6 +44,15 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from weightkit.checkpoint.manifest import (
+        MANIFEST_NAME,
+        check_inputs,
+        check_outputs,
+        read_manifest,
+        summarize,
+    )
+    from weightkit.errors import WeightkitError
+
     directory = Path(args.directory)
     manifest = read_manifest(directory)
     findings = check_outputs(directory, manifest, progress=not args.json)
@@ -84,7 +92,7 @@ def add_parsers(sub) -> None:
         "verify",
         help="re-check an output directory against its integrity manifest (weightkit_manifest.json)",
         description=(
-            f"Every directory weightkit writes holds {MANIFEST_NAME}: the weightkit version, the command, "
+            f"Every directory weightkit writes holds {_MANIFEST}: the weightkit version, the command, "
             "method and full configuration, and the sha256 and size of every input file and every output "
             "file. verify re-hashes the output's files and names each one changed (with the expected and "
             "actual sha256), missing, or added since. With --inputs it also re-hashes the inputs still at "
