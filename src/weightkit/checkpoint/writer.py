@@ -634,7 +634,9 @@ def default_permissions(path: str | os.PathLike) -> None:
     ``open`` would: 0777 / 0666 less the umask. ``mkdtemp``/``mkstemp`` make 0700 / 0600 and safetensors
     writes 0600, which would hide a shared model from other users."""
     path = Path(path)
-    dir_mode, file_mode = _plain_modes(path.parent)
+    # A directory is probed inside itself (a temporary being published, whose default ACL is its parent's):
+    # a kill during the probe then leaves it inside a temporary the next run removes, not beside the output.
+    dir_mode, file_mode = _plain_modes(path if path.is_dir() else path.parent)
     if not path.is_dir():
         os.chmod(path, file_mode)
     for directory, _, files in os.walk(path):
