@@ -380,14 +380,17 @@ def _data_setting(data) -> str | dict | None:
     )
 
 
-def _partial_run(model_dir: Path, out_dir, config, data, unit: str | None, resume: bool, **settings):
-    """The resumable state of a run writing ``out_dir`` in ``unit`` (None: a run that cannot resume).
+def _partial_run(
+    provenance: Provenance, model_dir: Path, out_dir, data, unit: str | None, resume: bool, **settings
+):
+    """The resumable state of a run writing ``out_dir`` in ``unit`` (None: a run that cannot resume): the
+    run's settings are its manifest's config and ``settings``, its inputs the manifest's.
 
     Raises:
         WeightkitError: ``resume`` for a run that cannot resume; an unfinished run's state at
             ``<out_dir>.partial`` for a run that cannot take it over; what :class:`PartialRun` refuses.
     """
-    method = entry_for_config(config).name
+    method = provenance.method
     if unit is None:
         if resume:
             raise WeightkitError(
@@ -406,12 +409,11 @@ def _partial_run(model_dir: Path, out_dir, config, data, unit: str | None, resum
     settings = {
         "verb": "compress",
         "model": str(model_dir),
-        "config": config_to_dict(config),
+        "config": provenance.config,
         "data": _data_setting(data) if calibrated else None,
         **settings,
     }
-    inputs = [model_dir] + ([data] if calibrated and isinstance(data, str | os.PathLike) else [])
-    return PartialRun(out_dir, settings=settings, inputs=inputs, resume=resume, unit=unit)
+    return PartialRun(out_dir, settings=settings, inputs=list(provenance.inputs), resume=resume, unit=unit)
 
 
 def compress_checkpoint(
@@ -510,7 +512,7 @@ def compress_checkpoint(
         provenance = Provenance("compress", entry.name, full_config, (model_dir, *data_files(data)))
         unit = _resumable_unit(config, model, names)
         resumable = dict(overwrite=overwrite, max_shard_bytes=max_shard_bytes, device=str(device))
-        partial = _partial_run(model_dir, out_dir, config, data, unit, resume, **resumable)
+        partial = _partial_run(provenance, model_dir, out_dir, data, unit, resume, **resumable)
         with (
             partial if partial is not None else contextlib.nullcontext(),
             CheckpointWriter(
