@@ -195,7 +195,7 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     - a temporary directory whose recorded owner is dead is removed, and so is one that holds nothing
       but (maybe) a cut-short record: its writer was killed between making it and recording itself (a
       live writer in those microseconds then fails loudly on its next write); one with content but no
-      readable record is left (made by an older weightkit, or publishing this very moment);
+      readable record is left (made by a weightkit that kept no record);
     - a ``.old`` directory, the previous output that a publish moved aside, is removed when the new
       output was published (its temporary directory is gone and ``out_dir`` exists), and moved back to
       ``out_dir`` when the kill came between the publish's two renames (``out_dir`` missing, the
@@ -232,19 +232,13 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
                 # more than a cut-short record was killed between making it and recording the owner.
                 if {p.name for p in entry.iterdir()} - {OWNER_FILE}:
                     continue
-                warnings.warn(
-                    f"removing {entry}: left empty by a write of {out.name} killed at its start", stacklevel=2
-                )
-                shutil.rmtree(entry, ignore_errors=True)
-                handled.append(entry)
+                why = f"left empty by a write of {out.name} killed at its start"
+            elif owner_alive(owner):
                 continue
-            if owner_alive(owner):
-                continue
-            warnings.warn(
-                f"removing {entry}: left by an unfinished write of {out.name} (process {owner.get('pid')}, "
-                "no longer running)",
-                stacklevel=2,
-            )
+            else:
+                pid = owner.get("pid")
+                why = f"left by an unfinished write of {out.name} (process {pid}, no longer running)"
+            warnings.warn(f"removing {entry}: {why}", stacklevel=2)
             shutil.rmtree(entry, ignore_errors=True)
         handled.append(entry)
     return handled
