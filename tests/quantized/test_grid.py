@@ -118,6 +118,27 @@ def test_clip_ratio_matches_loop_reference(scheme):
     assert torch.equal(qw.scale, scale)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_a_weight_rounded_in_row_blocks_is_the_weight_rounded_whole(monkeypatch, scheme):
+    """rtn_quantize bounds its temporaries by rounding a few rows at a time: with blocks of 2 rows (7 rows:
+    4 blocks, the last one short) every value, scale and zero point must equal the one-block result, clipped
+    per group or by one ratio; a wrong clip ratio is still refused naming the whole weight's shape."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(7, 32, generator=gen)
+    clip = torch.rand(7, 32 // (scheme.group_size or 32), generator=gen) * 0.5 + 0.5
+    whole = [rtn_quantize(w, scheme, clip_ratio=ratio) for ratio in (None, clip, 0.8)]
+    monkeypatch.setattr("weightkit.quantized.grid._RTN_BLOCK_VALUES", 64)  # 2 rows of 32
+    for ratio, expected in zip((None, clip, 0.8), whole, strict=True):
+        blocked = rtn_quantize(w, scheme, clip_ratio=ratio)
+        assert torch.equal(blocked.qweight, expected.qweight)
+        assert torch.equal(blocked.scale, expected.scale)
+        assert (blocked.zero_point is None) == scheme.symmetric
+        if not scheme.symmetric:
+            assert torch.equal(blocked.zero_point, expected.zero_point)
+    with pytest.raises(WeightkitError, match=r"w1: clip ratio has shape \(3, 1\), expected \(7, "):
+        rtn_quantize(w, scheme, clip_ratio=torch.ones(3, 1), name="w1")
+
+
 def test_group_size_not_dividing_columns_names_tensor():
     with pytest.raises(WeightkitError, match=r"layers\.0\.q_proj\.weight.*group size 32 does not divide.*48"):
         compute_qparams(torch.randn(4, 48), QuantScheme(4, 32), name="layers.0.q_proj.weight")

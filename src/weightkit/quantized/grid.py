@@ -101,6 +101,22 @@ def _grouped(w: Tensor, group_size: int | None) -> Tensor:
     return w.reshape(w.shape[0], -1, group_size or w.shape[1])
 
 
+def _checked_clip_ratio(
+    clip_ratio: Tensor | float, groups_shape: tuple[int, int], dtype: torch.dtype, device, name: str
+) -> Tensor:
+    """``clip_ratio`` as a tensor, refused unless it is one ratio or one per output row and group, each in
+    ``(0, 1]``."""
+    ratio = torch.as_tensor(clip_ratio, dtype=dtype, device=device)
+    if ratio.dim() and tuple(ratio.shape) != groups_shape:
+        raise WeightkitError(
+            f"{name}: clip ratio has shape {tuple(ratio.shape)}, expected {groups_shape} "
+            f"(one ratio per output row and group)"
+        )
+    if not bool(((ratio > 0) & (ratio <= 1)).all()):
+        raise WeightkitError(f"{name}: clip ratios must lie in (0, 1]")
+    return ratio
+
+
 def compute_qparams(
     w: Tensor, scheme: QuantScheme, *, clip_ratio: Tensor | float | None = None, name: str = "weight"
 ) -> tuple[Tensor, Tensor | None]:
@@ -128,14 +144,7 @@ def compute_qparams(
     # Never compute in less than float32, but keep float64 inputs in float64.
     groups = _grouped(w.to(torch.promote_types(w.dtype, torch.float32)), scheme.group_size)
     if clip_ratio is not None:
-        ratio = torch.as_tensor(clip_ratio, dtype=groups.dtype, device=w.device)
-        if ratio.dim() and tuple(ratio.shape) != tuple(groups.shape[:2]):
-            raise WeightkitError(
-                f"{name}: clip ratio has shape {tuple(ratio.shape)}, expected {tuple(groups.shape[:2])} "
-                f"(one ratio per output row and group)"
-            )
-        if not bool(((ratio > 0) & (ratio <= 1)).all()):
-            raise WeightkitError(f"{name}: clip ratios must lie in (0, 1]")
+        ratio = _checked_clip_ratio(clip_ratio, tuple(groups.shape[:2]), groups.dtype, w.device, name)
     levels = 2**scheme.bits - 1
     tiny = torch.finfo(w.dtype).tiny
     if scheme.symmetric:
@@ -156,10 +165,10 @@ def compute_qparams(
 def quantize_to_grid(w: Tensor, scale: Tensor, zero_point: Tensor | None, scheme: QuantScheme) -> Tensor:
     """Grid values (``int8``, same shape as ``w``) of ``w`` under the given scales/zero points."""
     groups = _grouped(w, w.shape[1] // scale.shape[1])
-    q = torch.round(groups / scale.unsqueeze(-1))
+    q = (groups / scale.unsqueeze(-1)).round_()  # in place: one float copy of w, not three
     if zero_point is not None:
-        q = q + zero_point.unsqueeze(-1).to(q.dtype)
-    return q.clamp(scheme.q_min, scheme.q_max).to(torch.int8).reshape(w.shape)
+        q.add_(zero_point.unsqueeze(-1).to(q.dtype))
+    return q.clamp_(scheme.q_min, scheme.q_max).to(torch.int8).reshape(w.shape)
 
 
 def dequantize(qweight: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
@@ -173,6 +182,32 @@ def dequantize(qweight: Tensor, scale: Tensor, zero_point: Tensor | None) -> Ten
 def rtn_quantize(
     w: Tensor, scheme: QuantScheme, *, clip_ratio: Tensor | float | None = None, name: str = "weight"
 ) -> QuantizedWeight:
-    """Round-to-nearest: min/max grid per group (optionally clipped), every weight rounded independently."""
-    scale, zero_point = compute_qparams(w, scheme, clip_ratio=clip_ratio, name=name)
-    return QuantizedWeight(quantize_to_grid(w, scale, zero_point, scheme), scale, zero_point, scheme)
+    """Round-to-nearest: min/max grid per group (optionally clipped), every weight rounded independently.
+
+    Rows are rounded a block at a time (their grids are independent), so the float32 temporaries stay
+    under ~50 MB whatever the weight's size: a 7B model's 500 MB embedding matrix would otherwise need
+    three float32 copies of itself beside it.
+    """
+    scheme.check_shape(tuple(w.shape), name)
+    rows = max(1, _RTN_BLOCK_VALUES // max(w.shape[1], 1))
+    if w.shape[0] <= rows:
+        scale, zero_point = compute_qparams(w, scheme, clip_ratio=clip_ratio, name=name)
+        return QuantizedWeight(quantize_to_grid(w, scale, zero_point, scheme), scale, zero_point, scheme)
+    ratios = [clip_ratio] * -(-w.shape[0] // rows)
+    if clip_ratio is not None:  # checked whole (so a refusal names the whole shape), then cut with the rows
+        groups_shape = (w.shape[0], w.shape[1] // (scheme.group_size or w.shape[1]))
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        if _checked_clip_ratio(clip_ratio, groups_shape, dtype, w.device, name).dim():
+            ratios = list(clip_ratio.split(rows))
+    blocks = [
+        rtn_quantize(block, scheme, clip_ratio=block_ratio, name=name)
+        for block, block_ratio in zip(w.split(rows), ratios, strict=True)
+    ]
+    zero_point = None if scheme.symmetric else torch.cat([b.zero_point for b in blocks])
+    return QuantizedWeight(
+        torch.cat([b.qweight for b in blocks]), torch.cat([b.scale for b in blocks]), zero_point, scheme
+    )
+
+
+# Values rounded at a time by rtn_quantize: 4 MB of float32.
+_RTN_BLOCK_VALUES = 2**20
