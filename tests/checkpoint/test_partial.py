@@ -175,6 +175,26 @@ def test_resuming_with_other_settings_or_inputs_names_what_differs(tmp_path):
         _partial(out, resume=True, inputs=[model])
 
 
+def test_the_fingerprint_covers_the_files_the_manifest_lists(tmp_path):
+    """A resumable run fingerprints an input directory's files as its manifest lists them: a nested file
+    counts, a broken symbolic link does not (it used to stop the run with FileNotFoundError), and neither
+    does a hidden file or the output being written inside the input, with its partial state."""
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    (model / "sub" / "extra.json").write_text("{}")
+    (model / "dangling").symlink_to(model / "nowhere")
+    out = model / "out"
+    _partial(out, inputs=[model])
+    (model / ".cache").write_text("changed")
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    _partial(out, resume=True, inputs=[model])  # nothing that counts changed
+    (model / "sub" / "extra.json").write_text('{"a": 1}')
+    with pytest.raises(WeightkitError, match=r"input file .*sub/extra.json has changed"):
+        _partial(out, resume=True, inputs=[model])
+
+
 def test_a_writer_with_another_shard_size_cannot_resume(tmp_path):
     out = tmp_path / "out"
     with _partial(out) as partial:

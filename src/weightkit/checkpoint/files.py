@@ -7,6 +7,7 @@ safetensors files, and only then the pickle formats (``pytorch_model.bin`` and f
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -88,6 +89,26 @@ class WeightLayout:
     directory: Path | None
     index: Path | None = None
     weight_map: dict[str, Path] | None = None
+
+
+def tree_files(root: Path, *, skip_hidden: bool, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Every regular file under ``root`` (symlinks followed), as sorted relative POSIX paths; with
+    ``skip_hidden`` every name starting with a dot is left out, and so is each directory of ``skip``
+    (absolute paths) with everything under it. An input's files for its manifest and for a resumable run's
+    fingerprint."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [
+            d
+            for d in dirs
+            if not (skip_hidden and d.startswith("."))
+            and Path(os.path.abspath(os.path.join(directory, d))) not in skip
+        ]
+        for file in files:
+            path = Path(directory, file)
+            if not (skip_hidden and file.startswith(".")) and path.is_file():
+                found.append(path.relative_to(root).as_posix())
+    return sorted(found)
 
 
 def read_json_object(path: Path) -> dict:

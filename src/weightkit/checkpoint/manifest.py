@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from weightkit.checkpoint.files import tree_files
 from weightkit.checkpoint.owner import OWNER_FILE
 from weightkit.checkpoint.partial import partial_path
 from weightkit.errors import WeightkitError
@@ -80,29 +81,11 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _tree_files(root: Path, *, skip_hidden: bool, skip: Path | None = None) -> list[str]:
-    """Every regular file under ``root`` (symlinks followed), relative, sorted; ``root``'s own manifest and
-    a writer's owner record excluded, and with ``skip_hidden`` every name starting with a dot and the
-    directory ``skip`` (an output) with its resumable state (``<skip>.partial``)."""
+    """:func:`tree_files` of ``root`` less ``root``'s own manifest and a writer's owner record; ``skip`` (an
+    output) is left out with its resumable state (``<skip>.partial``)."""
     skipped = () if skip is None else (skip, partial_path(skip))
-    found = []
-    for directory, dirs, files in os.walk(root):
-        dirs[:] = [
-            d
-            for d in dirs
-            if not (skip_hidden and d.startswith("."))
-            and Path(os.path.abspath(os.path.join(directory, d))) not in skipped
-        ]
-        for file in files:
-            path = Path(directory, file)
-            rel = path.relative_to(root).as_posix()
-            if (
-                rel in (MANIFEST_NAME, OWNER_FILE)
-                or (skip_hidden and file.startswith("."))
-                or not path.is_file()
-            ):
-                continue
-            found.append(rel)
-    return sorted(found)
+    names = tree_files(root, skip_hidden=skip_hidden, skip=skipped)
+    return [rel for rel in names if rel not in (MANIFEST_NAME, OWNER_FILE)]
 
 
 def tree_records(

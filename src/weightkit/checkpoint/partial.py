@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from weightkit.checkpoint.durable import fsync
+from weightkit.checkpoint.files import tree_files
 from weightkit.checkpoint.owner import interrupts_held, owner_alive, read_owner, write_owner
 from weightkit.errors import WeightkitError
 
@@ -56,11 +57,8 @@ def input_fingerprint(
         if os.path.isfile(path):
             record(path)
         elif os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d) not in exclude)
-                for file in sorted(files):
-                    if not file.startswith("."):
-                        record(os.path.join(root, file))
+            for rel in tree_files(Path(path), skip_hidden=True, skip=exclude):
+                record(os.path.join(path, rel))
         else:
             found[path] = None
     return found
